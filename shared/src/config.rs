@@ -1,0 +1,490 @@
+//! Configuration: built-in defaults, then a TOML file (`--config`), then environment
+//! variables `AO__SECTION__KEY` (e.g. `AO__BACKEND__KIND=aws`). Secrets appear only as
+//! references (see [`crate::secret`]).
+
+use crate::capability::Capability;
+use crate::secret::SecretRef;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A configuration that cannot be loaded or is inconsistent.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {message}")]
+    File { path: String, message: String },
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub api: ApiSettings,
+    pub github: GithubSettings,
+    pub backend: BackendSettings,
+    pub local: LocalSettings,
+    pub aws: AwsSettings,
+    pub sandbox: SandboxSettings,
+    pub agent: AgentSettings,
+    pub worker: WorkerSettings,
+    pub queue: QueueSettings,
+    pub coordinator: CoordinatorSettings,
+    pub log: LogSettings,
+    /// Named pipelines: the capabilities a task runs through, in order.
+    pub pipelines: BTreeMap<String, Vec<Capability>>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let mut pipelines = BTreeMap::new();
+        pipelines.insert("full".to_string(), Capability::ALL.to_vec());
+        pipelines.insert("code".to_string(), vec![Capability::Coder]);
+        pipelines.insert(
+            "code-review".to_string(),
+            vec![Capability::Coder, Capability::Reviewer],
+        );
+        Self {
+            server: Default::default(),
+            api: Default::default(),
+            github: Default::default(),
+            backend: Default::default(),
+            local: Default::default(),
+            aws: Default::default(),
+            sandbox: Default::default(),
+            agent: Default::default(),
+            worker: Default::default(),
+            queue: Default::default(),
+            coordinator: Default::default(),
+            log: Default::default(),
+            pipelines,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Coordinator HTTP address.
+    pub listen: String,
+    /// Largest REST API request body, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSettings {
+    /// Secret reference of the REST API bearer token; without it the API refuses all calls.
+    pub token: Option<SecretRef>,
+    /// Pipeline used when a request names none.
+    pub default_pipeline: String,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            token: None,
+            default_pipeline: "full".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GithubSettings {
+    pub webhook_secret: Option<SecretRef>,
+    pub api_url: String,
+    pub app_id: Option<u64>,
+    pub private_key: Option<SecretRef>,
+}
+
+impl Default for GithubSettings {
+    fn default() -> Self {
+        Self {
+            webhook_secret: None,
+            api_url: "https://api.github.com".into(),
+            app_id: None,
+            private_key: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// SQLite queue and state in `local.data_dir`.
+    #[default]
+    Local,
+    /// SQS, DynamoDB and Secrets Manager.
+    Aws,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendSettings {
+    pub kind: BackendKind,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LocalSettings {
+    pub data_dir: PathBuf,
+}
+
+impl Default for LocalSettings {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./.data"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AwsSettings {
+    pub endpoint_url: Option<String>,
+    pub region: Option<String>,
+    pub queue_prefix: String,
+    pub table: String,
+}
+
+impl Default for AwsSettings {
+    fn default() -> Self {
+        Self {
+            endpoint_url: None,
+            region: None,
+            queue_prefix: "agent-orchestrator".into(),
+            table: "agent-orchestrator".into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxDriverKind {
+    #[default]
+    Bwrap,
+    Nomad,
+    /// A plain child process: no isolation at all.
+    Process,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxSettings {
+    pub driver: SandboxDriverKind,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentSettings {
+    /// The agent program.
+    pub command: String,
+    /// Arguments put before the prompt.
+    pub args: Vec<String>,
+    /// Wall-clock limit of one agent run, in seconds.
+    pub timeout_secs: u64,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        Self {
+            command: "claude".into(),
+            args: Vec::new(),
+            timeout_secs: 3600,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Capabilities this worker serves.
+    pub capabilities: Vec<Capability>,
+    /// Subtasks run at once.
+    pub concurrency: usize,
+    /// Health and metrics address.
+    pub listen: String,
+    /// Name in results and logs; host name and process id when absent.
+    pub id: Option<String>,
+    /// Where working copies are made; a temporary directory when absent.
+    pub work_dir: Option<PathBuf>,
+    /// How long in-flight work may take to finish on SIGTERM before it is released.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            capabilities: Capability::ALL.to_vec(),
+            concurrency: 2,
+            listen: "127.0.0.1:9090".into(),
+            id: None,
+            work_dir: None,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueSettings {
+    /// How long a received message stays hidden before another consumer may take it.
+    pub visibility_timeout_secs: u64,
+    /// How often a worker extends the visibility of the message it works on.
+    pub heartbeat_secs: u64,
+    /// Long-poll wait of one receive.
+    pub wait_secs: u64,
+    /// Receives after which a message is moved to the dead-letter queue.
+    pub max_receives: u32,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            visibility_timeout_secs: 120,
+            heartbeat_secs: 30,
+            wait_secs: 20,
+            max_receives: 3,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorSettings {
+    /// Attempts of a subtask whose failures are retryable.
+    pub max_attempts: u32,
+    /// How often queue depths are read for the metrics.
+    pub depth_poll_secs: u64,
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for CoordinatorSettings {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            depth_poll_secs: 5,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `info,ao_worker=debug`. `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Settings {
+    /// Loads defaults, then the file (if any), then `AO__…` variables from the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// As [`Settings::load`], with the environment given (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::File {
+                    path: path.display().to_string(),
+                    message: "no such file".into(),
+                });
+            }
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("AO__"))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("AO")
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("worker.capabilities")
+                .with_list_parse_key("agent.args")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let merged = builder.build().map_err(|e| ConfigError::File {
+            path: file.map(|p| p.display().to_string()).unwrap_or_default(),
+            message: e.to_string(),
+        })?;
+        let settings: Settings = merged
+            .try_deserialize()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.worker.concurrency == 0 {
+            return bad("worker.concurrency must be at least 1".into());
+        }
+        if self.worker.capabilities.is_empty() {
+            return bad("worker.capabilities must name at least one capability".into());
+        }
+        let q = &self.queue;
+        if q.heartbeat_secs == 0 || q.heartbeat_secs * 2 > q.visibility_timeout_secs {
+            return bad(format!(
+                "queue.heartbeat_secs ({}) must be at least 1 and at most half of \
+                 queue.visibility_timeout_secs ({})",
+                q.heartbeat_secs, q.visibility_timeout_secs
+            ));
+        }
+        if q.visibility_timeout_secs > 12 * 3600 {
+            return bad("queue.visibility_timeout_secs may be at most 43200 (12 h)".into());
+        }
+        if q.max_receives < 1 {
+            return bad("queue.max_receives must be at least 1".into());
+        }
+        if self.coordinator.max_attempts == 0 {
+            return bad("coordinator.max_attempts must be at least 1".into());
+        }
+        for (name, caps) in &self.pipelines {
+            if caps.is_empty() {
+                return bad(format!("pipeline {name:?} has no steps"));
+            }
+        }
+        if !self.pipelines.contains_key(&self.api.default_pipeline) {
+            return bad(format!(
+                "api.default_pipeline {:?} is not a configured pipeline",
+                self.api.default_pipeline
+            ));
+        }
+        if self.agent.command.trim().is_empty() {
+            return bad("agent.command must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// The worker's name: configured, or host name and process id.
+    pub fn worker_id(&self) -> String {
+        self.worker.id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "worker".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s.server.listen, "127.0.0.1:8080");
+        assert_eq!(s.github.api_url, "https://api.github.com");
+        assert_eq!(s.backend.kind, BackendKind::Local);
+        assert_eq!(s.local.data_dir, PathBuf::from("./.data"));
+        assert_eq!(s.sandbox.driver, SandboxDriverKind::Bwrap);
+        assert_eq!(s.agent.command, "claude");
+        assert_eq!(s.worker.capabilities, Capability::ALL.to_vec());
+        assert_eq!(s.worker.concurrency, 2);
+        assert_eq!(s.worker.listen, "127.0.0.1:9090");
+        assert!(s.api.token.is_none());
+        assert!(s.github.webhook_secret.is_none());
+    }
+
+    #[test]
+    fn file_then_env_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[backend]\nkind = \"aws\"\n[aws]\nqueue_prefix = \"from-file\"\ntable = \"t\"\n\
+             [worker]\nconcurrency = 4\n[api]\ntoken = \"env:API_TOKEN\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(
+            Some(&path),
+            env(&[
+                ("AO__AWS__QUEUE_PREFIX", "from-env"),
+                ("AO__WORKER__CAPABILITIES", "coder,docs"),
+                ("AO__SANDBOX__DRIVER", "process"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.backend.kind, BackendKind::Aws);
+        assert_eq!(s.aws.queue_prefix, "from-env");
+        assert_eq!(s.aws.table, "t");
+        assert_eq!(s.worker.concurrency, 4);
+        assert_eq!(
+            s.worker.capabilities,
+            vec![Capability::Coder, Capability::Docs]
+        );
+        assert_eq!(s.sandbox.driver, SandboxDriverKind::Process);
+        assert_eq!(s.api.token, Some(SecretRef::Env("API_TOKEN".into())));
+    }
+
+    #[test]
+    fn mistakes_are_reported_clearly() {
+        let err = Settings::load_from(None, env(&[("AO__BACKEND__KIND", "azure")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("azure"), "{err}");
+        let err = Settings::load_from(None, env(&[("AO__WORKER__CONCURRENCY", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("worker.concurrency"), "{err}");
+        let err = Settings::load_from(None, env(&[("AO__API__TOKEN", "plaintext-secret")]))
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("plaintext-secret"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[sever]\nlisten = \"x\"\n").unwrap();
+        let err = Settings::load_from(Some(&path), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sever"), "{err}");
+        assert!(Settings::load_from(Some(Path::new("/nonexistent.toml")), env(&[])).is_err());
+    }
+}

@@ -1,0 +1,25 @@
+//! Shared library of agent-orchestrator: the domain model (tasks, subtasks, capabilities and
+//! their state machines), the versioned queue messages, configuration and secret references,
+//! and the seams to the outside world (queue, state store) with their backends.
+#![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod capability;
+pub mod config;
+pub mod ids;
+pub mod message;
+pub mod names;
+pub mod pipeline;
+pub mod queue;
+pub mod secret;
+pub mod state;
+pub mod status;
+pub mod task;
+pub mod telemetry;
+pub mod timefmt;
+pub mod validate;
+
+pub use capability::Capability;
+pub use ids::{DeliveryId, SubtaskId, TaskId};
+pub use status::{SubtaskStatus, TaskStatus, TransitionError};
+pub use task::{Outcome, OutcomeKind, Subtask, Task};

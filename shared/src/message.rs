@@ -1,0 +1,263 @@
+//! Versioned message envelopes for the capability queues and the result queue.
+//!
+//! Every body is JSON `{"version": N, "kind": "...", ...}`. Decoding checks the version
+//! before anything else, and a malformed or oversized body is an error, never a panic.
+
+use crate::capability::Capability;
+use crate::ids::{SubtaskId, TaskId};
+use crate::task::Outcome;
+use crate::timefmt::Timestamp;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The message format version this build writes and reads.
+pub const MESSAGE_VERSION: u32 = 1;
+
+/// The largest body accepted, well below SQS's 256 KiB limit: large data is stored, not sent.
+pub const MAX_MESSAGE_BYTES: usize = 200 * 1024;
+
+/// A message that cannot be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message is {0} bytes, above the {MAX_MESSAGE_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("message is not a JSON object with a numeric \"version\": {0}")]
+    NoVersion(String),
+    #[error("unsupported message version {found} (this build reads version {MESSAGE_VERSION})")]
+    UnsupportedVersion { found: u64 },
+    #[error("malformed message body: {0}")]
+    Malformed(String),
+}
+
+/// A message that cannot be encoded within limits.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("message would be {0} bytes, above the {MAX_MESSAGE_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("cannot encode message: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    version: u32,
+    #[serde(flatten)]
+    body: T,
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    version: serde_json::Value,
+}
+
+fn encode<T: Serialize>(body: &T) -> Result<String, EncodeError> {
+    let text = serde_json::to_string(&Envelope {
+        version: MESSAGE_VERSION,
+        body,
+    })?;
+    if text.len() > MAX_MESSAGE_BYTES {
+        return Err(EncodeError::TooLarge(text.len()));
+    }
+    Ok(text)
+}
+
+fn decode<T: DeserializeOwned>(text: &str) -> Result<T, DecodeError> {
+    if text.len() > MAX_MESSAGE_BYTES {
+        return Err(DecodeError::TooLarge(text.len()));
+    }
+    let probe: VersionProbe =
+        serde_json::from_str(text).map_err(|e| DecodeError::NoVersion(e.to_string()))?;
+    match probe.version.as_u64() {
+        Some(v) if v == u64::from(MESSAGE_VERSION) => {}
+        Some(found) => return Err(DecodeError::UnsupportedVersion { found }),
+        None => {
+            return Err(DecodeError::NoVersion(format!(
+                "version is {}",
+                probe.version
+            )))
+        }
+    }
+    serde_json::from_str::<Envelope<T>>(text)
+        .map(|e| e.body)
+        .map_err(|e| DecodeError::Malformed(e.to_string()))
+}
+
+/// The work order on a capability queue: everything a worker needs to run one attempt.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename = "subtask")]
+pub struct SubtaskMessage {
+    pub task_id: TaskId,
+    pub subtask_id: SubtaskId,
+    pub attempt: u32,
+    pub capability: Capability,
+    pub repository: String,
+    pub branch: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_branch: Option<String>,
+    pub title: String,
+    pub prompt: String,
+    /// Extra instructions for this step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instructions: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub enqueued_at: Timestamp,
+}
+
+impl SubtaskMessage {
+    pub fn encode(&self) -> Result<String, EncodeError> {
+        encode(self)
+    }
+    pub fn decode(text: &str) -> Result<Self, DecodeError> {
+        decode(text)
+    }
+}
+
+/// One agent event forwarded live (tool call, text, result), as the agent reported it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentEventRecord {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: Timestamp,
+    /// The event's type (`assistant`, `tool_use`, `result`, `log`, …).
+    pub kind: String,
+    pub data: serde_json::Value,
+}
+
+/// What a worker reports on the result queue.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ResultMessage {
+    /// A worker started an attempt.
+    Started {
+        task_id: TaskId,
+        subtask_id: SubtaskId,
+        attempt: u32,
+        worker: String,
+        #[serde(with = "time::serde::rfc3339")]
+        at: Timestamp,
+    },
+    /// Agent output while the attempt runs.
+    Events {
+        task_id: TaskId,
+        subtask_id: SubtaskId,
+        attempt: u32,
+        events: Vec<AgentEventRecord>,
+    },
+    /// The attempt ended.
+    Finished {
+        task_id: TaskId,
+        subtask_id: SubtaskId,
+        attempt: u32,
+        worker: String,
+        outcome: Outcome,
+        #[serde(with = "time::serde::rfc3339")]
+        at: Timestamp,
+    },
+}
+
+impl ResultMessage {
+    pub fn encode(&self) -> Result<String, EncodeError> {
+        encode(self)
+    }
+    pub fn decode(text: &str) -> Result<Self, DecodeError> {
+        decode(text)
+    }
+    pub fn task_id(&self) -> TaskId {
+        match self {
+            ResultMessage::Started { task_id, .. }
+            | ResultMessage::Events { task_id, .. }
+            | ResultMessage::Finished { task_id, .. } => *task_id,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::OutcomeKind;
+    use crate::timefmt;
+
+    fn sample() -> SubtaskMessage {
+        SubtaskMessage {
+            task_id: TaskId::new(),
+            subtask_id: SubtaskId::new(),
+            attempt: 1,
+            capability: Capability::Coder,
+            repository: "file:///tmp/repo.git".into(),
+            branch: "agent/x".into(),
+            base_branch: None,
+            title: "t".into(),
+            prompt: "do it".into(),
+            instructions: None,
+            enqueued_at: timefmt::now(),
+        }
+    }
+
+    #[test]
+    fn subtask_message_round_trips_with_version() {
+        let m = sample();
+        let text = m.encode().unwrap();
+        assert!(text.contains("\"version\":1"), "{text}");
+        assert_eq!(SubtaskMessage::decode(&text).unwrap(), m);
+    }
+
+    #[test]
+    fn result_message_round_trips() {
+        let r = ResultMessage::Finished {
+            task_id: TaskId::new(),
+            subtask_id: SubtaskId::new(),
+            attempt: 2,
+            worker: "w".into(),
+            outcome: Outcome::failed(OutcomeKind::Timeout, "slow", false),
+            at: timefmt::now(),
+        };
+        assert_eq!(ResultMessage::decode(&r.encode().unwrap()).unwrap(), r);
+    }
+
+    #[test]
+    fn unknown_version_is_rejected_clearly() {
+        let text = sample()
+            .encode()
+            .unwrap()
+            .replace("\"version\":1", "\"version\":7");
+        let err = SubtaskMessage::decode(&text).unwrap_err();
+        assert!(
+            matches!(err, DecodeError::UnsupportedVersion { found: 7 }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("version 7"));
+    }
+
+    #[test]
+    fn malformed_bodies_are_errors_not_panics() {
+        for bad in [
+            "",
+            "[]",
+            "null",
+            "{",
+            "{\"version\":\"1\"}",
+            "{\"version\":1}",
+            "{\"version\":1,\"kind\":\"subtask\",\"task_id\":5}",
+            "{\"version\":-1}",
+        ] {
+            assert!(SubtaskMessage::decode(bad).is_err(), "{bad}");
+            assert!(ResultMessage::decode(bad).is_err(), "{bad}");
+        }
+        let kind_swap = sample().encode().unwrap();
+        assert!(ResultMessage::decode(&kind_swap).is_err());
+    }
+
+    #[test]
+    fn oversized_messages_are_refused_both_ways() {
+        let mut m = sample();
+        m.prompt = "x".repeat(MAX_MESSAGE_BYTES);
+        assert!(matches!(m.encode(), Err(EncodeError::TooLarge(_))));
+        let huge = format!(
+            "{{\"version\":1,\"pad\":\"{}\"}}",
+            "y".repeat(MAX_MESSAGE_BYTES)
+        );
+        assert!(matches!(
+            SubtaskMessage::decode(&huge),
+            Err(DecodeError::TooLarge(_))
+        ));
+    }
+}

@@ -1,0 +1,127 @@
+//! The state-store seam: tasks (each with its subtasks, one versioned document), their
+//! events (state changes and agent output), webhook deliveries, and leases.
+//!
+//! Every write of a task is conditional on the version read: a stale write fails with
+//! [`StoreError::Conflict`] and the caller re-reads and re-applies its change.
+
+pub mod sqlite;
+
+use crate::ids::{DeliveryId, SubtaskId, TaskId};
+use crate::status::TaskStatus;
+use crate::task::Task;
+use crate::timefmt::Timestamp;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// A state-store operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("conflict: task {0} was changed by someone else (stale version)")]
+    Conflict(TaskId),
+    #[error("task {0} already exists")]
+    AlreadyExists(TaskId),
+    #[error("webhook delivery {0} was already recorded")]
+    DuplicateDelivery(DeliveryId),
+    #[error("task {0} not found")]
+    NotFound(TaskId),
+    #[error("invalid cursor")]
+    InvalidCursor,
+    #[error("state backend: {0}")]
+    Backend(String),
+}
+
+/// What a task event records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// The task or a subtask changed state.
+    State,
+    /// Output of the agent (text, tool calls, results).
+    Agent,
+}
+
+/// An event to append.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewEvent {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subtask_id: Option<SubtaskId>,
+    pub kind: EventKind,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: Timestamp,
+    pub data: serde_json::Value,
+}
+
+/// A stored event; `seq` increases within a task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub task_id: TaskId,
+    #[serde(flatten)]
+    pub event: NewEvent,
+}
+
+/// Which tasks to list. Newest first.
+#[derive(Clone, Debug, Default)]
+pub struct TaskQuery {
+    pub status: Option<TaskStatus>,
+    pub repository: Option<String>,
+    pub limit: usize,
+    /// Opaque cursor from a previous page.
+    pub cursor: Option<String>,
+}
+
+/// One page of tasks.
+#[derive(Clone, Debug)]
+pub struct TaskPage {
+    pub tasks: Vec<Task>,
+    pub next_cursor: Option<String>,
+}
+
+/// The state-store seam.
+#[async_trait]
+pub trait StateStore: Send + Sync {
+    /// Stores a new task (its `version` must be 0; it is stored as 1). With a delivery id,
+    /// records the delivery in the same transaction and fails with `DuplicateDelivery`
+    /// if it was recorded before, creating nothing.
+    async fn create_task(
+        &self,
+        task: &Task,
+        delivery: Option<&DeliveryId>,
+        events: &[NewEvent],
+    ) -> Result<Task, StoreError>;
+
+    async fn get_task(&self, id: TaskId) -> Result<Option<Task>, StoreError>;
+
+    /// Writes `task` if the stored version is still `task.version`, together with `events`;
+    /// returns the task as stored (version incremented).
+    async fn update_task(&self, task: &Task, events: &[NewEvent]) -> Result<Task, StoreError>;
+
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage, StoreError>;
+
+    /// How many tasks are in `status` (for the metrics).
+    async fn count_tasks(&self, status: TaskStatus) -> Result<u64, StoreError>;
+
+    /// Records a delivery id on its own; `false` if it was recorded before.
+    async fn record_delivery(&self, delivery: &DeliveryId) -> Result<bool, StoreError>;
+
+    /// Appends events (agent output) to a task.
+    async fn append_events(&self, task: TaskId, events: &[NewEvent]) -> Result<(), StoreError>;
+
+    /// Events of a task with `seq` greater than `after`, oldest first.
+    async fn events(
+        &self,
+        task: TaskId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError>;
+
+    /// Takes or renews the lease `name` for `holder` for `ttl`; `false` if someone else
+    /// holds an unexpired lease.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+}

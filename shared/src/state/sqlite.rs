@@ -1,0 +1,382 @@
+//! The SQLite state store in `<data_dir>/state.db` (WAL mode). A task is one row holding
+//! its JSON document and a version; updates are `UPDATE … WHERE version = ?`.
+
+use super::{Event, NewEvent, StateStore, StoreError, TaskPage, TaskQuery};
+use crate::ids::{DeliveryId, TaskId};
+use crate::queue::sqlite::open_db;
+use crate::status::TaskStatus;
+use crate::task::Task;
+use crate::timefmt::{now, unix_ms};
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The SQLite state-store backend.
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn insert_events(
+    tx: &Transaction<'_>,
+    task: TaskId,
+    events: &[NewEvent],
+) -> Result<(), StoreError> {
+    let mut stmt = tx
+        .prepare_cached(
+            "INSERT INTO events (task_id, subtask_id, kind, at_ms, body) VALUES (?, ?, ?, ?, ?)",
+        )
+        .map_err(backend)?;
+    for e in events {
+        let body = serde_json::to_string(e).map_err(backend)?;
+        stmt.execute(params![
+            task.to_string(),
+            e.subtask_id.map(|s| s.to_string()),
+            serde_json::to_value(e.kind)
+                .map_err(backend)?
+                .as_str()
+                .unwrap_or("state")
+                .to_string(),
+            unix_ms(e.at),
+            body
+        ])
+        .map_err(backend)?;
+    }
+    Ok(())
+}
+
+fn parse_task(doc: &str) -> Result<Task, StoreError> {
+    serde_json::from_str(doc).map_err(|e| backend(format!("stored task is unreadable: {e}")))
+}
+
+impl SqliteStore {
+    /// Opens (and creates) the state database in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(backend)?;
+        let conn = open_db(&data_dir.join("state.db")).map_err(backend)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS tasks (
+                 id            TEXT PRIMARY KEY,
+                 version       INTEGER NOT NULL,
+                 status        TEXT NOT NULL,
+                 repository    TEXT NOT NULL,
+                 created_at_ms INTEGER NOT NULL,
+                 doc           TEXT NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created_at_ms DESC, id DESC);
+             CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, created_at_ms DESC);
+             CREATE INDEX IF NOT EXISTS tasks_by_repository ON tasks (repository, created_at_ms DESC);
+             CREATE TABLE IF NOT EXISTS events (
+                 seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+                 task_id    TEXT NOT NULL,
+                 subtask_id TEXT,
+                 kind       TEXT NOT NULL,
+                 at_ms      INTEGER NOT NULL,
+                 body       TEXT NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS events_by_task ON events (task_id, seq);
+             CREATE TABLE IF NOT EXISTS deliveries (
+                 id       TEXT PRIMARY KEY,
+                 at_ms    INTEGER NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS leases (
+                 name        TEXT PRIMARY KEY,
+                 holder      TEXT NOT NULL,
+                 expires_ms  INTEGER NOT NULL
+             );",
+        )
+        .map_err(backend)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || f(&mut conn.lock()))
+            .await
+            .map_err(backend)?
+    }
+}
+
+/// Cursor of a task listing: the last row's creation time and id.
+fn encode_cursor(created_ms: i64, id: &str) -> String {
+    hex::encode(format!("{created_ms}:{id}"))
+}
+
+fn decode_cursor(cursor: &str) -> Result<(i64, String), StoreError> {
+    let text = hex::decode(cursor)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or(StoreError::InvalidCursor)?;
+    let (ms, id) = text.split_once(':').ok_or(StoreError::InvalidCursor)?;
+    Ok((
+        ms.parse().map_err(|_| StoreError::InvalidCursor)?,
+        id.to_string(),
+    ))
+}
+
+#[async_trait]
+impl StateStore for SqliteStore {
+    async fn create_task(
+        &self,
+        task: &Task,
+        delivery: Option<&DeliveryId>,
+        events: &[NewEvent],
+    ) -> Result<Task, StoreError> {
+        let mut stored = task.clone();
+        stored.version = 1;
+        let delivery = delivery.cloned();
+        let events = events.to_vec();
+        self.blocking(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            if let Some(d) = &delivery {
+                let n = tx
+                    .execute(
+                        "INSERT OR IGNORE INTO deliveries (id, at_ms) VALUES (?, ?)",
+                        params![d.as_str(), unix_ms(now())],
+                    )
+                    .map_err(backend)?;
+                if n == 0 {
+                    return Err(StoreError::DuplicateDelivery(d.clone()));
+                }
+            }
+            let doc = serde_json::to_string(&stored).map_err(backend)?;
+            let n = tx
+                .execute(
+                    "INSERT OR IGNORE INTO tasks (id, version, status, repository, created_at_ms, doc)
+                     VALUES (?, 1, ?, ?, ?, ?)",
+                    params![
+                        stored.id.to_string(),
+                        stored.status.as_str(),
+                        stored.repository,
+                        unix_ms(stored.created_at),
+                        doc
+                    ],
+                )
+                .map_err(backend)?;
+            if n == 0 {
+                return Err(StoreError::AlreadyExists(stored.id));
+            }
+            insert_events(&tx, stored.id, &events)?;
+            tx.commit().map_err(backend)?;
+            Ok(stored)
+        })
+        .await
+    }
+
+    async fn get_task(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
+        self.blocking(move |conn| {
+            let doc: Option<String> = conn
+                .query_row(
+                    "SELECT doc FROM tasks WHERE id = ?",
+                    params![id.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(backend)?;
+            doc.as_deref().map(parse_task).transpose()
+        })
+        .await
+    }
+
+    async fn update_task(&self, task: &Task, events: &[NewEvent]) -> Result<Task, StoreError> {
+        let mut stored = task.clone();
+        stored.version = task.version + 1;
+        let expected = task.version;
+        let events = events.to_vec();
+        self.blocking(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            let doc = serde_json::to_string(&stored).map_err(backend)?;
+            let n = tx
+                .execute(
+                    "UPDATE tasks SET version = ?, status = ?, doc = ? WHERE id = ? AND version = ?",
+                    params![
+                        stored.version as i64,
+                        stored.status.as_str(),
+                        doc,
+                        stored.id.to_string(),
+                        expected as i64
+                    ],
+                )
+                .map_err(backend)?;
+            if n == 0 {
+                let exists: Option<i64> = tx
+                    .query_row(
+                        "SELECT version FROM tasks WHERE id = ?",
+                        params![stored.id.to_string()],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(backend)?;
+                return Err(match exists {
+                    Some(_) => StoreError::Conflict(stored.id),
+                    None => StoreError::NotFound(stored.id),
+                });
+            }
+            insert_events(&tx, stored.id, &events)?;
+            tx.commit().map_err(backend)?;
+            Ok(stored)
+        })
+        .await
+    }
+
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage, StoreError> {
+        let limit = query.limit.clamp(1, 500);
+        let cursor = query.cursor.as_deref().map(decode_cursor).transpose()?;
+        let status = query.status.map(|s| s.as_str().to_string());
+        let repository = query.repository.clone();
+        self.blocking(move |conn| {
+            let (c_ms, c_id) = cursor.unwrap_or((i64::MAX, String::new()));
+            let has_cursor = c_id.is_empty() as i64;
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT created_at_ms, id, doc FROM tasks
+                     WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR repository = ?2)
+                       AND (?5 = 1 OR created_at_ms < ?3 OR (created_at_ms = ?3 AND id < ?4))
+                     ORDER BY created_at_ms DESC, id DESC LIMIT ?6",
+                )
+                .map_err(backend)?;
+            let rows: Vec<(i64, String, String)> = stmt
+                .query_map(
+                    params![
+                        status,
+                        repository,
+                        c_ms,
+                        c_id,
+                        has_cursor,
+                        (limit + 1) as i64
+                    ],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .map_err(backend)?
+                .collect::<Result<_, _>>()
+                .map_err(backend)?;
+            let more = rows.len() > limit;
+            let rows = &rows[..rows.len().min(limit)];
+            let next_cursor = if more {
+                rows.last().map(|(ms, id, _)| encode_cursor(*ms, id))
+            } else {
+                None
+            };
+            let tasks = rows
+                .iter()
+                .map(|(_, _, doc)| parse_task(doc))
+                .collect::<Result<_, _>>()?;
+            Ok(TaskPage { tasks, next_cursor })
+        })
+        .await
+    }
+
+    async fn count_tasks(&self, status: TaskStatus) -> Result<u64, StoreError> {
+        self.blocking(move |conn| {
+            let n: i64 = conn
+                .query_row(
+                    "SELECT COUNT(*) FROM tasks WHERE status = ?",
+                    params![status.as_str()],
+                    |r| r.get(0),
+                )
+                .map_err(backend)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn record_delivery(&self, delivery: &DeliveryId) -> Result<bool, StoreError> {
+        let d = delivery.clone();
+        self.blocking(move |conn| {
+            let n = conn
+                .execute(
+                    "INSERT OR IGNORE INTO deliveries (id, at_ms) VALUES (?, ?)",
+                    params![d.as_str(), unix_ms(now())],
+                )
+                .map_err(backend)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn append_events(&self, task: TaskId, events: &[NewEvent]) -> Result<(), StoreError> {
+        let events = events.to_vec();
+        self.blocking(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            insert_events(&tx, task, &events)?;
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn events(
+        &self,
+        task: TaskId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let limit = limit.clamp(1, 10_000) as i64;
+        self.blocking(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT seq, body FROM events WHERE task_id = ? AND seq > ?
+                     ORDER BY seq LIMIT ?",
+                )
+                .map_err(backend)?;
+            let rows: Vec<(i64, String)> = stmt
+                .query_map(
+                    params![task.to_string(), after.unwrap_or(0) as i64, limit],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .map_err(backend)?
+                .collect::<Result<_, _>>()
+                .map_err(backend)?;
+            rows.into_iter()
+                .map(|(seq, body)| {
+                    let event: NewEvent = serde_json::from_str(&body).map_err(backend)?;
+                    Ok(Event {
+                        seq: seq as u64,
+                        task_id: task,
+                        event,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let (name, holder) = (name.to_string(), holder.to_string());
+        self.blocking(move |conn| {
+            let now_ms = unix_ms(now());
+            let n = conn
+                .execute(
+                    "INSERT INTO leases (name, holder, expires_ms) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (name) DO UPDATE SET holder = ?2, expires_ms = ?3
+                     WHERE leases.holder = ?2 OR leases.expires_ms <= ?4",
+                    params![name, holder, now_ms + ttl.as_millis() as i64, now_ms],
+                )
+                .map_err(backend)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+}

@@ -1,0 +1,577 @@
+//! The task aggregate: a task and its subtasks, stored and versioned as one document.
+//! All the rules of how a task advances (which subtasks are ready, how a result or a
+//! cancellation changes it) live here, so that every backend and both daemons agree.
+
+use crate::capability::Capability;
+use crate::ids::{SubtaskId, TaskId};
+use crate::status::{SubtaskStatus, TaskStatus, TransitionError};
+use crate::timefmt::{self, Timestamp};
+use serde::{Deserialize, Serialize};
+
+/// How a subtask's run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeKind {
+    Succeeded,
+    /// The agent ran and reported an error, or the repository work (setup, push) failed.
+    AgentError,
+    MaxTurns,
+    Timeout,
+    /// No agent output for longer than the idle timeout.
+    Stalled,
+    BudgetExceeded,
+    Cancelled,
+    /// The system around the agent failed (sandbox, clone, model service).
+    Infrastructure,
+}
+
+impl OutcomeKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OutcomeKind::Succeeded => "succeeded",
+            OutcomeKind::AgentError => "agent_error",
+            OutcomeKind::MaxTurns => "max_turns",
+            OutcomeKind::Timeout => "timeout",
+            OutcomeKind::Stalled => "stalled",
+            OutcomeKind::BudgetExceeded => "budget_exceeded",
+            OutcomeKind::Cancelled => "cancelled",
+            OutcomeKind::Infrastructure => "infrastructure",
+        }
+    }
+}
+
+/// Tokens used by an agent run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenUsage {
+    pub input: u64,
+    pub output: u64,
+    pub cache_read: u64,
+    pub cache_creation: u64,
+}
+
+impl TokenUsage {
+    pub fn add(&mut self, other: &TokenUsage) {
+        self.input += other.input;
+        self.output += other.output;
+        self.cache_read += other.cache_read;
+        self.cache_creation += other.cache_creation;
+    }
+}
+
+/// The outcome of one attempt of a subtask, as reported by a worker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub kind: OutcomeKind,
+    /// Whether running the same attempt again may succeed (infrastructure trouble).
+    #[serde(default)]
+    pub retryable: bool,
+    /// A short human summary.
+    #[serde(default)]
+    pub summary: String,
+    /// Why it failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The commit pushed to the task branch, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    #[serde(default)]
+    pub cost_usd: f64,
+    #[serde(default)]
+    pub tokens: TokenUsage,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turns: Option<u32>,
+    #[serde(default)]
+    pub duration_ms: u64,
+}
+
+impl Outcome {
+    pub fn succeeded(summary: impl Into<String>, commit: Option<String>) -> Self {
+        Self::new(OutcomeKind::Succeeded, summary, None, commit)
+    }
+
+    pub fn failed(kind: OutcomeKind, error: impl Into<String>, retryable: bool) -> Self {
+        let error = error.into();
+        let mut outcome = Self::new(kind, error.clone(), Some(error), None);
+        outcome.retryable = retryable;
+        outcome
+    }
+
+    fn new(
+        kind: OutcomeKind,
+        summary: impl Into<String>,
+        error: Option<String>,
+        commit: Option<String>,
+    ) -> Self {
+        Self {
+            kind,
+            retryable: false,
+            summary: summary.into(),
+            error,
+            commit,
+            cost_usd: 0.0,
+            tokens: TokenUsage::default(),
+            turns: None,
+            duration_ms: 0,
+        }
+    }
+}
+
+/// One capability's step of a task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Subtask {
+    pub id: SubtaskId,
+    pub capability: Capability,
+    pub status: SubtaskStatus,
+    /// The attempt now queued or running; 0 before the first.
+    pub attempt: u32,
+    /// Subtasks that must succeed before this one is queued.
+    #[serde(default)]
+    pub depends_on: Vec<SubtaskId>,
+    /// Extra instructions for this step (e.g. review feedback to address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instructions: Option<String>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub queued_at: Option<Timestamp>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub started_at: Option<Timestamp>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<Timestamp>,
+    /// Cost of all attempts so far.
+    #[serde(default)]
+    pub cost_usd: f64,
+    #[serde(default)]
+    pub tokens: TokenUsage,
+    /// The worker running or last running it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+}
+
+impl Subtask {
+    pub fn new(capability: Capability, depends_on: Vec<SubtaskId>) -> Self {
+        Self {
+            id: SubtaskId::new(),
+            capability,
+            status: SubtaskStatus::Pending,
+            attempt: 0,
+            depends_on,
+            instructions: None,
+            queued_at: None,
+            started_at: None,
+            finished_at: None,
+            cost_usd: 0.0,
+            tokens: TokenUsage::default(),
+            worker: None,
+            outcome: None,
+        }
+    }
+
+    fn set_status(&mut self, to: SubtaskStatus) -> Result<(), TransitionError> {
+        self.status = self.status.transition(to)?;
+        Ok(())
+    }
+}
+
+/// Where a task came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TaskSource {
+    Api,
+    Github {
+        installation_id: u64,
+        /// `owner/name`
+        repo: String,
+        issue: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pull_request: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        progress_comment_id: Option<u64>,
+    },
+}
+
+/// A unit of work requested by a user, with its subtasks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: TaskId,
+    pub status: TaskStatus,
+    pub title: String,
+    pub prompt: String,
+    /// Git URL or path of the repository to work on.
+    pub repository: String,
+    /// The branch the agents commit to.
+    pub branch: String,
+    /// The branch work starts from; the remote's default branch when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_branch: Option<String>,
+    /// The pipeline's name, for display.
+    pub pipeline: String,
+    pub source: TaskSource,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: Timestamp,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: Timestamp,
+    /// Why the task failed or was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Optimistic-concurrency version: every stored write increments it.
+    pub version: u64,
+    pub subtasks: Vec<Subtask>,
+}
+
+/// What applying a worker report did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    /// The task changed and must be stored.
+    Changed,
+    /// The report was stale or a repeat; nothing changed.
+    Ignored(String),
+}
+
+impl Task {
+    /// The subtask with this id.
+    pub fn subtask(&self, id: SubtaskId) -> Option<&Subtask> {
+        self.subtasks.iter().find(|s| s.id == id)
+    }
+
+    fn subtask_mut(&mut self, id: SubtaskId) -> Option<&mut Subtask> {
+        self.subtasks.iter_mut().find(|s| s.id == id)
+    }
+
+    /// Total cost of all subtasks.
+    pub fn cost_usd(&self) -> f64 {
+        self.subtasks.iter().map(|s| s.cost_usd).sum()
+    }
+
+    fn set_status(&mut self, to: TaskStatus) -> Result<(), TransitionError> {
+        self.status = self.status.transition(to)?;
+        Ok(())
+    }
+
+    /// Moves every pending subtask whose dependencies have all succeeded to `Queued`,
+    /// with a new attempt number, and returns their ids: the caller sends their messages.
+    pub fn queue_ready(&mut self, now: Timestamp) -> Vec<SubtaskId> {
+        if self.status.is_terminal() || self.status == TaskStatus::AwaitingApproval {
+            return Vec::new();
+        }
+        let succeeded: Vec<SubtaskId> = self
+            .subtasks
+            .iter()
+            .filter(|s| s.status == SubtaskStatus::Succeeded)
+            .map(|s| s.id)
+            .collect();
+        let mut ready = Vec::new();
+        for sub in &mut self.subtasks {
+            if sub.status == SubtaskStatus::Pending
+                && sub.depends_on.iter().all(|d| succeeded.contains(d))
+                && sub.set_status(SubtaskStatus::Queued).is_ok()
+            {
+                sub.attempt += 1;
+                sub.queued_at = Some(now);
+                ready.push(sub.id);
+            }
+        }
+        if !ready.is_empty() {
+            self.updated_at = now;
+        }
+        ready
+    }
+
+    /// A worker started `attempt` of a subtask.
+    pub fn apply_started(
+        &mut self,
+        subtask: SubtaskId,
+        attempt: u32,
+        worker: &str,
+        at: Timestamp,
+    ) -> Result<Applied, TransitionError> {
+        if self.status.is_terminal() {
+            return Ok(Applied::Ignored(format!("task is {}", self.status)));
+        }
+        let Some(sub) = self.subtask_mut(subtask) else {
+            return Ok(Applied::Ignored("unknown subtask".into()));
+        };
+        if sub.attempt != attempt {
+            return Ok(Applied::Ignored(format!(
+                "stale attempt {attempt} (current {})",
+                sub.attempt
+            )));
+        }
+        match sub.status {
+            SubtaskStatus::Queued => {
+                sub.set_status(SubtaskStatus::Running)?;
+                sub.started_at = Some(at);
+                sub.worker = Some(worker.to_string());
+            }
+            // A redelivered message picked up by another worker: note who runs it now.
+            SubtaskStatus::Running => {
+                sub.worker = Some(worker.to_string());
+            }
+            other => return Ok(Applied::Ignored(format!("subtask is {other}"))),
+        }
+        if self.status == TaskStatus::Queued {
+            self.set_status(TaskStatus::Running)?;
+        }
+        self.updated_at = at;
+        Ok(Applied::Changed)
+    }
+
+    /// A worker finished `attempt` of a subtask with `outcome`. A repeat of a result already
+    /// applied, or a result for an older attempt, is ignored. A retryable failure puts the
+    /// subtask back in the queue while attempts remain (`max_attempts`).
+    pub fn apply_outcome(
+        &mut self,
+        subtask: SubtaskId,
+        attempt: u32,
+        outcome: Outcome,
+        max_attempts: u32,
+        at: Timestamp,
+    ) -> Result<Applied, TransitionError> {
+        if self.status.is_terminal() {
+            return Ok(Applied::Ignored(format!("task is {}", self.status)));
+        }
+        let Some(sub) = self.subtask_mut(subtask) else {
+            return Ok(Applied::Ignored("unknown subtask".into()));
+        };
+        if sub.attempt != attempt {
+            return Ok(Applied::Ignored(format!(
+                "stale attempt {attempt} (current {})",
+                sub.attempt
+            )));
+        }
+        if !matches!(sub.status, SubtaskStatus::Queued | SubtaskStatus::Running) {
+            return Ok(Applied::Ignored(format!(
+                "subtask is already {}",
+                sub.status
+            )));
+        }
+        sub.cost_usd += outcome.cost_usd;
+        sub.tokens.add(&outcome.tokens);
+        if sub.started_at.is_none() {
+            sub.started_at = Some(at);
+        }
+        let kind = outcome.kind;
+        let retry = outcome.retryable && kind != OutcomeKind::Succeeded && attempt < max_attempts;
+        let error = outcome
+            .error
+            .clone()
+            .unwrap_or_else(|| outcome.summary.clone());
+        sub.outcome = Some(outcome);
+        if retry {
+            // Back on the queue as a new attempt: the caller sends the message.
+            sub.set_status(SubtaskStatus::Pending)?;
+        } else {
+            sub.finished_at = Some(at);
+            let to = match kind {
+                OutcomeKind::Succeeded => SubtaskStatus::Succeeded,
+                OutcomeKind::Cancelled => SubtaskStatus::Cancelled,
+                _ => SubtaskStatus::Failed,
+            };
+            sub.set_status(to)?;
+            let capability = sub.capability;
+            match to {
+                SubtaskStatus::Failed => {
+                    self.fail_remaining(at);
+                    self.error = Some(format!("{capability} failed ({}): {error}", kind.as_str()));
+                    self.set_status(TaskStatus::Failed)?;
+                }
+                SubtaskStatus::Cancelled => {
+                    self.fail_remaining(at);
+                    self.set_status(TaskStatus::Cancelled)?;
+                }
+                _ => {
+                    if self
+                        .subtasks
+                        .iter()
+                        .all(|s| s.status == SubtaskStatus::Succeeded)
+                    {
+                        self.set_status(TaskStatus::Succeeded)?;
+                    }
+                }
+            }
+        }
+        self.updated_at = at;
+        Ok(Applied::Changed)
+    }
+
+    /// Cancels every subtask that has not ended.
+    fn fail_remaining(&mut self, at: Timestamp) {
+        for sub in &mut self.subtasks {
+            if !sub.status.is_terminal() && sub.set_status(SubtaskStatus::Cancelled).is_ok() {
+                sub.finished_at = Some(at);
+            }
+        }
+    }
+
+    /// Cancels the task and every subtask that has not ended.
+    pub fn cancel(&mut self, reason: &str, at: Timestamp) -> Result<(), TransitionError> {
+        self.set_status(TaskStatus::Cancelled)?;
+        self.fail_remaining(at);
+        self.error = Some(reason.to_string());
+        self.updated_at = at;
+        Ok(())
+    }
+
+    /// Makes a failed or cancelled task run again from its first unfinished subtask.
+    pub fn retry(&mut self, at: Timestamp) -> Result<(), TransitionError> {
+        self.set_status(TaskStatus::Queued)?;
+        for sub in &mut self.subtasks {
+            if matches!(sub.status, SubtaskStatus::Failed | SubtaskStatus::Cancelled) {
+                sub.set_status(SubtaskStatus::Pending)?;
+                sub.finished_at = None;
+                sub.outcome = None;
+            }
+        }
+        self.error = None;
+        self.updated_at = at;
+        Ok(())
+    }
+
+    /// Marks a subtask failed because its message went to the dead-letter queue.
+    pub fn fail_dead_lettered(
+        &mut self,
+        subtask: SubtaskId,
+        reason: &str,
+        at: Timestamp,
+    ) -> Result<Applied, TransitionError> {
+        if self.status.is_terminal() {
+            return Ok(Applied::Ignored(format!("task is {}", self.status)));
+        }
+        let Some(sub) = self.subtask_mut(subtask) else {
+            return Ok(Applied::Ignored("unknown subtask".into()));
+        };
+        if !matches!(sub.status, SubtaskStatus::Queued | SubtaskStatus::Running) {
+            return Ok(Applied::Ignored(format!("subtask is {}", sub.status)));
+        }
+        let attempt = sub.attempt;
+        let outcome = Outcome::failed(OutcomeKind::Infrastructure, reason, false);
+        self.apply_outcome(subtask, attempt, outcome, attempt, at)
+    }
+
+    /// A one-line description for logs.
+    pub fn describe(&self) -> String {
+        format!(
+            "task {} [{}] {} on {}@{}",
+            self.id, self.status, self.title, self.repository, self.branch
+        )
+    }
+
+    /// Seconds since the task was created, for display.
+    pub fn age_secs(&self) -> i64 {
+        (timefmt::now() - self.created_at).whole_seconds()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::plan_subtasks;
+
+    fn task(caps: &[Capability]) -> Task {
+        let now = timefmt::now();
+        Task {
+            id: TaskId::new(),
+            status: TaskStatus::Queued,
+            title: "t".into(),
+            prompt: "p".into(),
+            repository: "/tmp/r".into(),
+            branch: "agent/x".into(),
+            base_branch: None,
+            pipeline: "test".into(),
+            source: TaskSource::Api,
+            created_at: now,
+            updated_at: now,
+            error: None,
+            version: 0,
+            subtasks: plan_subtasks(caps),
+        }
+    }
+
+    #[test]
+    fn pipeline_advances_one_step_at_a_time() {
+        let mut t = task(&[Capability::Coder, Capability::Reviewer]);
+        let now = timefmt::now();
+        let ready = t.queue_ready(now);
+        assert_eq!(ready, vec![t.subtasks[0].id]);
+        assert!(t.queue_ready(now).is_empty(), "nothing else is ready");
+        let coder = t.subtasks[0].id;
+        assert_eq!(
+            t.apply_started(coder, 1, "w1", now).unwrap(),
+            Applied::Changed
+        );
+        assert_eq!(t.status, TaskStatus::Running);
+        let ok = Outcome::succeeded("done", Some("abc".into()));
+        assert_eq!(
+            t.apply_outcome(coder, 1, ok.clone(), 3, now).unwrap(),
+            Applied::Changed
+        );
+        // the same result again is a repeat
+        assert!(matches!(
+            t.apply_outcome(coder, 1, ok, 3, now).unwrap(),
+            Applied::Ignored(_)
+        ));
+        assert_eq!(t.queue_ready(now), vec![t.subtasks[1].id]);
+        let reviewer = t.subtasks[1].id;
+        t.apply_outcome(reviewer, 1, Outcome::succeeded("lgtm", None), 3, now)
+            .unwrap();
+        assert_eq!(t.status, TaskStatus::Succeeded);
+    }
+
+    #[test]
+    fn retryable_failure_requeues_until_attempts_run_out() {
+        let mut t = task(&[Capability::Coder]);
+        let now = timefmt::now();
+        let id = t.queue_ready(now)[0];
+        let flaky = Outcome::failed(OutcomeKind::Infrastructure, "model overloaded", true);
+        t.apply_outcome(id, 1, flaky.clone(), 2, now).unwrap();
+        assert_eq!(t.subtasks[0].status, SubtaskStatus::Pending);
+        assert_eq!(t.queue_ready(now), vec![id]);
+        assert_eq!(t.subtasks[0].attempt, 2);
+        // a late result of attempt 1 is stale
+        assert!(matches!(
+            t.apply_outcome(id, 1, flaky.clone(), 2, now).unwrap(),
+            Applied::Ignored(_)
+        ));
+        t.apply_outcome(id, 2, flaky, 2, now).unwrap();
+        assert_eq!(t.status, TaskStatus::Failed);
+        assert!(t.error.as_deref().unwrap().contains("model overloaded"));
+    }
+
+    #[test]
+    fn failure_cancels_the_rest_and_retry_resumes() {
+        let mut t = task(&[Capability::Coder, Capability::Tester]);
+        let now = timefmt::now();
+        let id = t.queue_ready(now)[0];
+        t.apply_outcome(
+            id,
+            1,
+            Outcome::failed(OutcomeKind::AgentError, "boom", false),
+            3,
+            now,
+        )
+        .unwrap();
+        assert_eq!(t.status, TaskStatus::Failed);
+        assert_eq!(t.subtasks[1].status, SubtaskStatus::Cancelled);
+        t.retry(now).unwrap();
+        assert_eq!(t.status, TaskStatus::Queued);
+        assert_eq!(t.queue_ready(now), vec![id]);
+        assert_eq!(t.subtasks[0].attempt, 2);
+    }
+
+    #[test]
+    fn results_for_a_cancelled_task_are_ignored() {
+        let mut t = task(&[Capability::Coder]);
+        let now = timefmt::now();
+        let id = t.queue_ready(now)[0];
+        t.cancel("user asked", now).unwrap();
+        let r = t
+            .apply_outcome(id, 1, Outcome::succeeded("late", None), 3, now)
+            .unwrap();
+        assert!(matches!(r, Applied::Ignored(_)));
+        assert_eq!(t.status, TaskStatus::Cancelled);
+        assert!(t.cancel("again", now).is_ok(), "cancel is idempotent");
+        assert!(TaskStatus::Succeeded
+            .transition(TaskStatus::Cancelled)
+            .is_err());
+    }
+}

@@ -1,0 +1,389 @@
+//! The backend conformance suite: the same checks run against every queue and state-store
+//! backend (SQLite here; SQS/DynamoDB on moto_server in `conformance_aws.rs`).
+//! Each backend instance must be fresh (empty queues, empty table).
+
+#![allow(dead_code)]
+
+use ao_shared::capability::Capability;
+use ao_shared::ids::{DeliveryId, TaskId};
+use ao_shared::pipeline::plan_subtasks;
+use ao_shared::queue::{Queue, QueueError, QueueId};
+use ao_shared::state::{EventKind, NewEvent, StateStore, StoreError, TaskQuery};
+use ao_shared::status::TaskStatus;
+use ao_shared::task::{Task, TaskSource};
+use ao_shared::timefmt;
+use std::time::Duration;
+
+const CODER: QueueId = QueueId::Capability(Capability::Coder);
+const TESTER: QueueId = QueueId::Capability(Capability::Tester);
+
+/// Send, receive, heartbeat, delete; a deleted message is gone; a stale receipt is refused.
+pub async fn queue_round_trip(q: &dyn Queue) {
+    q.send(CODER, "one").await.unwrap();
+    let got = q
+        .receive(
+            &[CODER],
+            10,
+            Duration::from_secs(2),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body, "one");
+    assert_eq!(got[0].receive_count, 1);
+    assert_eq!(got[0].receipt.queue, CODER);
+    let depth = q.depth(CODER).await.unwrap();
+    assert_eq!((depth.visible, depth.in_flight), (0, 1), "{depth:?}");
+    let receipt = q
+        .extend(&got[0].receipt, Duration::from_secs(60))
+        .await
+        .unwrap();
+    q.delete(&receipt).await.unwrap();
+    let again = q
+        .receive(
+            &[CODER],
+            10,
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "deleted message came back");
+    let depth = q.depth(CODER).await.unwrap();
+    assert_eq!((depth.visible, depth.in_flight, depth.dead), (0, 0, 0));
+}
+
+/// Messages of one queue are not delivered from another.
+pub async fn queues_are_separate(q: &dyn Queue) {
+    q.send(TESTER, "for tester").await.unwrap();
+    let none = q
+        .receive(
+            &[CODER],
+            10,
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    let got = q
+        .receive(
+            &[CODER, TESTER],
+            10,
+            Duration::from_secs(2),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].receipt.queue, TESTER);
+    q.delete(&got[0].receipt).await.unwrap();
+}
+
+/// A long poll returns as soon as a message arrives, not at the end of its wait.
+pub async fn long_poll_wakes_on_send(q: std::sync::Arc<dyn Queue>) {
+    let q2 = q.clone();
+    let started = std::time::Instant::now();
+    let waiter = tokio::spawn(async move {
+        q2.receive(
+            &[CODER],
+            1,
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    q.send(CODER, "late").await.unwrap();
+    let got = waiter.await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "long poll did not wake"
+    );
+    q.delete(&got[0].receipt).await.unwrap();
+}
+
+/// An unextended message becomes visible again after its visibility timeout, with a
+/// higher receive count, and the first receipt no longer deletes it.
+pub async fn visibility_expiry(q: &dyn Queue) {
+    q.send(CODER, "lost worker").await.unwrap();
+    let first = q
+        .receive(&[CODER], 1, Duration::from_secs(2), Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = q
+        .receive(&[CODER], 1, Duration::from_secs(3), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        second.len(),
+        1,
+        "message did not come back after its visibility timeout"
+    );
+    assert_eq!(second[0].receive_count, 2);
+    assert_eq!(second[0].body, "lost worker");
+    q.delete(&second[0].receipt).await.unwrap();
+    assert!(matches!(
+        q.delete(&first[0].receipt).await,
+        Err(QueueError::ReceiptExpired) | Ok(())
+    ));
+}
+
+/// A released message is visible again at once.
+pub async fn release_makes_visible(q: &dyn Queue) {
+    q.send(CODER, "released").await.unwrap();
+    let got = q
+        .receive(&[CODER], 1, Duration::from_secs(2), Duration::from_secs(60))
+        .await
+        .unwrap();
+    q.release(&got[0].receipt).await.unwrap();
+    let again = q
+        .receive(&[CODER], 1, Duration::from_secs(2), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    q.delete(&again[0].receipt).await.unwrap();
+}
+
+/// After `max_receives` receives without a delete, the message moves to the dead-letter
+/// queue, where the coordinator can read it.
+pub async fn redrive_to_dead_letters(q: &dyn Queue, max_receives: u32) {
+    q.send(TESTER, "poison").await.unwrap();
+    for i in 0..max_receives {
+        let got = q
+            .receive(&[TESTER], 1, Duration::from_secs(3), Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 1, "receive {i}");
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+    let mut dead = Vec::new();
+    for _ in 0..20 {
+        // the move happens on the next receive attempt
+        let none = q
+            .receive(&[TESTER], 1, Duration::from_secs(1), Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert!(none.is_empty(), "poison message delivered again");
+        dead = q
+            .receive_dead_letters(TESTER, 10, Duration::from_secs(30))
+            .await
+            .unwrap();
+        if !dead.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(dead.len(), 1, "message not in the dead-letter queue");
+    assert_eq!(dead[0].body, "poison");
+    assert!(dead[0].receipt.dead_letter);
+    q.delete(&dead[0].receipt).await.unwrap();
+    let depth = q.depth(TESTER).await.unwrap();
+    assert_eq!(depth.dead, 0, "{depth:?}");
+}
+
+pub fn sample_task(repository: &str) -> Task {
+    let now = timefmt::now();
+    Task {
+        id: TaskId::new(),
+        status: TaskStatus::Queued,
+        title: "conformance".into(),
+        prompt: "do the thing".into(),
+        repository: repository.into(),
+        branch: "agent/conformance".into(),
+        base_branch: None,
+        pipeline: "code".into(),
+        source: TaskSource::Api,
+        created_at: now,
+        updated_at: now,
+        error: None,
+        version: 0,
+        subtasks: plan_subtasks(&[Capability::Coder, Capability::Reviewer]),
+    }
+}
+
+fn state_event(text: &str) -> NewEvent {
+    NewEvent {
+        subtask_id: None,
+        kind: EventKind::State,
+        at: timefmt::now(),
+        data: serde_json::json!({ "message": text }),
+    }
+}
+
+/// Create, read, conditional update; a stale write is a conflict and changes nothing.
+pub async fn conditional_updates(s: &dyn StateStore) {
+    let task = sample_task("/srv/a.git");
+    let stored = s
+        .create_task(&task, None, &[state_event("created")])
+        .await
+        .unwrap();
+    assert_eq!(stored.version, 1);
+    assert!(matches!(
+        s.create_task(&task, None, &[]).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    let read = s.get_task(task.id).await.unwrap().unwrap();
+    assert_eq!(read, stored);
+
+    let mut a = read.clone();
+    a.status = TaskStatus::Running;
+    let a = s.update_task(&a, &[state_event("running")]).await.unwrap();
+    assert_eq!(a.version, 2);
+
+    let mut stale = read.clone();
+    stale.status = TaskStatus::Cancelled;
+    assert!(matches!(
+        s.update_task(&stale, &[state_event("lost")]).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let now = s.get_task(task.id).await.unwrap().unwrap();
+    assert_eq!(now.status, TaskStatus::Running);
+    let events = s.events(task.id, None, 100).await.unwrap();
+    let texts: Vec<_> = events
+        .iter()
+        .map(|e| e.event.data["message"].clone())
+        .collect();
+    assert_eq!(
+        texts,
+        vec!["created", "running"],
+        "the failed write must add no event"
+    );
+
+    let mut ghost = sample_task("/srv/a.git");
+    ghost.version = 1;
+    assert!(matches!(
+        s.update_task(&ghost, &[]).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(s.get_task(TaskId::new()).await.unwrap().is_none());
+}
+
+/// A delivery id creates one task; a redelivery creates nothing.
+pub async fn idempotent_deliveries(s: &dyn StateStore) {
+    let delivery = DeliveryId::new(format!("d-{}", uuid_like()));
+    let first = sample_task("/srv/b.git");
+    s.create_task(&first, Some(&delivery), &[]).await.unwrap();
+    let second = sample_task("/srv/b.git");
+    assert!(matches!(
+        s.create_task(&second, Some(&delivery), &[]).await,
+        Err(StoreError::DuplicateDelivery(_))
+    ));
+    assert!(
+        s.get_task(second.id).await.unwrap().is_none(),
+        "half a transaction survived"
+    );
+    assert!(!s.record_delivery(&delivery).await.unwrap());
+    let fresh = DeliveryId::new(format!("d-{}", uuid_like()));
+    assert!(s.record_delivery(&fresh).await.unwrap());
+    assert!(!s.record_delivery(&fresh).await.unwrap());
+}
+
+fn uuid_like() -> String {
+    TaskId::new().to_string()
+}
+
+/// Listing pages through every task newest first, and filters by status and repository.
+pub async fn pagination(s: &dyn StateStore) {
+    let repo = format!("/srv/page-{}.git", uuid_like());
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let mut t = sample_task(&repo);
+        t.created_at += time::Duration::milliseconds(i * 10);
+        if i % 2 == 0 {
+            t.status = TaskStatus::Failed;
+        }
+        s.create_task(&t, None, &[]).await.unwrap();
+        ids.push(t.id);
+    }
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = s
+            .list_tasks(&TaskQuery {
+                repository: Some(repo.clone()),
+                limit: 3,
+                cursor: cursor.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(page.tasks.len() <= 3);
+        seen.extend(page.tasks.iter().map(|t| t.id));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    ids.reverse();
+    assert_eq!(seen, ids, "newest first, each once");
+    let failed = s
+        .list_tasks(&TaskQuery {
+            repository: Some(repo.clone()),
+            status: Some(TaskStatus::Failed),
+            limit: 100,
+            cursor: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(failed.tasks.len(), 4);
+    assert!(s.count_tasks(TaskStatus::Failed).await.unwrap() >= 4);
+    assert!(failed.tasks.iter().all(|t| t.status == TaskStatus::Failed));
+    assert!(s
+        .list_tasks(&TaskQuery {
+            cursor: Some("garbage!".into()),
+            limit: 3,
+            ..Default::default()
+        })
+        .await
+        .is_err());
+}
+
+/// Events come back in order, after a given sequence number.
+pub async fn events_in_order(s: &dyn StateStore) {
+    let t = sample_task("/srv/e.git");
+    s.create_task(&t, None, &[]).await.unwrap();
+    for i in 0..5 {
+        s.append_events(t.id, &[state_event(&format!("e{i}"))])
+            .await
+            .unwrap();
+    }
+    let all = s.events(t.id, None, 100).await.unwrap();
+    assert_eq!(all.len(), 5);
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    let tail = s.events(t.id, Some(all[2].seq), 100).await.unwrap();
+    assert_eq!(tail.len(), 2);
+    assert_eq!(tail[0].event.data["message"], "e3");
+}
+
+/// A lease is held by one holder until it expires.
+pub async fn leases(s: &dyn StateStore) {
+    let name = format!("lease-{}", uuid_like());
+    assert!(s
+        .acquire_lease(&name, "a", Duration::from_secs(1))
+        .await
+        .unwrap());
+    assert!(!s
+        .acquire_lease(&name, "b", Duration::from_secs(1))
+        .await
+        .unwrap());
+    assert!(
+        s.acquire_lease(&name, "a", Duration::from_secs(1))
+            .await
+            .unwrap(),
+        "renewal"
+    );
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert!(s
+        .acquire_lease(&name, "b", Duration::from_secs(5))
+        .await
+        .unwrap());
+    assert!(!s
+        .acquire_lease(&name, "a", Duration::from_secs(5))
+        .await
+        .unwrap());
+}

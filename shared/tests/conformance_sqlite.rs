@@ -1,0 +1,112 @@
+//! The conformance suite against the SQLite backends.
+
+mod conformance;
+
+use ao_shared::queue::sqlite::SqliteQueue;
+use ao_shared::queue::Queue;
+use ao_shared::state::sqlite::SqliteStore;
+use std::sync::Arc;
+
+fn queue(max_receives: u32) -> (tempfile::TempDir, SqliteQueue) {
+    let dir = tempfile::tempdir().unwrap();
+    let q = SqliteQueue::open(dir.path(), max_receives).unwrap();
+    (dir, q)
+}
+
+fn store() -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(dir.path()).unwrap();
+    (dir, s)
+}
+
+#[tokio::test]
+async fn queue_round_trip() {
+    let (_d, q) = queue(3);
+    conformance::queue_round_trip(&q).await;
+}
+
+#[tokio::test]
+async fn queues_are_separate() {
+    let (_d, q) = queue(3);
+    conformance::queues_are_separate(&q).await;
+}
+
+#[tokio::test]
+async fn long_poll_wakes_on_send() {
+    let (_d, q) = queue(3);
+    conformance::long_poll_wakes_on_send(Arc::new(q)).await;
+}
+
+#[tokio::test]
+async fn long_poll_sees_another_process_writes() {
+    // Two handles on the same file behave like two processes: no shared notification.
+    let (d, q) = queue(3);
+    let other: Arc<dyn Queue> = Arc::new(SqliteQueue::open(d.path(), 3).unwrap());
+    let waiter = {
+        let q = q.clone();
+        tokio::spawn(async move {
+            q.receive(
+                &[ao_shared::queue::QueueId::Results],
+                1,
+                std::time::Duration::from_secs(5),
+                std::time::Duration::from_secs(30),
+            )
+            .await
+            .unwrap()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    other
+        .send(ao_shared::queue::QueueId::Results, "x")
+        .await
+        .unwrap();
+    assert_eq!(waiter.await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn visibility_expiry() {
+    let (_d, q) = queue(3);
+    conformance::visibility_expiry(&q).await;
+}
+
+#[tokio::test]
+async fn release_makes_visible() {
+    let (_d, q) = queue(3);
+    conformance::release_makes_visible(&q).await;
+}
+
+#[tokio::test]
+async fn redrive_to_dead_letters() {
+    let (_d, q) = queue(2);
+    conformance::redrive_to_dead_letters(&q, 2).await;
+}
+
+#[tokio::test]
+async fn conditional_updates() {
+    let (_d, s) = store();
+    conformance::conditional_updates(&s).await;
+}
+
+#[tokio::test]
+async fn idempotent_deliveries() {
+    let (_d, s) = store();
+    conformance::idempotent_deliveries(&s).await;
+}
+
+#[tokio::test]
+async fn pagination() {
+    let (_d, s) = store();
+    conformance::pagination(&s).await;
+}
+
+#[tokio::test]
+async fn events_in_order() {
+    let (_d, s) = store();
+    conformance::events_in_order(&s).await;
+}
+
+#[tokio::test]
+async fn leases() {
+    let (_d, s) = store();
+    conformance::leases(&s).await;
+}
