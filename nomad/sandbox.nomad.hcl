@@ -1,0 +1,246 @@
+# The sandbox of ONE capability: a parameterized batch job that a worker
+# dispatches per subtask attempt (POST /v1/job/<job id>/dispatch). The payload
+# is the subtask spec (JSON); the runner clones the repository, runs the agent,
+# commits, pushes and writes the result JSON into the allocation directory,
+# where the worker reads it.
+#
+#   nomad job run -var capability=coder sandbox.nomad.hcl
+#
+# Rendered once per agent type by the Terraform module with templatefile().
+# Rules (see nomad/README.md): variables only as interpolations of var.NAME
+# inside strings, Nomad runtime interpolations with a doubled dollar sign.
+
+variable "job_prefix" {
+  type        = string
+  description = "Prefix of every job ID; workers dispatch <job_prefix>-sandbox-<capability>."
+  default     = "ao"
+}
+
+variable "datacenter" {
+  type        = string
+  description = "Datacenter (glob) the sandboxes may run in."
+  default     = "*"
+}
+
+variable "namespace" {
+  type        = string
+  description = "Nomad namespace of the sandbox jobs."
+  default     = "default"
+}
+
+variable "capability" {
+  type        = string
+  description = "The capability (agent type) this sandbox job serves."
+  default     = "coder"
+
+  validation {
+    condition     = contains(["planner", "coder", "tester", "reviewer", "docs"], var.capability)
+    error_message = "The capability must be one of planner, coder, tester, reviewer, docs."
+  }
+}
+
+variable "sandbox_image" {
+  type        = string
+  description = "Sandbox image (git, Claude Code CLI, the worker binary as runner), pinned."
+  default     = "ghcr.io/agent-orchestrator/sandbox:0.1.0"
+}
+
+variable "cpu_mhz" {
+  type        = map(number)
+  description = "CPU of one sandbox, in MHz, by capability."
+  default = {
+    planner  = 500
+    coder    = 1000
+    tester   = 500
+    reviewer = 500
+    docs     = 300
+  }
+}
+
+variable "memory_mb" {
+  type        = map(number)
+  description = "Memory of one sandbox, in MB, by capability (the tmpfs mounts count against it)."
+  default = {
+    planner  = 1024
+    coder    = 2048
+    tester   = 1024
+    reviewer = 1024
+    docs     = 512
+  }
+}
+
+variable "pids_limit" {
+  type        = number
+  description = "Most processes the sandbox may run at once."
+  default     = 512
+}
+
+variable "workspace_tmpfs_bytes" {
+  type        = number
+  description = "Size of the tmpfs mounted at /workspace (the clone), in bytes."
+  default     = 1073741824
+}
+
+variable "tmp_tmpfs_bytes" {
+  type        = number
+  description = "Size of the tmpfs mounted at /tmp and at the agent's home, in bytes."
+  default     = 268435456
+}
+
+variable "runtime" {
+  type        = string
+  description = "OCI runtime: runc, or runsc (gVisor) where the Docker plugin allows it (allow_runtimes)."
+  default     = "runc"
+
+  validation {
+    condition     = contains(["runc", "runsc"], var.runtime)
+    error_message = "The runtime must be runc or runsc."
+  }
+}
+
+variable "extra_env" {
+  type        = string
+  description = "Extra plain environment of the sandbox, as env-file lines NAME=\"value\" (agent_types[*].env_vars)."
+  default     = ""
+}
+
+variable "network_mode" {
+  type        = string
+  description = "Docker network mode of the sandbox; the agent needs egress to git and the model API."
+  default     = "bridge"
+}
+
+job "ao-sandbox" {
+  id          = "${var.job_prefix}-sandbox-${var.capability}"
+  name        = "${var.job_prefix}-sandbox-${var.capability}"
+  type        = "batch"
+  namespace   = "${var.namespace}"
+  datacenters = ["${var.datacenter}"]
+
+  meta {
+    capability = "${var.capability}"
+  }
+
+  parameterized {
+    payload       = "required"
+    meta_required = ["task_id", "subtask_id", "attempt"]
+    meta_optional = ["repository"]
+  }
+
+  group "sandbox" {
+    count = 1
+
+    # One attempt only: the worker owns retries (a new dispatch per attempt),
+    # so Nomad must neither restart nor reschedule a failed sandbox.
+    restart {
+      attempts = 0
+      mode     = "fail"
+    }
+
+    reschedule {
+      attempts  = 0
+      unlimited = false
+    }
+
+    ephemeral_disk {
+      size = 300
+    }
+
+    task "runner" {
+      driver = "docker"
+      user   = "10001"
+
+      dispatch_payload {
+        file = "spec.json"
+      }
+
+      kill_signal  = "SIGTERM"
+      kill_timeout = "20s"
+
+      config {
+        image    = "${var.sandbox_image}"
+        command  = "worker"
+        args     = ["runner", "--spec", "local/spec.json", "--result", "$${NOMAD_ALLOC_DIR}/result.json"]
+        work_dir = "/"
+
+        runtime         = "${var.runtime}"
+        network_mode    = "${var.network_mode}"
+        readonly_rootfs = true
+        cap_drop        = ["ALL"]
+        security_opt    = ["no-new-privileges"]
+        pids_limit      = "${var.pids_limit}"
+        init            = true
+
+        mount {
+          type     = "tmpfs"
+          target   = "/workspace"
+          readonly = false
+          tmpfs_options {
+            size = "${var.workspace_tmpfs_bytes}"
+            mode = 1023 # 01777: sticky, world-writable
+          }
+        }
+
+        mount {
+          type     = "tmpfs"
+          target   = "/tmp"
+          readonly = false
+          tmpfs_options {
+            size = "${var.tmp_tmpfs_bytes}"
+            mode = 1023 # 01777: sticky, world-writable
+          }
+        }
+
+        mount {
+          type     = "tmpfs"
+          target   = "/home/agent"
+          readonly = false
+          tmpfs_options {
+            size = "${var.tmp_tmpfs_bytes}"
+            mode = 1023 # 01777: sticky, world-writable
+          }
+        }
+      }
+
+      env {
+        HOME                                     = "/home/agent"
+        TMPDIR                                   = "/tmp"
+        AO_WORKSPACE_DIR                         = "/workspace"
+        AO_CAPABILITY                            = "${var.capability}"
+        AO_TASK_ID                               = "$${NOMAD_META_task_id}"
+        AO_SUBTASK_ID                            = "$${NOMAD_META_subtask_id}"
+        AO_ATTEMPT                               = "$${NOMAD_META_attempt}"
+        AO__AGENT__COMMAND                       = "claude"
+        AO__LOG__FORMAT                          = "json"
+        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC = "1"
+        DISABLE_AUTOUPDATER                      = "1"
+      }
+
+      # The model API key comes from the Nomad Variable of this job, readable
+      # by this job only; it is never written into the job itself.
+      template {
+        destination = "secrets/agent.env"
+        env         = true
+        change_mode = "noop"
+        data        = <<-EOT
+          {{ with nomadVar "nomad/jobs/${var.job_prefix}-sandbox-${var.capability}" }}ANTHROPIC_API_KEY={{ .anthropic_api_key }}{{ end }}
+        EOT
+      }
+
+      # Plain, non-secret extra environment of this agent type.
+      template {
+        destination = "local/extra.env"
+        env         = true
+        change_mode = "noop"
+        data        = <<EOT
+${var.extra_env}
+EOT
+      }
+
+      resources {
+        cpu    = "${var.cpu_mhz[var.capability]}"
+        memory = "${var.memory_mb[var.capability]}"
+      }
+    }
+  }
+}
