@@ -136,3 +136,29 @@ def test_coordinator_permissions():
         "<aws_secretsmanager_secret.webhook.arn>", "<aws_secretsmanager_secret.api_token.arn>",
         dev_module().vars["github_private_key_secret_arn"]}
     assert not any(a.startswith("sqs:") and "Purge" in a or a == "dynamodb:Scan" for a in by_action)
+
+
+def test_trust_subjects_name_the_jobs_groups_tasks_and_identity():
+    """The sub claim the roles accept is the one the rendered jobs' identities will carry."""
+    m = dev_module()
+    cases = [("coordinator_trust", None, m.local("coordinator_job_file"))]
+    cases += [("worker_trust", c, m.local("worker_job_files")[c]) for c in CAPABILITIES]
+    for doc, key, text in cases:
+        body = module_data()[("aws_iam_policy_document", doc)]
+        (st,) = body["statement"]
+        (like,) = [c for c in st["condition"] if infra.unquote(c["test"]) == "StringLike"]
+        extra = {"each": {"key": key, "value": m.vars["agent_types"][key]}} if key else {}
+        (sub,) = m.eval(like["values"], **extra)
+        _, namespace, job_id, group, task, identity = sub.split(":")
+        job = infra.job_body(infra.nomad_job_rendered(text))
+        assert (job["id"], job["namespace"]) == (job_id, namespace)
+        (groups,) = job["group"]
+        assert group in groups
+        (tasks,) = groups[group]["task"]
+        assert task in tasks
+        names = [i.get("name") for i in tasks[task]["identity"]]
+        assert identity in names
+        env = infra.find_blocks(tasks[task], "env")[0]
+        assert env["AWS_WEB_IDENTITY_TOKEN_FILE"] == "${NOMAD_SECRETS_DIR}/nomad_" + identity + ".jwt"
+        role = "coordinator" if key is None else f"worker[{key}]"
+        assert env["AWS_ROLE_ARN"] == f"<aws_iam_role.{role}.arn>"

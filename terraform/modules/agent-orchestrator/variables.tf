@@ -272,7 +272,7 @@ variable "message_retention_seconds" {
 }
 
 variable "kms_key_arn" {
-  description = "Customer-managed KMS key for SQS, DynamoDB and Secrets Manager. Null: SQS-managed SSE, AWS-owned DynamoDB key, aws/secretsmanager."
+  description = "Customer-managed KMS key for SQS, DynamoDB and Secrets Manager. Null: SQS-managed SSE and the AWS managed keys of DynamoDB and Secrets Manager."
   type        = string
   default     = null
 }
