@@ -1,9 +1,13 @@
 //! Builds the queue, state store and secret resolver that `backend.kind` selects.
 
+use crate::aws::AwsClients;
+use crate::aws_secrets::AwsSecrets;
 use crate::config::{BackendKind, Settings};
 use crate::queue::sqlite::SqliteQueue;
+use crate::queue::sqs::{SqsOptions, SqsQueue};
 use crate::queue::Queue;
 use crate::secret::{LocalSecrets, SecretResolver};
+use crate::state::dynamo::{DynamoOptions, DynamoStore};
 use crate::state::sqlite::SqliteStore;
 use crate::state::StateStore;
 use std::sync::Arc;
@@ -43,10 +47,54 @@ impl Backends {
                     secrets: Arc::new(LocalSecrets),
                 })
             }
-            BackendKind::Aws => Err(BackendError {
-                kind: "aws",
-                message: "the AWS backends are not built into this version yet".into(),
-            }),
+            BackendKind::Aws => {
+                let clients = AwsClients::from_settings(&settings.aws, None).await;
+                Self::open_aws(settings, &clients).await
+            }
         }
+    }
+
+    /// Opens the SQS queue, the DynamoDB store and the Secrets Manager resolver with the
+    /// given clients (which may count their calls).
+    pub async fn open_aws(settings: &Settings, clients: &AwsClients) -> Result<Self, BackendError> {
+        let err = |e: &dyn std::fmt::Display| BackendError {
+            kind: "aws",
+            message: e.to_string(),
+        };
+        let aws = &settings.aws;
+        let day = std::time::Duration::from_secs(86_400);
+        let queue = SqsQueue::open(
+            clients.sqs.clone(),
+            &SqsOptions {
+                prefix: aws.queue_prefix.clone(),
+                max_receives: settings.queue.max_receives,
+                visibility_timeout: std::time::Duration::from_secs(
+                    settings.queue.visibility_timeout_secs,
+                ),
+                create: aws.create_resources,
+            },
+        )
+        .await
+        .map_err(|e| err(&e))?;
+        let store = DynamoStore::open(
+            clients.dynamodb.clone(),
+            &DynamoOptions {
+                table: aws.table.clone(),
+                create: aws.create_resources,
+                event_retention: day * aws.event_retention_days.min(36_500) as u32,
+                delivery_retention: day * aws.delivery_retention_days.min(36_500) as u32,
+            },
+        )
+        .await
+        .map_err(|e| err(&e))?;
+        let secrets = AwsSecrets::new(
+            clients.secrets.clone(),
+            std::time::Duration::from_secs(aws.secret_refresh_secs),
+        );
+        Ok(Self {
+            queue: Arc::new(queue),
+            store: Arc::new(store),
+            secrets: Arc::new(secrets),
+        })
     }
 }

@@ -156,6 +156,16 @@ pub struct AwsSettings {
     pub region: Option<String>,
     pub queue_prefix: String,
     pub table: String,
+    /// Create the queues and the table when they are missing (tests and development).
+    /// In production the Terraform module creates them, and a missing one is an error.
+    pub create_resources: bool,
+    /// How long a secret read from Secrets Manager is used before it is read again, so
+    /// that a rotated secret is picked up without a restart.
+    pub secret_refresh_secs: u64,
+    /// Days after which task events expire (DynamoDB TTL).
+    pub event_retention_days: u64,
+    /// Days after which webhook delivery records expire (DynamoDB TTL).
+    pub delivery_retention_days: u64,
 }
 
 impl Default for AwsSettings {
@@ -165,6 +175,10 @@ impl Default for AwsSettings {
             region: None,
             queue_prefix: "agent-orchestrator".into(),
             table: "agent-orchestrator".into(),
+            create_resources: false,
+            secret_refresh_secs: 300,
+            event_retention_days: 90,
+            delivery_retention_days: 30,
         }
     }
 }

@@ -3,6 +3,8 @@
 //! and the seams to the outside world (queue, state store) with their backends.
 #![forbid(unsafe_code)]
 
+pub mod aws;
+pub mod aws_secrets;
 pub mod backend;
 pub mod capability;
 pub mod config;

@@ -4,6 +4,7 @@
 //! its work is safely done, and it comes back if its consumer dies.
 
 pub mod sqlite;
+pub mod sqs;
 
 use crate::capability::Capability;
 use async_trait::async_trait;

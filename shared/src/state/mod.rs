@@ -4,6 +4,7 @@
 //! Every write of a task is conditional on the version read: a stale write fails with
 //! [`StoreError::Conflict`] and the caller re-reads and re-applies its change.
 
+pub mod dynamo;
 pub mod sqlite;
 
 use crate::ids::{DeliveryId, SubtaskId, TaskId};
