@@ -1,4 +1,5 @@
 //! The conformance suite against the SQLite backends.
+#![allow(clippy::unwrap_used)]
 
 mod conformance;
 
