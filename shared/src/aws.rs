@@ -12,7 +12,7 @@ use aws_smithy_runtime_api::client::interceptors::context::{
 use aws_smithy_runtime_api::client::interceptors::Intercept;
 use aws_smithy_runtime_api::client::orchestrator::Metadata;
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
-use aws_smithy_types::config_bag::ConfigBag;
+use aws_smithy_types::config_bag::{ConfigBag, Storable, StoreReplace};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -143,6 +143,14 @@ fn service_label(service: &str) -> &str {
     }
 }
 
+/// The body of the request being sent, kept for [`ApiCalls::record_bodies`].
+#[derive(Clone, Debug)]
+struct RequestBody(Vec<u8>);
+
+impl Storable for RequestBody {
+    type Storer = StoreReplace<Self>;
+}
+
 impl Intercept for ApiCalls {
     fn name(&self) -> &'static str {
         "ApiCalls"
@@ -156,10 +164,15 @@ impl Intercept for ApiCalls {
     ) -> Result<(), BoxError> {
         let op = Self::operation(cfg);
         let body = context.request().body().bytes().unwrap_or_default();
+        let len = body.len() as u64;
+        if self.bodies.lock().is_some() {
+            cfg.interceptor_state()
+                .store_put(RequestBody(body.to_vec()));
+        }
         let mut counts = self.counts.lock();
         let stats = counts.entry(op).or_default();
         stats.requests += 1;
-        stats.request_bytes += body.len() as u64;
+        stats.request_bytes += len;
         Ok(())
     }
 
@@ -179,11 +192,10 @@ impl Intercept for ApiCalls {
             stats.response_bytes += response.len() as u64;
         }
         if let Some(bodies) = self.bodies.lock().as_mut() {
-            let request = context
-                .request()
-                .and_then(|r| r.body().bytes())
-                .unwrap_or_default()
-                .to_vec();
+            let request = cfg
+                .load::<RequestBody>()
+                .map(|b| b.0.clone())
+                .unwrap_or_default();
             bodies.push(RecordedCall {
                 operation: op,
                 request,
