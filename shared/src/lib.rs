@@ -14,6 +14,7 @@ pub mod names;
 pub mod pipeline;
 pub mod queue;
 pub mod secret;
+pub mod shutdown;
 pub mod state;
 pub mod status;
 pub mod task;

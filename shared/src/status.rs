@@ -21,7 +21,7 @@ pub enum TaskStatus {
 }
 
 /// The state of one subtask.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SubtaskStatus {
     /// Waits for the subtasks before it.

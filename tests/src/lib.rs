@@ -1,1 +1,374 @@
-//! support
+//! Test support for the end-to-end tests: starts the real `coordinator` and `worker`
+//! binaries as processes against a fresh data directory, makes real git repositories,
+//! and talks to the REST API over HTTP.
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The API token every test cluster uses.
+pub const TOKEN: &str = "test-token-0123456789";
+
+/// The directory holding the built binaries (`target/debug`), found from the test binary.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/debug/deps/<test> → target/debug
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// The path of a built binary; fails clearly when `cargo build` was not run first.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests (make test does)",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A daemon started by a test; killed when dropped.
+pub struct Daemon {
+    pub name: String,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0))
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, signal: Signal) {
+        let _ = kill(self.pid(), signal);
+    }
+
+    /// Kills with SIGKILL at once and reaps.
+    pub fn kill_hard(&mut self) {
+        self.signal(Signal::SIGKILL);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits up to `limit` for the exit code.
+    pub fn terminate(&mut self, limit: Duration) -> Result<i32> {
+        self.signal(Signal::SIGTERM);
+        let mut child = self.child.take().context("already stopped")?;
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.code().unwrap_or(-1));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("{} did not exit within {limit:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A coordinator and any number of workers sharing one data directory.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub env: Vec<(String, String)>,
+    pub coordinator: Option<Daemon>,
+    pub workers: Vec<Daemon>,
+    pub http: reqwest::Client,
+}
+
+impl Cluster {
+    /// A cluster whose settings are `AO__…` variables; `extra` adds or overrides.
+    pub fn new(extra: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let mut env: Vec<(String, String)> = vec![
+            ("AO__BACKEND__KIND", "local".to_string()),
+            (
+                "AO__LOCAL__DATA_DIR",
+                dir.path().join("data").display().to_string(),
+            ),
+            ("AO__SERVER__LISTEN", format!("127.0.0.1:{port}")),
+            ("AO__API__TOKEN", "env:AO_TEST_API_TOKEN".to_string()),
+            ("AO_TEST_API_TOKEN", TOKEN.to_string()),
+            ("AO__SANDBOX__DRIVER", "process".to_string()),
+            (
+                "AO__WORKER__WORK_DIR",
+                dir.path().join("work").display().to_string(),
+            ),
+            ("AO__QUEUE__WAIT_SECS", "2".to_string()),
+            ("AO__COORDINATOR__DEPTH_POLL_SECS", "1".to_string()),
+            ("AO__COORDINATOR__SHUTDOWN_GRACE_SECS", "3".to_string()),
+            ("AO__WORKER__SHUTDOWN_GRACE_SECS", "5".to_string()),
+            ("RUST_LOG", "info".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        for (k, v) in extra {
+            env.retain(|(key, _)| key != k);
+            env.push((k.to_string(), v.to_string()));
+        }
+        Self {
+            dir,
+            port,
+            env,
+            coordinator: None,
+            workers: Vec::new(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("http client"),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    fn spawn(&self, program: &str, name: &str, extra: &[(&str, &str)]) -> Daemon {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let out = File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let mut cmd = Command::new(bin(program));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env(
+                "HOME",
+                std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()),
+            )
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(extra.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        Daemon {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// Starts the coordinator and waits until it is ready.
+    pub async fn start_coordinator(&mut self) -> Result<()> {
+        let d = self.spawn("coordinator", "coordinator", &[]);
+        self.coordinator = Some(d);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.http.get(self.url("/readyz")).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("coordinator not ready: {}", self.coordinator_log());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Starts a worker with extra settings; returns its index.
+    pub fn start_worker(&mut self, extra: &[(&str, &str)]) -> usize {
+        let n = self.workers.len();
+        let id = format!("worker-{n}");
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut all: Vec<(&str, &str)> = vec![
+            ("AO__WORKER__LISTEN", listen.as_str()),
+            ("AO__WORKER__ID", id.as_str()),
+        ];
+        all.extend_from_slice(extra);
+        let d = self.spawn("worker", &id, &all);
+        self.workers.push(d);
+        n
+    }
+
+    pub fn coordinator_log(&self) -> String {
+        self.coordinator
+            .as_ref()
+            .map(Daemon::log_text)
+            .unwrap_or_default()
+    }
+
+    /// Every daemon's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = format!("--- coordinator ---\n{}\n", self.coordinator_log());
+        for w in &self.workers {
+            s.push_str(&format!("--- {} ---\n{}\n", w.name, w.log_text()));
+        }
+        s
+    }
+
+    /// POST /api/v1/tasks; returns (status, body).
+    pub async fn submit(&self, body: Value) -> Result<(u16, Value)> {
+        let r = self
+            .http
+            .post(self.url("/api/v1/tasks"))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    pub async fn get_json(&self, path: &str) -> Result<(u16, Value)> {
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    pub async fn post_json(&self, path: &str) -> Result<(u16, Value)> {
+        let r = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    pub async fn task(&self, id: &str) -> Result<Value> {
+        let (status, body) = self.get_json(&format!("/api/v1/tasks/{id}")).await?;
+        if status != 200 {
+            bail!("GET task {id}: {status} {body}");
+        }
+        Ok(body)
+    }
+
+    /// Waits until the task reaches one of `statuses`; returns it.
+    pub async fn wait_for_status(
+        &self,
+        id: &str,
+        statuses: &[&str],
+        limit: Duration,
+    ) -> Result<Value> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let task = self.task(id).await?;
+            if statuses.iter().any(|s| task["status"] == *s) {
+                return Ok(task);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "task {id} is {} after {limit:?}, not {statuses:?}\n{task:#}\n{}",
+                    task["status"],
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Reads the coordinator's /metrics.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
+}
+
+/// Runs git with a fixed identity; panics with its output when it fails.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.com")
+        .env("GIT_COMMITTER_NAME", "test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.com")
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A bare repository at `<dir>/<name>.git` with one commit on `main` holding `files`.
+pub fn bare_repo(dir: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let bare = dir.join(format!("{name}.git"));
+    let seed = dir.join(format!("{name}-seed"));
+    std::fs::create_dir_all(&seed).expect("seed dir");
+    git(&seed, &["init", "--quiet", "-b", "main"]);
+    std::fs::write(seed.join("README.md"), format!("# {name}\n")).expect("readme");
+    for (path, text) in files {
+        let p = seed.join(path);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("dirs");
+        }
+        std::fs::write(p, text).expect("file");
+    }
+    git(&seed, &["add", "-A"]);
+    git(&seed, &["commit", "--quiet", "-m", "initial"]);
+    git(
+        dir,
+        &[
+            "clone",
+            "--quiet",
+            "--bare",
+            seed.to_str().expect("utf-8 path"),
+            bare.to_str().expect("utf-8 path"),
+        ],
+    );
+    bare
+}
+
+/// An executable script at `<dir>/<name>`.
+pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!("#!/usr/bin/env bash\nset -euo pipefail\n{body}\n"),
+    )
+    .expect("script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}

@@ -1,1 +1,147 @@
-fn main() {}
+//! The worker daemon: serves the queues of its capabilities, running each subtask in a
+//! sandbox; and, as `worker runner`, the program that runs inside the sandbox.
+#![forbid(unsafe_code)]
+
+mod consumer;
+mod heartbeat;
+mod job;
+mod metrics;
+mod runner;
+mod sandbox;
+mod spec;
+mod worker;
+
+use anyhow::Context;
+use ao_shared::backend::Backends;
+use ao_shared::config::{SandboxDriverKind, Settings};
+use axum::routing::get;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The agent-orchestrator worker.
+///
+/// Configuration: built-in defaults, then the TOML file given with --config, then
+/// environment variables AO__SECTION__KEY (e.g. AO__WORKER__CAPABILITIES=coder,tester).
+/// See the README for every key.
+#[derive(Parser)]
+#[command(name = "worker", version, about, long_about)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(long, short, env = "AO_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (the default).
+    Serve,
+    /// Run one attempt inside a sandbox (started by a sandbox driver, not by hand).
+    Runner {
+        /// The run spec (JSON).
+        #[arg(long)]
+        spec: PathBuf,
+        /// Where to write the outcome (JSON).
+        #[arg(long)]
+        result: PathBuf,
+        /// Where to make the working copy; the spec's directory when absent.
+        #[arg(long, env = "AO_WORKSPACE_DIR")]
+        workspace: Option<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Runner {
+            spec,
+            result,
+            workspace,
+        } => {
+            std::process::exit(runner::main(&spec, &result, workspace));
+        }
+        Command::Serve => {
+            let settings =
+                Settings::load(cli.config.as_deref()).context("cannot load configuration")?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(serve(settings))
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    ao_shared::telemetry::init(&settings.log);
+    let backends = Backends::open(&settings).await?;
+    let metrics = metrics::Metrics::new()?;
+    let work_root = match &settings.worker.work_dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join("agent-orchestrator-work"),
+    };
+    let driver: Arc<dyn sandbox::SandboxDriver> = match settings.sandbox.driver {
+        SandboxDriverKind::Process => {
+            tracing::warn!(
+                "sandbox.driver = \"process\": agents run as plain child processes \
+                WITHOUT ANY ISOLATION, with this worker's user and file access. \
+                Use it only on a machine you do not mind the agent changing."
+            );
+            Arc::new(sandbox::process::ProcessDriver::new(work_root)?)
+        }
+        other => anyhow::bail!(
+            "sandbox.driver = {other:?} is not available in this build; \
+             set AO__SANDBOX__DRIVER=process (no isolation)"
+        ),
+    };
+    let listen = settings.worker.listen.clone();
+    let worker = Arc::new(worker::Worker {
+        id: settings.worker_id(),
+        settings,
+        queue: backends.queue,
+        driver,
+        metrics: metrics.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (worker.listen)"))?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let http = axum::Router::new()
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        m.render(),
+                    )
+                }
+            }),
+        );
+    let http_stop = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, http)
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .await
+    });
+    tracing::info!(worker_id = %worker.id, address = %listen,
+        capabilities = ?worker.settings.worker.capabilities,
+        concurrency = worker.settings.worker.concurrency,
+        sandbox = worker.driver.name(), agent = %worker.settings.agent.command, "worker started");
+    let consumer = tokio::spawn(consumer::run(worker.clone(), shutdown.clone()));
+    ao_shared::shutdown::signal().await;
+    shutdown.cancel();
+    consumer.await.context("consumer failed")?;
+    let _ = server.await;
+    tracing::info!("worker stopped");
+    Ok(())
+}

@@ -1,0 +1,52 @@
+# agent-orchestrator — `make run` starts the system on this machine, `make test` runs the
+# whole suite. Both install what they need when it is missing.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+# Builds live outside the clone so that fresh clones on the same machine reuse them.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/agent-orchestrator/target
+PYTHON ?= python3
+# Python packages the tests use (pinned: the infra tests rely on python-hcl2 8's output).
+PY_TEST_PACKAGES := moto[server]==5.2.1 python-hcl2==8.1.4 pytest==9.2.0 pyyaml==6.0.3
+
+.PHONY: help run test test-rust test-infra build lint bench deps-run deps-test
+
+help:
+	@echo "make run    start a coordinator and a worker for every capability (SQLite, no cloud)"
+	@echo "make test   install test dependencies when missing and run the whole suite"
+	@echo "make lint   cargo fmt --check and clippy -D warnings"
+	@echo "make bench  orchestration overhead and AWS API-call benchmarks"
+
+deps-run:
+	@scripts/install-deps.sh run
+
+deps-test:
+	@scripts/install-deps.sh test
+	@$(PYTHON) -c 'import hcl2, pytest, yaml, moto' 2>/dev/null || \
+		$(PYTHON) -m pip install --quiet $(PY_TEST_PACKAGES)
+
+build:
+	cargo build --workspace --all-targets
+
+run: deps-run
+	cargo build --release --bins
+	@scripts/run-local.sh
+
+test: deps-test build test-rust test-infra
+
+test-rust:
+	cargo test --workspace --no-fail-fast
+
+test-infra:
+	AO_COORDINATOR_BIN=$(CARGO_TARGET_DIR)/debug/coordinator AO_REQUIRE_RESOURCE_NAMES=1 \
+		$(PYTHON) -m pytest tests/infra -q
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+bench: deps-test
+	cargo build --release --bins
+	cargo bench -p ao-tests --bench pipeline
+	cargo bench --profile dev -p ao-shared --bench aws_calls

@@ -1,0 +1,55 @@
+//! The coordinator's HTTP surface: health, metrics, the REST API under `/api/v1`.
+
+pub mod auth;
+pub mod error;
+pub mod events;
+pub mod extract;
+pub mod health;
+pub mod tasks;
+
+use crate::app::App;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use std::sync::Arc;
+
+/// The whole router.
+pub fn router(app: Arc<App>) -> Router {
+    let api = Router::new()
+        .route("/tasks", post(tasks::create).get(tasks::list))
+        .route("/tasks/{id}", get(tasks::get))
+        .route("/tasks/{id}/events", get(events::events))
+        .route("/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/tasks/{id}/retry", post(tasks::retry))
+        .route("/tasks/{id}/approve", post(tasks::approve))
+        .layer(DefaultBodyLimit::max(app.settings.server.max_body_bytes))
+        .route_layer(middleware::from_fn_with_state(
+            app.clone(),
+            auth::require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .nest("/api/v1", api)
+        .fallback(error::not_found)
+        .layer(middleware::from_fn_with_state(app.clone(), count_requests))
+        .with_state(app)
+}
+
+/// Counts requests by route template (never by raw path, which would explode the labels).
+async fn count_requests(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let response = next.run(request).await;
+    app.metrics
+        .http_requests
+        .with_label_values(&[&route, response.status().as_str()])
+        .inc();
+    response
+}

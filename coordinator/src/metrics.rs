@@ -1,0 +1,156 @@
+//! The coordinator's Prometheus metrics. Names carry their unit and follow the
+//! `_total` / `_seconds` conventions; `nomad/monitoring/` and the alert rules use them.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Buckets for agent run times: seconds to hours.
+const RUN_BUCKETS: &[f64] = &[
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
+];
+
+/// Every metric the coordinator exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub queue_messages: IntGaugeVec,
+    pub queue_oldest_age: GaugeVec,
+    pub queue_poll_age: Gauge,
+    pub tasks: IntGaugeVec,
+    pub subtasks: IntGaugeVec,
+    pub subtask_duration: HistogramVec,
+    pub trigger_to_start: HistogramVec,
+    pub agent_cost: prometheus::CounterVec,
+    pub agent_tokens: IntCounterVec,
+    pub results_applied: IntCounterVec,
+    pub http_requests: IntCounterVec,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
+    // Registration fails only for duplicate names, which the names below rule out.
+    if let Err(e) = registry.register(Box::new(metric.clone())) {
+        tracing::error!(error = %e, "metric registration failed");
+    }
+    metric
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let r = Registry::new();
+        let m = Self {
+            queue_messages: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "ao_queue_messages",
+                        "Messages per queue by state (visible, in_flight, dead)",
+                    ),
+                    &["queue", "state"],
+                )?,
+            ),
+            queue_oldest_age: register(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "ao_queue_oldest_message_age_seconds",
+                        "Age of the oldest message not yet deleted",
+                    ),
+                    &["queue"],
+                )?,
+            ),
+            queue_poll_age: register(
+                &r,
+                Gauge::new(
+                    "ao_queue_depth_poll_age_seconds",
+                    "Seconds since the queue depths were last read",
+                )?,
+            ),
+            tasks: register(
+                &r,
+                IntGaugeVec::new(Opts::new("ao_tasks", "Tasks by status"), &["status"])?,
+            ),
+            subtasks: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "ao_subtasks",
+                        "Subtasks of active tasks by capability and status",
+                    ),
+                    &["capability", "status"],
+                )?,
+            ),
+            subtask_duration: register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "ao_subtask_duration_seconds",
+                        "Duration of subtask attempts",
+                    )
+                    .buckets(RUN_BUCKETS.to_vec()),
+                    &["capability", "outcome"],
+                )?,
+            ),
+            trigger_to_start: register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "ao_trigger_to_start_seconds",
+                        "Time from a task's creation to a worker starting its subtask",
+                    )
+                    .buckets(vec![
+                        0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+                    ]),
+                    &["capability"],
+                )?,
+            ),
+            agent_cost: register(
+                &r,
+                prometheus::CounterVec::new(
+                    Opts::new("ao_agent_cost_usd_total", "Agent cost in US dollars"),
+                    &["capability", "repository"],
+                )?,
+            ),
+            agent_tokens: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("ao_agent_tokens_total", "Agent tokens by kind"),
+                    &["capability", "repository", "kind"],
+                )?,
+            ),
+            results_applied: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ao_results_applied_total",
+                        "Worker reports by kind and what applying them did",
+                    ),
+                    &["kind", "result"],
+                )?,
+            ),
+            http_requests: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ao_http_requests_total",
+                        "HTTP requests by route and status",
+                    ),
+                    &["route", "status"],
+                )?,
+            ),
+            registry: r,
+        };
+        Ok(m)
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

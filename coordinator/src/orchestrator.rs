@@ -1,0 +1,219 @@
+//! How tasks are created and changed: every change is read → apply a domain rule →
+//! conditional write (retried on conflict) → send the messages of newly ready subtasks.
+//! State-change events are derived by comparing the task before and after, in one place.
+
+use crate::app::App;
+use ao_shared::capability::Capability;
+use ao_shared::ids::{DeliveryId, SubtaskId, TaskId};
+use ao_shared::message::SubtaskMessage;
+use ao_shared::pipeline::plan_subtasks;
+use ao_shared::queue::QueueId;
+use ao_shared::state::{EventKind, NewEvent, StoreError};
+use ao_shared::status::{TaskStatus, TransitionError};
+use ao_shared::task::{Applied, Task, TaskSource};
+use ao_shared::timefmt::{self, Timestamp};
+use serde_json::json;
+use std::time::Duration;
+
+/// How often a conflicting write is retried before giving up.
+const MAX_CONFLICT_RETRIES: usize = 20;
+
+/// Why a change could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error("task {0} not found")]
+    NotFound(TaskId),
+    #[error(transparent)]
+    Illegal(#[from] TransitionError),
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Store(StoreError),
+    #[error("task {0} kept changing under us; gave up after {MAX_CONFLICT_RETRIES} attempts")]
+    Contended(TaskId),
+}
+
+/// What a new task needs.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub title: String,
+    pub prompt: String,
+    pub repository: String,
+    pub branch: String,
+    pub base_branch: Option<String>,
+    pub pipeline_name: String,
+    pub pipeline: Vec<Capability>,
+    pub source: TaskSource,
+    /// Whether the plan waits for approval before any subtask is queued.
+    pub require_approval: bool,
+}
+
+/// Events describing how `after` differs from `before`.
+pub fn state_events(before: Option<&Task>, after: &Task, at: Timestamp) -> Vec<NewEvent> {
+    let mut events = Vec::new();
+    if before.map(|b| b.status) != Some(after.status) {
+        events.push(NewEvent {
+            subtask_id: None,
+            kind: EventKind::State,
+            at,
+            data: json!({
+                "type": "task_status",
+                "status": after.status,
+                "error": after.error,
+            }),
+        });
+    }
+    for sub in &after.subtasks {
+        let old = before.and_then(|b| b.subtask(sub.id));
+        if old.map(|o| (o.status, o.attempt)) != Some((sub.status, sub.attempt)) {
+            events.push(NewEvent {
+                subtask_id: Some(sub.id),
+                kind: EventKind::State,
+                at,
+                data: json!({
+                    "type": "subtask_status",
+                    "capability": sub.capability,
+                    "status": sub.status,
+                    "attempt": sub.attempt,
+                    "worker": sub.worker,
+                    "outcome": sub.outcome,
+                }),
+            });
+        }
+    }
+    events
+}
+
+/// Creates a task, queues its first subtasks, and returns it as stored.
+pub async fn create_task(
+    app: &App,
+    new: NewTask,
+    delivery: Option<&DeliveryId>,
+) -> Result<Task, ChangeError> {
+    let now = timefmt::now();
+    let mut task = Task {
+        id: TaskId::new(),
+        status: TaskStatus::Queued,
+        title: new.title,
+        prompt: new.prompt,
+        repository: new.repository,
+        branch: new.branch,
+        base_branch: new.base_branch,
+        pipeline: new.pipeline_name,
+        source: new.source,
+        created_at: now,
+        updated_at: now,
+        error: None,
+        version: 0,
+        subtasks: plan_subtasks(&new.pipeline),
+    };
+    if new.require_approval {
+        task.status = TaskStatus::AwaitingApproval;
+    }
+    let ready = task.queue_ready(now);
+    let events = state_events(None, &task, now);
+    let stored = app
+        .store
+        .create_task(&task, delivery, &events)
+        .await
+        .map_err(ChangeError::Store)?;
+    tracing::info!(task_id = %stored.id, repository = %stored.repository,
+        branch = %stored.branch, pipeline = %stored.pipeline, "task created");
+    app.notify_task(stored.id);
+    send_ready(app, &stored, &ready).await;
+    Ok(stored)
+}
+
+/// Applies `change` to the stored task, retrying on conflicting writes, then sends the
+/// messages of subtasks that became ready. `change` returns `Ignored` to write nothing.
+pub async fn mutate<F>(app: &App, id: TaskId, mut change: F) -> Result<(Task, Applied), ChangeError>
+where
+    F: FnMut(&mut Task, Timestamp) -> Result<Applied, ChangeError>,
+{
+    for _ in 0..MAX_CONFLICT_RETRIES {
+        let before = app
+            .store
+            .get_task(id)
+            .await
+            .map_err(ChangeError::Store)?
+            .ok_or(ChangeError::NotFound(id))?;
+        let mut task = before.clone();
+        let now = timefmt::now();
+        let applied = change(&mut task, now)?;
+        if let Applied::Ignored(_) = applied {
+            return Ok((before, applied));
+        }
+        let ready = task.queue_ready(now);
+        task.updated_at = now;
+        let events = state_events(Some(&before), &task, now);
+        match app.store.update_task(&task, &events).await {
+            Ok(stored) => {
+                app.notify_task(id);
+                send_ready(app, &stored, &ready).await;
+                return Ok((stored, applied));
+            }
+            Err(StoreError::Conflict(_)) => {
+                tracing::debug!(task_id = %id, "conflicting write, re-reading");
+                continue;
+            }
+            Err(e) => return Err(ChangeError::Store(e)),
+        }
+    }
+    Err(ChangeError::Contended(id))
+}
+
+/// The work order for one subtask of a task.
+pub fn subtask_message(task: &Task, id: SubtaskId) -> Option<SubtaskMessage> {
+    let sub = task.subtask(id)?;
+    Some(SubtaskMessage {
+        task_id: task.id,
+        subtask_id: sub.id,
+        attempt: sub.attempt,
+        capability: sub.capability,
+        repository: task.repository.clone(),
+        branch: task.branch.clone(),
+        base_branch: task.base_branch.clone(),
+        title: task.title.clone(),
+        prompt: task.prompt.clone(),
+        instructions: sub.instructions.clone(),
+        enqueued_at: sub.queued_at.unwrap_or(task.updated_at),
+    })
+}
+
+/// Sends the messages of newly queued subtasks, retrying briefly. A message that still
+/// cannot be sent is logged; start-up recovery re-sends subtasks left queued.
+pub async fn send_ready(app: &App, task: &Task, ready: &[SubtaskId]) {
+    for id in ready {
+        let Some(message) = subtask_message(task, *id) else {
+            continue;
+        };
+        let body = match message.encode() {
+            Ok(body) => body,
+            Err(e) => {
+                tracing::error!(task_id = %task.id, subtask_id = %id, error = %e,
+                    "cannot encode subtask message");
+                continue;
+            }
+        };
+        let queue = QueueId::Capability(message.capability);
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=5 {
+            match app.queue.send(queue, &body).await {
+                Ok(_) => {
+                    tracing::info!(task_id = %task.id, subtask_id = %id,
+                        capability = %message.capability, attempt = message.attempt,
+                        "subtask queued");
+                    break;
+                }
+                Err(e) if attempt < 5 => {
+                    tracing::warn!(task_id = %task.id, subtask_id = %id, error = %e,
+                        "send failed, retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => tracing::error!(task_id = %task.id, subtask_id = %id, error = %e,
+                    "cannot send subtask message; recovery will re-send it"),
+            }
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Bad input on the REST API: every refusal has the right status and a JSON error body.
+
+use ao_tests::{Cluster, TOKEN};
+use serde_json::{json, Value};
+
+async fn check(resp: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(resp.status().as_u16(), status);
+    let body: Value = resp.json().await.expect("JSON error body");
+    assert_eq!(body["code"], code, "{body}");
+    assert!(
+        body["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{body}"
+    );
+    body
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_json_errors() {
+    let mut c = Cluster::new(&[("AO__SERVER__MAX_BODY_BYTES", "4096")]);
+    c.start_coordinator().await.unwrap();
+    let h = &c.http;
+    let tasks = c.url("/api/v1/tasks");
+
+    check(h.get(&tasks).send().await.unwrap(), 401, "unauthorized").await;
+    check(
+        h.get(&tasks).bearer_auth("wrong").send().await.unwrap(),
+        401,
+        "unauthorized",
+    )
+    .await;
+    let malformed = h
+        .post(&tasks)
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body("{\"repository\": ")
+        .send()
+        .await
+        .unwrap();
+    check(malformed, 400, "malformed_json").await;
+    let big = json!({ "repository": "/tmp/x.git", "prompt": "x".repeat(10_000) });
+    check(
+        h.post(&tasks)
+            .bearer_auth(TOKEN)
+            .json(&big)
+            .send()
+            .await
+            .unwrap(),
+        413,
+        "payload_too_large",
+    )
+    .await;
+    let unknown = format!("/api/v1/tasks/{}", uuid_like());
+    check(
+        h.get(c.url(&unknown))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    check(
+        h.get(c.url("/api/v1/tasks/not-an-id"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    check(
+        h.get(c.url("/nowhere")).send().await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+
+    for (body, needle) in [
+        (json!({ "repository": "", "prompt": "p" }), "repository"),
+        (
+            json!({ "repository": "--upload-pack=evil", "prompt": "p" }),
+            "repository",
+        ),
+        (
+            json!({ "repository": "ext::sh -c evil", "prompt": "p" }),
+            "repository",
+        ),
+        (
+            json!({ "repository": "/tmp/x.git", "prompt": "   " }),
+            "prompt",
+        ),
+        (
+            json!({ "repository": "/tmp/x.git", "prompt": "p", "branch": "../../etc" }),
+            "branch",
+        ),
+        (
+            json!({ "repository": "/tmp/x.git", "prompt": "p", "pipeline": "nope" }),
+            "pipeline",
+        ),
+        (
+            json!({ "repository": "/tmp/x.git", "prompt": "p", "pipeline": ["painter"] }),
+            "capability",
+        ),
+        (json!({ "repository": "/tmp/x.git" }), "prompt"),
+        (
+            json!({ "repository": "/tmp/x.git", "prompt": "p", "colour": "red" }),
+            "colour",
+        ),
+    ] {
+        let r = h
+            .post(&tasks)
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let err = check(r, 422, "invalid_request").await;
+        assert!(
+            err["error"].as_str().unwrap().contains(needle),
+            "{body} → {err}"
+        );
+    }
+    check(
+        h.get(c.url("/api/v1/tasks?status=bogus"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "invalid_status",
+    )
+    .await;
+    check(
+        h.get(c.url("/api/v1/tasks?cursor=zz"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "invalid_cursor",
+    )
+    .await;
+    let wrong_type = h
+        .post(&tasks)
+        .bearer_auth(TOKEN)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    check(wrong_type, 415, "unsupported_media_type").await;
+    let (s, _) = c
+        .post_json(&format!("/api/v1/tasks/{}/cancel", uuid_like()))
+        .await
+        .unwrap();
+    assert_eq!(s, 404);
+
+    // Nothing was created by any of this.
+    let (_, list) = c.get_json("/api/v1/tasks").await.unwrap();
+    assert_eq!(list["tasks"].as_array().unwrap().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_configured_token_the_api_says_why() {
+    let mut c = Cluster::new(&[("AO__API__TOKEN", "")]);
+    c.env.retain(|(k, _)| k != "AO__API__TOKEN");
+    c.start_coordinator().await.unwrap();
+    let r = c
+        .http
+        .get(c.url("/api/v1/tasks"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let body = check(r, 503, "api_disabled").await;
+    assert!(body["error"].as_str().unwrap().contains("api.token"));
+    assert!(c.coordinator_log().contains("api.token is not set"));
+}
+
+fn uuid_like() -> String {
+    "0190f6a2-7c3e-7d4a-9b1e-2f3a4b5c6d7e".into()
+}

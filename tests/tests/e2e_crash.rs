@@ -1,0 +1,88 @@
+//! A worker killed with SIGKILL in the middle of a subtask: the message comes back after
+//! its visibility timeout, another worker finishes it, and the result is applied once.
+
+use ao_tests::{bare_repo, git, script, Cluster};
+use serde_json::json;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_worker_s_subtask_is_finished_once_by_another() {
+    let mut c = Cluster::new(&[
+        ("AO__QUEUE__VISIBILITY_TIMEOUT_SECS", "4"),
+        ("AO__QUEUE__HEARTBEAT_SECS", "1"),
+    ]);
+    let marker = c.dir.path().join("runs.log");
+    let agent = script(
+        c.dir.path(),
+        "agent.sh",
+        &format!(
+            "echo \"$AO_ATTEMPT $$\" >> {}\nsleep 3\necho done > out.txt",
+            marker.display()
+        ),
+    );
+    let repo = bare_repo(c.dir.path(), "project", &[]);
+    c.start_coordinator().await.unwrap();
+    let a = c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let (_, task) = c
+        .submit(
+            json!({ "repository": repo.display().to_string(), "prompt": "p",
+                        "pipeline": "code", "branch": "agent/crash" }),
+        )
+        .await
+        .unwrap();
+    let id = task["id"].as_str().unwrap();
+    let running = c
+        .wait_for_status(id, &["running"], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(running["subtasks"][0]["worker"], "worker-0");
+    // Let the agent start, then kill the worker outright.
+    for _ in 0..50 {
+        if std::fs::read_to_string(&marker)
+            .map(|s| !s.is_empty())
+            .unwrap_or(false)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.workers[a].kill_hard();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+
+    let done = c
+        .wait_for_status(id, &["succeeded", "failed"], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let sub = &done["subtasks"][0];
+    assert_eq!(sub["attempt"], 1, "a redelivery is the same attempt");
+    assert_eq!(sub["worker"], "worker-1");
+    // The agent ran twice (once killed), but exactly one success was recorded.
+    let runs = std::fs::read_to_string(&marker).unwrap();
+    assert_eq!(runs.lines().count(), 2, "{runs}");
+    let (_, events) = c
+        .get_json(&format!("/api/v1/tasks/{id}/events"))
+        .await
+        .unwrap();
+    let successes = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"]["type"] == "subtask_status" && e["data"]["status"] == "succeeded")
+        .count();
+    assert_eq!(successes, 1);
+    assert_eq!(
+        git(&repo, &["log", "--format=%s", "agent/crash"])
+            .lines()
+            .count(),
+        2
+    );
+    // The killed worker's runner did not outlive it (it would have pushed a second commit).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        git(&repo, &["log", "--format=%s", "agent/crash"])
+            .lines()
+            .count(),
+        2
+    );
+}

@@ -1,0 +1,177 @@
+//! One received subtask, from message to deleted message: report the start, keep the
+//! message hidden, run the sandbox while forwarding its events, report the outcome, and
+//! delete the message only once the outcome is safely on the result queue.
+
+use crate::heartbeat::Heartbeat;
+use crate::spec::{RunSpec, RunnerEvent};
+use crate::worker::Worker;
+use ao_shared::message::{AgentEventRecord, ResultMessage, SubtaskMessage};
+use ao_shared::queue::Received;
+use ao_shared::task::OutcomeKind;
+use ao_shared::timefmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// Agent events are sent in batches of at most this many…
+const EVENT_BATCH: usize = 50;
+/// …or after this long.
+const EVENT_FLUSH: Duration = Duration::from_millis(300);
+
+/// Handles one message. `hard_stop` fires when the shutdown grace period is over: the run
+/// is killed and the message released for another worker.
+pub async fn handle(worker: Arc<Worker>, message: Received, hard_stop: CancellationToken) {
+    let received_at = Instant::now();
+    let order = match SubtaskMessage::decode(&message.body) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(message_id = %message.message_id, queue = %message.receipt.queue,
+                receives = message.receive_count, error = %e,
+                "undecodable subtask message; it goes to the dead-letter queue");
+            if let Err(e) = worker.queue.release(&message.receipt).await {
+                tracing::warn!(error = %e, "cannot release undecodable message");
+            }
+            return;
+        }
+    };
+    let span = tracing::info_span!("subtask", task_id = %order.task_id,
+        subtask_id = %order.subtask_id, attempt = order.attempt, capability = %order.capability);
+    run(worker, message, order, received_at, hard_stop)
+        .instrument(span)
+        .await
+}
+
+async fn run(
+    worker: Arc<Worker>,
+    message: Received,
+    order: SubtaskMessage,
+    received_at: Instant,
+    hard_stop: CancellationToken,
+) {
+    let s = &worker.settings;
+    let heartbeat = Heartbeat::start(
+        worker.queue.clone(),
+        message.receipt.clone(),
+        Duration::from_secs(s.queue.heartbeat_secs),
+        Duration::from_secs(s.queue.visibility_timeout_secs),
+        worker.metrics.clone(),
+    );
+    tracing::info!(receives = message.receive_count, "subtask received");
+    let started = ResultMessage::Started {
+        task_id: order.task_id,
+        subtask_id: order.subtask_id,
+        attempt: order.attempt,
+        worker: worker.id.clone(),
+        at: timefmt::now(),
+    };
+    if let Err(e) = worker.report(&started).await {
+        tracing::warn!(error = %e, "cannot report the start; running anyway");
+    }
+
+    let spec = RunSpec::from_message(&order, worker.agent_spec());
+    let (tx, rx) = mpsc::channel::<RunnerEvent>(256);
+    let forwarder = tokio::spawn(forward_events(
+        worker.clone(),
+        order.clone(),
+        rx,
+        received_at,
+    ));
+    let cancel = hard_stop.child_token();
+    let outcome = worker.driver.run(&spec, tx, cancel).await;
+    let _ = forwarder.await;
+    let receipt = heartbeat.stop().await;
+
+    if hard_stop.is_cancelled() {
+        tracing::warn!(
+            "shutdown grace period over: run stopped, message released for another worker"
+        );
+        if let Err(e) = worker.queue.release(&receipt).await {
+            tracing::warn!(error = %e, "cannot release message; it returns after its visibility timeout");
+        }
+        return;
+    }
+    worker
+        .metrics
+        .runs
+        .with_label_values(&[order.capability.as_str(), outcome.kind.as_str()])
+        .inc();
+    if outcome.kind == OutcomeKind::Succeeded {
+        tracing::info!(
+            commit = outcome.commit.as_deref().unwrap_or("-"),
+            duration_ms = outcome.duration_ms,
+            "subtask succeeded"
+        );
+    } else {
+        tracing::warn!(
+            outcome = outcome.kind.as_str(),
+            error = outcome.error.as_deref().unwrap_or(""),
+            "subtask did not succeed"
+        );
+    }
+    let finished = ResultMessage::Finished {
+        task_id: order.task_id,
+        subtask_id: order.subtask_id,
+        attempt: order.attempt,
+        worker: worker.id.clone(),
+        outcome,
+        at: timefmt::now(),
+    };
+    // The message is deleted only once the result is safely sent; otherwise it comes back
+    // and the subtask runs again (the coordinator ignores a repeated result).
+    match worker.report_reliably(&finished).await {
+        Ok(()) => {
+            if let Err(e) = worker.queue.delete(&receipt).await {
+                tracing::warn!(error = %e, "cannot delete the finished message; a repeat run will be ignored");
+            }
+        }
+        Err(e) => tracing::error!(error = %e,
+            "cannot send the result; the message will be delivered again"),
+    }
+}
+
+/// Batches runner events into `Events` reports until the runner's stream ends.
+async fn forward_events(
+    worker: Arc<Worker>,
+    order: SubtaskMessage,
+    mut rx: mpsc::Receiver<RunnerEvent>,
+    received_at: Instant,
+) {
+    let mut batch: Vec<AgentEventRecord> = Vec::new();
+    let mut first = true;
+    loop {
+        let next = tokio::time::timeout(EVENT_FLUSH, rx.recv()).await;
+        let done = matches!(next, Ok(None));
+        let timed_out = next.is_err();
+        if let Ok(Some(event)) = next {
+            if first {
+                first = false;
+                worker
+                    .metrics
+                    .sandbox_start
+                    .observe(received_at.elapsed().as_secs_f64());
+            }
+            batch.push(AgentEventRecord {
+                at: timefmt::now(),
+                kind: event.kind,
+                data: event.data,
+            });
+        }
+        let flush = done || batch.len() >= EVENT_BATCH || (timed_out && !batch.is_empty());
+        if flush && !batch.is_empty() {
+            let report = ResultMessage::Events {
+                task_id: order.task_id,
+                subtask_id: order.subtask_id,
+                attempt: order.attempt,
+                events: std::mem::take(&mut batch),
+            };
+            if let Err(e) = worker.report(&report).await {
+                tracing::warn!(error = %e, "cannot forward agent events");
+            }
+        }
+        if done {
+            return;
+        }
+    }
+}
