@@ -131,7 +131,8 @@ def test_coordinator_permissions():
     assert by_action["sqs:ReceiveMessage"] == {result} | dlqs
     assert by_action["sqs:GetQueueAttributes"] == tasks | dlqs | {result}
     table = "<aws_dynamodb_table.tasks.arn>"
-    assert by_action["dynamodb:Query"] == {table, f"{table}/index/status-index", f"{table}/index/repository-index"}
+    assert by_action["dynamodb:Query"] == {table, f"{table}/index/status-index", f"{table}/index/repository-index",
+                                       f"{table}/index/all-index"}
     assert by_action["secretsmanager:GetSecretValue"] == {
         "<aws_secretsmanager_secret.webhook.arn>", "<aws_secretsmanager_secret.api_token.arn>",
         dev_module().vars["github_private_key_secret_arn"]}

@@ -156,13 +156,19 @@ def test_dynamodb_table_is_the_single_table_design():
     assert (m.eval(t["hash_key"]), m.eval(t["range_key"])) == ("pk", "sk")
     assert t["name"] == "${local.table_name}"
     attrs = {m.eval(a["name"]): m.eval(a["type"]) for a in t["attribute"]}
-    assert attrs == {"pk": "S", "sk": "S", "task_status": "S", "task_repository": "S", "created_at": "S"}
+    assert attrs == {"pk": "S", "sk": "S", "task_status": "S", "task_repository": "S", "created_at": "S",
+                     "gsi_all": "S"}
     gsis = {m.eval(g["name"]): (m.eval(g["hash_key"]), m.eval(g["range_key"]), m.eval(g["projection_type"]))
             for g in t["global_secondary_index"]}
     assert gsis == {
-        "status-index": ("task_status", "created_at", "ALL"),
-        "repository-index": ("task_repository", "created_at", "ALL"),
+        "status-index": ("task_status", "created_at", "KEYS_ONLY"),
+        "repository-index": ("task_repository", "created_at", "INCLUDE"),
+        "all-index": ("gsi_all", "created_at", "KEYS_ONLY"),
     }
+    # The same index names as the Rust DynamoDB store uses.
+    rust = (infra.REPO / "shared/src/state/dynamo.rs").read_text()
+    for name in gsis:
+        assert f'"{name}"' in rust, name
     (ttl,) = t["ttl"]
     assert m.eval(ttl["attribute_name"]) == "expires_at" and ttl["enabled"] is True
     assert t["point_in_time_recovery"][0]["enabled"] is True

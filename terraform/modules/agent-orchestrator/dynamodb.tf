@@ -3,8 +3,11 @@
 #   event           pk = TASK#<id>      sk = EVENT#<seq>
 #   webhook delivery pk = DELIVERY#<id>  (expires_at: TTL, for idempotency)
 #   lease           pk = LEASE#<name>
-# status-index and repository-index list tasks by status or repository, newest
-# first by created_at; only task items carry task_status / task_repository.
+# status-index and repository-index list tasks by status or repository, all-index
+# lists every task (gsi_all is always "TASK"), newest first by created_at; only task
+# items carry these attributes. The indexes hold keys only (repository-index adds the
+# status): listing reads the documents with BatchGetItem, so a task write does not
+# rewrite its whole document into every index.
 
 resource "aws_dynamodb_table" "tasks" {
   name                        = local.table_name
@@ -38,18 +41,31 @@ resource "aws_dynamodb_table" "tasks" {
     type = "S"
   }
 
+  attribute {
+    name = "gsi_all"
+    type = "S"
+  }
+
   global_secondary_index {
     name            = "status-index"
     hash_key        = "task_status"
     range_key       = "created_at"
-    projection_type = "ALL"
+    projection_type = "KEYS_ONLY"
   }
 
   global_secondary_index {
-    name            = "repository-index"
-    hash_key        = "task_repository"
+    name               = "repository-index"
+    hash_key           = "task_repository"
+    range_key          = "created_at"
+    projection_type    = "INCLUDE"
+    non_key_attributes = ["task_status"]
+  }
+
+  global_secondary_index {
+    name            = "all-index"
+    hash_key        = "gsi_all"
     range_key       = "created_at"
-    projection_type = "ALL"
+    projection_type = "KEYS_ONLY"
   }
 
   ttl {

@@ -157,6 +157,7 @@ data "aws_iam_policy_document" "coordinator" {
       aws_dynamodb_table.tasks.arn,
       "${aws_dynamodb_table.tasks.arn}/index/status-index",
       "${aws_dynamodb_table.tasks.arn}/index/repository-index",
+      "${aws_dynamodb_table.tasks.arn}/index/all-index",
     ]
   }
 
