@@ -193,10 +193,71 @@ pub enum SandboxDriverKind {
     Process,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// How agents are isolated. Every key but `driver` applies to the `bwrap` driver.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SandboxSettings {
     pub driver: SandboxDriverKind,
+    /// The bubblewrap program.
+    pub bwrap: PathBuf,
+    /// User id of the agent inside the sandbox (never 0: Claude Code refuses to skip
+    /// permission prompts as root).
+    pub uid: u32,
+    /// Group id of the agent inside the sandbox.
+    pub gid: u32,
+    /// The agent's home directory inside the sandbox: an empty tmpfs for each attempt.
+    pub home: PathBuf,
+    /// Names of the worker's environment variables passed into the sandbox (when set),
+    /// besides PATH, LANG, LC_ALL, TZ. Nothing else of the worker's environment enters.
+    pub env_pass: Vec<String>,
+    /// Capabilities whose sandboxes have no network at all (not even loopback).
+    pub network_off: Vec<Capability>,
+    /// More host paths hidden from the sandbox (a directory becomes an empty tmpfs, a file
+    /// an empty file). The data dir, the work dir, home directories, `/root`, `/run/secrets`,
+    /// the shadow files and secret files named in the configuration are always hidden.
+    pub hide: Vec<PathBuf>,
+    /// Host paths shown read-only inside the sandbox even under a hidden directory
+    /// (e.g. an agent installed below a home directory).
+    pub ro_paths: Vec<PathBuf>,
+    /// Memory limit of one sandbox in MiB; enforced only through `cgroup_dir`.
+    pub memory_mb: Option<u64>,
+    /// Processes limit (RLIMIT_NPROC of the sandbox, and `pids.max` with `cgroup_dir`).
+    pub max_processes: u64,
+    /// Open files limit of each process in the sandbox (RLIMIT_NOFILE).
+    pub max_open_files: u64,
+    /// A cgroup v2 directory delegated to the worker (writable, with the `memory` and
+    /// `pids` controllers enabled in its `cgroup.subtree_control`). Each sandbox then runs
+    /// in a child cgroup with `memory.max` and `pids.max`. Without it, memory is not limited.
+    pub cgroup_dir: Option<PathBuf>,
+}
+
+impl Default for SandboxSettings {
+    fn default() -> Self {
+        Self {
+            driver: SandboxDriverKind::default(),
+            bwrap: PathBuf::from("bwrap"),
+            uid: 1000,
+            gid: 1000,
+            home: PathBuf::from("/home/agent"),
+            env_pass: [
+                "ANTHROPIC_API_KEY",
+                "ANTHROPIC_AUTH_TOKEN",
+                "ANTHROPIC_BASE_URL",
+                "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
+                "DISABLE_AUTOUPDATER",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            network_off: Vec::new(),
+            hide: Vec::new(),
+            ro_paths: Vec::new(),
+            memory_mb: None,
+            max_processes: 1024,
+            max_open_files: 8192,
+            cgroup_dir: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -351,6 +412,10 @@ impl Settings {
                 .list_separator(",")
                 .with_list_parse_key("worker.capabilities")
                 .with_list_parse_key("agent.args")
+                .with_list_parse_key("sandbox.env_pass")
+                .with_list_parse_key("sandbox.network_off")
+                .with_list_parse_key("sandbox.hide")
+                .with_list_parse_key("sandbox.ro_paths")
                 .try_parsing(true)
                 .source(Some(env)),
         );

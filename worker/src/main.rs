@@ -90,9 +90,13 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             );
             Arc::new(sandbox::process::ProcessDriver::new(work_root)?)
         }
+        SandboxDriverKind::Bwrap => Arc::new(
+            sandbox::bwrap::BwrapDriver::new(work_root, &settings)
+                .context("cannot use the bwrap sandbox driver")?,
+        ),
         other => anyhow::bail!(
             "sandbox.driver = {other:?} is not available in this build; \
-             set AO__SANDBOX__DRIVER=process (no isolation)"
+             set AO__SANDBOX__DRIVER=bwrap (or process: no isolation)"
         ),
     };
     let listen = settings.worker.listen.clone();

@@ -1,6 +1,8 @@
 //! Sandbox drivers: how the runner is started for one attempt, followed to its end, and
-//! killed on cancel or shutdown. `process` is a plain child process (no isolation).
+//! killed on cancel or shutdown. `bwrap` (the default) is a bubblewrap sandbox; `process`
+//! is a plain child process (no isolation).
 
+pub mod bwrap;
 pub mod process;
 
 use crate::spec::{RunSpec, RunnerEvent};
