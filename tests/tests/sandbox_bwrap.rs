@@ -56,7 +56,10 @@ async fn submit(c: &Cluster, repo: &Path, pipeline: Value, branch: &str) -> Stri
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_runs_confined_and_its_work_is_pushed() {
     let mark = marker();
-    let mut c = cluster(&[]);
+    let mut c = cluster(&[
+        ("AO__SANDBOX__MAX_OPEN_FILES", "777"),
+        ("AO__SANDBOX__MAX_PROCESSES", "999"),
+    ]);
     let root = c.dir.path().to_path_buf();
     let data = root.join("data");
     let work = root.join("work");
@@ -75,6 +78,7 @@ try() {{ if ( echo x > "$1" ) 2>/dev/null; then echo "wrote $1"; else echo "deni
   try {root}/escape-{mark}
   try {host_tmp}
   echo "home=$HOME"
+  grep -E '^Max (processes|open files)' /proc/self/limits
 }} > probe.txt
 env > env.txt
 setsid bash -c 'exec -a ao-orphan-{mark} sleep 300' </dev/null >/dev/null 2>&1 &
@@ -143,6 +147,16 @@ echo "probed"
     assert!(std::fs::read_dir(&data).unwrap().count() > 0);
     assert!(probe.contains("data_listing=[]"), "{probe}");
     assert!(probe.contains("home=/home/agent"), "{probe}");
+    let limit = |name: &str| {
+        let line = probe.lines().find(|l| l.starts_with(name)).expect(name);
+        line[name.len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(limit("Max open files"), "777", "{probe}");
+    assert_eq!(limit("Max processes"), "999", "{probe}");
 
     let env = git(&repo, &["show", "agent/probe:env.txt"]);
     assert!(
@@ -223,4 +237,41 @@ echo "$r" > "net-$AO_CAPABILITY.txt"
         git(&repo, &["show", "agent/net:net-tester.txt"]),
         "connected"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stopping_the_worker_kills_the_whole_sandbox() {
+    let mark = marker();
+    let mut c = cluster(&[("AO__WORKER__SHUTDOWN_GRACE_SECS", "1")]);
+    let root = c.dir.path().to_path_buf();
+    let repo = bare_repo(&root, "project", &[]);
+    let body = format!(
+        "setsid bash -c 'exec -a ao-stuck-{mark} sleep 300' </dev/null >/dev/null 2>&1 &\n\
+         exec -a ao-agent-{mark} sleep 300"
+    );
+    let agent = script(&root, "agent.sh", &body);
+    c.start_coordinator().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let id = submit(&c, &repo, json!("code"), "agent/stuck").await;
+    c.wait_for_status(&id, &["running"], LIMIT).await.unwrap();
+    let alive = |name: String| host_cmdlines().iter().any(|l| l.contains(&name));
+    let deadline = Instant::now() + LIMIT;
+    while !(alive(format!("ao-stuck-{mark}")) && alive(format!("ao-agent-{mark}"))) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never started\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let code = c.workers[0].terminate(Duration::from_secs(30)).unwrap();
+    assert_eq!(code, 0, "{}", c.logs());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(format!("ao-stuck-{mark}")) || alive(format!("ao-agent-{mark}")) {
+        assert!(
+            Instant::now() < deadline,
+            "sandbox processes outlived the worker"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
