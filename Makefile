@@ -20,9 +20,11 @@ help:
 
 deps-run:
 	@scripts/install-deps.sh run
+	@scripts/install-bwrap.sh
 
 deps-test:
 	@scripts/install-deps.sh test
+	@scripts/install-bwrap.sh
 	@$(PYTHON) -c 'import hcl2, pytest, yaml, moto' 2>/dev/null || \
 		$(PYTHON) -m pip install --quiet $(PY_TEST_PACKAGES)
 

@@ -2,6 +2,8 @@
 //! binaries as processes against a fresh data directory, makes real git repositories,
 //! and talks to the REST API over HTTP.
 
+pub mod moto;
+
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;

@@ -1,0 +1,82 @@
+//! A `moto_server` for the end-to-end tests: the real SQS, DynamoDB and Secrets Manager
+//! wire protocols on a free loopback port, stopped when the test process ends.
+
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The region the tests use.
+pub const REGION: &str = "us-east-1";
+
+/// A running moto_server.
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl Moto {
+    /// Starts moto_server and waits until it accepts connections.
+    pub fn start() -> Moto {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        // A watchdog shell stops moto_server when the test process is gone.
+        let script = format!(
+            "moto_server -H 127.0.0.1 -p {port} >/dev/null 2>&1 & m=$!; \
+             trap 'kill $m 2>/dev/null' EXIT INT TERM; \
+             while kill -0 {parent} 2>/dev/null && kill -0 $m 2>/dev/null; do sleep 0.5; done",
+            parent = std::process::id()
+        );
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start moto_server (pip install 'moto[server]==5.2.1')");
+        let addr = format!("127.0.0.1:{port}").parse().expect("address");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("moto_server exited before it answered ({status}); is it installed?");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not answer within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// The settings and credentials that point the daemons at this server.
+    pub fn env(&self, prefix: &str) -> Vec<(String, String)> {
+        [
+            ("AO__BACKEND__KIND", "aws"),
+            ("AO__AWS__ENDPOINT_URL", self.endpoint.as_str()),
+            ("AO__AWS__REGION", REGION),
+            ("AO__AWS__QUEUE_PREFIX", prefix),
+            ("AO__AWS__TABLE", prefix),
+            ("AO__AWS__CREATE_RESOURCES", "true"),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", REGION),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
