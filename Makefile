@@ -25,7 +25,7 @@ deps-run:
 deps-test:
 	@scripts/install-deps.sh test
 	@scripts/install-bwrap.sh
-	@$(PYTHON) -c 'import hcl2, pytest, yaml, moto' 2>/dev/null || \
+	@{ command -v moto_server >/dev/null && $(PYTHON) -c 'import hcl2, pytest, yaml, moto' 2>/dev/null; } || \
 		$(PYTHON) -m pip install --quiet $(PY_TEST_PACKAGES)
 
 build:
