@@ -8,7 +8,7 @@ SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/agent-orchestrator/target
 PYTHON ?= python3
 # Python packages the tests use (pinned: the infra tests rely on python-hcl2 8's output).
-PY_TEST_PACKAGES := moto[server]==5.2.1 python-hcl2==8.1.4 pytest==9.2.0 pyyaml==6.0.3
+PY_TEST_PACKAGES := 'moto[server]==5.2.1' python-hcl2==8.1.4 pytest==9.2.0 pyyaml==6.0.3
 
 .PHONY: help run test test-rust test-infra build lint bench deps-run deps-test
 
