@@ -61,14 +61,18 @@ pub fn main(spec_path: &Path, result_path: &Path, work_dir: Option<PathBuf>) -> 
     let text = match serde_json::to_string(&outcome) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("cannot encode outcome: {e}");
+            let _ = writeln!(std::io::stderr(), "cannot encode outcome: {e}");
             return 2;
         }
     };
     // Written whole and renamed, so a reader never sees half a result.
     let tmp = result_path.with_extension("partial");
     if let Err(e) = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, result_path)) {
-        eprintln!("cannot write result {}: {e}", result_path.display());
+        let _ = writeln!(
+            std::io::stderr(),
+            "cannot write result {}: {e}",
+            result_path.display()
+        );
         return 2;
     }
     0

@@ -3,7 +3,7 @@
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -118,7 +118,12 @@ pub fn exit_with_parent() {
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_millis(200));
         if std::os::unix::process::parent_id() != parent {
-            eprintln!("runner: the worker that started this run is gone; stopping");
+            // Not eprintln!: with the worker gone its pipe has no reader, and a failed
+            // write must not panic this thread before it has stopped the run.
+            let _ = writeln!(
+                std::io::stderr(),
+                "runner: the worker that started this run is gone; stopping"
+            );
             let child = CHILD_GROUP.load(Ordering::SeqCst);
             if child != 0 {
                 kill_group(child, Signal::SIGKILL);
