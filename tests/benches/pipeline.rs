@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// Tasks submitted one after another, each waited for (`AO_BENCH_SEQUENTIAL` overrides).
 const SEQUENTIAL: usize = 30;
 /// Tasks submitted at once (`AO_BENCH_BURST` overrides).
-const BURST: usize = 100;
+const BURST: usize = 200;
 
 fn count(var: &str, default: usize) -> usize {
     std::env::var(var)
@@ -63,16 +63,27 @@ async fn submit(c: &Cluster, repo: &str) -> (String, u128) {
     (task["id"].as_str().expect("id").to_string(), t)
 }
 
+/// Succeeded tasks, counted over every page of the listing.
+async fn count_succeeded(c: &Cluster) -> usize {
+    let mut done = 0;
+    let mut cursor = String::new();
+    loop {
+        let path = format!("/api/v1/tasks?status=succeeded&limit=200{cursor}");
+        let (_, list) = c.get_json(&path).await.expect("list");
+        done += list["tasks"].as_array().map(|a| a.len()).unwrap_or(0);
+        match list["next_cursor"].as_str() {
+            Some(next) => cursor = format!("&cursor={next}"),
+            None => return done,
+        }
+    }
+}
+
 async fn wait_all_done(c: &Cluster, n: usize) {
     let deadline =
         Instant::now() + Duration::from_secs(count("AO_BENCH_DEADLINE_SECS", 300) as u64);
     let mut last_report = Instant::now();
     loop {
-        let (_, list) = c
-            .get_json("/api/v1/tasks?status=succeeded&limit=200")
-            .await
-            .expect("list");
-        let done = list["tasks"].as_array().map(|a| a.len()).unwrap_or(0);
+        let done = count_succeeded(c).await;
         let (_, failed) = c
             .get_json("/api/v1/tasks?status=failed&limit=1")
             .await
