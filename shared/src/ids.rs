@@ -17,9 +17,6 @@ macro_rules! uuid_id {
             pub fn new() -> Self {
                 Self(Uuid::now_v7())
             }
-            pub fn as_uuid(&self) -> &Uuid {
-                &self.0
-            }
             /// The first eight hex digits, for branch names and log lines.
             pub fn short(&self) -> String {
                 self.0.simple().to_string()[..8].to_string()

@@ -5,7 +5,7 @@
 use crate::capability::Capability;
 use crate::ids::{SubtaskId, TaskId};
 use crate::status::{SubtaskStatus, TaskStatus, TransitionError};
-use crate::timefmt::{self, Timestamp};
+use crate::timefmt::Timestamp;
 use serde::{Deserialize, Serialize};
 
 /// How a subtask's run ended.
@@ -447,25 +447,13 @@ impl Task {
         let outcome = Outcome::failed(OutcomeKind::Infrastructure, reason, false);
         self.apply_outcome(subtask, attempt, outcome, attempt, at)
     }
-
-    /// A one-line description for logs.
-    pub fn describe(&self) -> String {
-        format!(
-            "task {} [{}] {} on {}@{}",
-            self.id, self.status, self.title, self.repository, self.branch
-        )
-    }
-
-    /// Seconds since the task was created, for display.
-    pub fn age_secs(&self) -> i64 {
-        (timefmt::now() - self.created_at).whole_seconds()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::pipeline::plan_subtasks;
+    use crate::timefmt;
 
     fn task(caps: &[Capability]) -> Task {
         let now = timefmt::now();
