@@ -263,20 +263,48 @@ impl Default for SandboxSettings {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentSettings {
+    /// `claude`: Claude Code with the capability's profile, its stream-json output parsed;
+    /// `command`: any program, given the prompt as its last argument, output kept as text.
+    pub kind: AgentKind,
     /// The agent program.
     pub command: String,
-    /// Arguments put before the prompt.
+    /// More arguments: for `command`, put before the prompt; for `claude`, after the
+    /// profile's options.
     pub args: Vec<String>,
-    /// Wall-clock limit of one agent run, in seconds.
+    /// Wall-clock limit of one agent run, in seconds (a profile may set its own).
     pub timeout_secs: u64,
+    /// Seconds without any output from the agent before it is killed as `stalled`
+    /// (0: no idle limit; a profile may set its own).
+    pub idle_timeout_secs: u64,
+    /// Secret reference of the model API key, put into the sandbox's environment as
+    /// `ANTHROPIC_API_KEY` and nowhere else.
+    pub api_key: Option<SecretRef>,
+    /// A directory of `<capability>.toml` profiles replacing the built-in ones.
+    pub profiles_dir: Option<PathBuf>,
+    /// Field overrides per capability, applied last (`[agent.profiles.coder] model = …`).
+    pub profiles: BTreeMap<Capability, crate::profile::ProfileOverride>,
+}
+
+/// How the agent's output is understood.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentKind {
+    #[default]
+    Claude,
+    Command,
 }
 
 impl Default for AgentSettings {
     fn default() -> Self {
         Self {
+            kind: AgentKind::default(),
             command: "claude".into(),
             args: Vec::new(),
             timeout_secs: 3600,
+            idle_timeout_secs: 600,
+            api_key: None,
+            profiles_dir: None,
+            profiles: BTreeMap::new(),
         }
     }
 }
@@ -296,6 +324,8 @@ pub struct WorkerSettings {
     pub work_dir: Option<PathBuf>,
     /// How long in-flight work may take to finish on SIGTERM before it is released.
     pub shutdown_grace_secs: u64,
+    /// How often a running subtask's state is read to notice a cancel (seconds).
+    pub cancel_poll_secs: u64,
 }
 
 impl Default for WorkerSettings {
@@ -307,6 +337,7 @@ impl Default for WorkerSettings {
             id: None,
             work_dir: None,
             shutdown_grace_secs: 30,
+            cancel_poll_secs: 3,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod message;
 pub mod names;
 pub mod pipeline;
 pub mod pricing;
+pub mod profile;
 pub mod queue;
 pub mod secret;
 pub mod shutdown;

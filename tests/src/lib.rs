@@ -126,6 +126,8 @@ impl Cluster {
             ("AO__API__TOKEN", "env:AO_TEST_API_TOKEN".to_string()),
             ("AO_TEST_API_TOKEN", TOKEN.to_string()),
             ("AO__SANDBOX__DRIVER", "process".to_string()),
+            // Script agents by default; the Claude Code tests set `claude`.
+            ("AO__AGENT__KIND", "command".to_string()),
             (
                 "AO__WORKER__WORK_DIR",
                 dir.path().join("work").display().to_string(),

@@ -2,12 +2,13 @@
 //! message hidden, run the sandbox while forwarding its events, report the outcome, and
 //! delete the message only once the outcome is safely on the result queue.
 
+use crate::cancel_watch;
 use crate::heartbeat::Heartbeat;
 use crate::spec::{RunSpec, RunnerEvent};
 use crate::worker::Worker;
 use ao_shared::message::{AgentEventRecord, ResultMessage, SubtaskMessage};
 use ao_shared::queue::Received;
-use ao_shared::task::OutcomeKind;
+use ao_shared::task::{Outcome, OutcomeKind};
 use ao_shared::timefmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -70,7 +71,7 @@ async fn run(
         tracing::warn!(error = %e, "cannot report the start; running anyway");
     }
 
-    let spec = RunSpec::from_message(&order, worker.agent_spec());
+    let mut spec = RunSpec::from_message(&order, worker.agent_spec(order.capability));
     let (tx, rx) = mpsc::channel::<RunnerEvent>(256);
     let forwarder = tokio::spawn(forward_events(
         worker.clone(),
@@ -79,7 +80,32 @@ async fn run(
         received_at,
     ));
     let cancel = hard_stop.child_token();
-    let outcome = worker.driver.run(&spec, tx, cancel).await;
+    let run_done = CancellationToken::new();
+    let watch = tokio::spawn(cancel_watch::watch(
+        worker.store.clone(),
+        order.task_id,
+        order.subtask_id,
+        order.attempt,
+        Duration::from_secs(s.worker.cancel_poll_secs.max(1)),
+        cancel.clone(),
+        run_done.clone(),
+    ));
+    let outcome = match worker.secret_env().await {
+        Ok(env) => {
+            spec.secret_env = env;
+            worker.driver.run(&spec, tx, cancel).await
+        }
+        Err(e) => {
+            drop(tx);
+            Outcome::failed(
+                OutcomeKind::Infrastructure,
+                format!("cannot resolve agent.api_key: {e}"),
+                true,
+            )
+        }
+    };
+    run_done.cancel();
+    let _ = watch.await;
     let _ = forwarder.await;
     let receipt = heartbeat.stop().await;
 

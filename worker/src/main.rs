@@ -2,10 +2,12 @@
 //! sandbox; and, as `worker runner`, the program that runs inside the sandbox.
 #![forbid(unsafe_code)]
 
+mod cancel_watch;
 mod consumer;
 mod heartbeat;
 mod job;
 mod metrics;
+mod profile;
 mod runner;
 mod sandbox;
 mod spec;
@@ -100,12 +102,16 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         ),
     };
     let listen = settings.worker.listen.clone();
+    let profiles = profile::Profiles::load(&settings.agent).context("bad agent profile")?;
     let worker = Arc::new(worker::Worker {
         id: settings.worker_id(),
         settings,
         queue: backends.queue,
         driver,
         metrics: metrics.clone(),
+        store: backends.store,
+        secrets: backends.secrets,
+        profiles,
     });
     let listener = tokio::net::TcpListener::bind(&listen)
         .await

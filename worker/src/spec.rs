@@ -3,18 +3,30 @@
 //! It holds no secret: credentials reach the sandbox through its environment.
 
 use ao_shared::capability::Capability;
+use ao_shared::config::AgentKind;
 use ao_shared::ids::{SubtaskId, TaskId};
 use ao_shared::message::SubtaskMessage;
+use ao_shared::profile::AgentProfile;
+use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 /// How to run the agent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AgentSpec {
+    /// How the agent is invoked and its output understood.
+    #[serde(default)]
+    pub kind: AgentKind,
     pub command: String,
     #[serde(default)]
     pub args: Vec<String>,
     /// Wall-clock limit of the agent, in seconds.
     pub timeout_secs: u64,
+    /// Seconds without output before the agent is killed as stalled (0: none).
+    #[serde(default)]
+    pub idle_timeout_secs: u64,
+    /// The capability's Claude Code profile (for `kind = claude`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<AgentProfile>,
 }
 
 /// One attempt of one subtask.
@@ -33,6 +45,50 @@ pub struct RunSpec {
     #[serde(default)]
     pub instructions: Option<String>,
     pub agent: AgentSpec,
+    /// Secret environment variables for this attempt (the model API key, a git token).
+    /// Never serialized: they reach the sandbox only through its environment, never the
+    /// spec file or a Nomad payload.
+    #[serde(skip)]
+    pub secret_env: SecretEnv,
+}
+
+/// Names the runner's secret environment variables (comma-separated).
+pub const SECRET_NAMES_VAR: &str = "AO_SECRET_NAMES";
+
+/// Secret environment variables of one attempt, by name; their values never appear in
+/// `Debug` output.
+#[derive(Clone, Debug, Default)]
+pub struct SecretEnv(Vec<(String, SecretString)>);
+
+impl SecretEnv {
+    /// Sets `name` (replacing an earlier value).
+    pub fn set(&mut self, name: impl Into<String>, value: SecretString) {
+        let name = name.into();
+        self.0.retain(|(n, _)| *n != name);
+        self.0.push((name, value));
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// Adds every variable to a command's environment, and their names (not values) as
+    /// `AO_SECRET_NAMES`, so that the runner can keep them out of everything it prints.
+    pub fn apply(&self, cmd: &mut tokio::process::Command) {
+        use secrecy::ExposeSecret;
+        for (name, value) in &self.0 {
+            cmd.env(name, value.expose_secret());
+        }
+        let names: Vec<&str> = self.names().collect();
+        cmd.env(SECRET_NAMES_VAR, names.join(","));
+    }
+}
+
+impl PartialEq for SecretEnv {
+    /// Secrets take no part in comparing specs.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl RunSpec {
@@ -49,6 +105,7 @@ impl RunSpec {
             prompt: m.prompt.clone(),
             instructions: m.instructions.clone(),
             agent,
+            secret_env: SecretEnv::default(),
         }
     }
 

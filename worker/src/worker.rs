@@ -2,11 +2,15 @@
 //! driver, metrics; and how reports reach the result queue.
 
 use crate::metrics::Metrics;
+use crate::profile::Profiles;
 use crate::sandbox::SandboxDriver;
-use crate::spec::AgentSpec;
-use ao_shared::config::Settings;
+use crate::spec::{AgentSpec, SecretEnv};
+use ao_shared::capability::Capability;
+use ao_shared::config::{AgentKind, Settings};
 use ao_shared::message::ResultMessage;
 use ao_shared::queue::{Queue, QueueError, QueueId};
+use ao_shared::secret::{SecretError, SecretResolver};
+use ao_shared::state::StateStore;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +23,10 @@ pub struct Worker {
     pub queue: Arc<dyn Queue>,
     pub driver: Arc<dyn SandboxDriver>,
     pub metrics: Metrics,
+    /// Read to notice that a running subtask was cancelled.
+    pub store: Arc<dyn StateStore>,
+    pub secrets: Arc<dyn SecretResolver>,
+    pub profiles: Profiles,
 }
 
 /// A report that could not be sent.
@@ -31,12 +39,39 @@ pub enum ReportError {
 }
 
 impl Worker {
-    pub fn agent_spec(&self) -> AgentSpec {
+    /// How the agent runs for `capability`: the configured program, and for Claude Code
+    /// the capability's profile, whose limits take precedence.
+    pub fn agent_spec(&self, capability: Capability) -> AgentSpec {
+        let agent = &self.settings.agent;
+        let profile = match agent.kind {
+            AgentKind::Claude => Some(self.profiles.get(capability).clone()),
+            AgentKind::Command => None,
+        };
+        let timeout_secs = profile
+            .as_ref()
+            .and_then(|p| p.timeout_secs)
+            .unwrap_or(agent.timeout_secs);
+        let idle_timeout_secs = profile
+            .as_ref()
+            .and_then(|p| p.idle_timeout_secs)
+            .unwrap_or(agent.idle_timeout_secs);
         AgentSpec {
-            command: self.settings.agent.command.clone(),
-            args: self.settings.agent.args.clone(),
-            timeout_secs: self.settings.agent.timeout_secs,
+            kind: agent.kind,
+            command: agent.command.clone(),
+            args: agent.args.clone(),
+            timeout_secs,
+            idle_timeout_secs,
+            profile,
         }
+    }
+
+    /// The secrets a run gets in its sandbox's environment: the model API key.
+    pub async fn secret_env(&self) -> Result<SecretEnv, SecretError> {
+        let mut env = SecretEnv::default();
+        if let Some(reference) = &self.settings.agent.api_key {
+            env.set("ANTHROPIC_API_KEY", self.secrets.resolve(reference).await?);
+        }
+        Ok(env)
     }
 
     /// Sends a report once.

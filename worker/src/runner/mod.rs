@@ -17,13 +17,41 @@ use std::time::{Duration, Instant};
 /// Limit of the repository's `agent-setup.sh`.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(900);
 
-/// Prints one event line on standard output.
+/// Secrets shorter than this are not searched for (they would match ordinary text).
+const MIN_REDACTED_LEN: usize = 8;
+
+/// The values of the runner's secret variables, as they may appear in an event line.
+fn secret_values() -> &'static [String] {
+    static VALUES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    VALUES.get_or_init(|| {
+        let mut values = Vec::new();
+        for name in agent::secret_names() {
+            if let Ok(v) = std::env::var(&name) {
+                if v.len() >= MIN_REDACTED_LEN {
+                    // Also as it reads inside a JSON string.
+                    let escaped = serde_json::to_string(&v).unwrap_or_default();
+                    values.push(escaped.trim_matches('"').to_string());
+                    values.push(v);
+                }
+            }
+        }
+        values
+    })
+}
+
+/// Prints one event line on standard output, with any secret value of the runner's
+/// environment replaced.
 pub fn emit(kind: &str, data: serde_json::Value) {
-    let line = serde_json::to_string(&RunnerEvent {
+    let mut line = serde_json::to_string(&RunnerEvent {
         kind: kind.into(),
         data,
     })
     .unwrap_or_default();
+    for secret in secret_values() {
+        if line.contains(secret.as_str()) {
+            line = line.replace(secret.as_str(), "[redacted]");
+        }
+    }
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();

@@ -14,6 +14,8 @@ static CHILD_GROUP: AtomicU32 = AtomicU32::new(0);
 
 /// Output kept of a child for error messages.
 const TAIL_LINES: usize = 30;
+/// How long output is still read after a child exited.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
 
 /// What a finished child left.
 pub struct Finished {
@@ -47,63 +49,171 @@ pub fn kill_group(pgid: u32, signal: Signal) {
 /// Runs a command in its own process group, logging its output lines as events, killing
 /// the group after `timeout`.
 pub fn run_logged(cmd: &mut Command, timeout: Duration) -> std::io::Result<Finished> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    let mut child = cmd.spawn()?;
+    let limits = Limits {
+        timeout,
+        idle: None,
+        stdin: None,
+    };
+    match run_streaming(cmd, &limits, &mut |line| {
+        super::emit("log", serde_json::json!({ "message": line }));
+        Control::Continue
+    }) {
+        Ok(f) => Ok(f),
+        Err(RunError::Spawn(e)) => Err(e),
+        Err(other) => Err(std::io::Error::other(other.to_string())),
+    }
+}
+
+/// Limits of a streamed child.
+pub struct Limits {
+    /// Wall-clock limit.
+    pub timeout: Duration,
+    /// Longest time without an output line.
+    pub idle: Option<Duration>,
+    /// Written to the child's standard input, which is then closed.
+    pub stdin: Option<String>,
+}
+
+/// What the line handler wants next.
+pub enum Control {
+    Continue,
+    /// Kill the child now, for this reason.
+    Stop(String),
+}
+
+/// Why a streamed child did not end by itself.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot start: {0}")]
+    Spawn(std::io::Error),
+    #[error("timed out after {} s", .0.as_secs())]
+    Timeout(Duration),
+    #[error("no output for {} s", .0.as_secs())]
+    Idle(Duration),
+    #[error("{0}")]
+    Stopped(String),
+    #[error("cannot wait for the child: {0}")]
+    Wait(std::io::Error),
+}
+
+/// Runs a command in its own process group, handing each line of standard output to
+/// `on_stdout` and logging standard error lines as events; kills the group on the
+/// wall-clock or idle limit, or when the handler says stop. Whatever the command left
+/// running in its group is killed when it ends.
+pub fn run_streaming(
+    cmd: &mut Command,
+    limits: &Limits,
+    on_stdout: &mut dyn FnMut(&str) -> Control,
+) -> Result<Finished, RunError> {
+    cmd.stdin(if limits.stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .process_group(0);
+    let mut child = cmd.spawn().map_err(RunError::Spawn)?;
     let pgid = child.id();
     CHILD_GROUP.store(pgid, Ordering::SeqCst);
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    if let (Some(text), Some(mut stdin)) = (limits.stdin.clone(), child.stdin.take()) {
+        // A child that stops reading early only makes this write fail; nothing to do then.
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(text.as_bytes());
+        });
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<(bool, String)>();
     let readers: Vec<_> = [
         child
             .stdout
             .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            .map(|s| (true, Box::new(s) as Box<dyn Read + Send>)),
         child
             .stderr
             .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            .map(|s| (false, Box::new(s) as Box<dyn Read + Send>)),
     ]
     .into_iter()
     .flatten()
-    .map(|stream| {
+    .map(|(is_stdout, stream)| {
         let tx = tx.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
+                let _ = tx.send((is_stdout, line));
             }
         })
     })
     .collect();
     drop(tx);
-    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    let deadline = started + limits.timeout;
+    let mut last_output = started;
     let mut lines = Vec::new();
+    let mut handle = |is_stdout: bool, line: String, lines: &mut Vec<String>| -> Control {
+        let control = if is_stdout {
+            on_stdout(&line)
+        } else {
+            super::emit(
+                "log",
+                serde_json::json!({ "message": line, "stream": "stderr" }),
+            );
+            Control::Continue
+        };
+        lines.push(line);
+        if lines.len() > 4 * TAIL_LINES {
+            lines.drain(..lines.len() - TAIL_LINES);
+        }
+        control
+    };
+    let mut failure: Option<RunError> = None;
     let status = loop {
-        while let Ok(line) = rx.try_recv() {
-            super::emit("log", serde_json::json!({ "message": line }));
-            lines.push(line);
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok((is_stdout, line)) => {
+                last_output = Instant::now();
+                if let Control::Stop(reason) = handle(is_stdout, line, &mut lines) {
+                    failure = Some(RunError::Stopped(reason));
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
-        if let Some(status) = child.try_wait()? {
-            break status;
+        if failure.is_none() {
+            if Instant::now() >= deadline {
+                failure = Some(RunError::Timeout(limits.timeout));
+            } else if let Some(idle) = limits.idle.filter(|i| last_output.elapsed() >= *i) {
+                failure = Some(RunError::Idle(idle));
+            }
         }
-        if Instant::now() >= deadline {
+        if let Some(f) = failure.take() {
             kill_group(pgid, Signal::SIGKILL);
             let _ = child.wait();
-            return Err(std::io::Error::other(format!(
-                "timed out after {} s",
-                timeout.as_secs()
-            )));
+            CHILD_GROUP.store(0, Ordering::SeqCst);
+            return Err(f);
         }
-        std::thread::sleep(Duration::from_millis(50));
+        if let Some(status) = child.try_wait().map_err(RunError::Wait)? {
+            break status;
+        }
     };
     // Whatever the command left running in its group goes with it.
     kill_group(pgid, Signal::SIGKILL);
     CHILD_GROUP.store(0, Ordering::SeqCst);
-    for r in readers {
+    // The lines still buffered when it exited (the handler may no longer stop anything).
+    // A process that left the group (setsid) may hold the pipes open: wait for the
+    // readers only briefly; the sandbox's end takes such a process with it.
+    let drain_until = Instant::now() + OUTPUT_DRAIN;
+    while let Some(left) = drain_until.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok((is_stdout, line)) => {
+                let _ = handle(is_stdout, line, &mut lines);
+            }
+            Err(_) => break,
+        }
+    }
+    for r in readers.into_iter().filter(|r| r.is_finished()) {
         let _ = r.join();
     }
-    lines.extend(rx.try_iter());
     Ok(Finished {
         success: status.success(),
         status: describe(status),

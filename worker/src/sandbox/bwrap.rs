@@ -300,6 +300,7 @@ impl BwrapDriver {
             .env("USER", SANDBOX_USER)
             .env("LOGNAME", SANDBOX_USER)
             .env("TMPDIR", "/tmp");
+        spec.secret_env.apply(&mut cmd);
         cmd
     }
 

@@ -210,6 +210,7 @@ impl SandboxDriver for ProcessDriver {
                     .iter()
                     .filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))),
             );
+        spec.secret_env.apply(&mut cmd);
         let limit = Duration::from_secs(spec.agent.timeout_secs) + RUNNER_MARGIN;
         supervise(cmd, &attempt, limit, events, cancel).await
     }

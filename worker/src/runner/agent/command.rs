@@ -1,31 +1,26 @@
-//! Running the configured agent command in the working copy: the prompt is its last
-//! argument (and `AO_PROMPT`); its output lines are forwarded as events; its exit status
-//! decides the outcome; the last lines of its output are the summary.
+//! The `command` agent: any program, with the prompt as its last argument (and in
+//! `AO_PROMPT`); its output lines are forwarded as log events, its exit status decides
+//! the outcome, and its last lines are the summary.
 
-use super::process::run_logged;
+use super::super::process::{run_streaming, Control, RunError};
 use crate::spec::RunSpec;
 use ao_shared::task::{Outcome, OutcomeKind};
 use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
 
 /// Lines of agent output kept as the summary.
 const SUMMARY_LINES: usize = 20;
 
 pub fn run(spec: &RunSpec, repo: &Path) -> Outcome {
     let prompt = spec.full_prompt();
-    let mut cmd = Command::new(&spec.agent.command);
+    let mut cmd = super::base_command(spec, repo);
     cmd.args(&spec.agent.args)
         .arg(&prompt)
-        .current_dir(repo)
-        .env("AO_PROMPT", &prompt)
-        .env("AO_CAPABILITY", spec.capability.as_str())
-        .env("AO_TASK_ID", spec.task_id.to_string())
-        .env("AO_SUBTASK_ID", spec.subtask_id.to_string())
-        .env("AO_ATTEMPT", spec.attempt.to_string())
-        .env("AO_BRANCH", &spec.branch);
-    let timeout = Duration::from_secs(spec.agent.timeout_secs.max(1));
-    match run_logged(&mut cmd, timeout) {
+        .env("AO_PROMPT", &prompt);
+    let result = run_streaming(&mut cmd, &super::limits(spec, None), &mut |line| {
+        super::super::emit("log", serde_json::json!({ "message": line }));
+        Control::Continue
+    });
+    match result {
         Ok(done) => {
             let summary: Vec<&str> = done
                 .lines
@@ -49,7 +44,14 @@ pub fn run(spec: &RunSpec, repo: &Path) -> Outcome {
                 )
             }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Outcome::failed(
+        Err(e) => failure(spec, e),
+    }
+}
+
+/// The outcome of an agent that did not end by itself.
+pub fn failure(spec: &RunSpec, e: RunError) -> Outcome {
+    match e {
+        RunError::Spawn(e) if e.kind() == std::io::ErrorKind::NotFound => Outcome::failed(
             OutcomeKind::Infrastructure,
             format!(
                 "agent command {:?} not found (agent.command)",
@@ -57,9 +59,16 @@ pub fn run(spec: &RunSpec, repo: &Path) -> Outcome {
             ),
             false,
         ),
-        Err(e) if e.to_string().contains("timed out") => {
+        e @ RunError::Timeout(_) => {
             Outcome::failed(OutcomeKind::Timeout, format!("agent {e}"), false)
         }
-        Err(e) => Outcome::failed(OutcomeKind::Infrastructure, format!("agent: {e}"), true),
+        // A hang is most often the model service's; another attempt may well succeed.
+        e @ RunError::Idle(_) => Outcome::failed(
+            OutcomeKind::Stalled,
+            format!("agent stalled: {e} (idle timeout)"),
+            true,
+        ),
+        RunError::Stopped(reason) => Outcome::failed(OutcomeKind::AgentError, reason, false),
+        e => Outcome::failed(OutcomeKind::Infrastructure, format!("agent: {e}"), true),
     }
 }
