@@ -1,6 +1,7 @@
-//! The coordinator's HTTP surface: health, metrics, the REST API under `/api/v1`.
+//! The coordinator's HTTP surface: health, metrics, the REST API under `/api/v1`, the dashboard.
 
 pub mod auth;
+pub mod dashboard;
 pub mod error;
 pub mod events;
 pub mod extract;
@@ -17,6 +18,10 @@ use std::sync::Arc;
 
 /// The whole router.
 pub fn router(app: Arc<App>) -> Router {
+    let auth = auth::Auth {
+        app: app.clone(),
+        sessions: Arc::new(dashboard::session::Sessions::default()),
+    };
     let api = Router::new()
         .route("/tasks", post(tasks::create).get(tasks::list))
         .route("/tasks/{id}", get(tasks::get))
@@ -24,16 +29,18 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/tasks/{id}/cancel", post(tasks::cancel))
         .route("/tasks/{id}/retry", post(tasks::retry))
         .route("/tasks/{id}/approve", post(tasks::approve))
+        .route("/task-updates", get(dashboard::updates::task_updates))
         .layer(DefaultBodyLimit::max(app.settings.server.max_body_bytes))
         .route_layer(middleware::from_fn_with_state(
-            app.clone(),
-            auth::require_token,
+            auth.clone(),
+            auth::require_auth,
         ));
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .nest("/api/v1", api)
+        .merge(dashboard::router(auth))
         .fallback(error::not_found)
         .layer(middleware::from_fn_with_state(app.clone(), count_requests))
         .with_state(app)

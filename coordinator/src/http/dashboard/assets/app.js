@@ -1,0 +1,547 @@
+// agent-orchestrator dashboard: the task list and the task page. It talks to the REST
+// API with the session cookie (and the session's CSRF token in X-AO-CSRF on changes) and
+// builds every element with textContent: repository names, prompts and agent output are
+// hostile input and are never parsed as HTML.
+'use strict';
+
+const STATUSES = ['queued', 'awaiting_approval', 'running', 'succeeded', 'failed', 'cancelled', 'pending', 'skipped'];
+const TERMINAL = ['succeeded', 'failed', 'cancelled'];
+const TOOL_RESULT_LINES = 12;
+const TEXT_LIMIT = 20000;
+const MAX_EVENTS_SHOWN = 5000;
+
+// ---- helpers ------------------------------------------------------------------------
+
+function el(tag, props, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(props || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k === 'class') e.className = v;
+    else if (k === 'text') e.textContent = String(v);
+    else if (k === 'href') e.setAttribute('href', safeHref(v));
+    else if (k === 'title') e.title = String(v);
+    else e.setAttribute(k, String(v));
+  }
+  for (const c of children) {
+    if (c === undefined || c === null || c === false) continue;
+    e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return e;
+}
+
+// Only http(s) and same-origin paths become links.
+function safeHref(url) {
+  const s = String(url);
+  if (s.startsWith('/') && !s.startsWith('//')) return s;
+  try {
+    const u = new URL(s);
+    if (u.protocol === 'https:' || u.protocol === 'http:') return u.href;
+  } catch (_) { /* not a URL */ }
+  return '#';
+}
+
+function cookie(name) {
+  for (const part of document.cookie.split(';')) {
+    const [k, ...v] = part.trim().split('=');
+    if (k === name) return v.join('=');
+  }
+  return '';
+}
+
+class ApiError extends Error {
+  constructor(status, body) {
+    super((body && body.error) || `HTTP ${status}`);
+    this.status = status;
+    this.code = body && body.code;
+  }
+}
+
+async function api(method, path, body) {
+  const headers = { Accept: 'application/json' };
+  if (method !== 'GET') headers['X-AO-CSRF'] = cookie('ao_csrf');
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const r = await fetch(path, {
+    method,
+    headers,
+    credentials: 'same-origin',
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (r.status === 401) {
+    window.location.assign('/login');
+    throw new ApiError(401, { error: 'logged out' });
+  }
+  let json = null;
+  try { json = await r.json(); } catch (_) { json = null; }
+  if (!r.ok) throw new ApiError(r.status, json);
+  return json;
+}
+
+function statusClass(status) {
+  return STATUSES.includes(status) ? `status st-${status}` : 'status';
+}
+
+function statusBadge(status) {
+  return el('span', { class: statusClass(status), text: String(status || '?').replace('_', ' ') });
+}
+
+function money(usd) {
+  const n = Number(usd) || 0;
+  if (n === 0) return '—';
+  return n < 0.01 ? `$${n.toFixed(4)}` : `$${n.toFixed(2)}`;
+}
+
+function seconds(ms) {
+  if (!Number.isFinite(ms) || ms < 0) return '—';
+  const s = Math.round(ms / 1000);
+  if (s < 60) return `${s}s`;
+  const m = Math.floor(s / 60);
+  if (m < 60) return `${m}m ${s % 60}s`;
+  return `${Math.floor(m / 60)}h ${m % 60}m`;
+}
+
+function taskDuration(task) {
+  const start = Date.parse(task.created_at);
+  const end = TERMINAL.includes(task.status) ? Date.parse(task.updated_at) : Date.now();
+  return seconds(end - start);
+}
+
+function subtaskDuration(sub) {
+  if (!sub.started_at) return '—';
+  const end = sub.finished_at ? Date.parse(sub.finished_at) : Date.now();
+  return seconds(end - Date.parse(sub.started_at));
+}
+
+function clock(ts) {
+  const d = new Date(ts);
+  return Number.isNaN(d.getTime()) ? '' : d.toLocaleTimeString([], { hour12: false });
+}
+
+function when(ts) {
+  const d = new Date(ts);
+  return Number.isNaN(d.getTime()) ? '' : d.toLocaleString([], { hour12: false });
+}
+
+function githubWeb() {
+  const m = document.querySelector('meta[name="ao-github-web"]');
+  return m ? m.content.replace(/\/+$/, '') : 'https://github.com';
+}
+
+// Issue and pull-request links of a task that came from GitHub.
+function githubLinks(task) {
+  const src = task.source || {};
+  if (src.kind !== 'github' || typeof src.repo !== 'string' || !/^[\w.-]+\/[\w.-]+$/.test(src.repo)) {
+    return {};
+  }
+  const base = `${githubWeb()}/${src.repo.split('/').map(encodeURIComponent).join('/')}`;
+  const links = {};
+  if (Number.isInteger(src.issue)) {
+    links.issue = { href: `${base}/issues/${src.issue}`, label: `${src.repo}#${src.issue}` };
+  }
+  if (Number.isInteger(src.pull_request)) {
+    links.pr = { href: `${base}/pull/${src.pull_request}`, label: `PR #${src.pull_request}` };
+  }
+  return links;
+}
+
+function oneLine(value, limit) {
+  let s;
+  try { s = typeof value === 'string' ? value : JSON.stringify(value); } catch (_) { s = String(value); }
+  s = (s || '').replace(/\s+/g, ' ').trim();
+  return s.length > limit ? `${s.slice(0, limit)}…` : s;
+}
+
+function clip(text, limit) {
+  const s = String(text == null ? '' : text);
+  return s.length > limit ? `${s.slice(0, limit)}\n… (${s.length - limit} more characters)` : s;
+}
+
+function show(node, visible) { if (node) node.hidden = !visible; }
+
+function setError(node, err) {
+  if (!node) return;
+  node.textContent = err ? (err.message || String(err)) : '';
+  node.hidden = !err;
+}
+
+function setLive(state) {
+  const n = document.getElementById('live');
+  if (!n) return;
+  n.textContent = state;
+  n.className = `live live-${state.replace(/[^a-z]/g, '')}`;
+}
+
+function setupLogout() {
+  const b = document.getElementById('logout');
+  if (!b) return;
+  b.addEventListener('click', async () => {
+    try {
+      await fetch('/logout', { method: 'POST', credentials: 'same-origin', headers: { 'X-AO-CSRF': cookie('ao_csrf') } });
+    } finally {
+      window.location.assign('/login');
+    }
+  });
+}
+
+// ---- task list ----------------------------------------------------------------------
+
+function listPage() {
+  const tasks = new Map();
+  const tbody = document.getElementById('tasks');
+  const more = document.getElementById('more');
+  let nextCursor = null;
+  let pollTimer = null;
+
+  function row(task) {
+    const links = githubLinks(task);
+    const tr = el('tr', { 'data-id': task.id, 'data-status': task.status },
+      el('td', {}, statusBadge(task.status)),
+      el('td', { class: 'title' },
+        el('a', { href: `/tasks/${encodeURIComponent(task.id)}`, text: task.title || task.id }),
+        el('div', { class: 'muted small', text: task.branch })),
+      el('td', { class: 'repo', text: task.repository }),
+      el('td', {}, links.issue ? el('a', { href: links.issue.href, rel: 'noopener noreferrer', target: '_blank', text: links.issue.label }) : '—',
+        links.pr ? ' · ' : null,
+        links.pr ? el('a', { href: links.pr.href, rel: 'noopener noreferrer', target: '_blank', text: links.pr.label }) : null),
+      el('td', { class: 'num', text: money(task.cost_usd) }),
+      el('td', { class: 'num duration', text: taskDuration(task) }),
+      el('td', { class: 'muted', text: when(task.updated_at) }));
+    return tr;
+  }
+
+  function render() {
+    const sorted = [...tasks.values()].sort((a, b) => (a.created_at < b.created_at ? 1 : a.created_at > b.created_at ? -1 : 0));
+    tbody.replaceChildren(...sorted.map(row));
+    show(document.getElementById('empty'), sorted.length === 0);
+    show(more, !!nextCursor);
+  }
+
+  function upsert(task) {
+    if (!task || typeof task.id !== 'string') return;
+    const old = tasks.get(task.id);
+    if (old && old.version > task.version) return;
+    tasks.set(task.id, task);
+  }
+
+  async function load() {
+    try {
+      const page = await api('GET', '/api/v1/tasks?limit=100');
+      const fresh = new Set(page.tasks.map((t) => t.id));
+      for (const id of [...tasks.keys()]) if (!fresh.has(id) && !nextCursor) tasks.delete(id);
+      page.tasks.forEach(upsert);
+      if (nextCursor === null) nextCursor = page.next_cursor;
+      setError(document.getElementById('list-error'), null);
+      render();
+    } catch (e) {
+      setError(document.getElementById('list-error'), e);
+    }
+  }
+
+  more.addEventListener('click', async () => {
+    if (!nextCursor) return;
+    try {
+      const page = await api('GET', `/api/v1/tasks?limit=100&cursor=${encodeURIComponent(nextCursor)}`);
+      page.tasks.forEach(upsert);
+      nextCursor = page.next_cursor || '';
+      render();
+    } catch (e) {
+      setError(document.getElementById('list-error'), e);
+    }
+  });
+
+  function startPolling() {
+    if (pollTimer) return;
+    setLive('polling');
+    pollTimer = setInterval(load, 2000);
+    load();
+  }
+
+  function connect() {
+    if (typeof EventSource === 'undefined') { startPolling(); return; }
+    const es = new EventSource('/api/v1/task-updates');
+    es.addEventListener('ready', () => { setLive('live'); load(); });
+    es.addEventListener('task', (ev) => {
+      try { upsert(JSON.parse(ev.data)); render(); } catch (_) { /* ignore a bad event */ }
+    });
+    es.addEventListener('resync', load);
+    es.addEventListener('error', () => {
+      if (es.readyState === EventSource.CLOSED) startPolling();
+      else setLive('reconnecting');
+    });
+  }
+
+  const form = document.getElementById('new-task');
+  form.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    const err = document.getElementById('new-task-error');
+    const body = {
+      repository: form.elements.repository.value.trim(),
+      prompt: form.elements.prompt.value,
+    };
+    const pipeline = form.elements.pipeline.value.trim();
+    if (pipeline) body.pipeline = pipeline.includes(',') ? pipeline.split(',').map((s) => s.trim()).filter(Boolean) : pipeline;
+    try {
+      const task = await api('POST', '/api/v1/tasks', body);
+      upsert(task);
+      render();
+      form.elements.prompt.value = '';
+      setError(err, null);
+    } catch (e) {
+      setError(err, e);
+    }
+  });
+
+  setInterval(() => {
+    for (const tr of tbody.querySelectorAll('tr')) {
+      const t = tasks.get(tr.dataset.id);
+      if (t && !TERMINAL.includes(t.status)) tr.querySelector('.duration').textContent = taskDuration(t);
+    }
+  }, 1000);
+  // A safety net for changes applied by another coordinator replica.
+  setInterval(() => { if (!pollTimer) load(); }, 30000);
+  connect();
+}
+
+// ---- task page ----------------------------------------------------------------------
+
+// One line of the activity log for an event of the task; kinds described in the README.
+function renderEvent(ev, subtasks) {
+  const data = ev.data || {};
+  const sub = ev.subtask_id ? subtasks.get(ev.subtask_id) : null;
+  const who = sub ? sub.capability : (ev.subtask_id ? 'subtask' : 'task');
+  const head = [el('span', { class: 'ev-time', text: clock(ev.at) }), el('span', { class: 'ev-who', text: who })];
+  const line = (kind, ...body) => el('div', { class: `ev ev-${kind}`, 'data-kind': kind, 'data-seq': ev.seq }, ...head, el('div', { class: 'ev-main' }, ...body));
+
+  if (ev.kind === 'state') {
+    if (data.type === 'task_status') {
+      return line('state', 'task is now ', statusBadge(data.status),
+        data.error ? el('span', { class: 'error', text: ` ${oneLine(data.error, 300)}` }) : null);
+    }
+    if (data.type === 'subtask_status') {
+      const outcome = data.outcome || {};
+      return line('state', `${data.capability || 'subtask'} attempt ${data.attempt ?? '?'} is now `, statusBadge(data.status),
+        data.worker ? el('span', { class: 'muted', text: ` on ${data.worker}` }) : null,
+        outcome.kind && outcome.kind !== 'succeeded' ? el('span', { class: 'error', text: ` ${outcome.kind}: ${oneLine(outcome.error || outcome.summary || '', 300)}` }) : null);
+    }
+    return line('unknown', el('code', { text: oneLine(data, 500) }));
+  }
+
+  const kind = typeof data.type === 'string' ? data.type : '';
+  const e = data.event && typeof data.event === 'object' ? data.event : {};
+  switch (kind) {
+    case 'log':
+      return line('log', el('span', { class: 'ev-body', text: clip(e.message, TEXT_LIMIT) }));
+    case 'init': {
+      const tools = Array.isArray(e.tools) ? `${e.tools.length} tools` : '';
+      return line('init', el('span', { class: 'ev-body', text: ['agent started', e.model, tools].filter(Boolean).join(' · ') }));
+    }
+    case 'text':
+      return line('text', el('div', { class: 'ev-body', text: clip(e.text, TEXT_LIMIT) }));
+    case 'thinking': {
+      const text = String(e.text || '');
+      return line('thinking', el('details', {},
+        el('summary', { text: `thinking: ${oneLine(text.split('\n')[0], 120)}` }),
+        el('div', { class: 'ev-body', text: clip(text, TEXT_LIMIT) })));
+    }
+    case 'tool_use':
+      return line('tool_use', el('span', { class: 'tool', text: String(e.name || 'tool') }),
+        el('code', { class: 'ev-body', text: toolSummary(e.name, e.input) }));
+    case 'tool_result': {
+      const text = toolResultText(e.content);
+      const lines = text.split('\n');
+      const first = lines.slice(0, TOOL_RESULT_LINES).join('\n');
+      const rest = lines.length > TOOL_RESULT_LINES ? `\n… ${lines.length - TOOL_RESULT_LINES} more lines` : '';
+      return line(e.is_error ? 'tool_error' : 'tool_result', el('details', {},
+        el('summary', { text: `${e.is_error ? 'error' : 'result'}: ${oneLine(lines[0] || '(empty)', 120)}` }),
+        el('pre', { class: 'ev-body', text: clip(first + rest, TEXT_LIMIT) })));
+    }
+    case 'result': {
+      const usage = e.usage || {};
+      const parts = [
+        e.subtype || (e.is_error ? 'error' : 'done'),
+        e.num_turns != null ? `${e.num_turns} turns` : null,
+        e.total_cost_usd != null ? money(e.total_cost_usd) : null,
+        e.duration_ms != null ? seconds(e.duration_ms) : null,
+        tokens(usage),
+      ].filter(Boolean);
+      const summary = `agent finished: ${parts.join(' · ')}`;
+      const kind = e.is_error ? 'result_error' : 'result';
+      if (typeof e.result !== 'string' || !e.result) return line(kind, el('span', { class: 'ev-body', text: summary }));
+      return line(kind, el('details', {},
+        el('summary', { class: 'ev-body', text: summary }),
+        el('div', { class: 'ev-final', text: clip(e.result, TEXT_LIMIT) })));
+    }
+    case 'system': {
+      const detail = [e.attempt != null ? `attempt ${e.attempt}${e.max_retries != null ? ` of ${e.max_retries}` : ''}` : null,
+        e.error_status != null ? `status ${e.error_status}` : null,
+        e.error != null ? oneLine(e.error, 200) : null].filter(Boolean).join(' · ');
+      return line('system', el('span', { class: 'ev-body', text: `${e.subtype || 'system'}${detail ? `: ${detail}` : ''}` }));
+    }
+    default:
+      return line('unknown', el('code', { class: 'ev-body', text: oneLine(kind ? { type: kind, ...e } : data, 500) }));
+  }
+}
+
+// Token counts as the runner reports them ({input, output, …}) or as the CLI does.
+function tokens(usage) {
+  const input = usage.input ?? usage.input_tokens;
+  const output = usage.output ?? usage.output_tokens;
+  if (input == null && output == null) return null;
+  return `${input ?? 0} in / ${output ?? 0} out tokens`;
+}
+
+function toolSummary(name, input) {
+  const i = input && typeof input === 'object' ? input : {};
+  const pick = {
+    Bash: 'command', Write: 'file_path', Edit: 'file_path', MultiEdit: 'file_path', Read: 'file_path',
+    NotebookEdit: 'notebook_path', Grep: 'pattern', Glob: 'pattern', WebFetch: 'url', WebSearch: 'query', Task: 'description',
+  }[name];
+  if (pick && typeof i[pick] === 'string') return oneLine(i[pick], 300);
+  return oneLine(i, 300);
+}
+
+function toolResultText(content) {
+  if (typeof content === 'string') return content;
+  if (Array.isArray(content)) {
+    return content.map((c) => (c && typeof c.text === 'string' ? c.text : oneLine(c, 300))).join('\n');
+  }
+  return content == null ? '' : oneLine(content, 2000);
+}
+
+function taskPage() {
+  const id = decodeURIComponent(window.location.pathname.split('/').filter(Boolean)[1] || '');
+  const base = `/api/v1/tasks/${encodeURIComponent(id)}`;
+  const events = document.getElementById('events');
+  const follow = document.getElementById('follow');
+  let task = null;
+  let lastSeq = 0;
+  let refreshTimer = null;
+  let source = null;
+  const subtasks = new Map();
+
+  function fact(dl, name, value) {
+    if (value === null || value === undefined || value === '') return;
+    dl.append(el('dt', { text: name }), el('dd', {}, value));
+  }
+
+  function renderTask() {
+    document.title = `${task.title} · agent-orchestrator`;
+    const st = document.getElementById('t-status');
+    st.className = statusClass(task.status);
+    st.textContent = String(task.status).replace('_', ' ');
+    document.getElementById('t-title').textContent = task.title;
+    document.getElementById('t-prompt').textContent = task.prompt;
+    const links = githubLinks(task);
+    const dl = document.getElementById('t-facts');
+    dl.replaceChildren();
+    fact(dl, 'Repository', task.repository);
+    fact(dl, 'Branch', task.branch);
+    fact(dl, 'Pipeline', task.pipeline);
+    if (links.issue) fact(dl, 'Issue', el('a', { href: links.issue.href, rel: 'noopener noreferrer', target: '_blank', text: links.issue.label }));
+    if (links.pr) fact(dl, 'Pull request', el('a', { href: links.pr.href, rel: 'noopener noreferrer', target: '_blank', text: links.pr.label }));
+    fact(dl, 'Created', when(task.created_at));
+    fact(dl, 'Duration', el('span', { id: 't-duration', text: taskDuration(task) }));
+    fact(dl, 'Cost', money(task.cost_usd));
+    const err = document.getElementById('t-error');
+    err.textContent = task.error || '';
+    err.hidden = !task.error;
+    show(document.getElementById('act-cancel'), !TERMINAL.includes(task.status));
+    show(document.getElementById('act-retry'), task.status === 'failed' || task.status === 'cancelled');
+    show(document.getElementById('act-approve'), task.status === 'awaiting_approval');
+
+    subtasks.clear();
+    const rows = (task.subtasks || []).map((s) => {
+      subtasks.set(s.id, s);
+      const o = s.outcome || null;
+      const outcome = o ? el('div', {},
+        el('span', { class: o.kind === 'succeeded' ? 'ok' : 'error', text: o.kind }),
+        o.commit ? el('code', { class: 'muted', text: ` ${String(o.commit).slice(0, 10)}` }) : null,
+        (o.error || o.summary) ? el('div', { class: 'muted small', text: oneLine(o.error || o.summary, 240) }) : null) : '—';
+      return el('tr', { 'data-id': s.id, 'data-status': s.status },
+        el('td', { text: s.capability }),
+        el('td', {}, statusBadge(s.status)),
+        el('td', { class: 'num', text: s.attempt }),
+        el('td', { class: 'muted', text: s.started_at ? when(s.started_at) : '—' }),
+        el('td', { class: 'num', text: subtaskDuration(s) }),
+        el('td', { class: 'num', text: money(s.cost_usd) }),
+        el('td', {}, outcome));
+    });
+    document.getElementById('subtasks').replaceChildren(...rows);
+  }
+
+  async function refresh() {
+    try {
+      task = await api('GET', base);
+      renderTask();
+    } catch (e) {
+      setError(document.getElementById('t-error'), e);
+    }
+  }
+
+  function scheduleRefresh() {
+    if (refreshTimer) return;
+    refreshTimer = setTimeout(() => { refreshTimer = null; refresh(); }, 250);
+  }
+
+  function append(ev) {
+    if (!ev || !Number.isFinite(ev.seq) || ev.seq <= lastSeq) return;
+    lastSeq = ev.seq;
+    const atBottom = events.scrollHeight - events.scrollTop - events.clientHeight < 40;
+    events.append(renderEvent(ev, subtasks));
+    while (events.childElementCount > MAX_EVENTS_SHOWN) events.firstElementChild.remove();
+    if (follow.checked && atBottom) events.scrollTop = events.scrollHeight;
+    if (ev.kind === 'state') scheduleRefresh();
+  }
+
+  async function pollEvents() {
+    try {
+      const page = await api('GET', `${base}/events?after=${lastSeq}`);
+      page.events.forEach(append);
+    } catch (_) { /* shown by the next refresh */ }
+    if (task && TERMINAL.includes(task.status)) { setLive('ended'); return; }
+    setTimeout(pollEvents, 2000);
+  }
+
+  function connect() {
+    if (typeof EventSource === 'undefined') { setLive('polling'); pollEvents(); return; }
+    if (source) source.close();
+    const es = new EventSource(`${base}/events`);
+    source = es;
+    es.addEventListener('open', () => setLive('live'));
+    const onEvent = (msg) => { try { append(JSON.parse(msg.data)); } catch (_) { /* ignore */ } };
+    es.addEventListener('state', onEvent);
+    es.addEventListener('agent', onEvent);
+    es.addEventListener('end', () => { es.close(); setLive('ended'); refresh(); });
+    es.addEventListener('error', () => {
+      if (es.readyState === EventSource.CLOSED) { setLive('polling'); pollEvents(); } else setLive('reconnecting');
+    });
+  }
+
+  async function act(action) {
+    const err = document.getElementById('act-error');
+    try {
+      task = await api('POST', `${base}/${action}`);
+      setError(err, null);
+      renderTask();
+      if (action === 'retry') connect();
+    } catch (e) {
+      setError(err, e);
+    }
+  }
+  for (const action of ['cancel', 'retry', 'approve']) {
+    document.getElementById(`act-${action}`).addEventListener('click', () => act(action));
+  }
+  follow.addEventListener('change', () => { if (follow.checked) events.scrollTop = events.scrollHeight; });
+  setInterval(() => {
+    if (!task) return;
+    const d = document.getElementById('t-duration');
+    if (d && !TERMINAL.includes(task.status)) d.textContent = taskDuration(task);
+  }, 1000);
+  refresh().then(connect);
+}
+
+document.addEventListener('DOMContentLoaded', () => {
+  setupLogout();
+  const page = document.body.dataset.page;
+  if (page === 'list') listPage();
+  else if (page === 'task') taskPage();
+});
