@@ -12,30 +12,35 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Metric families the monitoring files use that the services do not export yet, because
-/// the code that feeds them is still being written: the GitHub App's webhook, API and
-/// budget metrics; and `ao_agent_cost_usd_total`, whose first series comes with the first
-/// run that reports a cost (once the runner reads the agent's stream-json `result`; the
-/// agent below prints one). A name here must NOT be in the scrape: when one lands, the
-/// test fails and says to drop it.
+/// the code that feeds them is still being written (the GitHub App's webhook, API and
+/// budget metrics). A name here must NOT be in the scrape: when one lands, the test fails
+/// and says to drop it.
 const PENDING: &[&str] = &[
     "ao_webhook_deliveries_total",
     "ao_github_api_calls_total",
     "ao_github_rate_limit_remaining",
     "ao_budget_used_ratio",
-    "ao_agent_cost_usd_total",
 ];
 
 const LIMIT: Duration = Duration::from_secs(90);
 
-/// Each run prints a few lines over four seconds (long enough to be seen in flight and to
-/// need heartbeats), then fails when the prompt asks for it, or writes a file and ends
-/// with a stream-json `result` line that reports a cost.
+/// A stand-in for Claude Code (`agent.kind = claude`): it reads the prompt on standard
+/// input and prints stream-json like the CLI: init, one assistant message a second for
+/// four seconds (long enough to be seen in flight and to need heartbeats), then a
+/// `result` with its cost — an error result when the prompt asks for it.
 const AGENT: &str = r#"
-echo "working on: $1"
-for i in 1 2 3 4; do echo "step $i"; sleep 1; done
-case "$1" in *please-fail*) echo "giving up" >&2; exit 4;; esac
+prompt=$(cat)
+echo '{"type":"system","subtype":"init","session_id":"s1","model":"claude-sonnet-4-5","tools":["Bash","Write"],"mcp_servers":[]}'
+for i in 1 2 3 4; do
+  echo "{\"type\":\"assistant\",\"message\":{\"id\":\"m$i\",\"role\":\"assistant\",\"model\":\"claude-sonnet-4-5\",\"content\":[{\"type\":\"text\",\"text\":\"step $i\"}],\"usage\":{\"input_tokens\":100,\"output_tokens\":10}}}"
+  sleep 1
+done
+case "$prompt" in *please-fail*)
+  echo '{"type":"result","subtype":"error_during_execution","is_error":true,"num_turns":4,"total_cost_usd":0.01,"duration_ms":4000,"result":"giving up"}'
+  exit 1;;
+esac
 echo "$AO_CAPABILITY" > "$AO_CAPABILITY.txt"
-echo '{"type":"result","subtype":"success","is_error":false,"num_turns":1,"total_cost_usd":0.0125,"duration_ms":4000,"usage":{"input_tokens":100,"output_tokens":20}}'
+echo '{"type":"result","subtype":"success","is_error":false,"num_turns":4,"total_cost_usd":0.0125,"duration_ms":4000,"result":"done","usage":{"input_tokens":400,"output_tokens":40,"cache_read_input_tokens":0,"cache_creation_input_tokens":0}}'
 "#;
 
 // ---- the Prometheus text format ---------------------------------------------------
@@ -447,6 +452,7 @@ async fn metrics_follow_a_live_run_and_cover_the_monitoring_files() {
     // A worker with two slots takes them.
     drop(scraper);
     c.start_worker(&[
+        ("AO__AGENT__KIND", "claude"),
         ("AO__AGENT__COMMAND", agent.to_str().unwrap()),
         ("AO__WORKER__LISTEN", worker_listen.as_str()),
         ("AO__WORKER__CAPABILITIES", "coder"),
@@ -565,6 +571,17 @@ async fn metrics_follow_a_live_run_and_cover_the_monitoring_files() {
         3.0
     );
     assert!(after.sum("ao_queue_depth_poll_age_seconds", &[]) < 30.0);
+    // Cost and tokens as the agent's results reported them.
+    let cost = after.sum("ao_agent_cost_usd_total", &[("capability", "coder")]);
+    assert!((cost - 0.035).abs() < 1e-9, "cost {cost}\n{}", after.text);
+    assert!(
+        after.sum(
+            "ao_agent_tokens_total",
+            &[("capability", "coder"), ("kind", "input")]
+        ) >= 800.0,
+        "{}",
+        after.text
+    );
 
     // Everything the monitoring files use is in these scrapes.
     let mut series = after.series_names();
