@@ -22,3 +22,20 @@ if [[ $what == test ]] && ! command -v cargo >/dev/null; then
   echo "cargo is missing: install the Rust toolchain (https://rustup.rs)" >&2
   exit 1
 fi
+
+# The Claude Code CLI: the agent of `make run`, and the real agent of the end-to-end
+# tests (pinned there, so the tests meet the version they were written against).
+CLAUDE_CODE_VERSION=2.1.197
+claude_ok() {
+  command -v claude >/dev/null &&
+    { [[ $what != test ]] || claude --version 2>/dev/null | grep -q "^$CLAUDE_CODE_VERSION "; }
+}
+if ! claude_ok; then
+  if ! command -v npm >/dev/null; then
+    echo "npm is missing: install Node.js and npm, then retry (needed for the Claude Code CLI)" >&2
+    exit 1
+  fi
+  echo "installing the Claude Code CLI $CLAUDE_CODE_VERSION (npm)"
+  npm install -g --silent --no-audit --no-fund "@anthropic-ai/claude-code@$CLAUDE_CODE_VERSION" >/dev/null
+  claude --version >/dev/null
+fi

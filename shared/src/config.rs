@@ -244,6 +244,7 @@ impl Default for SandboxSettings {
                 "ANTHROPIC_AUTH_TOKEN",
                 "ANTHROPIC_BASE_URL",
                 "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
+                "CLAUDE_CODE_MAX_RETRIES",
                 "DISABLE_AUTOUPDATER",
             ]
             .iter()
