@@ -106,6 +106,11 @@ def test_worker_receives_only_from_its_own_queue_and_sends_only_results(capabili
     secrets = {r for st in sts if "secretsmanager:GetSecretValue" in st["actions"] for r in st["resources"]}
     assert secrets == {dev_module().vars["github_private_key_secret_arn"],
                        "<aws_secretsmanager_secret.anthropic_api_key.arn>"}
+    # The state store is read, never written, and only to notice a cancel.
+    dynamo = {a for st in sts for a in st["actions"] if a.startswith("dynamodb:")}
+    assert dynamo == {"dynamodb:DescribeTable", "dynamodb:GetItem"}
+    tables = {r for st in sts if "dynamodb:GetItem" in st["actions"] for r in st["resources"]}
+    assert tables == {"<aws_dynamodb_table.tasks.arn>"}
 
 
 def test_worker_serving_two_capabilities_receives_from_both_only():

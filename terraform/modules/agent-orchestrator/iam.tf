@@ -225,6 +225,14 @@ data "aws_iam_policy_document" "worker" {
     resources = [aws_sqs_queue.result.arn]
   }
 
+  # Read-only: a running subtask reads its task to notice a cancel.
+  statement {
+    sid       = "ReadTaskState"
+    effect    = "Allow"
+    actions   = ["dynamodb:DescribeTable", "dynamodb:GetItem"]
+    resources = [aws_dynamodb_table.tasks.arn]
+  }
+
   statement {
     sid     = "Secrets"
     effect  = "Allow"
