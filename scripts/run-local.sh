@@ -17,14 +17,17 @@ export AO__API__TOKEN=${AO__API__TOKEN:-file:$token_file}
 export AO__LOCAL__DATA_DIR=$data
 export AO__SANDBOX__DRIVER=${AO__SANDBOX__DRIVER:-bwrap}
 export AO__AGENT__COMMAND=${AO__AGENT__COMMAND:-claude}
-export AO__AGENT__ARGS=${AO__AGENT__ARGS:--p,--permission-mode,acceptEdits}
+# The model key reaches the sandbox through this secret ref, and nowhere else.
+if [[ -n ${ANTHROPIC_API_KEY:-} ]]; then
+  export AO__AGENT__API_KEY=${AO__AGENT__API_KEY:-env:ANTHROPIC_API_KEY}
+fi
 listen=${AO__SERVER__LISTEN:-127.0.0.1:8080}
 
 echo "agent-orchestrator on this machine"
 echo "  data:        $data (SQLite queue and state)"
 echo "  coordinator: http://$listen"
-echo "  agent:       $AO__AGENT__COMMAND (sandbox: $AO__SANDBOX__DRIVER)"
-if [[ $AO__AGENT__COMMAND == claude ]]; then
+echo "  agent:       $AO__AGENT__COMMAND, ${AO__AGENT__KIND:-claude} profiles (sandbox: $AO__SANDBOX__DRIVER)"
+if [[ ${AO__AGENT__KIND:-claude} == claude ]]; then
   if ! command -v claude >/dev/null; then
     echo "  !! the Claude Code CLI is not installed: npm install -g @anthropic-ai/claude-code" >&2
   fi

@@ -239,9 +239,9 @@ impl Default for SandboxSettings {
             uid: 1000,
             gid: 1000,
             home: PathBuf::from("/home/agent"),
+            // The model key is not passed from the worker's environment: it comes from
+            // `agent.api_key` (a secret ref), and the runner keeps it out of its output.
             env_pass: [
-                "ANTHROPIC_API_KEY",
-                "ANTHROPIC_AUTH_TOKEN",
                 "ANTHROPIC_BASE_URL",
                 "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
                 "CLAUDE_CODE_MAX_RETRIES",

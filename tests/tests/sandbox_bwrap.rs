@@ -96,7 +96,8 @@ echo "probed"
     c.start_worker(&[
         ("AO__AGENT__COMMAND", agent.to_str().unwrap()),
         ("AO_TEST_SECRET", secret.as_str()),
-        ("ANTHROPIC_API_KEY", api_key.as_str()),
+        ("AO_TEST_MODEL_KEY", api_key.as_str()),
+        ("AO__AGENT__API_KEY", "env:AO_TEST_MODEL_KEY"),
     ]);
     let id = submit(&c, &repo, json!("code"), "agent/probe").await;
 

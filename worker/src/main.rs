@@ -103,6 +103,14 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     };
     let listen = settings.worker.listen.clone();
     let profiles = profile::Profiles::load(&settings.agent).context("bad agent profile")?;
+    if settings.agent.kind == ao_shared::config::AgentKind::Claude
+        && settings.agent.api_key.is_none()
+    {
+        tracing::warn!(
+            "agent.api_key is not set: Claude Code gets no model key unless sandbox.env_pass \
+             names one (e.g. AO__AGENT__API_KEY=env:ANTHROPIC_API_KEY)"
+        );
+    }
     let worker = Arc::new(worker::Worker {
         id: settings.worker_id(),
         settings,
