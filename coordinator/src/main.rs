@@ -9,6 +9,7 @@ mod http;
 mod metrics;
 mod monitor;
 mod orchestrator;
+mod recovery;
 mod results;
 
 use anyhow::Context;
@@ -87,6 +88,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         tokio::spawn(results::run(app.clone())),
         tokio::spawn(dead_letters::run(app.clone())),
         tokio::spawn(monitor::run(app.clone())),
+        tokio::spawn(recovery::run(app.clone())),
     ];
     monitor::poll(&app).await;
     app.set_ready(true);
