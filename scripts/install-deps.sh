@@ -7,6 +7,8 @@ what=${1:-run}
 need_apt=()
 command -v git >/dev/null || need_apt+=(git)
 command -v curl >/dev/null || need_apt+=(curl)
+# The dashboard's browser test drives Debian's Chromium (tests/browser).
+if [[ $what == test && ! -x /usr/bin/chromium ]]; then need_apt+=(chromium); fi
 
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
@@ -38,4 +40,15 @@ if ! claude_ok; then
   echo "installing the Claude Code CLI $CLAUDE_CODE_VERSION (npm)"
   npm install -g --silent --no-audit --no-fund "@anthropic-ai/claude-code@$CLAUDE_CODE_VERSION" >/dev/null
   claude --version >/dev/null
+fi
+
+# playwright-core for the dashboard's browser test, as locked in tests/browser.
+browser_tests="$(cd "$(dirname "$0")/.." && pwd)/tests/browser"
+if [[ $what == test && ! -d $browser_tests/node_modules/playwright-core ]]; then
+  if ! command -v npm >/dev/null; then
+    echo "npm is missing: install Node.js and npm, then retry (needed for the browser test)" >&2
+    exit 1
+  fi
+  echo "installing the browser test's npm packages (tests/browser)"
+  npm ci --prefix "$browser_tests" --silent --no-audit --no-fund >/dev/null
 fi

@@ -41,6 +41,7 @@ pub fn router<S>(auth: Auth) -> Router<S> {
         .route("/logout", post(logout))
         .route("/assets/app.js", get(app_js))
         .route("/assets/app.css", get(app_css))
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .layer(DefaultBodyLimit::max(MAX_FORM_BYTES))
         .with_state(auth)
 }

@@ -1,0 +1,192 @@
+// Drives the coordinator's dashboard in headless Chromium: log in, submit a task through
+// the form, watch its state change on the list without a reload, open it and watch the
+// agent's output stream in, rendered by kind and escaped; cancel a second task with the
+// page's button; check the session cookie, the CSRF defence and logout. Started by
+// tests/tests/dashboard_browser.rs, which runs a coordinator and a worker and passes:
+//   AO_DASHBOARD_URL    the coordinator's base URL
+//   AO_DASHBOARD_TOKEN  the API token (environment only, never argv)
+//   AO_REPOSITORY       a repository the worker can push to
+//   AO_ARTIFACTS        where to save screenshots
+// Exits non-zero with a message on the first failed check.
+import { chromium } from 'playwright-core';
+import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+const BASE = need('AO_DASHBOARD_URL').replace(/\/+$/, '');
+const TOKEN = need('AO_DASHBOARD_TOKEN');
+const REPOSITORY = need('AO_REPOSITORY');
+const ARTIFACTS = need('AO_ARTIFACTS');
+const CHROMIUM = process.env.AO_CHROMIUM || '/usr/bin/chromium';
+// Generous: a loaded two-core machine runs the whole cluster besides the browser.
+const WAIT = 60_000;
+const HOSTILE_PROMPT = 'Add a note <img src=x onerror="window.__pwned=1"> & <b>bold</b>';
+
+function need(name) {
+  const v = process.env[name];
+  if (!v) {
+    console.error(`${name} is not set (tests/tests/dashboard_browser.rs sets it)`);
+    process.exit(2);
+  }
+  return v;
+}
+
+function check(condition, message) {
+  if (!condition) throw new Error(`check failed: ${message}`);
+}
+
+function step(message) {
+  console.log(`· ${message}`);
+}
+
+const userDataDir = mkdtempSync(join(tmpdir(), 'ao-chromium-'));
+mkdirSync(ARTIFACTS, { recursive: true });
+const context = await chromium.launchPersistentContext(userDataDir, {
+  executablePath: CHROMIUM,
+  headless: true,
+  args: [
+    '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync',
+  ],
+  viewport: { width: 1280, height: 900 },
+});
+const problems = [];
+let page;
+try {
+  page = context.pages()[0] || (await context.newPage());
+  // The wrong login, the forged request and the call after logout fail on purpose (401,
+  // 403); any other error, a CSP violation above all, is a problem.
+  page.on('console', (m) => {
+    if (m.type() === 'error' && !/Failed to load resource: .*status of 40[13]/.test(m.text())) {
+      problems.push(`console: ${m.text()} (${m.location().url || ''})`);
+    }
+  });
+  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+
+  step('a visitor without a session is sent to the login page');
+  await page.goto(`${BASE}/`);
+  check(new URL(page.url()).pathname === '/login', `at ${page.url()}`);
+  const loginResponse = await page.request.get(`${BASE}/login`);
+  const csp = loginResponse.headers()['content-security-policy'] || '';
+  check(csp.includes("script-src 'self'") && !csp.includes('unsafe-inline'), `CSP: ${csp}`);
+
+  step('a wrong token is refused');
+  await page.fill('#token', 'not-the-token');
+  await Promise.all([page.waitForLoadState('load'), page.click('button[type=submit]')]);
+  check((await page.textContent('#login-error')).includes('not the API token'), 'error shown');
+
+  step('the right token starts a session');
+  await page.fill('#token', TOKEN);
+  await Promise.all([page.waitForURL(`${BASE}/`), page.click('button[type=submit]')]);
+  await page.waitForSelector('#live.live-live', { timeout: WAIT });
+  const cookies = await context.cookies(BASE);
+  const session = cookies.find((c) => c.name === 'ao_session');
+  check(session && session.httpOnly && session.sameSite === 'Strict' && session.path === '/', `session cookie ${JSON.stringify(session)}`);
+  check(session.value !== TOKEN && !session.value.includes(TOKEN), 'the cookie is not the token');
+  check(!(await page.evaluate(() => document.cookie)).includes('ao_session'), 'the session cookie is not readable by scripts');
+  check(!(await page.content()).includes(TOKEN), 'the token is not in the page');
+
+  step('a task submitted with the form appears and changes state without a reload');
+  await page.evaluate(() => { window.__noReload = 'still here'; });
+  await page.click('#new-task-box > summary');
+  await page.fill('#nt-repository', REPOSITORY);
+  await page.fill('#nt-prompt', HOSTILE_PROMPT);
+  await page.fill('#nt-pipeline', 'code');
+  await page.click('#new-task button[type=submit]');
+  const row = page.locator('#tasks tr', { hasText: 'Add a note' }).first();
+  await row.waitFor({ timeout: WAIT });
+  const taskId = await row.getAttribute('data-id');
+  const seen = new Set([await row.getAttribute('data-status')]);
+  // Follow the row until it is running; the agent takes several seconds, so it is seen.
+  await page.waitForFunction((id) => {
+    const tr = document.querySelector(`#tasks tr[data-id="${id}"]`);
+    return tr && tr.dataset.status === 'running';
+  }, taskId, { timeout: WAIT, polling: 100 });
+  seen.add('running');
+  check(await page.evaluate(() => window.__noReload) === 'still here', 'the list was not reloaded');
+  check(await row.locator('td.title a').textContent() === HOSTILE_PROMPT.slice(0, 80), 'the title is shown as text');
+  check(await page.locator('#tasks img, #tasks b').count() === 0, 'no markup from the prompt');
+
+  step('the task page streams the agent output as it comes');
+  await row.locator('td.title a').click();
+  await page.waitForURL(`${BASE}/tasks/${taskId}`);
+  await page.waitForSelector('#events .ev', { timeout: WAIT });
+  const agentLines = () => page.locator('#events .ev-text, #events .ev-log, #events .ev-tool_use').count();
+  const early = await agentLines();
+  await page.waitForFunction((n) => document.querySelectorAll('#events .ev-text, #events .ev-log, #events .ev-tool_use').length > n,
+    early, { timeout: WAIT, polling: 100 });
+  await page.evaluate(() => { window.__noReload = 'task page'; });
+  await page.waitForFunction(() => document.querySelector('#t-status')?.textContent === 'succeeded', null, { timeout: WAIT });
+  check(await page.evaluate(() => window.__noReload) === 'task page', 'the task page was not reloaded');
+  await page.waitForSelector('#events .ev-result', { timeout: WAIT });
+  await page.waitForFunction(() => [...document.querySelectorAll('#events .ev-state')].some((e) => e.textContent.includes('succeeded')),
+    null, { timeout: WAIT });
+
+  step('events are rendered by kind, readable, and escaped');
+  const text = await page.locator('#events .ev-text').allTextContents();
+  check(text.some((t) => t.includes('Looking at the repository')), `assistant text: ${text}`);
+  check(text.some((t) => t.includes('<script>window.__pwned=2</script>')), 'hostile text shown literally');
+  const tool = await page.locator('#events .ev-tool_use').first().textContent();
+  check(tool.includes('Bash') && tool.includes('ls -la'), `tool use: ${tool}`);
+  const write = await page.locator('#events .ev-tool_use', { hasText: 'Write' }).first().textContent();
+  check(write.includes('NOTES.md') && !write.includes('secret body'), `Write shows its file_path only: ${write}`);
+  const result = page.locator('#events .ev-tool_result details').first();
+  check(!(await result.evaluate((d) => d.open)), 'tool results start collapsed');
+  check((await result.locator('summary').textContent()).includes('README.md'), 'tool result first line');
+  const log = await page.locator('#events .ev-log').allTextContents();
+  check(log.some((l) => l.includes('a plain line')), `plain output as log: ${log}`);
+  const done = await page.locator('#events .ev-result').textContent();
+  check(done.includes('$0.0420') || done.includes('$0.04'), `result with cost: ${done}`);
+  check(await page.locator('#events script, #events img, #events b').count() === 0, 'no markup from agent output');
+  check(await page.evaluate(() => window.__pwned) === undefined, 'no injected script ran');
+  const sub = page.locator('#subtasks tr').first();
+  check((await sub.getAttribute('data-status')) === 'succeeded', 'subtask succeeded');
+  check((await sub.textContent()).includes('coder'), 'subtask capability shown');
+  check((await page.locator('#t-facts').textContent()).includes('$0.04'), 'task cost shown');
+  await page.screenshot({ path: join(ARTIFACTS, 'dashboard-task.png'), fullPage: true });
+
+  step('the cancel button stops a running task (a cookie-authenticated change with the CSRF header)');
+  await page.goto(`${BASE}/`);
+  await page.waitForSelector('#live.live-live', { timeout: WAIT });
+  await page.click('#new-task-box > summary');
+  await page.fill('#nt-repository', REPOSITORY);
+  await page.fill('#nt-prompt', 'slow task to cancel');
+  await page.fill('#nt-pipeline', 'code');
+  await page.click('#new-task button[type=submit]');
+  const slow = page.locator('#tasks tr', { hasText: 'slow task to cancel' }).first();
+  await slow.waitFor({ timeout: WAIT });
+  const slowId = await slow.getAttribute('data-id');
+  await page.waitForFunction((id) => document.querySelector(`#tasks tr[data-id="${id}"]`)?.dataset.status === 'running',
+    slowId, { timeout: WAIT, polling: 100 });
+  await page.screenshot({ path: join(ARTIFACTS, 'dashboard-list.png'), fullPage: true });
+
+  const forged = await page.evaluate(async (id) => (await fetch(`/api/v1/tasks/${id}/cancel`, { method: 'POST' })).status, slowId);
+  check(forged === 403, `a change without the CSRF header is refused (got ${forged})`);
+
+  await slow.locator('td.title a').click();
+  await page.waitForURL(`${BASE}/tasks/${slowId}`);
+  await page.waitForSelector('#act-cancel:not([hidden])', { timeout: WAIT });
+  await page.click('#act-cancel');
+  await page.waitForFunction(() => document.querySelector('#t-status')?.textContent === 'cancelled', null, { timeout: WAIT });
+  await page.waitForSelector('#act-retry:not([hidden])', { timeout: WAIT });
+  check(await page.locator('#act-cancel').isHidden(), 'no cancel button on a cancelled task');
+
+  step('logout ends the session');
+  await Promise.all([page.waitForURL(`${BASE}/login`), page.click('#logout')]);
+  const after = await page.evaluate(async () => (await fetch('/api/v1/tasks')).status);
+  check(after === 401, `API after logout: ${after}`);
+  check(!(await context.cookies(BASE)).some((c) => c.name === 'ao_session'), 'session cookie cleared');
+
+  check(problems.length === 0, `no console errors or CSP violations:\n${problems.join('\n')}`);
+  console.log(`dashboard ok: task ${taskId} went ${[...seen].join(' → ')} → succeeded; task ${slowId} cancelled`);
+} catch (e) {
+  console.error(e.stack || String(e));
+  if (problems.length) console.error(`console:\n${problems.join('\n')}`);
+  if (page) {
+    try { await page.screenshot({ path: join(ARTIFACTS, 'dashboard-failure.png'), fullPage: true }); } catch (_) { /* none */ }
+  }
+  process.exitCode = 1;
+} finally {
+  await context.close();
+  rmSync(userDataDir, { recursive: true, force: true });
+}
