@@ -27,6 +27,7 @@ pub struct Settings {
     pub local: LocalSettings,
     pub aws: AwsSettings,
     pub sandbox: SandboxSettings,
+    pub nomad: NomadSettings,
     pub agent: AgentSettings,
     pub worker: WorkerSettings,
     pub queue: QueueSettings,
@@ -53,6 +54,7 @@ impl Default for Settings {
             local: Default::default(),
             aws: Default::default(),
             sandbox: Default::default(),
+            nomad: Default::default(),
             agent: Default::default(),
             worker: Default::default(),
             queue: Default::default(),
@@ -261,6 +263,62 @@ impl Default for SandboxSettings {
     }
 }
 
+/// The `nomad` sandbox driver: where Nomad is and how the sandbox jobs are named. Each
+/// attempt dispatches the parameterized job `<job_prefix>-sandbox-<capability>`
+/// (`nomad/sandbox.nomad.hcl`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NomadSettings {
+    /// Nomad's HTTP API address (`https://` with TLS).
+    pub addr: String,
+    /// Secret reference of the ACL token (sent as `X-Nomad-Token`, never logged).
+    pub token: Option<SecretRef>,
+    /// Namespace of the sandbox jobs.
+    pub namespace: String,
+    /// Region, when not the agent's own.
+    pub region: Option<String>,
+    /// Prefix of the sandbox job IDs.
+    pub job_prefix: String,
+    /// PEM file of the CA that signed Nomad's certificate.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, when Nomad verifies clients (`verify_https_client`).
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// Accept any server certificate. Off by default; never in production.
+    pub tls_skip_verify: bool,
+    /// Longest wait of one blocking query (`wait`), in seconds.
+    pub wait_secs: u64,
+    /// How long a dispatched sandbox may wait for capacity before the worker stops it and
+    /// puts the subtask back on the queue (without using up an attempt).
+    pub placement_timeout_secs: u64,
+    /// How long Nomad may be unreachable (retried with backoff) before the attempt ends
+    /// as a retryable infrastructure failure.
+    pub unreachable_secs: u64,
+    /// Time a sandbox gets beyond `agent.timeout_secs` (clone, setup, push) before the
+    /// worker stops it.
+    pub timeout_margin_secs: u64,
+}
+
+impl Default for NomadSettings {
+    fn default() -> Self {
+        Self {
+            addr: "http://127.0.0.1:4646".into(),
+            token: None,
+            namespace: "default".into(),
+            region: None,
+            job_prefix: "ao".into(),
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            tls_skip_verify: false,
+            wait_secs: 60,
+            placement_timeout_secs: 600,
+            unreachable_secs: 120,
+            timeout_margin_secs: 1200,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentSettings {
@@ -375,11 +433,6 @@ pub struct CoordinatorSettings {
     /// How often queue depths are read for the metrics.
     pub depth_poll_secs: u64,
     pub shutdown_grace_secs: u64,
-    /// Which work orphaned by a crash is recovered (see `coordinator/src/recovery.rs`).
-    pub recovery: RecoveryMode,
-    /// How long a queued or running subtask must have been left alone before `stale`
-    /// recovery touches it; also the interval of the periodic sweep.
-    pub recovery_stale_secs: u64,
 }
 
 impl Default for CoordinatorSettings {
@@ -388,23 +441,8 @@ impl Default for CoordinatorSettings {
             max_attempts: 3,
             depth_poll_secs: 5,
             shutdown_grace_secs: 10,
-            recovery: RecoveryMode::default(),
-            recovery_stale_secs: 300,
         }
     }
-}
-
-/// Recovery of work orphaned by a crash, at coordinator start-up and then periodically.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum RecoveryMode {
-    /// Only orphans left alone longer than `coordinator.recovery_stale_secs`.
-    #[default]
-    Stale,
-    /// At start-up every orphan whatever its age; afterwards as `stale`.
-    All,
-    /// No recovery.
-    None,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -505,9 +543,6 @@ impl Settings {
         if q.max_receives < 1 {
             return bad("queue.max_receives must be at least 1".into());
         }
-        if self.coordinator.recovery_stale_secs == 0 {
-            return bad("coordinator.recovery_stale_secs must be at least 1".into());
-        }
         if self.coordinator.max_attempts == 0 {
             return bad("coordinator.max_attempts must be at least 1".into());
         }
@@ -524,6 +559,15 @@ impl Settings {
         }
         if self.agent.command.trim().is_empty() {
             return bad("agent.command must not be empty".into());
+        }
+        let n = &self.nomad;
+        if n.wait_secs == 0 || n.wait_secs > 600 {
+            return bad(
+                "nomad.wait_secs must be between 1 and 600 (Nomad caps waits at 10 min)".into(),
+            );
+        }
+        if n.client_cert.is_some() != n.client_key.is_some() {
+            return bad("nomad.client_cert and nomad.client_key go together".into());
         }
         Ok(())
     }

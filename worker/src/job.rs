@@ -7,7 +7,7 @@ use crate::heartbeat::Heartbeat;
 use crate::spec::{RunSpec, RunnerEvent};
 use crate::worker::Worker;
 use ao_shared::message::{AgentEventRecord, ResultMessage, SubtaskMessage};
-use ao_shared::queue::Received;
+use ao_shared::queue::{QueueId, Received};
 use ao_shared::task::{Outcome, OutcomeKind};
 use ao_shared::timefmt;
 use std::sync::Arc;
@@ -115,6 +115,34 @@ async fn run(
         );
         if let Err(e) = worker.queue.release(&receipt).await {
             tracing::warn!(error = %e, "cannot release message; it returns after its visibility timeout");
+        }
+        return;
+    }
+    // A sandbox that never started for want of capacity (the nomad driver's "not placed")
+    // must not use up an attempt: reporting it would make the coordinator count a retry,
+    // and releasing the message would count a receive towards the dead-letter queue. So a
+    // fresh copy of the same message (same attempt) goes back on the queue, and only then
+    // is the received one deleted. Should both exist for a moment, the attempt's
+    // idempotency token makes Nomad run it once.
+    if crate::sandbox::is_not_placed(&outcome) {
+        tracing::info!(
+            reason = outcome.error.as_deref().unwrap_or(""),
+            "sandbox not placed; the subtask goes back on the queue, same attempt"
+        );
+        match worker
+            .queue
+            .send(QueueId::Capability(order.capability), &message.body)
+            .await
+        {
+            Ok(_) => {
+                if let Err(e) = worker.queue.delete(&receipt).await {
+                    tracing::warn!(error = %e, "cannot delete the requeued message");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot requeue; releasing the message instead");
+                let _ = worker.queue.release(&receipt).await;
+            }
         }
         return;
     }

@@ -96,9 +96,9 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             sandbox::bwrap::BwrapDriver::new(work_root, &settings)
                 .context("cannot use the bwrap sandbox driver")?,
         ),
-        other => anyhow::bail!(
-            "sandbox.driver = {other:?} is not available in this build; \
-             set AO__SANDBOX__DRIVER=bwrap (or process: no isolation)"
+        SandboxDriverKind::Nomad => Arc::new(
+            sandbox::nomad::NomadDriver::new(&settings, backends.secrets.clone())
+                .context("cannot use the nomad sandbox driver")?,
         ),
     };
     let listen = settings.worker.listen.clone();

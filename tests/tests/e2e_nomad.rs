@@ -1,0 +1,482 @@
+//! End-to-end with `sandbox.driver = "nomad"`: the real coordinator and worker, the fake
+//! Nomad API (`ao_tests::fake_nomad`) with the sandbox job registered from
+//! `nomad/sandbox.nomad.hcl`, each dispatched instance run by the real `worker runner`
+//! under bubblewrap. Every request the driver sends is checked against Nomad's OpenAPI
+//! description by the fake; each test ends by asserting it saw no invalid one.
+
+// Test helpers may panic: a failed step fails the test.
+#![allow(clippy::unwrap_used)]
+
+use ao_tests::fake_nomad::{jobspec, openapi, FakeNomad, Image, Options};
+use ao_tests::{bare_repo, bin, free_port, git, script, Cluster};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(120);
+const IMAGE: &str = "ghcr.io/agent-orchestrator/sandbox:0.1.0";
+const NOMAD_TOKEN: &str = "nomad-acl-token-5f1c";
+const MODEL_KEY: &str = "sk-from-the-nomad-variable";
+
+/// Writes a file (with the model key it was given) and prints a summary line.
+const WRITING_AGENT: &str = r#"
+echo "working on: $1"
+echo "key=${ANTHROPIC_API_KEY:-none}" > "$AO_CAPABILITY.txt"
+echo "wrote $AO_CAPABILITY.txt"
+"#;
+
+fn options(c: &Cluster, slots: usize) -> Options {
+    let mut images = HashMap::new();
+    images.insert(
+        IMAGE.to_string(),
+        Image {
+            binds: vec![(bin("worker"), PathBuf::from("/image/bin/worker"))],
+            path: "/image/bin:/usr/local/bin:/usr/bin:/bin".into(),
+        },
+    );
+    Options {
+        slots,
+        token: Some(NOMAD_TOKEN.into()),
+        images,
+        // The test's git remote and agent script live here.
+        volumes: vec![(c.dir.path().to_path_buf(), true)],
+        ..Options::default()
+    }
+}
+
+/// A cluster whose worker uses the nomad driver against `addr`.
+fn cluster(addr: &str, extra: &[(&str, &str)]) -> Cluster {
+    let mut env = vec![
+        ("AO__SANDBOX__DRIVER", "nomad"),
+        ("AO__NOMAD__ADDR", addr),
+        ("AO__NOMAD__TOKEN", "env:AO_TEST_NOMAD_TOKEN"),
+        ("AO_TEST_NOMAD_TOKEN", NOMAD_TOKEN),
+        ("AO__NOMAD__WAIT_SECS", "10"),
+        ("AO__NOMAD__UNREACHABLE_SECS", "5"),
+    ];
+    env.extend_from_slice(extra);
+    Cluster::new(&env)
+}
+
+async fn start_fake(c: &Cluster, port: u16, slots: usize) -> FakeNomad {
+    let fake = FakeNomad::start_on(port, options(c, slots)).await.unwrap();
+    fake.register_sandbox_job("coder").await.unwrap();
+    fake.put_var(
+        "nomad/jobs/ao-sandbox-coder",
+        json!({ "anthropic_api_key": MODEL_KEY }),
+    );
+    fake
+}
+
+async fn submit(c: &Cluster, repo: &std::path::Path) -> String {
+    let (status, task) = c
+        .submit(json!({
+            "repository": repo.display().to_string(),
+            "prompt": "Add a note",
+            "pipeline": ["coder"],
+            "branch": "agent/note"
+        }))
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{task}");
+    task["id"].as_str().unwrap().to_string()
+}
+
+/// Polls `cond` until it holds.
+async fn until(what: &str, c: &Cluster, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + LIMIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: timed out\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The running allocation of the fake, once there is one.
+async fn running_alloc(c: &Cluster, fake: &FakeNomad) -> String {
+    let mut found = None;
+    until("a running allocation", c, || {
+        found = fake
+            .allocs()
+            .into_iter()
+            .find(|(_, _, s)| s == "running")
+            .map(|(id, _, _)| id);
+        found.is_some()
+    })
+    .await;
+    found.unwrap()
+}
+
+fn assert_no_violations(fake: &FakeNomad) {
+    let v = fake.violations();
+    assert!(v.is_empty(), "requests outside Nomad's API: {v:#?}");
+    for r in fake.requests() {
+        assert!(r.token, "request without the ACL token: {r:?}");
+        assert!(
+            !r.query.iter().any(|(_, v)| v.contains(NOMAD_TOKEN)),
+            "token in a URL: {r:?}"
+        );
+    }
+}
+
+#[test]
+fn the_sandbox_job_file_is_a_valid_nomad_job_the_driver_can_use() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../nomad/sandbox.nomad.hcl");
+    let job = jobspec::load(&path, &[("capability", "tester")]).unwrap();
+    let api = openapi::OpenApi::load(&openapi::spec_path()).unwrap();
+    let errors = api.check_body("RegisterJob", &json!({ "Job": job }));
+    assert!(errors.is_empty(), "{errors:#?}");
+    assert_eq!(job["ID"], "ao-sandbox-tester");
+    assert_eq!(job["Type"], "batch");
+    let p = &job["ParameterizedJob"];
+    assert_eq!(p["Payload"], "required");
+    assert_eq!(
+        p["MetaRequired"],
+        json!(["task_id", "subtask_id", "attempt"])
+    );
+    let group = &job["TaskGroups"][0];
+    assert_eq!(group["RestartPolicy"]["Attempts"], 0);
+    assert_eq!(group["ReschedulePolicy"]["Attempts"], 0);
+    assert_eq!(group["ReschedulePolicy"]["Unlimited"], false);
+    let task = &group["Tasks"][0];
+    assert_eq!(
+        task["Name"], "runner",
+        "the driver follows the task named runner"
+    );
+    assert_eq!(task["DispatchPayload"]["File"], "spec.json");
+    let args: Vec<&str> = task["Config"]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    // The payload lands in local/, the driver reads alloc/result.json.
+    assert_eq!(
+        args,
+        [
+            "runner",
+            "--spec",
+            "local/spec.json",
+            "--result",
+            "${NOMAD_ALLOC_DIR}/result.json"
+        ]
+    );
+    assert_eq!(task["KillTimeout"], 20_000_000_000i64);
+    // No secret in the plain environment; the model key comes from a template.
+    let env = task["Env"].as_object().unwrap();
+    assert!(!env.contains_key("ANTHROPIC_API_KEY"));
+    assert!(task["Templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["Envvars"] == true
+            && t["EmbeddedTmpl"]
+                .as_str()
+                .unwrap()
+                .contains("nomadVar \"nomad/jobs/ao-sandbox-tester\"")));
+    // And a mistake is caught.
+    let mut bad = job.clone();
+    bad["TaskGroups"][0]["Tasks"][0]["KillTimeout"] = json!("20s");
+    assert!(!api
+        .check_body("RegisterJob", &json!({ "Job": bad }))
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_runs_in_a_dispatched_nomad_sandbox() {
+    let port = free_port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let mut c = cluster(&addr, &[]);
+    let fake = start_fake(&c, port, 2).await;
+    let agent = script(c.dir.path(), "agent.sh", WRITING_AGENT);
+    let repo = bare_repo(c.dir.path(), "project", &[]);
+    c.start_coordinator().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let id = submit(&c, &repo).await;
+
+    let done = c
+        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let sub = &done["subtasks"][0];
+    assert_eq!(sub["attempt"], 1);
+    // The push is in the bare repository; the agent got the key from the Nomad Variable
+    // (the worker itself has no ANTHROPIC_API_KEY).
+    let log = git(&repo, &["log", "--format=%s", "agent/note"]);
+    assert_eq!(log.lines().next(), Some("coder: Add a note"));
+    assert_eq!(
+        git(&repo, &["show", "agent/note:coder.txt"]),
+        format!("key={MODEL_KEY}")
+    );
+    assert_eq!(
+        sub["outcome"]["commit"].as_str(),
+        Some(git(&repo, &["rev-parse", "agent/note"]).as_str())
+    );
+    // The runner's output came back through the log stream.
+    let (_, events) = c
+        .get_json(&format!("/api/v1/tasks/{id}/events"))
+        .await
+        .unwrap();
+    assert!(
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "agent"
+                && e["data"]["event"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("wrote coder.txt"))),
+        "agent output missing: {events:#}"
+    );
+
+    // One dispatch of the capability's job, with the attempt's token and meta, and the
+    // spec as payload (without any secret).
+    let d = fake.dispatches();
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0].parent, "ao-sandbox-coder");
+    assert_eq!(d[0].token, format!("{}-1", sub["id"].as_str().unwrap()));
+    assert_eq!(d[0].meta["task_id"], id);
+    assert_eq!(d[0].meta["subtask_id"], sub["id"].as_str().unwrap());
+    assert_eq!(d[0].meta["attempt"], "1");
+    let spec: Value = serde_json::from_slice(&d[0].payload).unwrap();
+    assert_eq!(spec["prompt"], "Add a note");
+    let payload = String::from_utf8_lossy(&d[0].payload);
+    assert!(!payload.contains(MODEL_KEY) && !payload.contains(NOMAD_TOKEN));
+    let (alloc, _, status) = fake.allocs().remove(0);
+    assert_eq!(status, "complete");
+    let states = &fake.alloc(&alloc).unwrap()["TaskStates"]["runner"];
+    assert_eq!(states["State"], "dead");
+
+    // Blocking queries, not polling: every follow-up query carries index and wait.
+    let reqs = fake.requests();
+    let alloc_queries: Vec<_> = reqs
+        .iter()
+        .filter(|r| r.operation == "GetAllocation")
+        .collect();
+    assert!(!alloc_queries.is_empty());
+    for r in alloc_queries.iter().skip(1) {
+        let keys: Vec<&str> = r.query.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(keys.contains(&"index") && keys.contains(&"wait"), "{r:?}");
+    }
+    assert!(reqs.iter().any(|r| r.operation.contains("client/fs/logs")));
+    assert!(reqs.iter().any(|r| r.operation.contains("client/fs/cat")
+        && r.query
+            .contains(&("path".into(), "alloc/result.json".into()))));
+    assert_no_violations(&fake);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_capacity_the_subtask_waits_without_using_attempts() {
+    let port = free_port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let mut c = cluster(&addr, &[("AO__NOMAD__PLACEMENT_TIMEOUT_SECS", "3")]);
+    let fake = start_fake(&c, port, 0).await;
+    let agent = script(c.dir.path(), "agent.sh", WRITING_AGENT);
+    let repo = bare_repo(c.dir.path(), "project", &[]);
+    c.start_coordinator().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let id = submit(&c, &repo).await;
+
+    // Nothing fits: the evaluation reports the failed placement and is blocked; after
+    // the placement timeout the worker purges the instance and queues the same attempt.
+    until("a second dispatch after a purge", &c, || {
+        fake.dispatches().len() >= 2 && !fake.purged().is_empty()
+    })
+    .await;
+    assert!(fake.evals().iter().any(|e| e["FailedTGAllocs"].is_object()
+        && e["BlockedEval"].as_str().is_some_and(|b| !b.is_empty())));
+    let task = c.task(&id).await.unwrap();
+    assert!(
+        matches!(task["status"].as_str(), Some("queued" | "running")),
+        "{task:#}"
+    );
+    assert_eq!(task["subtasks"][0]["attempt"], 1);
+    assert!(fake.dispatches().iter().all(|d| d.token.ends_with("-1")));
+
+    // Capacity comes: the task completes, still as attempt 1.
+    fake.set_slots(1);
+    let done = c
+        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    assert_eq!(done["subtasks"][0]["attempt"], 1);
+    assert_eq!(
+        git(&repo, &["show", "agent/note:coder.txt"]),
+        format!("key={MODEL_KEY}")
+    );
+    assert_no_violations(&fake);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_allocation_is_retried_as_a_new_attempt() {
+    let port = free_port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let mut c = cluster(&addr, &[]);
+    let fake = start_fake(&c, port, 2).await;
+    let marker = c.dir.path().join("first-run");
+    let agent = script(
+        c.dir.path(),
+        "agent.sh",
+        &format!(
+            "if [ ! -e {m} ]; then touch {m}; sleep 300; fi\n{WRITING_AGENT}",
+            m = marker.display()
+        ),
+    );
+    let repo = bare_repo(c.dir.path(), "project", &[]);
+    c.start_coordinator().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let id = submit(&c, &repo).await;
+
+    let first = running_alloc(&c, &fake).await;
+    until("the agent to start", &c, || marker.exists()).await;
+    assert!(fake.lose(&first));
+    let done = c
+        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    assert_eq!(done["subtasks"][0]["attempt"], 2);
+    assert_eq!(fake.alloc(&first).unwrap()["ClientStatus"], "lost");
+    let tokens: Vec<String> = fake.dispatches().iter().map(|d| d.token.clone()).collect();
+    assert!(
+        tokens[0].ends_with("-1") && tokens[1].ends_with("-2"),
+        "{tokens:?}"
+    );
+    assert_no_violations(&fake);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_the_task_stops_and_purges_the_allocation() {
+    let port = free_port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let mut c = cluster(&addr, &[("AO__WORKER__CANCEL_POLL_SECS", "1")]);
+    let fake = start_fake(&c, port, 2).await;
+    let agent = script(c.dir.path(), "agent.sh", "sleep 300");
+    let repo = bare_repo(c.dir.path(), "project", &[]);
+    c.start_coordinator().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let id = submit(&c, &repo).await;
+
+    let alloc = running_alloc(&c, &fake).await;
+    let pid = fake.pid(&alloc).expect("sandbox pid");
+    let (status, body) = c
+        .post_json(&format!("/api/v1/tasks/{id}/cancel"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let job = fake.alloc(&alloc).unwrap()["JobID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    until(
+        "the job to be purged and its allocation stopped",
+        &c,
+        || {
+            fake.purged().contains(&job)
+                && fake.alloc(&alloc).is_some_and(|a| {
+                    a["DesiredStatus"] == "stop" && a["ClientStatus"] == "complete"
+                })
+        },
+    )
+    .await;
+    // The sandbox's processes are gone.
+    until("the sandbox to die", &c, || {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err()
+    })
+    .await;
+    let task = c.wait_for_status(&id, &["cancelled"], LIMIT).await.unwrap();
+    assert_eq!(task["status"], "cancelled");
+    assert_no_violations(&fake);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_past_its_time_is_stopped_as_a_timeout() {
+    let port = free_port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let mut c = cluster(
+        &addr,
+        &[
+            ("AO__AGENT__TIMEOUT_SECS", "1"),
+            ("AO__NOMAD__TIMEOUT_MARGIN_SECS", "3"),
+        ],
+    );
+    let fake = start_fake(&c, port, 2).await;
+    let agent = script(c.dir.path(), "agent.sh", WRITING_AGENT);
+    // The setup script hangs, past the agent's limit plus the margin.
+    let repo = bare_repo(
+        c.dir.path(),
+        "project",
+        &[("agent-setup.sh", "sleep 300\n")],
+    );
+    c.start_coordinator().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let id = submit(&c, &repo).await;
+
+    let done = c
+        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "failed", "{done:#}");
+    let outcome = &done["subtasks"][0]["outcome"];
+    assert_eq!(outcome["kind"], "timeout", "{outcome}");
+    assert!(outcome["error"].as_str().unwrap().contains("exceeded 4 s"));
+    let (alloc, job, _) = fake.allocs().remove(0);
+    assert!(fake.purged().contains(&job));
+    until("the allocation to be killed", &c, || {
+        fake.alloc(&alloc)
+            .is_some_and(|a| a["ClientStatus"] == "complete" && a["DesiredStatus"] == "stop")
+    })
+    .await;
+    assert_no_violations(&fake);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nomad_being_down_is_a_retryable_failure_and_the_task_is_not_lost() {
+    let port = free_port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let mut c = cluster(
+        &addr,
+        &[
+            ("AO__NOMAD__UNREACHABLE_SECS", "2"),
+            ("AO__COORDINATOR__MAX_ATTEMPTS", "10"),
+        ],
+    );
+    let agent = script(c.dir.path(), "agent.sh", WRITING_AGENT);
+    let repo = bare_repo(c.dir.path(), "project", &[]);
+    c.start_coordinator().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let id = submit(&c, &repo).await;
+
+    // Nothing listens on Nomad's port: the first attempt ends as a retryable failure.
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let task = c.task(&id).await.unwrap();
+        if task["subtasks"][0]["attempt"].as_u64().unwrap_or(0) >= 2 {
+            let first = &task["subtasks"][0]["outcome"];
+            assert!(
+                first.is_null() || first["kind"] == "infrastructure",
+                "{task:#}"
+            );
+            break;
+        }
+        assert_ne!(task["status"], "failed", "{task:#}");
+        assert!(
+            Instant::now() < deadline,
+            "no retry: {task:#}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(c.logs().contains("unreachable"), "{}", c.logs());
+    // Nomad comes back: a later attempt runs.
+    let fake = start_fake(&c, port, 2).await;
+    let done = c
+        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    assert!(done["subtasks"][0]["attempt"].as_u64().unwrap() >= 2);
+    assert_no_violations(&fake);
+}
