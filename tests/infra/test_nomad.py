@@ -116,11 +116,13 @@ def test_module_sizes_sandboxes_from_agent_types():
 def test_sandbox_is_parameterized_single_attempt_and_hardened():
     s = job("sandbox")
     (p,) = s["parameterized"]
-    assert p["payload"] == "required" and set(p["meta_required"]) >= {"task_id", "subtask_id"}
+    # What the nomad driver sends (worker/src/sandbox/nomad): exactly these meta keys.
+    assert p["payload"] == "required" and p["meta_required"] == ["task_id", "subtask_id", "attempt"]
     (group,) = s["group"][0].values()
     assert group["restart"][0]["attempts"] == "0"
     assert group["reschedule"][0]["attempts"] == "0" and group["reschedule"][0]["unlimited"] == "false"
-    (task,) = group["task"][0].values()
+    ((task_name, task),) = group["task"][0].items()
+    assert task_name == "runner", "the nomad driver follows the task named runner"
     assert task["dispatch_payload"][0]["file"] == "spec.json"
     assert task["user"] not in ("root", "0", "")
     (cfg,) = task["config"]
