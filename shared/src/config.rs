@@ -101,23 +101,66 @@ impl Default for ApiSettings {
     }
 }
 
+/// The GitHub App: webhooks in, reports out. See the README's "GitHub App" section.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GithubSettings {
+    /// Secret reference of the webhook secret; without any secret, webhooks are refused.
     pub webhook_secret: Option<SecretRef>,
+    /// More accepted webhook secrets, so that the secret can be rotated without downtime
+    /// (a delivery is accepted when it verifies against any of them).
+    pub webhook_secrets: Vec<SecretRef>,
+    /// Largest webhook body accepted, in bytes (GitHub caps payloads at 25 MB).
+    pub max_webhook_bytes: usize,
+    /// GitHub API base URL (`https://HOST/api/v3` for GitHub Enterprise Server).
     pub api_url: String,
+    /// Where repositories are cloned from: `<git_url>/<owner>/<repo>.git`.
+    pub git_url: String,
     pub app_id: Option<u64>,
+    /// Secret reference of the App's private key (PEM). Coordinator and workers need it;
+    /// it never enters a sandbox.
     pub private_key: Option<SecretRef>,
+    /// The label that starts a task with `default_pipeline`; `<label>:<name>` starts the
+    /// pipeline `<name>`, or the single capability `<name>`.
+    pub trigger_label: String,
+    /// Pipeline of the plain trigger label.
+    pub default_pipeline: String,
+    /// Whether a task waits for `/agent approve` before anything is coded.
+    pub require_approval: bool,
+    /// Review rounds the agent answers on its own pull request before it stops.
+    pub max_review_iterations: u32,
+    /// How often missed deliveries and labelled issues without a task are looked for
+    /// (0: only at start-up).
+    pub reconcile_secs: u64,
 }
 
 impl Default for GithubSettings {
     fn default() -> Self {
         Self {
             webhook_secret: None,
+            webhook_secrets: Vec::new(),
+            max_webhook_bytes: 25 * 1024 * 1024 + 64 * 1024,
             api_url: "https://api.github.com".into(),
+            git_url: "https://github.com".into(),
             app_id: None,
             private_key: None,
+            trigger_label: "agent".into(),
+            default_pipeline: "full".into(),
+            require_approval: false,
+            max_review_iterations: 3,
+            reconcile_secs: 300,
         }
+    }
+}
+
+impl GithubSettings {
+    /// Every accepted webhook secret reference: `webhook_secret` first, then the rest.
+    pub fn webhook_secret_refs(&self) -> Vec<SecretRef> {
+        self.webhook_secret
+            .iter()
+            .chain(self.webhook_secrets.iter())
+            .cloned()
+            .collect()
     }
 }
 
@@ -506,6 +549,7 @@ impl Settings {
                 .with_list_parse_key("sandbox.network_off")
                 .with_list_parse_key("sandbox.hide")
                 .with_list_parse_key("sandbox.ro_paths")
+                .with_list_parse_key("github.webhook_secrets")
                 .try_parsing(true)
                 .source(Some(env)),
         );
@@ -556,6 +600,15 @@ impl Settings {
                 "api.default_pipeline {:?} is not a configured pipeline",
                 self.api.default_pipeline
             ));
+        }
+        if !self.pipelines.contains_key(&self.github.default_pipeline) {
+            return bad(format!(
+                "github.default_pipeline {:?} is not a configured pipeline",
+                self.github.default_pipeline
+            ));
+        }
+        if self.github.trigger_label.trim().is_empty() {
+            return bad("github.trigger_label must not be empty".into());
         }
         if self.agent.command.trim().is_empty() {
             return bad("agent.command must not be empty".into());

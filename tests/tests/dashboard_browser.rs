@@ -1,16 +1,23 @@
-//! The dashboard in a real browser: a coordinator and a worker (SQLite backends, a script
-//! standing in for Claude Code that prints stream-json slowly), and headless Chromium
-//! driven by `tests/browser/dashboard.spec.mjs` (playwright-core). The script logs in,
-//! submits a task, follows it live and cancels another; this test checks its exit status,
-//! then the tasks it left behind through the API. Screenshots go to
+//! The dashboard, over plain HTTP and in a real browser.
+//!
+//! Over HTTP: login, the session cookie, the CSRF rule for cookie-authenticated changes,
+//! the task-updates stream, logout.
+//!
+//! In a browser: a coordinator and a worker (SQLite backends, a script standing in for
+//! Claude Code that prints stream-json slowly), and headless Chromium driven by
+//! `tests/browser/dashboard.spec.mjs` (playwright-core). The script logs in, submits a
+//! task, follows it live and cancels another; this test checks its exit status, then the
+//! tasks it left behind through the API. Screenshots go to
 //! `$CARGO_TARGET_DIR/test-artifacts/dashboard/`. `make test` installs Chromium and the
 //! npm packages (scripts/install-deps.sh).
 
 use ao_tests::{bare_repo, bin_dir, script, Cluster, TOKEN};
-use serde_json::Value;
+use reqwest::header::{HeaderMap, CONTENT_SECURITY_POLICY, COOKIE, LOCATION, SET_COOKIE};
+use reqwest::redirect::Policy;
+use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Chromium as Debian installs it.
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -121,4 +128,194 @@ async fn the_dashboard_follows_tasks_live_in_a_browser() {
     let shot = artifacts.join("dashboard-task.png");
     let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
     assert!(size > 10_000, "{} is {size} bytes", shot.display());
+}
+
+/// `name=value` of each `Set-Cookie`, with the whole header line.
+fn set_cookies(headers: &HeaderMap) -> Vec<(String, String, String)> {
+    headers
+        .get_all(SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|line| {
+            let pair = line.split(';').next()?;
+            let (k, v) = pair.split_once('=')?;
+            Some((k.to_string(), v.to_string(), line.to_string()))
+        })
+        .collect()
+}
+
+/// Reads an SSE response until its text so far contains `needle`.
+async fn read_until(stream: &mut reqwest::Response, seen: &mut String, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seen.contains(needle) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.chunk()).await {
+            Ok(Ok(Some(chunk))) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+            other => panic!("stream ended or stalled before {needle:?} ({other:?}): {seen}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_csrf_and_live_updates_over_http() {
+    let mut c = Cluster::new(&[]);
+    let repo = bare_repo(c.dir.path(), "project", &[]);
+    c.start_coordinator().await.unwrap();
+    let http = reqwest::Client::builder()
+        .redirect(Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+
+    // Without a session: the page sends to the login page, the API says 401.
+    let r = http.get(c.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()[LOCATION], "/login");
+    let r = http.get(c.url("/api/v1/tasks")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http.get(c.url("/login")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let csp = r.headers()[CONTENT_SECURITY_POLICY]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe"),
+        "{csp}"
+    );
+
+    // A wrong token starts nothing; the right one starts a session.
+    let r = http
+        .post(c.url("/login"))
+        .form(&[("token", "wrong")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(set_cookies(r.headers()).is_empty());
+    let r = http
+        .post(c.url("/login"))
+        .form(&[("token", TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()[LOCATION], "/");
+    let cookies = set_cookies(r.headers());
+    let find = |name: &str| {
+        cookies
+            .iter()
+            .find(|(k, _, _)| k == name)
+            .unwrap_or_else(|| panic!("no {name} cookie: {cookies:?}"))
+            .clone()
+    };
+    let (_, session, session_line) = find("ao_session");
+    let (_, csrf, csrf_line) = find("ao_csrf");
+    for flag in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(session_line.contains(flag), "{session_line}");
+    }
+    assert!(
+        !csrf_line.contains("HttpOnly"),
+        "the page reads it: {csrf_line}"
+    );
+    assert!(session.len() >= 32 && !session.contains(TOKEN) && session != csrf);
+    let cookie = format!("ao_session={session}; ao_csrf={csrf}");
+
+    // The pages and assets, with the session.
+    let r = http
+        .get(c.url("/"))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key(CONTENT_SECURITY_POLICY));
+    let page = r.text().await.unwrap();
+    assert!(page.contains("/assets/app.js") && !page.contains(TOKEN));
+    let r = http.get(c.url("/assets/app.js")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/javascript"));
+
+    // The task-updates stream, with the cookie: ready first, then changed tasks.
+    let mut stream = http
+        .get(c.url("/api/v1/task-updates"))
+        .header(COOKIE, &cookie)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let mut seen = String::new();
+    read_until(&mut stream, &mut seen, "event: ready").await;
+
+    // A change with the cookie needs the session's CSRF token.
+    let body = json!({ "repository": repo.display().to_string(), "prompt": "via cookie",
+                       "pipeline": "code" });
+    let create = |csrf: Option<&str>| {
+        let mut req = http
+            .post(c.url("/api/v1/tasks"))
+            .header(COOKIE, &cookie)
+            .json(&body);
+        if let Some(token) = csrf {
+            req = req.header("x-ao-csrf", token);
+        }
+        req.send()
+    };
+    let r = create(None).await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "csrf");
+    let r = create(Some("0123")).await.unwrap();
+    assert_eq!(r.status(), 403);
+    let r = create(Some(&csrf)).await.unwrap();
+    assert_eq!(r.status(), 202);
+    let task: Value = r.json().await.unwrap();
+    let id = task["id"].as_str().unwrap().to_string();
+    read_until(&mut stream, &mut seen, &format!("\"id\":\"{id}\"")).await;
+    assert!(seen.contains("event: task"), "{seen}");
+
+    // The bearer token still works on its own, without CSRF.
+    let (status, cancelled) = c
+        .post_json(&format!("/api/v1/tasks/{id}/cancel"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{cancelled}");
+    read_until(&mut stream, &mut seen, "\"status\":\"cancelled\"").await;
+    drop(stream);
+
+    // Logout needs the CSRF token too, then the session is gone.
+    let r = http
+        .post(c.url("/logout"))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = http
+        .post(c.url("/logout"))
+        .header(COOKIE, &cookie)
+        .header("x-ao-csrf", &csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert!(set_cookies(r.headers())
+        .iter()
+        .all(|(_, v, line)| v.is_empty() && line.contains("Max-Age=0")));
+    let r = http
+        .get(c.url("/api/v1/tasks"))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http
+        .get(c.url("/"))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
 }
