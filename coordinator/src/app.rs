@@ -27,11 +27,15 @@ pub struct App {
     ready: AtomicBool,
     /// Unix ms of the last successful queue-depth poll.
     pub last_depth_poll_ms: AtomicI64,
+    /// The GitHub App: client, webhook inbox, reporter.
+    pub github: crate::github::Github,
 }
 
 impl App {
     pub fn new(settings: Settings, backends: Backends, metrics: Metrics) -> Arc<Self> {
         let (task_events, _) = broadcast::channel(1024);
+        let github =
+            crate::github::Github::new(&settings, backends.secrets.clone(), metrics.clone());
         Arc::new(Self {
             settings,
             queue: backends.queue,
@@ -42,6 +46,7 @@ impl App {
             shutdown: CancellationToken::new(),
             ready: AtomicBool::new(false),
             last_depth_poll_ms: AtomicI64::new(0),
+            github,
         })
     }
 

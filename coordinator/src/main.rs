@@ -5,12 +5,14 @@
 
 mod app;
 mod dead_letters;
+mod github;
 mod http;
 mod metrics;
 mod monitor;
 mod orchestrator;
 mod recovery;
 mod results;
+mod webhook;
 
 use anyhow::Context;
 use ao_shared::backend::Backends;
@@ -88,6 +90,9 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         tokio::spawn(results::run(app.clone())),
         tokio::spawn(dead_letters::run(app.clone())),
         tokio::spawn(monitor::run(app.clone())),
+        tokio::spawn(github::handle::run(app.clone())),
+        tokio::spawn(github::reporter::run(app.clone())),
+        tokio::spawn(github::reconcile::run(app.clone())),
         tokio::spawn(recovery::run(app.clone())),
     ];
     monitor::poll(&app).await;

@@ -26,6 +26,10 @@ pub struct Metrics {
     pub agent_tokens: IntCounterVec,
     pub results_applied: IntCounterVec,
     pub http_requests: IntCounterVec,
+    pub webhook_deliveries: IntCounterVec,
+    pub github_api_calls: IntCounterVec,
+    pub github_rate_limit_remaining: prometheus::IntGauge,
+    pub budget_used_ratio: GaugeVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -139,8 +143,51 @@ impl Metrics {
                     &["route", "status"],
                 )?,
             ),
+            webhook_deliveries: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ao_webhook_deliveries_total",
+                        "GitHub webhook deliveries by event and what became of them",
+                    ),
+                    &["event", "result"],
+                )?,
+            ),
+            github_api_calls: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ao_github_api_calls_total",
+                        "GitHub API calls by route template, status and result",
+                    ),
+                    &["route", "status", "result"],
+                )?,
+            ),
+            github_rate_limit_remaining: register(
+                &r,
+                prometheus::IntGauge::new(
+                    "ao_github_rate_limit_remaining",
+                    "GitHub API requests left in the current rate-limit window (last seen)",
+                )?,
+            ),
+            budget_used_ratio: register(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "ao_budget_used_ratio",
+                        "Share of the monthly cost budget used, per GitHub installation",
+                    ),
+                    &["installation"],
+                )?,
+            ),
             registry: r,
         };
+        // Every family shows in /metrics from start-up, before its first event.
+        m.webhook_deliveries
+            .with_label_values(&["ping", "accepted"]);
+        m.github_api_calls.with_label_values(&["none", "0", "ok"]);
+        m.github_rate_limit_remaining.set(5000);
+        m.budget_used_ratio.with_label_values(&["none"]).set(0.0);
         Ok(m)
     }
 

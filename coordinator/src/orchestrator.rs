@@ -120,6 +120,7 @@ pub async fn create_task(
     tracing::info!(task_id = %stored.id, repository = %stored.repository,
         branch = %stored.branch, pipeline = %stored.pipeline, "task created");
     app.notify_task(stored.id);
+    app.github.task_changed(&stored);
     send_ready(app, &stored, &ready).await;
     Ok(stored)
 }
@@ -149,6 +150,7 @@ where
         match app.store.update_task(&task, &events).await {
             Ok(stored) => {
                 app.notify_task(id);
+                app.github.task_changed(&stored);
                 send_ready(app, &stored, &ready).await;
                 return Ok((stored, applied));
             }
@@ -177,6 +179,17 @@ pub fn subtask_message(task: &Task, id: SubtaskId) -> Option<SubtaskMessage> {
         prompt: task.prompt.clone(),
         instructions: sub.instructions.clone(),
         enqueued_at: sub.queued_at.unwrap_or(task.updated_at),
+        github: match &task.source {
+            TaskSource::Github {
+                installation_id,
+                repo,
+                ..
+            } => Some(ao_shared::message::GithubTarget {
+                installation_id: *installation_id,
+                repo: repo.clone(),
+            }),
+            TaskSource::Api => None,
+        },
     })
 }
 

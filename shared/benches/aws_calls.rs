@@ -110,6 +110,7 @@ async fn run_task(queue: &SqsQueue, store: &DynamoStore) {
             prompt: task.prompt.clone(),
             instructions: None,
             enqueued_at: timefmt::now(),
+            github: None,
         };
         let q = QueueId::Capability(sub.capability);
         queue.send(q, &order.encode().unwrap()).await.unwrap();

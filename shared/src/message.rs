@@ -101,6 +101,17 @@ pub struct SubtaskMessage {
     pub instructions: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub enqueued_at: Timestamp,
+    /// For a task from GitHub: where the worker gets a repository-scoped token for git.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github: Option<GithubTarget>,
+}
+
+/// The GitHub App installation and repository of a subtask's task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GithubTarget {
+    pub installation_id: u64,
+    /// `owner/name`
+    pub repo: String,
 }
 
 impl SubtaskMessage {
@@ -189,7 +200,23 @@ mod tests {
             prompt: "do it".into(),
             instructions: None,
             enqueued_at: timefmt::now(),
+            github: None,
         }
+    }
+
+    #[test]
+    fn github_target_is_optional_both_ways() {
+        let mut m = sample();
+        let plain = m.encode().unwrap();
+        assert!(!plain.contains("github"), "{plain}");
+        m.github = Some(GithubTarget {
+            installation_id: 7,
+            repo: "o/r".into(),
+        });
+        let text = m.encode().unwrap();
+        assert_eq!(SubtaskMessage::decode(&text).unwrap(), m);
+        // A message written before the field existed still decodes.
+        assert_eq!(SubtaskMessage::decode(&plain).unwrap().github, None);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! binaries as processes against a fresh data directory, makes real git repositories,
 //! and talks to the REST API over HTTP.
 
+pub mod fake_github;
 pub mod fake_nomad;
 pub mod model_server;
 pub mod moto;

@@ -93,7 +93,10 @@ async fn run(
     let outcome = match worker.secret_env().await {
         Ok(env) => {
             spec.secret_env = env;
-            worker.driver.run(&spec, tx, cancel).await
+            match crate::credentials::attach(&worker, &order, &mut spec).await {
+                Ok(()) => worker.driver.run(&spec, tx, cancel).await,
+                Err(failed) => *failed,
+            }
         }
         Err(e) => {
             drop(tx);

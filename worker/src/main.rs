@@ -4,6 +4,7 @@
 
 mod cancel_watch;
 mod consumer;
+mod credentials;
 mod heartbeat;
 mod job;
 mod metrics;

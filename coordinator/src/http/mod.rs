@@ -39,6 +39,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .route(
+            "/webhooks/github",
+            post(crate::webhook::receive).layer(DefaultBodyLimit::disable()),
+        )
         .nest("/api/v1", api)
         .merge(dashboard::router(auth))
         .fallback(error::not_found)

@@ -14,10 +14,23 @@ const GIT_TIMEOUT: Duration = Duration::from_secs(600);
 const AUTHOR_NAME: &str = "agent-orchestrator";
 const AUTHOR_EMAIL: &str = "agent-orchestrator@users.noreply.local";
 
+/// The variable holding a GitHub installation token for this attempt (set by the worker,
+/// see `credentials.rs`).
+const TOKEN_ENV: &str = "AO_GIT_TOKEN";
+/// A credential helper that answers git's `get` with the token from the environment, so
+/// the token is never in a URL, an argument or a config file. Any helper configured
+/// elsewhere is reset first (the empty value).
+const CREDENTIAL_HELPER: &str = "!f() { test \"$1\" = get || exit 0; \
+    echo username=x-access-token; printf 'password=%s\\n' \"$AO_GIT_TOKEN\"; }; f";
+
 fn git(dir: Option<&Path>) -> Command {
     let mut cmd = Command::new("git");
     if let Some(d) = dir {
         cmd.current_dir(d);
+    }
+    if std::env::var_os(TOKEN_ENV).is_some_and(|t| !t.is_empty()) {
+        cmd.args(["-c", "credential.helper=", "-c"])
+            .arg(format!("credential.helper={CREDENTIAL_HELPER}"));
     }
     cmd.env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_ALLOW_PROTOCOL", "file:http:https:ssh:git")

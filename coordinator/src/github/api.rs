@@ -1,0 +1,428 @@
+//! The GitHub REST calls the App makes, each a small typed function over
+//! [`Client`]: permissions, comments, labels, pull requests, reviews, issues, contents,
+//! and the App's hook deliveries. Route templates (for metrics) are written out here.
+
+use super::client::{Client, GithubError};
+use crate::webhook::event::RepoName;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// A user's role on a repository, as the permission endpoint reports it.
+pub async fn permission(
+    c: &Client,
+    inst: u64,
+    repo: &RepoName,
+    user: &str,
+) -> Result<String, GithubError> {
+    let path = format!("/repos/{repo}/collaborators/{}/permission", urlencode(user));
+    match c
+        .call(
+            inst,
+            Method::GET,
+            "/repos/{o}/{r}/collaborators/{u}/permission",
+            &path,
+            None,
+        )
+        .await
+    {
+        Ok(r) => Ok(r.body["role_name"]
+            .as_str()
+            .or(r.body["permission"].as_str())
+            .unwrap_or("none")
+            .to_string()),
+        // Not a collaborator at all.
+        Err(GithubError::Status { status: 404, .. }) => Ok("none".into()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether a role may start and steer agents.
+pub fn can_write(role: &str) -> bool {
+    matches!(role, "admin" | "maintain" | "write")
+}
+
+pub async fn create_comment(
+    c: &Client,
+    inst: u64,
+    repo: &RepoName,
+    issue: u64,
+    body: &str,
+) -> Result<u64, GithubError> {
+    let r = c
+        .call(
+            inst,
+            Method::POST,
+            "/repos/{o}/{r}/issues/{n}/comments",
+            &format!("/repos/{repo}/issues/{issue}/comments"),
+            Some(&json!({ "body": body })),
+        )
+        .await?;
+    r.body["id"].as_u64().ok_or_else(|| GithubError::Transport {
+        route: "/repos/{o}/{r}/issues/{n}/comments",
+        message: "the new comment has no id".into(),
+    })
+}
+
+pub async fn update_comment(
+    c: &Client,
+    inst: u64,
+    repo: &RepoName,
+    id: u64,
+    body: &str,
+) -> Result<(), GithubError> {
+    c.call(
+        inst,
+        Method::PATCH,
+        "/repos/{o}/{r}/issues/comments/{id}",
+        &format!("/repos/{repo}/issues/comments/{id}"),
+        Some(&json!({ "body": body })),
+    )
+    .await
+    .map(|_| ())
+}
+
+pub async fn add_labels(
+    c: &Client,
+    inst: u64,
+    repo: &RepoName,
+    issue: u64,
+    labels: &[&str],
+) -> Result<(), GithubError> {
+    c.call(
+        inst,
+        Method::POST,
+        "/repos/{o}/{r}/issues/{n}/labels",
+        &format!("/repos/{repo}/issues/{issue}/labels"),
+        Some(&json!({ "labels": labels })),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Removes a label; one that is not there is no error.
+pub async fn remove_label(
+    c: &Client,
+    inst: u64,
+    repo: &RepoName,
+    issue: u64,
+    label: &str,
+) -> Result<(), GithubError> {
+    match c
+        .call(
+            inst,
+            Method::DELETE,
+            "/repos/{o}/{r}/issues/{n}/labels/{name}",
+            &format!("/repos/{repo}/issues/{issue}/labels/{}", urlencode(label)),
+            None,
+        )
+        .await
+    {
+        Ok(_) | Err(GithubError::Status { status: 404, .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn names(list: &Value) -> Vec<String> {
+    list.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|l| l["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A pull request as the reporter needs it.
+#[derive(Debug, Clone)]
+pub struct Pull {
+    pub number: u64,
+    pub node_id: String,
+    pub draft: bool,
+}
+
+fn pull(v: &Value) -> Pull {
+    Pull {
+        number: v["number"].as_u64().unwrap_or(0),
+        node_id: v["node_id"].as_str().unwrap_or("").to_string(),
+        draft: v["draft"].as_bool().unwrap_or(false),
+    }
+}
+
+pub async fn create_pull(
+    c: &Client,
+    inst: u64,
+    repo: &RepoName,
+    head: &str,
+    base: &str,
+    title: &str,
+    body: &str,
+) -> Result<Pull, GithubError> {
+    let r = c
+        .call(
+            inst,
+            Method::POST,
+            "/repos/{o}/{r}/pulls",
+            &format!("/repos/{repo}/pulls"),
+            Some(
+                &json!({ "head": head, "base": base, "title": title, "body": body,
+                          "draft": true, "maintainer_can_modify": true }),
+            ),
+        )
+        .await?;
+    Ok(pull(&r.body))
+}
+
+/// The open pull request whose head is `branch`, if any (to adopt one made before a
+/// crash instead of opening a second).
+pub async fn find_pull(
+    c: &Client,
+    inst: u64,
+    repo: &RepoName,
+    branch: &str,
+) -> Result<Option<Pull>, GithubError> {
+    let r = c
+        .call(
+            inst,
+            Method::GET,
+            "/repos/{o}/{r}/pulls",
+            &format!(
+                "/repos/{repo}/pulls?state=open&head={}:{}",
+                urlencode(&repo.owner),
+                urlencode(branch)
+            ),
+            None,
+        )
+        .await?;
+    Ok(r.body.as_array().and_then(|a| a.first()).map(pull))
+}
+
+pub async fn get_pull(
+    c: &Client,
+    inst: u64,
+    repo: &RepoName,
+    number: u64,
+) -> Result<Pull, GithubError> {
+    let r = c
+        .call(
+            inst,
+            Method::GET,
+            "/repos/{o}/{r}/pulls/{n}",
+            &format!("/repos/{repo}/pulls/{number}"),
+            None,
+        )
+        .await?;
+    Ok(pull(&r.body))
+}
+
+/// Draft → ready for review (only GraphQL can do this).
+pub async fn mark_ready(c: &Client, inst: u64, node_id: &str) -> Result<(), GithubError> {
+    c.graphql(
+        inst,
+        "mutation($id: ID!) { markPullRequestReadyForReview(input: {pullRequestId: $id}) \
+         { pullRequest { isDraft } } }",
+        json!({ "id": node_id }),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Posts a review (event `COMMENT`: the App neither approves nor blocks).
+pub async fn create_review(
+    c: &Client,
+    inst: u64,
+    repo: &RepoName,
+    number: u64,
+    body: &str,
+) -> Result<(), GithubError> {
+    c.call(
+        inst,
+        Method::POST,
+        "/repos/{o}/{r}/pulls/{n}/reviews",
+        &format!("/repos/{repo}/pulls/{number}/reviews"),
+        Some(&json!({ "body": body, "event": "COMMENT" })),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// An open issue carrying a label (from the issue list, pull requests left out).
+#[derive(Debug, Clone)]
+pub struct OpenIssue {
+    pub number: u64,
+    pub title: String,
+    pub body: String,
+    pub labels: Vec<String>,
+}
+
+pub async fn open_issues_with_label(
+    c: &Client,
+    inst: u64,
+    repo: &RepoName,
+    label: &str,
+) -> Result<Vec<OpenIssue>, GithubError> {
+    let r = c
+        .call(
+            inst,
+            Method::GET,
+            "/repos/{o}/{r}/issues",
+            &format!(
+                "/repos/{repo}/issues?state=open&labels={}&per_page=100",
+                urlencode(label)
+            ),
+            None,
+        )
+        .await?;
+    Ok(r.body
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|i| i.get("pull_request").is_none_or(Value::is_null))
+                .map(|i| OpenIssue {
+                    number: i["number"].as_u64().unwrap_or(0),
+                    title: i["title"].as_str().unwrap_or("").to_string(),
+                    body: i["body"].as_str().unwrap_or("").to_string(),
+                    labels: names(&i["labels"]),
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// An installation of the App.
+#[derive(Debug, Clone)]
+pub struct Installation {
+    pub id: u64,
+}
+
+pub async fn installations(c: &Client) -> Result<Vec<Installation>, GithubError> {
+    let r = c
+        .app_call(
+            Method::GET,
+            "/app/installations",
+            "/app/installations?per_page=100",
+            None,
+        )
+        .await?;
+    Ok(r.body
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|i| i["id"].as_u64().map(|id| Installation { id }))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Repositories an installation can reach.
+pub async fn installation_repositories(
+    c: &Client,
+    inst: u64,
+) -> Result<Vec<(RepoName, Option<String>)>, GithubError> {
+    let r = c
+        .call(
+            inst,
+            Method::GET,
+            "/installation/repositories",
+            "/installation/repositories?per_page=100",
+            None,
+        )
+        .await?;
+    Ok(r.body["repositories"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| {
+                    let repo = RepoName::parse(x["full_name"].as_str()?)?;
+                    Some((repo, x["default_branch"].as_str().map(str::to_string)))
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// One of the App's recent webhook deliveries.
+#[derive(Debug, Clone)]
+pub struct HookDelivery {
+    pub id: u64,
+    pub guid: String,
+    pub status_code: u64,
+}
+
+pub async fn hook_deliveries(c: &Client) -> Result<Vec<HookDelivery>, GithubError> {
+    let r = c
+        .app_call(
+            Method::GET,
+            "/app/hook/deliveries",
+            "/app/hook/deliveries?per_page=100",
+            None,
+        )
+        .await?;
+    Ok(r.body
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| {
+                    Some(HookDelivery {
+                        id: d["id"].as_u64()?,
+                        guid: d["guid"].as_str()?.to_string(),
+                        status_code: d["status_code"].as_u64().unwrap_or(0),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+pub async fn redeliver(c: &Client, id: u64) -> Result<(), GithubError> {
+    c.app_call(
+        Method::POST,
+        "/app/hook/deliveries/{id}/attempts",
+        &format!("/app/hook/deliveries/{id}/attempts"),
+        None,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Percent-encodes a path or query component.
+pub fn urlencode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Who last put `label` on an issue (from the issue's events), if anyone.
+pub async fn last_labeler(
+    c: &Client,
+    inst: u64,
+    repo: &RepoName,
+    issue: u64,
+    label: &str,
+) -> Result<Option<(String, bool)>, GithubError> {
+    let r = c
+        .call(
+            inst,
+            Method::GET,
+            "/repos/{o}/{r}/issues/{n}/events",
+            &format!("/repos/{repo}/issues/{issue}/events?per_page=100"),
+            None,
+        )
+        .await?;
+    Ok(r.body.as_array().and_then(|events| {
+        events
+            .iter()
+            .rev()
+            .find(|e| e["event"] == "labeled" && e["label"]["name"] == label)
+            .and_then(|e| {
+                let login = e["actor"]["login"].as_str()?.to_string();
+                let bot = e["actor"]["type"] == "Bot";
+                Some((login, bot))
+            })
+    }))
+}

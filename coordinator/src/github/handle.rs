@@ -1,0 +1,586 @@
+//! The consumer of webhook deliveries: one at a time, each in its own span. Labels and
+//! `/agent` commands become tasks or changes of tasks; reviews on the agent's own pull
+//! request become a follow-up coder run on the same branch.
+//!
+//! Rules: bots (including this App) are ignored; the sender of a label or command needs
+//! write, maintain or admin on the repository, and is told once per issue when they lack
+//! it; a delivery creates at most one task (the task is stored together with its delivery
+//! id) and at most one effect (commands record their delivery id first).
+
+use super::{api, clone_url, progress};
+use crate::app::App;
+use crate::orchestrator::{self, ChangeError, NewTask};
+use crate::webhook::event::{Command, Context, Event, Issue, PullRequest, RepoName, ReviewState};
+use crate::webhook::Delivery;
+use ao_shared::capability::Capability;
+use ao_shared::ids::DeliveryId;
+use ao_shared::state::{StoreError, TaskQuery};
+use ao_shared::status::TaskStatus;
+use ao_shared::task::{Applied, Task, TaskSource};
+use ao_shared::validate;
+use std::sync::Arc;
+use tracing::Instrument;
+
+/// Tasks looked at when finding the tasks of an issue (newest first).
+const ISSUE_LOOKUP_LIMIT: usize = 500;
+/// Longest prompt taken from an issue or review, in bytes.
+const MAX_PROMPT_BYTES: usize = 32 * 1024;
+
+type HandleResult = Result<&'static str, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Runs until shutdown.
+pub async fn run(app: Arc<App>) {
+    let Some(mut rx) = app.github.inbox.take_receiver() else {
+        return;
+    };
+    loop {
+        let delivery = tokio::select! {
+            d = rx.recv() => match d { Some(d) => d, None => break },
+            _ = app.shutdown.cancelled() => break,
+        };
+        let span =
+            tracing::info_span!("delivery", delivery = %delivery.id, event = %delivery.event_name);
+        let event_name = delivery.event_name.clone();
+        let result = handle(&app, delivery).instrument(span.clone()).await;
+        let label = match &result {
+            Ok(what) => {
+                span.in_scope(|| tracing::info!(result = what, "delivery handled"));
+                "handled"
+            }
+            Err(e) => {
+                span.in_scope(|| tracing::error!(error = %e, "delivery failed"));
+                "failed"
+            }
+        };
+        app.metrics
+            .webhook_deliveries
+            .with_label_values(&[event_label(&event_name), label])
+            .inc();
+    }
+    tracing::info!("webhook consumer stopped");
+}
+
+fn event_label(e: &str) -> &'static str {
+    match e {
+        "issues" => "issues",
+        "issue_comment" => "issue_comment",
+        "pull_request_review" => "pull_request_review",
+        "pull_request_review_comment" => "pull_request_review_comment",
+        "installation" => "installation",
+        "installation_repositories" => "installation_repositories",
+        _ => "other",
+    }
+}
+
+/// What a trigger label asks for: `(pipeline name, steps)`.
+pub fn trigger(app: &App, label: &str) -> Option<(String, Vec<Capability>)> {
+    let gh = &app.settings.github;
+    if progress::STATUS_LABELS.contains(&label) {
+        return None;
+    }
+    if label == gh.trigger_label {
+        let name = gh.default_pipeline.clone();
+        let steps = app.settings.pipelines.get(&name)?.clone();
+        return Some((name, steps));
+    }
+    let rest = label.strip_prefix(&format!("{}:", gh.trigger_label))?;
+    if let Some(steps) = app.settings.pipelines.get(rest) {
+        return Some((rest.to_string(), steps.clone()));
+    }
+    let cap: Capability = rest.parse().ok()?;
+    Some((cap.as_str().to_string(), vec![cap]))
+}
+
+async fn handle(app: &App, d: Delivery) -> HandleResult {
+    if let Some(ctx) = d.event.context() {
+        if ctx.sender.is_bot {
+            return Ok("ignored: sent by a bot");
+        }
+        if ctx.installation_id.is_none() {
+            return Ok("ignored: not an App delivery (no installation)");
+        }
+    }
+    if !app.github.client.configured() {
+        tracing::warn!("github.app_id / github.private_key not set: deliveries cannot be acted on");
+        return Ok("ignored: the App is not configured");
+    }
+    match d.event {
+        Event::IssueLabeled { ctx, issue, label } => {
+            let Some((name, steps)) = trigger(app, &label) else {
+                return Ok("ignored: not a trigger label");
+            };
+            if issue.is_pull_request {
+                return Ok("ignored: label on a pull request");
+            }
+            if !permitted(app, &ctx, issue.number, "label this issue").await? {
+                return Ok("refused: sender lacks write access");
+            }
+            start(app, &ctx, &issue, name, steps, &d.id).await
+        }
+        Event::IssueReopened { ctx, issue, labels } => {
+            let Some((name, steps)) = labels.iter().find_map(|l| trigger(app, l)) else {
+                return Ok("ignored: no trigger label");
+            };
+            if !permitted(app, &ctx, issue.number, "reopen this issue").await? {
+                return Ok("refused: sender lacks write access");
+            }
+            start(app, &ctx, &issue, name, steps, &d.id).await
+        }
+        Event::IssueUnlabeled { ctx, issue, label } => {
+            if trigger(app, &label).is_none() {
+                return Ok("ignored: not a trigger label");
+            }
+            cancel_issue(app, &ctx, issue.number, "the trigger label was removed").await
+        }
+        Event::IssueClosed { ctx, issue } => {
+            cancel_issue(app, &ctx, issue.number, "the issue was closed").await
+        }
+        Event::Command {
+            ctx,
+            issue,
+            command,
+            ..
+        } => {
+            if !app.store.record_delivery(&d.id).await? {
+                return Ok("ignored: delivery seen before");
+            }
+            if !permitted(app, &ctx, issue.number, "steer the agent").await? {
+                return Ok("refused: sender lacks write access");
+            }
+            command_(app, &ctx, &issue, command).await
+        }
+        Event::Review {
+            ctx,
+            pull,
+            state,
+            body,
+        } => {
+            if state != ReviewState::ChangesRequested && !addressed(app, &body) {
+                return Ok("ignored: review neither requests changes nor addresses the agent");
+            }
+            review_round(app, &ctx, &pull, &body, &d.id).await
+        }
+        Event::ReviewComment {
+            ctx,
+            pull,
+            body,
+            path,
+            line,
+        } => {
+            if !addressed(app, &body) {
+                return Ok("ignored: review comment not addressed to the agent");
+            }
+            let text = match line {
+                Some(l) => format!("On `{path}` line {l}:\n\n{body}"),
+                None => format!("On `{path}`:\n\n{body}"),
+            };
+            review_round(app, &ctx, &pull, &text, &d.id).await
+        }
+        Event::Installation {
+            installation_id,
+            action,
+            account,
+        } => {
+            tracing::info!(installation_id, action = %action, account = %account, "installation changed");
+            Ok("noted: installation")
+        }
+        Event::InstallationRepositories {
+            installation_id,
+            added,
+            removed,
+        } => {
+            tracing::info!(
+                installation_id,
+                ?added,
+                ?removed,
+                "installation repositories changed"
+            );
+            Ok("noted: installation repositories")
+        }
+        Event::Ping => Ok("pong"),
+    }
+}
+
+/// A review text addressed to the agent: `/agent` or a mention of the App.
+fn addressed(app: &App, body: &str) -> bool {
+    let _ = app;
+    body.lines().any(|l| l.trim_start().starts_with("/agent"))
+}
+
+/// Checks the sender's role; tells them once per issue when it is not enough.
+async fn permitted(
+    app: &App,
+    ctx: &Context,
+    issue: u64,
+    what: &str,
+) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+    let inst = ctx.installation_id.unwrap_or_default();
+    let c = &app.github.client;
+    let role = api::permission(c, inst, &ctx.repo, &ctx.sender.login).await?;
+    if api::can_write(&role) {
+        return Ok(true);
+    }
+    tracing::info!(sender = %ctx.sender.login, role = %role, "sender may not steer the agent");
+    let key = format!("denied:{}#{}:{}", ctx.repo, issue, ctx.sender.login);
+    if app.store.record_delivery(&DeliveryId::new(key)).await? {
+        let text = format!(
+            "@{} you need write, maintain or admin access to this repository to {what}; \
+             your access is `{role}`, so the agent did nothing. Someone with write access can \
+             add the label or comment `/agent run`.",
+            ctx.sender.login
+        );
+        api::create_comment(c, inst, &ctx.repo, issue, &text).await?;
+    }
+    Ok(false)
+}
+
+/// Tasks of an issue, newest first.
+pub async fn tasks_for_issue(
+    app: &App,
+    repo: &RepoName,
+    issue: u64,
+) -> Result<Vec<Task>, StoreError> {
+    let url = clone_url(&app.settings, repo);
+    let mut out = Vec::new();
+    let mut cursor = None;
+    let mut seen = 0;
+    loop {
+        let page = app
+            .store
+            .list_tasks(&TaskQuery {
+                repository: Some(url.clone()),
+                limit: 100,
+                cursor,
+                ..Default::default()
+            })
+            .await?;
+        seen += page.tasks.len();
+        out.extend(
+            page.tasks.into_iter().filter(
+                |t| matches!(&t.source, TaskSource::Github { issue: n, .. } if *n == issue),
+            ),
+        );
+        match page.next_cursor {
+            Some(c) if seen < ISSUE_LOOKUP_LIMIT => cursor = Some(c),
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
+/// The branch of an issue's tasks: `agent/<issue>-<slug>`.
+pub fn branch_name(issue: u64, title: &str) -> String {
+    let slug: String = validate::slug(title).chars().take(40).collect();
+    let slug = slug.trim_end_matches(['-', '.']).to_string();
+    if slug.is_empty() {
+        format!("agent/{issue}")
+    } else {
+        format!("agent/{issue}-{slug}")
+    }
+}
+
+fn prompt(issue: &Issue) -> String {
+    let mut p = format!(
+        "Resolve GitHub issue #{}: {}\n\n{}",
+        issue.number, issue.title, issue.body
+    );
+    if p.len() > MAX_PROMPT_BYTES {
+        let mut cut = MAX_PROMPT_BYTES;
+        while !p.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        p.truncate(cut);
+    }
+    p
+}
+
+/// Starts a task for an issue unless one is already under way.
+pub async fn start(
+    app: &App,
+    ctx: &Context,
+    issue: &Issue,
+    pipeline_name: String,
+    pipeline: Vec<Capability>,
+    delivery: &DeliveryId,
+) -> HandleResult {
+    let existing = tasks_for_issue(app, &ctx.repo, issue.number).await?;
+    if existing.iter().any(|t| !t.status.is_terminal()) {
+        return Ok("ignored: a task for this issue is already under way");
+    }
+    let previous = existing.first();
+    let new = NewTask {
+        title: issue.title.chars().take(200).collect(),
+        prompt: prompt(issue),
+        repository: clone_url(&app.settings, &ctx.repo),
+        branch: previous
+            .map(|t| t.branch.clone())
+            .unwrap_or_else(|| branch_name(issue.number, &issue.title)),
+        base_branch: ctx.default_branch.clone(),
+        pipeline_name,
+        pipeline,
+        source: TaskSource::Github {
+            installation_id: ctx.installation_id.unwrap_or_default(),
+            repo: ctx.repo.full(),
+            issue: issue.number,
+            pull_request: previous.and_then(pull_of),
+            progress_comment_id: None,
+        },
+        require_approval: app.settings.github.require_approval,
+    };
+    match orchestrator::create_task(app, new, Some(delivery)).await {
+        Ok(task) => {
+            tracing::info!(task_id = %task.id, issue = issue.number, "task started from GitHub");
+            Ok("task created")
+        }
+        Err(ChangeError::Store(StoreError::DuplicateDelivery(_))) => {
+            Ok("ignored: delivery seen before")
+        }
+        Err(e) => Err(Box::new(e)),
+    }
+}
+
+fn pull_of(task: &Task) -> Option<u64> {
+    match &task.source {
+        TaskSource::Github { pull_request, .. } => *pull_request,
+        TaskSource::Api => None,
+    }
+}
+
+async fn cancel_issue(app: &App, ctx: &Context, issue: u64, why: &str) -> HandleResult {
+    let tasks = tasks_for_issue(app, &ctx.repo, issue).await?;
+    let mut n = 0;
+    for t in tasks.iter().filter(|t| !t.status.is_terminal()) {
+        let reason = why.to_string();
+        orchestrator::mutate(app, t.id, |task, now| {
+            if task.status.is_terminal() {
+                return Ok(Applied::Ignored("already ended".into()));
+            }
+            task.cancel(&reason, now)?;
+            Ok(Applied::Changed)
+        })
+        .await?;
+        n += 1;
+    }
+    Ok(if n > 0 {
+        "task cancelled"
+    } else {
+        "ignored: no task under way"
+    })
+}
+
+async fn command_(app: &App, ctx: &Context, issue: &Issue, command: Command) -> HandleResult {
+    let inst = ctx.installation_id.unwrap_or_default();
+    let c = &app.github.client;
+    let tasks = tasks_for_issue(app, &ctx.repo, issue.number).await?;
+    let latest = tasks.first();
+    let say = |text: String| async move {
+        api::create_comment(c, inst, &ctx.repo, issue.number, &text).await
+    };
+    match command {
+        Command::Run => {
+            let name = app.settings.github.default_pipeline.clone();
+            let steps = app
+                .settings
+                .pipelines
+                .get(&name)
+                .cloned()
+                .unwrap_or_default();
+            let delivery = DeliveryId::new(format!(
+                "run:{}:{}",
+                ctx.repo,
+                latest.map(|t| t.id.to_string()).unwrap_or_default()
+            ));
+            start(app, ctx, issue, name, steps, &delivery).await
+        }
+        Command::Retry => {
+            let Some(t) = latest else {
+                say("There is no agent task on this issue to retry.".into()).await?;
+                return Ok("refused: no task");
+            };
+            let r = orchestrator::mutate(app, t.id, |task, now| {
+                if !matches!(task.status, TaskStatus::Failed | TaskStatus::Cancelled) {
+                    return Err(ChangeError::Refused(format!(
+                        "the task is {}; only a failed or cancelled task can be retried",
+                        task.status
+                    )));
+                }
+                task.retry(now)?;
+                Ok(Applied::Changed)
+            })
+            .await;
+            answer(r, say, "retried").await
+        }
+        Command::Cancel => {
+            let Some(t) = latest else {
+                return Ok("ignored: no task");
+            };
+            let r = orchestrator::mutate(app, t.id, |task, now| {
+                if task.status.is_terminal() {
+                    return Err(ChangeError::Refused(format!(
+                        "the task has already ended ({})",
+                        task.status
+                    )));
+                }
+                task.cancel("cancelled with /agent cancel", now)?;
+                Ok(Applied::Changed)
+            })
+            .await;
+            answer(r, say, "cancelled").await
+        }
+        Command::Approve => {
+            let Some(t) = latest else {
+                return Ok("ignored: no task");
+            };
+            let r = orchestrator::mutate(app, t.id, |task, now| {
+                if task.status != TaskStatus::AwaitingApproval {
+                    return Err(ChangeError::Refused(format!(
+                        "the task is {}, not waiting for approval",
+                        task.status
+                    )));
+                }
+                task.status = task.status.transition(TaskStatus::Queued)?;
+                task.updated_at = now;
+                Ok(Applied::Changed)
+            })
+            .await;
+            answer(r, say, "approved").await
+        }
+        Command::Status => {
+            match latest {
+                Some(t) => {
+                    app.github.reporter.notify(t.id);
+                    say(progress::render(t, pull_of(t))).await?;
+                }
+                None => {
+                    say("No agent task has run on this issue yet.".into()).await?;
+                }
+            }
+            Ok("status posted")
+        }
+        Command::Unknown(verb) => {
+            say(format!(
+                "Unknown command `/agent {verb}`. Commands: `/agent run`, `/agent retry`, \
+                 `/agent cancel`, `/agent approve`, `/agent status`."
+            ))
+            .await?;
+            Ok("unknown command answered")
+        }
+    }
+}
+
+async fn answer<F, Fut>(
+    r: Result<(Task, Applied), ChangeError>,
+    say: F,
+    done: &'static str,
+) -> HandleResult
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = Result<u64, super::client::GithubError>>,
+{
+    match r {
+        Ok(_) => Ok(done),
+        Err(ChangeError::Refused(why)) => {
+            say(format!("Cannot do that: {why}.")).await?;
+            Ok("refused")
+        }
+        Err(ChangeError::Illegal(e)) => {
+            say(format!("Cannot do that: {e}.")).await?;
+            Ok("refused")
+        }
+        Err(e) => Err(Box::new(e)),
+    }
+}
+
+/// A review on the agent's own pull request: a follow-up coder task on the same branch
+/// with the review as its instructions, at most `github.max_review_iterations` times.
+async fn review_round(
+    app: &App,
+    ctx: &Context,
+    pull: &PullRequest,
+    text: &str,
+    delivery: &DeliveryId,
+) -> HandleResult {
+    if !pull.head_ref.starts_with("agent/") {
+        return Ok("ignored: not the agent's pull request");
+    }
+    let url = clone_url(&app.settings, &ctx.repo);
+    let page = app
+        .store
+        .list_tasks(&TaskQuery {
+            repository: Some(url),
+            limit: 200,
+            ..Default::default()
+        })
+        .await?;
+    let ours: Vec<&Task> = page
+        .tasks
+        .iter()
+        .filter(|t| t.branch == pull.head_ref && pull_of(t) == Some(pull.number))
+        .collect();
+    let Some(first) = ours.last() else {
+        return Ok("ignored: no task owns this pull request");
+    };
+    let Some((inst, _, issue)) = super::source(first) else {
+        return Ok("ignored: not a GitHub task");
+    };
+    if !permitted(app, ctx, issue, "ask the agent for changes").await? {
+        return Ok("refused: reviewer lacks write access");
+    }
+    if ours.iter().any(|t| !t.status.is_terminal()) {
+        return Ok("ignored: the agent is still working on this pull request");
+    }
+    let rounds = ours
+        .iter()
+        .filter(|t| t.pipeline.starts_with("review-round"))
+        .count() as u32;
+    if rounds >= app.settings.github.max_review_iterations {
+        let key = format!("review-limit:{}#{}", ctx.repo, pull.number);
+        if app.store.record_delivery(&DeliveryId::new(key)).await? {
+            api::create_comment(
+                &app.github.client,
+                inst,
+                &ctx.repo,
+                pull.number,
+                &format!(
+                    "The agent has already answered {rounds} reviews on this pull request \
+                     (github.max_review_iterations); a person should take it from here."
+                ),
+            )
+            .await?;
+        }
+        return Ok("refused: review rounds used up");
+    }
+    let mut new = NewTask {
+        title: first.title.clone(),
+        prompt: first.prompt.clone(),
+        repository: first.repository.clone(),
+        branch: first.branch.clone(),
+        base_branch: first.base_branch.clone(),
+        pipeline_name: format!("review-round-{}", rounds + 1),
+        pipeline: vec![Capability::Coder],
+        source: TaskSource::Github {
+            installation_id: inst,
+            repo: ctx.repo.full(),
+            issue,
+            pull_request: Some(pull.number),
+            progress_comment_id: None,
+        },
+        require_approval: false,
+    };
+    let review: String = text.chars().take(MAX_PROMPT_BYTES / 2).collect();
+    new.prompt = format!(
+        "{}\n\nA reviewer asked for changes on pull request #{} (branch {}). Address this \
+         review:\n\n{}",
+        new.prompt, pull.number, pull.head_ref, review
+    );
+    match orchestrator::create_task(app, new, Some(delivery)).await {
+        Ok(task) => {
+            tracing::info!(task_id = %task.id, pull_request = pull.number, "review round started");
+            Ok("review round started")
+        }
+        Err(ChangeError::Store(StoreError::DuplicateDelivery(_))) => {
+            Ok("ignored: delivery seen before")
+        }
+        Err(e) => Err(Box::new(e)),
+    }
+}

@@ -1,0 +1,123 @@
+//! Missed webhooks: at start-up and every `github.reconcile_secs`, (1) the App's recent
+//! deliveries are listed and every one that never reached us (connection failure or a
+//! 5xx from us, and no successful attempt since) is asked for again — the endpoint's
+//! delivery-id dedupe makes a needless redelivery harmless; (2) open issues carrying a
+//! trigger label but no task at all get one, when the user who labelled them may write.
+//!
+//! Both paths can see the same labelled issue; the task is still made once, because a
+//! task is started only when the issue has none under way (the redelivery arrives within
+//! seconds of the sweep, long before a task ends).
+
+use super::{api, handle};
+use crate::app::App;
+use crate::webhook::event::{Context, Issue, Sender};
+use ao_shared::ids::DeliveryId;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Redeliveries asked for one delivery before it is given up.
+const MAX_REDELIVERIES: usize = 3;
+
+/// Runs the sweep at start-up, then periodically, until shutdown.
+pub async fn run(app: Arc<App>) {
+    if !app.github.client.configured() {
+        return;
+    }
+    let every = app.settings.github.reconcile_secs;
+    loop {
+        if let Err(e) = sweep(&app).await {
+            tracing::warn!(error = %e, "missed-delivery sweep failed; trying again later");
+        }
+        if every == 0 {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(every)) => {}
+            _ = app.shutdown.cancelled() => break,
+        }
+    }
+}
+
+/// One sweep.
+pub async fn sweep(app: &App) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let c = &app.github.client;
+    // 1. Deliveries that never got through.
+    let deliveries = api::hook_deliveries(c).await?;
+    let mut by_guid: HashMap<&str, Vec<&api::HookDelivery>> = HashMap::new();
+    for d in &deliveries {
+        by_guid.entry(d.guid.as_str()).or_default().push(d);
+    }
+    let mut asked = 0;
+    for (guid, attempts) in by_guid {
+        let failed = |d: &&api::HookDelivery| d.status_code == 0 || d.status_code >= 500;
+        if attempts.iter().any(|d| !failed(d)) || attempts.len() > MAX_REDELIVERIES {
+            continue;
+        }
+        let Some(latest) = attempts.iter().max_by_key(|d| d.id) else {
+            continue;
+        };
+        match api::redeliver(c, latest.id).await {
+            Ok(()) => {
+                asked += 1;
+                tracing::info!(
+                    delivery = guid,
+                    "asked GitHub to redeliver a missed webhook"
+                );
+            }
+            Err(e) => tracing::warn!(delivery = guid, error = %e, "cannot ask for a redelivery"),
+        }
+    }
+    // 2. Labelled issues without a task.
+    let label = app.settings.github.trigger_label.clone();
+    for inst in api::installations(c).await? {
+        for (repo, default_branch) in api::installation_repositories(c, inst.id).await? {
+            let issues = api::open_issues_with_label(c, inst.id, &repo, &label).await?;
+            for issue in issues {
+                if !handle::tasks_for_issue(app, &repo, issue.number)
+                    .await?
+                    .is_empty()
+                {
+                    continue;
+                }
+                let Some((name, steps)) = issue.labels.iter().find_map(|l| handle::trigger(app, l))
+                else {
+                    continue;
+                };
+                let Some((login, is_bot)) =
+                    api::last_labeler(c, inst.id, &repo, issue.number, &label).await?
+                else {
+                    continue;
+                };
+                if is_bot {
+                    continue;
+                }
+                let role = api::permission(c, inst.id, &repo, &login).await?;
+                if !api::can_write(&role) {
+                    continue;
+                }
+                let ctx = Context {
+                    installation_id: Some(inst.id),
+                    repo: repo.clone(),
+                    default_branch: default_branch.clone(),
+                    sender: Sender {
+                        login,
+                        is_bot: false,
+                    },
+                };
+                let i = Issue {
+                    number: issue.number,
+                    title: issue.title.clone(),
+                    body: issue.body.clone(),
+                    is_pull_request: false,
+                };
+                let key = DeliveryId::new(format!("reconcile:{repo}#{}", issue.number));
+                let what = handle::start(app, &ctx, &i, name, steps, &key).await?;
+                tracing::info!(repository = %repo, issue = issue.number, result = what,
+                    "labelled issue without a task reconciled");
+            }
+        }
+    }
+    tracing::info!(redeliveries = asked, "missed-delivery sweep done");
+    Ok(())
+}

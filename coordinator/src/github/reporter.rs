@@ -1,0 +1,304 @@
+//! The reporter: brings GitHub in line with a stored task — the draft pull request once
+//! a commit is pushed, ready for review when the task succeeds; the reviewer's findings
+//! as a pull-request review; the one progress comment, edited in place; the status label.
+//!
+//! It is level-driven, not event-driven: each pass reads the task as stored and does
+//! whatever is still missing, so a pass that fails (GitHub 5xx, rate limit) is simply
+//! repeated later with backoff, and nothing is lost. Passes run in one task of their own,
+//! so the result consumer never waits for GitHub. What was already written is remembered
+//! in memory (to skip needless edits); the ids that must survive a restart (progress
+//! comment, pull request) are stored in the task's source.
+
+use super::{api, progress, source};
+use crate::app::App;
+use crate::orchestrator::{self, ChangeError};
+use ao_shared::capability::Capability;
+use ao_shared::ids::{DeliveryId, TaskId};
+use ao_shared::state::TaskQuery;
+use ao_shared::status::{SubtaskStatus, TaskStatus};
+use ao_shared::task::{Applied, Task, TaskSource};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// First retry delay of a failed pass; doubled up to [`MAX_RETRY_DELAY`].
+const FIRST_RETRY_DELAY: Duration = Duration::from_secs(1);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+
+/// Wakes the reporter.
+pub struct Handle {
+    tx: mpsc::UnboundedSender<TaskId>,
+    rx: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<TaskId>>>,
+}
+
+impl Default for Handle {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Self {
+            tx,
+            rx: parking_lot::Mutex::new(Some(rx)),
+        }
+    }
+}
+
+impl Handle {
+    pub fn notify(&self, task: TaskId) {
+        let _ = self.tx.send(task);
+    }
+}
+
+/// What was already written for a task.
+#[derive(Default)]
+struct Written {
+    comment_body: Option<String>,
+    label: Option<Option<&'static str>>,
+    ready: bool,
+    reviews: HashSet<String>,
+    owed_reviews: HashSet<String>,
+    notices: HashSet<String>,
+}
+
+/// Runs until shutdown.
+pub async fn run(app: Arc<App>) {
+    let Some(mut rx) = app.github.reporter.rx.lock().take() else {
+        return;
+    };
+    let mut written: HashMap<TaskId, Written> = HashMap::new();
+    // Due passes: task → (when, current retry delay).
+    let mut due: HashMap<TaskId, (Instant, Duration)> = HashMap::new();
+    for task in active_tasks(&app).await {
+        due.insert(task, (Instant::now(), FIRST_RETRY_DELAY));
+    }
+    loop {
+        let next = due.values().map(|(at, _)| *at).min();
+        let sleep = async {
+            match next {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = app.shutdown.cancelled() => break,
+            id = rx.recv() => match id {
+                Some(id) => {
+                    due.entry(id).and_modify(|(at, _)| *at = Instant::now())
+                        .or_insert((Instant::now(), FIRST_RETRY_DELAY));
+                }
+                None => break,
+            },
+            _ = sleep => {
+                let now = Instant::now();
+                let ready: Vec<TaskId> = due.iter().filter(|(_, (at, _))| *at <= now)
+                    .map(|(id, _)| *id).collect();
+                for id in ready {
+                    let entry = written.entry(id).or_default();
+                    match pass(&app, id, entry).await {
+                        Ok(()) => { due.remove(&id); }
+                        Err(e) => {
+                            let delay = due.get(&id).map(|(_, d)| *d).unwrap_or(FIRST_RETRY_DELAY);
+                            tracing::warn!(task_id = %id, error = %e, retry_in_s = delay.as_secs(),
+                                "cannot report to GitHub yet; will retry");
+                            due.insert(id, (Instant::now() + delay, (delay * 2).min(MAX_RETRY_DELAY)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!("GitHub reporter stopped");
+}
+
+/// GitHub tasks not yet finished, to report on at start-up.
+async fn active_tasks(app: &App) -> Vec<TaskId> {
+    let mut out = Vec::new();
+    for status in [
+        TaskStatus::Queued,
+        TaskStatus::Running,
+        TaskStatus::AwaitingApproval,
+    ] {
+        let query = TaskQuery {
+            status: Some(status),
+            limit: 500,
+            ..Default::default()
+        };
+        if let Ok(page) = app.store.list_tasks(&query).await {
+            out.extend(
+                page.tasks
+                    .iter()
+                    .filter(|t| matches!(t.source, TaskSource::Github { .. }))
+                    .map(|t| t.id),
+            );
+        }
+    }
+    out
+}
+
+type PassResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// Stores a change of the task's GitHub ids.
+async fn set_source(
+    app: &App,
+    id: TaskId,
+    f: impl Fn(&mut Option<u64>, &mut Option<u64>) + Send,
+) -> Result<Task, ChangeError> {
+    let (task, _) = orchestrator::mutate(app, id, |task, _| {
+        if let TaskSource::Github {
+            pull_request,
+            progress_comment_id,
+            ..
+        } = &mut task.source
+        {
+            f(pull_request, progress_comment_id);
+            Ok(Applied::Changed)
+        } else {
+            Ok(Applied::Ignored("not a GitHub task".into()))
+        }
+    })
+    .await?;
+    Ok(task)
+}
+
+/// One pass over one task.
+async fn pass(app: &App, id: TaskId, written: &mut Written) -> PassResult {
+    let Some(mut task) = app.store.get_task(id).await? else {
+        return Ok(());
+    };
+    let Some((inst, repo, issue)) = source(&task) else {
+        return Ok(());
+    };
+    let c = &app.github.client;
+    if !c.configured() {
+        tracing::warn!(task_id = %id, "github.app_id / github.private_key not set: cannot report");
+        return Ok(());
+    }
+    let (mut pull_request, comment_id) = match &task.source {
+        TaskSource::Github {
+            pull_request,
+            progress_comment_id,
+            ..
+        } => (*pull_request, *progress_comment_id),
+        TaskSource::Api => (None, None),
+    };
+
+    // 1. The pull request, once there is a commit on the branch.
+    let pushed = task
+        .subtasks
+        .iter()
+        .any(|s| s.outcome.as_ref().is_some_and(|o| o.commit.is_some()));
+    if pull_request.is_none() && pushed {
+        let pr = match api::find_pull(c, inst, &repo, &task.branch).await? {
+            Some(pr) => pr,
+            None => {
+                let base = task.base_branch.clone().unwrap_or_else(|| "main".into());
+                api::create_pull(
+                    c,
+                    inst,
+                    &repo,
+                    &task.branch,
+                    &base,
+                    &task.title,
+                    &progress::pull_body(&task, issue),
+                )
+                .await?
+            }
+        };
+        let number = pr.number;
+        task = set_source(app, id, move |p, _| *p = Some(number)).await?;
+        pull_request = Some(number);
+        tracing::info!(task_id = %id, pull_request = number, "pull request opened");
+    }
+
+    // 2. The reviewer's findings as a review on the pull request.
+    if let Some(pr) = pull_request {
+        for sub in task.subtasks.iter().filter(|s| {
+            s.capability == Capability::Reviewer && s.status == SubtaskStatus::Succeeded
+        }) {
+            let key = format!("review:{}:{}:{}", task.id, sub.id, sub.attempt);
+            if written.reviews.contains(&key) {
+                continue;
+            }
+            // Recorded before it is posted: after a crash in between, the review is not
+            // posted twice (at the price of, rarely, not at all). A post that fails is
+            // owed and tried again by the next pass.
+            let owed = written.owed_reviews.contains(&key);
+            if owed || app.store.record_delivery(&DeliveryId::new(&key)).await? {
+                written.owed_reviews.insert(key.clone());
+                let summary = sub
+                    .outcome
+                    .as_ref()
+                    .map(|o| o.summary.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "The reviewer found nothing to add.".into());
+                let body = format!("**Reviewer agent**\n\n{summary}");
+                api::create_review(c, inst, &repo, pr, &body).await?;
+                written.owed_reviews.remove(&key);
+            }
+            written.reviews.insert(key);
+        }
+    }
+
+    // 3. Ready for review when the task succeeded.
+    if let (Some(pr), TaskStatus::Succeeded, false) = (pull_request, task.status, written.ready) {
+        let current = api::get_pull(c, inst, &repo, pr).await?;
+        if current.draft {
+            api::mark_ready(c, inst, &current.node_id).await?;
+            tracing::info!(task_id = %id, pull_request = pr, "pull request ready for review");
+        }
+        written.ready = true;
+    }
+
+    // 4. The progress comment, created once and edited in place.
+    let body = progress::render(&task, pull_request);
+    match comment_id {
+        None => {
+            let new_id = api::create_comment(c, inst, &repo, issue, &body).await?;
+            set_source(app, id, move |_, cid| *cid = Some(new_id)).await?;
+            written.comment_body = Some(body);
+        }
+        Some(cid) if written.comment_body.as_deref() != Some(body.as_str()) => {
+            api::update_comment(c, inst, &repo, cid, &body).await?;
+            written.comment_body = Some(body);
+        }
+        Some(_) => {}
+    }
+
+    // 5. Exactly one status label.
+    let want = progress::status_label(task.status);
+    if written.label != Some(want) {
+        if let Some(l) = want {
+            api::add_labels(c, inst, &repo, issue, &[l]).await?;
+        }
+        for other in progress::STATUS_LABELS.iter().filter(|l| Some(**l) != want) {
+            api::remove_label(c, inst, &repo, issue, other).await?;
+        }
+        written.label = Some(want);
+    }
+
+    // 6. Plain words when a push touching workflows was refused for lack of permission.
+    if task.status == TaskStatus::Failed {
+        let error = task.error.clone().unwrap_or_default().to_ascii_lowercase();
+        let key = format!("workflows-notice:{}", task.id);
+        if error.contains("workflow")
+            && (error.contains("permission") || error.contains("refusing"))
+            && !written.notices.contains(&key)
+        {
+            if app.store.record_delivery(&DeliveryId::new(&key)).await? {
+                api::create_comment(
+                    c,
+                    inst,
+                    &repo,
+                    issue,
+                    "The agent's change touches `.github/workflows/`, and this GitHub App does \
+                     not have the **workflows** permission, so GitHub refused the push. Grant \
+                     the App the `workflows` (read and write) permission, or ask for a change \
+                     that leaves the workflow files alone, then `/agent retry`.",
+                )
+                .await?;
+            }
+            written.notices.insert(key);
+        }
+    }
+    Ok(())
+}

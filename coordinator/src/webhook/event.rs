@@ -1,0 +1,591 @@
+//! Webhook payloads parsed at the edge into [`Event`], the only shape the rest of the
+//! coordinator sees. The raw payload structs are private and lenient (every field we do
+//! not need is ignored); a payload of a handled event that lacks what we need is a
+//! [`ParseError`], answered 400. Events and actions we do not handle are [`Parsed::Ignored`].
+
+use serde::Deserialize;
+use std::fmt;
+
+/// `owner/name` of a repository.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RepoName {
+    pub owner: String,
+    pub name: String,
+}
+
+impl RepoName {
+    pub fn full(&self) -> String {
+        format!("{}/{}", self.owner, self.name)
+    }
+
+    /// Parses `owner/name`.
+    pub fn parse(full: &str) -> Option<Self> {
+        let (owner, name) = full.split_once('/')?;
+        if owner.is_empty() || name.is_empty() || name.contains('/') {
+            return None;
+        }
+        Some(Self {
+            owner: owner.into(),
+            name: name.into(),
+        })
+    }
+}
+
+impl fmt::Display for RepoName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.owner, self.name)
+    }
+}
+
+/// Who caused the event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sender {
+    pub login: String,
+    /// `type: Bot` (GitHub Apps, including this one, and other bots).
+    pub is_bot: bool,
+}
+
+/// What every repository event carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Context {
+    /// Absent when the webhook is not an App's (a plain repository webhook).
+    pub installation_id: Option<u64>,
+    pub repo: RepoName,
+    pub default_branch: Option<String>,
+    pub sender: Sender,
+}
+
+/// An issue as far as we need it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issue {
+    pub number: u64,
+    pub title: String,
+    pub body: String,
+    /// Comments on pull requests arrive as `issue_comment` too.
+    pub is_pull_request: bool,
+}
+
+/// A slash command in a comment: `/agent <verb>` at the start of a line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Run,
+    Retry,
+    Cancel,
+    Approve,
+    Status,
+    /// `/agent <something else>`: answered with the list of commands.
+    Unknown(String),
+}
+
+impl Command {
+    /// The first `/agent …` line of a comment, if any.
+    pub fn find(body: &str) -> Option<Command> {
+        body.lines().find_map(|line| {
+            let mut words = line.split_whitespace();
+            if words.next()? != "/agent" {
+                return None;
+            }
+            let verb = words.next().unwrap_or("").to_ascii_lowercase();
+            Some(match verb.as_str() {
+                "run" => Command::Run,
+                "retry" => Command::Retry,
+                "cancel" => Command::Cancel,
+                "approve" => Command::Approve,
+                "status" => Command::Status,
+                _ => Command::Unknown(verb.chars().take(40).collect()),
+            })
+        })
+    }
+}
+
+/// The state of a submitted review.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReviewState {
+    Approved,
+    ChangesRequested,
+    Commented,
+}
+
+/// A pull request as far as reviews need it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PullRequest {
+    pub number: u64,
+    /// The head branch (the agent's branch on its own pull requests).
+    pub head_ref: String,
+    /// The pull request's author; the agent's own pull requests are by a bot.
+    pub author: String,
+}
+
+/// What an accepted delivery means.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Ping,
+    IssueLabeled {
+        ctx: Context,
+        issue: Issue,
+        label: String,
+    },
+    IssueUnlabeled {
+        ctx: Context,
+        issue: Issue,
+        label: String,
+    },
+    IssueClosed {
+        ctx: Context,
+        issue: Issue,
+    },
+    IssueReopened {
+        ctx: Context,
+        issue: Issue,
+        labels: Vec<String>,
+    },
+    Command {
+        ctx: Context,
+        issue: Issue,
+        command: Command,
+        comment_id: u64,
+    },
+    Review {
+        ctx: Context,
+        pull: PullRequest,
+        state: ReviewState,
+        body: String,
+    },
+    ReviewComment {
+        ctx: Context,
+        pull: PullRequest,
+        body: String,
+        path: String,
+        line: Option<u64>,
+    },
+    Installation {
+        installation_id: u64,
+        action: String,
+        account: String,
+    },
+    InstallationRepositories {
+        installation_id: u64,
+        added: Vec<String>,
+        removed: Vec<String>,
+    },
+}
+
+impl Event {
+    /// The repository context, when the event has one.
+    pub fn context(&self) -> Option<&Context> {
+        match self {
+            Event::IssueLabeled { ctx, .. }
+            | Event::IssueUnlabeled { ctx, .. }
+            | Event::IssueClosed { ctx, .. }
+            | Event::IssueReopened { ctx, .. }
+            | Event::Command { ctx, .. }
+            | Event::Review { ctx, .. }
+            | Event::ReviewComment { ctx, .. } => Some(ctx),
+            _ => None,
+        }
+    }
+}
+
+/// The result of parsing a verified delivery.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    Event(Box<Event>),
+    /// Verified but not something we act on; the reason is logged.
+    Ignored(&'static str),
+}
+
+fn ev(e: Event) -> Parsed {
+    Parsed::Event(Box::new(e))
+}
+
+/// A verified payload that is not what its event type promises.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot parse the {event} payload: {message}")]
+pub struct ParseError {
+    pub event: String,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+struct RawUser {
+    login: String,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawOwner {
+    login: String,
+}
+
+#[derive(Deserialize)]
+struct RawRepo {
+    name: String,
+    owner: RawOwner,
+    #[serde(default)]
+    default_branch: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawInstallationRef {
+    id: u64,
+}
+
+#[derive(Deserialize)]
+struct RawLabel {
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct RawIssue {
+    number: u64,
+    #[serde(default)]
+    title: String,
+    #[serde(default)]
+    body: Option<String>,
+    #[serde(default)]
+    pull_request: Option<serde_json::Value>,
+    #[serde(default)]
+    labels: Vec<RawLabel>,
+}
+
+#[derive(Deserialize)]
+struct RawComment {
+    id: u64,
+    #[serde(default)]
+    body: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawIssuesPayload {
+    action: String,
+    issue: RawIssue,
+    #[serde(default)]
+    label: Option<RawLabel>,
+    repository: RawRepo,
+    sender: RawUser,
+    #[serde(default)]
+    installation: Option<RawInstallationRef>,
+}
+
+#[derive(Deserialize)]
+struct RawIssueCommentPayload {
+    action: String,
+    issue: RawIssue,
+    comment: RawComment,
+    repository: RawRepo,
+    sender: RawUser,
+    #[serde(default)]
+    installation: Option<RawInstallationRef>,
+}
+
+#[derive(Deserialize)]
+struct RawRef {
+    #[serde(rename = "ref")]
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct RawPull {
+    number: u64,
+    head: RawRef,
+    user: RawUser,
+}
+
+#[derive(Deserialize)]
+struct RawReview {
+    state: String,
+    #[serde(default)]
+    body: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawReviewPayload {
+    action: String,
+    review: RawReview,
+    pull_request: RawPull,
+    repository: RawRepo,
+    sender: RawUser,
+    #[serde(default)]
+    installation: Option<RawInstallationRef>,
+}
+
+#[derive(Deserialize)]
+struct RawReviewComment {
+    #[serde(default)]
+    body: String,
+    #[serde(default)]
+    path: String,
+    #[serde(default)]
+    line: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct RawReviewCommentPayload {
+    action: String,
+    comment: RawReviewComment,
+    pull_request: RawPull,
+    repository: RawRepo,
+    sender: RawUser,
+    #[serde(default)]
+    installation: Option<RawInstallationRef>,
+}
+
+#[derive(Deserialize)]
+struct RawAccount {
+    login: String,
+}
+
+#[derive(Deserialize)]
+struct RawInstallation {
+    id: u64,
+    account: RawAccount,
+}
+
+#[derive(Deserialize)]
+struct RawInstallationPayload {
+    action: String,
+    installation: RawInstallation,
+}
+
+#[derive(Deserialize)]
+struct RawRepoRef {
+    full_name: String,
+}
+
+#[derive(Deserialize)]
+struct RawInstallationReposPayload {
+    installation: RawInstallation,
+    #[serde(default)]
+    repositories_added: Vec<RawRepoRef>,
+    #[serde(default)]
+    repositories_removed: Vec<RawRepoRef>,
+}
+
+fn context(repo: RawRepo, sender: RawUser, inst: Option<RawInstallationRef>) -> Context {
+    Context {
+        installation_id: inst.map(|i| i.id),
+        repo: RepoName {
+            owner: repo.owner.login,
+            name: repo.name,
+        },
+        default_branch: repo.default_branch,
+        sender: Sender {
+            is_bot: sender.kind.as_deref() == Some("Bot") || sender.login.ends_with("[bot]"),
+            login: sender.login,
+        },
+    }
+}
+
+fn issue(raw: RawIssue) -> (Issue, Vec<String>) {
+    let labels = raw.labels.into_iter().map(|l| l.name).collect();
+    (
+        Issue {
+            number: raw.number,
+            title: raw.title,
+            body: raw.body.unwrap_or_default(),
+            is_pull_request: raw.pull_request.is_some(),
+        },
+        labels,
+    )
+}
+
+fn pull(raw: RawPull) -> PullRequest {
+    PullRequest {
+        number: raw.number,
+        head_ref: raw.head.name,
+        author: raw.user.login,
+    }
+}
+
+/// Parses a verified delivery of event type `event` (the `X-GitHub-Event` header).
+pub fn parse(event: &str, body: &[u8]) -> Result<Parsed, ParseError> {
+    fn de<T: serde::de::DeserializeOwned>(event: &str, body: &[u8]) -> Result<T, ParseError> {
+        serde_json::from_slice(body).map_err(|e| ParseError {
+            event: event.to_string(),
+            message: e.to_string(),
+        })
+    }
+    let parsed = match event {
+        "ping" => {
+            // Any JSON object will do.
+            de::<serde_json::Map<String, serde_json::Value>>(event, body)?;
+            ev(Event::Ping)
+        }
+        "issues" => {
+            let p: RawIssuesPayload = de(event, body)?;
+            let ctx = context(p.repository, p.sender, p.installation);
+            let (issue, labels) = issue(p.issue);
+            match p.action.as_str() {
+                "labeled" | "unlabeled" => {
+                    let Some(label) = p.label else {
+                        return Err(ParseError {
+                            event: event.into(),
+                            message: format!("action {} without a label", p.action),
+                        });
+                    };
+                    if p.action == "labeled" {
+                        ev(Event::IssueLabeled {
+                            ctx,
+                            issue,
+                            label: label.name,
+                        })
+                    } else {
+                        ev(Event::IssueUnlabeled {
+                            ctx,
+                            issue,
+                            label: label.name,
+                        })
+                    }
+                }
+                "closed" => ev(Event::IssueClosed { ctx, issue }),
+                "reopened" => ev(Event::IssueReopened { ctx, issue, labels }),
+                _ => Parsed::Ignored("issues action not handled"),
+            }
+        }
+        "issue_comment" => {
+            let p: RawIssueCommentPayload = de(event, body)?;
+            if p.action != "created" {
+                return Ok(Parsed::Ignored("only new comments carry commands"));
+            }
+            let Some(command) = Command::find(p.comment.body.as_deref().unwrap_or("")) else {
+                return Ok(Parsed::Ignored("comment without an /agent command"));
+            };
+            let ctx = context(p.repository, p.sender, p.installation);
+            let (issue, _) = issue(p.issue);
+            ev(Event::Command {
+                ctx,
+                issue,
+                command,
+                comment_id: p.comment.id,
+            })
+        }
+        "pull_request_review" => {
+            let p: RawReviewPayload = de(event, body)?;
+            if p.action != "submitted" {
+                return Ok(Parsed::Ignored("review action not handled"));
+            }
+            let state = match p.review.state.to_ascii_lowercase().as_str() {
+                "approved" => ReviewState::Approved,
+                "changes_requested" => ReviewState::ChangesRequested,
+                "commented" => ReviewState::Commented,
+                _ => return Ok(Parsed::Ignored("review state not handled")),
+            };
+            ev(Event::Review {
+                ctx: context(p.repository, p.sender, p.installation),
+                pull: pull(p.pull_request),
+                state,
+                body: p.review.body.unwrap_or_default(),
+            })
+        }
+        "pull_request_review_comment" => {
+            let p: RawReviewCommentPayload = de(event, body)?;
+            if p.action != "created" {
+                return Ok(Parsed::Ignored("review comment action not handled"));
+            }
+            ev(Event::ReviewComment {
+                ctx: context(p.repository, p.sender, p.installation),
+                pull: pull(p.pull_request),
+                body: p.comment.body,
+                path: p.comment.path,
+                line: p.comment.line,
+            })
+        }
+        "installation" => {
+            let p: RawInstallationPayload = de(event, body)?;
+            ev(Event::Installation {
+                installation_id: p.installation.id,
+                action: p.action,
+                account: p.installation.account.login,
+            })
+        }
+        "installation_repositories" => {
+            let p: RawInstallationReposPayload = de(event, body)?;
+            ev(Event::InstallationRepositories {
+                installation_id: p.installation.id,
+                added: p
+                    .repositories_added
+                    .into_iter()
+                    .map(|r| r.full_name)
+                    .collect(),
+                removed: p
+                    .repositories_removed
+                    .into_iter()
+                    .map(|r| r.full_name)
+                    .collect(),
+            })
+        }
+        _ => Parsed::Ignored("event type not handled"),
+    };
+    Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn repo() -> serde_json::Value {
+        json!({"name": "r", "owner": {"login": "o"}, "default_branch": "main"})
+    }
+
+    #[test]
+    fn a_label_becomes_a_typed_event() {
+        let body = json!({
+            "action": "labeled", "label": {"name": "agent"},
+            "issue": {"number": 7, "title": "Fix", "body": null, "labels": []},
+            "repository": repo(), "sender": {"login": "u", "type": "User"},
+            "installation": {"id": 42}
+        });
+        let parsed = parse("issues", body.to_string().as_bytes()).unwrap();
+        let Parsed::Event(e) = parsed else {
+            panic!("{parsed:?}")
+        };
+        let Event::IssueLabeled { ctx, issue, label } = *e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(label, "agent");
+        assert_eq!(issue.number, 7);
+        assert_eq!(ctx.installation_id, Some(42));
+        assert_eq!(ctx.repo.full(), "o/r");
+        assert!(!ctx.sender.is_bot);
+    }
+
+    #[test]
+    fn commands_are_found_on_their_own_line() {
+        assert_eq!(
+            Command::find("please\n/agent retry now"),
+            Some(Command::Retry)
+        );
+        assert_eq!(Command::find("/agent APPROVE"), Some(Command::Approve));
+        assert_eq!(
+            Command::find("/agent frobnicate"),
+            Some(Command::Unknown("frobnicate".into()))
+        );
+        assert_eq!(Command::find("mention /agent run inline"), None);
+        assert_eq!(Command::find("/agents run"), None);
+    }
+
+    #[test]
+    fn bad_payloads_of_handled_events_are_errors_and_others_are_ignored() {
+        assert!(parse("issues", b"{}").is_err());
+        assert!(parse("issues", b"not json").is_err());
+        assert!(parse("ping", b"[]").is_err());
+        assert_eq!(
+            parse("star", b"whatever").unwrap(),
+            Parsed::Ignored("event type not handled")
+        );
+        let bot = json!({
+            "action": "created", "comment": {"id": 1, "body": "/agent run"},
+            "issue": {"number": 1, "title": "t"}, "repository": repo(),
+            "sender": {"login": "ao[bot]", "type": "Bot"}
+        });
+        let Parsed::Event(e) = parse("issue_comment", bot.to_string().as_bytes()).unwrap() else {
+            panic!()
+        };
+        let Event::Command { ctx, .. } = *e else {
+            panic!()
+        };
+        assert!(ctx.sender.is_bot);
+    }
+}

@@ -1,0 +1,237 @@
+//! `POST /webhooks/github`: the edge where GitHub's deliveries come in.
+//!
+//! In order: a webhook secret must be configured (else 401, saying so); the body is read
+//! up to `github.max_webhook_bytes` (413 above); `X-Hub-Signature-256` is checked over the
+//! raw bytes against every configured secret (401); only then is the payload parsed into
+//! a typed [`Event`] (400 when a handled event's payload does not parse). An accepted event
+//! goes onto the in-process inbox with its `X-GitHub-Delivery` id and is answered 202 at
+//! once: no GitHub API call is made in the request. The inbox's consumer
+//! ([`crate::github::handle`]) makes the delivery idempotent in the state store (a
+//! task is created together with its delivery id; other effects record theirs), so a
+//! redelivered webhook changes nothing twice. A full inbox answers 503: GitHub marks the
+//! delivery failed and the missed-delivery sweep asks for it again.
+
+pub mod event;
+pub mod signature;
+
+use crate::app::App;
+use crate::http::error::ApiError;
+use ao_shared::ids::DeliveryId;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+pub use event::Event;
+use event::Parsed;
+use secrecy::SecretString;
+use serde_json::json;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// Deliveries waiting for the consumer; beyond this the endpoint answers 503.
+pub const INBOX_CAPACITY: usize = 1024;
+/// Longest accepted delivery id (GitHub's are GUIDs).
+const MAX_DELIVERY_ID_LEN: usize = 100;
+
+/// One accepted delivery.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub id: DeliveryId,
+    /// The `X-GitHub-Event` header.
+    pub event_name: String,
+    pub event: Event,
+}
+
+/// The sending half of the inbox, and the receiving half until the consumer takes it.
+pub struct Inbox {
+    tx: mpsc::Sender<Delivery>,
+    rx: parking_lot::Mutex<Option<mpsc::Receiver<Delivery>>>,
+}
+
+impl Default for Inbox {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
+        Self {
+            tx,
+            rx: parking_lot::Mutex::new(Some(rx)),
+        }
+    }
+}
+
+impl Inbox {
+    /// The receiving half; `None` after the first call.
+    pub fn take_receiver(&self) -> Option<mpsc::Receiver<Delivery>> {
+        self.rx.lock().take()
+    }
+}
+
+fn refuse(app: &App, event: &str, result: &str, error: ApiError) -> Response {
+    app.metrics
+        .webhook_deliveries
+        .with_label_values(&[metric_event(event), result])
+        .inc();
+    error.into_response()
+}
+
+/// The event label for metrics: GitHub's event names are a fixed set of short
+/// identifiers; anything else is collapsed so that a sender cannot grow the label set.
+fn metric_event(event: &str) -> &str {
+    if !event.is_empty()
+        && event.len() <= 40
+        && event.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+    {
+        event
+    } else {
+        "other"
+    }
+}
+
+async fn secrets(app: &App) -> Result<Vec<SecretString>, ApiError> {
+    let refs = app.settings.github.webhook_secret_refs();
+    if refs.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "webhooks_disabled",
+            "no webhook secret is configured (github.webhook_secret), so no delivery can be \
+             verified and every delivery is refused",
+        ));
+    }
+    let mut out = Vec::new();
+    for r in &refs {
+        match app.secrets.resolve(r).await {
+            Ok(s) => out.push(s),
+            Err(e) => tracing::error!(error = %e, "cannot resolve a webhook secret"),
+        }
+    }
+    if out.is_empty() {
+        return Err(ApiError::unavailable(
+            "secret_unavailable",
+            "the webhook secret cannot be read right now; see the coordinator's log",
+        ));
+    }
+    Ok(out)
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The handler of `POST /webhooks/github`.
+pub async fn receive(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    let event_name = header(&headers, "x-github-event").unwrap_or("").to_string();
+    let secrets = match secrets(&app).await {
+        Ok(s) => s,
+        Err(e) => return refuse(&app, &event_name, "refused", e),
+    };
+    let limit = app.settings.github.max_webhook_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("webhook body is larger than {limit} bytes (github.max_webhook_bytes)"),
+        )
+    };
+    let declared = header(&headers, "content-length").and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return refuse(&app, &event_name, "too_large", too_large());
+    }
+    let body = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(_) => return refuse(&app, &event_name, "too_large", too_large()),
+    };
+    if let Err(e) = signature::verify(&secrets, &body, header(&headers, "x-hub-signature-256")) {
+        tracing::warn!(event = %metric_event(&event_name), error = %e, "webhook refused");
+        return refuse(
+            &app,
+            &event_name,
+            "bad_signature",
+            ApiError::new(StatusCode::UNAUTHORIZED, "bad_signature", e.to_string()),
+        );
+    }
+    let delivery = match header(&headers, "x-github-delivery") {
+        Some(d) if !d.is_empty() && d.len() <= MAX_DELIVERY_ID_LEN && d.is_ascii() => {
+            DeliveryId::new(d)
+        }
+        _ => {
+            return refuse(
+                &app,
+                &event_name,
+                "malformed",
+                ApiError::bad_request(
+                    "missing_delivery",
+                    "X-GitHub-Delivery header is missing or not a delivery id",
+                ),
+            )
+        }
+    };
+    if event_name.is_empty() {
+        return refuse(
+            &app,
+            &event_name,
+            "malformed",
+            ApiError::bad_request("missing_event", "X-GitHub-Event header is missing"),
+        );
+    }
+    let event = match event::parse(&event_name, &body) {
+        Ok(Parsed::Event(e)) => *e,
+        Ok(Parsed::Ignored(why)) => {
+            tracing::debug!(delivery = %delivery, event = %metric_event(&event_name), reason = why,
+                "webhook acknowledged and ignored");
+            app.metrics
+                .webhook_deliveries
+                .with_label_values(&[metric_event(&event_name), "ignored"])
+                .inc();
+            return (
+                StatusCode::OK,
+                Json(json!({ "status": "ignored", "reason": why })),
+            )
+                .into_response();
+        }
+        Err(e) => {
+            tracing::warn!(delivery = %delivery, error = %e, "webhook payload does not parse");
+            return refuse(
+                &app,
+                &event_name,
+                "malformed",
+                ApiError::bad_request("malformed_payload", e.to_string()),
+            );
+        }
+    };
+    if matches!(event, Event::Ping) {
+        app.metrics
+            .webhook_deliveries
+            .with_label_values(&["ping", "accepted"])
+            .inc();
+        return (StatusCode::OK, Json(json!({ "status": "pong" }))).into_response();
+    }
+    let queued = Delivery {
+        id: delivery.clone(),
+        event_name: event_name.clone(),
+        event,
+    };
+    match app.github.inbox.tx.try_send(queued) {
+        Ok(()) => {
+            app.metrics
+                .webhook_deliveries
+                .with_label_values(&[metric_event(&event_name), "accepted"])
+                .inc();
+            tracing::info!(delivery = %delivery, event = %metric_event(&event_name), "webhook accepted");
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({ "status": "accepted", "delivery": delivery.as_str() })),
+            )
+                .into_response()
+        }
+        Err(_) => refuse(
+            &app,
+            &event_name,
+            "busy",
+            ApiError::unavailable(
+                "busy",
+                "too many deliveries waiting; GitHub will show this one as failed and it is \
+                 asked for again",
+            ),
+        ),
+    }
+}

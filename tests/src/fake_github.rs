@@ -1,0 +1,1433 @@
+//! A stateful fake of GitHub for the tests: the REST routes the App uses (installations,
+//! App JWTs checked with the App's public key, installation tokens with their repository
+//! and permission scope enforced, issues, comments, labels, collaborator permissions,
+//! pull requests, reviews, contents, hook deliveries and redelivery), GraphQL's
+//! "ready for review", and real git over smart HTTP ([`git_http`]). It also plays
+//! GitHub's webhook sender: test actions (label an issue, comment, review) change the
+//! model and deliver a signed webhook to the coordinator, recording the delivery (a
+//! failed one too, as GitHub does). Tests assert on the in-memory [`Model`].
+//!
+//! Shapes follow GitHub's REST docs; only the fields the coordinator reads are filled,
+//! plus the identifying ones (`id`, `node_id`, `number`, `html_url`).
+
+mod git_http;
+
+use anyhow::{bail, Context, Result};
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, patch, post};
+use axum::{Json, Router};
+use hmac::{Hmac, KeyInit, Mac};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use sha2::Sha256;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The App's bot account, as GitHub names it.
+pub const BOT_LOGIN: &str = "agent-orchestrator[bot]";
+
+/// A permission level of a token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Perm {
+    Read,
+    Write,
+}
+
+fn perm(s: &str) -> Option<Perm> {
+    match s {
+        "read" => Some(Perm::Read),
+        "write" | "admin" => Some(Perm::Write),
+        _ => None,
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Installation {
+    pub id: u64,
+    pub account: String,
+    /// Full names of the repositories it may reach.
+    pub repos: Vec<String>,
+    /// The App's permissions on this installation (e.g. `contents` → `write`).
+    pub permissions: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Token {
+    pub installation: u64,
+    /// Repository names (without owner) the token is limited to; all when `None`.
+    pub repositories: Option<Vec<String>>,
+    pub permissions: BTreeMap<String, String>,
+}
+
+/// An access-token request as received.
+#[derive(Clone, Debug)]
+pub struct TokenRequest {
+    pub installation: u64,
+    pub body: Value,
+}
+
+#[derive(Clone, Debug)]
+pub struct Issue {
+    pub number: u64,
+    pub title: String,
+    pub body: String,
+    pub state: String,
+    pub user: String,
+    pub labels: Vec<String>,
+    /// Issue events (`labeled` and `unlabeled`), oldest first.
+    pub events: Vec<Value>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Comment {
+    pub id: u64,
+    pub repo: String,
+    pub issue: u64,
+    pub user: String,
+    pub body: String,
+    /// How often it was edited.
+    pub edits: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct Pull {
+    pub number: u64,
+    pub node_id: String,
+    pub head: String,
+    pub base: String,
+    pub title: String,
+    pub body: String,
+    pub draft: bool,
+    pub state: String,
+    pub user: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Review {
+    pub repo: String,
+    pub pull: u64,
+    pub user: String,
+    pub body: String,
+    pub event: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Repo {
+    pub full_name: String,
+    pub default_branch: String,
+    /// Role by login: `admin`, `maintain`, `write`, `triage`, `read`.
+    pub collaborators: HashMap<String, String>,
+    pub issues: BTreeMap<u64, Issue>,
+    pub pulls: BTreeMap<u64, Pull>,
+    /// Issues and pull requests share one number sequence.
+    pub next_number: u64,
+}
+
+/// One webhook delivery attempt, as `GET /app/hook/deliveries` lists it.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub id: u64,
+    pub guid: String,
+    pub event: String,
+    pub action: Option<String>,
+    /// 0 when the connection failed.
+    pub status_code: u16,
+    pub redelivery: bool,
+    pub payload: Value,
+}
+
+/// The whole in-memory state; tests read it through [`FakeGithub::model`].
+#[derive(Clone, Debug, Default)]
+pub struct Model {
+    pub installations: BTreeMap<u64, Installation>,
+    pub repos: BTreeMap<String, Repo>,
+    pub comments: BTreeMap<u64, Comment>,
+    pub reviews: Vec<Review>,
+    pub tokens: HashMap<String, Token>,
+    pub token_requests: Vec<TokenRequest>,
+    pub deliveries: Vec<Delivery>,
+    /// Why git requests were refused.
+    pub git_refusals: Vec<String>,
+    /// Every API request: `METHOD path`.
+    pub calls: Vec<String>,
+    next_id: u64,
+}
+
+impl Model {
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Comments on an issue, oldest first.
+    pub fn comments_on(&self, repo: &str, issue: u64) -> Vec<Comment> {
+        self.comments
+            .values()
+            .filter(|c| c.repo == repo && c.issue == issue)
+            .cloned()
+            .collect()
+    }
+
+    pub fn issue(&self, repo: &str, n: u64) -> Option<&Issue> {
+        self.repos.get(repo)?.issues.get(&n)
+    }
+
+    pub fn pulls(&self, repo: &str) -> Vec<Pull> {
+        self.repos
+            .get(repo)
+            .map(|r| r.pulls.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The server's shared state.
+pub struct Fake {
+    pub model: Mutex<Model>,
+    app_id: u64,
+    public_key: DecodingKey,
+    git_root: PathBuf,
+    webhook: Mutex<Option<(String, String)>>,
+    base_url: String,
+    http: reqwest::Client,
+}
+
+type ApiResult = Result<Response, (StatusCode, Json<Value>)>;
+
+fn err(status: StatusCode, message: impl Into<String>) -> (StatusCode, Json<Value>) {
+    (
+        status,
+        Json(
+            json!({ "message": message.into(), "documentation_url": "https://docs.github.com/rest" }),
+        ),
+    )
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get("authorization")?.to_str().ok()?;
+    v.strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("token "))
+        .map(str::to_string)
+}
+
+impl Fake {
+    fn check_jwt(&self, headers: &HeaderMap) -> Result<(), (StatusCode, Json<Value>)> {
+        #[derive(serde::Deserialize)]
+        struct Claims {
+            iat: u64,
+            exp: u64,
+            iss: Value,
+        }
+        let Some(jwt) = bearer(headers) else {
+            return Err(err(
+                StatusCode::UNAUTHORIZED,
+                "A JSON web token could not be decoded",
+            ));
+        };
+        let mut v = Validation::new(Algorithm::RS256);
+        v.set_required_spec_claims(&["exp", "iat", "iss"]);
+        let data = jsonwebtoken::decode::<Claims>(&jwt, &self.public_key, &v).map_err(|e| {
+            err(
+                StatusCode::UNAUTHORIZED,
+                format!("'Issued at' claim or signature: {e}"),
+            )
+        })?;
+        let c = data.claims;
+        let iss = c
+            .iss
+            .as_u64()
+            .or_else(|| c.iss.as_str().and_then(|s| s.parse().ok()));
+        if iss != Some(self.app_id) {
+            return Err(err(StatusCode::UNAUTHORIZED, "JWT issuer is not this App"));
+        }
+        if c.exp <= c.iat || c.exp - c.iat > 11 * 60 {
+            return Err(err(
+                StatusCode::UNAUTHORIZED,
+                "'Expiration time' claim ('exp') is too far in the future",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a token against a repository (`owner/name`) and a permission.
+    pub fn check_token(
+        &self,
+        token: &str,
+        repo: &str,
+        permission: &str,
+        need: Perm,
+    ) -> Result<u64, (u16, String)> {
+        let m = self.model.lock();
+        let Some(t) = m.tokens.get(token) else {
+            return Err((401, "Bad credentials".into()));
+        };
+        let inst = &m.installations[&t.installation];
+        if !inst.repos.iter().any(|r| r == repo) {
+            return Err((404, format!("{repo} is not in the installation")));
+        }
+        let name = repo.split_once('/').map(|(_, n)| n).unwrap_or(repo);
+        if let Some(only) = &t.repositories {
+            if !only.iter().any(|r| r == name) {
+                return Err((404, format!("the token is not scoped to {repo}")));
+            }
+        }
+        let have = t.permissions.get(permission).and_then(|p| perm(p));
+        if have.is_none_or(|h| h < need) {
+            return Err((
+                403,
+                format!("Resource not accessible by integration ({permission}: {need:?} needed)"),
+            ));
+        }
+        Ok(t.installation)
+    }
+
+    fn auth(
+        &self,
+        headers: &HeaderMap,
+        repo: &str,
+        permission: &str,
+        need: Perm,
+    ) -> Result<u64, (StatusCode, Json<Value>)> {
+        let token = bearer(headers)
+            .ok_or_else(|| err(StatusCode::UNAUTHORIZED, "Requires authentication"))?;
+        self.check_token(&token, repo, permission, need)
+            .map_err(|(s, m)| err(StatusCode::from_u16(s).unwrap_or(StatusCode::FORBIDDEN), m))
+    }
+
+    fn record(&self, method: &Method, uri: &Uri) {
+        self.model
+            .lock()
+            .calls
+            .push(format!("{method} {}", uri.path()));
+    }
+
+    fn issue_json(&self, repo: &str, i: &Issue) -> Value {
+        json!({
+            "id": i.number * 1000, "node_id": format!("I_{}", i.number), "number": i.number,
+            "title": i.title, "body": i.body, "state": i.state,
+            "html_url": format!("{}/{repo}/issues/{}", self.base_url, i.number),
+            "user": { "login": i.user, "type": "User" },
+            "labels": i.labels.iter().map(|l| json!({ "name": l })).collect::<Vec<_>>(),
+        })
+    }
+
+    fn repo_json(&self, r: &Repo) -> Value {
+        let (owner, name) = r.full_name.split_once('/').unwrap_or(("", ""));
+        json!({
+            "id": 1, "node_id": "R_1", "name": name, "full_name": r.full_name, "private": true,
+            "owner": { "login": owner, "type": "Organization" },
+            "default_branch": r.default_branch,
+            "clone_url": format!("{}/{}.git", self.base_url, r.full_name),
+        })
+    }
+
+    fn pull_json(&self, repo: &str, p: &Pull) -> Value {
+        json!({
+            "id": p.number * 1000, "node_id": p.node_id, "number": p.number, "title": p.title,
+            "body": p.body, "draft": p.draft, "state": p.state,
+            "html_url": format!("{}/{repo}/pull/{}", self.base_url, p.number),
+            "head": { "ref": p.head, "label": format!("{}:{}", repo.split('/').next().unwrap_or(""), p.head) },
+            "base": { "ref": p.base },
+            "user": { "login": p.user, "type": "Bot" },
+        })
+    }
+}
+
+/// The running fake.
+pub struct FakeGithub {
+    pub fake: Arc<Fake>,
+    pub url: String,
+    pub app_id: u64,
+    /// The App's private key file (PEM), generated for this run.
+    pub private_key_path: PathBuf,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeGithub {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// Makes an RSA key pair with openssl (PKCS#1, as GitHub hands them out); returns the
+/// private key's path and the public key in PEM.
+pub fn generate_app_key(dir: &FsPath) -> Result<(PathBuf, String)> {
+    let key = dir.join("app-private-key.pem");
+    let out = std::process::Command::new("openssl")
+        .args(["genrsa", "-traditional", "-out"])
+        .arg(&key)
+        .arg("2048")
+        .output()
+        .context("openssl runs")?;
+    if !out.status.success() {
+        bail!("openssl genrsa: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = std::process::Command::new("openssl")
+        .args(["rsa", "-pubout", "-in"])
+        .arg(&key)
+        .output()
+        .context("openssl runs")?;
+    if !out.status.success() {
+        bail!("openssl rsa: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((key, String::from_utf8(out.stdout)?))
+}
+
+/// `sha256=<hex>` of `body` with `secret`, as GitHub signs deliveries.
+pub fn sign(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+impl FakeGithub {
+    /// Starts the fake with its git repositories under `dir`.
+    pub async fn start(dir: &FsPath, app_id: u64) -> Result<Self> {
+        let (private_key_path, public_pem) = generate_app_key(dir)?;
+        let git_root = dir.join("github-git");
+        std::fs::create_dir_all(&git_root)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let fake = Arc::new(Fake {
+            model: Mutex::new(Model::default()),
+            app_id,
+            public_key: DecodingKey::from_rsa_pem(public_pem.as_bytes())?,
+            git_root,
+            webhook: Mutex::new(None),
+            base_url: url.clone(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(15))
+                .build()?,
+        });
+        let app = router(fake.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self {
+            fake,
+            url,
+            app_id,
+            private_key_path,
+            server,
+        })
+    }
+
+    /// A copy of the model.
+    pub fn model(&self) -> Model {
+        self.fake.model.lock().clone()
+    }
+
+    /// Where webhooks go, and the secret they are signed with.
+    pub fn set_webhook(&self, url: &str, secret: &str) {
+        *self.fake.webhook.lock() = Some((url.to_string(), secret.to_string()));
+    }
+
+    /// An installation of the App with GitHub's usual permissions for such an App.
+    pub fn add_installation(&self, id: u64, account: &str) {
+        let permissions = [
+            ("contents", "write"),
+            ("issues", "write"),
+            ("pull_requests", "write"),
+            ("metadata", "read"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        self.fake.model.lock().installations.insert(
+            id,
+            Installation {
+                id,
+                account: account.into(),
+                repos: Vec::new(),
+                permissions,
+            },
+        );
+    }
+
+    /// A repository with one commit on `main` holding `files`, reachable by `installation`.
+    pub fn add_repo(&self, installation: u64, full_name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let (owner, name) = full_name.split_once('/').expect("owner/name");
+        let owner_dir = self.fake.git_root.join(owner);
+        std::fs::create_dir_all(&owner_dir).expect("owner dir");
+        let bare = crate::bare_repo(&owner_dir, name, files);
+        let mut m = self.fake.model.lock();
+        m.repos.insert(
+            full_name.to_string(),
+            Repo {
+                full_name: full_name.into(),
+                default_branch: "main".into(),
+                collaborators: HashMap::new(),
+                issues: BTreeMap::new(),
+                pulls: BTreeMap::new(),
+                next_number: 1,
+            },
+        );
+        if let Some(i) = m.installations.get_mut(&installation) {
+            i.repos.push(full_name.into());
+        }
+        bare
+    }
+
+    /// The bare repository behind `full_name`.
+    pub fn repo_path(&self, full_name: &str) -> PathBuf {
+        self.fake.git_root.join(format!("{full_name}.git"))
+    }
+
+    pub fn set_role(&self, repo: &str, user: &str, role: &str) {
+        self.fake
+            .model
+            .lock()
+            .repos
+            .get_mut(repo)
+            .expect("repo")
+            .collaborators
+            .insert(user.into(), role.into());
+    }
+
+    /// Opens an issue (no webhook: tests label it next).
+    pub fn open_issue(&self, repo: &str, title: &str, body: &str, user: &str) -> u64 {
+        let mut m = self.fake.model.lock();
+        let r = m.repos.get_mut(repo).expect("repo");
+        let n = r.next_number;
+        r.next_number += 1;
+        r.issues.insert(
+            n,
+            Issue {
+                number: n,
+                title: title.into(),
+                body: body.into(),
+                state: "open".into(),
+                user: user.into(),
+                labels: Vec::new(),
+                events: Vec::new(),
+            },
+        );
+        n
+    }
+
+    fn sender(login: &str) -> Value {
+        let bot = login.ends_with("[bot]");
+        json!({ "login": login, "id": 5, "type": if bot { "Bot" } else { "User" } })
+    }
+
+    fn base_payload(
+        &self,
+        repo: &str,
+        installation: u64,
+        sender: &str,
+    ) -> serde_json::Map<String, Value> {
+        let m = self.fake.model.lock();
+        let r = &m.repos[repo];
+        let mut p = serde_json::Map::new();
+        p.insert("repository".into(), self.fake.repo_json(r));
+        p.insert("sender".into(), Self::sender(sender));
+        p.insert(
+            "installation".into(),
+            json!({ "id": installation, "node_id": "MDIz" }),
+        );
+        p
+    }
+
+    fn installation_of(&self, repo: &str) -> u64 {
+        let m = self.fake.model.lock();
+        m.installations
+            .values()
+            .find(|i| i.repos.iter().any(|r| r == repo))
+            .map(|i| i.id)
+            .expect("repository is installed")
+    }
+
+    /// Labels an issue as `sender` and delivers `issues.labeled`; returns the delivery's
+    /// HTTP status (0: not delivered).
+    pub async fn label_issue(&self, repo: &str, issue: u64, label: &str, sender: &str) -> u16 {
+        let inst = self.installation_of(repo);
+        let issue_json = {
+            let mut m = self.fake.model.lock();
+            let id = m.id();
+            let i = m
+                .repos
+                .get_mut(repo)
+                .and_then(|r| r.issues.get_mut(&issue))
+                .expect("issue");
+            if !i.labels.iter().any(|l| l == label) {
+                i.labels.push(label.into());
+            }
+            i.events.push(
+                json!({ "id": id, "event": "labeled", "label": { "name": label },
+                                   "actor": Self::sender(sender) }),
+            );
+            let i = i.clone();
+            self.fake.issue_json(repo, &i)
+        };
+        let mut p = self.base_payload(repo, inst, sender);
+        p.insert("action".into(), json!("labeled"));
+        p.insert("issue".into(), issue_json);
+        p.insert("label".into(), json!({ "name": label, "color": "ededed" }));
+        self.deliver("issues", Value::Object(p)).await
+    }
+
+    /// Comments on an issue (or pull request) as `sender` and delivers `issue_comment`.
+    pub async fn comment(&self, repo: &str, issue: u64, body: &str, sender: &str) -> u16 {
+        let inst = self.installation_of(repo);
+        let (comment_id, issue_json) = {
+            let mut m = self.fake.model.lock();
+            let id = m.id();
+            m.comments.insert(
+                id,
+                Comment {
+                    id,
+                    repo: repo.into(),
+                    issue,
+                    user: sender.into(),
+                    body: body.into(),
+                    edits: 0,
+                },
+            );
+            let r = &m.repos[repo];
+            let issue_json = match r.issues.get(&issue) {
+                Some(i) => self.fake.issue_json(repo, i),
+                None => {
+                    let p = r.pulls.get(&issue).expect("issue or pull request");
+                    let mut v = json!({ "number": p.number, "title": p.title, "body": p.body,
+                                        "state": p.state, "labels": [] });
+                    v["pull_request"] = json!({ "url": "x" });
+                    v
+                }
+            };
+            (id, issue_json)
+        };
+        let mut p = self.base_payload(repo, inst, sender);
+        p.insert("action".into(), json!("created"));
+        p.insert("issue".into(), issue_json);
+        p.insert(
+            "comment".into(),
+            json!({ "id": comment_id, "body": body,
+                                           "user": Self::sender(sender) }),
+        );
+        self.deliver("issue_comment", Value::Object(p)).await
+    }
+
+    /// Submits a review on a pull request and delivers `pull_request_review.submitted`.
+    pub async fn review(
+        &self,
+        repo: &str,
+        pull: u64,
+        state: &str,
+        body: &str,
+        sender: &str,
+    ) -> u16 {
+        let inst = self.installation_of(repo);
+        let pr = {
+            let mut m = self.fake.model.lock();
+            let p = m.repos[repo]
+                .pulls
+                .get(&pull)
+                .cloned()
+                .expect("pull request");
+            m.reviews.push(Review {
+                repo: repo.into(),
+                pull,
+                user: sender.into(),
+                body: body.into(),
+                event: state.to_ascii_uppercase(),
+            });
+            self.fake.pull_json(repo, &p)
+        };
+        let mut p = self.base_payload(repo, inst, sender);
+        p.insert("action".into(), json!("submitted"));
+        p.insert(
+            "review".into(),
+            json!({ "id": 77, "body": body, "state": state,
+                                          "user": Self::sender(sender) }),
+        );
+        p.insert("pull_request".into(), pr);
+        self.deliver("pull_request_review", Value::Object(p)).await
+    }
+
+    /// Delivers a webhook as GitHub does, recording the attempt.
+    pub async fn deliver(&self, event: &str, payload: Value) -> u16 {
+        let guid = uuid::Uuid::new_v4().to_string();
+        deliver(&self.fake, event, &guid, payload, false).await
+    }
+}
+
+async fn deliver(
+    fake: &Arc<Fake>,
+    event: &str,
+    guid: &str,
+    payload: Value,
+    redelivery: bool,
+) -> u16 {
+    let target = fake.webhook.lock().clone();
+    let body = payload.to_string();
+    let status = match &target {
+        Some((url, secret)) => {
+            let sent = fake
+                .http
+                .post(url)
+                .header("content-type", "application/json")
+                .header("x-github-event", event)
+                .header("x-github-delivery", guid)
+                .header("x-hub-signature-256", sign(secret, body.as_bytes()))
+                .header("user-agent", "GitHub-Hookshot/fake")
+                .body(body)
+                .send()
+                .await;
+            sent.map(|r| r.status().as_u16()).unwrap_or(0)
+        }
+        None => 0,
+    };
+    let mut m = fake.model.lock();
+    let id = m.id();
+    m.deliveries.push(Delivery {
+        id,
+        guid: guid.into(),
+        event: event.into(),
+        action: payload["action"].as_str().map(str::to_string),
+        status_code: status,
+        redelivery,
+        payload,
+    });
+    status
+}
+
+fn router(fake: Arc<Fake>) -> Router {
+    Router::new()
+        .route("/app/installations", get(list_installations))
+        .route("/app/installations/{id}/access_tokens", post(access_token))
+        .route("/app/hook/deliveries", get(list_deliveries))
+        .route("/app/hook/deliveries/{id}/attempts", post(redeliver))
+        .route("/installation/repositories", get(installation_repositories))
+        .route(
+            "/repos/{o}/{r}/collaborators/{u}/permission",
+            get(permission),
+        )
+        .route("/repos/{o}/{r}/issues", get(list_issues))
+        .route(
+            "/repos/{o}/{r}/issues/{n}/comments",
+            post(create_comment).get(list_comments),
+        )
+        .route("/repos/{o}/{r}/issues/comments/{id}", patch(edit_comment))
+        .route("/repos/{o}/{r}/issues/{n}/labels", post(add_labels))
+        .route(
+            "/repos/{o}/{r}/issues/{n}/labels/{name}",
+            delete(remove_label),
+        )
+        .route("/repos/{o}/{r}/issues/{n}/events", get(issue_events))
+        .route("/repos/{o}/{r}/pulls", post(create_pull).get(list_pulls))
+        .route("/repos/{o}/{r}/pulls/{n}", get(get_pull))
+        .route("/repos/{o}/{r}/pulls/{n}/reviews", post(create_review))
+        .route("/repos/{o}/{r}/contents/{*path}", get(contents))
+        .route("/graphql", post(graphql))
+        .fallback(git_or_404)
+        .with_state(fake)
+}
+
+type S = State<Arc<Fake>>;
+
+async fn git_or_404(
+    State(f): S,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if uri.path().contains(".git/") {
+        return git_http::serve(f, method, uri, headers, body).await;
+    }
+    f.record(&method, &uri);
+    err(
+        StatusCode::NOT_FOUND,
+        format!("Not Found: {method} {}", uri.path()),
+    )
+    .into_response()
+}
+
+async fn list_installations(
+    State(f): S,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+) -> ApiResult {
+    f.record(&method, &uri);
+    f.check_jwt(&headers)?;
+    let m = f.model.lock();
+    let list: Vec<Value> = m
+        .installations
+        .values()
+        .map(|i| json!({ "id": i.id, "account": { "login": i.account }, "permissions": i.permissions }))
+        .collect();
+    Ok(Json(Value::Array(list)).into_response())
+}
+
+async fn access_token(
+    State(f): S,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> ApiResult {
+    f.record(&method, &uri);
+    f.check_jwt(&headers)?;
+    let body: Value = if body.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(&body).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?
+    };
+    let mut m = f.model.lock();
+    m.token_requests.push(TokenRequest {
+        installation: id,
+        body: body.clone(),
+    });
+    let Some(inst) = m.installations.get(&id).cloned() else {
+        return Err(err(StatusCode::NOT_FOUND, "Not Found"));
+    };
+    let repositories = match body.get("repositories") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) => {
+            let names: Vec<String> = a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
+            for n in &names {
+                if !inst
+                    .repos
+                    .iter()
+                    .any(|r| r.split_once('/').map(|(_, x)| x) == Some(n.as_str()))
+                {
+                    return Err(err(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        format!("There is at least one repository that does not exist or is not accessible to the parent installation: {n}"),
+                    ));
+                }
+            }
+            Some(names)
+        }
+        Some(_) => {
+            return Err(err(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "repositories must be an array",
+            ))
+        }
+    };
+    let mut permissions = inst.permissions.clone();
+    if let Some(asked) = body.get("permissions").and_then(Value::as_object) {
+        permissions = BTreeMap::new();
+        for (k, v) in asked {
+            let v = v.as_str().unwrap_or("");
+            let have = inst.permissions.get(k).and_then(|p| perm(p));
+            if perm(v).is_none() || have.is_none_or(|h| Some(h) < perm(v)) {
+                return Err(err(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!(
+                        "The permissions requested are not granted to this installation: {k}={v}"
+                    ),
+                ));
+            }
+            permissions.insert(k.clone(), v.to_string());
+        }
+    }
+    let token = format!("ghs_{}", uuid::Uuid::new_v4().simple());
+    m.tokens.insert(
+        token.clone(),
+        Token {
+            installation: id,
+            repositories: repositories.clone(),
+            permissions: permissions.clone(),
+        },
+    );
+    let expires = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    let expires = expires
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "token": token, "expires_at": expires, "permissions": permissions,
+                     "repository_selection": if repositories.is_some() { "selected" } else { "all" } })),
+    )
+        .into_response())
+}
+
+async fn list_deliveries(State(f): S, headers: HeaderMap, method: Method, uri: Uri) -> ApiResult {
+    f.record(&method, &uri);
+    f.check_jwt(&headers)?;
+    let m = f.model.lock();
+    let list: Vec<Value> = m
+        .deliveries
+        .iter()
+        .rev()
+        .map(|d| {
+            json!({ "id": d.id, "guid": d.guid, "event": d.event, "action": d.action,
+                    "status_code": d.status_code, "redelivery": d.redelivery,
+                    "status": if (200..300).contains(&d.status_code) { "OK" } else { "failed" },
+                    "delivered_at": "2026-01-01T00:00:00Z", "duration": 0.1,
+                    "installation_id": d.payload["installation"]["id"],
+                    "repository_id": 1 })
+        })
+        .collect();
+    Ok(Json(Value::Array(list)).into_response())
+}
+
+async fn redeliver(
+    State(f): S,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+) -> ApiResult {
+    f.record(&method, &uri);
+    f.check_jwt(&headers)?;
+    let d = f
+        .model
+        .lock()
+        .deliveries
+        .iter()
+        .find(|d| d.id == id)
+        .cloned()
+        .ok_or_else(|| err(StatusCode::NOT_FOUND, "Not Found"))?;
+    let fake = f.clone();
+    // GitHub answers at once and delivers in the background.
+    tokio::spawn(async move {
+        deliver(&fake, &d.event, &d.guid, d.payload, true).await;
+    });
+    Ok((StatusCode::ACCEPTED, Json(json!({}))).into_response())
+}
+
+async fn installation_repositories(
+    State(f): S,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+) -> ApiResult {
+    f.record(&method, &uri);
+    let token =
+        bearer(&headers).ok_or_else(|| err(StatusCode::UNAUTHORIZED, "Requires authentication"))?;
+    let m = f.model.lock();
+    let t = m
+        .tokens
+        .get(&token)
+        .ok_or_else(|| err(StatusCode::UNAUTHORIZED, "Bad credentials"))?;
+    let inst = &m.installations[&t.installation];
+    let repos: Vec<Value> = inst
+        .repos
+        .iter()
+        .filter(|full| {
+            t.repositories.as_ref().is_none_or(|only| {
+                only.iter()
+                    .any(|n| full.split_once('/').map(|(_, x)| x) == Some(n.as_str()))
+            })
+        })
+        .filter_map(|full| m.repos.get(full))
+        .map(|r| f.repo_json(r))
+        .collect();
+    Ok(Json(json!({ "total_count": repos.len(), "repositories": repos })).into_response())
+}
+
+async fn permission(
+    State(f): S,
+    Path((o, r, u)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+) -> ApiResult {
+    f.record(&method, &uri);
+    let repo = format!("{o}/{r}");
+    f.auth(&headers, &repo, "metadata", Perm::Read)?;
+    let m = f.model.lock();
+    let role = m
+        .repos
+        .get(&repo)
+        .and_then(|r| r.collaborators.get(&u))
+        .cloned();
+    let Some(role) = role else {
+        return Err(err(StatusCode::NOT_FOUND, format!("{u} is not a user")));
+    };
+    let permission = match role.as_str() {
+        "admin" => "admin",
+        "maintain" | "write" => "write",
+        "triage" | "read" => "read",
+        _ => "none",
+    };
+    Ok(Json(json!({ "permission": permission, "role_name": role,
+                    "user": { "login": u, "type": "User" } }))
+    .into_response())
+}
+
+async fn list_issues(
+    State(f): S,
+    Path((o, r)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+) -> ApiResult {
+    f.record(&method, &uri);
+    let repo = format!("{o}/{r}");
+    f.auth(&headers, &repo, "issues", Perm::Read)?;
+    let m = f.model.lock();
+    let state = q.get("state").cloned().unwrap_or_else(|| "open".into());
+    let want: Vec<String> = q
+        .get("labels")
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .unwrap_or_default();
+    let list: Vec<Value> = m.repos[&repo]
+        .issues
+        .values()
+        .filter(|i| state == "all" || i.state == state)
+        .filter(|i| want.iter().all(|w| i.labels.contains(w)))
+        .map(|i| f.issue_json(&repo, i))
+        .collect();
+    Ok(Json(Value::Array(list)).into_response())
+}
+
+async fn issue_events(
+    State(f): S,
+    Path((o, r, n)): Path<(String, String, u64)>,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+) -> ApiResult {
+    f.record(&method, &uri);
+    let repo = format!("{o}/{r}");
+    f.auth(&headers, &repo, "issues", Perm::Read)?;
+    let m = f.model.lock();
+    let i = m
+        .issue(&repo, n)
+        .ok_or_else(|| err(StatusCode::NOT_FOUND, "Not Found"))?;
+    Ok(Json(Value::Array(i.events.clone())).into_response())
+}
+
+fn body_field(body: &Bytes) -> Result<Value, (StatusCode, Json<Value>)> {
+    serde_json::from_slice(body).map_err(|e| {
+        err(
+            StatusCode::BAD_REQUEST,
+            format!("Problems parsing JSON: {e}"),
+        )
+    })
+}
+
+async fn create_comment(
+    State(f): S,
+    Path((o, r, n)): Path<(String, String, u64)>,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> ApiResult {
+    f.record(&method, &uri);
+    let repo = format!("{o}/{r}");
+    f.auth(&headers, &repo, "issues", Perm::Write)?;
+    let v = body_field(&body)?;
+    let text = v["body"]
+        .as_str()
+        .ok_or_else(|| err(StatusCode::UNPROCESSABLE_ENTITY, "body is missing"))?;
+    let mut m = f.model.lock();
+    let known = m
+        .repos
+        .get(&repo)
+        .is_some_and(|x| x.issues.contains_key(&n) || x.pulls.contains_key(&n));
+    if !known {
+        return Err(err(StatusCode::NOT_FOUND, "Not Found"));
+    }
+    let id = m.id();
+    m.comments.insert(
+        id,
+        Comment {
+            id,
+            repo: repo.clone(),
+            issue: n,
+            user: BOT_LOGIN.into(),
+            body: text.into(),
+            edits: 0,
+        },
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": id, "body": text, "user": { "login": BOT_LOGIN, "type": "Bot" } })),
+    )
+        .into_response())
+}
+
+async fn list_comments(
+    State(f): S,
+    Path((o, r, n)): Path<(String, String, u64)>,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+) -> ApiResult {
+    f.record(&method, &uri);
+    let repo = format!("{o}/{r}");
+    f.auth(&headers, &repo, "issues", Perm::Read)?;
+    let m = f.model.lock();
+    let list: Vec<Value> = m
+        .comments_on(&repo, n)
+        .iter()
+        .map(|c| json!({ "id": c.id, "body": c.body, "user": { "login": c.user } }))
+        .collect();
+    Ok(Json(Value::Array(list)).into_response())
+}
+
+async fn edit_comment(
+    State(f): S,
+    Path((o, r, id)): Path<(String, String, u64)>,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> ApiResult {
+    f.record(&method, &uri);
+    let repo = format!("{o}/{r}");
+    f.auth(&headers, &repo, "issues", Perm::Write)?;
+    let v = body_field(&body)?;
+    let text = v["body"]
+        .as_str()
+        .ok_or_else(|| err(StatusCode::UNPROCESSABLE_ENTITY, "body is missing"))?;
+    let mut m = f.model.lock();
+    let c = m
+        .comments
+        .get_mut(&id)
+        .filter(|c| c.repo == repo)
+        .ok_or_else(|| err(StatusCode::NOT_FOUND, "Not Found"))?;
+    if c.user != BOT_LOGIN {
+        return Err(err(
+            StatusCode::FORBIDDEN,
+            "an App may edit only its own comments",
+        ));
+    }
+    c.body = text.into();
+    c.edits += 1;
+    Ok(Json(json!({ "id": id, "body": text })).into_response())
+}
+
+async fn add_labels(
+    State(f): S,
+    Path((o, r, n)): Path<(String, String, u64)>,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> ApiResult {
+    f.record(&method, &uri);
+    let repo = format!("{o}/{r}");
+    f.auth(&headers, &repo, "issues", Perm::Write)?;
+    let v = body_field(&body)?;
+    let labels: Vec<String> = v["labels"]
+        .as_array()
+        .ok_or_else(|| err(StatusCode::UNPROCESSABLE_ENTITY, "labels must be an array"))?
+        .iter()
+        .filter_map(|l| l.as_str().map(str::to_string))
+        .collect();
+    let mut m = f.model.lock();
+    let issue = m
+        .repos
+        .get_mut(&repo)
+        .and_then(|x| x.issues.get_mut(&n))
+        .ok_or_else(|| err(StatusCode::NOT_FOUND, "Not Found"))?;
+    for l in labels {
+        if !issue.labels.contains(&l) {
+            issue.labels.push(l.clone());
+            issue
+                .events
+                .push(json!({ "event": "labeled", "label": { "name": l },
+                                      "actor": { "login": BOT_LOGIN, "type": "Bot" } }));
+        }
+    }
+    let out: Vec<Value> = issue.labels.iter().map(|l| json!({ "name": l })).collect();
+    Ok(Json(Value::Array(out)).into_response())
+}
+
+async fn remove_label(
+    State(f): S,
+    Path((o, r, n, name)): Path<(String, String, u64, String)>,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+) -> ApiResult {
+    f.record(&method, &uri);
+    let repo = format!("{o}/{r}");
+    f.auth(&headers, &repo, "issues", Perm::Write)?;
+    let mut m = f.model.lock();
+    let issue = m
+        .repos
+        .get_mut(&repo)
+        .and_then(|x| x.issues.get_mut(&n))
+        .ok_or_else(|| err(StatusCode::NOT_FOUND, "Not Found"))?;
+    if !issue.labels.contains(&name) {
+        return Err(err(StatusCode::NOT_FOUND, "Label does not exist"));
+    }
+    issue.labels.retain(|l| *l != name);
+    let out: Vec<Value> = issue.labels.iter().map(|l| json!({ "name": l })).collect();
+    Ok(Json(Value::Array(out)).into_response())
+}
+
+fn branch_exists(f: &Fake, repo: &str, branch: &str) -> bool {
+    std::process::Command::new("git")
+        .arg("--git-dir")
+        .arg(f.git_root.join(format!("{repo}.git")))
+        .args(["rev-parse", "--verify", "--quiet"])
+        .arg(format!("refs/heads/{branch}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+async fn create_pull(
+    State(f): S,
+    Path((o, r)): Path<(String, String)>,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> ApiResult {
+    f.record(&method, &uri);
+    let repo = format!("{o}/{r}");
+    f.auth(&headers, &repo, "pull_requests", Perm::Write)?;
+    let v = body_field(&body)?;
+    let (Some(head), Some(base), Some(title)) =
+        (v["head"].as_str(), v["base"].as_str(), v["title"].as_str())
+    else {
+        return Err(err(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "head, base and title are required",
+        ));
+    };
+    let head = head
+        .split_once(':')
+        .map(|(_, b)| b)
+        .unwrap_or(head)
+        .to_string();
+    if !branch_exists(&f, &repo, &head) || !branch_exists(&f, &repo, base) {
+        return Err(err(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Validation Failed: head or base does not exist",
+        ));
+    }
+    let mut m = f.model.lock();
+    let x = m
+        .repos
+        .get_mut(&repo)
+        .ok_or_else(|| err(StatusCode::NOT_FOUND, "Not Found"))?;
+    if x.pulls
+        .values()
+        .any(|p| p.head == head && p.state == "open")
+    {
+        return Err(err(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("A pull request already exists for {o}:{head}."),
+        ));
+    }
+    let n = x.next_number;
+    x.next_number += 1;
+    let p = Pull {
+        number: n,
+        node_id: format!("PR_{n}"),
+        head,
+        base: base.into(),
+        title: title.into(),
+        body: v["body"].as_str().unwrap_or("").into(),
+        draft: v["draft"].as_bool().unwrap_or(false),
+        state: "open".into(),
+        user: BOT_LOGIN.into(),
+    };
+    x.pulls.insert(n, p.clone());
+    Ok((StatusCode::CREATED, Json(f.pull_json(&repo, &p))).into_response())
+}
+
+async fn list_pulls(
+    State(f): S,
+    Path((o, r)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+) -> ApiResult {
+    f.record(&method, &uri);
+    let repo = format!("{o}/{r}");
+    f.auth(&headers, &repo, "pull_requests", Perm::Read)?;
+    let m = f.model.lock();
+    let state = q.get("state").cloned().unwrap_or_else(|| "open".into());
+    let head = q.get("head").map(|h| {
+        h.split_once(':')
+            .map(|(_, b)| b.to_string())
+            .unwrap_or(h.clone())
+    });
+    let list: Vec<Value> = m.repos[&repo]
+        .pulls
+        .values()
+        .filter(|p| state == "all" || p.state == state)
+        .filter(|p| head.as_ref().is_none_or(|h| *h == p.head))
+        .map(|p| f.pull_json(&repo, p))
+        .collect();
+    Ok(Json(Value::Array(list)).into_response())
+}
+
+async fn get_pull(
+    State(f): S,
+    Path((o, r, n)): Path<(String, String, u64)>,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+) -> ApiResult {
+    f.record(&method, &uri);
+    let repo = format!("{o}/{r}");
+    f.auth(&headers, &repo, "pull_requests", Perm::Read)?;
+    let m = f.model.lock();
+    let p = m.repos[&repo]
+        .pulls
+        .get(&n)
+        .ok_or_else(|| err(StatusCode::NOT_FOUND, "Not Found"))?;
+    Ok(Json(f.pull_json(&repo, p)).into_response())
+}
+
+async fn create_review(
+    State(f): S,
+    Path((o, r, n)): Path<(String, String, u64)>,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> ApiResult {
+    f.record(&method, &uri);
+    let repo = format!("{o}/{r}");
+    f.auth(&headers, &repo, "pull_requests", Perm::Write)?;
+    let v = body_field(&body)?;
+    let event = v["event"].as_str().unwrap_or("COMMENT").to_string();
+    if !["COMMENT", "APPROVE", "REQUEST_CHANGES"].contains(&event.as_str()) {
+        return Err(err(StatusCode::UNPROCESSABLE_ENTITY, "event is not valid"));
+    }
+    let mut m = f.model.lock();
+    if !m.repos[&repo].pulls.contains_key(&n) {
+        return Err(err(StatusCode::NOT_FOUND, "Not Found"));
+    }
+    let id = m.id();
+    m.reviews.push(Review {
+        repo,
+        pull: n,
+        user: BOT_LOGIN.into(),
+        body: v["body"].as_str().unwrap_or("").into(),
+        event: event.clone(),
+    });
+    Ok(
+        Json(json!({ "id": id, "state": if event == "COMMENT" { "COMMENTED" } else { &event } }))
+            .into_response(),
+    )
+}
+
+async fn contents(
+    State(f): S,
+    Path((o, r, path)): Path<(String, String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+) -> ApiResult {
+    use base64::Engine;
+    f.record(&method, &uri);
+    let repo = format!("{o}/{r}");
+    f.auth(&headers, &repo, "contents", Perm::Read)?;
+    let reference = q.get("ref").cloned().unwrap_or_else(|| "main".into());
+    let out = std::process::Command::new("git")
+        .arg("--git-dir")
+        .arg(f.git_root.join(format!("{repo}.git")))
+        .arg("show")
+        .arg(format!("{reference}:{path}"))
+        .output()
+        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    if !out.status.success() {
+        return Err(err(StatusCode::NOT_FOUND, "Not Found"));
+    }
+    let content = base64::engine::general_purpose::STANDARD.encode(&out.stdout);
+    Ok(Json(
+        json!({ "type": "file", "encoding": "base64", "path": path, "content": content,
+                    "size": out.stdout.len() }),
+    )
+    .into_response())
+}
+
+async fn graphql(
+    State(f): S,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> ApiResult {
+    f.record(&method, &uri);
+    let v = body_field(&body)?;
+    let query = v["query"].as_str().unwrap_or("");
+    if !query.contains("markPullRequestReadyForReview") {
+        return Ok(Json(json!({ "errors": [{ "message": "the fake knows only markPullRequestReadyForReview" }] })).into_response());
+    }
+    let node = v["variables"]["id"].as_str().unwrap_or("").to_string();
+    let repo = {
+        let m = f.model.lock();
+        m.repos
+            .values()
+            .find(|r| r.pulls.values().any(|p| p.node_id == node))
+            .map(|r| r.full_name.clone())
+    };
+    let Some(repo) = repo else {
+        return Ok(Json(json!({ "errors": [{ "message": format!("Could not resolve to a node with the global id of '{node}'") }] })).into_response());
+    };
+    f.auth(&headers, &repo, "pull_requests", Perm::Write)?;
+    let mut m = f.model.lock();
+    if let Some(p) = m
+        .repos
+        .get_mut(&repo)
+        .and_then(|r| r.pulls.values_mut().find(|p| p.node_id == node))
+    {
+        p.draft = false;
+    }
+    Ok(Json(json!({ "data": { "markPullRequestReadyForReview": { "pullRequest": { "isDraft": false } } } })).into_response())
+}
+
+/// The webhook secret the GitHub tests use.
+pub const WEBHOOK_SECRET: &str = "test-webhook-secret-42";
+
+impl FakeGithub {
+    /// Settings that point a coordinator or worker at this fake as its GitHub App.
+    pub fn settings(&self) -> Vec<(String, String)> {
+        [
+            (
+                "AO__GITHUB__WEBHOOK_SECRET",
+                "env:AO_TEST_WEBHOOK_SECRET".to_string(),
+            ),
+            ("AO_TEST_WEBHOOK_SECRET", WEBHOOK_SECRET.to_string()),
+            ("AO__GITHUB__API_URL", self.url.clone()),
+            ("AO__GITHUB__GIT_URL", self.url.clone()),
+            ("AO__GITHUB__APP_ID", self.app_id.to_string()),
+            (
+                "AO__GITHUB__PRIVATE_KEY",
+                format!("file:{}", self.private_key_path.display()),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// Polls the model until `check` holds, or fails with the model after `limit`.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        limit: Duration,
+        check: impl Fn(&Model) -> bool,
+    ) -> Result<Model> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let m = self.model();
+            if check(&m) {
+                return Ok(m);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("fake GitHub: {what} did not happen within {limit:?}; model: {m:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Real git over smart HTTP for the fake GitHub: requests under `/<owner>/<name>.git/`
+//! go to `git http-backend` (CGI) after the token in Basic auth (`x-access-token:<token>`)
+//! was checked against the repository and its `contents` permission (write for a push).
+
+use super::{Fake, Perm};
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use std::process::Stdio;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+
+fn unauthorized(why: &str) -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [("www-authenticate", "Basic realm=\"fake-github\"")],
+        why.to_string(),
+    )
+        .into_response()
+}
+
+/// Serves one smart-HTTP request.
+pub async fn serve(
+    fake: Arc<Fake>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().to_string();
+    let Some(idx) = path.find(".git/") else {
+        return (StatusCode::NOT_FOUND, "not found").into_response();
+    };
+    let full = path[1..idx].to_string();
+    let query = uri.query().unwrap_or("").to_string();
+    let push = query.contains("service=git-receive-pack") || path.ends_with("/git-receive-pack");
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| {
+            s.split_once(':')
+                .map(|(u, p)| (u.to_string(), p.to_string()))
+        });
+    let Some((user, token)) = token else {
+        return unauthorized("authentication required");
+    };
+    if user != "x-access-token" {
+        return unauthorized("user must be x-access-token");
+    }
+    let need = if push { Perm::Write } else { Perm::Read };
+    if let Err((status, why)) = fake.check_token(&token, &full, "contents", need) {
+        fake.model
+            .lock()
+            .git_refusals
+            .push(format!("{full}: {why}"));
+        return if status == 401 {
+            unauthorized(&why)
+        } else {
+            (StatusCode::FORBIDDEN, why).into_response()
+        };
+    }
+    let mut cmd = tokio::process::Command::new("git");
+    cmd.arg("http-backend")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("GIT_PROJECT_ROOT", &fake.git_root)
+        .env("GIT_HTTP_EXPORT_ALL", "1")
+        .env("PATH_INFO", &path)
+        .env("REQUEST_METHOD", method.as_str())
+        .env("QUERY_STRING", &query)
+        .env("REMOTE_USER", "x-access-token")
+        .env("REMOTE_ADDR", "127.0.0.1")
+        .env("CONTENT_LENGTH", body.len().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (header, var) in [
+        ("content-type", "CONTENT_TYPE"),
+        ("content-encoding", "HTTP_CONTENT_ENCODING"),
+        ("git-protocol", "GIT_PROTOCOL"),
+    ] {
+        if let Some(v) = headers.get(header).and_then(|v| v.to_str().ok()) {
+            cmd.env(var, v);
+        }
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(&body).await;
+    }
+    let out = match child.wait_with_output().await {
+        Ok(o) => o,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    };
+    cgi_response(&out.stdout)
+}
+
+/// Turns CGI output (headers, blank line, body) into a response.
+fn cgi_response(out: &[u8]) -> Response {
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| (p, 4))
+        .or_else(|| out.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2)));
+    let Some((at, sep)) = split else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "bad CGI output").into_response();
+    };
+    let head = String::from_utf8_lossy(&out[..at]).to_string();
+    let body = out[at + sep..].to_vec();
+    let mut status = StatusCode::OK;
+    let mut builder = Response::builder();
+    for line in head.lines() {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let v = v.trim();
+        if k.eq_ignore_ascii_case("status") {
+            if let Some(code) = v.split_whitespace().next().and_then(|c| c.parse().ok()) {
+                status = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+            }
+        } else {
+            builder = builder.header(k.trim(), v);
+        }
+    }
+    builder
+        .status(status)
+        .body(axum::body::Body::from(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}

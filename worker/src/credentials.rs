@@ -1,0 +1,212 @@
+//! Git credentials for subtasks of GitHub tasks. Right before a run, the worker (which
+//! holds the App's private key; the sandbox never does) signs an App JWT and asks GitHub
+//! for an installation token limited to the task's one repository and to what the
+//! capability needs: `contents: write` for coder, tester and docs, `contents: read` for
+//! planner and reviewer (the reviewer's review is posted by the coordinator). The token
+//! reaches the sandbox only as `AO_GIT_TOKEN` in its environment, where the runner's git
+//! credential helper reads it; it is never in a URL, an argument, a log or an event.
+
+use crate::spec::RunSpec;
+use crate::worker::Worker;
+use ao_shared::capability::Capability;
+use ao_shared::message::{GithubTarget, SubtaskMessage};
+use ao_shared::task::{Outcome, OutcomeKind};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use serde_json::json;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::OnceCell;
+
+/// The variable the runner's git credential helper reads.
+pub const GIT_TOKEN_ENV: &str = "AO_GIT_TOKEN";
+/// Limit of the token request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Attempts of the token request on 5xx, rate limits and transport errors.
+const ATTEMPTS: u32 = 4;
+
+/// Why no token could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("the task is on GitHub, but this worker has no GitHub App configured (github.app_id, github.private_key)")]
+    NotConfigured,
+    #[error("github.private_key: {0}")]
+    Key(String),
+    #[error("cannot get an installation token: {0}")]
+    Token(String),
+}
+
+/// The App's identity, loaded once per worker process.
+struct App {
+    http: reqwest::Client,
+    api_url: String,
+    app_id: u64,
+    key: EncodingKey,
+}
+
+static APP: OnceCell<App> = OnceCell::const_new();
+
+async fn app(worker: &Worker) -> Result<&'static App, CredentialError> {
+    APP.get_or_try_init(|| async {
+        let gh = &worker.settings.github;
+        let (Some(app_id), Some(key_ref)) = (gh.app_id, &gh.private_key) else {
+            return Err(CredentialError::NotConfigured);
+        };
+        let pem = worker
+            .secrets
+            .resolve(key_ref)
+            .await
+            .map_err(|e| CredentialError::Key(e.to_string()))?;
+        let key = EncodingKey::from_rsa_pem(pem.expose_secret().as_bytes())
+            .map_err(|e| CredentialError::Key(format!("not an RSA private key in PEM: {e}")))?;
+        Ok(App {
+            http: reqwest::Client::builder()
+                .timeout(REQUEST_TIMEOUT)
+                .user_agent("agent-orchestrator-worker")
+                .build()
+                .map_err(|e| CredentialError::Token(e.to_string()))?,
+            api_url: gh.api_url.trim_end_matches('/').to_string(),
+            app_id,
+            key,
+        })
+    })
+    .await
+}
+
+/// The `contents` permission a capability's token gets.
+pub fn contents_permission(capability: Capability) -> &'static str {
+    if capability.pushes_code() {
+        "write"
+    } else {
+        "read"
+    }
+}
+
+fn jwt(app: &App) -> Result<String, CredentialError> {
+    #[derive(Serialize)]
+    struct Claims {
+        iat: u64,
+        exp: u64,
+        iss: String,
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let claims = Claims {
+        // Backdated against clock drift; GitHub allows at most 10 minutes of life.
+        iat: now.saturating_sub(60),
+        exp: now + 9 * 60,
+        iss: app.app_id.to_string(),
+    };
+    jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &app.key)
+        .map_err(|e| CredentialError::Key(format!("cannot sign the App JWT: {e}")))
+}
+
+/// Mints a token for `target`'s one repository with the capability's permissions.
+pub async fn git_token(
+    worker: &Worker,
+    target: &GithubTarget,
+    capability: Capability,
+) -> Result<SecretString, CredentialError> {
+    let app = app(worker).await?;
+    let name = target
+        .repo
+        .split_once('/')
+        .map(|(_, n)| n)
+        .unwrap_or(&target.repo);
+    let body = json!({
+        "repositories": [name],
+        "permissions": { "contents": contents_permission(capability), "metadata": "read" },
+    });
+    let url = format!(
+        "{}/app/installations/{}/access_tokens",
+        app.api_url, target.installation_id
+    );
+    let mut delay = Duration::from_millis(500);
+    let mut last = String::new();
+    for attempt in 1..=ATTEMPTS {
+        let jwt = SecretString::from(jwt(app)?);
+        let sent = app
+            .http
+            .post(&url)
+            .header("accept", "application/vnd.github+json")
+            .header("x-github-api-version", "2022-11-28")
+            .bearer_auth(jwt.expose_secret())
+            .json(&body)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => {
+                let v: serde_json::Value = r
+                    .json()
+                    .await
+                    .map_err(|e| CredentialError::Token(e.without_url().to_string()))?;
+                return v["token"]
+                    .as_str()
+                    .filter(|t| !t.is_empty())
+                    .map(|t| SecretString::from(t.to_string()))
+                    .ok_or_else(|| CredentialError::Token("the answer has no token".into()));
+            }
+            Ok(r) => {
+                let status = r.status();
+                let retry_after = r
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                let text: String = r
+                    .text()
+                    .await
+                    .unwrap_or_default()
+                    .chars()
+                    .take(300)
+                    .collect();
+                last = format!("GitHub answered {status}: {text}");
+                let retry = status.is_server_error()
+                    || status.as_u16() == 429
+                    || (status.as_u16() == 403 && retry_after.is_some());
+                if !retry {
+                    break;
+                }
+                if let Some(s) = retry_after {
+                    delay = Duration::from_secs(s.clamp(1, 60));
+                }
+            }
+            Err(e) => last = e.without_url().to_string(),
+        }
+        if attempt < ATTEMPTS {
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+    }
+    Err(CredentialError::Token(last))
+}
+
+/// Puts the git token of a GitHub task into the run's secret environment. A failure is
+/// the attempt's outcome (infrastructure, retryable: GitHub may answer next time).
+pub async fn attach(
+    worker: &Worker,
+    order: &SubtaskMessage,
+    spec: &mut RunSpec,
+) -> Result<(), Box<Outcome>> {
+    let Some(target) = &order.github else {
+        return Ok(());
+    };
+    match git_token(worker, target, order.capability).await {
+        Ok(token) => {
+            spec.secret_env.set(GIT_TOKEN_ENV, token);
+            tracing::info!(repository = %target.repo, installation_id = target.installation_id,
+                contents = contents_permission(order.capability), "scoped git token minted");
+            Ok(())
+        }
+        Err(e) => {
+            let retryable = !matches!(e, CredentialError::NotConfigured | CredentialError::Key(_));
+            Err(Box::new(Outcome::failed(
+                OutcomeKind::Infrastructure,
+                e.to_string(),
+                retryable,
+            )))
+        }
+    }
+}
