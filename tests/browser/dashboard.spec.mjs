@@ -145,6 +145,22 @@ try {
   check((await page.locator('#t-facts').textContent()).includes('$0.04'), 'task cost shown');
   await page.screenshot({ path: join(ARTIFACTS, 'dashboard-task.png'), fullPage: true });
 
+  step('GitHub tasks link their issue and pull request; unknown events show as one line of JSON');
+  const links = await page.evaluate(() => [
+    githubLinks({ source: { kind: 'github', installation_id: 1, repo: 'octo/widgets', issue: 7, pull_request: 9 } }),
+    githubLinks({ source: { kind: 'github', installation_id: 1, repo: 'javascript:alert(1)//x', issue: 7 } }),
+    githubLinks({ source: { kind: 'api' } }),
+  ]);
+  check(links[0].issue.href === 'https://github.com/octo/widgets/issues/7' && links[0].issue.label === 'octo/widgets#7', JSON.stringify(links[0]));
+  check(links[0].pr.href === 'https://github.com/octo/widgets/pull/9', JSON.stringify(links[0]));
+  check(!links[1].issue && !links[2].issue, `no link from a strange repo name: ${JSON.stringify(links)}`);
+  const unknown = await page.evaluate(() => {
+    const e = renderEvent({ seq: 1, kind: 'agent', at: new Date().toISOString(), data: { type: 'mystery', event: { a: '<b>x</b>' } } }, new Map());
+    return { cls: e.className, text: e.textContent, markup: e.querySelectorAll('b').length };
+  });
+  check(unknown.cls.includes('ev-unknown') && unknown.text.includes('{"type":"mystery","a":"<b>x</b>"}') && unknown.markup === 0,
+    `unknown event: ${JSON.stringify(unknown)}`);
+
   step('the cancel button stops a running task (a cookie-authenticated change with the CSRF header)');
   await page.goto(`${BASE}/`);
   await page.waitForSelector('#live.live-live', { timeout: WAIT });

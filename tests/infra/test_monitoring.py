@@ -1,4 +1,8 @@
-"""Dashboard, alert rules and scrape config use only the metrics the services export."""
+"""Dashboard, alert rules and scrape config use only the metrics the services export.
+
+A quick check against tests/infra/exported_metrics.txt; tests/tests/metrics_live.rs
+checks that list, and these files, against a live scrape of the coordinator and worker.
+"""
 
 import json
 import re
