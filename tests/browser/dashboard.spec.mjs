@@ -7,9 +7,10 @@
 //   AO_DASHBOARD_TOKEN  the API token (environment only, never argv)
 //   AO_REPOSITORY       a repository the worker can push to
 //   AO_ARTIFACTS        where to save screenshots
+//   AO_AGENT_GATE       a file the agent waits for half-way through its run
 // Exits non-zero with a message on the first failed check.
 import { chromium } from 'playwright-core';
-import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -17,6 +18,7 @@ const BASE = need('AO_DASHBOARD_URL').replace(/\/+$/, '');
 const TOKEN = need('AO_DASHBOARD_TOKEN');
 const REPOSITORY = need('AO_REPOSITORY');
 const ARTIFACTS = need('AO_ARTIFACTS');
+const GATE = need('AO_AGENT_GATE');
 const CHROMIUM = process.env.AO_CHROMIUM || '/usr/bin/chromium';
 // Generous: a loaded two-core machine runs the whole cluster besides the browser.
 const WAIT = 60_000;
@@ -110,12 +112,14 @@ try {
   step('the task page streams the agent output as it comes');
   await row.locator('td.title a').click();
   await page.waitForURL(`${BASE}/tasks/${taskId}`);
-  await page.waitForSelector('#events .ev', { timeout: WAIT });
-  const agentLines = () => page.locator('#events .ev-text, #events .ev-log, #events .ev-tool_use').count();
-  const early = await agentLines();
-  await page.waitForFunction((n) => document.querySelectorAll('#events .ev-text, #events .ev-log, #events .ev-tool_use').length > n,
-    early, { timeout: WAIT, polling: 100 });
+  // The agent has said its first words and waits for the gate: what follows can only
+  // arrive through the open stream.
+  await page.locator('#events .ev-text', { hasText: 'Looking at the repository' }).waitFor({ timeout: WAIT });
+  check(await page.locator('#events .ev-result').count() === 0, 'the run is not over yet');
+  check(await page.locator('#events .ev-tool_use', { hasText: 'Write' }).count() === 0, 'later output not there yet');
   await page.evaluate(() => { window.__noReload = 'task page'; });
+  writeFileSync(GATE, 'open\n');
+  await page.locator('#events .ev-tool_use', { hasText: 'Write' }).waitFor({ timeout: WAIT });
   await page.waitForFunction(() => document.querySelector('#t-status')?.textContent === 'succeeded', null, { timeout: WAIT });
   check(await page.evaluate(() => window.__noReload) === 'task page', 'the task page was not reloaded');
   await page.waitForSelector('#events .ev-result', { timeout: WAIT });

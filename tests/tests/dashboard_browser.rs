@@ -27,8 +27,10 @@ const BROWSER_LIMIT: Duration = Duration::from_secs(300);
 /// Stands in for Claude Code (`agent.kind = claude`): reads the prompt on standard input
 /// and prints stream-json a line every second or so: assistant text, tool calls and their
 /// results, a plain line (which the runner forwards as a `log` event), text that looks
-/// like markup, and a result with its cost. A prompt asking for a slow task only prints a
-/// line a second for two minutes, to be cancelled.
+/// like markup, and a result with its cost. Half-way it waits for the browser test to
+/// create the file `{gate}`, so the rest can only stream in while the page is open. A
+/// prompt asking for a slow task only prints a line a second for two minutes, to be
+/// cancelled.
 const AGENT: &str = r#"
 prompt=$(cat)
 msg() { printf '{"type":"assistant","message":{"id":"m%s","role":"assistant","model":"claude-sonnet-4-5","content":[%s],"usage":{"input_tokens":10,"output_tokens":5}}}\n' "$1" "$2"; sleep 1.2; }
@@ -42,6 +44,7 @@ sleep 1.2
 msg 1 '{"type":"text","text":"Looking at the repository first."}'
 msg 2 '{"type":"tool_use","id":"t1","name":"Bash","input":{"command":"ls -la"}}'
 res t1 'README.md\nsrc\nCargo.toml'
+for i in $(seq 1 1200); do [ -e '{gate}' ] && break; sleep 0.1; done
 echo "a plain line from the agent"
 sleep 1.2
 msg 3 '{"type":"tool_use","id":"t2","name":"Write","input":{"file_path":"NOTES.md","content":"secret body"}}'
@@ -76,7 +79,12 @@ async fn the_dashboard_follows_tasks_live_in_a_browser() {
         "playwright-core is missing: `npm ci --prefix tests/browser` (make test does)"
     );
     let mut c = Cluster::new(&[]);
-    let agent = script(c.dir.path(), "agent.sh", AGENT);
+    let gate = c.dir.path().join("page-is-open");
+    let agent = script(
+        c.dir.path(),
+        "agent.sh",
+        &AGENT.replace("{gate}", gate.to_str().unwrap()),
+    );
     let repo = bare_repo(c.dir.path(), "project", &[]);
     c.start_coordinator().await.unwrap();
     c.start_worker(&[
@@ -94,6 +102,7 @@ async fn the_dashboard_follows_tasks_live_in_a_browser() {
         .env("AO_DASHBOARD_TOKEN", TOKEN)
         .env("AO_REPOSITORY", repo.display().to_string())
         .env("AO_ARTIFACTS", &artifacts)
+        .env("AO_AGENT_GATE", &gate)
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();
