@@ -52,3 +52,15 @@ if [[ $what == test && ! -d $browser_tests/node_modules/playwright-core ]]; then
   echo "installing the browser test's npm packages (tests/browser)"
   npm ci --prefix "$browser_tests" --silent --no-audit --no-fund >/dev/null
 fi
+
+# GitHub's webhook payload examples for tests/tests/github_examples.rs, as locked in
+# tests/github-examples.
+github_examples="$(cd "$(dirname "$0")/.." && pwd)/tests/github-examples"
+if [[ $what == test && ! -d $github_examples/node_modules/@octokit/webhooks-examples ]]; then
+  if ! command -v npm >/dev/null; then
+    echo "npm is missing: install Node.js and npm, then retry (needed for the webhook examples)" >&2
+    exit 1
+  fi
+  echo "installing GitHub's webhook examples (tests/github-examples)"
+  npm ci --prefix "$github_examples" --silent --no-audit --no-fund >/dev/null
+fi
