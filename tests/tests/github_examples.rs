@@ -28,7 +28,7 @@ fn examples() -> Vec<Value> {
             path.display()
         )
     });
-    serde_json::from_str::<Vec<Value>>(&text).unwrap()
+    serde_json::from_str::<Vec<Value>>(&text).expect("the examples are JSON")
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -33,7 +33,7 @@ async fn post(
     if let Some(s) = signature {
         req = req.header("x-hub-signature-256", s);
     }
-    let r = req.send().await.unwrap();
+    let r = req.send().await.expect("test setup");
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
 }
@@ -51,20 +51,22 @@ fn labeled(issue: u64, sender: &str, sender_type: &str) -> Value {
 }
 
 async fn tasks(c: &Cluster) -> Vec<Value> {
-    let (_, list) = c.get_json("/api/v1/tasks").await.unwrap();
+    let (_, list) = c.get_json("/api/v1/tasks").await.expect("test setup");
     list["tasks"].as_array().cloned().unwrap_or_default()
 }
 
 async fn setup() -> (tempfile::TempDir, FakeGithub, Cluster) {
-    let tmp = tempfile::tempdir().unwrap();
-    let fake = FakeGithub::start(tmp.path(), 4242).await.unwrap();
+    let tmp = tempfile::tempdir().expect("test setup");
+    let fake = FakeGithub::start(tmp.path(), 4242)
+        .await
+        .expect("test setup");
     fake.add_installation(7, "acme");
     fake.add_repo(7, REPO, &[]);
     fake.set_role(REPO, "alice", "write");
     fake.set_role(REPO, "rita", "read");
     let mut c = cluster(&fake);
     fake.set_webhook(&c.url("/webhooks/github"), WEBHOOK_SECRET);
-    c.start_coordinator().await.unwrap();
+    c.start_coordinator().await.expect("test setup");
     (tmp, fake, c)
 }
 
