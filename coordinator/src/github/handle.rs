@@ -303,6 +303,7 @@ pub async fn start(
     pipeline: Vec<Capability>,
     delivery: &DeliveryId,
 ) -> HandleResult {
+    let _one_at_a_time = app.github.start_lock.lock().await;
     let existing = tasks_for_issue(app, &ctx.repo, issue.number).await?;
     if existing.iter().any(|t| !t.status.is_terminal()) {
         return Ok("ignored: a task for this issue is already under way");

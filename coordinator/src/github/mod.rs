@@ -28,6 +28,9 @@ pub struct Github {
     pub client: Arc<client::Client>,
     pub inbox: Inbox,
     pub reporter: reporter::Handle,
+    /// Held while an issue's tasks are looked up and a task is created, so that the
+    /// webhook consumer and the missed-delivery sweep never both start one.
+    pub start_lock: tokio::sync::Mutex<()>,
 }
 
 impl Github {
@@ -36,6 +39,7 @@ impl Github {
             client: Arc::new(client::Client::new(&settings.github, secrets, metrics)),
             inbox: Inbox::default(),
             reporter: reporter::Handle::default(),
+            start_lock: tokio::sync::Mutex::new(()),
         }
     }
 
