@@ -129,7 +129,10 @@ async fn apply(app: &App, report: &ResultMessage) -> Result<(), ChangeError> {
             ..
         } => {
             let r = mutate(app, *task_id, |task, _| {
-                Ok(task.apply_outcome(*subtask_id, *attempt, outcome.clone(), max_attempts, *at)?)
+                let applied =
+                    task.apply_outcome(*subtask_id, *attempt, outcome.clone(), max_attempts, *at)?;
+                crate::github::handle::approval_gate(task, *subtask_id);
+                Ok(applied)
             })
             .await;
             if let Ok((task, Applied::Changed)) = &r {

@@ -7,6 +7,7 @@
 //! it; a delivery creates at most one task (the task is stored together with its delivery
 //! id) and at most one effect (commands record their delivery id first).
 
+use super::repo_config::{self, RepoConfig, RepoConfigError};
 use super::{api, clone_url, progress};
 use crate::app::App;
 use crate::orchestrator::{self, ChangeError, NewTask};
@@ -20,6 +21,29 @@ use ao_shared::task::{Applied, Task, TaskSource};
 use ao_shared::validate;
 use std::sync::Arc;
 use tracing::Instrument;
+
+/// Marks the pipeline name of a task whose plan waits for `/agent approve`.
+pub const APPROVAL_SUFFIX: &str = " (plan approval)";
+
+/// After a planner succeeded in a task that waits for approval of its plan, the task
+/// waits (nothing further is queued) until `/agent approve`. Called inside the result's
+/// conditional write, before the next subtasks are queued.
+pub fn approval_gate(task: &mut Task, finished: ao_shared::ids::SubtaskId) {
+    if !matches!(task.source, TaskSource::Github { .. })
+        || !task.pipeline.ends_with(APPROVAL_SUFFIX)
+    {
+        return;
+    }
+    let planned = task.subtask(finished).is_some_and(|s| {
+        s.capability == Capability::Planner
+            && s.status == ao_shared::status::SubtaskStatus::Succeeded
+    });
+    if planned && !task.status.is_terminal() {
+        if let Ok(s) = task.status.transition(TaskStatus::AwaitingApproval) {
+            task.status = s;
+        }
+    }
+}
 
 /// Tasks looked at when finding the tasks of an issue (newest first).
 const ISSUE_LOOKUP_LIMIT: usize = 500;
@@ -72,23 +96,66 @@ fn event_label(e: &str) -> &'static str {
     }
 }
 
-/// What a trigger label asks for: `(pipeline name, steps)`.
-pub fn trigger(app: &App, label: &str) -> Option<(String, Vec<Capability>)> {
+/// Whether a label is one that starts work: the trigger label, or `<trigger>:<name>`
+/// (the status labels excepted).
+pub fn is_trigger(app: &App, label: &str) -> bool {
+    let t = &app.settings.github.trigger_label;
+    !progress::STATUS_LABELS.contains(&label)
+        && (label == t
+            || label
+                .strip_prefix(t.as_str())
+                .is_some_and(|r| r.starts_with(':')))
+}
+
+/// The pipeline a trigger label (or `/agent run`, `None`) asks for, with the
+/// repository's own pipelines first: `(name, steps)`, or why there is none.
+pub fn resolve_pipeline(
+    app: &App,
+    repo: &RepoConfig,
+    label: Option<&str>,
+) -> Result<(String, Vec<Capability>), String> {
     let gh = &app.settings.github;
-    if progress::STATUS_LABELS.contains(&label) {
-        return None;
+    let named = |name: &str| {
+        repo.pipelines
+            .get(name)
+            .or_else(|| app.settings.pipelines.get(name))
+            .cloned()
+    };
+    let asked = label
+        .filter(|l| *l != gh.trigger_label)
+        .and_then(|l| l.strip_prefix(&format!("{}:", gh.trigger_label)));
+    match asked {
+        None => {
+            let name = repo
+                .default_pipeline
+                .clone()
+                .unwrap_or_else(|| gh.default_pipeline.clone());
+            named(&name)
+                .map(|steps| (name.clone(), steps))
+                .ok_or_else(|| format!("the default pipeline `{name}` is not defined"))
+        }
+        Some(name) => {
+            if let Some(steps) = named(name) {
+                return Ok((name.to_string(), steps));
+            }
+            name.parse::<Capability>()
+                .map(|cap| (cap.as_str().to_string(), vec![cap]))
+                .map_err(|_| {
+                    let mut known: Vec<&str> = repo
+                        .pipelines
+                        .keys()
+                        .chain(app.settings.pipelines.keys())
+                        .map(String::as_str)
+                        .collect();
+                    known.dedup();
+                    format!(
+                        "`{}:{name}` names no pipeline or capability; pipelines: {}",
+                        gh.trigger_label,
+                        known.join(", ")
+                    )
+                })
+        }
     }
-    if label == gh.trigger_label {
-        let name = gh.default_pipeline.clone();
-        let steps = app.settings.pipelines.get(&name)?.clone();
-        return Some((name, steps));
-    }
-    let rest = label.strip_prefix(&format!("{}:", gh.trigger_label))?;
-    if let Some(steps) = app.settings.pipelines.get(rest) {
-        return Some((rest.to_string(), steps.clone()));
-    }
-    let cap: Capability = rest.parse().ok()?;
-    Some((cap.as_str().to_string(), vec![cap]))
 }
 
 async fn handle(app: &App, d: Delivery) -> HandleResult {
@@ -106,28 +173,28 @@ async fn handle(app: &App, d: Delivery) -> HandleResult {
     }
     match d.event {
         Event::IssueLabeled { ctx, issue, label } => {
-            let Some((name, steps)) = trigger(app, &label) else {
+            if !is_trigger(app, &label) {
                 return Ok("ignored: not a trigger label");
-            };
+            }
             if issue.is_pull_request {
                 return Ok("ignored: label on a pull request");
             }
             if !permitted(app, &ctx, issue.number, "label this issue").await? {
                 return Ok("refused: sender lacks write access");
             }
-            start(app, &ctx, &issue, name, steps, &d.id).await
+            start(app, &ctx, &issue, Some(&label), &d.id).await
         }
         Event::IssueReopened { ctx, issue, labels } => {
-            let Some((name, steps)) = labels.iter().find_map(|l| trigger(app, l)) else {
+            let Some(label) = labels.iter().find(|l| is_trigger(app, l)) else {
                 return Ok("ignored: no trigger label");
             };
             if !permitted(app, &ctx, issue.number, "reopen this issue").await? {
                 return Ok("refused: sender lacks write access");
             }
-            start(app, &ctx, &issue, name, steps, &d.id).await
+            start(app, &ctx, &issue, Some(label), &d.id).await
         }
         Event::IssueUnlabeled { ctx, issue, label } => {
-            if trigger(app, &label).is_none() {
+            if !is_trigger(app, &label) {
                 return Ok("ignored: not a trigger label");
             }
             cancel_issue(app, &ctx, issue.number, "the trigger label was removed").await
@@ -299,8 +366,7 @@ pub async fn start(
     app: &App,
     ctx: &Context,
     issue: &Issue,
-    pipeline_name: String,
-    pipeline: Vec<Capability>,
+    label: Option<&str>,
     delivery: &DeliveryId,
 ) -> HandleResult {
     let _one_at_a_time = app.github.start_lock.lock().await;
@@ -308,6 +374,34 @@ pub async fn start(
     if existing.iter().any(|t| !t.status.is_terminal()) {
         return Ok("ignored: a task for this issue is already under way");
     }
+    let inst = ctx.installation_id.unwrap_or_default();
+    let c = &app.github.client;
+    let plan = match repo_config::load(c, inst, &ctx.repo, ctx.default_branch.as_deref()).await {
+        Ok(cfg) => resolve_pipeline(app, &cfg, label).map(|p| (p, cfg)),
+        Err(RepoConfigError::Invalid(why)) => Err(format!(
+            "`{}` on the default branch is invalid, so the agent did not start:\n\n```\n{why}\n```",
+            repo_config::PATH
+        )),
+        Err(e) => return Err(Box::new(e)),
+    };
+    let ((pipeline_name, pipeline), cfg) = match plan {
+        Ok(p) => p,
+        Err(why) => {
+            api::create_comment(c, inst, &ctx.repo, issue.number, &why).await?;
+            return Ok("refused: no pipeline");
+        }
+    };
+    let approval = cfg
+        .require_approval
+        .unwrap_or(app.settings.github.require_approval);
+    // With a planner, the plan is made first and the task then waits (see
+    // [`approval_gate`]); without one, it waits before anything runs.
+    let plans_first = approval && pipeline.first() == Some(&Capability::Planner);
+    let pipeline_name = if plans_first {
+        format!("{pipeline_name}{APPROVAL_SUFFIX}")
+    } else {
+        pipeline_name
+    };
     let previous = existing.first();
     let new = NewTask {
         title: issue.title.chars().take(200).collect(),
@@ -326,7 +420,7 @@ pub async fn start(
             pull_request: previous.and_then(pull_of),
             progress_comment_id: None,
         },
-        require_approval: app.settings.github.require_approval,
+        require_approval: approval && !plans_first,
     };
     match orchestrator::create_task(app, new, Some(delivery)).await {
         Ok(task) => {
@@ -379,19 +473,12 @@ async fn command_(app: &App, ctx: &Context, issue: &Issue, command: Command) -> 
     };
     match command {
         Command::Run => {
-            let name = app.settings.github.default_pipeline.clone();
-            let steps = app
-                .settings
-                .pipelines
-                .get(&name)
-                .cloned()
-                .unwrap_or_default();
             let delivery = DeliveryId::new(format!(
                 "run:{}:{}",
                 ctx.repo,
                 latest.map(|t| t.id.to_string()).unwrap_or_default()
             ));
-            start(app, ctx, issue, name, steps, &delivery).await
+            start(app, ctx, issue, None, &delivery).await
         }
         Command::Retry => {
             let Some(t) = latest else {

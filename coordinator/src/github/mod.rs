@@ -13,6 +13,7 @@ pub mod client;
 pub mod handle;
 pub mod progress;
 pub mod reconcile;
+pub mod repo_config;
 pub mod reporter;
 
 use crate::metrics::Metrics;

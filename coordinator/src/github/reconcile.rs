@@ -80,7 +80,11 @@ pub async fn sweep(app: &App) -> Result<(), Box<dyn std::error::Error + Send + S
                 {
                     continue;
                 }
-                let Some((name, steps)) = issue.labels.iter().find_map(|l| handle::trigger(app, l))
+                let Some(label) = issue
+                    .labels
+                    .iter()
+                    .find(|l| handle::is_trigger(app, l))
+                    .cloned()
                 else {
                     continue;
                 };
@@ -112,7 +116,7 @@ pub async fn sweep(app: &App) -> Result<(), Box<dyn std::error::Error + Send + S
                     is_pull_request: false,
                 };
                 let key = DeliveryId::new(format!("reconcile:{repo}#{}", issue.number));
-                let what = handle::start(app, &ctx, &i, name, steps, &key).await?;
+                let what = handle::start(app, &ctx, &i, Some(&label), &key).await?;
                 tracing::info!(repository = %repo, issue = issue.number, result = what,
                     "labelled issue without a task reconciled");
             }

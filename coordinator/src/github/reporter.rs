@@ -239,6 +239,38 @@ async fn pass(app: &App, id: TaskId, written: &mut Written) -> PassResult {
         }
     }
 
+    // 2b. The planner's plan on the issue, once per attempt.
+    for sub in task
+        .subtasks
+        .iter()
+        .filter(|s| s.capability == Capability::Planner && s.status == SubtaskStatus::Succeeded)
+    {
+        let key = format!("plan:{}:{}:{}", task.id, sub.id, sub.attempt);
+        if written.reviews.contains(&key) {
+            continue;
+        }
+        let owed = written.owed_reviews.contains(&key);
+        if owed || app.store.record_delivery(&DeliveryId::new(&key)).await? {
+            written.owed_reviews.insert(key.clone());
+            let plan = sub
+                .outcome
+                .as_ref()
+                .map(|o| o.summary.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "(the planner wrote no plan)".into());
+            let mut body = format!("**Plan** for task `{}`\n\n{plan}\n", task.id);
+            if task.status == TaskStatus::AwaitingApproval {
+                body.push_str(
+                    "\nNothing is coded until someone with write access comments \
+                     `/agent approve` (or `/agent cancel`).\n",
+                );
+            }
+            api::create_comment(c, inst, &repo, issue, &body).await?;
+            written.owed_reviews.remove(&key);
+        }
+        written.reviews.insert(key);
+    }
+
     // 3. Ready for review when the task succeeded.
     if let (Some(pr), TaskStatus::Succeeded, false) = (pull_request, task.status, written.ready) {
         let current = api::get_pull(c, inst, &repo, pr).await?;
