@@ -8,7 +8,7 @@ SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/agent-orchestrator/target
 PYTHON ?= python3
 # Python packages the tests use (pinned: the infra tests rely on python-hcl2 8's output).
-PY_TEST_PACKAGES := 'moto[server]==5.2.1' python-hcl2==8.1.4 pytest==9.2.0 pyyaml==6.0.3
+PY_TEST_PACKAGES := 'moto[server]==5.2.1' python-hcl2==8.1.4 pytest==9.2.0 pyyaml==6.0.3 schemathesis==4.32.5
 
 .PHONY: help run test test-rust test-infra build lint bench deps-run deps-test
 
@@ -25,7 +25,7 @@ deps-run:
 deps-test:
 	@scripts/install-deps.sh test
 	@scripts/install-bwrap.sh
-	@{ command -v moto_server >/dev/null && $(PYTHON) -c 'import hcl2, pytest, yaml, moto' 2>/dev/null; } || \
+	@{ command -v moto_server >/dev/null && $(PYTHON) -c 'import hcl2, pytest, yaml, moto, schemathesis' 2>/dev/null; } || \
 		$(PYTHON) -m pip install --quiet $(PY_TEST_PACKAGES)
 
 build:

@@ -476,6 +476,11 @@ pub struct CoordinatorSettings {
     /// How often queue depths are read for the metrics.
     pub depth_poll_secs: u64,
     pub shutdown_grace_secs: u64,
+    /// Which work orphaned by a crash is recovered (see `coordinator/src/recovery.rs`).
+    pub recovery: RecoveryMode,
+    /// How long a queued or running subtask must have been left alone before `stale`
+    /// recovery touches it; also the interval of the periodic sweep.
+    pub recovery_stale_secs: u64,
 }
 
 impl Default for CoordinatorSettings {
@@ -484,8 +489,23 @@ impl Default for CoordinatorSettings {
             max_attempts: 3,
             depth_poll_secs: 5,
             shutdown_grace_secs: 10,
+            recovery: RecoveryMode::default(),
+            recovery_stale_secs: 300,
         }
     }
+}
+
+/// Recovery of work orphaned by a crash, at coordinator start-up and then periodically.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RecoveryMode {
+    /// Only orphans left alone longer than `coordinator.recovery_stale_secs`.
+    #[default]
+    Stale,
+    /// At start-up every orphan whatever its age; afterwards as `stale`.
+    All,
+    /// No recovery.
+    None,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -586,6 +606,9 @@ impl Settings {
         }
         if q.max_receives < 1 {
             return bad("queue.max_receives must be at least 1".into());
+        }
+        if self.coordinator.recovery_stale_secs == 0 {
+            return bad("coordinator.recovery_stale_secs must be at least 1".into());
         }
         if self.coordinator.max_attempts == 0 {
             return bad("coordinator.max_attempts must be at least 1".into());

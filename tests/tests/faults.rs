@@ -91,8 +91,10 @@ async fn the_coordinator_killed_mid_pipeline_resumes_it_after_a_restart() {
     c.start_coordinator().await.unwrap();
     start_worker(&mut c, &agent);
     let (_, task) = c
-        .submit(json!({ "repository": repo.display().to_string(), "prompt": "three steps",
-                        "pipeline": ["coder", "tester", "docs"], "branch": "agent/three" }))
+        .submit(
+            json!({ "repository": repo.display().to_string(), "prompt": "three steps",
+                        "pipeline": ["coder", "tester", "docs"], "branch": "agent/three" }),
+        )
         .await
         .unwrap();
     let id = task["id"].as_str().unwrap().to_string();
@@ -127,7 +129,12 @@ async fn the_coordinator_killed_mid_pipeline_resumes_it_after_a_restart() {
     let log = git(&repo, &["log", "--format=%s", "agent/three"]);
     assert_eq!(
         log.lines().collect::<Vec<_>>(),
-        vec!["docs: three steps", "tester: three steps", "coder: three steps", "initial"]
+        vec![
+            "docs: three steps",
+            "tester: three steps",
+            "coder: three steps",
+            "initial"
+        ]
     );
 }
 
@@ -157,18 +164,21 @@ async fn killed_at(step: &str) {
     let repo = bare_repo(&dir, "project", &files);
     if step == "push" {
         let hook = repo.join("hooks/post-receive");
-        std::fs::write(&hook, format!("#!/usr/bin/env bash\n{kill}\n")).unwrap();
+        std::fs::write(&hook, format!("#!/usr/bin/env bash\n{kill}\n")).expect("fault test step");
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))
+            .expect("fault test step");
     }
-    c.start_coordinator().await.unwrap();
+    c.start_coordinator().await.expect("fault test step");
     let first = start_worker(&mut c, &agent);
     let (_, task) = c
-        .submit(json!({ "repository": repo.display().to_string(), "prompt": "once",
-                        "pipeline": "code", "branch": "agent/once" }))
+        .submit(
+            json!({ "repository": repo.display().to_string(), "prompt": "once",
+                        "pipeline": "code", "branch": "agent/once" }),
+        )
         .await
-        .unwrap();
-    let id = task["id"].as_str().unwrap().to_string();
+        .expect("fault test step");
+    let id = task["id"].as_str().expect("fault test step").to_string();
     let marker = dir.join(format!("killed-{step}"));
     wait_until(&format!("the {step} step ran"), &c, || marker.exists()).await;
     // The worker is gone (SIGKILL from inside its own run); reap it, start another.
@@ -185,7 +195,7 @@ async fn killed_at(step: &str) {
     let done = c
         .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
         .await
-        .unwrap();
+        .expect("fault test step");
     assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
     let sub = &done["subtasks"][0];
     assert_eq!(sub["attempt"], 1, "a redelivery is the same attempt");
@@ -230,8 +240,10 @@ async fn a_worker_killed_after_sending_its_result() {
     c.start_coordinator().await.unwrap();
     start_worker(&mut c, &agent);
     let (_, task) = c
-        .submit(json!({ "repository": repo.display().to_string(), "prompt": "once",
-                        "pipeline": "code", "branch": "agent/after-result" }))
+        .submit(
+            json!({ "repository": repo.display().to_string(), "prompt": "once",
+                        "pipeline": "code", "branch": "agent/after-result" }),
+        )
         .await
         .unwrap();
     let id = task["id"].as_str().unwrap().to_string();
@@ -245,7 +257,10 @@ async fn a_worker_killed_after_sending_its_result() {
     });
     let queue = queue_of(&c, 3);
     queue
-        .send(QueueId::Capability(ao_shared::Capability::Coder), &again.to_string())
+        .send(
+            QueueId::Capability(ao_shared::Capability::Coder),
+            &again.to_string(),
+        )
         .await
         .unwrap();
     wait_until("the redelivered run", &c, || lines(&runs) == 2).await;
@@ -270,15 +285,15 @@ async fn a_worker_killed_after_sending_its_result() {
 
 fn finished(task: &str, subtask: &str, attempt: u32, outcome: Outcome) -> String {
     ResultMessage::Finished {
-        task_id: task.parse::<TaskId>().unwrap(),
-        subtask_id: subtask.parse::<SubtaskId>().unwrap(),
+        task_id: task.parse::<TaskId>().expect("valid message"),
+        subtask_id: subtask.parse::<SubtaskId>().expect("valid message"),
         attempt,
         worker: "injected".into(),
         outcome,
         at: timefmt::now(),
     }
     .encode()
-    .unwrap()
+    .expect("valid message")
 }
 
 /// Results sent straight to the real result queue (no worker runs): duplicates apply once,
@@ -297,7 +312,12 @@ async fn late_stale_and_duplicate_results_apply_at_most_once() {
     let coder = task["subtasks"][0]["id"].as_str().unwrap().to_string();
     let ok = Outcome::succeeded("done", Some("abc".into()));
     // An attempt that does not exist yet, then the same success three times.
-    let stale = finished(&id, &coder, 7, Outcome::failed(OutcomeKind::AgentError, "x", false));
+    let stale = finished(
+        &id,
+        &coder,
+        7,
+        Outcome::failed(OutcomeKind::AgentError, "x", false),
+    );
     queue.send(QueueId::Results, &stale).await.unwrap();
     for _ in 0..3 {
         queue
@@ -320,10 +340,18 @@ async fn late_stale_and_duplicate_results_apply_at_most_once() {
     }
     let t = c.task(&id).await.unwrap();
     assert_eq!(t["subtasks"][0]["status"], "succeeded");
-    assert_eq!(t["subtasks"][1]["status"], "queued", "the next step was queued");
+    assert_eq!(
+        t["subtasks"][1]["status"], "queued",
+        "the next step was queued"
+    );
     assert_eq!(successes(&c, &id).await, 1);
     // The old attempt's failure arriving late changes nothing either.
-    let late = finished(&id, &coder, 1, Outcome::failed(OutcomeKind::Timeout, "late", false));
+    let late = finished(
+        &id,
+        &coder,
+        1,
+        Outcome::failed(OutcomeKind::Timeout, "late", false),
+    );
     queue.send(QueueId::Results, &late).await.unwrap();
 
     // A cancelled task: its running step's success arrives after the cancel.
@@ -394,14 +422,22 @@ async fn poison_messages_are_dead_lettered_and_reported() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(c.coordinator_log().contains("undecodable result message"));
-    assert!(c.workers[0].log_text().contains("undecodable subtask message"));
+    assert!(c.workers[0]
+        .log_text()
+        .contains("undecodable subtask message"));
     // The system still works: a real task completes.
     let (_, task) = c
-        .submit(json!({ "repository": repo.display().to_string(), "prompt": "p", "pipeline": "code" }))
+        .submit(
+            json!({ "repository": repo.display().to_string(), "prompt": "p", "pipeline": "code" }),
+        )
         .await
         .unwrap();
     let done = c
-        .wait_for_status(task["id"].as_str().unwrap(), &["succeeded", "failed"], LIMIT)
+        .wait_for_status(
+            task["id"].as_str().unwrap(),
+            &["succeeded", "failed"],
+            LIMIT,
+        )
         .await
         .unwrap();
     assert_eq!(done["status"], "succeeded", "{}", c.logs());

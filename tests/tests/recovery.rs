@@ -20,10 +20,10 @@ async fn recovery_events(c: &Cluster, id: &str) -> Vec<Value> {
     let (_, e) = c
         .get_json(&format!("/api/v1/tasks/{id}/events"))
         .await
-        .unwrap();
+        .expect("events");
     e["events"]
         .as_array()
-        .unwrap()
+        .expect("events")
         .iter()
         .filter(|e| e["data"]["type"] == "recovery")
         .cloned()
@@ -64,7 +64,10 @@ async fn a_subtask_committed_but_never_sent_is_sent_after_a_restart() {
     drop(lock);
     let id = task["id"].as_str().unwrap().to_string();
     let queue = SqliteQueue::open(&c.dir.path().join("data"), 3).unwrap();
-    let depth = queue.depth(QueueId::Capability(Capability::Coder)).await.unwrap();
+    let depth = queue
+        .depth(QueueId::Capability(Capability::Coder))
+        .await
+        .unwrap();
     assert_eq!(
         depth.visible + depth.in_flight,
         0,
@@ -78,7 +81,10 @@ async fn a_subtask_committed_but_never_sent_is_sent_after_a_restart() {
         .await
         .unwrap();
     assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
-    assert_eq!(done["subtasks"][0]["attempt"], 2, "re-sent as a new attempt");
+    assert_eq!(
+        done["subtasks"][0]["attempt"], 2,
+        "re-sent as a new attempt"
+    );
     let recovered = recovery_events(&c, &id).await;
     assert_eq!(recovered.len(), 1, "{recovered:#?}");
     assert!(recovered[0]["data"]["reason"]
@@ -113,14 +119,19 @@ async fn a_running_subtask_whose_worker_and_message_are_gone_is_retried() {
     c.start_coordinator().await.unwrap();
     let w = c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
     let (_, task) = c
-        .submit(json!({ "repository": repo.display().to_string(), "prompt": "p",
-                        "pipeline": "code", "branch": "agent/lost" }))
+        .submit(
+            json!({ "repository": repo.display().to_string(), "prompt": "p",
+                        "pipeline": "code", "branch": "agent/lost" }),
+        )
         .await
         .unwrap();
     let id = task["id"].as_str().unwrap().to_string();
     c.wait_for_status(&id, &["running"], LIMIT).await.unwrap();
     let deadline = Instant::now() + LIMIT;
-    while std::fs::read_to_string(&marker).unwrap_or_default().is_empty() {
+    while std::fs::read_to_string(&marker)
+        .unwrap_or_default()
+        .is_empty()
+    {
         assert!(Instant::now() < deadline, "{}", c.logs());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

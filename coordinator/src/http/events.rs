@@ -4,10 +4,11 @@
 //! ends. Streams read the store, so they work whichever replica applied the change.
 
 use super::error::ApiError;
+use super::extract::{ApiPath, ApiQuery};
 use super::tasks::parse_id;
 use crate::app::App;
 use ao_shared::ids::TaskId;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -31,8 +32,8 @@ pub struct EventParams {
 
 pub async fn events(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
-    Query(params): Query<EventParams>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(params): ApiQuery<EventParams>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;

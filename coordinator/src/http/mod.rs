@@ -6,6 +6,7 @@ pub mod error;
 pub mod events;
 pub mod extract;
 pub mod health;
+pub mod openapi;
 pub mod tasks;
 
 use crate::app::App;
@@ -39,6 +40,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .route("/api/v1/openapi.json", get(openapi::spec))
         .route(
             "/webhooks/github",
             post(crate::webhook::receive).layer(DefaultBodyLimit::disable()),
@@ -46,6 +48,7 @@ pub fn router(app: Arc<App>) -> Router {
         .nest("/api/v1", api)
         .merge(dashboard::router(auth))
         .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), count_requests))
         .with_state(app)
 }

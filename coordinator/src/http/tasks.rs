@@ -2,7 +2,7 @@
 //! approve. Input is validated here, at the edge; the rules live in `orchestrator`.
 
 use super::error::ApiError;
-use super::extract::ApiJson;
+use super::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::app::App;
 use crate::orchestrator::{self, ChangeError, NewTask};
 use ao_shared::capability::Capability;
@@ -11,7 +11,7 @@ use ao_shared::state::TaskQuery;
 use ao_shared::status::TaskStatus;
 use ao_shared::task::{Applied, Task, TaskSource};
 use ao_shared::validate;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -193,7 +193,7 @@ pub struct ListParams {
 /// Lists tasks, newest first, a page at a time.
 pub async fn list(
     State(app): State<Arc<App>>,
-    Query(params): Query<ListParams>,
+    ApiQuery(params): ApiQuery<ListParams>,
 ) -> Result<Response, ApiError> {
     let status = params
         .status
@@ -238,7 +238,7 @@ pub fn parse_id(id: &str) -> Result<TaskId, ApiError> {
 /// One task.
 pub async fn get(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let task = app
@@ -263,7 +263,7 @@ async fn change(
 /// Cancels a task and every unfinished subtask.
 pub async fn cancel(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     change(&app, &id, |task, now| {
         if task.status == TaskStatus::Cancelled {
@@ -278,7 +278,7 @@ pub async fn cancel(
 /// Runs a failed or cancelled task again from its first unfinished subtask.
 pub async fn retry(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     change(&app, &id, |task, now| {
         if !matches!(task.status, TaskStatus::Failed | TaskStatus::Cancelled) {
@@ -296,7 +296,7 @@ pub async fn retry(
 /// Lets a task that waits for approval go ahead.
 pub async fn approve(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     change(&app, &id, |task, now| {
         if task.status != TaskStatus::AwaitingApproval {
