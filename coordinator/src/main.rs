@@ -93,6 +93,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         tokio::spawn(github::handle::run(app.clone())),
         tokio::spawn(github::reporter::run(app.clone())),
         tokio::spawn(github::reconcile::run(app.clone())),
+        tokio::spawn(github::limits::run(app.clone())),
         tokio::spawn(recovery::run(app.clone())),
     ];
     monitor::poll(&app).await;

@@ -137,6 +137,7 @@ async fn apply(app: &App, report: &ResultMessage) -> Result<(), ChangeError> {
             .await;
             if let Ok((task, Applied::Changed)) = &r {
                 record_outcome(app, task, *subtask_id, outcome);
+                crate::github::limits::book(app, task, outcome.cost_usd).await;
                 tracing::info!(task_id = %task_id, subtask_id = %subtask_id, attempt,
                     outcome = outcome.kind.as_str(), task_status = %task.status, "result applied");
             }

@@ -132,6 +132,14 @@ pub struct GithubSettings {
     /// How often missed deliveries and labelled issues without a task are looked for
     /// (0: only at start-up).
     pub reconcile_secs: u64,
+    /// GitHub tasks queued or running at once in one repository (0: no cap); more wait,
+    /// labelled `agent:queued`, and start in order as others end.
+    pub max_active_per_repo: usize,
+    /// The same for all repositories of one installation (0: no cap).
+    pub max_active_per_installation: usize,
+    /// Monthly cost budget of one installation in US dollars (0: none). Notices go to
+    /// the issue at 80, 90 and 100 %; at 100 % new tasks are refused with a comment.
+    pub monthly_budget_usd: f64,
 }
 
 impl Default for GithubSettings {
@@ -149,6 +157,9 @@ impl Default for GithubSettings {
             require_approval: false,
             max_review_iterations: 3,
             reconcile_secs: 300,
+            max_active_per_repo: 2,
+            max_active_per_installation: 10,
+            monthly_budget_usd: 0.0,
         }
     }
 }

@@ -132,6 +132,11 @@ async fn leases() {
     conformance::leases(&store().await).await;
 }
 
+#[tokio::test]
+async fn spend_adds_up() {
+    conformance::spend_adds_up(std::sync::Arc::new(store().await)).await;
+}
+
 // ---- AWS-specific checks ----
 
 /// The created queues carry the redrive policy the Terraform module sets: the

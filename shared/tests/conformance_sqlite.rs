@@ -111,3 +111,9 @@ async fn leases() {
     let (_d, s) = store();
     conformance::leases(&s).await;
 }
+
+#[tokio::test]
+async fn spend_adds_up() {
+    let (_d, s) = store();
+    conformance::spend_adds_up(std::sync::Arc::new(s)).await;
+}

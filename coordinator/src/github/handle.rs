@@ -8,7 +8,7 @@
 //! id) and at most one effect (commands record their delivery id first).
 
 use super::repo_config::{self, RepoConfig, RepoConfigError};
-use super::{api, clone_url, progress};
+use super::{api, clone_url, limits, progress};
 use crate::app::App;
 use crate::orchestrator::{self, ChangeError, NewTask};
 use crate::webhook::event::{Command, Context, Event, Issue, PullRequest, RepoName, ReviewState};
@@ -50,7 +50,7 @@ const ISSUE_LOOKUP_LIMIT: usize = 500;
 /// Longest prompt taken from an issue or review, in bytes.
 const MAX_PROMPT_BYTES: usize = 32 * 1024;
 
-type HandleResult = Result<&'static str, Box<dyn std::error::Error + Send + Sync>>;
+pub type HandleResult = Result<&'static str, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Runs until shutdown.
 pub async fn run(app: Arc<App>) {
@@ -369,13 +369,61 @@ pub async fn start(
     label: Option<&str>,
     delivery: &DeliveryId,
 ) -> HandleResult {
-    let _one_at_a_time = app.github.start_lock.lock().await;
+    start_inner(app, ctx, issue, label, delivery, false).await
+}
+
+/// Starts a request that waited for a slot; "waiting…" when there is still none.
+pub async fn start_waiting(app: &App, w: &limits::Waiting) -> HandleResult {
+    start_inner(app, &w.ctx, &w.issue, w.label.as_deref(), &w.delivery, true).await
+}
+
+async fn start_inner(
+    app: &App,
+    ctx: &Context,
+    issue: &Issue,
+    label: Option<&str>,
+    delivery: &DeliveryId,
+    waited: bool,
+) -> HandleResult {
+    let one_at_a_time = app.github.start_lock.lock().await;
     let existing = tasks_for_issue(app, &ctx.repo, issue.number).await?;
     if existing.iter().any(|t| !t.status.is_terminal()) {
         return Ok("ignored: a task for this issue is already under way");
     }
     let inst = ctx.installation_id.unwrap_or_default();
     let c = &app.github.client;
+    if let Some((why, may_wait)) = limits::blocked(app, inst, &ctx.repo).await? {
+        drop(one_at_a_time);
+        if waited && may_wait {
+            return Ok("waiting: still no free slot");
+        }
+        if may_wait {
+            let w = limits::Waiting {
+                ctx: ctx.clone(),
+                issue: issue.clone(),
+                label: label.map(str::to_string),
+                delivery: delivery.clone(),
+            };
+            return limits::wait(app, w, &why).await;
+        }
+        let key = DeliveryId::new(format!(
+            "refused:{}#{}:{}",
+            ctx.repo,
+            issue.number,
+            limits::this_month()
+        ));
+        if app.store.record_delivery(&key).await? {
+            api::create_comment(
+                c,
+                inst,
+                &ctx.repo,
+                issue.number,
+                &format!("Not started: {why}."),
+            )
+            .await?;
+        }
+        return Ok("refused: budget used up");
+    }
     let plan = match repo_config::load(c, inst, &ctx.repo, ctx.default_branch.as_deref()).await {
         Ok(cfg) => resolve_pipeline(app, &cfg, label).map(|p| (p, cfg)),
         Err(RepoConfigError::Invalid(why)) => Err(format!(
@@ -443,7 +491,7 @@ fn pull_of(task: &Task) -> Option<u64> {
 
 async fn cancel_issue(app: &App, ctx: &Context, issue: u64, why: &str) -> HandleResult {
     let tasks = tasks_for_issue(app, &ctx.repo, issue).await?;
-    let mut n = 0;
+    let mut n = usize::from(app.github.waiting.remove(&ctx.repo, issue));
     for t in tasks.iter().filter(|t| !t.status.is_terminal()) {
         let reason = why.to_string();
         orchestrator::mutate(app, t.id, |task, now| {

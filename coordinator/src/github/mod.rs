@@ -11,6 +11,7 @@
 pub mod api;
 pub mod client;
 pub mod handle;
+pub mod limits;
 pub mod progress;
 pub mod reconcile;
 pub mod repo_config;
@@ -32,6 +33,10 @@ pub struct Github {
     /// Held while an issue's tasks are looked up and a task is created, so that the
     /// webhook consumer and the missed-delivery sweep never both start one.
     pub start_lock: tokio::sync::Mutex<()>,
+    /// Start requests waiting for a free slot.
+    pub waiting: limits::WaitList,
+    /// Told when a GitHub task ended, so that waiting requests are looked at.
+    pub slots_changed: tokio::sync::Notify,
 }
 
 impl Github {
@@ -41,6 +46,8 @@ impl Github {
             inbox: Inbox::default(),
             reporter: reporter::Handle::default(),
             start_lock: tokio::sync::Mutex::new(()),
+            waiting: limits::WaitList::default(),
+            slots_changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -48,6 +55,9 @@ impl Github {
     pub fn task_changed(&self, task: &Task) {
         if matches!(task.source, TaskSource::Github { .. }) {
             self.reporter.notify(task.id);
+            if task.status.is_terminal() {
+                self.slots_changed.notify_one();
+            }
         }
     }
 }

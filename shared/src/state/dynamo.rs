@@ -9,6 +9,7 @@
 //! | event | `TASK#<id>` | `EVENT#<seq, 20 digits>` | `seq`, `body` (JSON), `expires_at` |
 //! | delivery | `DELIVERY#<id>` | `DELIVERY` | `expires_at` |
 //! | lease | `LEASE#<name>` | `LEASE` | `holder`, `lease_expires_ms`, `expires_at` |
+//! | spend | `SPEND#<account>#<month>` | `SPEND` | `micros` (atomic `ADD`) |
 //!
 //! Indexes: `status-index` (`task_status`, `created_at`), `repository-index`
 //! (`task_repository`, `created_at`, projecting `task_status`) and `all-index` (`gsi_all`
@@ -53,6 +54,8 @@ pub const ALL_INDEX: &str = "all-index";
 pub const TTL_ATTRIBUTE: &str = "expires_at";
 
 const PK: &str = "pk";
+/// Spend item: millionths of a US dollar.
+const SPEND_MICROS: &str = "micros";
 const SK: &str = "sk";
 const DOC: &str = "doc";
 const VERSION: &str = "version";
@@ -978,6 +981,38 @@ impl StateStore for DynamoStore {
             }
         }
         Ok(out_events)
+    }
+
+    async fn add_spend(&self, account: &str, month: &str, micros: u64) -> Result<u64, StoreError> {
+        let out = self
+            .client
+            .update_item()
+            .table_name(&*self.table)
+            .set_key(Some(key(format!("SPEND#{account}#{month}"), "SPEND")))
+            .update_expression("ADD #micros :d")
+            .expression_attribute_names("#micros", SPEND_MICROS)
+            .expression_attribute_values(":d", n(micros))
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::UpdatedNew)
+            .send()
+            .await
+            .map_err(|e| sdk_error("UpdateItem", e))?;
+        Ok(out
+            .attributes()
+            .and_then(|a| get_n(a, SPEND_MICROS))
+            .unwrap_or(micros))
+    }
+
+    async fn spend(&self, account: &str, month: &str) -> Result<u64, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&*self.table)
+            .set_key(Some(key(format!("SPEND#{account}#{month}"), "SPEND")))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| sdk_error("GetItem", e))?;
+        Ok(out.item().and_then(|i| get_n(i, SPEND_MICROS)).unwrap_or(0))
     }
 
     async fn acquire_lease(

@@ -1,5 +1,6 @@
 //! The state-store seam: tasks (each with its subtasks, one versioned document), their
-//! events (state changes and agent output), webhook deliveries, and leases.
+//! events (state changes and agent output), webhook deliveries, spend per account and
+//! month (cost budgets), and leases.
 //!
 //! Every write of a task is conditional on the version read: a stale write fails with
 //! [`StoreError::Conflict`] and the caller re-reads and re-applies its change.
@@ -116,6 +117,13 @@ pub trait StateStore: Send + Sync {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<Event>, StoreError>;
+
+    /// Adds `micros` (millionths of a US dollar) to what `account` spent in `month`
+    /// (`YYYY-MM`, UTC) and returns the new total, atomically (concurrent adds all count).
+    async fn add_spend(&self, account: &str, month: &str, micros: u64) -> Result<u64, StoreError>;
+
+    /// What `account` spent in `month`, in millionths of a US dollar (0 when nothing).
+    async fn spend(&self, account: &str, month: &str) -> Result<u64, StoreError>;
 
     /// Takes or renews the lease `name` for `holder` for `ttl`; `false` if someone else
     /// holds an unexpired lease.

@@ -86,6 +86,12 @@ impl SqliteStore {
                  id       TEXT PRIMARY KEY,
                  at_ms    INTEGER NOT NULL
              );
+             CREATE TABLE IF NOT EXISTS spend (
+                 account  TEXT NOT NULL,
+                 month    TEXT NOT NULL,
+                 micros   INTEGER NOT NULL,
+                 PRIMARY KEY (account, month)
+             );
              CREATE TABLE IF NOT EXISTS leases (
                  name        TEXT PRIMARY KEY,
                  holder      TEXT NOT NULL,
@@ -354,6 +360,39 @@ impl StateStore for SqliteStore {
                     })
                 })
                 .collect()
+        })
+        .await
+    }
+
+    async fn add_spend(&self, account: &str, month: &str, micros: u64) -> Result<u64, StoreError> {
+        let (account, month) = (account.to_string(), month.to_string());
+        self.blocking(move |conn| {
+            let total: i64 = conn
+                .query_row(
+                    "INSERT INTO spend (account, month, micros) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (account, month) DO UPDATE SET micros = micros + ?3
+                     RETURNING micros",
+                    params![account, month, micros as i64],
+                    |r| r.get(0),
+                )
+                .map_err(backend)?;
+            Ok(total.max(0) as u64)
+        })
+        .await
+    }
+
+    async fn spend(&self, account: &str, month: &str) -> Result<u64, StoreError> {
+        let (account, month) = (account.to_string(), month.to_string());
+        self.blocking(move |conn| {
+            let total: Option<i64> = conn
+                .query_row(
+                    "SELECT micros FROM spend WHERE account = ? AND month = ?",
+                    params![account, month],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(backend)?;
+            Ok(total.unwrap_or(0).max(0) as u64)
         })
         .await
     }

@@ -387,3 +387,23 @@ pub async fn leases(s: &dyn StateStore) {
         .await
         .unwrap());
 }
+
+/// Spend adds up per account and month, atomically under concurrent adds.
+pub async fn spend_adds_up(s: std::sync::Arc<dyn StateStore>) {
+    assert_eq!(s.spend("github:7", "2026-11").await.unwrap(), 0);
+    assert_eq!(
+        s.add_spend("github:7", "2026-11", 1_500_000).await.unwrap(),
+        1_500_000
+    );
+    let adds = (0..10).map(|_| {
+        let s = s.clone();
+        async move { s.add_spend("github:7", "2026-11", 250_000).await.unwrap() }
+    });
+    let totals = futures::future::join_all(adds).await;
+    assert_eq!(totals.iter().max().copied(), Some(4_000_000));
+    assert_eq!(s.spend("github:7", "2026-11").await.unwrap(), 4_000_000);
+    // Other months and accounts are separate.
+    assert_eq!(s.spend("github:7", "2026-12").await.unwrap(), 0);
+    assert_eq!(s.spend("github:8", "2026-11").await.unwrap(), 0);
+    assert_eq!(s.add_spend("github:8", "2026-11", 0).await.unwrap(), 0);
+}
