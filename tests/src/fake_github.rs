@@ -186,9 +186,31 @@ impl Model {
     }
 }
 
+/// A failure the fake answers with instead of serving a request (GitHub's bad days).
+#[derive(Clone, Debug)]
+pub enum Failure {
+    /// 502 Bad Gateway.
+    ServerError,
+    /// 403 with `x-ratelimit-remaining: 0` and a reset this many seconds ahead.
+    RateLimited { reset_in_secs: u64 },
+    /// 429 with `retry-after`.
+    TooManyRequests { retry_after_secs: u64 },
+}
+
+/// An injected failure: the next `times` requests whose `METHOD path` contains `matches`.
+#[derive(Clone, Debug)]
+pub struct Fault {
+    pub matches: String,
+    pub times: u32,
+    pub failure: Failure,
+}
+
 /// The server's shared state.
 pub struct Fake {
     pub model: Mutex<Model>,
+    faults: Mutex<Vec<Fault>>,
+    /// Requests left in the fake's rate-limit window, reported on every answer.
+    remaining: std::sync::atomic::AtomicU64,
     app_id: u64,
     public_key: DecodingKey,
     git_root: PathBuf,
@@ -395,6 +417,8 @@ impl FakeGithub {
         let url = format!("http://{}", listener.local_addr()?);
         let fake = Arc::new(Fake {
             model: Mutex::new(Model::default()),
+            faults: Mutex::new(Vec::new()),
+            remaining: std::sync::atomic::AtomicU64::new(5000),
             app_id,
             public_key: DecodingKey::from_rsa_pem(public_pem.as_bytes())?,
             git_root,
@@ -415,6 +439,20 @@ impl FakeGithub {
             private_key_path,
             server,
         })
+    }
+
+    /// Makes the next `times` requests matching `matches` (in `METHOD path`) fail.
+    pub fn fail(&self, matches: &str, times: u32, failure: Failure) {
+        self.fake.faults.lock().push(Fault {
+            matches: matches.into(),
+            times,
+            failure,
+        });
+    }
+
+    /// Injected failures not yet used up.
+    pub fn faults_left(&self) -> u32 {
+        self.fake.faults.lock().iter().map(|f| f.times).sum()
     }
 
     /// A copy of the model.
@@ -725,7 +763,75 @@ fn router(fake: Arc<Fake>) -> Router {
         .route("/repos/{o}/{r}/contents/{*path}", get(contents))
         .route("/graphql", post(graphql))
         .fallback(git_or_404)
+        .layer(axum::middleware::from_fn_with_state(
+            fake.clone(),
+            faults_and_limits,
+        ))
         .with_state(fake)
+}
+
+/// Answers injected failures, and puts GitHub's rate-limit headers on every API answer.
+async fn faults_and_limits(
+    State(f): S,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use std::sync::atomic::Ordering;
+    let what = format!("{} {}", request.method(), request.uri().path());
+    let reset = (time::OffsetDateTime::now_utc().unix_timestamp() + 3600).to_string();
+    let failure = {
+        let mut faults = f.faults.lock();
+        let hit = faults
+            .iter_mut()
+            .find(|x| x.times > 0 && what.contains(&x.matches));
+        hit.map(|x| {
+            x.times -= 1;
+            x.failure.clone()
+        })
+    };
+    if let Some(failure) = failure {
+        f.model
+            .lock()
+            .calls
+            .push(format!("{what} (failed: {failure:?})"));
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        return match failure {
+            Failure::ServerError => (StatusCode::BAD_GATEWAY, "upstream trouble").into_response(),
+            Failure::RateLimited { reset_in_secs } => (
+                StatusCode::FORBIDDEN,
+                [
+                    ("x-ratelimit-remaining", "0".to_string()),
+                    (
+                        "x-ratelimit-reset",
+                        (now + reset_in_secs as i64).to_string(),
+                    ),
+                ],
+                Json(json!({ "message": "API rate limit exceeded" })),
+            )
+                .into_response(),
+            Failure::TooManyRequests { retry_after_secs } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", retry_after_secs.to_string())],
+                Json(json!({ "message": "You have exceeded a secondary rate limit" })),
+            )
+                .into_response(),
+        };
+    }
+    let mut response = next.run(request).await;
+    if !what.contains(".git/") {
+        let left = f
+            .remaining
+            .fetch_sub(1, Ordering::Relaxed)
+            .saturating_sub(1);
+        let h = response.headers_mut();
+        if let Ok(v) = left.to_string().parse() {
+            h.insert("x-ratelimit-remaining", v);
+        }
+        if let Ok(v) = reset.parse() {
+            h.insert("x-ratelimit-reset", v);
+        }
+    }
+    response
 }
 
 type S = State<Arc<Fake>>;

@@ -1,0 +1,112 @@
+//! Reporting survives GitHub's bad days: 502s, the primary rate limit (403 with
+//! `x-ratelimit-remaining: 0`) and the secondary one (429 with `retry-after`) on the very
+//! calls the reporter makes. The report still ends complete and exactly once: one pull
+//! request, one progress comment, the final label — and the metrics show what happened.
+
+use ao_tests::fake_github::{Failure, FakeGithub, BOT_LOGIN, WEBHOOK_SECRET};
+use ao_tests::{script, Cluster};
+use std::time::Duration;
+
+const REPO: &str = "acme/widgets";
+const LIMIT: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_report_survives_server_errors_and_rate_limits() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let fake = FakeGithub::start(tmp.path(), 4242).await.expect("fake");
+    fake.add_installation(7, "acme");
+    fake.add_repo(7, REPO, &[]);
+    fake.set_role(REPO, "alice", "write");
+    let mut env = fake.settings();
+    env.push(("AO__GITHUB__DEFAULT_PIPELINE".into(), "code".into()));
+    env.push(("AO__GITHUB__RECONCILE_SECS".into(), "0".into()));
+    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut c = Cluster::new(&refs);
+    fake.set_webhook(&c.url("/webhooks/github"), WEBHOOK_SECRET);
+    let agent = script(
+        c.dir.path(),
+        "agent.sh",
+        "echo note > NOTE.md\necho wrote NOTE.md",
+    );
+    c.start_coordinator().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+
+    let issue = fake.open_issue(REPO, "Add a note", "Please.", "alice");
+    // More 502s on creating the comment than one call retries: the reporter's own retry
+    // has to finish the job.
+    fake.fail(
+        "POST /repos/acme/widgets/issues/1/comments",
+        7,
+        Failure::ServerError,
+    );
+    fake.fail(
+        "POST /repos/acme/widgets/pulls",
+        2,
+        Failure::TooManyRequests {
+            retry_after_secs: 1,
+        },
+    );
+    fake.fail(
+        "POST /repos/acme/widgets/issues/1/labels",
+        1,
+        Failure::RateLimited { reset_in_secs: 1 },
+    );
+    fake.fail(
+        "DELETE /repos/acme/widgets/issues/1/labels/",
+        2,
+        Failure::ServerError,
+    );
+    fake.fail("/access_tokens", 1, Failure::ServerError);
+    assert_eq!(fake.label_issue(REPO, issue, "agent", "alice").await, 202);
+
+    let m = fake
+        .wait_for("the complete report", LIMIT, |m| {
+            m.pulls(REPO).iter().any(|p| !p.draft)
+                && m.issue(REPO, issue)
+                    .is_some_and(|i| i.labels.iter().any(|l| l == "agent:done"))
+                && m.comments_on(REPO, issue)
+                    .iter()
+                    .any(|c| c.body.contains("### Agent: ✅ done"))
+                && fake.faults_left() == 0
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
+        .unwrap();
+    let failed: Vec<_> = m.calls.iter().filter(|c| c.contains("(failed")).collect();
+    assert_eq!(
+        fake.faults_left(),
+        0,
+        "every injected failure was met: {failed:#?}"
+    );
+    assert_eq!(m.pulls(REPO).len(), 1);
+    let ours: Vec<_> = m
+        .comments_on(REPO, issue)
+        .into_iter()
+        .filter(|c| c.user == BOT_LOGIN)
+        .collect();
+    assert_eq!(ours.len(), 1, "{ours:#?}");
+    let labels = &m.issue(REPO, issue).unwrap().labels;
+    let status: Vec<_> = labels.iter().filter(|l| l.starts_with("agent:")).collect();
+    assert_eq!(status, vec!["agent:done"]);
+
+    let metrics = c.metrics().await.unwrap();
+    for needle in [
+        "result=\"server_error\"",
+        "result=\"rate_limited\"",
+        "result=\"ok\",route=\"/repos/{o}/{r}/issues/{n}/comments\",status=\"201\"",
+    ] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("ao_github_api_calls_total") && l.contains(needle)),
+            "{needle} missing:\n{metrics}"
+        );
+    }
+    let remaining: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("ao_github_rate_limit_remaining "))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .expect("rate-limit gauge");
+    assert!(remaining < 5000.0 && remaining > 4000.0, "{remaining}");
+}
