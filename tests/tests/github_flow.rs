@@ -174,6 +174,23 @@ async fn a_labelled_issue_becomes_a_reviewed_pull_request() {
     assert_ne!(before, after);
     let log = git(&bare, &["log", "--format=%s", &pr.head]);
     assert_eq!(log.lines().count(), 3, "{log}");
-    // Still one pull request.
-    assert_eq!(fake.model().pulls(REPO).len(), 1);
+    // Still one pull request, and still one progress comment, now showing the round.
+    let head = pr.head.clone();
+    let m = fake
+        .wait_for("the progress comment shows the review round", LIMIT, |m| {
+            m.comments_on(REPO, issue)
+                .iter()
+                .any(|c| c.body.contains("review-round-1") && c.body.contains("done"))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
+        .unwrap();
+    assert_eq!(m.pulls(REPO).len(), 1);
+    assert_eq!(m.pulls(REPO)[0].head, head);
+    let ours: Vec<_> = m
+        .comments_on(REPO, issue)
+        .into_iter()
+        .filter(|c| c.user == BOT_LOGIN)
+        .collect();
+    assert_eq!(ours.len(), 1, "{ours:#?}");
 }

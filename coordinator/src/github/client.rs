@@ -222,6 +222,11 @@ impl Client {
         Ok(token)
     }
 
+    /// Drops the cached tokens of an installation (deleted or suspended).
+    pub fn forget_installation(&self, installation: u64) {
+        self.tokens.lock().retain(|(i, _), _| *i != installation);
+    }
+
     /// A call as the App itself (JWT).
     pub async fn app_call(
         &self,

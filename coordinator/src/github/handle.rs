@@ -249,6 +249,14 @@ async fn handle(app: &App, d: Delivery) -> HandleResult {
             account,
         } => {
             tracing::info!(installation_id, action = %action, account = %account, "installation changed");
+            match action.as_str() {
+                "deleted" | "suspend" => app.github.client.forget_installation(installation_id),
+                // A new or resumed installation may have labelled issues waiting.
+                "created" | "unsuspend" | "new_permissions_accepted" => {
+                    app.github.sweep_now.notify_one()
+                }
+                _ => {}
+            }
             Ok("noted: installation")
         }
         Event::InstallationRepositories {
@@ -262,6 +270,9 @@ async fn handle(app: &App, d: Delivery) -> HandleResult {
                 ?removed,
                 "installation repositories changed"
             );
+            if !added.is_empty() {
+                app.github.sweep_now.notify_one();
+            }
             Ok("noted: installation repositories")
         }
         Event::Ping => Ok("pong"),
@@ -466,7 +477,8 @@ async fn start_inner(
             repo: ctx.repo.full(),
             issue: issue.number,
             pull_request: previous.and_then(pull_of),
-            progress_comment_id: None,
+            // One progress comment per issue: a later task edits the earlier one.
+            progress_comment_id: previous.and_then(comment_of),
         },
         require_approval: approval && !plans_first,
     };
@@ -479,6 +491,16 @@ async fn start_inner(
             Ok("ignored: delivery seen before")
         }
         Err(e) => Err(Box::new(e)),
+    }
+}
+
+fn comment_of(task: &Task) -> Option<u64> {
+    match &task.source {
+        TaskSource::Github {
+            progress_comment_id,
+            ..
+        } => *progress_comment_id,
+        TaskSource::Api => None,
     }
 }
 
@@ -584,8 +606,21 @@ async fn command_(app: &App, ctx: &Context, issue: &Issue, command: Command) -> 
         Command::Status => {
             match latest {
                 Some(t) => {
+                    // The progress comment stays the one place with the details.
                     app.github.reporter.notify(t.id);
-                    say(progress::render(t, pull_of(t))).await?;
+                    let done = t
+                        .subtasks
+                        .iter()
+                        .filter(|s| s.status == ao_shared::status::SubtaskStatus::Succeeded)
+                        .count();
+                    say(format!(
+                        "The agent's task is **{}** ({done} of {} steps done, ${:.2} so far); \
+                         the progress comment on this issue has the details.",
+                        t.status,
+                        t.subtasks.len(),
+                        t.cost_usd()
+                    ))
+                    .await?;
                 }
                 None => {
                     say("No agent task has run on this issue yet.".into()).await?;
@@ -699,7 +734,7 @@ async fn review_round(
             repo: ctx.repo.full(),
             issue,
             pull_request: Some(pull.number),
-            progress_comment_id: None,
+            progress_comment_id: ours.first().and_then(|t| comment_of(t)),
         },
         require_approval: false,
     };

@@ -37,6 +37,8 @@ pub struct Github {
     pub waiting: limits::WaitList,
     /// Told when a GitHub task ended, so that waiting requests are looked at.
     pub slots_changed: tokio::sync::Notify,
+    /// Asks the missed-delivery sweep to run now (a new installation or repository).
+    pub sweep_now: tokio::sync::Notify,
 }
 
 impl Github {
@@ -48,6 +50,7 @@ impl Github {
             start_lock: tokio::sync::Mutex::new(()),
             waiting: limits::WaitList::default(),
             slots_changed: tokio::sync::Notify::new(),
+            sweep_now: tokio::sync::Notify::new(),
         }
     }
 

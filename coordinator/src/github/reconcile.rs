@@ -29,11 +29,17 @@ pub async fn run(app: Arc<App>) {
         if let Err(e) = sweep(&app).await {
             tracing::warn!(error = %e, "missed-delivery sweep failed; trying again later");
         }
-        if every == 0 {
-            break;
-        }
+        // With no interval, only start-up and new installations or repositories sweep.
+        let interval = async {
+            if every == 0 {
+                std::future::pending::<()>().await
+            } else {
+                tokio::time::sleep(Duration::from_secs(every)).await
+            }
+        };
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(every)) => {}
+            _ = interval => {}
+            _ = app.github.sweep_now.notified() => {}
             _ = app.shutdown.cancelled() => break,
         }
     }

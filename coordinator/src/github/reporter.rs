@@ -95,7 +95,13 @@ pub async fn run(app: Arc<App>) {
                 for id in ready {
                     let entry = written.entry(id).or_default();
                     match pass(&app, id, entry).await {
-                        Ok(()) => { due.remove(&id); }
+                        Ok(done) => {
+                            due.remove(&id);
+                            // Finished and fully reported: forget what was written.
+                            if done {
+                                written.remove(&id);
+                            }
+                        }
                         Err(e) => {
                             let delay = due.get(&id).map(|(_, d)| *d).unwrap_or(FIRST_RETRY_DELAY);
                             tracing::warn!(task_id = %id, error = %e, retry_in_s = delay.as_secs(),
@@ -135,7 +141,8 @@ async fn active_tasks(app: &App) -> Vec<TaskId> {
     out
 }
 
-type PassResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+/// `Ok(true)` when the task has ended and everything about it is reported.
+type PassResult = Result<bool, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Stores a change of the task's GitHub ids.
 async fn set_source(
@@ -163,15 +170,15 @@ async fn set_source(
 /// One pass over one task.
 async fn pass(app: &App, id: TaskId, written: &mut Written) -> PassResult {
     let Some(mut task) = app.store.get_task(id).await? else {
-        return Ok(());
+        return Ok(true);
     };
     let Some((inst, repo, issue)) = source(&task) else {
-        return Ok(());
+        return Ok(true);
     };
     let c = &app.github.client;
     if !c.configured() {
         tracing::warn!(task_id = %id, "github.app_id / github.private_key not set: cannot report");
-        return Ok(());
+        return Ok(true);
     }
     let (mut pull_request, comment_id) = match &task.source {
         TaskSource::Github {
@@ -332,5 +339,5 @@ async fn pass(app: &App, id: TaskId, written: &mut Written) -> PassResult {
             written.notices.insert(key);
         }
     }
-    Ok(())
+    Ok(task.status.is_terminal())
 }
