@@ -44,11 +44,13 @@ async fn every_published_example_is_handled_or_acknowledged() {
     let mut seen_events = 0;
     let mut sent = 0;
     let mut accepted = 0;
+    let mut times = Vec::new();
     for group in examples() {
         let event = group["name"].as_str().unwrap().to_string();
         seen_events += 1;
         for (i, example) in group["examples"].as_array().unwrap().iter().enumerate() {
             let body = example.to_string();
+            let started = std::time::Instant::now();
             let r = c
                 .http
                 .post(c.url("/webhooks/github"))
@@ -62,6 +64,7 @@ async fn every_published_example_is_handled_or_acknowledged() {
                 .unwrap();
             let status = r.status().as_u16();
             let v: Value = r.json().await.unwrap_or(Value::Null);
+            times.push(started.elapsed());
             sent += 1;
             let action = example["action"].as_str().unwrap_or("-");
             assert!(
@@ -83,6 +86,14 @@ async fn every_published_example_is_handled_or_acknowledged() {
             }
         }
     }
+    times.sort();
+    eprintln!(
+        "webhook answer time over {} deliveries: median {:?}, p99 {:?}, max {:?}",
+        times.len(),
+        times[times.len() / 2],
+        times[times.len() * 99 / 100],
+        times[times.len() - 1]
+    );
     assert!(
         seen_events >= 50,
         "only {seen_events} event types in the examples"

@@ -53,6 +53,7 @@ async fn a_labelled_issue_becomes_a_reviewed_pull_request() {
     c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
 
     let issue = fake.open_issue(REPO, "Add a note", "Please add a note file.", "alice");
+    let labelled = std::time::Instant::now();
     assert_eq!(fake.label_issue(REPO, issue, "agent", "alice").await, 202);
 
     let m = fake
@@ -66,6 +67,10 @@ async fn a_labelled_issue_becomes_a_reviewed_pull_request() {
         .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
         .unwrap();
 
+    eprintln!(
+        "label → ready pull request (coder + reviewer, script agent): {:?}",
+        labelled.elapsed()
+    );
     // One pull request, from the task branch, linking the issue.
     let pulls = m.pulls(REPO);
     assert_eq!(pulls.len(), 1, "{pulls:?}");
