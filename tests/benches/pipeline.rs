@@ -5,6 +5,7 @@
 //!
 //! Run with `make bench` (or `cargo build --release --bins && cargo bench -p ao-tests --bench pipeline`).
 
+use ao_tests::measure::{percentile, rss_mib};
 use ao_tests::{bare_repo, script, Cluster};
 use serde_json::json;
 use std::collections::HashMap;
@@ -29,28 +30,6 @@ fn now_ns() -> u128 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn rss_mib(pid: i32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|kb| kb.parse::<f64>().ok())
-            })
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
 }
 
 async fn submit(c: &Cluster, repo: &str) -> (String, u128) {

@@ -4,6 +4,7 @@
 
 pub mod fake_github;
 pub mod fake_nomad;
+pub mod measure;
 pub mod model_server;
 pub mod moto;
 
