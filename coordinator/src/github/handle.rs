@@ -222,7 +222,7 @@ async fn handle(app: &App, d: Delivery) -> HandleResult {
             state,
             body,
         } => {
-            if state != ReviewState::ChangesRequested && !addressed(app, &body) {
+            if state != ReviewState::ChangesRequested && !addressed(&body) {
                 return Ok("ignored: review neither requests changes nor addresses the agent");
             }
             review_round(app, &ctx, &pull, &body, &d.id).await
@@ -234,7 +234,7 @@ async fn handle(app: &App, d: Delivery) -> HandleResult {
             path,
             line,
         } => {
-            if !addressed(app, &body) {
+            if !addressed(&body) {
                 return Ok("ignored: review comment not addressed to the agent");
             }
             let text = match line {
@@ -279,9 +279,8 @@ async fn handle(app: &App, d: Delivery) -> HandleResult {
     }
 }
 
-/// A review text addressed to the agent: `/agent` or a mention of the App.
-fn addressed(app: &App, body: &str) -> bool {
-    let _ = app;
+/// A review text addressed to the agent: a line starting with `/agent`.
+fn addressed(body: &str) -> bool {
     body.lines().any(|l| l.trim_start().starts_with("/agent"))
 }
 
@@ -544,8 +543,9 @@ async fn command_(app: &App, ctx: &Context, issue: &Issue, command: Command) -> 
     match command {
         Command::Run => {
             let delivery = DeliveryId::new(format!(
-                "run:{}:{}",
+                "run:{}#{}:{}",
                 ctx.repo,
+                issue.number,
                 latest.map(|t| t.id.to_string()).unwrap_or_default()
             ));
             start(app, ctx, issue, None, &delivery).await
