@@ -50,6 +50,16 @@ async fn submit(c: &Cluster, repo: &Path, pipeline: &str) -> String {
     task["id"].as_str().expect("id").to_string()
 }
 
+/// Submits a `code` task and waits until it has ended.
+async fn run_to_end(c: &Cluster, repo: &Path) -> (String, Value) {
+    let id = submit(c, repo, "code").await;
+    let task = c
+        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
+        .await
+        .expect("task ends");
+    (id, task)
+}
+
 /// The task's agent events: `(type, event)` pairs.
 async fn agent_events(c: &Cluster, id: &str) -> Vec<(String, Value)> {
     let (_, body) = c
@@ -147,11 +157,7 @@ async fn claude_code_edits_the_repository_and_the_work_is_pushed() {
     .await;
     let c = cluster(&model, &[]).await;
     let repo = repo(&c);
-    let id = submit(&c, &repo, "code").await;
-    let task = c
-        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
-        .await
-        .expect("task ends");
+    let (id, task) = run_to_end(&c, &repo).await;
     assert_eq!(task["status"], "succeeded", "{task:#}\n{}", c.logs());
 
     // The edit is committed and pushed.
@@ -290,11 +296,7 @@ async fn a_silent_model_is_killed_as_stalled() {
     let c = cluster(&model, &[("AO__AGENT__IDLE_TIMEOUT_SECS", "5")]).await;
     let repo = repo(&c);
     let started = Instant::now();
-    let id = submit(&c, &repo, "code").await;
-    let task = c
-        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
-        .await
-        .expect("task ends");
+    let (_, task) = run_to_end(&c, &repo).await;
     assert_eq!(task["status"], "failed");
     let outcome = &subtask(&task)["outcome"];
     assert_eq!(outcome["kind"], "stalled", "{outcome:#}");
@@ -331,11 +333,7 @@ async fn a_run_past_its_budget_is_stopped() {
     )
     .await;
     let repo = repo(&c);
-    let id = submit(&c, &repo, "code").await;
-    let task = c
-        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
-        .await
-        .expect("task ends");
+    let (_, task) = run_to_end(&c, &repo).await;
     assert_eq!(task["status"], "failed", "{task:#}");
     let s = subtask(&task);
     assert_eq!(s["outcome"]["kind"], "budget_exceeded", "{s:#}");
@@ -361,11 +359,7 @@ async fn nothing_the_agent_starts_outlives_the_run() {
     .await;
     let c = cluster(&model, &[]).await;
     let repo = repo(&c);
-    let id = submit(&c, &repo, "code").await;
-    let task = c
-        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
-        .await
-        .expect("task ends");
+    let (id, task) = run_to_end(&c, &repo).await;
     assert_eq!(task["status"], "succeeded", "{task:#}\n{}", c.logs());
     let events = agent_events(&c, &id).await;
     assert!(
@@ -456,11 +450,7 @@ async fn failing_model(step: Step, expected_error: &str) {
     )
     .await;
     let repo = repo(&c);
-    let id = submit(&c, &repo, "code").await;
-    let task = c
-        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
-        .await
-        .expect("task ends");
+    let (_, task) = run_to_end(&c, &repo).await;
     assert_eq!(task["status"], "failed");
     let s = subtask(&task);
     assert_eq!(s["attempt"], 2, "retried once: {s:#}");
@@ -499,11 +489,7 @@ async fn the_turn_limit_is_classified() {
     let model = ModelServer::start(endless).await;
     let c = cluster(&model, &[("AO__AGENT__PROFILES__CODER__MAX_TURNS", "2")]).await;
     let repo = repo(&c);
-    let id = submit(&c, &repo, "code").await;
-    let task = c
-        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
-        .await
-        .expect("task ends");
+    let (_, task) = run_to_end(&c, &repo).await;
     assert_eq!(task["status"], "failed");
     let s = subtask(&task);
     assert_eq!(s["outcome"]["kind"], "max_turns", "{s:#}");
