@@ -26,8 +26,9 @@
 //! already applied: the sweep reads the capability queues first, then the result queue, and
 //! acts only when the result queue is empty; and every change re-checks, inside the
 //! conditional write, that the subtask is still in the status and attempt it saw. Counts
-//! on SQS are approximate, hence the staleness threshold as a second guard in `stale`
-//! mode, and at worst a recovered subtask runs one more time with its result ignored.
+//! on SQS are approximate, so a subtask is recovered only when two sweeps in a row find
+//! its message missing, and `stale` mode adds the staleness threshold as a further guard;
+//! at worst a recovered subtask runs one more time with its result ignored.
 //!
 //! Modes: `stale` (default) recovers only subtasks whose task has not changed for
 //! `coordinator.recovery_stale_secs`; `all` recovers every orphan at start-up whatever its
@@ -44,7 +45,7 @@ use ao_shared::state::{EventKind, NewEvent, TaskQuery};
 use ao_shared::status::{SubtaskStatus, TaskStatus};
 use ao_shared::task::{Applied, Outcome, OutcomeKind, Task};
 use ao_shared::timefmt::{self, Timestamp};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -165,10 +166,11 @@ pub async fn run(app: Arc<App>) {
         RecoveryMode::All => Duration::ZERO,
         _ => stale,
     };
-    // Start-up: retried while pending results keep it from deciding.
+    // Start-up: retried while pending results or unconfirmed suspects keep it from deciding.
     let started = tokio::time::Instant::now();
+    let mut suspects = Suspects::new();
     loop {
-        let deferred = match sweep(&app, startup_idle, true).await {
+        let deferred = match sweep(&app, startup_idle, true, &mut suspects).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(error = %e, "recovery sweep failed; retrying");
@@ -190,7 +192,7 @@ pub async fn run(app: Arc<App>) {
             _ = tick.tick() => {}
             _ = app.shutdown.cancelled() => break,
         }
-        if let Err(e) = sweep(&app, stale, false).await {
+        if let Err(e) = sweep(&app, stale, false, &mut suspects).await {
             tracing::warn!(error = %e, "recovery sweep failed");
         }
     }
@@ -205,8 +207,44 @@ pub enum SweepError {
     Queue(#[from] ao_shared::queue::QueueError),
 }
 
-/// One sweep; returns how many candidates were deferred.
-async fn sweep(app: &App, min_idle: Duration, startup: bool) -> Result<usize, SweepError> {
+/// Subtasks (task, subtask, attempt) found without a message by the previous sweep.
+type Suspects = HashSet<(TaskId, SubtaskId, u32)>;
+
+/// Splits a plan's actions into those to take now and those to confirm: a subtask is
+/// recovered only when two sweeps in a row find its message missing, so that one reading
+/// of approximate queue counts (SQS) or a message in transit never recovers live work.
+/// Actions decided by the stored state alone are taken at once.
+pub fn confirm(
+    actions: Vec<(TaskId, Action)>,
+    suspects: &mut Suspects,
+) -> (Vec<(TaskId, Action)>, usize) {
+    let previous = std::mem::take(suspects);
+    let mut now = Vec::new();
+    for (task, action) in actions {
+        let key = match &action {
+            Action::Requeue { subtask, attempt } | Action::FailLost { subtask, attempt } => {
+                Some((task, *subtask, *attempt))
+            }
+            Action::FinishCancel | Action::QueueReady => None,
+        };
+        match key {
+            Some(k) if !previous.contains(&k) => {
+                suspects.insert(k);
+            }
+            _ => now.push((task, action)),
+        }
+    }
+    let unconfirmed = suspects.len();
+    (now, unconfirmed)
+}
+
+/// One sweep; returns how many candidates wait for a later sweep.
+async fn sweep(
+    app: &App,
+    min_idle: Duration,
+    startup: bool,
+    suspects: &mut Suspects,
+) -> Result<usize, SweepError> {
     let mut statuses = vec![TaskStatus::Queued, TaskStatus::Running];
     if startup {
         statuses.push(TaskStatus::Cancelled);
@@ -247,10 +285,11 @@ async fn sweep(app: &App, min_idle: Duration, startup: bool) -> Result<usize, Sw
             "recovery waits for pending results before deciding"
         );
     }
-    for (task_id, action) in plan.actions {
+    let (now, unconfirmed) = confirm(plan.actions, suspects);
+    for (task_id, action) in now {
         apply(app, task_id, action).await;
     }
-    Ok(plan.deferred)
+    Ok(plan.deferred + unconfirmed)
 }
 
 fn still(task: &Task, subtask: SubtaskId, status: SubtaskStatus, attempt: u32) -> bool {
@@ -461,6 +500,34 @@ mod tests {
         done.status = TaskStatus::Succeeded;
         let p = plan(&[t.clone(), done], &view(0, 0), STALE, timefmt::now());
         assert_eq!(p.actions, vec![(t.id, Action::FinishCancel)]);
+    }
+
+    #[test]
+    fn a_missing_message_is_acted_on_only_when_two_sweeps_agree() {
+        let t = task(&[Capability::Coder], 600);
+        let requeue = Action::Requeue {
+            subtask: t.subtasks[0].id,
+            attempt: 1,
+        };
+        let mut suspects = Suspects::new();
+        let (now, wait) = confirm(
+            vec![(t.id, requeue.clone()), (t.id, Action::QueueReady)],
+            &mut suspects,
+        );
+        assert_eq!(
+            now,
+            vec![(t.id, Action::QueueReady)],
+            "state-only actions at once"
+        );
+        assert_eq!(wait, 1);
+        let (now, wait) = confirm(vec![(t.id, requeue.clone())], &mut suspects);
+        assert_eq!(now, vec![(t.id, requeue.clone())]);
+        assert_eq!(wait, 0);
+        // A sweep that no longer sees it forgets it.
+        confirm(vec![(t.id, requeue.clone())], &mut suspects);
+        confirm(Vec::new(), &mut suspects);
+        let (now, _) = confirm(vec![(t.id, requeue)], &mut suspects);
+        assert!(now.is_empty());
     }
 
     #[test]

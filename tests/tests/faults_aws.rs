@@ -1,0 +1,166 @@
+//! Faults on the AWS backends (SQS, DynamoDB on moto_server): the AWS endpoint goes away
+//! mid-pipeline and comes back, and the daemons retry and recover: the task completes,
+//! each step recorded once.
+//!
+//! The endpoint is a TCP relay in front of moto_server that the test stops (listener
+//! closed, every open connection reset) and starts again on the same port: to the
+//! daemons that is the service restarting. Restarting moto_server itself would not do:
+//! unlike SQS and DynamoDB it keeps its state only in memory and comes back empty.
+
+use ao_tests::moto::Moto;
+use ao_tests::{bare_repo, git, script, Cluster};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// A TCP relay to `target` on `addr`; dropping it (or `stop`) closes everything.
+struct Relay {
+    accept: JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(addr: SocketAddr, target: SocketAddr) -> Relay {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("reuseaddr");
+        socket.bind(addr).expect("bind the relay port");
+        let listener: TcpListener = socket.listen(256).expect("listen");
+        let accept = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                conns.spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        Relay { accept }
+    }
+
+    /// Stops accepting and resets every relayed connection (the JoinSet is dropped).
+    async fn stop(self) {
+        self.accept.abort();
+        let _ = self.accept.await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_aws_endpoint_going_away_and_coming_back_loses_nothing() {
+    let moto = Moto::start();
+    let target: SocketAddr = moto
+        .endpoint
+        .trim_start_matches("http://")
+        .parse()
+        .expect("moto address");
+    let relay_addr: SocketAddr = format!("127.0.0.1:{}", ao_tests::free_port())
+        .parse()
+        .expect("relay address");
+    let relay = Relay::start(relay_addr, target).await;
+
+    let prefix = format!("faults-{}", relay_addr.port());
+    let mut env = moto.env(&prefix);
+    for (k, v) in env.iter_mut() {
+        if k == "AO__AWS__ENDPOINT_URL" {
+            *v = format!("http://{relay_addr}");
+        }
+    }
+    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    // The outage is shorter than the visibility timeout: a message whose heartbeats fail
+    // for a while is not taken by another run meanwhile.
+    all.extend_from_slice(&[
+        ("AO__QUEUE__VISIBILITY_TIMEOUT_SECS", "30"),
+        ("AO__QUEUE__HEARTBEAT_SECS", "2"),
+    ]);
+    let mut c = Cluster::new(&all);
+    let marker = c.dir.path().join("runs.log");
+    let agent = script(
+        c.dir.path(),
+        "agent.sh",
+        &format!(
+            "echo \"$AO_CAPABILITY\" >> {}\nsleep 3\necho \"$AO_CAPABILITY\" > \"$AO_CAPABILITY.txt\"",
+            marker.display()
+        ),
+    );
+    let repo = bare_repo(c.dir.path(), "project", &[]);
+    c.start_coordinator().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let (status, task) = c
+        .submit(
+            json!({ "repository": repo.display().to_string(), "prompt": "outage",
+                        "pipeline": ["coder", "docs"], "branch": "agent/outage" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{task}");
+    let id = task["id"].as_str().unwrap().to_string();
+    // The outage starts while the first step's agent runs.
+    let deadline = Instant::now() + LIMIT;
+    while std::fs::read_to_string(&marker)
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    relay.stop().await;
+    assert!(
+        TcpStream::connect(relay_addr).await.is_err(),
+        "the endpoint is down"
+    );
+    // Down long enough for the step to end and its result to need retrying.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let relay = Relay::start(relay_addr, target).await;
+
+    let done = c
+        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    for sub in done["subtasks"].as_array().unwrap() {
+        assert_eq!(sub["attempt"], 1, "{sub}");
+    }
+    let (_, events) = c
+        .get_json(&format!("/api/v1/tasks/{id}/events"))
+        .await
+        .unwrap();
+    let successes = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"]["type"] == "subtask_status" && e["data"]["status"] == "succeeded")
+        .count();
+    assert_eq!(successes, 2, "{events:#}");
+    assert_eq!(git(&repo, &["show", "agent/outage:docs.txt"]), "docs");
+    // The daemons noticed the outage and retried (not merely waited).
+    let logs = c.logs();
+    assert!(
+        logs.contains("retrying") || logs.contains("heartbeat failed"),
+        "{logs}"
+    );
+    // Still healthy afterwards: a new task goes through.
+    let (_, again) = c
+        .submit(
+            json!({ "repository": repo.display().to_string(), "prompt": "after",
+                        "pipeline": "code", "branch": "agent/after" }),
+        )
+        .await
+        .unwrap();
+    let after = c
+        .wait_for_status(
+            again["id"].as_str().unwrap(),
+            &["succeeded", "failed"],
+            LIMIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(after["status"], "succeeded", "{}", c.logs());
+    relay.stop().await;
+}
