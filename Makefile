@@ -51,5 +51,6 @@ lint:
 bench: deps-test
 	cargo build --release --bins
 	cargo bench -p ao-tests --bench pipeline
+	cargo bench -p ao-tests --bench load
 	cargo bench -p ao-tests --bench sandbox
 	cargo bench --profile dev -p ao-shared --bench aws_calls
