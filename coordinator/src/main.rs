@@ -10,6 +10,8 @@ mod http;
 mod metrics;
 mod monitor;
 mod orchestrator;
+#[cfg(test)]
+mod proptest_webhook;
 mod recovery;
 mod results;
 mod webhook;

@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 const SECRET: &str = "bench-webhook-secret";
 /// Webhook rates tried, per second, until one is not sustained.
-const RATES: &[u32] = &[200, 400, 800, 1600, 3200, 6400, 9600, 12800, 16000, 20000, 25000];
+const RATES: &[u32] = &[
+    200, 400, 800, 1600, 3200, 6400, 9600, 12800, 16000, 20000, 25000,
+];
 /// A rate is sustained when this share of its deliveries is answered 2xx in the step…
 const MIN_OK_SHARE: f64 = 0.97;
 /// …and the 99th percentile latency stays under this.

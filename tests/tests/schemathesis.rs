@@ -28,8 +28,10 @@ async fn the_api_conforms_to_its_openapi_description() {
     assert_eq!(description["openapi"], "3.0.3");
 
     let program = std::env::var("AO_SCHEMATHESIS").unwrap_or_else(|_| "schemathesis".into());
+    let workdir = c.dir.path().to_path_buf();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(&program)
+            .current_dir(&workdir)
             .args(["run", &spec])
             .args(["--header", &format!("Authorization: Bearer {TOKEN}")])
             .args(["--checks", "all", "--exclude-checks", "positive_data_acceptance"])
