@@ -146,7 +146,7 @@ async fn claude_code_edits_the_repository_and_the_work_is_pushed() {
         Turn::new(
             Step::tool(
                 "Bash",
-                json!({ "command": "echo more >> hello.txt && env | cut -d= -f1 | sort > env-names.txt",
+                json!({ "command": "echo more >> hello.txt && env | cut -d= -f1 | sort > env-names.txt; for p in /proc/[0-9]*; do tr '\\0' '\\n' < $p/environ 2>/dev/null; done | grep -c '^AO_SECRET_NAMES=' > environ-leaks.txt",
                         "description": "append a line" }),
             ),
             1000,
@@ -167,6 +167,13 @@ async fn claude_code_edits_the_repository_and_the_work_is_pushed() {
     assert!(names.lines().any(|n| n == "ANTHROPIC_API_KEY"), "{names}");
     assert!(!names.contains("WORKER_ONLY_CANARY"), "{names}");
     assert!(!names.contains("AO_SECRET_NAMES"), "{names}");
+    // Nor can the agent read the runner's environment through /proc.
+    let leaks = remote_file(&c, &repo, "agent/claude", "environ-leaks.txt").expect("leaks");
+    assert_eq!(
+        leaks.trim(),
+        "0",
+        "processes whose environment the agent can read"
+    );
 
     // Four model turns of 1,000 input and 200 output tokens on a $3/$15 model.
     let s = subtask(&task);

@@ -64,6 +64,14 @@ fn log(message: impl Into<String>) {
 /// Reads the spec, runs the attempt, writes the result. Returns the process exit code.
 pub fn main(spec_path: &Path, result_path: &Path, work_dir: Option<PathBuf>) -> i32 {
     let started = Instant::now();
+    // The agent runs as the same user: without this it could read the runner's secrets
+    // (a git token) from /proc/<runner>/environ, or attach to it.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        let _ = writeln!(
+            std::io::stderr(),
+            "runner: cannot make itself non-dumpable: {e}"
+        );
+    }
     process::exit_with_parent();
     let outcome = match std::fs::read_to_string(spec_path)
         .map_err(|e| e.to_string())

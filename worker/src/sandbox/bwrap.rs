@@ -2,9 +2,11 @@
 //! bubblewrap sandbox made fresh for each attempt.
 //!
 //! What the sandbox is:
-//! - new user, pid, ipc, uts and (when the kernel allows) cgroup namespaces; bubblewrap's
-//!   own init is pid 1 and reaps, so when the runner exits everything it left behind dies
-//!   with the namespace. `--die-with-parent` ties it to the worker, `--new-session` takes
+//! - new user, pid, ipc, uts and (when the kernel allows) cgroup namespaces; the runner is
+//!   pid 1 (`--as-pid-1`: no bubblewrap monitor inside whose environment, holding the run's
+//!   secrets, the agent could read), so when the runner exits everything it left behind
+//!   dies with the namespace. Orphans that exit earlier stay zombies until then, within
+//!   the process limit. `--die-with-parent` ties it to the worker, `--new-session` takes
 //!   the controlling terminal away.
 //! - an unprivileged user inside (`sandbox.uid`/`sandbox.gid`, 1000 by default). With a
 //!   user namespace the worker's own uid is mapped to it, so the attempt directory the
@@ -204,7 +206,10 @@ impl BwrapDriver {
         if s.network_off.contains(&spec.capability) {
             a.flags(&["--unshare-net"]);
         }
-        a.flags(&["--die-with-parent", "--new-session"]);
+        // `--as-pid-1`: the runner itself is the namespace's init, not a bubblewrap monitor
+        // whose /proc/1/environ (the run's secrets) the agent could read. The runner makes
+        // itself non-dumpable; its end still ends every process in the namespace.
+        a.flags(&["--die-with-parent", "--new-session", "--as-pid-1"]);
         a.flag_val("--uid", s.uid.to_string());
         a.flag_val("--gid", s.gid.to_string());
         a.flag_val("--hostname", "agent-sandbox");
