@@ -263,18 +263,35 @@ async fn a_worker_killed_after_sending_its_result() {
         )
         .await
         .unwrap();
-    wait_until("the redelivered run", &c, || lines(&runs) == 2).await;
-    // Its result is applied as a repeat: ignored.
+    // A worker takes the message again and is done with it (deleted): it ran the agent
+    // again, or noticed the subtask had ended and did not.
+    let coder = QueueId::Capability(ao_shared::Capability::Coder);
     let deadline = Instant::now() + LIMIT;
     loop {
-        let m = c.metrics().await.unwrap();
-        if m.contains("ao_results_applied_total{kind=\"finished\",result=\"ignored\"} 1") {
-            assert!(m.contains("ao_results_applied_total{kind=\"finished\",result=\"applied\"} 1"));
+        // The result is sent before the message is deleted, and counted before it is deleted.
+        let d = queue.depth(coder).await.unwrap();
+        let r = queue.depth(QueueId::Results).await.unwrap();
+        if d.visible + d.in_flight + r.visible + r.in_flight == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "{m}\n{}", c.logs());
+        assert!(Instant::now() < deadline, "{}", c.logs());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let m = c.metrics().await.unwrap();
+    assert!(
+        m.contains("ao_results_applied_total{kind=\"finished\",result=\"applied\"} 1"),
+        "{m}"
+    );
+    if lines(&runs) == 2 {
+        // Its result was applied as a repeat: ignored.
+        assert!(
+            m.contains("ao_results_applied_total{kind=\"finished\",result=\"ignored\"} 1"),
+            "{m}\n{}",
+            c.logs()
+        );
+    }
+    assert!(lines(&runs) <= 2);
+    eprintln!("agent runs: {}", lines(&runs));
     let after = c.task(&id).await.unwrap();
     assert_eq!(after["status"], "succeeded");
     assert_eq!(after["subtasks"][0]["attempt"], 1);
