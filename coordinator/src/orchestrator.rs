@@ -7,12 +7,14 @@ use ao_shared::capability::Capability;
 use ao_shared::ids::{DeliveryId, SubtaskId, TaskId};
 use ao_shared::message::SubtaskMessage;
 use ao_shared::pipeline::plan_subtasks;
+use ao_shared::profile::RepoProfile;
 use ao_shared::queue::QueueId;
 use ao_shared::state::{EventKind, NewEvent, StoreError};
 use ao_shared::status::{TaskStatus, TransitionError};
 use ao_shared::task::{Applied, Task, TaskSource};
 use ao_shared::timefmt::{self, Timestamp};
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// How often a conflicting write is retried before giving up.
@@ -46,6 +48,8 @@ pub struct NewTask {
     pub source: TaskSource,
     /// Whether the plan waits for approval before any subtask is queued.
     pub require_approval: bool,
+    /// The repository's narrowing of the agent profiles.
+    pub profiles: BTreeMap<Capability, RepoProfile>,
 }
 
 /// Events describing how `after` differs from `before`.
@@ -92,6 +96,7 @@ pub async fn create_task(
 ) -> Result<Task, ChangeError> {
     let now = timefmt::now();
     let mut task = Task {
+        profiles: new.profiles,
         id: TaskId::new(),
         status: TaskStatus::Queued,
         title: new.title,
@@ -168,6 +173,7 @@ where
 pub fn subtask_message(task: &Task, id: SubtaskId) -> Option<SubtaskMessage> {
     let sub = task.subtask(id)?;
     Some(SubtaskMessage {
+        profile: task.profiles.get(&sub.capability).cloned(),
         task_id: task.id,
         subtask_id: sub.id,
         attempt: sub.attempt,

@@ -387,6 +387,7 @@ mod tests {
     fn task(caps: &[Capability], age_secs: i64) -> Task {
         let at = timefmt::now() - time::Duration::seconds(age_secs);
         let mut t = Task {
+            profiles: Default::default(),
             id: TaskId::new(),
             status: TaskStatus::Queued,
             title: "t".into(),

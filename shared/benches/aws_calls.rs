@@ -52,6 +52,7 @@ fn event(text: &str) -> NewEvent {
 fn new_task() -> Task {
     let now = timefmt::now();
     Task {
+        profiles: Default::default(),
         id: TaskId::new(),
         status: TaskStatus::Queued,
         title: "Add a retry to the HTTP client".into(),
@@ -99,6 +100,7 @@ async fn run_task(queue: &SqsQueue, store: &DynamoStore) {
             .unwrap();
         let sub = task.subtask(subtask_id).unwrap().clone();
         let order = SubtaskMessage {
+            profile: None,
             task_id: task.id,
             subtask_id,
             attempt: sub.attempt,

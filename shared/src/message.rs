@@ -101,6 +101,9 @@ pub struct SubtaskMessage {
     pub instructions: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub enqueued_at: Timestamp,
+    /// The repository's narrowing of this capability's agent profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<crate::profile::RepoProfile>,
     /// For a task from GitHub: where the worker gets a repository-scoped token for git.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub github: Option<GithubTarget>,
@@ -189,6 +192,7 @@ mod tests {
 
     fn sample() -> SubtaskMessage {
         SubtaskMessage {
+            profile: None,
             task_id: TaskId::new(),
             subtask_id: SubtaskId::new(),
             attempt: 1,

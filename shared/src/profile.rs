@@ -67,6 +67,58 @@ pub struct ProfileOverride {
     pub mcp_config: Option<serde_json::Value>,
 }
 
+/// What a repository may say about a capability's profile (`[profiles.<capability>]` in
+/// its `.agent-orchestrator.toml`). It can only narrow what the operator allows: pick the
+/// model, add instructions, take tools away, refuse more tool rules, and lower the turn,
+/// time and cost limits. It cannot add tools, allow rules, MCP servers or a permission
+/// mode, and a higher limit than the operator's is ignored.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RepoProfile {
+    pub model: Option<String>,
+    /// Appended to the profile's system prompt.
+    pub append_system_prompt: Option<String>,
+    /// Tools kept (those of the operator's profile that are also named here).
+    pub tools: Option<Vec<String>>,
+    /// Tool rules refused besides the profile's.
+    pub disallowed_tools: Vec<String>,
+    pub max_turns: Option<u32>,
+    pub timeout_secs: Option<u64>,
+    pub max_cost_usd: Option<f64>,
+}
+
+/// Longest repository addition to a system prompt.
+pub const MAX_REPO_PROMPT_CHARS: usize = 8 * 1024;
+
+impl RepoProfile {
+    /// Checks the values a repository gave.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_turns == Some(0) {
+            return Err("max_turns must be at least 1".into());
+        }
+        if let Some(b) = self.max_cost_usd {
+            if !(b.is_finite() && b > 0.0) {
+                return Err(format!("max_cost_usd must be a positive number, not {b}"));
+            }
+        }
+        if self
+            .append_system_prompt
+            .as_ref()
+            .is_some_and(|p| p.chars().count() > MAX_REPO_PROMPT_CHARS)
+        {
+            return Err(format!(
+                "append_system_prompt is longer than {MAX_REPO_PROMPT_CHARS} characters"
+            ));
+        }
+        if let Some(m) = &self.model {
+            if m.is_empty() || m.len() > 100 || m.starts_with('-') {
+                return Err(format!("model {m:?} is not a model name"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A profile that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
@@ -113,6 +165,74 @@ impl AgentProfile {
             max_cost_usd,
             mcp_config
         );
+    }
+
+    /// Narrows this profile by a repository's wishes (see [`RepoProfile`]).
+    pub fn restrict(&mut self, r: &RepoProfile) {
+        if let Some(model) = &r.model {
+            self.model = Some(model.clone());
+        }
+        if let Some(extra) = r
+            .append_system_prompt
+            .as_deref()
+            .filter(|e| !e.trim().is_empty())
+        {
+            self.system_prompt = format!(
+                "{}\n\nInstructions from the repository's configuration:\n{}",
+                self.system_prompt.trim_end(),
+                extra.trim()
+            );
+        }
+        if let Some(keep) = &r.tools {
+            // An empty tool list means Claude Code's whole default set: never widen to it.
+            if self.tools.is_empty() {
+                self.disallowed_tools.extend(
+                    [
+                        "Bash",
+                        "Write",
+                        "Edit",
+                        "NotebookEdit",
+                        "WebFetch",
+                        "WebSearch",
+                    ]
+                    .iter()
+                    .filter(|t| !keep.iter().any(|k| k == *t))
+                    .map(|t| t.to_string()),
+                );
+            } else {
+                self.tools.retain(|t| keep.contains(t));
+                if self.tools.is_empty() {
+                    // No tool left: refuse every built-in one rather than fall back to all.
+                    self.disallowed_tools.extend(
+                        [
+                            "Bash",
+                            "Read",
+                            "Write",
+                            "Edit",
+                            "Glob",
+                            "Grep",
+                            "NotebookEdit",
+                        ]
+                        .iter()
+                        .map(|t| t.to_string()),
+                    );
+                }
+            }
+        }
+        for rule in &r.disallowed_tools {
+            if !self.disallowed_tools.contains(rule) {
+                self.disallowed_tools.push(rule.clone());
+            }
+        }
+        if let Some(t) = r.max_turns {
+            self.max_turns = self.max_turns.min(t.max(1));
+        }
+        if let Some(t) = r.timeout_secs {
+            self.timeout_secs = Some(self.timeout_secs.map_or(t, |mine| mine.min(t)));
+        }
+        if let Some(b) = r.max_cost_usd.filter(|b| b.is_finite() && *b > 0.0) {
+            self.max_cost_usd = Some(self.max_cost_usd.map_or(b, |mine| mine.min(b)));
+        }
     }
 
     /// Checks what Claude Code would otherwise refuse at run time.
@@ -176,6 +296,55 @@ mod tests {
         assert_eq!(p.max_turns, 5);
         assert_eq!(p.permission_mode, "bypassPermissions");
         p.validate().unwrap();
+    }
+
+    #[test]
+    fn a_repository_can_only_narrow_a_profile() {
+        let mut p = base();
+        p.tools = vec!["Bash".into(), "Read".into(), "Edit".into()];
+        p.max_cost_usd = Some(2.0);
+        p.timeout_secs = Some(600);
+        p.restrict(&RepoProfile {
+            model: Some("claude-haiku-4-5".into()),
+            append_system_prompt: Some("Use tabs.".into()),
+            tools: Some(vec!["Read".into(), "Edit".into(), "WebFetch".into()]),
+            disallowed_tools: vec!["Bash(rm:*)".into()],
+            max_turns: Some(100),
+            timeout_secs: Some(60),
+            max_cost_usd: Some(50.0),
+        });
+        assert_eq!(p.model.as_deref(), Some("claude-haiku-4-5"));
+        assert!(p.system_prompt.starts_with('x') && p.system_prompt.ends_with("Use tabs."));
+        // WebFetch was not the operator's to give: only the intersection stays.
+        assert_eq!(p.tools, vec!["Read", "Edit"]);
+        assert_eq!(p.disallowed_tools, vec!["Bash(rm:*)"]);
+        // Higher limits are ignored, lower ones taken.
+        assert_eq!(p.max_turns, 5);
+        assert_eq!(p.max_cost_usd, Some(2.0));
+        assert_eq!(p.timeout_secs, Some(60));
+
+        let mut open = base();
+        open.restrict(&RepoProfile {
+            tools: Some(vec!["Read".into()]),
+            ..Default::default()
+        });
+        assert!(open.tools.is_empty());
+        assert!(open.disallowed_tools.contains(&"Bash".to_string()));
+        assert!(!open.disallowed_tools.contains(&"Read".to_string()));
+
+        assert!(RepoProfile {
+            max_turns: Some(0),
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(RepoProfile {
+            model: Some("--evil".into()),
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(RepoProfile::default().validate().is_ok());
     }
 
     #[test]

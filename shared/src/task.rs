@@ -4,9 +4,11 @@
 
 use crate::capability::Capability;
 use crate::ids::{SubtaskId, TaskId};
+use crate::profile::RepoProfile;
 use crate::status::{SubtaskStatus, TaskStatus, TransitionError};
 use crate::timefmt::Timestamp;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// How a subtask's run ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -217,6 +219,10 @@ pub struct Task {
     /// Optimistic-concurrency version: every stored write increments it.
     pub version: u64,
     pub subtasks: Vec<Subtask>,
+    /// A repository's narrowing of the agent profiles (`[profiles.<capability>]` in its
+    /// `.agent-orchestrator.toml`), given to each subtask's run.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub profiles: BTreeMap<Capability, RepoProfile>,
 }
 
 /// What applying a worker report did.
@@ -458,6 +464,7 @@ mod tests {
     fn task(caps: &[Capability]) -> Task {
         let now = timefmt::now();
         Task {
+            profiles: Default::default(),
             id: TaskId::new(),
             status: TaskStatus::Queued,
             title: "t".into(),

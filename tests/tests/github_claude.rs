@@ -31,14 +31,23 @@ async fn claude_code_answers_a_labelled_issue_within_budget() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let fake = FakeGithub::start(tmp.path(), 4242).await.expect("fake");
     fake.add_installation(7, "acme");
-    fake.add_repo(7, REPO, &[]);
+    // The repository narrows the coder's profile: a cheaper model, one more instruction.
+    fake.add_repo(
+        7,
+        REPO,
+        &[(
+            ".agent-orchestrator.toml",
+            "[profiles.coder]\nmodel = \"claude-haiku-4-5\"\n\
+             append_system_prompt = \"Keep notes short.\"\nmax_cost_usd = 50.0\n",
+        )],
+    );
     fake.set_role(REPO, "alice", "write");
     let mut env = fake.settings();
     for (k, v) in [
         ("AO__GITHUB__DEFAULT_PIPELINE", "code"),
         ("AO__GITHUB__RECONCILE_SECS", "0"),
-        // Two turns of 1,000 input and 200 output tokens at $3/$15 cost $0.012.
-        ("AO__GITHUB__MONTHLY_BUDGET_USD", "0.01"),
+        // Two turns of 1,000 input and 200 output tokens at Haiku's $1/$5 cost $0.004.
+        ("AO__GITHUB__MONTHLY_BUDGET_USD", "0.003"),
         ("AO__SANDBOX__DRIVER", "bwrap"),
         ("AO__AGENT__KIND", "claude"),
         ("AO__AGENT__API_KEY", "env:AO_TEST_MODEL_KEY"),
@@ -76,11 +85,15 @@ async fn claude_code_answers_a_labelled_issue_within_budget() {
         &["show", &format!("{}:NOTE.md", pr.head)],
     );
     assert_eq!(note, "a note from claude");
-    // The model saw the issue.
+    // The model saw the issue, under the repository's narrowing of the profile.
     let first = &model.agent_requests()[0];
     assert!(first.body.to_string().contains("A NOTE.md, please."));
+    assert_eq!(first.body["model"], "claude-haiku-4-5");
+    let system = first.body["system"].to_string();
+    assert!(system.contains("You are the coder step"), "{system}");
+    assert!(system.contains("Keep notes short."), "{system}");
 
-    // The budget: $0.012 of $0.01 used, announced once on the issue.
+    // The budget: $0.004 of $0.003 used, announced once on the issue.
     let m = fake
         .wait_for("the budget notice", LIMIT, |m| {
             m.comments_on(REPO, issue)
@@ -102,7 +115,7 @@ async fn claude_code_answers_a_labelled_issue_within_budget() {
         .and_then(|l| l.split_whitespace().last())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no budget ratio for installation 7:\n{metrics}"));
-    assert!((ratio - 1.2).abs() < 1e-6, "{ratio}");
+    assert!((ratio - 4.0 / 3.0).abs() < 1e-6, "{ratio}");
 
     // Over budget: the next labelled issue is refused with a comment, and no task starts.
     let next = fake.open_issue(REPO, "Another", "", "alice");

@@ -71,7 +71,10 @@ async fn run(
         tracing::warn!(error = %e, "cannot report the start; running anyway");
     }
 
-    let mut spec = RunSpec::from_message(&order, worker.agent_spec(order.capability));
+    let mut spec = RunSpec::from_message(
+        &order,
+        worker.agent_spec(order.capability, order.profile.as_ref()),
+    );
     let (tx, rx) = mpsc::channel::<RunnerEvent>(256);
     let forwarder = tokio::spawn(forward_events(
         worker.clone(),

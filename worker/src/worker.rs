@@ -8,6 +8,7 @@ use crate::spec::{AgentSpec, SecretEnv};
 use ao_shared::capability::Capability;
 use ao_shared::config::{AgentKind, Settings};
 use ao_shared::message::ResultMessage;
+use ao_shared::profile::RepoProfile;
 use ao_shared::queue::{Queue, QueueError, QueueId};
 use ao_shared::secret::{SecretError, SecretResolver};
 use ao_shared::state::StateStore;
@@ -40,11 +41,18 @@ pub enum ReportError {
 
 impl Worker {
     /// How the agent runs for `capability`: the configured program, and for Claude Code
-    /// the capability's profile, whose limits take precedence.
-    pub fn agent_spec(&self, capability: Capability) -> AgentSpec {
+    /// the capability's profile (narrowed by the repository's settings, if it has any),
+    /// whose limits take precedence.
+    pub fn agent_spec(&self, capability: Capability, repo: Option<&RepoProfile>) -> AgentSpec {
         let agent = &self.settings.agent;
         let profile = match agent.kind {
-            AgentKind::Claude => Some(self.profiles.get(capability).clone()),
+            AgentKind::Claude => {
+                let mut p = self.profiles.get(capability).clone();
+                if let Some(r) = repo {
+                    p.restrict(r);
+                }
+                Some(p)
+            }
             AgentKind::Command => None,
         };
         let timeout_secs = profile

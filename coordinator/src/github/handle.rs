@@ -480,6 +480,7 @@ async fn start_inner(
             progress_comment_id: previous.and_then(comment_of),
         },
         require_approval: approval && !plans_first,
+        profiles: cfg.profiles.clone(),
     };
     match orchestrator::create_task(app, new, Some(delivery)).await {
         Ok(task) => {
@@ -737,6 +738,8 @@ async fn review_round(
             progress_comment_id: ours.first().and_then(|t| comment_of(t)),
         },
         require_approval: false,
+        // The review round works under the same repository settings as the task.
+        profiles: first.profiles.clone(),
     };
     let review: String = text.chars().take(MAX_PROMPT_BYTES / 2).collect();
     new.prompt = format!(

@@ -1,6 +1,6 @@
 //! A repository's own settings, `.agent-orchestrator.toml` on its default branch, read
 //! through the contents API when a task starts. It may add or replace pipelines, pick the
-//! trigger label's pipeline, and require approval of the plan. Unknown keys are errors
+//! trigger label's pipeline, require approval of the plan, and narrow the agent profiles. Unknown keys are errors
 //! (`deny_unknown_fields`), reported on the issue instead of being silently ignored.
 //!
 //! ```toml
@@ -8,11 +8,16 @@
 //! require_approval = true
 //! [pipelines]
 //! careful = ["planner", "coder", "tester", "reviewer"]
+//! [profiles.coder]
+//! model = "claude-sonnet-4-5"
+//! append_system_prompt = "Run `make check` before you finish."
+//! max_cost_usd = 2.0
 //! ```
 
 use super::client::{Client, GithubError};
 use crate::webhook::event::RepoName;
 use ao_shared::capability::Capability;
+use ao_shared::profile::RepoProfile;
 use base64::Engine;
 use reqwest::Method;
 use serde::Deserialize;
@@ -33,6 +38,9 @@ pub struct RepoConfig {
     pub default_pipeline: Option<String>,
     /// Whether the plan waits for `/agent approve` before anything is coded.
     pub require_approval: Option<bool>,
+    /// Narrowing of the agent profiles, by capability (see [`RepoProfile`]: a repository
+    /// can choose the model, add instructions and lower limits, never widen them).
+    pub profiles: BTreeMap<Capability, RepoProfile>,
 }
 
 /// Why the file cannot be used.
@@ -56,6 +64,11 @@ impl RepoConfig {
                     "pipeline {name:?} must have 1 to 20 steps"
                 )));
             }
+        }
+        for (capability, profile) in &c.profiles {
+            profile
+                .validate()
+                .map_err(|why| RepoConfigError::Invalid(format!("profiles.{capability}: {why}")))?;
         }
         Ok(c)
     }
@@ -130,5 +143,35 @@ mod tests {
         assert!(e.contains("painter"), "{e}");
         assert!(RepoConfig::parse("[pipelines]\nx = []").is_err());
         assert_eq!(RepoConfig::parse("").unwrap(), RepoConfig::default());
+    }
+
+    #[test]
+    fn profiles_narrow_and_widening_keys_are_refused() {
+        let c = RepoConfig::parse(
+            "[profiles.coder]
+model = \"claude-haiku-4-5\"
+max_cost_usd = 0.5
+             disallowed_tools = [\"WebFetch\"]\n",
+        )
+        .unwrap();
+        let coder = &c.profiles[&Capability::Coder];
+        assert_eq!(coder.model.as_deref(), Some("claude-haiku-4-5"));
+        assert_eq!(coder.max_cost_usd, Some(0.5));
+        // Nothing that would widen the operator's profile is a key at all.
+        for widening in [
+            "allowed_tools = [\"Bash\"]",
+            "permission_mode = \"default\"",
+            "mcp_config = {}",
+        ] {
+            let e = RepoConfig::parse(&format!("[profiles.coder]\n{widening}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("unknown field"), "{widening}: {e}");
+        }
+        let e = RepoConfig::parse("[profiles.coder]\nmax_turns = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("profiles.coder"), "{e}");
+        assert!(RepoConfig::parse("[profiles.painter]\nmodel = \"x\"").is_err());
     }
 }

@@ -168,6 +168,7 @@ pub async fn create(
             pipeline,
             source: TaskSource::Api,
             require_approval: false,
+            profiles: Default::default(),
         },
         None,
     )

@@ -189,6 +189,7 @@ pub async fn redrive_to_dead_letters(q: &dyn Queue, max_receives: u32) {
 pub fn sample_task(repository: &str) -> Task {
     let now = timefmt::now();
     Task {
+        profiles: Default::default(),
         id: TaskId::new(),
         status: TaskStatus::Queued,
         title: "conformance".into(),
