@@ -40,6 +40,8 @@ async fn a_subtask_committed_but_never_sent_is_sent_after_a_restart() {
     // Hold the queue database's write lock: the task's commit (state.db) succeeds, the
     // send of its first message (queue.db) cannot happen. Then the coordinator dies.
     let lock = rusqlite::Connection::open(queue_db(&c)).unwrap();
+    // The coordinator's own queue transactions may hold the lock for a moment.
+    lock.busy_timeout(Duration::from_secs(30)).unwrap();
     lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
     let (http, url) = (c.http.clone(), c.url("/api/v1/tasks"));
     let body = json!({ "repository": repo.display().to_string(), "prompt": "p",
@@ -139,6 +141,7 @@ async fn a_running_subtask_whose_worker_and_message_are_gone_is_retried() {
     c.workers[w].kill_hard();
     c.coordinator.as_mut().unwrap().kill_hard();
     let db = rusqlite::Connection::open(queue_db(&c)).unwrap();
+    db.busy_timeout(Duration::from_secs(30)).unwrap();
     let lost = db
         .execute("DELETE FROM messages WHERE queue = 'coder'", [])
         .unwrap();
