@@ -1,6 +1,6 @@
 //! Faults on the AWS backends (SQS, DynamoDB on moto_server): the AWS endpoint goes away
 //! mid-pipeline and comes back, and the daemons retry and recover: the task completes,
-//! each step recorded once.
+//! each step recorded once; meanwhile the API answers 503 (retry), not 500.
 //!
 //! The endpoint is a TCP relay in front of moto_server that the test stops (listener
 //! closed, every open connection reset) and starts again on the same port: to the
@@ -115,8 +115,13 @@ async fn the_aws_endpoint_going_away_and_coming_back_loses_nothing() {
         TcpStream::connect(relay_addr).await.is_err(),
         "the endpoint is down"
     );
+    // Meanwhile the API says the store is unavailable (503, to retry), not a server bug.
+    let down_since = Instant::now();
+    let (status, body) = c.get_json(&format!("/api/v1/tasks/{id}")).await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "store_unavailable", "{body}");
     // Down long enough for the step to end and its result to need retrying.
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    tokio::time::sleep(Duration::from_secs(8).saturating_sub(down_since.elapsed())).await;
     let relay = Relay::start(relay_addr, target).await;
 
     let done = c

@@ -47,6 +47,23 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// A state-store failure: a backend that does not answer is a 503 the client may
+    /// retry (an outage is not a server bug); anything else is internal.
+    pub fn store(e: ao_shared::state::StoreError) -> Self {
+        match e {
+            ao_shared::state::StoreError::Backend(detail) => {
+                tracing::warn!(error = %detail, "state store unavailable");
+                Self::unavailable(
+                    "store_unavailable",
+                    "the state store does not answer; retry shortly",
+                )
+            }
+            other => Self::internal(other),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (
@@ -65,7 +82,7 @@ impl From<crate::orchestrator::ChangeError> for ApiError {
             Illegal(t) => ApiError::conflict(t.to_string()),
             Refused(why) => ApiError::conflict(why),
             Contended(_) => ApiError::unavailable("contended", e.to_string()),
-            Store(s) => ApiError::internal(s),
+            Store(s) => ApiError::store(s),
         }
     }
 }

@@ -41,7 +41,7 @@ pub async fn events(
         .store
         .get_task(id)
         .await
-        .map_err(ApiError::internal)?
+        .map_err(ApiError::store)?
         .is_none()
     {
         return Err(ApiError::not_found(format!("task {id} not found")));
@@ -56,7 +56,7 @@ pub async fn events(
             .store
             .events(id, params.after, limit)
             .await
-            .map_err(ApiError::internal)?;
+            .map_err(ApiError::store)?;
         return Ok(Json(serde_json::json!({ "events": events })).into_response());
     }
     let last_id = headers

@@ -222,7 +222,7 @@ pub async fn list(
             ao_shared::state::StoreError::InvalidCursor => {
                 ApiError::bad_request("invalid_cursor", "cursor is not one this API returned")
             }
-            other => ApiError::internal(other),
+            other => ApiError::store(other),
         })?;
     let tasks: Vec<_> = page.tasks.iter().map(view).collect();
     Ok(
@@ -246,7 +246,7 @@ pub async fn get(
         .store
         .get_task(id)
         .await
-        .map_err(ApiError::internal)?
+        .map_err(ApiError::store)?
         .ok_or_else(|| ApiError::not_found(format!("task {id} not found")))?;
     Ok(Json(view(&task)).into_response())
 }
