@@ -384,6 +384,51 @@ async fn nothing_the_agent_starts_outlives_the_run() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_agent_cannot_make_the_runner_s_git_run_its_commands() {
+    // Whatever the agent plants writes into `traps` beside the remote (the one host path
+    // the sandbox can write) if the runner's git ever runs it.
+    let plant = r#"set -e
+T="$(git remote get-url origin)/traps"
+mkdir -p "$T" .git/hooks "$HOME/evil-hooks"
+hook() { printf '#!/bin/sh\ntouch %s/%s\n' "$T" "$1" > "$2"; chmod +x "$2"; }
+hook pre-push .git/hooks/pre-push
+hook post-commit .git/hooks/post-commit
+hook fsmonitor .git/fsmonitor.sh
+git config core.fsmonitor "$PWD/.git/fsmonitor.sh"
+git config remote.origin.url /nonexistent/elsewhere.git
+hook global-pre-push "$HOME/evil-hooks/pre-push"
+printf '[core]\n\thooksPath = %s\n' "$HOME/evil-hooks" > "$HOME/.gitconfig"
+echo work > work.txt"#;
+    let model = ModelServer::start(vec![
+        Turn::new(Step::tool("Bash", json!({ "command": plant })), 10, 10),
+        Turn::new(Step::text("planted"), 10, 10),
+    ])
+    .await;
+    let c = cluster(&model, &[]).await;
+    let repo = repo(&c);
+    let (id, task) = run_to_end(&c, &repo).await;
+    assert_eq!(task["status"], "succeeded", "{task:#}\n{}", c.logs());
+    let events = agent_events(&c, &id).await;
+    assert!(
+        events
+            .iter()
+            .any(|(k, e)| k == "tool_result" && e["is_error"] == false),
+        "the agent's planting failed: {events:?}"
+    );
+    // The work went to the real remote, and none of the planted commands ran.
+    assert_eq!(
+        remote_file(&c, &repo, "agent/claude", "work.txt").as_deref(),
+        Some("work\n")
+    );
+    let sprung: Vec<_> = std::fs::read_dir(repo.join("traps"))
+        .expect("the agent made the trap directory")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(sprung.is_empty(), "planted commands ran: {sprung:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn cancel_kills_a_running_agent() {
     let marker = format!("{}", 60_000 + rand_suffix() % 20_000);
     let model = ModelServer::start(vec![

@@ -32,10 +32,14 @@ fn git(dir: Option<&Path>) -> Command {
         cmd.args(["-c", "credential.helper=", "-c"])
             .arg(format!("credential.helper={CREDENTIAL_HELPER}"));
     }
+    // No hook runs for the runner: the agent could have written them.
+    cmd.args(["-c", "core.hooksPath=/dev/null"]);
     cmd.env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_ALLOW_PROTOCOL", "file:http:https:ssh:git")
         .env("GIT_SSH_COMMAND", "ssh -oBatchMode=yes")
         .env("GIT_CONFIG_NOSYSTEM", "1")
+        // Nor the agent's ~/.gitconfig.
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
         .env("GIT_AUTHOR_NAME", AUTHOR_NAME)
         .env("GIT_AUTHOR_EMAIL", AUTHOR_EMAIL)
         .env("GIT_COMMITTER_NAME", AUTHOR_NAME)
@@ -97,6 +101,48 @@ pub fn prepare(spec: &RunSpec, repo: &Path) -> Result<String, String> {
         )?;
     }
     Ok(output(repo, &["rev-parse", "--verify", "--quiet", "HEAD"]).unwrap_or_default())
+}
+
+/// The repository's own git configuration as the runner left it, before the agent ran.
+///
+/// The agent runs as the same user and can rewrite `.git`: a hook, `core.fsmonitor`, a
+/// credential helper or another remote URL would make the runner's commit and push run
+/// the agent's commands with the push credentials at hand, or send them elsewhere. So
+/// the configuration is kept in the runner's memory and put back before the runner
+/// touches the repository again, and hooks are never run.
+pub struct Pristine {
+    config: Vec<u8>,
+}
+
+impl Pristine {
+    pub fn capture(repo: &Path) -> Result<Self, String> {
+        let config = std::fs::read(repo.join(".git/config"))
+            .map_err(|e| format!("cannot read .git/config: {e}"))?;
+        Ok(Self { config })
+    }
+
+    /// Puts the configuration back and empties the hooks; fails if `.git` is no longer
+    /// a plain directory.
+    pub fn restore(&self, repo: &Path) -> Result<(), String> {
+        let git_dir = repo.join(".git");
+        let meta = std::fs::symlink_metadata(&git_dir)
+            .map_err(|e| format!("the working copy lost its .git: {e}"))?;
+        if !meta.is_dir() {
+            return Err("the agent replaced .git with a file or link; nothing is pushed".into());
+        }
+        let config = git_dir.join("config");
+        // Removed first: a symlink put there is replaced, not followed.
+        let _ = std::fs::remove_file(&config);
+        std::fs::write(&config, &self.config)
+            .map_err(|e| format!("cannot restore .git/config: {e}"))?;
+        let hooks = git_dir.join("hooks");
+        if std::fs::symlink_metadata(&hooks).is_ok_and(|m| !m.is_dir()) {
+            let _ = std::fs::remove_file(&hooks);
+        } else {
+            let _ = std::fs::remove_dir_all(&hooks);
+        }
+        Ok(())
+    }
 }
 
 /// Commits what the agent changed (if it did not commit itself) and pushes the branch.

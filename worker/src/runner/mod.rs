@@ -154,8 +154,18 @@ pub fn run(spec: &RunSpec, work: &Path) -> Outcome {
             }
         }
     }
+    let pristine = match git::Pristine::capture(&repo) {
+        Ok(p) => p,
+        Err(e) => return Outcome::failed(OutcomeKind::Infrastructure, e, true),
+    };
     log(format!("running the {} agent", spec.capability));
     let mut outcome = agent::run(spec, &repo);
+    // Whatever the agent left behind stops before the runner commits and pushes, and
+    // its changes to the git configuration are undone.
+    process::kill_strays();
+    if let Err(e) = pristine.restore(&repo) {
+        return Outcome::failed(OutcomeKind::AgentError, e, false);
+    }
     if outcome.kind != OutcomeKind::Succeeded {
         return outcome;
     }

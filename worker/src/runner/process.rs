@@ -221,6 +221,16 @@ pub fn run_streaming(
     })
 }
 
+/// Kills every other process of the sandbox, when the runner is its pid namespace's init
+/// (the bwrap driver): anything the agent started in the background, even in another
+/// session, is gone before the runner pushes. Elsewhere (the process driver) this does
+/// nothing: `kill(-1)` there would reach every process of the user.
+pub fn kill_strays() {
+    if std::process::id() == 1 {
+        let _ = nix::sys::signal::kill(Pid::from_raw(-1), Signal::SIGKILL);
+    }
+}
+
 /// Exits the runner (and its process group) when the process that started it dies, so a
 /// worker killed with SIGKILL leaves no agent running behind its back.
 pub fn exit_with_parent() {
