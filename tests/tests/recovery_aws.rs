@@ -1,0 +1,134 @@
+//! Start-up recovery on the AWS backends (SQS, DynamoDB on moto_server): a running
+//! subtask whose worker was SIGKILLed and whose message the queue then lost (purged) is
+//! found by the restarted coordinator, failed as retryable infrastructure trouble, and
+//! completed as attempt 2.
+
+use ao_shared::names::queue_name;
+use ao_shared::queue::QueueId;
+use ao_shared::Capability;
+use ao_tests::moto::Moto;
+use ao_tests::{bare_repo, git, script, Cluster};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// One SQS call in its JSON protocol (moto does not check request signatures).
+async fn sqs(http: &reqwest::Client, endpoint: &str, action: &str, body: Value) -> Value {
+    let r = http
+        .post(endpoint)
+        .header("content-type", "application/x-amz-json-1.0")
+        .header("x-amz-target", format!("AmazonSQS.{action}"))
+        .header(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/sqs/aws4_request, \
+             SignedHeaders=host, Signature=0",
+        )
+        .json(&body)
+        .send()
+        .await
+        .expect("SQS call");
+    let status = r.status();
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    assert!(status.is_success(), "{action}: {status} {v}");
+    v
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_running_subtask_on_sqs_is_retried_after_a_restart() {
+    let moto = Moto::start();
+    let prefix = format!("recovery-{}", ao_tests::free_port());
+    let env = moto.env(&prefix);
+    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    all.extend_from_slice(&[
+        ("AO__COORDINATOR__RECOVERY", "all"),
+        ("AO__QUEUE__VISIBILITY_TIMEOUT_SECS", "60"),
+        ("AO__QUEUE__HEARTBEAT_SECS", "2"),
+    ]);
+    let mut c = Cluster::new(&all);
+    let marker = c.dir.path().join("runs.log");
+    let agent = script(
+        c.dir.path(),
+        "agent.sh",
+        &format!(
+            "echo \"$AO_ATTEMPT\" >> {m}\nif [ \"$(wc -l < {m})\" = 1 ]; then sleep 600; fi\n\
+             echo ok > ok.txt",
+            m = marker.display()
+        ),
+    );
+    let repo = bare_repo(c.dir.path(), "project", &[]);
+    c.start_coordinator().await.unwrap();
+    let w = c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let (status, task) = c
+        .submit(
+            json!({ "repository": repo.display().to_string(), "prompt": "p",
+                        "pipeline": "code", "branch": "agent/lost-sqs" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{task}");
+    let id = task["id"].as_str().unwrap().to_string();
+    c.wait_for_status(&id, &["running"], LIMIT).await.unwrap();
+    let deadline = Instant::now() + LIMIT;
+    while std::fs::read_to_string(&marker)
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.workers[w].kill_hard();
+    c.coordinator.as_mut().unwrap().kill_hard();
+    // The queue loses the in-flight message.
+    let name = queue_name(&prefix, QueueId::Capability(Capability::Coder));
+    let url = sqs(
+        &c.http,
+        &moto.endpoint,
+        "GetQueueUrl",
+        json!({ "QueueName": name }),
+    )
+    .await["QueueUrl"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    sqs(
+        &c.http,
+        &moto.endpoint,
+        "PurgeQueue",
+        json!({ "QueueUrl": url }),
+    )
+    .await;
+    let attrs = sqs(
+        &c.http,
+        &moto.endpoint,
+        "GetQueueAttributes",
+        json!({ "QueueUrl": url, "AttributeNames": ["All"] }),
+    )
+    .await;
+    assert_eq!(
+        attrs["Attributes"]["ApproximateNumberOfMessagesNotVisible"], "0",
+        "{attrs}"
+    );
+
+    c.start_coordinator().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let done = c
+        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    assert_eq!(done["subtasks"][0]["attempt"], 2);
+    let (_, events) = c
+        .get_json(&format!("/api/v1/tasks/{id}/events"))
+        .await
+        .unwrap();
+    let events = events["events"].as_array().unwrap();
+    assert!(
+        events.iter().any(|e| e["data"]["type"] == "recovery"),
+        "{events:#?}"
+    );
+    assert!(events.iter().any(|e| e["data"]["type"] == "subtask_status"
+        && e["data"]["attempt"] == 2
+        && e["data"]["outcome"]["kind"] == "infrastructure"));
+    assert_eq!(git(&repo, &["show", "agent/lost-sqs:ok.txt"]), "ok");
+}
