@@ -95,6 +95,17 @@ enum Ended {
     Stop(Outcome),
 }
 
+/// Secrets the sandbox job's own templates provide (from Nomad Variables).
+const TEMPLATED_SECRETS: [&str; 1] = ["ANTHROPIC_API_KEY"];
+
+/// The run's secrets that no template of the sandbox job provides.
+fn untemplated_secrets(spec: &RunSpec) -> Vec<&str> {
+    spec.secret_env
+        .names()
+        .filter(|n| !TEMPLATED_SECRETS.contains(n))
+        .collect()
+}
+
 impl NomadDriver {
     /// Builds the client (TLS, token reference); checks the sandbox jobs of
     /// `capabilities` in the background.
@@ -519,12 +530,19 @@ impl SandboxDriver for NomadDriver {
             Ok(p) => p,
             Err(why) => return infra(why, false),
         };
-        let names: Vec<&str> = spec.secret_env.names().collect();
-        if !names.is_empty() {
-            // Secrets never travel in the payload or meta; the sandbox job's templates
-            // provide them (Nomad Variables).
-            tracing::warn!(names = ?names,
-                "per-attempt secret variables are not passed to Nomad sandboxes");
+        // Secrets never travel in the payload or meta; the sandbox job's templates provide
+        // the model key (Nomad Variables). A per-attempt secret (a repository-scoped git
+        // token) has no way in yet: say so now rather than fail obscurely at clone.
+        let per_attempt = untemplated_secrets(spec);
+        if !per_attempt.is_empty() {
+            return infra(
+                format!(
+                    "the nomad driver cannot hand per-attempt secrets ({}) to a sandbox yet; \
+                     run GitHub tasks with sandbox.driver = \"bwrap\"",
+                    per_attempt.join(", ")
+                ),
+                false,
+            );
         }
         let parent = self.job_id(spec.capability);
         let token = format!("{}-{}", spec.subtask_id, spec.attempt);
@@ -572,6 +590,18 @@ impl SandboxDriver for NomadDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_templated_secrets_can_reach_a_nomad_sandbox() {
+        let mut s = spec("p");
+        assert!(untemplated_secrets(&s).is_empty());
+        s.secret_env
+            .set("ANTHROPIC_API_KEY", secrecy::SecretString::from("k"));
+        assert!(untemplated_secrets(&s).is_empty());
+        s.secret_env
+            .set("AO_GIT_TOKEN", secrecy::SecretString::from("t"));
+        assert_eq!(untemplated_secrets(&s), vec!["AO_GIT_TOKEN"]);
+    }
 
     fn spec(prompt: &str) -> RunSpec {
         serde_json::from_value(serde_json::json!({
