@@ -1,5 +1,5 @@
 //! Notices that a running subtask should stop: it was cancelled (directly or with its
-//! task), or a newer attempt replaced it. The watch reads the task from the state store
+//! task), a newer attempt replaced it, or it already ended (a message delivered again). The watch reads the task from the state store
 //! every `worker.cancel_poll_secs` (one key read; the worker needs nothing more than
 //! read access to the table) and fires the run's cancel token, which makes the sandbox
 //! driver kill the sandbox.
@@ -25,6 +25,10 @@ pub fn reason_to_stop(task: &Task, subtask: SubtaskId, attempt: u32) -> Option<S
     }
     if s.attempt != attempt {
         return Some(format!("attempt {} replaced this one", s.attempt));
+    }
+    // A message delivered again after its result was applied: the work is done.
+    if s.status.is_terminal() {
+        return Some(format!("the subtask already ended ({})", s.status));
     }
     None
 }
@@ -60,5 +64,47 @@ pub async fn watch(
             // A store hiccup must not stop a healthy run: try again next time.
             Err(e) => tracing::warn!(error = %e, "cannot read the task to check for a cancel"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ao_shared::capability::Capability;
+    use ao_shared::task::Subtask;
+
+    fn task(status: SubtaskStatus, attempt: u32) -> (Task, SubtaskId) {
+        let mut sub = Subtask::new(Capability::Coder, Vec::new());
+        sub.status = status;
+        sub.attempt = attempt;
+        let id = sub.id;
+        let now = ao_shared::timefmt::now();
+        let task = serde_json::from_value(serde_json::json!({
+            "id": TaskId::new(), "status": "running", "title": "t", "prompt": "p",
+            "repository": "/r.git", "branch": "b", "pipeline": "code",
+            "source": { "kind": "api" }, "version": 1,
+            "created_at": ao_shared::timefmt::rfc3339(now),
+            "updated_at": ao_shared::timefmt::rfc3339(now),
+            "subtasks": [sub],
+        }))
+        .expect("task");
+        (task, id)
+    }
+
+    #[test]
+    fn runs_stop_for_cancels_newer_attempts_and_ended_subtasks() {
+        let (t, id) = task(SubtaskStatus::Running, 2);
+        assert_eq!(reason_to_stop(&t, id, 2), None);
+        assert!(reason_to_stop(&t, id, 1).unwrap().contains("attempt 2"));
+        assert!(reason_to_stop(&t, SubtaskId::new(), 2).is_some());
+        let (t, id) = task(SubtaskStatus::Cancelled, 2);
+        assert!(reason_to_stop(&t, id, 2).unwrap().contains("cancelled"));
+        let (t, id) = task(SubtaskStatus::Succeeded, 2);
+        assert!(reason_to_stop(&t, id, 2).unwrap().contains("already ended"));
+        let (mut t, id) = task(SubtaskStatus::Running, 2);
+        t.status = TaskStatus::Cancelled;
+        assert!(reason_to_stop(&t, id, 2)
+            .unwrap()
+            .contains("task was cancelled"));
     }
 }
