@@ -14,7 +14,8 @@ mod git_http;
 
 use anyhow::{bail, Context, Result};
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, patch, post};
@@ -25,6 +26,7 @@ use parking_lot::Mutex;
 use serde_json::{json, Value};
 use sha2::Sha256;
 use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -836,6 +838,58 @@ async fn faults_and_limits(
 
 type S = State<Arc<Fake>>;
 
+/// An API call as every handler sees it: the fake, and the request's method, path and
+/// headers. Each handler starts by recording it, with or without a credential check.
+struct Call {
+    f: Arc<Fake>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl FromRequestParts<Arc<Fake>> for Call {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, f: &Arc<Fake>) -> Result<Self, Infallible> {
+        Ok(Call {
+            f: f.clone(),
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+        })
+    }
+}
+
+impl Call {
+    /// Records the call; returns the fake and the request's headers.
+    fn recorded(self) -> (Arc<Fake>, HeaderMap) {
+        self.f.record(&self.method, &self.uri);
+        (self.f, self.headers)
+    }
+
+    /// Records the call and checks the App's JWT.
+    fn app(self) -> Result<Arc<Fake>, (StatusCode, Json<Value>)> {
+        let (f, headers) = self.recorded();
+        f.check_jwt(&headers)?;
+        Ok(f)
+    }
+
+    /// Records the call and checks that its installation token reaches `o/r` with `need`
+    /// on `permission`; returns the fake and the repository's full name.
+    fn repo(
+        self,
+        o: &str,
+        r: &str,
+        permission: &str,
+        need: Perm,
+    ) -> Result<(Arc<Fake>, String), (StatusCode, Json<Value>)> {
+        let (f, headers) = self.recorded();
+        let repo = format!("{o}/{r}");
+        f.auth(&headers, &repo, permission, need)?;
+        Ok((f, repo))
+    }
+}
+
 async fn git_or_404(
     State(f): S,
     method: Method,
@@ -854,14 +908,8 @@ async fn git_or_404(
     .into_response()
 }
 
-async fn list_installations(
-    State(f): S,
-    headers: HeaderMap,
-    method: Method,
-    uri: Uri,
-) -> ApiResult {
-    f.record(&method, &uri);
-    f.check_jwt(&headers)?;
+async fn list_installations(call: Call) -> ApiResult {
+    let f = call.app()?;
     let m = f.model.lock();
     let list: Vec<Value> = m
         .installations
@@ -871,16 +919,8 @@ async fn list_installations(
     Ok(Json(Value::Array(list)).into_response())
 }
 
-async fn access_token(
-    State(f): S,
-    Path(id): Path<u64>,
-    headers: HeaderMap,
-    method: Method,
-    uri: Uri,
-    body: Bytes,
-) -> ApiResult {
-    f.record(&method, &uri);
-    f.check_jwt(&headers)?;
+async fn access_token(call: Call, Path(id): Path<u64>, body: Bytes) -> ApiResult {
+    let f = call.app()?;
     let body: Value = if body.is_empty() {
         json!({})
     } else {
@@ -960,9 +1000,8 @@ async fn access_token(
         .into_response())
 }
 
-async fn list_deliveries(State(f): S, headers: HeaderMap, method: Method, uri: Uri) -> ApiResult {
-    f.record(&method, &uri);
-    f.check_jwt(&headers)?;
+async fn list_deliveries(call: Call) -> ApiResult {
+    let f = call.app()?;
     let m = f.model.lock();
     let list: Vec<Value> = m
         .deliveries
@@ -980,15 +1019,8 @@ async fn list_deliveries(State(f): S, headers: HeaderMap, method: Method, uri: U
     Ok(Json(Value::Array(list)).into_response())
 }
 
-async fn redeliver(
-    State(f): S,
-    Path(id): Path<u64>,
-    headers: HeaderMap,
-    method: Method,
-    uri: Uri,
-) -> ApiResult {
-    f.record(&method, &uri);
-    f.check_jwt(&headers)?;
+async fn redeliver(call: Call, Path(id): Path<u64>) -> ApiResult {
+    let f = call.app()?;
     let d = f
         .model
         .lock()
@@ -1005,13 +1037,8 @@ async fn redeliver(
     Ok((StatusCode::ACCEPTED, Json(json!({}))).into_response())
 }
 
-async fn installation_repositories(
-    State(f): S,
-    headers: HeaderMap,
-    method: Method,
-    uri: Uri,
-) -> ApiResult {
-    f.record(&method, &uri);
+async fn installation_repositories(call: Call) -> ApiResult {
+    let (f, headers) = call.recorded();
     let token =
         bearer(&headers).ok_or_else(|| err(StatusCode::UNAUTHORIZED, "Requires authentication"))?;
     let m = f.model.lock();
@@ -1035,16 +1062,8 @@ async fn installation_repositories(
     Ok(Json(json!({ "total_count": repos.len(), "repositories": repos })).into_response())
 }
 
-async fn permission(
-    State(f): S,
-    Path((o, r, u)): Path<(String, String, String)>,
-    headers: HeaderMap,
-    method: Method,
-    uri: Uri,
-) -> ApiResult {
-    f.record(&method, &uri);
-    let repo = format!("{o}/{r}");
-    f.auth(&headers, &repo, "metadata", Perm::Read)?;
+async fn permission(call: Call, Path((o, r, u)): Path<(String, String, String)>) -> ApiResult {
+    let (f, repo) = call.repo(&o, &r, "metadata", Perm::Read)?;
     let m = f.model.lock();
     let role = m
         .repos
@@ -1066,16 +1085,11 @@ async fn permission(
 }
 
 async fn list_issues(
-    State(f): S,
+    call: Call,
     Path((o, r)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    method: Method,
-    uri: Uri,
 ) -> ApiResult {
-    f.record(&method, &uri);
-    let repo = format!("{o}/{r}");
-    f.auth(&headers, &repo, "issues", Perm::Read)?;
+    let (f, repo) = call.repo(&o, &r, "issues", Perm::Read)?;
     let m = f.model.lock();
     let state = q.get("state").cloned().unwrap_or_else(|| "open".into());
     let want: Vec<String> = q
@@ -1092,16 +1106,8 @@ async fn list_issues(
     Ok(Json(Value::Array(list)).into_response())
 }
 
-async fn issue_events(
-    State(f): S,
-    Path((o, r, n)): Path<(String, String, u64)>,
-    headers: HeaderMap,
-    method: Method,
-    uri: Uri,
-) -> ApiResult {
-    f.record(&method, &uri);
-    let repo = format!("{o}/{r}");
-    f.auth(&headers, &repo, "issues", Perm::Read)?;
+async fn issue_events(call: Call, Path((o, r, n)): Path<(String, String, u64)>) -> ApiResult {
+    let (f, repo) = call.repo(&o, &r, "issues", Perm::Read)?;
     let m = f.model.lock();
     let i = m
         .issue(&repo, n)
@@ -1119,16 +1125,11 @@ fn body_field(body: &Bytes) -> Result<Value, (StatusCode, Json<Value>)> {
 }
 
 async fn create_comment(
-    State(f): S,
+    call: Call,
     Path((o, r, n)): Path<(String, String, u64)>,
-    headers: HeaderMap,
-    method: Method,
-    uri: Uri,
     body: Bytes,
 ) -> ApiResult {
-    f.record(&method, &uri);
-    let repo = format!("{o}/{r}");
-    f.auth(&headers, &repo, "issues", Perm::Write)?;
+    let (f, repo) = call.repo(&o, &r, "issues", Perm::Write)?;
     let v = body_field(&body)?;
     let text = v["body"]
         .as_str()
@@ -1160,16 +1161,8 @@ async fn create_comment(
         .into_response())
 }
 
-async fn list_comments(
-    State(f): S,
-    Path((o, r, n)): Path<(String, String, u64)>,
-    headers: HeaderMap,
-    method: Method,
-    uri: Uri,
-) -> ApiResult {
-    f.record(&method, &uri);
-    let repo = format!("{o}/{r}");
-    f.auth(&headers, &repo, "issues", Perm::Read)?;
+async fn list_comments(call: Call, Path((o, r, n)): Path<(String, String, u64)>) -> ApiResult {
+    let (f, repo) = call.repo(&o, &r, "issues", Perm::Read)?;
     let m = f.model.lock();
     let list: Vec<Value> = m
         .comments_on(&repo, n)
@@ -1180,16 +1173,11 @@ async fn list_comments(
 }
 
 async fn edit_comment(
-    State(f): S,
+    call: Call,
     Path((o, r, id)): Path<(String, String, u64)>,
-    headers: HeaderMap,
-    method: Method,
-    uri: Uri,
     body: Bytes,
 ) -> ApiResult {
-    f.record(&method, &uri);
-    let repo = format!("{o}/{r}");
-    f.auth(&headers, &repo, "issues", Perm::Write)?;
+    let (f, repo) = call.repo(&o, &r, "issues", Perm::Write)?;
     let v = body_field(&body)?;
     let text = v["body"]
         .as_str()
@@ -1212,16 +1200,11 @@ async fn edit_comment(
 }
 
 async fn add_labels(
-    State(f): S,
+    call: Call,
     Path((o, r, n)): Path<(String, String, u64)>,
-    headers: HeaderMap,
-    method: Method,
-    uri: Uri,
     body: Bytes,
 ) -> ApiResult {
-    f.record(&method, &uri);
-    let repo = format!("{o}/{r}");
-    f.auth(&headers, &repo, "issues", Perm::Write)?;
+    let (f, repo) = call.repo(&o, &r, "issues", Perm::Write)?;
     let v = body_field(&body)?;
     let labels: Vec<String> = v["labels"]
         .as_array()
@@ -1249,15 +1232,10 @@ async fn add_labels(
 }
 
 async fn remove_label(
-    State(f): S,
+    call: Call,
     Path((o, r, n, name)): Path<(String, String, u64, String)>,
-    headers: HeaderMap,
-    method: Method,
-    uri: Uri,
 ) -> ApiResult {
-    f.record(&method, &uri);
-    let repo = format!("{o}/{r}");
-    f.auth(&headers, &repo, "issues", Perm::Write)?;
+    let (f, repo) = call.repo(&o, &r, "issues", Perm::Write)?;
     let mut m = f.model.lock();
     let issue = m
         .repos
@@ -1283,17 +1261,8 @@ fn branch_exists(f: &Fake, repo: &str, branch: &str) -> bool {
         .unwrap_or(false)
 }
 
-async fn create_pull(
-    State(f): S,
-    Path((o, r)): Path<(String, String)>,
-    headers: HeaderMap,
-    method: Method,
-    uri: Uri,
-    body: Bytes,
-) -> ApiResult {
-    f.record(&method, &uri);
-    let repo = format!("{o}/{r}");
-    f.auth(&headers, &repo, "pull_requests", Perm::Write)?;
+async fn create_pull(call: Call, Path((o, r)): Path<(String, String)>, body: Bytes) -> ApiResult {
+    let (f, repo) = call.repo(&o, &r, "pull_requests", Perm::Write)?;
     let v = body_field(&body)?;
     let (Some(head), Some(base), Some(title)) =
         (v["head"].as_str(), v["base"].as_str(), v["title"].as_str())
@@ -1346,16 +1315,11 @@ async fn create_pull(
 }
 
 async fn list_pulls(
-    State(f): S,
+    call: Call,
     Path((o, r)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    method: Method,
-    uri: Uri,
 ) -> ApiResult {
-    f.record(&method, &uri);
-    let repo = format!("{o}/{r}");
-    f.auth(&headers, &repo, "pull_requests", Perm::Read)?;
+    let (f, repo) = call.repo(&o, &r, "pull_requests", Perm::Read)?;
     let m = f.model.lock();
     let state = q.get("state").cloned().unwrap_or_else(|| "open".into());
     let head = q.get("head").map(|h| {
@@ -1373,16 +1337,8 @@ async fn list_pulls(
     Ok(Json(Value::Array(list)).into_response())
 }
 
-async fn get_pull(
-    State(f): S,
-    Path((o, r, n)): Path<(String, String, u64)>,
-    headers: HeaderMap,
-    method: Method,
-    uri: Uri,
-) -> ApiResult {
-    f.record(&method, &uri);
-    let repo = format!("{o}/{r}");
-    f.auth(&headers, &repo, "pull_requests", Perm::Read)?;
+async fn get_pull(call: Call, Path((o, r, n)): Path<(String, String, u64)>) -> ApiResult {
+    let (f, repo) = call.repo(&o, &r, "pull_requests", Perm::Read)?;
     let m = f.model.lock();
     let p = m.repos[&repo]
         .pulls
@@ -1392,16 +1348,11 @@ async fn get_pull(
 }
 
 async fn create_review(
-    State(f): S,
+    call: Call,
     Path((o, r, n)): Path<(String, String, u64)>,
-    headers: HeaderMap,
-    method: Method,
-    uri: Uri,
     body: Bytes,
 ) -> ApiResult {
-    f.record(&method, &uri);
-    let repo = format!("{o}/{r}");
-    f.auth(&headers, &repo, "pull_requests", Perm::Write)?;
+    let (f, repo) = call.repo(&o, &r, "pull_requests", Perm::Write)?;
     let v = body_field(&body)?;
     let event = v["event"].as_str().unwrap_or("COMMENT").to_string();
     if !["COMMENT", "APPROVE", "REQUEST_CHANGES"].contains(&event.as_str()) {
@@ -1426,17 +1377,12 @@ async fn create_review(
 }
 
 async fn contents(
-    State(f): S,
+    call: Call,
     Path((o, r, path)): Path<(String, String, String)>,
     Query(q): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    method: Method,
-    uri: Uri,
 ) -> ApiResult {
     use base64::Engine;
-    f.record(&method, &uri);
-    let repo = format!("{o}/{r}");
-    f.auth(&headers, &repo, "contents", Perm::Read)?;
+    let (f, repo) = call.repo(&o, &r, "contents", Perm::Read)?;
     let reference = q.get("ref").cloned().unwrap_or_else(|| "main".into());
     let out = std::process::Command::new("git")
         .arg("--git-dir")
@@ -1456,14 +1402,8 @@ async fn contents(
     .into_response())
 }
 
-async fn graphql(
-    State(f): S,
-    headers: HeaderMap,
-    method: Method,
-    uri: Uri,
-    body: Bytes,
-) -> ApiResult {
-    f.record(&method, &uri);
+async fn graphql(call: Call, body: Bytes) -> ApiResult {
+    let (f, headers) = call.recorded();
     let v = body_field(&body)?;
     let query = v["query"].as_str().unwrap_or("");
     if !query.contains("markPullRequestReadyForReview") {
