@@ -7,6 +7,7 @@ pub mod fake_nomad;
 pub mod measure;
 pub mod model_server;
 pub mod moto;
+pub mod scenario;
 
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};

@@ -4,16 +4,14 @@
 //! takes it ends in the dead-letter queue and its subtask is marked failed.
 
 use ao_tests::moto::Moto;
+use ao_tests::scenario::{cluster_with, count_successes, events};
 use ao_tests::{bare_repo, git, script, Cluster};
 use serde_json::json;
 use std::time::Duration;
 
 fn aws_cluster(moto: &Moto, extra: &[(&str, &str)]) -> Cluster {
     let prefix = format!("e2e-{}", ao_tests::free_port());
-    let env = moto.env(&prefix);
-    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    all.extend_from_slice(extra);
-    Cluster::new(&all)
+    cluster_with(&moto.env(&prefix), extra)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -100,18 +98,9 @@ async fn two_coordinators_two_workers_on_sqs_and_dynamodb() {
         .await
         .unwrap();
     assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
-    let (_, events) = c
-        .get_json(&format!("/api/v1/tasks/{slow_id}/events"))
-        .await
-        .unwrap();
+    let events = events(&c, &slow_id).await;
     // Exactly one success is recorded for the subtask, by the surviving worker.
-    let successes = events["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["data"]["type"] == "subtask_status" && e["data"]["status"] == "succeeded")
-        .count();
-    assert_eq!(successes, 1, "{events:#}");
+    assert_eq!(count_successes(&events), 1, "{events:#?}");
     assert_ne!(
         done["subtasks"][0]["worker"],
         runner.as_str(),
@@ -122,7 +111,7 @@ async fn two_coordinators_two_workers_on_sqs_and_dynamodb() {
     assert_eq!(
         done["subtasks"][0]["attempt"],
         1,
-        "{events:#}\n{}",
+        "{events:#?}\n{}",
         c.logs()
     );
     let commits = git(&repo, &["log", "--format=%s", "agent/aws-slow"])

@@ -1,8 +1,8 @@
 //! A worker killed with SIGKILL in the middle of a subtask: the message comes back after
 //! its visibility timeout, another worker finishes it, and the result is applied once.
 
+use ao_tests::scenario::{start_agent_worker, submit_code, successes, wait_succeeded};
 use ao_tests::{bare_repo, git, script, Cluster};
-use serde_json::json;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -22,15 +22,8 @@ async fn a_killed_worker_s_subtask_is_finished_once_by_another() {
     );
     let repo = bare_repo(c.dir.path(), "project", &[]);
     c.start_coordinator().await.unwrap();
-    let a = c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
-    let (_, task) = c
-        .submit(
-            json!({ "repository": repo.display().to_string(), "prompt": "p",
-                        "pipeline": "code", "branch": "agent/crash" }),
-        )
-        .await
-        .unwrap();
-    let id = task["id"].as_str().unwrap();
+    let a = start_agent_worker(&mut c, &agent);
+    let id = &submit_code(&c, &repo, "p", "agent/crash").await;
     let running = c
         .wait_for_status(id, &["running"], Duration::from_secs(30))
         .await
@@ -47,30 +40,16 @@ async fn a_killed_worker_s_subtask_is_finished_once_by_another() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     c.workers[a].kill_hard();
-    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    start_agent_worker(&mut c, &agent);
 
-    let done = c
-        .wait_for_status(id, &["succeeded", "failed"], Duration::from_secs(60))
-        .await
-        .unwrap();
-    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let done = wait_succeeded(&c, id, Duration::from_secs(60)).await;
     let sub = &done["subtasks"][0];
     assert_eq!(sub["attempt"], 1, "a redelivery is the same attempt");
     assert_eq!(sub["worker"], "worker-1");
     // The agent ran twice (once killed), but exactly one success was recorded.
     let runs = std::fs::read_to_string(&marker).unwrap();
     assert_eq!(runs.lines().count(), 2, "{runs}");
-    let (_, events) = c
-        .get_json(&format!("/api/v1/tasks/{id}/events"))
-        .await
-        .unwrap();
-    let successes = events["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["data"]["type"] == "subtask_status" && e["data"]["status"] == "succeeded")
-        .count();
-    assert_eq!(successes, 1);
+    assert_eq!(successes(&c, id).await, 1);
     assert_eq!(
         git(&repo, &["log", "--format=%s", "agent/crash"])
             .lines()

@@ -10,8 +10,9 @@ use ao_shared::queue::sqlite::SqliteQueue;
 use ao_shared::queue::{Queue, QueueId};
 use ao_shared::task::{Outcome, OutcomeKind};
 use ao_shared::timefmt;
+use ao_tests::scenario::{start_agent_worker, successes, wait_succeeded};
 use ao_tests::{bare_repo, git, script, Cluster};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -38,31 +39,13 @@ fn kill_worker_once(dir: &Path, step: &str) -> String {
 }
 
 fn start_worker(c: &mut Cluster, agent: &Path) -> usize {
-    let i = c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().expect("utf-8"))]);
+    let i = start_agent_worker(c, agent);
     std::fs::write(
         c.dir.path().join("worker.pid"),
         c.workers[i].pid().as_raw().to_string(),
     )
     .expect("pid file");
     i
-}
-
-/// Events of a task.
-async fn events(c: &Cluster, id: &str) -> Vec<Value> {
-    let (_, e) = c
-        .get_json(&format!("/api/v1/tasks/{id}/events"))
-        .await
-        .expect("events");
-    e["events"].as_array().cloned().unwrap_or_default()
-}
-
-/// How many times a subtask's success was recorded.
-async fn successes(c: &Cluster, id: &str) -> usize {
-    events(c, id)
-        .await
-        .iter()
-        .filter(|e| e["data"]["type"] == "subtask_status" && e["data"]["status"] == "succeeded")
-        .count()
 }
 
 async fn wait_until(what: &str, c: &Cluster, mut f: impl FnMut() -> bool) {
@@ -117,11 +100,7 @@ async fn the_coordinator_killed_mid_pipeline_resumes_it_after_a_restart() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     c.start_coordinator().await.unwrap();
-    let done = c
-        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
-        .await
-        .unwrap();
-    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let done = wait_succeeded(&c, &id, LIMIT).await;
     for sub in done["subtasks"].as_array().unwrap() {
         assert_eq!(sub["attempt"], 1, "{sub}");
     }

@@ -8,7 +8,11 @@
 //! unlike SQS and DynamoDB it keeps its state only in memory and comes back empty.
 
 use ao_tests::moto::Moto;
-use ao_tests::{bare_repo, git, script, Cluster};
+use ao_tests::scenario::{
+    cluster_with, count_successes, events, start_agent_worker, submit_code, wait_for_file,
+    wait_succeeded,
+};
+use ao_tests::{bare_repo, git, script};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -72,14 +76,15 @@ async fn the_aws_endpoint_going_away_and_coming_back_loses_nothing() {
             *v = format!("http://{relay_addr}");
         }
     }
-    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     // The outage is shorter than the visibility timeout: a message whose heartbeats fail
     // for a while is not taken by another run meanwhile.
-    all.extend_from_slice(&[
-        ("AO__QUEUE__VISIBILITY_TIMEOUT_SECS", "30"),
-        ("AO__QUEUE__HEARTBEAT_SECS", "2"),
-    ]);
-    let mut c = Cluster::new(&all);
+    let mut c = cluster_with(
+        &env,
+        &[
+            ("AO__QUEUE__VISIBILITY_TIMEOUT_SECS", "30"),
+            ("AO__QUEUE__HEARTBEAT_SECS", "2"),
+        ],
+    );
     let marker = c.dir.path().join("runs.log");
     let agent = script(
         c.dir.path(),
@@ -91,7 +96,7 @@ async fn the_aws_endpoint_going_away_and_coming_back_loses_nothing() {
     );
     let repo = bare_repo(c.dir.path(), "project", &[]);
     c.start_coordinator().await.unwrap();
-    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    start_agent_worker(&mut c, &agent);
     let (status, task) = c
         .submit(
             json!({ "repository": repo.display().to_string(), "prompt": "outage",
@@ -102,14 +107,7 @@ async fn the_aws_endpoint_going_away_and_coming_back_loses_nothing() {
     assert_eq!(status, 202, "{task}");
     let id = task["id"].as_str().unwrap().to_string();
     // The outage starts while the first step's agent runs.
-    let deadline = Instant::now() + LIMIT;
-    while std::fs::read_to_string(&marker)
-        .unwrap_or_default()
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "{}", c.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_file(&c, &marker, LIMIT).await;
     relay.stop().await;
     assert!(
         TcpStream::connect(relay_addr).await.is_err(),
@@ -124,25 +122,12 @@ async fn the_aws_endpoint_going_away_and_coming_back_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(8).saturating_sub(down_since.elapsed())).await;
     let relay = Relay::start(relay_addr, target).await;
 
-    let done = c
-        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
-        .await
-        .unwrap();
-    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let done = wait_succeeded(&c, &id, LIMIT).await;
     for sub in done["subtasks"].as_array().unwrap() {
         assert_eq!(sub["attempt"], 1, "{sub}");
     }
-    let (_, events) = c
-        .get_json(&format!("/api/v1/tasks/{id}/events"))
-        .await
-        .unwrap();
-    let successes = events["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["data"]["type"] == "subtask_status" && e["data"]["status"] == "succeeded")
-        .count();
-    assert_eq!(successes, 2, "{events:#}");
+    let events = events(&c, &id).await;
+    assert_eq!(count_successes(&events), 2, "{events:#?}");
     assert_eq!(git(&repo, &["show", "agent/outage:docs.txt"]), "docs");
     // The daemons noticed the outage and retried (not merely waited).
     let logs = c.logs();
@@ -151,21 +136,7 @@ async fn the_aws_endpoint_going_away_and_coming_back_loses_nothing() {
         "{logs}"
     );
     // Still healthy afterwards: a new task goes through.
-    let (_, again) = c
-        .submit(
-            json!({ "repository": repo.display().to_string(), "prompt": "after",
-                        "pipeline": "code", "branch": "agent/after" }),
-        )
-        .await
-        .unwrap();
-    let after = c
-        .wait_for_status(
-            again["id"].as_str().unwrap(),
-            &["succeeded", "failed"],
-            LIMIT,
-        )
-        .await
-        .unwrap();
-    assert_eq!(after["status"], "succeeded", "{}", c.logs());
+    let again = submit_code(&c, &repo, "after", "agent/after").await;
+    wait_succeeded(&c, &again, LIMIT).await;
     relay.stop().await;
 }

@@ -6,6 +6,9 @@
 use ao_shared::queue::sqlite::SqliteQueue;
 use ao_shared::queue::{Queue, QueueId};
 use ao_shared::Capability;
+use ao_tests::scenario::{
+    hang_first_run_agent, start_agent_worker, submit_code, wait_for_file, wait_succeeded,
+};
 use ao_tests::{bare_repo, git, script, Cluster, TOKEN};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -77,12 +80,8 @@ async fn a_subtask_committed_but_never_sent_is_sent_after_a_restart() {
     );
 
     c.start_coordinator().await.unwrap();
-    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
-    let done = c
-        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
-        .await
-        .unwrap();
-    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    start_agent_worker(&mut c, &agent);
+    let done = wait_succeeded(&c, &id, LIMIT).await;
     assert_eq!(
         done["subtasks"][0]["attempt"], 2,
         "re-sent as a new attempt"
@@ -106,37 +105,14 @@ async fn a_running_subtask_whose_worker_and_message_are_gone_is_retried() {
         ("AO__QUEUE__VISIBILITY_TIMEOUT_SECS", "60"),
         ("AO__QUEUE__HEARTBEAT_SECS", "1"),
     ]);
-    let marker = c.dir.path().join("runs.log");
     // The first run hangs (its worker is killed); later runs finish at once.
-    let agent = script(
-        c.dir.path(),
-        "agent.sh",
-        &format!(
-            "echo \"$AO_ATTEMPT\" >> {m}\nif [ \"$(wc -l < {m})\" = 1 ]; then sleep 600; fi\n\
-             echo ok > ok.txt",
-            m = marker.display()
-        ),
-    );
+    let (marker, agent) = hang_first_run_agent(&c);
     let repo = bare_repo(c.dir.path(), "project", &[]);
     c.start_coordinator().await.unwrap();
-    let w = c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
-    let (_, task) = c
-        .submit(
-            json!({ "repository": repo.display().to_string(), "prompt": "p",
-                        "pipeline": "code", "branch": "agent/lost" }),
-        )
-        .await
-        .unwrap();
-    let id = task["id"].as_str().unwrap().to_string();
+    let w = start_agent_worker(&mut c, &agent);
+    let id = submit_code(&c, &repo, "p", "agent/lost").await;
     c.wait_for_status(&id, &["running"], LIMIT).await.unwrap();
-    let deadline = Instant::now() + LIMIT;
-    while std::fs::read_to_string(&marker)
-        .unwrap_or_default()
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "{}", c.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_file(&c, &marker, LIMIT).await;
     // Worker and coordinator die; the queue loses the in-flight message.
     c.workers[w].kill_hard();
     c.coordinator.as_mut().unwrap().kill_hard();
@@ -149,12 +125,8 @@ async fn a_running_subtask_whose_worker_and_message_are_gone_is_retried() {
     drop(db);
 
     c.start_coordinator().await.unwrap();
-    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
-    let done = c
-        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
-        .await
-        .unwrap();
-    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    start_agent_worker(&mut c, &agent);
+    let done = wait_succeeded(&c, &id, LIMIT).await;
     assert_eq!(done["subtasks"][0]["attempt"], 2);
     let (_, events) = c
         .get_json(&format!("/api/v1/tasks/{id}/events"))

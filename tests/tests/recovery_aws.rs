@@ -7,9 +7,13 @@ use ao_shared::names::queue_name;
 use ao_shared::queue::QueueId;
 use ao_shared::Capability;
 use ao_tests::moto::Moto;
-use ao_tests::{bare_repo, git, script, Cluster};
+use ao_tests::scenario::{
+    cluster_with, hang_first_run_agent, start_agent_worker, submit_code, wait_for_file,
+    wait_succeeded,
+};
+use ao_tests::{bare_repo, git};
 use serde_json::{json, Value};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -38,45 +42,21 @@ async fn sqs(http: &reqwest::Client, endpoint: &str, action: &str, body: Value) 
 async fn a_lost_running_subtask_on_sqs_is_retried_after_a_restart() {
     let moto = Moto::start();
     let prefix = format!("recovery-{}", ao_tests::free_port());
-    let env = moto.env(&prefix);
-    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    all.extend_from_slice(&[
-        ("AO__COORDINATOR__RECOVERY", "all"),
-        ("AO__QUEUE__VISIBILITY_TIMEOUT_SECS", "60"),
-        ("AO__QUEUE__HEARTBEAT_SECS", "2"),
-    ]);
-    let mut c = Cluster::new(&all);
-    let marker = c.dir.path().join("runs.log");
-    let agent = script(
-        c.dir.path(),
-        "agent.sh",
-        &format!(
-            "echo \"$AO_ATTEMPT\" >> {m}\nif [ \"$(wc -l < {m})\" = 1 ]; then sleep 600; fi\n\
-             echo ok > ok.txt",
-            m = marker.display()
-        ),
+    let mut c = cluster_with(
+        &moto.env(&prefix),
+        &[
+            ("AO__COORDINATOR__RECOVERY", "all"),
+            ("AO__QUEUE__VISIBILITY_TIMEOUT_SECS", "60"),
+            ("AO__QUEUE__HEARTBEAT_SECS", "2"),
+        ],
     );
+    let (marker, agent) = hang_first_run_agent(&c);
     let repo = bare_repo(c.dir.path(), "project", &[]);
     c.start_coordinator().await.unwrap();
-    let w = c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
-    let (status, task) = c
-        .submit(
-            json!({ "repository": repo.display().to_string(), "prompt": "p",
-                        "pipeline": "code", "branch": "agent/lost-sqs" }),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{task}");
-    let id = task["id"].as_str().unwrap().to_string();
+    let w = start_agent_worker(&mut c, &agent);
+    let id = submit_code(&c, &repo, "p", "agent/lost-sqs").await;
     c.wait_for_status(&id, &["running"], LIMIT).await.unwrap();
-    let deadline = Instant::now() + LIMIT;
-    while std::fs::read_to_string(&marker)
-        .unwrap_or_default()
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "{}", c.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_file(&c, &marker, LIMIT).await;
     c.workers[w].kill_hard();
     c.coordinator.as_mut().unwrap().kill_hard();
     // The queue loses the in-flight message.
@@ -111,12 +91,8 @@ async fn a_lost_running_subtask_on_sqs_is_retried_after_a_restart() {
     );
 
     c.start_coordinator().await.unwrap();
-    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
-    let done = c
-        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
-        .await
-        .unwrap();
-    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    start_agent_worker(&mut c, &agent);
+    let done = wait_succeeded(&c, &id, LIMIT).await;
     assert_eq!(done["subtasks"][0]["attempt"], 2);
     let (_, events) = c
         .get_json(&format!("/api/v1/tasks/{id}/events"))
