@@ -60,6 +60,26 @@ async fn run_to_end(c: &Cluster, repo: &Path) -> (String, Value) {
     (id, task)
 }
 
+/// A cluster against `model` with `extra` settings and a fresh repository, on which a
+/// `code` task has run to its end. Returns the cluster, the repository, the task's id and
+/// the task.
+async fn run_once(
+    model: &ModelServer,
+    extra: &[(&str, &str)],
+) -> (Cluster, PathBuf, String, Value) {
+    let c = cluster(model, extra).await;
+    let repo = repo(&c);
+    let (id, task) = run_to_end(&c, &repo).await;
+    (c, repo, id, task)
+}
+
+/// [`run_once`] with no extra settings, asserting the task succeeded.
+async fn run_succeeded(model: &ModelServer) -> (Cluster, PathBuf, String, Value) {
+    let (c, repo, id, task) = run_once(model, &[]).await;
+    assert_eq!(task["status"], "succeeded", "{task:#}\n{}", c.logs());
+    (c, repo, id, task)
+}
+
 /// The task's agent events: `(type, event)` pairs.
 async fn agent_events(c: &Cluster, id: &str) -> Vec<(String, Value)> {
     let (_, body) = c
@@ -155,10 +175,7 @@ async fn claude_code_edits_the_repository_and_the_work_is_pushed() {
         Turn::new(Step::text("Done: wrote hello.txt."), 1000, 200),
     ])
     .await;
-    let c = cluster(&model, &[]).await;
-    let repo = repo(&c);
-    let (id, task) = run_to_end(&c, &repo).await;
-    assert_eq!(task["status"], "succeeded", "{task:#}\n{}", c.logs());
+    let (c, repo, id, task) = run_succeeded(&model).await;
 
     // The edit is committed and pushed.
     let hello = remote_file(&c, &repo, "agent/claude", "hello.txt").expect("pushed branch");
@@ -334,13 +351,11 @@ async fn a_run_past_its_budget_is_stopped() {
         Turn::new(Step::text("done"), 10, 10),
     ])
     .await;
-    let c = cluster(
+    let (c, repo, _, task) = run_once(
         &model,
         &[("AO__AGENT__PROFILES__CODER__MAX_COST_USD", "0.5")],
     )
     .await;
-    let repo = repo(&c);
-    let (_, task) = run_to_end(&c, &repo).await;
     assert_eq!(task["status"], "failed", "{task:#}");
     let s = subtask(&task);
     assert_eq!(s["outcome"]["kind"], "budget_exceeded", "{s:#}");
@@ -364,10 +379,7 @@ async fn nothing_the_agent_starts_outlives_the_run() {
         Turn::new(Step::text("left something running"), 10, 10),
     ])
     .await;
-    let c = cluster(&model, &[]).await;
-    let repo = repo(&c);
-    let (id, task) = run_to_end(&c, &repo).await;
-    assert_eq!(task["status"], "succeeded", "{task:#}\n{}", c.logs());
+    let (c, _, id, _) = run_succeeded(&model).await;
     let events = agent_events(&c, &id).await;
     assert!(
         events
@@ -404,10 +416,7 @@ echo work > work.txt"#;
         Turn::new(Step::text("planted"), 10, 10),
     ])
     .await;
-    let c = cluster(&model, &[]).await;
-    let repo = repo(&c);
-    let (id, task) = run_to_end(&c, &repo).await;
-    assert_eq!(task["status"], "succeeded", "{task:#}\n{}", c.logs());
+    let (c, repo, id, _) = run_succeeded(&model).await;
     let events = agent_events(&c, &id).await;
     assert!(
         events
@@ -493,7 +502,7 @@ async fn cancel_kills_a_running_agent() {
 /// `coordinator.max_attempts`, and the task fails.
 async fn failing_model(step: Step, expected_error: &str) {
     let model = ModelServer::start(vec![Turn::new(step, 10, 10)]).await;
-    let c = cluster(
+    let (_, _, _, task) = run_once(
         &model,
         &[
             ("AO__COORDINATOR__MAX_ATTEMPTS", "2"),
@@ -501,8 +510,6 @@ async fn failing_model(step: Step, expected_error: &str) {
         ],
     )
     .await;
-    let repo = repo(&c);
-    let (_, task) = run_to_end(&c, &repo).await;
     assert_eq!(task["status"], "failed");
     let s = subtask(&task);
     assert_eq!(s["attempt"], 2, "retried once: {s:#}");
@@ -539,9 +546,7 @@ async fn the_turn_limit_is_classified() {
         })
         .collect();
     let model = ModelServer::start(endless).await;
-    let c = cluster(&model, &[("AO__AGENT__PROFILES__CODER__MAX_TURNS", "2")]).await;
-    let repo = repo(&c);
-    let (_, task) = run_to_end(&c, &repo).await;
+    let (_, _, _, task) = run_once(&model, &[("AO__AGENT__PROFILES__CODER__MAX_TURNS", "2")]).await;
     assert_eq!(task["status"], "failed");
     let s = subtask(&task);
     assert_eq!(s["outcome"]["kind"], "max_turns", "{s:#}");
