@@ -1124,16 +1124,40 @@ fn body_field(body: &Bytes) -> Result<Value, (StatusCode, Json<Value>)> {
     })
 }
 
+/// The `body` a comment request must carry.
+fn comment_body(body: &Bytes) -> Result<String, (StatusCode, Json<Value>)> {
+    let v = body_field(body)?;
+    v["body"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| err(StatusCode::UNPROCESSABLE_ENTITY, "body is missing"))
+}
+
+/// Issue `n` of `repo`, to change it; 404 when there is none.
+fn issue_mut<'a>(
+    m: &'a mut Model,
+    repo: &str,
+    n: u64,
+) -> Result<&'a mut Issue, (StatusCode, Json<Value>)> {
+    m.repos
+        .get_mut(repo)
+        .and_then(|x| x.issues.get_mut(&n))
+        .ok_or_else(|| err(StatusCode::NOT_FOUND, "Not Found"))
+}
+
+/// An issue's labels, as the label routes answer them.
+fn labels_json(issue: &Issue) -> Response {
+    let out: Vec<Value> = issue.labels.iter().map(|l| json!({ "name": l })).collect();
+    Json(Value::Array(out)).into_response()
+}
+
 async fn create_comment(
     call: Call,
     Path((o, r, n)): Path<(String, String, u64)>,
     body: Bytes,
 ) -> ApiResult {
     let (f, repo) = call.repo(&o, &r, "issues", Perm::Write)?;
-    let v = body_field(&body)?;
-    let text = v["body"]
-        .as_str()
-        .ok_or_else(|| err(StatusCode::UNPROCESSABLE_ENTITY, "body is missing"))?;
+    let text = comment_body(&body)?;
     let mut m = f.model.lock();
     let known = m
         .repos
@@ -1150,7 +1174,7 @@ async fn create_comment(
             repo: repo.clone(),
             issue: n,
             user: BOT_LOGIN.into(),
-            body: text.into(),
+            body: text.clone(),
             edits: 0,
         },
     );
@@ -1178,10 +1202,7 @@ async fn edit_comment(
     body: Bytes,
 ) -> ApiResult {
     let (f, repo) = call.repo(&o, &r, "issues", Perm::Write)?;
-    let v = body_field(&body)?;
-    let text = v["body"]
-        .as_str()
-        .ok_or_else(|| err(StatusCode::UNPROCESSABLE_ENTITY, "body is missing"))?;
+    let text = comment_body(&body)?;
     let mut m = f.model.lock();
     let c = m
         .comments
@@ -1194,7 +1215,7 @@ async fn edit_comment(
             "an App may edit only its own comments",
         ));
     }
-    c.body = text.into();
+    c.body = text.clone();
     c.edits += 1;
     Ok(Json(json!({ "id": id, "body": text })).into_response())
 }
@@ -1213,11 +1234,7 @@ async fn add_labels(
         .filter_map(|l| l.as_str().map(str::to_string))
         .collect();
     let mut m = f.model.lock();
-    let issue = m
-        .repos
-        .get_mut(&repo)
-        .and_then(|x| x.issues.get_mut(&n))
-        .ok_or_else(|| err(StatusCode::NOT_FOUND, "Not Found"))?;
+    let issue = issue_mut(&mut m, &repo, n)?;
     for l in labels {
         if !issue.labels.contains(&l) {
             issue.labels.push(l.clone());
@@ -1227,8 +1244,7 @@ async fn add_labels(
                                       "actor": { "login": BOT_LOGIN, "type": "Bot" } }));
         }
     }
-    let out: Vec<Value> = issue.labels.iter().map(|l| json!({ "name": l })).collect();
-    Ok(Json(Value::Array(out)).into_response())
+    Ok(labels_json(issue))
 }
 
 async fn remove_label(
@@ -1237,17 +1253,12 @@ async fn remove_label(
 ) -> ApiResult {
     let (f, repo) = call.repo(&o, &r, "issues", Perm::Write)?;
     let mut m = f.model.lock();
-    let issue = m
-        .repos
-        .get_mut(&repo)
-        .and_then(|x| x.issues.get_mut(&n))
-        .ok_or_else(|| err(StatusCode::NOT_FOUND, "Not Found"))?;
+    let issue = issue_mut(&mut m, &repo, n)?;
     if !issue.labels.contains(&name) {
         return Err(err(StatusCode::NOT_FOUND, "Label does not exist"));
     }
     issue.labels.retain(|l| *l != name);
-    let out: Vec<Value> = issue.labels.iter().map(|l| json!({ "name": l })).collect();
-    Ok(Json(Value::Array(out)).into_response())
+    Ok(labels_json(issue))
 }
 
 fn branch_exists(f: &Fake, repo: &str, branch: &str) -> bool {
