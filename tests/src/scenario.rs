@@ -3,7 +3,7 @@
 //! code task submitted, waiting for an agent to start and for a task to succeed, and the
 //! events and successes a task recorded.
 
-use crate::{script, Cluster};
+use crate::{bare_repo, script, Cluster};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -35,6 +35,44 @@ pub fn hang_first_run_agent(c: &Cluster) -> (PathBuf, PathBuf) {
         ),
     );
     (marker, agent)
+}
+
+/// A run killed in the middle: see [`kill_mid_run`].
+pub struct KilledRun {
+    /// The file the agent appends each run's attempt to.
+    pub marker: PathBuf,
+    /// The agent script ([`hang_first_run_agent`]).
+    pub agent: PathBuf,
+    /// The task's repository.
+    pub repo: PathBuf,
+    /// The task's id.
+    pub id: String,
+}
+
+/// Starts the coordinator and a worker whose agent's first run hangs, submits a `code`
+/// task onto `branch`, waits (up to `limit` each) until it runs and its agent has started,
+/// then SIGKILLs the worker and the coordinator.
+pub async fn kill_mid_run(c: &mut Cluster, branch: &str, limit: Duration) -> KilledRun {
+    let (marker, agent) = hang_first_run_agent(c);
+    let repo = bare_repo(c.dir.path(), "project", &[]);
+    c.start_coordinator().await.expect("coordinator");
+    let w = start_agent_worker(c, &agent);
+    let id = submit_code(c, &repo, "p", branch).await;
+    c.wait_for_status(&id, &["running"], limit)
+        .await
+        .expect("the task runs");
+    wait_for_file(c, &marker, limit).await;
+    c.workers[w].kill_hard();
+    c.coordinator
+        .as_mut()
+        .expect("the coordinator runs")
+        .kill_hard();
+    KilledRun {
+        marker,
+        agent,
+        repo,
+        id,
+    }
 }
 
 /// Submits a one-step `code` task on `repo` onto `branch`; asserts it is accepted and

@@ -6,9 +6,7 @@
 use ao_shared::queue::sqlite::SqliteQueue;
 use ao_shared::queue::{Queue, QueueId};
 use ao_shared::Capability;
-use ao_tests::scenario::{
-    hang_first_run_agent, start_agent_worker, submit_code, wait_for_file, wait_succeeded,
-};
+use ao_tests::scenario::{kill_mid_run, start_agent_worker, wait_succeeded, KilledRun};
 use ao_tests::{bare_repo, git, script, Cluster, TOKEN};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -105,17 +103,11 @@ async fn a_running_subtask_whose_worker_and_message_are_gone_is_retried() {
         ("AO__QUEUE__VISIBILITY_TIMEOUT_SECS", "60"),
         ("AO__QUEUE__HEARTBEAT_SECS", "1"),
     ]);
-    // The first run hangs (its worker is killed); later runs finish at once.
-    let (marker, agent) = hang_first_run_agent(&c);
-    let repo = bare_repo(c.dir.path(), "project", &[]);
-    c.start_coordinator().await.unwrap();
-    let w = start_agent_worker(&mut c, &agent);
-    let id = submit_code(&c, &repo, "p", "agent/lost").await;
-    c.wait_for_status(&id, &["running"], LIMIT).await.unwrap();
-    wait_for_file(&c, &marker, LIMIT).await;
-    // Worker and coordinator die; the queue loses the in-flight message.
-    c.workers[w].kill_hard();
-    c.coordinator.as_mut().unwrap().kill_hard();
+    // The first run hangs; worker and coordinator die while it runs.
+    let KilledRun {
+        marker, agent, id, ..
+    } = kill_mid_run(&mut c, "agent/lost", LIMIT).await;
+    // The queue loses the in-flight message.
     let db = rusqlite::Connection::open(queue_db(&c)).unwrap();
     db.busy_timeout(Duration::from_secs(30)).unwrap();
     let lost = db

@@ -6,12 +6,11 @@
 use ao_shared::names::queue_name;
 use ao_shared::queue::QueueId;
 use ao_shared::Capability;
+use ao_tests::git;
 use ao_tests::moto::Moto;
 use ao_tests::scenario::{
-    cluster_with, hang_first_run_agent, start_agent_worker, submit_code, wait_for_file,
-    wait_succeeded,
+    cluster_with, kill_mid_run, start_agent_worker, wait_succeeded, KilledRun,
 };
-use ao_tests::{bare_repo, git};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -50,15 +49,9 @@ async fn a_lost_running_subtask_on_sqs_is_retried_after_a_restart() {
             ("AO__QUEUE__HEARTBEAT_SECS", "2"),
         ],
     );
-    let (marker, agent) = hang_first_run_agent(&c);
-    let repo = bare_repo(c.dir.path(), "project", &[]);
-    c.start_coordinator().await.unwrap();
-    let w = start_agent_worker(&mut c, &agent);
-    let id = submit_code(&c, &repo, "p", "agent/lost-sqs").await;
-    c.wait_for_status(&id, &["running"], LIMIT).await.unwrap();
-    wait_for_file(&c, &marker, LIMIT).await;
-    c.workers[w].kill_hard();
-    c.coordinator.as_mut().unwrap().kill_hard();
+    let KilledRun {
+        agent, repo, id, ..
+    } = kill_mid_run(&mut c, "agent/lost-sqs", LIMIT).await;
     // The queue loses the in-flight message.
     let name = queue_name(&prefix, QueueId::Capability(Capability::Coder));
     let url = sqs(
