@@ -21,7 +21,7 @@ use ao_shared::state::{EventKind, NewEvent, StateStore};
 use ao_shared::status::TaskStatus;
 use ao_shared::task::{Outcome, Task, TaskSource};
 use ao_shared::timefmt;
-use moto::{unique, Moto};
+use moto::{clients, unique, Moto};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -276,7 +276,7 @@ fn print_table(title: &str, counts: &BTreeMap<String, CallStats>, per: f64) {
 async fn main() {
     let moto = Moto::start();
     let calls = ApiCalls::new();
-    let clients = moto.clients(Some(&calls)).await;
+    let clients = clients(&moto, Some(&calls)).await;
     let queue = SqsQueue::open(
         clients.sqs.clone(),
         &SqsOptions {

@@ -28,7 +28,7 @@ use std::time::Duration;
 const CODER: QueueId = QueueId::Capability(Capability::Coder);
 
 async fn clients() -> AwsClients {
-    Moto::shared().clients(None).await
+    moto::clients(Moto::shared(), None).await
 }
 
 async fn queue_with(max_receives: u32) -> SqsQueue {
