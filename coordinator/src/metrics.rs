@@ -1,9 +1,9 @@
 //! The coordinator's Prometheus metrics. Names carry their unit and follow the
 //! `_total` / `_seconds` conventions; `nomad/monitoring/` and the alert rules use them.
 
+use ao_shared::metrics::register;
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
 /// Buckets for agent run times: seconds to hours.
@@ -30,14 +30,6 @@ pub struct Metrics {
     pub github_api_calls: IntCounterVec,
     pub github_rate_limit_remaining: prometheus::IntGauge,
     pub budget_used_ratio: GaugeVec,
-}
-
-fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
-    // Registration fails only for duplicate names, which the names below rule out.
-    if let Err(e) = registry.register(Box::new(metric.clone())) {
-        tracing::error!(error = %e, "metric registration failed");
-    }
-    metric
 }
 
 impl Metrics {
@@ -193,11 +185,6 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        let encoder = TextEncoder::new();
-        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
-            tracing::error!(error = %e, "cannot encode metrics");
-        }
-        String::from_utf8(buf).unwrap_or_default()
+        ao_shared::metrics::render(&self.registry)
     }
 }

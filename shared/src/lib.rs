@@ -10,6 +10,7 @@ pub mod capability;
 pub mod config;
 pub mod ids;
 pub mod message;
+pub mod metrics;
 pub mod names;
 pub mod pipeline;
 pub mod pricing;

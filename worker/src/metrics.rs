@@ -1,8 +1,7 @@
 //! The worker's Prometheus metrics.
 
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use ao_shared::metrics::register;
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -12,13 +11,6 @@ pub struct Metrics {
     pub heartbeats: IntCounterVec,
     pub receive_latency: Histogram,
     pub sandbox_start: Histogram,
-}
-
-fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
-    if let Err(e) = registry.register(Box::new(metric.clone())) {
-        tracing::error!(error = %e, "metric registration failed");
-    }
-    metric
 }
 
 impl Metrics {
@@ -81,10 +73,6 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
-            tracing::error!(error = %e, "cannot encode metrics");
-        }
-        String::from_utf8(buf).unwrap_or_default()
+        ao_shared::metrics::render(&self.registry)
     }
 }
