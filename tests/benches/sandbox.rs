@@ -14,7 +14,7 @@
 //! sets the number of runs per driver (default 30).
 
 use ao_tests::measure::{peak_rss_mib, percentile, rss_mib, tree_rss_mib};
-use ao_tests::model_server::{ModelServer, Step, Turn, MODEL};
+use ao_tests::model_server::{find_claude_cli, ModelServer, Step, Turn, MODEL};
 use ao_tests::{bare_repo, script, Cluster};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -92,9 +92,7 @@ async fn start_overhead(driver: &str, runs: usize) -> Vec<f64> {
 
 /// Worker memory with two Claude Code subtasks running at once.
 async fn two_subtask_memory() -> Option<(f64, f64, f64, f64)> {
-    let cli = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|d| d.join("claude"))
-        .find(|p| p.is_file())?;
+    let cli = find_claude_cli()?;
     let model = ModelServer::start(vec![
         Turn::new(
             Step::tool("Write", json!({ "file_path": "a.txt", "content": "a\n" })),

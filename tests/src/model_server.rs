@@ -265,11 +265,16 @@ async fn answer(
         .unwrap_or_default()
 }
 
-/// Where the Claude Code CLI is; `make test` installs it.
-pub fn claude_cli() -> std::path::PathBuf {
+/// Where the Claude Code CLI is on `PATH`, if it is installed.
+pub fn find_claude_cli() -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .map(|d| d.join("claude"))
         .find(|p| p.is_file())
+}
+
+/// Where the Claude Code CLI is; `make test` installs it.
+pub fn claude_cli() -> std::path::PathBuf {
+    find_claude_cli()
         .expect("the Claude Code CLI is not on PATH: run `make test` (it installs it with npm)")
 }
