@@ -3,6 +3,18 @@
 use ao_tests::{Cluster, TOKEN};
 use serde_json::{json, Value};
 
+/// An authenticated GET of `path` answers `status` with the JSON error `code`.
+async fn check_get(c: &Cluster, path: &str, status: u16, code: &str) -> Value {
+    let resp = c
+        .http
+        .get(c.url(path))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("request");
+    check(resp, status, code).await
+}
+
 async fn check(resp: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(resp.status().as_u16(), status);
     let body: Value = resp.json().await.expect("JSON error body");
@@ -50,26 +62,8 @@ async fn bad_requests_get_json_errors() {
     )
     .await;
     let unknown = format!("/api/v1/tasks/{}", uuid_like());
-    check(
-        h.get(c.url(&unknown))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap(),
-        404,
-        "not_found",
-    )
-    .await;
-    check(
-        h.get(c.url("/api/v1/tasks/not-an-id"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap(),
-        404,
-        "not_found",
-    )
-    .await;
+    check_get(&c, &unknown, 404, "not_found").await;
+    check_get(&c, "/api/v1/tasks/not-an-id", 404, "not_found").await;
     check(
         h.get(c.url("/nowhere")).send().await.unwrap(),
         404,
@@ -122,26 +116,8 @@ async fn bad_requests_get_json_errors() {
             "{body} → {err}"
         );
     }
-    check(
-        h.get(c.url("/api/v1/tasks?status=bogus"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap(),
-        400,
-        "invalid_status",
-    )
-    .await;
-    check(
-        h.get(c.url("/api/v1/tasks?cursor=zz"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap(),
-        400,
-        "invalid_cursor",
-    )
-    .await;
+    check_get(&c, "/api/v1/tasks?status=bogus", 400, "invalid_status").await;
+    check_get(&c, "/api/v1/tasks?cursor=zz", 400, "invalid_cursor").await;
     let wrong_type = h
         .post(&tasks)
         .bearer_auth(TOKEN)
