@@ -53,6 +53,7 @@ pub fn run_logged(cmd: &mut Command, timeout: Duration) -> std::io::Result<Finis
         timeout,
         idle: None,
         stdin: None,
+        finish_grace: FINISH_GRACE,
     };
     match run_streaming(cmd, &limits, &mut |line| {
         super::emit("log", serde_json::json!({ "message": line }));
@@ -72,13 +73,24 @@ pub struct Limits {
     pub idle: Option<Duration>,
     /// Written to the child's standard input, which is then closed.
     pub stdin: Option<String>,
+    /// How long a child whose handler said [`Control::Finish`] may take to exit before its
+    /// group is ended (the output it gave stands either way).
+    pub finish_grace: Duration,
 }
+
+/// Default of [`Limits::finish_grace`]: Claude Code flushes and exits within a second of
+/// its final `result` when it exits at all.
+pub const FINISH_GRACE: Duration = Duration::from_secs(3);
 
 /// What the line handler wants next.
 pub enum Control {
     Continue,
     /// Kill the child now, for this reason.
     Stop(String),
+    /// The child has said its last (its final result): let it exit within
+    /// [`Limits::finish_grace`], then end its group; the run counts as finished, not
+    /// stalled, whatever it does meanwhile.
+    Finish,
 }
 
 /// Why a streamed child did not end by itself.
@@ -166,12 +178,18 @@ pub fn run_streaming(
         control
     };
     let mut failure: Option<RunError> = None;
+    // Set once the handler said Finish: the child must be gone by then.
+    let mut finish_by: Option<Instant> = None;
     let status = loop {
         match rx.recv_timeout(Duration::from_millis(50)) {
             Ok((is_stdout, line)) => {
                 last_output = Instant::now();
-                if let Control::Stop(reason) = handle(is_stdout, line, &mut lines) {
-                    failure = Some(RunError::Stopped(reason));
+                match handle(is_stdout, line, &mut lines) {
+                    Control::Stop(reason) => failure = Some(RunError::Stopped(reason)),
+                    Control::Finish => {
+                        finish_by.get_or_insert(Instant::now() + limits.finish_grace);
+                    }
+                    Control::Continue => {}
                 }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -179,7 +197,21 @@ pub fn run_streaming(
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        if failure.is_none() {
+        if finish_by.is_some_and(|by| failure.is_none() && Instant::now() >= by) {
+            // Finished but still there: the result stands; the process goes.
+            kill_group(pgid, Signal::SIGKILL);
+            let status = child.wait().map_err(RunError::Wait)?;
+            CHILD_GROUP.store(0, Ordering::SeqCst);
+            return Ok(Finished {
+                success: true,
+                status: format!(
+                    "{}, ended by the runner after its final result",
+                    describe(status)
+                ),
+                lines,
+            });
+        }
+        if failure.is_none() && finish_by.is_none() {
             if Instant::now() >= deadline {
                 failure = Some(RunError::Timeout(limits.timeout));
             } else if let Some(idle) = limits.idle.filter(|i| last_output.elapsed() >= *i) {

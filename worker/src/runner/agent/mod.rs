@@ -57,5 +57,6 @@ fn limits(spec: &RunSpec, stdin: Option<String>) -> super::process::Limits {
         idle: (spec.agent.idle_timeout_secs > 0)
             .then(|| std::time::Duration::from_secs(spec.agent.idle_timeout_secs)),
         stdin,
+        finish_grace: super::process::FINISH_GRACE,
     }
 }
