@@ -8,6 +8,7 @@ mod credentials;
 mod heartbeat;
 mod job;
 mod metrics;
+mod preflight;
 mod profile;
 mod runner;
 mod sandbox;
@@ -104,6 +105,8 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     };
     let listen = settings.worker.listen.clone();
     let profiles = profile::Profiles::load(&settings.agent).context("bad agent profile")?;
+    preflight::check(&settings, &profiles, nix::unistd::geteuid().as_raw())
+        .context("this worker cannot serve its configuration")?;
     if settings.agent.kind == ao_shared::config::AgentKind::Claude
         && settings.agent.api_key.is_none()
     {
