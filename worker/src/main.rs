@@ -9,6 +9,7 @@ mod heartbeat;
 mod job;
 mod metrics;
 mod profile;
+mod push_permit;
 mod runner;
 mod sandbox;
 mod spec;
