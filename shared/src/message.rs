@@ -348,7 +348,9 @@ mod tests {
             panic!("not finished")
         };
         assert!(crate::bounded::is_truncated(&outcome.summary));
-        assert!(crate::bounded::is_truncated(outcome.error.as_deref().unwrap()));
+        assert!(crate::bounded::is_truncated(
+            outcome.error.as_deref().unwrap()
+        ));
     }
 
     #[test]

@@ -439,7 +439,11 @@ mod tests {
         assert_eq!(records.len(), 2);
         for (_, data) in records {
             let text = data["text"].as_str().unwrap();
-            assert!(text.len() < 2 * crate::bounded::MAX_AGENT_TEXT_BYTES, "{}", text.len());
+            assert!(
+                text.len() < 2 * crate::bounded::MAX_AGENT_TEXT_BYTES,
+                "{}",
+                text.len()
+            );
             assert!(crate::bounded::is_truncated(text));
         }
     }

@@ -106,7 +106,11 @@ impl Outcome {
         if self.summary.len() > MAX_AGENT_TEXT_BYTES {
             self.summary = truncate_bytes(&self.summary, MAX_AGENT_TEXT_BYTES);
         }
-        if let Some(e) = self.error.as_mut().filter(|e| e.len() > MAX_AGENT_TEXT_BYTES) {
+        if let Some(e) = self
+            .error
+            .as_mut()
+            .filter(|e| e.len() > MAX_AGENT_TEXT_BYTES)
+        {
             *e = truncate_bytes(e, MAX_AGENT_TEXT_BYTES);
         }
         if let Some(c) = self.commit.as_mut().filter(|c| c.len() > 64) {

@@ -297,7 +297,11 @@ async fn every_polls_messages_are_kept() {
             "round {round}: a message of the slower poll was lost"
         );
         for m in &got {
-            assert_eq!(m.receive_count, 1, "round {round}: {} was received again", m.body);
+            assert_eq!(
+                m.receive_count, 1,
+                "round {round}: {} was received again",
+                m.body
+            );
             q.delete(&m.receipt).await.unwrap();
         }
     }

@@ -44,7 +44,9 @@ pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
             permits.push(p);
         }
         let asked = Instant::now();
-        let receive = worker.queue.receive(&queues, permits.len(), wait, visibility);
+        let receive = worker
+            .queue
+            .receive(&queues, permits.len(), wait, visibility);
         tokio::pin!(receive);
         let received = tokio::select! {
             r = &mut receive => r,

@@ -152,7 +152,11 @@ async fn run(
             "shutdown grace period over: run stopped, the subtask goes back on the queue"
         );
         worker
-            .requeue(QueueId::Capability(order.capability), &message.body, &receipt)
+            .requeue(
+                QueueId::Capability(order.capability),
+                &message.body,
+                &receipt,
+            )
             .await;
         return;
     }
@@ -169,7 +173,11 @@ async fn run(
             "sandbox not placed; the subtask goes back on the queue, same attempt"
         );
         worker
-            .requeue(QueueId::Capability(order.capability), &message.body, &receipt)
+            .requeue(
+                QueueId::Capability(order.capability),
+                &message.body,
+                &receipt,
+            )
             .await;
         return;
     }

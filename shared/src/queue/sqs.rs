@@ -51,6 +51,9 @@ pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 3600);
 /// How much longer than its wait a receive attempt may take before it is abandoned.
 pub const RECEIVE_TIMEOUT_MARGIN: Duration = Duration::from_secs(10);
 
+/// How much longer than its wait a receive waits for its polls to answer.
+const ANSWER_MARGIN: Duration = Duration::from_secs(1);
+
 /// The longest a received message waits in the inbox for a receive that takes it,
 /// before it is made visible again (and at most half its visibility timeout, so that its
 /// taker has time to start extending it).
@@ -427,7 +430,9 @@ impl Queue for SqsQueue {
         if queues.is_empty() || max == 0 {
             return Ok(Vec::new());
         }
-        let deadline = Instant::now() + wait.min(MAX_WAIT) + RECEIVE_TIMEOUT_MARGIN;
+        // A poll answering later than this leaves its messages in the inbox for the next
+        // receive.
+        let deadline = Instant::now() + wait.min(MAX_WAIT) + ANSWER_MARGIN;
         let mut polled = false;
         loop {
             // Registered before the inbox is read, so that no arrival is missed.
@@ -437,10 +442,9 @@ impl Queue for SqsQueue {
             let (got, expired, failure, running) = {
                 let mut inbox = self.inbox.lock();
                 let now = Instant::now();
-                let (expired, kept): (Vec<_>, Vec<_>) =
-                    std::mem::take(&mut inbox.held)
-                        .into_iter()
-                        .partition(|(until, _)| *until <= now);
+                let (expired, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut inbox.held)
+                    .into_iter()
+                    .partition(|(until, _)| *until <= now);
                 let mut got = Vec::new();
                 for (until, m) in kept {
                     if got.len() < max && queues.contains(&m.receipt.queue) {

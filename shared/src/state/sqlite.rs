@@ -186,8 +186,11 @@ impl SqliteStore {
         if due {
             match self.prune(now()).await {
                 Ok(p) if p != Pruned::default() => {
-                    tracing::info!(events = p.events, deliveries = p.deliveries,
-                        "deleted records past their retention")
+                    tracing::info!(
+                        events = p.events,
+                        deliveries = p.deliveries,
+                        "deleted records past their retention"
+                    )
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot delete old records"),

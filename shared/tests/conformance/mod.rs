@@ -458,8 +458,14 @@ pub async fn large_transcript(s: &dyn StateStore) {
     assert_eq!(task.queue_ready(timefmt::now()), vec![sub]);
     let attempt = task.subtasks[0].attempt;
     let started = task.apply_started(sub, attempt, "w", timefmt::now());
-    assert!(matches!(started, Ok(ao_shared::task::Applied::Changed)), "{started:?}");
-    task = s.update_task(&task, &[state_event("running")]).await.unwrap();
+    assert!(
+        matches!(started, Ok(ao_shared::task::Applied::Changed)),
+        "{started:?}"
+    );
+    task = s
+        .update_task(&task, &[state_event("running")])
+        .await
+        .unwrap();
     let mut outcome = Outcome::succeeded("s".repeat(1 << 20), None);
     outcome.error = Some("e".repeat(1 << 20));
     assert_eq!(outcome.kind, OutcomeKind::Succeeded);
@@ -467,7 +473,11 @@ pub async fn large_transcript(s: &dyn StateStore) {
         .unwrap();
     let task = s.update_task(&task, &[state_event("coded")]).await.unwrap();
     let doc = serde_json::to_string(&task).unwrap();
-    assert!(doc.len() < 64 * 1024, "task document is {} bytes", doc.len());
+    assert!(
+        doc.len() < 64 * 1024,
+        "task document is {} bytes",
+        doc.len()
+    );
 
     let mut all = Vec::new();
     let mut after = None;

@@ -114,9 +114,9 @@ pub(super) async fn supervise(
     // Permit requests leave the event stream here and are answered on the runner's stdin.
     let (permit_tx, permit_rx) = mpsc::channel::<()>(4);
     let permits = match (attempt.lease.0.clone(), child.stdin.take()) {
-        (Some(lease), Some(stdin)) => Some(tokio::spawn(push_permit::serve(
-            lease, stdin, permit_rx,
-        ))),
+        (Some(lease), Some(stdin)) => {
+            Some(tokio::spawn(push_permit::serve(lease, stdin, permit_rx)))
+        }
         _ => None,
     };
     let forward = tokio::spawn(async move {
@@ -220,7 +220,10 @@ fn tree_groups(root: i32) -> Vec<i32> {
     let mut procs: Vec<(i32, i32, i32)> = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok())
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
             else {
                 continue;
             };
