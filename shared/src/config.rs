@@ -195,12 +195,20 @@ pub struct BackendSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct LocalSettings {
     pub data_dir: PathBuf,
+    /// Days after which task events (agent output, state changes) are deleted from the
+    /// SQLite store; 0 keeps them for ever. Default 90, as `aws.event_retention_days`.
+    pub event_retention_days: u64,
+    /// Days after which webhook delivery records are deleted; 0 keeps them for ever.
+    /// Default 30, as `aws.delivery_retention_days` (GitHub redelivers for a few days).
+    pub delivery_retention_days: u64,
 }
 
 impl Default for LocalSettings {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./.data"),
+            event_retention_days: 90,
+            delivery_retention_days: 30,
         }
     }
 }

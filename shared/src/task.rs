@@ -98,6 +98,30 @@ impl Outcome {
         outcome
     }
 
+    /// The outcome with every field that carries agent text cut to
+    /// [`crate::bounded::MAX_AGENT_TEXT_BYTES`] (with a visible marker), so that a result
+    /// carrying it always fits one message. A commit id is at most 64 bytes.
+    pub fn bounded(mut self) -> Self {
+        use crate::bounded::{truncate_bytes, MAX_AGENT_TEXT_BYTES};
+        if self.summary.len() > MAX_AGENT_TEXT_BYTES {
+            self.summary = truncate_bytes(&self.summary, MAX_AGENT_TEXT_BYTES);
+        }
+        if let Some(e) = self
+            .error
+            .as_mut()
+            .filter(|e| e.len() > MAX_AGENT_TEXT_BYTES)
+        {
+            *e = truncate_bytes(e, MAX_AGENT_TEXT_BYTES);
+        }
+        if let Some(c) = self.commit.as_mut().filter(|c| c.len() > 64) {
+            *c = truncate_bytes(c, 64);
+        }
+        if !self.cost_usd.is_finite() {
+            self.cost_usd = 0.0;
+        }
+        self
+    }
+
     fn new(
         kind: OutcomeKind,
         summary: impl Into<String>,
@@ -351,6 +375,9 @@ impl Task {
                 sub.status
             )));
         }
+        // Agent text kept in the task stays bounded, whoever sent it: the task item must
+        // stay small (DynamoDB refuses items over 400 KB).
+        let outcome = outcome.bounded();
         sub.cost_usd += outcome.cost_usd;
         sub.tokens.add(&outcome.tokens);
         if sub.started_at.is_none() {

@@ -10,6 +10,7 @@ mod job;
 mod metrics;
 mod preflight;
 mod profile;
+mod push_permit;
 mod runner;
 mod sandbox;
 mod spec;

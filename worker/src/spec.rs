@@ -50,6 +50,27 @@ pub struct RunSpec {
     /// spec file or a Nomad payload.
     #[serde(skip)]
     pub secret_env: SecretEnv,
+    /// The lease of the message this attempt came from: the runner pushes only once the
+    /// worker confirmed it (see `push_permit.rs`). Never serialized.
+    #[serde(skip)]
+    pub lease: LeaseSlot,
+}
+
+/// The lease a run is fenced by, if any (none for runs started outside a queue consumer).
+#[derive(Clone, Default)]
+pub struct LeaseSlot(pub Option<crate::heartbeat::Lease>);
+
+impl std::fmt::Debug for LeaseSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Lease" } else { "None" })
+    }
+}
+
+impl PartialEq for LeaseSlot {
+    /// Leases take no part in comparing specs.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// Names the runner's secret environment variables (comma-separated).
@@ -106,6 +127,7 @@ impl RunSpec {
             instructions: m.instructions.clone(),
             agent,
             secret_env: SecretEnv::default(),
+            lease: LeaseSlot::default(),
         }
     }
 

@@ -156,6 +156,8 @@ pub fn commit_and_push(
     run(git(Some(repo)).args(["add", "--all"]), "git add")?;
     let staged = !git(Some(repo))
         .args(["diff", "--cached", "--quiet"])
+        // The runner's standard input carries the worker's push permits: no child reads it.
+        .stdin(std::process::Stdio::null())
         .status()
         .map_err(|e| format!("git diff: {e}"))?
         .success();

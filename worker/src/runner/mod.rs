@@ -44,7 +44,7 @@ fn secret_values() -> &'static [String] {
 pub fn emit(kind: &str, data: serde_json::Value) {
     let mut line = serde_json::to_string(&RunnerEvent {
         kind: kind.into(),
-        data,
+        data: ao_shared::bounded::bound_event_data(data),
     })
     .unwrap_or_default();
     for secret in secret_values() {
@@ -92,7 +92,7 @@ pub fn main(spec_path: &Path, result_path: &Path, work_dir: Option<PathBuf>) -> 
             false,
         ),
     };
-    let mut outcome = outcome;
+    let mut outcome = outcome.bounded();
     outcome.duration_ms = started.elapsed().as_millis() as u64;
     let text = match serde_json::to_string(&outcome) {
         Ok(t) => t,
@@ -175,6 +175,19 @@ pub fn run(spec: &RunSpec, work: &Path) -> Outcome {
             spec.capability
         ));
         return outcome;
+    }
+    // Fenced: only with the worker's word that this run still holds the subtask.
+    if let Err(reason) = crate::push_permit::ask() {
+        log(format!("not pushing: {reason}"));
+        let mut refused = Outcome::failed(
+            OutcomeKind::Infrastructure,
+            format!("not pushed: {reason}"),
+            true,
+        );
+        refused.cost_usd = outcome.cost_usd;
+        refused.tokens = outcome.tokens;
+        refused.turns = outcome.turns;
+        return refused;
     }
     match git::commit_and_push(spec, &repo, &start_commit, &outcome.summary) {
         Ok(Some(commit)) => {

@@ -1,6 +1,7 @@
 //! Child processes of the runner: run with a timeout in their own process group, killed
 //! whole; and the runner's own exit when the worker that started it dies.
 
+use ao_shared::bounded::{truncate_bytes, MAX_AGENT_TEXT_BYTES};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -25,10 +26,19 @@ pub struct Finished {
 }
 
 impl Finished {
-    /// The last lines of output, for error messages.
+    /// The last lines of output, for error messages: at most [`MAX_AGENT_TEXT_BYTES`]
+    /// bytes, the end kept (a marker says how much of the start was cut).
     pub fn tail(&self) -> String {
         let start = self.lines.len().saturating_sub(TAIL_LINES);
-        self.lines[start..].join("\n")
+        let tail = self.lines[start..].join("\n");
+        if tail.len() <= MAX_AGENT_TEXT_BYTES {
+            return tail;
+        }
+        let mut cut = tail.len() - MAX_AGENT_TEXT_BYTES;
+        while !tail.is_char_boundary(cut) {
+            cut += 1;
+        }
+        format!("[truncated: {cut} earlier bytes] …{}", &tail[cut..])
     }
 }
 
@@ -56,7 +66,10 @@ pub fn run_logged(cmd: &mut Command, timeout: Duration) -> std::io::Result<Finis
         finish_grace: FINISH_GRACE,
     };
     match run_streaming(cmd, &limits, &mut |line| {
-        super::emit("log", serde_json::json!({ "message": line }));
+        super::emit(
+            "log",
+            serde_json::json!({ "message": truncate_bytes(line, MAX_AGENT_TEXT_BYTES) }),
+        );
         Control::Continue
     }) {
         Ok(f) => Ok(f),
@@ -162,16 +175,18 @@ pub fn run_streaming(
     let mut last_output = started;
     let mut lines = Vec::new();
     let mut handle = |is_stdout: bool, line: String, lines: &mut Vec<String>| -> Control {
+        // Kept for summaries and error tails: bounded, like everything the agent writes.
+        let kept = truncate_bytes(&line, MAX_AGENT_TEXT_BYTES);
         let control = if is_stdout {
             on_stdout(&line)
         } else {
             super::emit(
                 "log",
-                serde_json::json!({ "message": line, "stream": "stderr" }),
+                serde_json::json!({ "message": kept, "stream": "stderr" }),
             );
             Control::Continue
         };
-        lines.push(line);
+        lines.push(kept);
         if lines.len() > 4 * TAIL_LINES {
             lines.drain(..lines.len() - TAIL_LINES);
         }

@@ -8,7 +8,8 @@
 //! command it hands to [`supervise`].
 
 use super::SandboxDriver;
-use crate::spec::{RunSpec, RunnerEvent};
+use crate::push_permit;
+use crate::spec::{LeaseSlot, RunSpec, RunnerEvent};
 use ao_shared::task::{Outcome, OutcomeKind};
 use async_trait::async_trait;
 use nix::sys::signal::{killpg, Signal};
@@ -54,6 +55,8 @@ pub(super) struct Attempt {
     pub dir: tempfile::TempDir,
     pub spec: PathBuf,
     pub result: PathBuf,
+    /// The lease the runner's push is fenced by (see `push_permit.rs`).
+    pub lease: LeaseSlot,
 }
 
 impl Attempt {
@@ -74,6 +77,7 @@ impl Attempt {
             dir,
             spec: spec_path,
             result,
+            lease: spec.lease.clone(),
         })
     }
 
@@ -97,6 +101,9 @@ pub(super) async fn supervise(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    if attempt.lease.0.is_some() {
+        push_permit::configure(&mut cmd);
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return infra(format!("cannot start the runner: {e}"), true),
@@ -104,6 +111,14 @@ pub(super) async fn supervise(
     let pgid = child.id().unwrap_or(0) as i32;
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
+    // Permit requests leave the event stream here and are answered on the runner's stdin.
+    let (permit_tx, permit_rx) = mpsc::channel::<()>(4);
+    let permits = match (attempt.lease.0.clone(), child.stdin.take()) {
+        (Some(lease), Some(stdin)) => {
+            Some(tokio::spawn(push_permit::serve(lease, stdin, permit_rx)))
+        }
+        _ => None,
+    };
     let forward = tokio::spawn(async move {
         let Some(out) = stdout else { return };
         let mut lines = BufReader::new(out).lines();
@@ -112,6 +127,10 @@ pub(super) async fn supervise(
                 kind: "log".into(),
                 data: serde_json::json!({ "message": line }),
             });
+            if event.kind == push_permit::REQUEST_KIND {
+                let _ = permit_tx.send(()).await;
+                continue;
+            }
             if events.send(event).await.is_err() {
                 break;
             }
@@ -139,16 +158,25 @@ pub(super) async fn supervise(
     let status = match stopped {
         Ok(status) => status,
         Err(kind) => {
-            if pgid > 0 {
-                let _ = killpg(Pid::from_raw(pgid), Signal::SIGTERM);
-            }
+            // The runner puts each of its children in a process group of its own: every
+            // group of the runner's process tree is stopped, not only the runner's.
+            let groups = if pgid > 0 {
+                tree_groups(pgid)
+            } else {
+                Vec::new()
+            };
+            signal_groups(&groups, Signal::SIGTERM);
             if tokio::time::timeout(KILL_GRACE, child.wait())
                 .await
                 .is_err()
                 && pgid > 0
             {
-                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+                signal_groups(&tree_groups(pgid), Signal::SIGKILL);
                 let _ = child.wait().await;
+            }
+            signal_groups(&groups, Signal::SIGKILL);
+            if let Some(p) = permits {
+                p.abort();
             }
             let _ = forward.await;
             return Outcome::failed(
@@ -165,6 +193,9 @@ pub(super) async fn supervise(
         // Nothing the runner started outlives it.
         let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
     }
+    if let Some(p) = permits {
+        p.abort();
+    }
     let _ = forward.await;
     let tail = stderr_tail.await.unwrap_or_default();
     match tokio::fs::read_to_string(&attempt.result).await {
@@ -179,6 +210,62 @@ pub(super) async fn supervise(
                 true,
             )
         }
+    }
+}
+
+/// The process groups of `root` (a process group leader) and of every process descending
+/// from it, read from `/proc`; never the caller's own group.
+fn tree_groups(root: i32) -> Vec<i32> {
+    // (pid, parent, group) of every process.
+    let mut procs: Vec<(i32, i32, i32)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // `pid (comm) state ppid pgrp …`; comm may hold spaces and parentheses.
+            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+                continue;
+            };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            if let (Some(ppid), Some(pgrp)) = (
+                fields.get(1).and_then(|f| f.parse().ok()),
+                fields.get(2).and_then(|f| f.parse().ok()),
+            ) {
+                procs.push((pid, ppid, pgrp));
+            }
+        }
+    }
+    let own = nix::unistd::getpgrp().as_raw();
+    let mut tree = vec![root];
+    let mut groups = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        for &(pid, ppid, pgrp) in &procs {
+            if ppid == parent && !tree.contains(&pid) {
+                tree.push(pid);
+                if pgrp != own && pgrp > 0 && !groups.contains(&pgrp) {
+                    groups.push(pgrp);
+                }
+            }
+        }
+        i += 1;
+    }
+    groups
+}
+
+/// Sends `signal` to every group in `groups`, ignoring groups that are gone.
+fn signal_groups(groups: &[i32], signal: Signal) {
+    for &g in groups {
+        let _ = killpg(Pid::from_raw(g), signal);
     }
 }
 
@@ -213,5 +300,67 @@ impl SandboxDriver for ProcessDriver {
         spec.secret_env.apply(&mut cmd);
         let limit = Duration::from_secs(spec.agent.timeout_secs) + RUNNER_MARGIN;
         supervise(cmd, &attempt, limit, events, cancel).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether a process is gone (or a zombie nobody reaped yet).
+    fn dead(pid: i32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => stat
+                .rfind(')')
+                .is_some_and(|i| stat[i + 1..].trim_start().starts_with('Z')),
+        }
+    }
+
+    #[tokio::test]
+    async fn cancel_kills_the_process_groups_the_runner_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("bg.pid");
+        let attempt = Attempt {
+            spec: dir.path().join("spec.json"),
+            result: dir.path().join("result.json"),
+            lease: LeaseSlot::default(),
+            dir,
+        };
+        // `set -m`: the background job gets a process group of its own, as the runner's
+        // children do.
+        let mut cmd = Command::new("bash");
+        cmd.arg("-c").arg(format!(
+            "set -m; sleep 300 & echo $! > {}; wait",
+            pid_file.display()
+        ));
+        let (tx, _rx) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let run = tokio::spawn({
+            let cancel = cancel.clone();
+            async move { supervise(cmd, &attempt, Duration::from_secs(60), tx, cancel).await }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let pid = loop {
+            if let Some(pid) = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|t| t.trim().parse::<i32>().ok())
+            {
+                break pid;
+            }
+            assert!(std::time::Instant::now() < deadline, "no background job");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        cancel.cancel();
+        let outcome = run.await.unwrap();
+        assert_eq!(outcome.kind, OutcomeKind::Cancelled);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !dead(pid) {
+            if std::time::Instant::now() > deadline {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                panic!("the runner's background process group outlived the cancelled run");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
