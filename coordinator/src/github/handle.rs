@@ -7,65 +7,73 @@
 //! it; a delivery creates at most one task (the task is stored together with its delivery
 //! id) and at most one effect (commands record their delivery id first).
 
+use super::once::Once;
 use super::repo_config::{self, RepoConfig, RepoConfigError};
 use super::{api, clone_url, limits, progress};
-use crate::app::App;
+use crate::github::Github;
 use crate::orchestrator::{self, ChangeError, NewTask};
 use crate::webhook::event::{Command, Context, Event, Issue, PullRequest, RepoName, ReviewState};
 use crate::webhook::Delivery;
 use ao_shared::capability::Capability;
+use ao_shared::config::Settings;
 use ao_shared::ids::DeliveryId;
 use ao_shared::state::{StoreError, TaskQuery};
 use ao_shared::status::TaskStatus;
-use ao_shared::task::{Applied, Task, TaskSource};
+use ao_shared::task::{Applied, Approval, Task, TaskSource};
 use ao_shared::validate;
 use std::sync::Arc;
 use tracing::Instrument;
-
-/// Marks the pipeline name of a task whose plan waits for `/agent approve`.
-pub const APPROVAL_SUFFIX: &str = " (plan approval)";
-
-/// After a planner succeeded in a task that waits for approval of its plan, the task
-/// waits (nothing further is queued) until `/agent approve`. Called inside the result's
-/// conditional write, before the next subtasks are queued.
-pub fn approval_gate(task: &mut Task, finished: ao_shared::ids::SubtaskId) {
-    if !matches!(task.source, TaskSource::Github { .. })
-        || !task.pipeline.ends_with(APPROVAL_SUFFIX)
-    {
-        return;
-    }
-    let planned = task.subtask(finished).is_some_and(|s| {
-        s.capability == Capability::Planner
-            && s.status == ao_shared::status::SubtaskStatus::Succeeded
-    });
-    if planned && !task.status.is_terminal() {
-        if let Ok(s) = task.status.transition(TaskStatus::AwaitingApproval) {
-            task.status = s;
-        }
-    }
-}
 
 /// Tasks looked at when finding the tasks of an issue (newest first).
 const ISSUE_LOOKUP_LIMIT: usize = 500;
 /// Longest prompt taken from an issue or review, in bytes.
 const MAX_PROMPT_BYTES: usize = 32 * 1024;
 
-pub type HandleResult = Result<&'static str, Box<dyn std::error::Error + Send + Sync>>;
+/// Why a delivery could not be handled (GitHub or the store failed).
+pub type HandleError = Box<dyn std::error::Error + Send + Sync>;
+/// What became of a delivery, in words for the log.
+pub type HandleResult = Result<&'static str, HandleError>;
+
+/// What became of a request to start a task for an issue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Started {
+    /// A task was created.
+    Created,
+    /// A task for the issue is already under way.
+    UnderWay,
+    /// The request waits for a free slot (the detail says why).
+    Waiting(&'static str),
+    /// The request was refused and the issue told why.
+    Refused(&'static str),
+    /// The same delivery started a task before.
+    SeenBefore,
+}
+
+impl Started {
+    /// In words, for the log.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Started::Created => "task created",
+            Started::UnderWay => "ignored: a task for this issue is already under way",
+            Started::Waiting(_) => "waiting for a free slot",
+            Started::Refused(why) => why,
+            Started::SeenBefore => "ignored: delivery seen before",
+        }
+    }
+}
 
 /// Runs until shutdown.
-pub async fn run(app: Arc<App>) {
-    let Some(mut rx) = app.github.inbox.take_receiver() else {
-        return;
-    };
+pub async fn run(gh: Arc<Github>) {
+    let mut rx = gh.inbox.receiver().await;
     loop {
         let delivery = tokio::select! {
             d = rx.recv() => match d { Some(d) => d, None => break },
-            _ = app.shutdown.cancelled() => break,
+            _ = gh.shutdown.cancelled() => break,
         };
         let span =
             tracing::info_span!("delivery", delivery = %delivery.id, event = %delivery.event_name);
         let event_name = delivery.event_name.clone();
-        let result = handle(&app, delivery).instrument(span.clone()).await;
+        let result = handle(&gh, delivery).instrument(span.clone()).await;
         let label = match &result {
             Ok(what) => {
                 span.in_scope(|| tracing::info!(result = what, "delivery handled"));
@@ -76,7 +84,7 @@ pub async fn run(app: Arc<App>) {
                 "failed"
             }
         };
-        app.metrics
+        gh.metrics
             .webhook_deliveries
             .with_label_values(&[event_label(&event_name), label])
             .inc();
@@ -98,8 +106,8 @@ fn event_label(e: &str) -> &'static str {
 
 /// Whether a label is one that starts work: the trigger label, or `<trigger>:<name>`
 /// (the status labels excepted).
-pub fn is_trigger(app: &App, label: &str) -> bool {
-    let t = &app.settings.github.trigger_label;
+pub fn is_trigger(settings: &Settings, label: &str) -> bool {
+    let t = &settings.github.trigger_label;
     !progress::STATUS_LABELS.contains(&label)
         && (label == t
             || label
@@ -110,15 +118,15 @@ pub fn is_trigger(app: &App, label: &str) -> bool {
 /// The pipeline a trigger label (or `/agent run`, `None`) asks for, with the
 /// repository's own pipelines first: `(name, steps)`, or why there is none.
 pub fn resolve_pipeline(
-    app: &App,
+    settings: &Settings,
     repo: &RepoConfig,
     label: Option<&str>,
 ) -> Result<(String, Vec<Capability>), String> {
-    let gh = &app.settings.github;
+    let gh = &settings.github;
     let named = |name: &str| {
         repo.pipelines
             .get(name)
-            .or_else(|| app.settings.pipelines.get(name))
+            .or_else(|| settings.pipelines.get(name))
             .cloned()
     };
     let asked = label
@@ -144,7 +152,7 @@ pub fn resolve_pipeline(
                     let mut known: Vec<&str> = repo
                         .pipelines
                         .keys()
-                        .chain(app.settings.pipelines.keys())
+                        .chain(settings.pipelines.keys())
                         .map(String::as_str)
                         .collect();
                     known.dedup();
@@ -158,7 +166,7 @@ pub fn resolve_pipeline(
     }
 }
 
-async fn handle(app: &App, d: Delivery) -> HandleResult {
+async fn handle(gh: &Github, d: Delivery) -> HandleResult {
     if let Some(ctx) = d.event.context() {
         if ctx.sender.is_bot {
             return Ok("ignored: sent by a bot");
@@ -167,40 +175,40 @@ async fn handle(app: &App, d: Delivery) -> HandleResult {
             return Ok("ignored: not an App delivery (no installation)");
         }
     }
-    if !app.github.client.configured() {
+    if !gh.client.configured() {
         tracing::warn!("github.app_id / github.private_key not set: deliveries cannot be acted on");
         return Ok("ignored: the App is not configured");
     }
     match d.event {
         Event::IssueLabeled { ctx, issue, label } => {
-            if !is_trigger(app, &label) {
+            if !is_trigger(&gh.settings, &label) {
                 return Ok("ignored: not a trigger label");
             }
             if issue.is_pull_request {
                 return Ok("ignored: label on a pull request");
             }
-            if !permitted(app, &ctx, issue.number, "label this issue").await? {
+            if !permitted(gh, &ctx, issue.number, "label this issue").await? {
                 return Ok("refused: sender lacks write access");
             }
-            start(app, &ctx, &issue, Some(&label), &d.id).await
+            start(gh, &ctx, &issue, Some(&label), &d.id).await
         }
         Event::IssueReopened { ctx, issue, labels } => {
-            let Some(label) = labels.iter().find(|l| is_trigger(app, l)) else {
+            let Some(label) = labels.iter().find(|l| is_trigger(&gh.settings, l)) else {
                 return Ok("ignored: no trigger label");
             };
-            if !permitted(app, &ctx, issue.number, "reopen this issue").await? {
+            if !permitted(gh, &ctx, issue.number, "reopen this issue").await? {
                 return Ok("refused: sender lacks write access");
             }
-            start(app, &ctx, &issue, Some(label), &d.id).await
+            start(gh, &ctx, &issue, Some(label), &d.id).await
         }
         Event::IssueUnlabeled { ctx, issue, label } => {
-            if !is_trigger(app, &label) {
+            if !is_trigger(&gh.settings, &label) {
                 return Ok("ignored: not a trigger label");
             }
-            cancel_issue(app, &ctx, issue.number, "the trigger label was removed").await
+            cancel_issue(gh, &ctx, issue.number, "the trigger label was removed").await
         }
         Event::IssueClosed { ctx, issue } => {
-            cancel_issue(app, &ctx, issue.number, "the issue was closed").await
+            cancel_issue(gh, &ctx, issue.number, "the issue was closed").await
         }
         Event::Command {
             ctx,
@@ -208,13 +216,13 @@ async fn handle(app: &App, d: Delivery) -> HandleResult {
             command,
             ..
         } => {
-            if !app.store.record_delivery(&d.id).await? {
+            if !gh.store.record_delivery(&d.id).await? {
                 return Ok("ignored: delivery seen before");
             }
-            if !permitted(app, &ctx, issue.number, "steer the agent").await? {
+            if !permitted(gh, &ctx, issue.number, "steer the agent").await? {
                 return Ok("refused: sender lacks write access");
             }
-            command_(app, &ctx, &issue, command).await
+            command_(gh, &ctx, &issue, command).await
         }
         Event::Review {
             ctx,
@@ -225,7 +233,7 @@ async fn handle(app: &App, d: Delivery) -> HandleResult {
             if state != ReviewState::ChangesRequested && !addressed(&body) {
                 return Ok("ignored: review neither requests changes nor addresses the agent");
             }
-            review_round(app, &ctx, &pull, &body, &d.id).await
+            review_round(gh, &ctx, &pull, &body, &d.id).await
         }
         Event::ReviewComment {
             ctx,
@@ -241,7 +249,7 @@ async fn handle(app: &App, d: Delivery) -> HandleResult {
                 Some(l) => format!("On `{path}` line {l}:\n\n{body}"),
                 None => format!("On `{path}`:\n\n{body}"),
             };
-            review_round(app, &ctx, &pull, &text, &d.id).await
+            review_round(gh, &ctx, &pull, &text, &d.id).await
         }
         Event::Installation {
             installation_id,
@@ -250,10 +258,10 @@ async fn handle(app: &App, d: Delivery) -> HandleResult {
         } => {
             tracing::info!(installation_id, action = %action, account = %account, "installation changed");
             match action.as_str() {
-                "deleted" | "suspend" => app.github.client.forget_installation(installation_id),
+                "deleted" | "suspend" => gh.client.forget_installation(installation_id),
                 // A new or resumed installation may have labelled issues waiting.
                 "created" | "unsuspend" | "new_permissions_accepted" => {
-                    app.github.sweep_now.notify_one()
+                    gh.sweep_now.notify_one()
                 }
                 _ => {}
             }
@@ -271,7 +279,7 @@ async fn handle(app: &App, d: Delivery) -> HandleResult {
                 "installation repositories changed"
             );
             if !added.is_empty() {
-                app.github.sweep_now.notify_one();
+                gh.sweep_now.notify_one();
             }
             Ok("noted: installation repositories")
         }
@@ -285,21 +293,21 @@ fn addressed(body: &str) -> bool {
 }
 
 /// Checks the sender's role; tells them once per issue when it is not enough.
-async fn permitted(
-    app: &App,
-    ctx: &Context,
-    issue: u64,
-    what: &str,
-) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+async fn permitted(gh: &Github, ctx: &Context, issue: u64, what: &str) -> Result<bool, HandleError> {
     let inst = ctx.installation_id.unwrap_or_default();
-    let c = &app.github.client;
+    let c = &gh.client;
     let role = api::permission(c, inst, &ctx.repo, &ctx.sender.login).await?;
     if api::can_write(&role) {
         return Ok(true);
     }
     tracing::info!(sender = %ctx.sender.login, role = %role, "sender may not steer the agent");
-    let key = format!("denied:{}#{}:{}", ctx.repo, issue, ctx.sender.login);
-    if app.store.record_delivery(&DeliveryId::new(key)).await? {
+    let key = Once::AccessDenied {
+        repo: &ctx.repo,
+        issue,
+        login: &ctx.sender.login,
+    }
+    .key();
+    if gh.store.record_delivery(&key).await? {
         let text = format!(
             "@{} you need write, maintain or admin access to this repository to {what}; \
              your access is `{role}`, so the agent did nothing. Someone with write access can \
@@ -313,16 +321,16 @@ async fn permitted(
 
 /// Tasks of an issue, newest first.
 pub async fn tasks_for_issue(
-    app: &App,
+    gh: &Github,
     repo: &RepoName,
     issue: u64,
 ) -> Result<Vec<Task>, StoreError> {
-    let url = clone_url(&app.settings, repo);
+    let url = clone_url(&gh.settings, repo);
     let mut out = Vec::new();
     let mut cursor = None;
     let mut seen = 0;
     loop {
-        let page = app
+        let page = gh
             .store
             .list_tasks(&TaskQuery {
                 repository: Some(url.clone()),
@@ -373,39 +381,41 @@ fn prompt(issue: &Issue) -> String {
 
 /// Starts a task for an issue unless one is already under way.
 pub async fn start(
-    app: &App,
+    gh: &Github,
     ctx: &Context,
     issue: &Issue,
     label: Option<&str>,
     delivery: &DeliveryId,
 ) -> HandleResult {
-    start_inner(app, ctx, issue, label, delivery, false).await
+    start_inner(gh, ctx, issue, label, delivery, false)
+        .await
+        .map(|s| s.label())
 }
 
-/// Starts a request that waited for a slot; "waiting…" when there is still none.
-pub async fn start_waiting(app: &App, w: &limits::Waiting) -> HandleResult {
-    start_inner(app, &w.ctx, &w.issue, w.label.as_deref(), &w.delivery, true).await
+/// Starts a request that waited for a slot; [`Started::Waiting`] when there is still none.
+pub async fn start_waiting(gh: &Github, w: &limits::Waiting) -> Result<Started, HandleError> {
+    start_inner(gh, &w.ctx, &w.issue, w.label.as_deref(), &w.delivery, true).await
 }
 
 async fn start_inner(
-    app: &App,
+    gh: &Github,
     ctx: &Context,
     issue: &Issue,
     label: Option<&str>,
     delivery: &DeliveryId,
     waited: bool,
-) -> HandleResult {
-    let one_at_a_time = app.github.start_lock.lock().await;
-    let existing = tasks_for_issue(app, &ctx.repo, issue.number).await?;
+) -> Result<Started, HandleError> {
+    let one_at_a_time = gh.start_lock.lock().await;
+    let existing = tasks_for_issue(gh, &ctx.repo, issue.number).await?;
     if existing.iter().any(|t| !t.status.is_terminal()) {
-        return Ok("ignored: a task for this issue is already under way");
+        return Ok(Started::UnderWay);
     }
     let inst = ctx.installation_id.unwrap_or_default();
-    let c = &app.github.client;
-    if let Some((why, may_wait)) = limits::blocked(app, inst, &ctx.repo).await? {
+    let c = &gh.client;
+    if let Some((why, may_wait)) = limits::blocked(gh, inst, &ctx.repo).await? {
         drop(one_at_a_time);
         if waited && may_wait {
-            return Ok("waiting: still no free slot");
+            return Ok(Started::Waiting("still no free slot"));
         }
         if may_wait {
             let w = limits::Waiting {
@@ -414,15 +424,16 @@ async fn start_inner(
                 label: label.map(str::to_string),
                 delivery: delivery.clone(),
             };
-            return limits::wait(app, w, &why).await;
+            return limits::wait(gh, w, &why).await;
         }
-        let key = DeliveryId::new(format!(
-            "refused:{}#{}:{}",
-            ctx.repo,
-            issue.number,
-            limits::this_month()
-        ));
-        if app.store.record_delivery(&key).await? {
+        let month = limits::this_month();
+        let key = Once::BudgetRefused {
+            repo: &ctx.repo,
+            issue: issue.number,
+            month: &month,
+        }
+        .key();
+        if gh.store.record_delivery(&key).await? {
             api::create_comment(
                 c,
                 inst,
@@ -432,10 +443,10 @@ async fn start_inner(
             )
             .await?;
         }
-        return Ok("refused: budget used up");
+        return Ok(Started::Refused("refused: budget used up"));
     }
     let plan = match repo_config::load(c, inst, &ctx.repo, ctx.default_branch.as_deref()).await {
-        Ok(cfg) => resolve_pipeline(app, &cfg, label).map(|p| (p, cfg)),
+        Ok(cfg) => resolve_pipeline(&gh.settings, &cfg, label).map(|p| (p, cfg)),
         Err(RepoConfigError::Invalid(why)) => Err(format!(
             "`{}` on the default branch is invalid, so the agent did not start:\n\n```\n{why}\n```",
             repo_config::PATH
@@ -446,25 +457,19 @@ async fn start_inner(
         Ok(p) => p,
         Err(why) => {
             api::create_comment(c, inst, &ctx.repo, issue.number, &why).await?;
-            return Ok("refused: no pipeline");
+            return Ok(Started::Refused("refused: no pipeline"));
         }
     };
-    let approval = cfg
-        .require_approval
-        .unwrap_or(app.settings.github.require_approval);
-    // With a planner, the plan is made first and the task then waits (see
-    // [`approval_gate`]); without one, it waits before anything runs.
-    let plans_first = approval && pipeline.first() == Some(&Capability::Planner);
-    let pipeline_name = if plans_first {
-        format!("{pipeline_name}{APPROVAL_SUFFIX}")
-    } else {
-        pipeline_name
-    };
+    let approval = approval(
+        cfg.require_approval
+            .unwrap_or(gh.settings.github.require_approval),
+        &pipeline,
+    );
     let previous = existing.first();
     let new = NewTask {
         title: issue.title.chars().take(200).collect(),
         prompt: prompt(issue),
-        repository: clone_url(&app.settings, &ctx.repo),
+        repository: clone_url(&gh.settings, &ctx.repo),
         branch: previous
             .map(|t| t.branch.clone())
             .unwrap_or_else(|| branch_name(issue.number, &issue.title)),
@@ -479,18 +484,27 @@ async fn start_inner(
             // One progress comment per issue: a later task edits the earlier one.
             progress_comment_id: previous.and_then(comment_of),
         },
-        require_approval: approval && !plans_first,
+        approval,
+        review_round: None,
         profiles: cfg.profiles.clone(),
     };
-    match orchestrator::create_task(app, new, Some(delivery)).await {
+    match orchestrator::create_task(gh, new, Some(delivery)).await {
         Ok(task) => {
             tracing::info!(task_id = %task.id, issue = issue.number, "task started from GitHub");
-            Ok("task created")
+            Ok(Started::Created)
         }
-        Err(ChangeError::Store(StoreError::DuplicateDelivery(_))) => {
-            Ok("ignored: delivery seen before")
-        }
+        Err(ChangeError::Store(StoreError::DuplicateDelivery(_))) => Ok(Started::SeenBefore),
         Err(e) => Err(Box::new(e)),
+    }
+}
+
+/// When a task asked to wait for approval waits: with a planner first, after the plan is
+/// made (the plan is shown, then approved); otherwise before anything runs.
+pub fn approval(required: bool, pipeline: &[Capability]) -> Approval {
+    match (required, pipeline.first()) {
+        (false, _) => Approval::NotRequired,
+        (true, Some(Capability::Planner)) => Approval::AfterPlan,
+        (true, _) => Approval::BeforeStart,
     }
 }
 
@@ -511,12 +525,12 @@ fn pull_of(task: &Task) -> Option<u64> {
     }
 }
 
-async fn cancel_issue(app: &App, ctx: &Context, issue: u64, why: &str) -> HandleResult {
-    let tasks = tasks_for_issue(app, &ctx.repo, issue).await?;
-    let mut n = usize::from(app.github.waiting.remove(&ctx.repo, issue));
+async fn cancel_issue(gh: &Github, ctx: &Context, issue: u64, why: &str) -> HandleResult {
+    let tasks = tasks_for_issue(gh, &ctx.repo, issue).await?;
+    let mut n = usize::from(gh.waiting.remove(&ctx.repo, issue));
     for t in tasks.iter().filter(|t| !t.status.is_terminal()) {
         let reason = why.to_string();
-        orchestrator::mutate(app, t.id, |task, now| {
+        orchestrator::mutate(gh, t.id, |task, now| {
             if task.status.is_terminal() {
                 return Ok(Applied::Ignored("already ended".into()));
             }
@@ -533,30 +547,30 @@ async fn cancel_issue(app: &App, ctx: &Context, issue: u64, why: &str) -> Handle
     })
 }
 
-async fn command_(app: &App, ctx: &Context, issue: &Issue, command: Command) -> HandleResult {
+async fn command_(gh: &Github, ctx: &Context, issue: &Issue, command: Command) -> HandleResult {
     let inst = ctx.installation_id.unwrap_or_default();
-    let c = &app.github.client;
-    let tasks = tasks_for_issue(app, &ctx.repo, issue.number).await?;
+    let c = &gh.client;
+    let tasks = tasks_for_issue(gh, &ctx.repo, issue.number).await?;
     let latest = tasks.first();
     let say = |text: String| async move {
         api::create_comment(c, inst, &ctx.repo, issue.number, &text).await
     };
     match command {
         Command::Run => {
-            let delivery = DeliveryId::new(format!(
-                "run:{}#{}:{}",
-                ctx.repo,
-                issue.number,
-                latest.map(|t| t.id.to_string()).unwrap_or_default()
-            ));
-            start(app, ctx, issue, None, &delivery).await
+            let delivery = Once::Run {
+                repo: &ctx.repo,
+                issue: issue.number,
+                after: latest.map(|t| t.id),
+            }
+            .key();
+            start(gh, ctx, issue, None, &delivery).await
         }
         Command::Retry => {
             let Some(t) = latest else {
                 say("There is no agent task on this issue to retry.".into()).await?;
                 return Ok("refused: no task");
             };
-            let r = orchestrator::mutate(app, t.id, |task, now| {
+            let r = orchestrator::mutate(gh, t.id, |task, now| {
                 if !matches!(task.status, TaskStatus::Failed | TaskStatus::Cancelled) {
                     return Err(ChangeError::Refused(format!(
                         "the task is {}; only a failed or cancelled task can be retried",
@@ -573,7 +587,7 @@ async fn command_(app: &App, ctx: &Context, issue: &Issue, command: Command) -> 
             let Some(t) = latest else {
                 return Ok("ignored: no task");
             };
-            let r = orchestrator::mutate(app, t.id, |task, now| {
+            let r = orchestrator::mutate(gh, t.id, |task, now| {
                 if task.status.is_terminal() {
                     return Err(ChangeError::Refused(format!(
                         "the task has already ended ({})",
@@ -590,7 +604,7 @@ async fn command_(app: &App, ctx: &Context, issue: &Issue, command: Command) -> 
             let Some(t) = latest else {
                 return Ok("ignored: no task");
             };
-            let r = orchestrator::mutate(app, t.id, |task, now| {
+            let r = orchestrator::mutate(gh, t.id, |task, now| {
                 if task.status != TaskStatus::AwaitingApproval {
                     return Err(ChangeError::Refused(format!(
                         "the task is {}, not waiting for approval",
@@ -608,7 +622,7 @@ async fn command_(app: &App, ctx: &Context, issue: &Issue, command: Command) -> 
             match latest {
                 Some(t) => {
                     // The progress comment stays the one place with the details.
-                    app.github.reporter.notify(t.id);
+                    gh.reporter.notify(t.id);
                     let done = t
                         .subtasks
                         .iter()
@@ -666,7 +680,7 @@ where
 /// A review on the agent's own pull request: a follow-up coder task on the same branch
 /// with the review as its instructions, at most `github.max_review_iterations` times.
 async fn review_round(
-    app: &App,
+    gh: &Github,
     ctx: &Context,
     pull: &PullRequest,
     text: &str,
@@ -675,8 +689,8 @@ async fn review_round(
     if !pull.head_ref.starts_with("agent/") {
         return Ok("ignored: not the agent's pull request");
     }
-    let url = clone_url(&app.settings, &ctx.repo);
-    let page = app
+    let url = clone_url(&gh.settings, &ctx.repo);
+    let page = gh
         .store
         .list_tasks(&TaskQuery {
             repository: Some(url),
@@ -695,21 +709,22 @@ async fn review_round(
     let Some((inst, _, issue)) = super::source(first) else {
         return Ok("ignored: not a GitHub task");
     };
-    if !permitted(app, ctx, issue, "ask the agent for changes").await? {
+    if !permitted(gh, ctx, issue, "ask the agent for changes").await? {
         return Ok("refused: reviewer lacks write access");
     }
     if ours.iter().any(|t| !t.status.is_terminal()) {
         return Ok("ignored: the agent is still working on this pull request");
     }
-    let rounds = ours
-        .iter()
-        .filter(|t| t.pipeline.starts_with("review-round"))
-        .count() as u32;
-    if rounds >= app.settings.github.max_review_iterations {
-        let key = format!("review-limit:{}#{}", ctx.repo, pull.number);
-        if app.store.record_delivery(&DeliveryId::new(key)).await? {
+    let rounds = ours.iter().filter(|t| t.review_round.is_some()).count() as u32;
+    if rounds >= gh.settings.github.max_review_iterations {
+        let key = Once::ReviewLimit {
+            repo: &ctx.repo,
+            pull: pull.number,
+        }
+        .key();
+        if gh.store.record_delivery(&key).await? {
             api::create_comment(
-                &app.github.client,
+                &gh.client,
                 inst,
                 &ctx.repo,
                 pull.number,
@@ -737,7 +752,8 @@ async fn review_round(
             pull_request: Some(pull.number),
             progress_comment_id: ours.first().and_then(|t| comment_of(t)),
         },
-        require_approval: false,
+        approval: Approval::NotRequired,
+        review_round: Some(rounds + 1),
         // The review round works under the same repository settings as the task.
         profiles: first.profiles.clone(),
     };
@@ -747,7 +763,7 @@ async fn review_round(
          review:\n\n{}",
         new.prompt, pull.number, pull.head_ref, review
     );
-    match orchestrator::create_task(app, new, Some(delivery)).await {
+    match orchestrator::create_task(gh, new, Some(delivery)).await {
         Ok(task) => {
             tracing::info!(task_id = %task.id, pull_request = pull.number, "review round started");
             Ok("review round started")
