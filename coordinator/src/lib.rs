@@ -69,7 +69,7 @@ pub async fn run(
     tracing::info!(address = %local, "coordinator listening");
 
     let stop = cx.shutdown.clone();
-    let router = http::router(cx.clone(), webhook::routes(gh));
+    let router = http::router(cx.clone(), webhook::routes(cx.clone(), &gh.inbox));
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             tokio::select! {

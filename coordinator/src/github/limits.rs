@@ -9,7 +9,6 @@
 //! (`StateStore::add_spend`), so every coordinator sees the same total.
 
 use super::api;
-use super::handle::{self, HandleError, Started};
 use super::once::Once;
 use crate::bus::{ChangeKind, TaskChange};
 use crate::github::Github;
@@ -20,11 +19,8 @@ use ao_shared::status::TaskStatus;
 use ao_shared::task::{Task, TaskSource};
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::broadcast::{self, error::RecvError};
 
-/// How often waiting requests are looked at besides task changes.
-const WAIT_CHECK: Duration = Duration::from_secs(3);
 /// Budget shares that are announced on the issue.
 const NOTICES: [u32; 3] = [80, 90, 100];
 
@@ -62,11 +58,13 @@ impl WaitList {
         q.len() != before
     }
 
-    fn take_all(&self) -> Vec<Waiting> {
+    /// Takes every waiting request out, oldest first.
+    pub fn take_all(&self) -> Vec<Waiting> {
         self.0.lock().drain(..).collect()
     }
 
-    fn put_back_front(&self, mut ws: Vec<Waiting>) {
+    /// Puts requests back at the front, in the order given.
+    pub fn put_back_front(&self, mut ws: Vec<Waiting>) {
         let mut q = self.0.lock();
         while let Some(w) = ws.pop() {
             q.push_front(w);
@@ -166,43 +164,6 @@ pub async fn blocked(
     Ok(None)
 }
 
-/// Starts waiting requests whose slot is free, oldest first, until shutdown: looked at
-/// whenever a GitHub task has ended (`changes`) and every [`WAIT_CHECK`].
-pub async fn run(gh: Arc<Github>, mut changes: broadcast::Receiver<TaskChange>) {
-    let mut tick = tokio::time::interval(WAIT_CHECK);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            change = changes.recv() => match change {
-                Ok(c) if c.task().is_some_and(|t| super::is_github(t) && t.status.is_terminal()) => {}
-                Ok(_) => continue,
-                Err(RecvError::Lagged(_)) => {}
-                Err(RecvError::Closed) => break,
-            },
-            _ = gh.shutdown.cancelled() => break,
-        }
-        if gh.waiting.len() == 0 {
-            continue;
-        }
-        let mut still = Vec::new();
-        for w in gh.waiting.take_all() {
-            match handle::start_waiting(&gh, &w).await {
-                Ok(Started::Waiting(_)) => still.push(w),
-                Ok(what) => {
-                    tracing::info!(repository = %w.ctx.repo, issue = w.issue.number,
-                        result = what.label(), "waiting request handled");
-                }
-                Err(e) => {
-                    tracing::warn!(repository = %w.ctx.repo, issue = w.issue.number, error = %e,
-                        "cannot start a waiting request yet");
-                    still.push(w);
-                }
-            }
-        }
-        gh.waiting.put_back_front(still);
-    }
-}
-
 /// Books the cost of every applied result of a GitHub task (the `spent_usd` of its
 /// change on the bus) until shutdown; at shutdown, what is already on the bus is booked.
 pub async fn book_spend(gh: Arc<Github>, mut changes: broadcast::Receiver<TaskChange>) {
@@ -300,22 +261,3 @@ pub async fn book(gh: &Github, task: &Task, cost_usd: f64) {
     }
 }
 
-/// Records a request that must wait, says so on the issue once, and labels it queued.
-pub async fn wait(gh: &Github, w: Waiting, why: &str) -> Result<Started, HandleError> {
-    let inst = w.ctx.installation_id.unwrap_or_default();
-    let (repo, issue) = (w.ctx.repo.clone(), w.issue.number);
-    if !gh.waiting.push(w) {
-        return Ok(Started::Waiting("already waiting"));
-    }
-    let c = &gh.client;
-    api::add_labels(c, inst, &repo, issue, &["agent:queued"]).await?;
-    let key = Once::Waiting {
-        repo: &repo,
-        issue,
-    }
-    .key();
-    if gh.store.record_delivery(&key).await? {
-        api::create_comment(c, inst, &repo, issue, &format!("Queued: {why}.")).await?;
-    }
-    Ok(Started::Waiting("at capacity"))
-}

@@ -14,7 +14,7 @@
 pub mod event;
 pub mod signature;
 
-use crate::github::Github;
+use crate::context::Coordinator;
 use crate::http::error::ApiError;
 use ao_shared::ids::DeliveryId;
 use axum::body::Body;
@@ -67,8 +67,8 @@ impl Inbox {
     }
 }
 
-fn refuse(gh: &Github, event: &str, result: &str, error: ApiError) -> Response {
-    gh.metrics
+fn refuse(edge: &Edge, event: &str, result: &str, error: ApiError) -> Response {
+    edge.metrics
         .webhook_deliveries
         .with_label_values(&[metric_event(event), result])
         .inc();
@@ -88,8 +88,8 @@ fn metric_event(event: &str) -> &str {
     }
 }
 
-async fn secrets(gh: &Github) -> Result<Vec<SecretString>, ApiError> {
-    let refs = gh.settings.github.webhook_secret_refs();
+async fn secrets(edge: &Edge) -> Result<Vec<SecretString>, ApiError> {
+    let refs = edge.settings.github.webhook_secret_refs();
     if refs.is_empty() {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -100,7 +100,7 @@ async fn secrets(gh: &Github) -> Result<Vec<SecretString>, ApiError> {
     }
     let mut out = Vec::new();
     for r in &refs {
-        match gh.secrets.resolve(r).await {
+        match edge.secrets.resolve(r).await {
             Ok(s) => out.push(s),
             Err(e) => tracing::error!(error = %e, "cannot resolve a webhook secret"),
         }
@@ -118,24 +118,43 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// The route `POST /webhooks/github`, to merge into the coordinator's router.
-pub fn routes(gh: Arc<Github>) -> axum::Router {
+/// What the webhook route needs: the coordinator's context and the inbox's sending half.
+pub struct Edge {
+    cx: Arc<Coordinator>,
+    inbox: mpsc::Sender<Delivery>,
+}
+
+impl std::ops::Deref for Edge {
+    type Target = Coordinator;
+
+    fn deref(&self) -> &Coordinator {
+        &self.cx
+    }
+}
+
+/// The route `POST /webhooks/github`, to merge into the coordinator's router; accepted
+/// deliveries go to `inbox`.
+pub fn routes(cx: Arc<Coordinator>, inbox: &Inbox) -> axum::Router {
+    let edge = Arc::new(Edge {
+        cx,
+        inbox: inbox.tx.clone(),
+    });
     axum::Router::new()
         .route(
             "/webhooks/github",
             axum::routing::post(receive).layer(axum::extract::DefaultBodyLimit::disable()),
         )
-        .with_state(gh)
+        .with_state(edge)
 }
 
 /// The handler of `POST /webhooks/github`.
-pub async fn receive(State(gh): State<Arc<Github>>, headers: HeaderMap, body: Body) -> Response {
+pub async fn receive(State(edge): State<Arc<Edge>>, headers: HeaderMap, body: Body) -> Response {
     let event_name = header(&headers, "x-github-event").unwrap_or("").to_string();
-    let secrets = match secrets(&gh).await {
+    let secrets = match secrets(&edge).await {
         Ok(s) => s,
-        Err(e) => return refuse(&gh, &event_name, "refused", e),
+        Err(e) => return refuse(&edge, &event_name, "refused", e),
     };
-    let limit = gh.settings.github.max_webhook_bytes;
+    let limit = edge.settings.github.max_webhook_bytes;
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -145,16 +164,16 @@ pub async fn receive(State(gh): State<Arc<Github>>, headers: HeaderMap, body: Bo
     };
     let declared = header(&headers, "content-length").and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
-        return refuse(&gh, &event_name, "too_large", too_large());
+        return refuse(&edge, &event_name, "too_large", too_large());
     }
     let body = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
-        Err(_) => return refuse(&gh, &event_name, "too_large", too_large()),
+        Err(_) => return refuse(&edge, &event_name, "too_large", too_large()),
     };
     if let Err(e) = signature::verify(&secrets, &body, header(&headers, "x-hub-signature-256")) {
         tracing::warn!(event = %metric_event(&event_name), error = %e, "webhook refused");
         return refuse(
-            &gh,
+            &edge,
             &event_name,
             "bad_signature",
             ApiError::new(StatusCode::UNAUTHORIZED, "bad_signature", e.to_string()),
@@ -166,7 +185,7 @@ pub async fn receive(State(gh): State<Arc<Github>>, headers: HeaderMap, body: Bo
         }
         _ => {
             return refuse(
-                &gh,
+                &edge,
                 &event_name,
                 "malformed",
                 ApiError::bad_request(
@@ -178,7 +197,7 @@ pub async fn receive(State(gh): State<Arc<Github>>, headers: HeaderMap, body: Bo
     };
     if event_name.is_empty() {
         return refuse(
-            &gh,
+            &edge,
             &event_name,
             "malformed",
             ApiError::bad_request("missing_event", "X-GitHub-Event header is missing"),
@@ -189,7 +208,7 @@ pub async fn receive(State(gh): State<Arc<Github>>, headers: HeaderMap, body: Bo
         Ok(Parsed::Ignored(why)) => {
             tracing::debug!(delivery = %delivery, event = %metric_event(&event_name), reason = why,
                 "webhook acknowledged and ignored");
-            gh.metrics
+            edge.metrics
                 .webhook_deliveries
                 .with_label_values(&[metric_event(&event_name), "ignored"])
                 .inc();
@@ -202,7 +221,7 @@ pub async fn receive(State(gh): State<Arc<Github>>, headers: HeaderMap, body: Bo
         Err(e) => {
             tracing::warn!(delivery = %delivery, error = %e, "webhook payload does not parse");
             return refuse(
-                &gh,
+                &edge,
                 &event_name,
                 "malformed",
                 ApiError::bad_request("malformed_payload", e.to_string()),
@@ -210,7 +229,7 @@ pub async fn receive(State(gh): State<Arc<Github>>, headers: HeaderMap, body: Bo
         }
     };
     if matches!(event, Event::Ping) {
-        gh.metrics
+        edge.metrics
             .webhook_deliveries
             .with_label_values(&["ping", "accepted"])
             .inc();
@@ -221,9 +240,9 @@ pub async fn receive(State(gh): State<Arc<Github>>, headers: HeaderMap, body: Bo
         event_name: event_name.clone(),
         event,
     };
-    match gh.inbox.tx.try_send(queued) {
+    match edge.inbox.try_send(queued) {
         Ok(()) => {
-            gh.metrics
+            edge.metrics
                 .webhook_deliveries
                 .with_label_values(&[metric_event(&event_name), "accepted"])
                 .inc();
@@ -235,7 +254,7 @@ pub async fn receive(State(gh): State<Arc<Github>>, headers: HeaderMap, body: Bo
                 .into_response()
         }
         Err(_) => refuse(
-            &gh,
+            &edge,
             &event_name,
             "busy",
             ApiError::unavailable(
