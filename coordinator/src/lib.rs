@@ -99,7 +99,8 @@ fn spawn_core_loops(cx: &Arc<Coordinator>) {
     cx.loops
         .spawn("dead_letters", move || dead_letters::run(c.clone()));
     let c = cx.clone();
-    cx.loops.spawn("metrics_poller", move || monitor::run(c.clone()));
+    cx.loops
+        .spawn("metrics_poller", move || monitor::run(c.clone()));
     let c = cx.clone();
     cx.loops.spawn("recovery", move || recovery::run(c.clone()));
 }

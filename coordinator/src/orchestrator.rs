@@ -6,6 +6,7 @@
 
 use crate::bus::{ChangeKind, TaskChange};
 use crate::context::Coordinator;
+use ao_shared::backoff::Backoff;
 use ao_shared::capability::Capability;
 use ao_shared::ids::{DeliveryId, SubtaskId, TaskId};
 use ao_shared::message::SubtaskMessage;
@@ -14,7 +15,6 @@ use ao_shared::profile::RepoProfile;
 use ao_shared::queue::QueueId;
 use ao_shared::state::{EventKind, NewEvent, StoreError};
 use ao_shared::status::{TaskStatus, TransitionError};
-use ao_shared::backoff::Backoff;
 use ao_shared::task::{Applied, Approval, StateChange, Task, TaskSource};
 use ao_shared::timefmt::{self, Timestamp};
 use std::collections::BTreeMap;
@@ -138,7 +138,11 @@ pub async fn create_task(
 
 /// Applies `change` to the stored task, retrying on conflicting writes, then sends the
 /// messages of subtasks that became ready. `change` returns `Ignored` to write nothing.
-pub async fn mutate<F>(cx: &Coordinator, id: TaskId, mut change: F) -> Result<(Task, Applied), ChangeError>
+pub async fn mutate<F>(
+    cx: &Coordinator,
+    id: TaskId,
+    mut change: F,
+) -> Result<(Task, Applied), ChangeError>
 where
     F: FnMut(&mut Task, Timestamp) -> Result<Applied, ChangeError>,
 {

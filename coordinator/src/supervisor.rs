@@ -162,16 +162,14 @@ mod tests {
                 stop.cancelled().await
             }
         });
-        let restarts = || {
-            metrics
-                .loop_restarts
-                .with_label_values(&["flaky"])
-                .get()
-        };
+        let restarts = || metrics.loop_restarts.with_label_values(&["flaky"]).get();
         // Down while it waits to be restarted.
         let deadline = Instant::now() + Duration::from_secs(5);
         while sup.down().is_empty() {
-            assert!(Instant::now() < deadline, "the dead loop never showed as down");
+            assert!(
+                Instant::now() < deadline,
+                "the dead loop never showed as down"
+            );
             tokio::task::yield_now().await;
         }
         assert_eq!(sup.down(), vec!["flaky"]);
@@ -185,7 +183,10 @@ mod tests {
         assert_eq!(metrics.loop_up.with_label_values(&["flaky"]).get(), 1);
         shutdown.cancel();
         // A loop that ends at shutdown is not restarted.
-        assert!(sup.drain(Duration::from_secs(5)).await, "the loop did not stop");
+        assert!(
+            sup.drain(Duration::from_secs(5)).await,
+            "the loop did not stop"
+        );
         assert_eq!(restarts(), 1);
     }
 }

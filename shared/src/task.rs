@@ -583,7 +583,10 @@ mod tests {
         t.apply_outcome(planner, 1, Outcome::succeeded("the plan", None), 3, now)
             .unwrap();
         assert_eq!(t.status, TaskStatus::AwaitingApproval);
-        assert!(t.queue_ready(now).is_empty(), "nothing is queued before approval");
+        assert!(
+            t.queue_ready(now).is_empty(),
+            "nothing is queued before approval"
+        );
 
         // Without the gate the coder is queued at once.
         let mut t = task(&[Capability::Planner, Capability::Coder]);

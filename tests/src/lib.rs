@@ -227,7 +227,11 @@ impl Cluster {
 
     /// The in-process coordinator's context; panics when it was started as a process.
     pub fn cx(&self) -> &ao_coordinator::Coordinator {
-        &self.inproc.as_ref().expect("coordinator started in-process").cx
+        &self
+            .inproc
+            .as_ref()
+            .expect("coordinator started in-process")
+            .cx
     }
 
     /// Reads one sample of the coordinator's /metrics: the value of the series whose

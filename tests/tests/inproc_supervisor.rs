@@ -12,7 +12,12 @@ async fn a_loop_that_panics_is_restarted_and_shows_in_readyz_and_metrics() {
     let series = r#"ao_background_loop_restarts_total{loop="result_consumer"}"#;
     // Every known loop's counter exists from the start, at zero.
     assert_eq!(c.metric(series).await.unwrap(), 0.0);
-    for name in ["dead_letters", "recovery", "webhook_consumer", "github_reporter"] {
+    for name in [
+        "dead_letters",
+        "recovery",
+        "webhook_consumer",
+        "github_reporter",
+    ] {
         let s = format!(r#"ao_background_loop_restarts_total{{loop="{name}"}}"#);
         assert!(c.metrics().await.unwrap().contains(&s), "{s} missing");
     }
@@ -32,7 +37,10 @@ async fn a_loop_that_panics_is_restarted_and_shows_in_readyz_and_metrics() {
     };
     assert_eq!(status, 503);
     assert_eq!(body["code"], "loop_down", "{body}");
-    assert!(body["error"].as_str().unwrap().contains("result_consumer"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("result_consumer"),
+        "{body}"
+    );
     assert_eq!(c.metric(series).await.unwrap(), 1.0);
     assert_eq!(
         c.metric(r#"ao_background_loop_up{loop="result_consumer"}"#)

@@ -179,8 +179,10 @@ pub async fn book_spend(gh: Arc<Github>, mut changes: broadcast::Receiver<TaskCh
         };
         match change {
             Ok(c) => book_change(&gh, &c).await,
-            Err(RecvError::Lagged(n)) => tracing::error!(missed = n,
-                "budget booking fell behind the task changes; their cost is not booked"),
+            Err(RecvError::Lagged(n)) => tracing::error!(
+                missed = n,
+                "budget booking fell behind the task changes; their cost is not booked"
+            ),
             Err(RecvError::Closed) => break,
         }
     }
@@ -260,4 +262,3 @@ pub async fn book(gh: &Github, task: &Task, cost_usd: f64) {
         });
     }
 }
-

@@ -82,13 +82,16 @@ impl Github {
             reporter::run(gh.clone(), gh.bus.subscribe())
         });
         let gh = self.clone();
-        self.loops.spawn("github_reconcile", move || reconcile::run(gh.clone()));
-        let gh = self.clone();
         self.loops
-            .spawn("github_wait_list", move || handle::start::run_wait_list(gh.clone(), gh.bus.subscribe()));
+            .spawn("github_reconcile", move || reconcile::run(gh.clone()));
         let gh = self.clone();
-        self.loops
-            .spawn("github_budget", move || limits::book_spend(gh.clone(), gh.bus.subscribe()));
+        self.loops.spawn("github_wait_list", move || {
+            handle::start::run_wait_list(gh.clone(), gh.bus.subscribe())
+        });
+        let gh = self.clone();
+        self.loops.spawn("github_budget", move || {
+            limits::book_spend(gh.clone(), gh.bus.subscribe())
+        });
     }
 }
 

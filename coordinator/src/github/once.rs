@@ -117,7 +117,13 @@ mod tests {
                 },
                 "run:acme/widgets#3:",
             ),
-            (Once::Sweep { repo: &repo, issue: 9 }, "reconcile:acme/widgets#9"),
+            (
+                Once::Sweep {
+                    repo: &repo,
+                    issue: 9,
+                },
+                "reconcile:acme/widgets#9",
+            ),
             (
                 Once::BudgetNotice {
                     installation: 7,

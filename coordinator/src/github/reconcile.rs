@@ -8,10 +8,10 @@
 //! task is started only when the issue has none under way (the redelivery arrives within
 //! seconds of the sweep, long before a task ends).
 
+use super::once::Once;
 use super::{api, handle};
 use crate::github::Github;
 use crate::webhook::event::{Context, Issue, Sender};
-use super::once::Once;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;

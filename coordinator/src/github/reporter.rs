@@ -11,6 +11,7 @@
 
 use super::once::Once;
 use super::{api, progress, source};
+use crate::bus::TaskChange;
 use crate::github::Github;
 use crate::orchestrator::{self, ChangeError};
 use ao_shared::backoff::Backoff;
@@ -22,7 +23,6 @@ use ao_shared::task::{Applied, Task, TaskSource};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
-use crate::bus::TaskChange;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::mpsc;
 use tokio::time::Instant;

@@ -20,10 +20,7 @@ pub async fn readyz(State(cx): State<Arc<Coordinator>>) -> Result<impl IntoRespo
     if !down.is_empty() {
         return Err(ApiError::unavailable(
             "loop_down",
-            format!(
-                "background loop(s) down, restarting: {}",
-                down.join(", ")
-            ),
+            format!("background loop(s) down, restarting: {}", down.join(", ")),
         ));
     }
     if !cx.is_ready() {

@@ -52,7 +52,11 @@ pub fn router(cx: Arc<Coordinator>, edges: Router) -> Router {
 }
 
 /// Counts requests by route template (never by raw path, which would explode the labels).
-async fn count_requests(State(cx): State<Arc<Coordinator>>, request: Request, next: Next) -> Response {
+async fn count_requests(
+    State(cx): State<Arc<Coordinator>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()

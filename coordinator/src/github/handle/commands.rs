@@ -3,7 +3,12 @@
 
 use super::*;
 
-pub(super) async fn cancel_issue(gh: &Github, ctx: &Context, issue: u64, why: &str) -> HandleResult {
+pub(super) async fn cancel_issue(
+    gh: &Github,
+    ctx: &Context,
+    issue: u64,
+    why: &str,
+) -> HandleResult {
     let tasks = tasks_for_issue(gh, &ctx.repo, issue).await?;
     let mut n = usize::from(gh.waiting.remove(&ctx.repo, issue));
     for t in tasks.iter().filter(|t| !t.status.is_terminal()) {
@@ -25,7 +30,12 @@ pub(super) async fn cancel_issue(gh: &Github, ctx: &Context, issue: u64, why: &s
     })
 }
 
-pub(super) async fn command_(gh: &Github, ctx: &Context, issue: &Issue, command: Command) -> HandleResult {
+pub(super) async fn command_(
+    gh: &Github,
+    ctx: &Context,
+    issue: &Issue,
+    command: Command,
+) -> HandleResult {
     let inst = ctx.installation_id.unwrap_or_default();
     let c = &gh.client;
     let tasks = tasks_for_issue(gh, &ctx.repo, issue.number).await?;
@@ -154,4 +164,3 @@ where
         Err(e) => Err(Box::new(e)),
     }
 }
-

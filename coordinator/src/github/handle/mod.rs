@@ -212,9 +212,7 @@ async fn handle(gh: &Github, d: Delivery) -> HandleResult {
             match action.as_str() {
                 "deleted" | "suspend" => gh.client.forget_installation(installation_id),
                 // A new or resumed installation may have labelled issues waiting.
-                "created" | "unsuspend" | "new_permissions_accepted" => {
-                    gh.sweep_now.notify_one()
-                }
+                "created" | "unsuspend" | "new_permissions_accepted" => gh.sweep_now.notify_one(),
                 _ => {}
             }
             Ok("noted: installation")
@@ -294,4 +292,3 @@ fn pull_of(task: &Task) -> Option<u64> {
         TaskSource::Api => None,
     }
 }
-

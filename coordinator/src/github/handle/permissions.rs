@@ -4,7 +4,12 @@
 use super::*;
 
 /// Checks the sender's role; tells them once per issue when it is not enough.
-pub(super) async fn permitted(gh: &Github, ctx: &Context, issue: u64, what: &str) -> Result<bool, HandleError> {
+pub(super) async fn permitted(
+    gh: &Github,
+    ctx: &Context,
+    issue: u64,
+    what: &str,
+) -> Result<bool, HandleError> {
     let inst = ctx.installation_id.unwrap_or_default();
     let c = &gh.client;
     let role = api::permission(c, inst, &ctx.repo, &ctx.sender.login).await?;
@@ -29,4 +34,3 @@ pub(super) async fn permitted(gh: &Github, ctx: &Context, issue: u64, what: &str
     }
     Ok(false)
 }
-

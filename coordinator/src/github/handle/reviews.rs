@@ -99,4 +99,3 @@ pub(super) async fn review_round(
         Err(e) => Err(Box::new(e)),
     }
 }
-

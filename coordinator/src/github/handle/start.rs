@@ -1,11 +1,11 @@
 //! Starting work on an issue: which pipeline a label means, the task's branch and
 //! prompt, the limits (budget, active tasks) and the wait for a free slot.
 
-use super::*;
 use super::super::limits::Waiting;
+use super::*;
 use crate::bus::TaskChange;
-use tokio::sync::broadcast::{self, error::RecvError};
 use std::time::Duration;
+use tokio::sync::broadcast::{self, error::RecvError};
 
 /// How often waiting requests are looked at besides task changes.
 const WAIT_CHECK: Duration = Duration::from_secs(3);
@@ -227,7 +227,6 @@ pub fn approval(required: bool, pipeline: &[Capability]) -> Approval {
     }
 }
 
-
 /// Starts waiting requests whose slot is free, oldest first, until shutdown: looked at
 /// whenever a GitHub task has ended (`changes`) and every [`WAIT_CHECK`].
 pub async fn run_wait_list(gh: Arc<Github>, mut changes: broadcast::Receiver<TaskChange>) {
@@ -265,7 +264,6 @@ pub async fn run_wait_list(gh: Arc<Github>, mut changes: broadcast::Receiver<Tas
     }
 }
 
-
 /// Records a request that must wait, says so on the issue once, and labels it queued.
 pub async fn wait(gh: &Github, w: Waiting, why: &str) -> Result<Started, HandleError> {
     let inst = w.ctx.installation_id.unwrap_or_default();
@@ -275,14 +273,9 @@ pub async fn wait(gh: &Github, w: Waiting, why: &str) -> Result<Started, HandleE
     }
     let c = &gh.client;
     api::add_labels(c, inst, &repo, issue, &["agent:queued"]).await?;
-    let key = Once::Waiting {
-        repo: &repo,
-        issue,
-    }
-    .key();
+    let key = Once::Waiting { repo: &repo, issue }.key();
     if gh.store.record_delivery(&key).await? {
         api::create_comment(c, inst, &repo, issue, &format!("Queued: {why}.")).await?;
     }
     Ok(Started::Waiting("at capacity"))
 }
-
