@@ -1,9 +1,11 @@
 //! Test support for the end-to-end tests: starts the real `coordinator` and `worker`
-//! binaries as processes against a fresh data directory, makes real git repositories,
+//! binaries as processes against a fresh data directory (or the coordinator in-process,
+//! [`inproc`], where no process boundary is under test), makes real git repositories,
 //! and talks to the REST API over HTTP.
 
 pub mod fake_github;
 pub mod fake_nomad;
+pub mod inproc;
 pub mod measure;
 pub mod model_server;
 pub mod moto;
@@ -112,6 +114,8 @@ pub struct Cluster {
     pub port: u16,
     pub env: Vec<(String, String)>,
     pub coordinator: Option<Daemon>,
+    /// The coordinator when started in-process ([`Cluster::start_in_process`]).
+    pub inproc: Option<inproc::InProcess>,
     pub workers: Vec<Daemon>,
     pub http: reqwest::Client,
 }
@@ -155,6 +159,7 @@ impl Cluster {
             port,
             env,
             coordinator: None,
+            inproc: None,
             workers: Vec::new(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
@@ -209,6 +214,34 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Starts the coordinator in this process (same settings, same port) and waits until
+    /// it is ready. Its context is `self.inproc.cx`.
+    pub async fn start_in_process(&mut self) -> Result<()> {
+        let listen = format!("127.0.0.1:{}", self.port);
+        let c = inproc::InProcess::start(self.dir.path(), &self.env, &listen).await?;
+        self.inproc = Some(c);
+        Ok(())
+    }
+
+    /// The in-process coordinator's context; panics when it was started as a process.
+    pub fn cx(&self) -> &ao_coordinator::Coordinator {
+        &self
+            .inproc
+            .as_ref()
+            .expect("coordinator started in-process")
+            .cx
+    }
+
+    /// Reads one sample of the coordinator's /metrics: the value of the series whose
+    /// line starts with `series` (name and labels as rendered), 0 when absent.
+    pub async fn metric(&self, series: &str) -> Result<f64> {
+        let text = self.metrics().await?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0))
     }
 
     /// Starts a worker with extra settings; returns its index.

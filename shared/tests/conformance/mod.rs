@@ -204,6 +204,8 @@ pub fn sample_task(repository: &str) -> Task {
         error: None,
         version: 0,
         subtasks: plan_subtasks(&[Capability::Coder, Capability::Reviewer]),
+        approval: Default::default(),
+        review_round: None,
     }
 }
 
