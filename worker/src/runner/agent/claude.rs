@@ -365,6 +365,7 @@ mod tests {
                 ),
             },
             secret_env: Default::default(),
+            lease: Default::default(),
         };
         let outcome = run(&spec, dir.path());
         assert_eq!(
