@@ -9,6 +9,7 @@ mod heartbeat;
 mod job;
 mod metrics;
 mod profile;
+mod proxy;
 mod runner;
 mod sandbox;
 mod spec;
