@@ -143,10 +143,10 @@ probe() {{ # name, command…
 env > env.txt
 # Every readable file outside the system's own trees, and every readable environment.
 printf '%s\n' $secrets > /tmp/patterns
-{ find / -xdev \( -path /proc -o -path /sys -o -path /usr -o -path /work -o -path /nix \) -prune \
+{{ find / -xdev \( -path /proc -o -path /sys -o -path /usr -o -path /work -o -path /nix \) -prune \
     -o -type f -readable -size -4M -print0 2>/dev/null
   printf '%s\0' /proc/[0-9]*/environ /proc/[0-9]*/cmdline
-} | xargs -0 grep -lsF -f /tmp/patterns -- > found.txt
+}} | xargs -0 grep -lsF -f /tmp/patterns -- > found.txt
 if [ -s found.txt ]; then echo "found=1" >> probe.txt; else echo "found=0" >> probe.txt; fi
 touch found.txt
 "#,
