@@ -176,11 +176,23 @@ touch found.txt
     let env = git(&repo, &["show", "agent/attack:env.txt"]);
     let found = git(&repo, &["show", "agent/attack:found.txt"]);
 
-    assert!(!probe.contains("=reached"), "a host service was reached:\n{probe}");
-    assert!(probe.contains("found=0"), "secrets found:\n{found}\n{probe}");
+    assert!(
+        !probe.contains("=reached"),
+        "a host service was reached:\n{probe}"
+    );
+    assert!(
+        probe.contains("found=0"),
+        "secrets found:\n{found}\n{probe}"
+    );
     for secret in [&model_key, &worker_secret, &metadata_secret] {
-        assert!(!env.contains(secret.as_str()), "{secret} in the environment:\n{env}");
-        assert!(!probe.contains(secret.as_str()), "{secret} in the probe:\n{probe}");
+        assert!(
+            !env.contains(secret.as_str()),
+            "{secret} in the environment:\n{env}"
+        );
+        assert!(
+            !probe.contains(secret.as_str()),
+            "{secret} in the probe:\n{probe}"
+        );
     }
     for (what, hits) in [
         ("metadata service", &meta_hits),
@@ -188,7 +200,11 @@ touch found.txt
         ("/run socket", &run_hits),
         ("/var/tmp socket", &var_hits),
     ] {
-        assert_eq!(hits.load(Ordering::SeqCst), 0, "the {what} was reached\n{probe}");
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            0,
+            "the {what} was reached\n{probe}"
+        );
     }
     // The proxy refused the host's ports and said so in the task's events.
     let (_, events) = c
@@ -271,7 +287,10 @@ echo after-the-long-line
         .find_map(|l| l.strip_prefix("processes="))
         .and_then(|n| n.trim().parse().ok())
         .expect("process count");
-    assert!(processes < 64, "{processes} processes ran under a limit of 64\n{probe}");
+    assert!(
+        processes < 64,
+        "{processes} processes ran under a limit of 64\n{probe}"
+    );
     // The 256 MiB line never sat in the worker's memory.
     let status = std::fs::read_to_string(format!("/proc/{worker_pid}/status")).expect("status");
     let peak_kb: u64 = status

@@ -162,7 +162,10 @@ echo "probed"
     let env = git(&repo, &["show", "agent/probe:env.txt"]);
     // The model key stays with the worker's proxy; the agent gets a placeholder.
     assert!(!env.contains(&api_key), "{env}");
-    assert!(env.contains("ANTHROPIC_API_KEY=sk-ant-placeholder"), "{env}");
+    assert!(
+        env.contains("ANTHROPIC_API_KEY=sk-ant-placeholder"),
+        "{env}"
+    );
     assert!(!env.contains(&secret), "{env}");
     assert!(!env.contains("AO_TEST_SECRET"), "{env}");
     assert!(!env.contains("AO__"), "{env}");

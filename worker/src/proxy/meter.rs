@@ -224,7 +224,9 @@ mod tests {
     fn a_json_answer_is_metered_and_an_answer_without_usage_is_not() {
         let meter = Arc::new(Meter::default());
         let mut call = CallMeter::new(meter.clone(), false, "claude-sonnet-4-5".into());
-        call.feed(br#"{"model":"claude-haiku-4-5","usage":{"input_tokens":1000000,"output_tokens":0}}"#);
+        call.feed(
+            br#"{"model":"claude-haiku-4-5","usage":{"input_tokens":1000000,"output_tokens":0}}"#,
+        );
         drop(call);
         let mut empty = CallMeter::new(meter.clone(), false, String::new());
         empty.feed(b"{\"type\":\"error\"}");

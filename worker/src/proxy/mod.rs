@@ -282,7 +282,8 @@ fn text(status: StatusCode, message: &str) -> Response<Body> {
 
 /// An error in the Messages API's shape, so the agent reports it as such.
 fn api_error(status: StatusCode, kind: &str, message: &str) -> Response<Body> {
-    let body = serde_json::json!({ "type": "error", "error": { "type": kind, "message": message } });
+    let body =
+        serde_json::json!({ "type": "error", "error": { "type": kind, "message": message } });
     let mut r = Response::new(
         Full::new(Bytes::from(body.to_string()))
             .map_err(|never| match never {})
@@ -376,8 +377,8 @@ async fn connect(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
                 return;
             };
             let service = hyper::service::service_fn(move |req| model_only(req, ctx.clone()));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(upgraded, service);
+            let conn =
+                hyper::server::conn::http1::Builder::new().serve_connection(upgraded, service);
             tokio::select! {
                 _ = conn => {}
                 _ = stop.cancelled() => {}
@@ -554,12 +555,20 @@ mod tests {
 
     #[test]
     fn destinations_parse() {
-        let d = |h: &str, p| Some(Destination {
-            host: h.into(),
-            port: p,
-        });
-        assert_eq!(Destination::parse("Registry.npmjs.org", 443), d("registry.npmjs.org", 443));
-        assert_eq!(Destination::parse("127.0.0.1:8080", 443), d("127.0.0.1", 8080));
+        let d = |h: &str, p| {
+            Some(Destination {
+                host: h.into(),
+                port: p,
+            })
+        };
+        assert_eq!(
+            Destination::parse("Registry.npmjs.org", 443),
+            d("registry.npmjs.org", 443)
+        );
+        assert_eq!(
+            Destination::parse("127.0.0.1:8080", 443),
+            d("127.0.0.1", 8080)
+        );
         assert_eq!(Destination::parse("[::1]:22", 443), d("::1", 22));
         assert_eq!(Destination::parse("a:b", 443), None);
         assert_eq!(Destination::parse("user@host:1", 443), None);

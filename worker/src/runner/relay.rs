@@ -17,7 +17,8 @@ pub const LISTEN_ENV: &str = "AO_PROXY_LISTEN";
 /// Starts the relay when the sandbox asks for one. A relay that cannot start is reported
 /// on standard error; the run goes on (its network calls will fail and say so).
 pub fn start_from_env() {
-    let (Some(socket), Some(listen)) = (std::env::var_os(SOCKET_ENV), std::env::var(LISTEN_ENV).ok())
+    let (Some(socket), Some(listen)) =
+        (std::env::var_os(SOCKET_ENV), std::env::var(LISTEN_ENV).ok())
     else {
         return;
     };
@@ -45,8 +46,7 @@ fn relay(client: TcpStream, socket: &std::path::Path) {
         let _ = client.shutdown(Shutdown::Both);
         return;
     };
-    let (Ok(mut client_read), Ok(mut proxy_write)) = (client.try_clone(), proxy.try_clone())
-    else {
+    let (Ok(mut client_read), Ok(mut proxy_write)) = (client.try_clone(), proxy.try_clone()) else {
         return;
     };
     let upstream = std::thread::spawn(move || {

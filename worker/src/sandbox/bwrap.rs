@@ -161,7 +161,12 @@ impl BwrapDriver {
         let s = &self.settings;
         let seccomp = super::seccomp::program_files()?;
         let mut probe = std::process::Command::new(&s.bwrap);
-        probe.args(["--unshare-user", "--unshare-pid", "--unshare-net", "--disable-userns"]);
+        probe.args([
+            "--unshare-user",
+            "--unshare-pid",
+            "--unshare-net",
+            "--disable-userns",
+        ]);
         for file in &seccomp {
             use std::os::fd::AsRawFd;
             probe.args(["--add-seccomp-fd", &file.as_raw_fd().to_string()]);
@@ -340,7 +345,6 @@ impl BwrapDriver {
         }
         cmd
     }
-
 }
 
 /// What one attempt's sandbox is set up with besides the spec.
@@ -493,9 +497,7 @@ impl SandboxDriver for BwrapDriver {
                     .unwrap_or_else(|| "attempt".into());
                 match c.make(&name, self.settings.max_processes, self.settings.memory_mb) {
                     Ok(c) => Some(c),
-                    Err(e) => {
-                        return infra(format!("cannot set up the sandbox cgroup: {e}"), true)
-                    }
+                    Err(e) => return infra(format!("cannot set up the sandbox cgroup: {e}"), true),
                 }
             }
             None => None,

@@ -166,7 +166,11 @@ impl Cgroups {
                 limits.push((p.clone(), "pids.max", max_processes.to_string()));
                 if let Some(mb) = memory_mb {
                     limits.push((m.clone(), "memory.limit_in_bytes", (mb << 20).to_string()));
-                    limits.push((m.clone(), "memory.memsw.limit_in_bytes", (mb << 20).to_string()));
+                    limits.push((
+                        m.clone(),
+                        "memory.memsw.limit_in_bytes",
+                        (mb << 20).to_string(),
+                    ));
                 }
                 vec![p, m]
             }
@@ -290,7 +294,9 @@ pub async fn read_bounded_line<R: AsyncBufRead + Unpin>(
     if line.last() == Some(&b'\r') {
         line.pop();
     }
-    Ok(Some(Line::Text(String::from_utf8_lossy(&line).into_owned())))
+    Ok(Some(Line::Text(
+        String::from_utf8_lossy(&line).into_owned(),
+    )))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! on cancel or timeout, read the result file). The `bwrap` driver differs only in the
 //! command it hands to [`supervise`].
 
+use super::limits::{read_bounded_line, Line, MAX_LINE_BYTES};
 use super::SandboxDriver;
 use crate::spec::{RunSpec, RunnerEvent};
 use ao_shared::task::{Outcome, OutcomeKind};
@@ -16,7 +17,6 @@ use nix::unistd::Pid;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
-use super::limits::{read_bounded_line, Line, MAX_LINE_BYTES};
 use tokio::io::BufReader;
 use tokio::process::Command;
 use tokio::sync::mpsc;
@@ -138,8 +138,7 @@ pub(super) async fn supervise(
         let mut tail: Vec<String> = Vec::new();
         if let Some(err) = stderr {
             let mut reader = BufReader::new(err);
-            while let Ok(Some(line)) = read_bounded_line(&mut reader, STDERR_LINE_BYTES).await
-            {
+            while let Ok(Some(line)) = read_bounded_line(&mut reader, STDERR_LINE_BYTES).await {
                 let line = match line {
                     Line::Text(line) => line,
                     Line::TooLong(bytes) => format!("[a line of {bytes} bytes]"),

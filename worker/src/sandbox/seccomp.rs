@@ -113,8 +113,7 @@ fn deny_filter() -> Result<BpfProgram, SeccompError> {
     let clone_rules = NAMESPACE_FLAGS
         .iter()
         .map(|flag| {
-            SeccompRule::new(vec![condition(0, SeccompCmpOp::MaskedEq(*flag), *flag)?])
-                .map_err(err)
+            SeccompRule::new(vec![condition(0, SeccompCmpOp::MaskedEq(*flag), *flag)?]).map_err(err)
         })
         .collect::<Result<Vec<_>, _>>()?;
     rules.insert(libc::SYS_clone, clone_rules);
