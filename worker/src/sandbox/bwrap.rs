@@ -513,7 +513,7 @@ impl SandboxDriver for BwrapDriver {
             cgroup,
             seccomp_fds: seccomp
                 .iter()
-                .map(|f| std::os::fd::AsRawFd::as_raw_fd(f))
+                .map(std::os::fd::AsRawFd::as_raw_fd)
                 .collect(),
         };
         let cmd = self.command(&spec, &attempt, &setup);
