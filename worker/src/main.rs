@@ -10,6 +10,7 @@ mod job;
 mod metrics;
 mod preflight;
 mod profile;
+mod proxy;
 mod push_permit;
 mod runner;
 mod sandbox;

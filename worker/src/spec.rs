@@ -89,6 +89,12 @@ impl SecretEnv {
         self.0.push((name, value));
     }
 
+    /// Removes `name` and returns its value.
+    pub fn take(&mut self, name: &str) -> Option<SecretString> {
+        let i = self.0.iter().position(|(n, _)| n == name)?;
+        Some(self.0.remove(i).1)
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.0.iter().map(|(n, _)| n.as_str())
     }

@@ -7,6 +7,7 @@
 mod agent;
 mod git;
 mod process;
+pub mod relay;
 
 use crate::spec::{RunSpec, RunnerEvent};
 use ao_shared::task::{Outcome, OutcomeKind};
@@ -73,6 +74,7 @@ pub fn main(spec_path: &Path, result_path: &Path, work_dir: Option<PathBuf>) -> 
         );
     }
     process::exit_with_parent();
+    relay::start_from_env();
     let outcome = match std::fs::read_to_string(spec_path)
         .map_err(|e| e.to_string())
         .and_then(|t| serde_json::from_str::<RunSpec>(&t).map_err(|e| e.to_string()))

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 /// The process group of the child now running, so it can be killed if the runner must stop.
 static CHILD_GROUP: AtomicU32 = AtomicU32::new(0);
 
+/// Longest output line of a child kept (a longer one is dropped and reported), so that
+/// no output grows the runner's memory or the events it emits.
+const MAX_LINE_BYTES: usize = 512 * 1024;
 /// Output kept of a child for error messages.
 const TAIL_LINES: usize = 30;
 /// How long output is still read after a child exited.
@@ -163,8 +166,14 @@ pub fn run_streaming(
     .map(|(is_stdout, stream)| {
         let tx = tx.clone();
         std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                let _ = tx.send((is_stdout, line));
+            let mut reader = BufReader::new(stream);
+            while let Ok(Some(line)) = read_bounded_line(&mut reader, MAX_LINE_BYTES) {
+                let line = line.unwrap_or_else(|bytes| {
+                    format!("[an output line of {bytes} bytes was dropped (longer than {MAX_LINE_BYTES})]")
+                });
+                if tx.send((is_stdout, line)).is_err() {
+                    break;
+                }
             }
         })
     })
@@ -266,6 +275,45 @@ pub fn run_streaming(
         status: describe(status),
         lines,
     })
+}
+
+/// Reads the next line of at most `max` bytes (without its newline, lossily decoded);
+/// a longer line is skipped to its end without being held, and reported as `Err(len)`.
+/// `None` at the end of the stream.
+pub fn read_bounded_line(
+    reader: &mut impl BufRead,
+    max: usize,
+) -> std::io::Result<Option<Result<String, usize>>> {
+    let mut line: Vec<u8> = Vec::new();
+    let mut total = 0usize;
+    let mut any = false;
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            if !any {
+                return Ok(None);
+            }
+            break;
+        }
+        any = true;
+        let newline = buf.iter().position(|b| *b == b'\n');
+        let chunk = &buf[..newline.unwrap_or(buf.len())];
+        total += chunk.len();
+        if total <= max {
+            line.extend_from_slice(chunk);
+        } else {
+            line = Vec::new();
+        }
+        let used = newline.map(|i| i + 1).unwrap_or(buf.len());
+        reader.consume(used);
+        if newline.is_some() {
+            break;
+        }
+    }
+    if total > max {
+        return Ok(Some(Err(total)));
+    }
+    Ok(Some(Ok(String::from_utf8_lossy(&line).into_owned())))
 }
 
 /// Kills every other process of the sandbox, when the runner is its pid namespace's init

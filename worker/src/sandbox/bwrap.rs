@@ -25,26 +25,31 @@
 //!   TMPDIR and the names in `sandbox.env_pass`. Values travel in bubblewrap's environment
 //!   (never `--setenv`, which would show them in `/proc/*/cmdline`); bubblewrap hands its
 //!   environment to the sandbox unchanged, and it gets nothing else from the worker.
-//! - network shared with the host, or none at all (`--unshare-net`, not even loopback) for
-//!   the capabilities in `sandbox.network_off`.
-//! - limits: `prlimit` (util-linux) wraps bubblewrap and sets RLIMIT_NPROC
-//!   (`sandbox.max_processes`) and RLIMIT_NOFILE (`sandbox.max_open_files`). RLIMIT_NPROC
-//!   counts every process of the worker's real user and does not apply to root, so under a
-//!   root worker only a cgroup limits processes. Memory is limited only with
-//!   `sandbox.cgroup_dir`, a delegated cgroup v2 directory: each sandbox then runs in a
-//!   child cgroup with `memory.max` and `pids.max` (address-space limits break Node-based
-//!   agents, so none is set).
+//! - network: by default a namespace of its own with only loopback, and the worker's
+//!   per-run proxy as the one way out (model endpoint with the key added, allow-listed
+//!   destinations); none at all for `sandbox.network_off`, the host's for
+//!   `sandbox.network_open`. Host unix sockets are covered in every mode. See
+//!   [`super::network`] and `crate::proxy`.
+//! - a seccomp filter ([`super::seccomp`]) and `--disable-userns`: no nested namespaces,
+//!   no ptrace, no mounts, keyrings, bpf, perf, kexec, modules.
+//! - limits ([`super::limits`]): a cgroup per attempt (`pids.max`, memory), `prlimit`
+//!   (util-linux) for RLIMIT_NPROC and RLIMIT_NOFILE, and a size bound on every writable
+//!   place: the working copy, `/tmp`, `$HOME` and `/dev/shm` are size-limited tmpfs mounts,
+//!   and the rest of `/dev` is read-only.
 //!
 //! A limit of running the worker as root: the sandbox user maps to host uid 0, so files
 //! readable only by root stay readable to the agent unless hidden. Run the worker as an
 //! unprivileged user where you can.
 
+use super::limits::{self, AttemptCgroup, Cgroups};
+use super::network::{self, NetworkMode};
 use super::process::{infra, supervise, Attempt, RUNNER_MARGIN};
 use super::SandboxDriver;
+use crate::proxy::RunProxy;
 use crate::spec::{RunSpec, RunnerEvent};
 use ao_shared::config::{SandboxSettings, Settings};
 use ao_shared::secret::SecretRef;
-use ao_shared::task::Outcome;
+use ao_shared::task::{Outcome, OutcomeKind};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -69,8 +74,8 @@ const ENV_BASE: &[&str] = &["PATH", "LANG", "LC_ALL", "TZ"];
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// The user name inside.
 const SANDBOX_USER: &str = "agent";
-/// How often the per-attempt cgroup removal is tried while its processes die.
-const CGROUP_RMDIR_TRIES: u32 = 50;
+/// The working copy's directory in the attempt directory: a size-limited tmpfs.
+const WORKSPACE_DIR: &str = "ws";
 
 /// Why the driver cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -91,8 +96,12 @@ pub enum BwrapError {
     Unusable { program: String, detail: String },
     #[error("prlimit (util-linux) is needed by the bwrap driver: {0}")]
     Prlimit(String),
-    #[error("sandbox.cgroup_dir {path}: {detail}")]
-    Cgroup { path: PathBuf, detail: String },
+    #[error(transparent)]
+    Limits(#[from] limits::LimitError),
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Seccomp(#[from] super::seccomp::SeccompError),
 }
 
 /// The bubblewrap sandbox driver.
@@ -104,6 +113,10 @@ pub struct BwrapDriver {
     settings: SandboxSettings,
     /// Host paths covered inside, parents first.
     hidden: Vec<PathBuf>,
+    /// Where per-attempt cgroups are made, if anywhere.
+    cgroups: Option<Cgroups>,
+    /// The whole configuration, for the model proxy's options.
+    all: Settings,
 }
 
 impl BwrapDriver {
@@ -124,11 +137,19 @@ impl BwrapDriver {
                     .and_then(|p| p.canonicalize())
                     .map_err(BwrapError::Exe)?;
                 let hidden = hidden_paths(settings, &work_root);
+                network::check_allow_hosts(&sandbox).map_err(BwrapError::Config)?;
+                let cgroups = Cgroups::detect(
+                    sandbox.cgroup_dir.as_deref(),
+                    sandbox.memory_mb,
+                    nix::unistd::geteuid().is_root(),
+                )?;
                 let driver = Self {
                     work_root,
                     runner_exe,
                     settings: sandbox,
                     hidden,
+                    cgroups,
+                    all: settings.clone(),
                 };
                 driver.probe()?;
                 Ok(driver)
@@ -138,8 +159,21 @@ impl BwrapDriver {
     /// Runs `true` in a minimal sandbox, so a broken setup fails at start, not per task.
     fn probe(&self) -> Result<(), BwrapError> {
         let s = &self.settings;
-        let out = std::process::Command::new(&s.bwrap)
-            .args(["--unshare-user", "--unshare-pid", "--uid"])
+        let seccomp = super::seccomp::program_files()?;
+        let mut probe = std::process::Command::new(&s.bwrap);
+        probe.args([
+            "--unshare-user",
+            "--unshare-pid",
+            "--unshare-net",
+            "--disable-userns",
+        ]);
+        for file in &seccomp {
+            use std::os::fd::AsRawFd;
+            probe.args(["--add-seccomp-fd", &file.as_raw_fd().to_string()]);
+        }
+        probe.args(limits::sized_tmpfs(1, Path::new("/tmp")));
+        let out = probe
+            .arg("--uid")
             .arg(s.uid.to_string())
             .arg("--gid")
             .arg(s.gid.to_string())
@@ -173,15 +207,6 @@ impl BwrapDriver {
                 String::from_utf8_lossy(&ok.stderr).trim().to_string(),
             ));
         }
-        if let Some(dir) = &s.cgroup_dir {
-            let probe = dir.join("ao-probe");
-            std::fs::create_dir(&probe)
-                .and_then(|_| std::fs::remove_dir(&probe))
-                .map_err(|e| BwrapError::Cgroup {
-                    path: dir.clone(),
-                    detail: format!("cannot make a child cgroup: {e}"),
-                })?;
-        }
         Ok(())
     }
 
@@ -193,7 +218,12 @@ impl BwrapDriver {
     }
 
     /// bubblewrap's arguments for one attempt, up to and including the runner's.
-    fn bwrap_args(&self, spec: &RunSpec, attempt: &Attempt) -> Vec<std::ffi::OsString> {
+    fn bwrap_args(
+        &self,
+        spec: &RunSpec,
+        attempt: &Attempt,
+        run: &RunSetup,
+    ) -> Vec<std::ffi::OsString> {
         let s = &self.settings;
         let mut a = Args::default();
         a.flags(&[
@@ -202,9 +232,10 @@ impl BwrapDriver {
             "--unshare-ipc",
             "--unshare-uts",
             "--unshare-cgroup-try",
+            "--disable-userns",
         ]);
-        if s.network_off.contains(&spec.capability) {
-            a.flags(&["--unshare-net"]);
+        for fd in &run.seccomp_fds {
+            a.flag_val("--add-seccomp-fd", fd.to_string());
         }
         // `--as-pid-1`: the runner itself is the namespace's init, not a bubblewrap monitor
         // whose /proc/1/environ (the run's secrets) the agent could read. The runner makes
@@ -216,7 +247,13 @@ impl BwrapDriver {
         a.two("--ro-bind", Path::new("/"), Path::new("/"));
         a.flag_val("--proc", "/proc");
         a.flag_val("--dev", "/dev");
-        a.flag_val("--tmpfs", "/tmp");
+        a.0.extend(limits::sized_tmpfs(s.shm_mb, Path::new("/dev/shm")));
+        a.0.extend(limits::sized_tmpfs(s.tmp_mb, Path::new("/tmp")));
+        a.0.extend(network::bwrap_args(
+            run.network,
+            run.proxy_socket.as_deref(),
+            &|p| self.is_hidden(p),
+        ));
         for path in &self.hidden {
             if path.is_dir() {
                 a.flag_val("--tmpfs", path);
@@ -224,7 +261,7 @@ impl BwrapDriver {
                 a.two("--ro-bind", Path::new("/dev/null"), path);
             }
         }
-        a.flag_val("--tmpfs", &s.home);
+        a.0.extend(limits::sized_tmpfs(s.home_mb, &s.home));
         // What must stay visible under a hidden directory: the runner, the agent, and
         // configured tool paths.
         if self.is_hidden(&self.runner_exe) {
@@ -241,6 +278,8 @@ impl BwrapDriver {
             }
         }
         a.two("--bind", attempt.path(), attempt.path());
+        let workspace = attempt.path().join(WORKSPACE_DIR);
+        a.0.extend(limits::sized_tmpfs(s.workspace_mb, &workspace));
         if let Some(repo) = local_repository(&spec.repository) {
             a.two("--bind", &repo, &repo);
         }
@@ -249,6 +288,7 @@ impl BwrapDriver {
         for path in self.hidden.iter().filter(|p| p.is_dir()) {
             a.flag_val("--remount-ro", path);
         }
+        a.flag_val("--remount-ro", "/dev");
         a.flag_val("--chdir", attempt.path());
         a.flags(&["--"]);
         a.0.push(self.runner_exe.clone().into());
@@ -256,12 +296,14 @@ impl BwrapDriver {
         a.0.push(attempt.spec.clone().into());
         a.flags(&["--result"]);
         a.0.push(attempt.result.clone().into());
+        a.flags(&["--workspace"]);
+        a.0.push(workspace.into());
         a.0
     }
 
     /// The whole command: [cgroup entry,] prlimit, bubblewrap, the runner; with the
     /// environment rebuilt from the allow-list.
-    fn command(&self, spec: &RunSpec, attempt: &Attempt, cgroup: Option<&Path>) -> Command {
+    fn command(&self, spec: &RunSpec, attempt: &Attempt, run: &RunSetup) -> Command {
         let s = &self.settings;
         let mut prlimit: Vec<std::ffi::OsString> = vec![
             "prlimit".into(),
@@ -269,19 +311,9 @@ impl BwrapDriver {
             format!("--nofile={n}:{n}", n = s.max_open_files).into(),
             s.bwrap.clone().into(),
         ];
-        prlimit.extend(self.bwrap_args(spec, attempt));
-        let mut cmd = match cgroup {
-            // The shell moves itself into the cgroup before it becomes prlimit, so every
-            // process of the sandbox starts inside it.
-            Some(dir) => {
-                let mut c = Command::new("sh");
-                c.arg("-c")
-                    .arg("echo $$ > \"$1/cgroup.procs\" && shift && exec \"$@\"")
-                    .arg("sh")
-                    .arg(dir)
-                    .args(&prlimit);
-                c
-            }
+        prlimit.extend(self.bwrap_args(spec, attempt, run));
+        let mut cmd = match &run.cgroup {
+            Some(cgroup) => cgroup.wrap(&prlimit),
             None => {
                 let mut c = Command::new(&prlimit[0]);
                 c.args(&prlimit[1..]);
@@ -306,48 +338,44 @@ impl BwrapDriver {
             .env("LOGNAME", SANDBOX_USER)
             .env("TMPDIR", "/tmp");
         spec.secret_env.apply(&mut cmd);
-        cmd
-    }
-
-    /// Makes the attempt's cgroup with its limits, when `sandbox.cgroup_dir` is set.
-    fn make_cgroup(&self, attempt: &Attempt) -> std::io::Result<Option<PathBuf>> {
-        let Some(parent) = &self.settings.cgroup_dir else {
-            return Ok(None);
-        };
-        let name = attempt
-            .path()
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| "attempt".into());
-        let dir = parent.join(format!("ao-{name}"));
-        std::fs::create_dir(&dir)?;
-        let mut limits = vec![("pids.max", self.settings.max_processes.to_string())];
-        if let Some(mb) = self.settings.memory_mb {
-            limits.push(("memory.max", (mb * 1024 * 1024).to_string()));
-            limits.push(("memory.swap.max", "0".into()));
-        }
-        for (file, value) in limits {
-            if let Err(e) = std::fs::write(dir.join(file), &value) {
-                // memory.swap.max is absent without swap accounting; the rest must work.
-                if file != "memory.swap.max" {
-                    let _ = std::fs::remove_dir(&dir);
-                    return Err(e);
-                }
+        if let Some(port) = run.inside_port {
+            for (name, value) in network::proxy_env(port) {
+                cmd.env(name, value);
             }
         }
-        Ok(Some(dir))
+        cmd
     }
 }
 
-/// Removes an attempt's cgroup once its processes are gone.
-async fn remove_cgroup(dir: &Path) {
-    for _ in 0..CGROUP_RMDIR_TRIES {
-        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
-            return;
+/// What one attempt's sandbox is set up with besides the spec.
+struct RunSetup {
+    network: NetworkMode,
+    /// The worker's proxy socket, bound into the sandbox (`proxy` mode).
+    proxy_socket: Option<PathBuf>,
+    /// The loopback port the runner relays to it (`proxy` mode).
+    inside_port: Option<u16>,
+    cgroup: Option<AttemptCgroup>,
+    /// Inherited descriptors of the seccomp programs.
+    seccomp_fds: Vec<i32>,
+}
+
+/// Puts the proxy's metering into the outcome: its cost and tokens are the run's (the
+/// agent's own report could be forged), and a call refused for the budget makes the
+/// outcome `budget_exceeded`.
+fn apply_metering(outcome: &mut Outcome, metered: crate::proxy::meter::Metered) {
+    outcome.cost_usd = metered.cost_usd;
+    outcome.tokens = metered.tokens;
+    if let Some(why) = metered.budget_refusal {
+        if outcome.kind != OutcomeKind::Cancelled {
+            let mut over = Outcome::failed(OutcomeKind::BudgetExceeded, why, false);
+            over.cost_usd = outcome.cost_usd;
+            over.tokens = outcome.tokens;
+            over.turns = outcome.turns;
+            over.duration_ms = outcome.duration_ms;
+            over.commit = outcome.commit.take();
+            *outcome = over;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tracing::warn!(cgroup = %dir.display(), "cannot remove the sandbox cgroup");
 }
 
 /// bubblewrap's argument list.
@@ -443,15 +471,59 @@ impl SandboxDriver for BwrapDriver {
             Ok(a) => a,
             Err(outcome) => return outcome,
         };
-        let cgroup = match self.make_cgroup(&attempt) {
-            Ok(c) => c,
-            Err(e) => return infra(format!("cannot set up the sandbox cgroup: {e}"), true),
+        if let Err(e) = std::fs::create_dir(attempt.path().join(WORKSPACE_DIR)) {
+            return infra(format!("cannot make the workspace directory: {e}"), true);
+        }
+        let network = NetworkMode::of(&self.settings, spec.capability);
+        let mut spec = spec.clone();
+        let mut proxy = None;
+        let mut inside_port = None;
+        if network == NetworkMode::Proxy {
+            // The model key stays with the proxy; the sandbox never sees it.
+            let key = spec.secret_env.take(network::MODEL_KEY_ENV);
+            let options = network::proxy_options(&self.all, &spec, key);
+            inside_port = Some(options.inside_port);
+            match RunProxy::start(&self.work_root, options, events.clone()) {
+                Ok(p) => proxy = Some(p),
+                Err(e) => return infra(format!("cannot start the sandbox's proxy: {e}"), true),
+            }
+        }
+        let cgroup = match &self.cgroups {
+            Some(c) => {
+                let name = attempt
+                    .path()
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_else(|| "attempt".into());
+                match c.make(&name, self.settings.max_processes, self.settings.memory_mb) {
+                    Ok(c) => Some(c),
+                    Err(e) => return infra(format!("cannot set up the sandbox cgroup: {e}"), true),
+                }
+            }
+            None => None,
         };
-        let cmd = self.command(spec, &attempt, cgroup.as_deref());
+        let seccomp = match super::seccomp::program_files() {
+            Ok(f) => f,
+            Err(e) => return infra(e.to_string(), false),
+        };
+        let setup = RunSetup {
+            network,
+            proxy_socket: proxy.as_ref().map(RunProxy::socket),
+            inside_port,
+            cgroup,
+            seccomp_fds: seccomp
+                .iter()
+                .map(std::os::fd::AsRawFd::as_raw_fd)
+                .collect(),
+        };
+        let cmd = self.command(&spec, &attempt, &setup);
         let limit = Duration::from_secs(spec.agent.timeout_secs) + RUNNER_MARGIN;
-        let outcome = supervise(cmd, &attempt, limit, events, cancel).await;
-        if let Some(dir) = cgroup {
-            remove_cgroup(&dir).await;
+        let mut outcome = supervise(cmd, &attempt, limit, events, cancel, seccomp).await;
+        if let Some(proxy) = proxy {
+            apply_metering(&mut outcome, proxy.stop().await);
+        }
+        if let Some(cgroup) = setup.cgroup {
+            cgroup.remove().await;
         }
         outcome
     }

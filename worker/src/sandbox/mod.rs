@@ -3,8 +3,11 @@
 //! is a plain child process (no isolation); `nomad` a dispatched Nomad batch job.
 
 pub mod bwrap;
+pub mod limits;
+pub mod network;
 pub mod nomad;
 pub mod process;
+pub mod seccomp;
 
 use crate::spec::{RunSpec, RunnerEvent};
 use ao_shared::task::{Outcome, OutcomeKind};

@@ -7,6 +7,7 @@
 //! on cancel or timeout, read the result file). The `bwrap` driver differs only in the
 //! command it hands to [`supervise`].
 
+use super::limits::{read_bounded_line, Line, MAX_LINE_BYTES};
 use super::SandboxDriver;
 use crate::push_permit;
 use crate::spec::{LeaseSlot, RunSpec, RunnerEvent};
@@ -17,7 +18,7 @@ use nix::unistd::Pid;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::BufReader;
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 pub(super) const RUNNER_MARGIN: Duration = Duration::from_secs(1200);
 /// How long a runner may take to stop after SIGTERM before SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(5);
+/// Longest standard error line of the runner kept for the error message.
+const STDERR_LINE_BYTES: usize = 16 * 1024;
 /// Environment variables passed through to the runner.
 pub(super) const ENV_ALLOW: &[&str] = &["PATH", "LANG", "LC_ALL", "TZ", "HOME", "USER", "TMPDIR"];
 
@@ -88,13 +91,15 @@ impl Attempt {
 
 /// Runs `cmd` (which starts the runner for `attempt`) in its own process group: forwards
 /// its standard output lines as events, kills the whole group on cancel or after `limit`,
-/// and turns the result file into the outcome. Never panics.
+/// and turns the result file into the outcome. `inherited` are files the command must
+/// inherit, closed here as soon as it has started. Never panics.
 pub(super) async fn supervise(
     mut cmd: Command,
     attempt: &Attempt,
     limit: Duration,
     events: mpsc::Sender<RunnerEvent>,
     cancel: CancellationToken,
+    inherited: Vec<std::fs::File>,
 ) -> Outcome {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -104,7 +109,9 @@ pub(super) async fn supervise(
     if attempt.lease.0.is_some() {
         push_permit::configure(&mut cmd);
     }
-    let mut child = match cmd.spawn() {
+    let spawned = cmd.spawn();
+    drop(inherited);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => return infra(format!("cannot start the runner: {e}"), true),
     };
@@ -121,12 +128,22 @@ pub(super) async fn supervise(
     };
     let forward = tokio::spawn(async move {
         let Some(out) = stdout else { return };
-        let mut lines = BufReader::new(out).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            let event = serde_json::from_str::<RunnerEvent>(&line).unwrap_or(RunnerEvent {
-                kind: "log".into(),
-                data: serde_json::json!({ "message": line }),
-            });
+        let mut reader = BufReader::new(out);
+        while let Ok(Some(line)) = read_bounded_line(&mut reader, MAX_LINE_BYTES).await {
+            let event = match line {
+                Line::Text(line) => {
+                    serde_json::from_str::<RunnerEvent>(&line).unwrap_or(RunnerEvent {
+                        kind: "log".into(),
+                        data: serde_json::json!({ "message": line }),
+                    })
+                }
+                Line::TooLong(bytes) => RunnerEvent {
+                    kind: "log".into(),
+                    data: serde_json::json!({ "message": format!(
+                        "an output line of {bytes} bytes was dropped (longer than {MAX_LINE_BYTES})"
+                    ) }),
+                },
+            };
             if event.kind == push_permit::REQUEST_KIND {
                 let _ = permit_tx.send(()).await;
                 continue;
@@ -139,8 +156,12 @@ pub(super) async fn supervise(
     let stderr_tail = tokio::spawn(async move {
         let mut tail: Vec<String> = Vec::new();
         if let Some(err) = stderr {
-            let mut lines = BufReader::new(err).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+            let mut reader = BufReader::new(err);
+            while let Ok(Some(line)) = read_bounded_line(&mut reader, STDERR_LINE_BYTES).await {
+                let line = match line {
+                    Line::Text(line) => line,
+                    Line::TooLong(bytes) => format!("[a line of {bytes} bytes]"),
+                };
                 tracing::debug!(target: "runner", "{line}");
                 tail.push(line);
                 if tail.len() > 30 {
@@ -299,7 +320,7 @@ impl SandboxDriver for ProcessDriver {
             );
         spec.secret_env.apply(&mut cmd);
         let limit = Duration::from_secs(spec.agent.timeout_secs) + RUNNER_MARGIN;
-        supervise(cmd, &attempt, limit, events, cancel).await
+        supervise(cmd, &attempt, limit, events, cancel, Vec::new()).await
     }
 }
 
@@ -338,7 +359,9 @@ mod tests {
         let cancel = CancellationToken::new();
         let run = tokio::spawn({
             let cancel = cancel.clone();
-            async move { supervise(cmd, &attempt, Duration::from_secs(60), tx, cancel).await }
+            async move {
+                supervise(cmd, &attempt, Duration::from_secs(60), tx, cancel, Vec::new()).await
+            }
         });
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         let pid = loop {
