@@ -8,19 +8,20 @@
 //!   dies with the namespace. Orphans that exit earlier stay zombies until then, within
 //!   the process limit. `--die-with-parent` ties it to the worker, `--new-session` takes
 //!   the controlling terminal away.
-//! - an unprivileged user inside (`sandbox.uid`/`sandbox.gid`, 1000 by default). With a
-//!   user namespace the worker's own uid is mapped to it, so the attempt directory the
-//!   worker made is owned by the sandbox user whether the worker runs as root or not; no
-//!   chown is needed.
+//! - an unprivileged user inside (`sandbox.uid`/`sandbox.gid`, 1000 by default), mapped
+//!   by the user namespace to an unprivileged host user: the worker's own user, or, for
+//!   a worker running as root, `sandbox.host_uid` (see [`super::host_user`]); root is
+//!   never a sandbox user.
 //! - the host root read-only, a fresh `/proc`, a minimal `/dev`, an empty tmpfs `/tmp` and
 //!   `$HOME`; the worker's private places hidden under empty tmpfs mounts (its data dir with
 //!   the SQLite files, its whole work root, `/root`, `/home`, the worker's `$HOME`,
-//!   `/run/secrets`, secret files named in the configuration, `sandbox.hide`), read-only,
-//!   and the shadow files replaced by empty ones.
-//! - exactly two writable places: the attempt directory (run spec, result file, clone), and
-//!   — only when the repository is a local path or `file://` URL — that repository, since
-//!   the runner must push into it. The agent can therefore write to a local remote as well;
-//!   over HTTPS or SSH nothing of the remote is visible.
+//!   `/run/secrets`, every `file:` secret of the configuration and every one the worker
+//!   resolved (see [`crate::secret_files`]), `sandbox.hide`), read-only, and the shadow
+//!   files replaced by empty ones.
+//! - exactly one writable place: the attempt directory (run spec, clone). A repository
+//!   given as a local path or `file://` URL is shown read-only; the runner hands its
+//!   commits back as a bundle which the worker pushes (see [`super::local_repo`]). The
+//!   outcome travels over a pipe, not a file (see [`super::result_channel`]).
 //! - the environment rebuilt from an allow-list: PATH, LANG, LC_ALL, TZ, HOME, USER, LOGNAME,
 //!   TMPDIR and the names in `sandbox.env_pass`. Values travel in bubblewrap's environment
 //!   (never `--setenv`, which would show them in `/proc/*/cmdline`); bubblewrap hands its
@@ -35,16 +36,15 @@
 //!   child cgroup with `memory.max` and `pids.max` (address-space limits break Node-based
 //!   agents, so none is set).
 //!
-//! A limit of running the worker as root: the sandbox user maps to host uid 0, so files
-//! readable only by root stay readable to the agent unless hidden. Run the worker as an
-//! unprivileged user where you can.
 
-use super::process::{infra, supervise, Attempt, RUNNER_MARGIN};
+use super::host_user::{HostUser, HostUserError};
+use super::local_repo::{self, local_repository};
+use super::process::{infra, runner_args, supervise, Attempt, RUNNER_MARGIN};
 use super::SandboxDriver;
-use crate::spec::{RunSpec, RunnerEvent};
+use crate::secret_files::SecretFiles;
+use crate::spec::{Delivery, RunSpec, RunnerEvent};
 use ao_shared::config::{SandboxSettings, Settings};
-use ao_shared::secret::SecretRef;
-use ao_shared::task::Outcome;
+use ao_shared::task::{Outcome, OutcomeKind};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -93,6 +93,13 @@ pub enum BwrapError {
     Prlimit(String),
     #[error("sandbox.cgroup_dir {path}: {detail}")]
     Cgroup { path: PathBuf, detail: String },
+    #[error(transparent)]
+    HostUser(#[from] HostUserError),
+    #[error(
+        "the work directory {0} cannot be reached by sandbox.host_uid: make it and the \
+         directories above it searchable (o+x), or set worker.work_dir elsewhere"
+    )]
+    WorkDirUnreachable(PathBuf),
 }
 
 /// The bubblewrap sandbox driver.
@@ -104,15 +111,28 @@ pub struct BwrapDriver {
     settings: SandboxSettings,
     /// Host paths covered inside, parents first.
     hidden: Vec<PathBuf>,
+    /// Secret files, more of which become known as the worker resolves them.
+    secret_files: SecretFiles,
+    /// The unprivileged host user of the sandboxes of a root worker.
+    host: Option<HostUser>,
 }
 
 impl BwrapDriver {
     /// Checks that bubblewrap and prlimit work and works out what to hide.
-    pub fn new(work_root: PathBuf, settings: &Settings) -> Result<Self, BwrapError> {
+    pub fn new(
+        work_root: PathBuf,
+        settings: &Settings,
+        secret_files: SecretFiles,
+    ) -> Result<Self, BwrapError> {
         let sandbox = settings.sandbox.clone();
         if sandbox.uid == 0 || sandbox.gid == 0 {
             return Err(BwrapError::RootUser);
         }
+        let host = HostUser::for_worker(
+            nix::unistd::geteuid().as_raw(),
+            sandbox.host_uid,
+            sandbox.host_gid,
+        )?;
         std::fs::create_dir_all(&work_root)
             .and_then(|_| work_root.canonicalize())
             .map_err(|source| BwrapError::WorkDir {
@@ -123,12 +143,17 @@ impl BwrapDriver {
                 let runner_exe = std::env::current_exe()
                     .and_then(|p| p.canonicalize())
                     .map_err(BwrapError::Exe)?;
+                if host.is_some_and(|h| !h.can_reach(&work_root.join("attempt"))) {
+                    return Err(BwrapError::WorkDirUnreachable(work_root));
+                }
                 let hidden = hidden_paths(settings, &work_root);
                 let driver = Self {
                     work_root,
                     runner_exe,
                     settings: sandbox,
                     hidden,
+                    secret_files,
+                    host,
                 };
                 driver.probe()?;
                 Ok(driver)
@@ -138,7 +163,8 @@ impl BwrapDriver {
     /// Runs `true` in a minimal sandbox, so a broken setup fails at start, not per task.
     fn probe(&self) -> Result<(), BwrapError> {
         let s = &self.settings;
-        let out = std::process::Command::new(&s.bwrap)
+        let mut probe = self.as_host_user(s.bwrap.as_os_str());
+        let out = probe
             .args(["--unshare-user", "--unshare-pid", "--uid"])
             .arg(s.uid.to_string())
             .arg("--gid")
@@ -185,11 +211,43 @@ impl BwrapDriver {
         Ok(())
     }
 
+    /// `program` run as the sandbox's host user (itself for an ordinary worker).
+    fn as_host_user(&self, program: &std::ffi::OsStr) -> std::process::Command {
+        match &self.host {
+            Some(host) => {
+                let argv = host.setpriv();
+                let mut cmd = std::process::Command::new(&argv[0]);
+                cmd.args(&argv[1..]).arg(program);
+                cmd
+            }
+            None => std::process::Command::new(program),
+        }
+    }
+
+    /// What is hidden in this attempt: the fixed list and every secret file known now,
+    /// canonical, parents first; for a root worker, only what its host user could reach.
+    fn hidden_now(&self) -> Vec<PathBuf> {
+        let mut hidden = self.hidden.clone();
+        hidden.extend(
+            self.secret_files
+                .paths()
+                .into_iter()
+                .filter_map(|p| p.canonicalize().ok())
+                .filter(|p| p.parent().is_some()),
+        );
+        hidden.sort_by_key(|p| (p.components().count(), p.clone()));
+        hidden.dedup();
+        if let Some(host) = &self.host {
+            hidden.retain(|p| host.can_reach(p));
+        }
+        hidden
+    }
+
     /// Whether `path` is covered inside: hidden, or under the fresh `/tmp` or home.
-    fn is_hidden(&self, path: &Path) -> bool {
+    fn is_hidden(&self, hidden: &[PathBuf], path: &Path) -> bool {
         path.starts_with("/tmp")
             || path.starts_with(&self.settings.home)
-            || self.hidden.iter().any(|h| path.starts_with(h))
+            || hidden.iter().any(|h| path.starts_with(h))
     }
 
     /// bubblewrap's arguments for one attempt, up to and including the runner's.
@@ -217,7 +275,8 @@ impl BwrapDriver {
         a.flag_val("--proc", "/proc");
         a.flag_val("--dev", "/dev");
         a.flag_val("--tmpfs", "/tmp");
-        for path in &self.hidden {
+        let hidden = self.hidden_now();
+        for path in &hidden {
             if path.is_dir() {
                 a.flag_val("--tmpfs", path);
             } else {
@@ -227,11 +286,11 @@ impl BwrapDriver {
         a.flag_val("--tmpfs", &s.home);
         // What must stay visible under a hidden directory: the runner, the agent, and
         // configured tool paths.
-        if self.is_hidden(&self.runner_exe) {
+        if self.is_hidden(&hidden, &self.runner_exe) {
             a.two("--ro-bind", &self.runner_exe, &self.runner_exe);
         }
         if let Some((found, real)) = resolve_program(&spec.agent.command) {
-            if self.is_hidden(&found) {
+            if self.is_hidden(&hidden, &found) {
                 a.two("--ro-bind", &real, &found);
             }
         }
@@ -242,20 +301,17 @@ impl BwrapDriver {
         }
         a.two("--bind", attempt.path(), attempt.path());
         if let Some(repo) = local_repository(&spec.repository) {
-            a.two("--bind", &repo, &repo);
+            a.two("--ro-bind", &repo, &repo);
         }
         // Hidden directories are read-only too (only after the binds under them are made,
         // since their mount points are created in them).
-        for path in self.hidden.iter().filter(|p| p.is_dir()) {
+        for path in hidden.iter().filter(|p| p.is_dir()) {
             a.flag_val("--remount-ro", path);
         }
         a.flag_val("--chdir", attempt.path());
         a.flags(&["--"]);
         a.0.push(self.runner_exe.clone().into());
-        a.flags(&["runner", "--spec"]);
-        a.0.push(attempt.spec.clone().into());
-        a.flags(&["--result"]);
-        a.0.push(attempt.result.clone().into());
+        a.0.extend(runner_args(attempt));
         a.0
     }
 
@@ -267,8 +323,11 @@ impl BwrapDriver {
             "prlimit".into(),
             format!("--nproc={n}:{n}", n = s.max_processes).into(),
             format!("--nofile={n}:{n}", n = s.max_open_files).into(),
-            s.bwrap.clone().into(),
         ];
+        if let Some(host) = &self.host {
+            prlimit.extend(host.setpriv());
+        }
+        prlimit.push(s.bwrap.clone().into());
         prlimit.extend(self.bwrap_args(spec, attempt));
         let mut cmd = match cgroup {
             // The shell moves itself into the cgroup before it becomes prlimit, so every
@@ -379,18 +438,6 @@ fn hidden_paths(settings: &Settings, work_root: &Path) -> Vec<PathBuf> {
             paths.push(home);
         }
     }
-    for secret in [
-        &settings.api.token,
-        &settings.github.webhook_secret,
-        &settings.github.private_key,
-    ]
-    .into_iter()
-    .flatten()
-    {
-        if let SecretRef::File(path) = secret {
-            paths.push(path.clone());
-        }
-    }
     paths.extend(settings.sandbox.hide.iter().cloned());
     let mut real: Vec<PathBuf> = paths
         .into_iter()
@@ -417,16 +464,6 @@ fn resolve_program(command: &str) -> Option<(PathBuf, PathBuf)> {
     Some((found, real))
 }
 
-/// The directory of a repository given as a local path or `file://` URL.
-fn local_repository(repository: &str) -> Option<PathBuf> {
-    let path = repository.strip_prefix("file://").unwrap_or(repository);
-    if !path.starts_with('/') {
-        return None;
-    }
-    let real = Path::new(path).canonicalize().ok()?;
-    real.is_dir().then_some(real)
-}
-
 #[async_trait]
 impl SandboxDriver for BwrapDriver {
     fn name(&self) -> &'static str {
@@ -439,19 +476,52 @@ impl SandboxDriver for BwrapDriver {
         events: mpsc::Sender<RunnerEvent>,
         cancel: CancellationToken,
     ) -> Outcome {
+        let local = local_repository(&spec.repository);
+        let mut spec = spec.clone();
+        if local.is_some() {
+            spec.delivery = Delivery::Bundle;
+        }
+        let spec = &spec;
         let attempt = match Attempt::prepare(&self.work_root, spec).await {
             Ok(a) => a,
             Err(outcome) => return outcome,
         };
+        if let Some(host) = &self.host {
+            if let Err(e) = host.own(attempt.path()) {
+                return infra(format!("cannot give the attempt directory to sandbox.host_uid: {e}"), true);
+            }
+        }
         let cgroup = match self.make_cgroup(&attempt) {
             Ok(c) => c,
             Err(e) => return infra(format!("cannot set up the sandbox cgroup: {e}"), true),
         };
         let cmd = self.command(spec, &attempt, cgroup.as_deref());
         let limit = Duration::from_secs(spec.agent.timeout_secs) + RUNNER_MARGIN;
-        let outcome = supervise(cmd, &attempt, limit, events, cancel).await;
+        let mut outcome = supervise(cmd, limit, events, cancel).await;
         if let Some(dir) = cgroup {
             remove_cgroup(&dir).await;
+        }
+        if let (Some(repo), Some(commit), OutcomeKind::Succeeded) =
+            (&local, outcome.commit.clone(), outcome.kind)
+        {
+            let delivered = local_repo::deliver(
+                attempt.path(),
+                &self.work_root,
+                repo,
+                &spec.branch,
+                &commit,
+            )
+            .await;
+            if let Err(e) = delivered {
+                let mut failed = Outcome::failed(OutcomeKind::Infrastructure, e.to_string(), true);
+                failed.cost_usd = outcome.cost_usd;
+                failed.tokens = outcome.tokens;
+                failed.turns = outcome.turns;
+                failed.duration_ms = outcome.duration_ms;
+                outcome = failed;
+            } else {
+                tracing::info!(%commit, branch = %spec.branch, "bundle pushed into the local repository");
+            }
         }
         outcome
     }
@@ -460,21 +530,6 @@ impl SandboxDriver for BwrapDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn local_repositories_are_recognised() {
-        let dir = tempfile::tempdir().unwrap();
-        let real = dir.path().canonicalize().unwrap();
-        let url = format!("file://{}", dir.path().display());
-        assert_eq!(local_repository(&url), Some(real.clone()));
-        assert_eq!(
-            local_repository(&dir.path().display().to_string()),
-            Some(real)
-        );
-        assert_eq!(local_repository("https://example.com/a/b.git"), None);
-        assert_eq!(local_repository("git@example.com:a/b.git"), None);
-        assert_eq!(local_repository("/nonexistent/repo.git"), None);
-    }
 
     #[test]
     fn hidden_paths_put_parents_first() {

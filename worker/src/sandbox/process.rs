@@ -4,9 +4,10 @@
 //!
 //! It also holds what every local driver shares: [`Attempt`] (a fresh directory with the
 //! run spec in it) and [`supervise`] (spawn the command, forward its event lines, stop it
-//! on cancel or timeout, read the result file). The `bwrap` driver differs only in the
-//! command it hands to [`supervise`].
+//! on cancel or timeout, read the outcome from the result channel). The `bwrap` driver
+//! differs only in the command it hands to [`supervise`].
 
+use super::result_channel::{ResultChannel, RESULT_FD};
 use super::SandboxDriver;
 use crate::spec::{RunSpec, RunnerEvent};
 use ao_shared::task::{Outcome, OutcomeKind};
@@ -49,11 +50,10 @@ pub(super) fn infra(message: impl Into<String>, retryable: bool) -> Outcome {
     Outcome::failed(OutcomeKind::Infrastructure, message, retryable)
 }
 
-/// The directory of one attempt, removed when dropped: the run spec, the result, the clone.
+/// The directory of one attempt, removed when dropped: the run spec and the clone.
 pub(super) struct Attempt {
     pub dir: tempfile::TempDir,
     pub spec: PathBuf,
-    pub result: PathBuf,
 }
 
 impl Attempt {
@@ -64,7 +64,6 @@ impl Attempt {
             .tempdir_in(work_root)
             .map_err(|e| infra(format!("cannot make a work directory: {e}"), true))?;
         let spec_path = dir.path().join("spec.json");
-        let result = dir.path().join("result.json");
         let text = serde_json::to_string(spec)
             .map_err(|e| infra(format!("cannot encode the run spec: {e}"), false))?;
         tokio::fs::write(&spec_path, text)
@@ -73,7 +72,6 @@ impl Attempt {
         Ok(Self {
             dir,
             spec: spec_path,
-            result,
         })
     }
 
@@ -82,12 +80,23 @@ impl Attempt {
     }
 }
 
-/// Runs `cmd` (which starts the runner for `attempt`) in its own process group: forwards
-/// its standard output lines as events, kills the whole group on cancel or after `limit`,
-/// and turns the result file into the outcome. Never panics.
+/// The runner's arguments that name its spec and its result channel.
+pub(super) fn runner_args(attempt: &Attempt) -> Vec<std::ffi::OsString> {
+    vec![
+        "runner".into(),
+        "--spec".into(),
+        attempt.spec.clone().into(),
+        "--result-fd".into(),
+        RESULT_FD.to_string().into(),
+    ]
+}
+
+/// Runs `cmd` (which starts the runner with [`runner_args`]) in its own process group:
+/// forwards its standard output lines as events, kills the whole group on cancel or
+/// after `limit`, and turns what came over the result channel into the outcome. Never
+/// panics.
 pub(super) async fn supervise(
     mut cmd: Command,
-    attempt: &Attempt,
     limit: Duration,
     events: mpsc::Sender<RunnerEvent>,
     cancel: CancellationToken,
@@ -97,7 +106,15 @@ pub(super) async fn supervise(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = match cmd.spawn() {
+    let channel = match ResultChannel::attach(&mut cmd) {
+        Ok(c) => c,
+        Err(e) => return infra(e.to_string(), true),
+    };
+    let spawned = cmd.spawn();
+    // The command holds the channel's write end: without dropping it the channel would
+    // never reach its end.
+    drop(cmd);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => return infra(format!("cannot start the runner: {e}"), true),
     };
@@ -167,15 +184,16 @@ pub(super) async fn supervise(
     }
     let _ = forward.await;
     let tail = stderr_tail.await.unwrap_or_default();
-    match tokio::fs::read_to_string(&attempt.result).await {
-        Ok(text) => serde_json::from_str::<Outcome>(&text)
+    match channel.finish().await {
+        Ok(text) => serde_json::from_slice::<Outcome>(&text)
             .unwrap_or_else(|e| infra(format!("the runner's result is unreadable: {e}"), true)),
-        Err(_) => {
+        Err(e) => {
+            tracing::warn!(error = %e, "no result from the runner");
             let status = status
                 .map(|s| s.to_string())
                 .unwrap_or_else(|e| e.to_string());
             infra(
-                format!("the runner ended ({status}) without a result: {tail}"),
+                format!("the runner ended ({status}) without a result ({e}): {tail}"),
                 true,
             )
         }
@@ -199,11 +217,7 @@ impl SandboxDriver for ProcessDriver {
             Err(outcome) => return outcome,
         };
         let mut cmd = Command::new(&self.runner_exe);
-        cmd.arg("runner")
-            .arg("--spec")
-            .arg(&attempt.spec)
-            .arg("--result")
-            .arg(&attempt.result)
+        cmd.args(runner_args(&attempt))
             .env_clear()
             .envs(
                 ENV_ALLOW
@@ -212,6 +226,6 @@ impl SandboxDriver for ProcessDriver {
             );
         spec.secret_env.apply(&mut cmd);
         let limit = Duration::from_secs(spec.agent.timeout_secs) + RUNNER_MARGIN;
-        supervise(cmd, &attempt, limit, events, cancel).await
+        supervise(cmd, limit, events, cancel).await
     }
 }
