@@ -202,7 +202,8 @@ impl Cluster {
     /// deployment), giving it the cluster's directory (again before each start, so what
     /// the test made in between is its too).
     pub fn run_as(&mut self, uid: u32, gid: u32) {
-        self.env.retain(|(k, _)| !k.starts_with("AO__SANDBOX__HOST_"));
+        self.env
+            .retain(|(k, _)| !k.starts_with("AO__SANDBOX__HOST_"));
         self.user = Some((uid, gid));
     }
 

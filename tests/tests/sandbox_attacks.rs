@@ -145,12 +145,19 @@ exit 0
     let id = submit(&c, &repo, "agent/work").await;
     let done = finished(&c, &id).await;
     assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
-    assert!(!repo.join("ao-suid").exists(), "the setuid copy was planted");
+    assert!(
+        !repo.join("ao-suid").exists(),
+        "the setuid copy was planted"
+    );
     assert!(
         !repo.join("hooks/post-receive").exists(),
         "a hook was planted"
     );
-    assert_eq!(git(&repo, &["rev-parse", "main"]), main_before, "main moved");
+    assert_eq!(
+        git(&repo, &["rev-parse", "main"]),
+        main_before,
+        "main moved"
+    );
     assert_eq!(git(&repo, &["branch", "--list", "keep"]).trim(), "keep");
     assert_eq!(git(&repo, &["show", "agent/work:work.txt"]), "work");
     let tip = git(&repo, &["rev-parse", "agent/work"]);
@@ -295,8 +302,14 @@ exit 1
         assert_eq!(done["status"], "failed", "{branch}: {done:#}\n{}", c.logs());
         assert_eq!(outcome["kind"], "agent_error", "{branch}: {done:#}");
         let text = done.to_string();
-        assert!(!text.contains(&format!("forged-{mark}")), "{branch}: {text}");
-        assert!(!text.contains(&format!("host-content-{mark}")), "{branch}: {text}");
+        assert!(
+            !text.contains(&format!("forged-{mark}")),
+            "{branch}: {text}"
+        );
+        assert!(
+            !text.contains(&format!("host-content-{mark}")),
+            "{branch}: {text}"
+        );
         assert!(outcome["commit"].is_null(), "{branch}: {text}");
     }
     assert_eq!(git(&repo, &["branch", "--list"]).trim(), "* main");
@@ -396,7 +409,10 @@ print("forked=%d" % n)
         .find_map(|l| l.strip_prefix("forked="))
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no fork count: {report}"));
-    assert!(forked < 40, "{forked} processes despite a limit of 40\n{report}");
+    assert!(
+        forked < 40,
+        "{forked} processes despite a limit of 40\n{report}"
+    );
 }
 
 /// A root worker without `sandbox.host_uid` refuses to start with `bwrap`, and says how

@@ -49,7 +49,11 @@ enum Command {
         #[arg(long)]
         spec: PathBuf,
         /// Where to write the outcome (JSON): a file (the nomad driver's)…
-        #[arg(long, conflicts_with = "result_fd", required_unless_present = "result_fd")]
+        #[arg(
+            long,
+            conflicts_with = "result_fd",
+            required_unless_present = "result_fd"
+        )]
         result: Option<PathBuf>,
         /// …or a file descriptor inherited from the worker (the local drivers' result
         /// channel), which the runner closes to every program it starts.
@@ -95,11 +99,10 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     // Every `file:` secret, of the configuration or resolved later, is hidden from the
     // sandboxes.
     let secret_files = secret_files::SecretFiles::from_settings(&settings);
-    let secrets: Arc<dyn ao_shared::secret::SecretResolver> =
-        Arc::new(secret_files::Recording {
-            inner: backends.secrets.clone(),
-            files: secret_files.clone(),
-        });
+    let secrets: Arc<dyn ao_shared::secret::SecretResolver> = Arc::new(secret_files::Recording {
+        inner: backends.secrets.clone(),
+        files: secret_files.clone(),
+    });
     let metrics = metrics::Metrics::new()?;
     let work_root = match &settings.worker.work_dir {
         Some(d) => d.clone(),

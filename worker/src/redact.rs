@@ -39,10 +39,6 @@ impl Redactor {
         Self { values: all }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.values.is_empty()
-    }
-
     /// `text` with every secret value replaced by [`REDACTED`].
     pub fn text(&self, text: &str) -> String {
         let mut out = text.to_string();

@@ -85,7 +85,10 @@ mod tests {
         s.api.token = Some("file:/run/a/api".parse().unwrap());
         let files = SecretFiles::from_settings(&s).paths();
         for p in ["/run/a/one", "/run/a/nomad", "/run/a/api"] {
-            assert!(files.contains(&PathBuf::from(p)), "{p} missing in {files:?}");
+            assert!(
+                files.contains(&PathBuf::from(p)),
+                "{p} missing in {files:?}"
+            );
         }
         assert_eq!(files.len(), 3, "{files:?}");
     }

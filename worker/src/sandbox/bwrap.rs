@@ -488,7 +488,10 @@ impl SandboxDriver for BwrapDriver {
         };
         if let Some(host) = &self.host {
             if let Err(e) = host.own(attempt.path()) {
-                return infra(format!("cannot give the attempt directory to sandbox.host_uid: {e}"), true);
+                return infra(
+                    format!("cannot give the attempt directory to sandbox.host_uid: {e}"),
+                    true,
+                );
             }
         }
         let cgroup = match self.make_cgroup(&attempt) {
@@ -504,14 +507,9 @@ impl SandboxDriver for BwrapDriver {
         if let (Some(repo), Some(commit), OutcomeKind::Succeeded) =
             (&local, outcome.commit.clone(), outcome.kind)
         {
-            let delivered = local_repo::deliver(
-                attempt.path(),
-                &self.work_root,
-                repo,
-                &spec.branch,
-                &commit,
-            )
-            .await;
+            let delivered =
+                local_repo::deliver(attempt.path(), &self.work_root, repo, &spec.branch, &commit)
+                    .await;
             if let Err(e) = delivered {
                 let mut failed = Outcome::failed(OutcomeKind::Infrastructure, e.to_string(), true);
                 failed.cost_usd = outcome.cost_usd;

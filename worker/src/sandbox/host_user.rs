@@ -134,11 +134,8 @@ mod tests {
             gid: 4242,
         };
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::set_permissions(
-            dir.path().join("a"),
-            std::fs::Permissions::from_mode(0o700),
-        )
-        .unwrap();
+        std::fs::set_permissions(dir.path().join("a"), std::fs::Permissions::from_mode(0o700))
+            .unwrap();
         assert!(user.can_reach(&dir.path().join("a")));
         assert!(!user.can_reach(&inner));
     }

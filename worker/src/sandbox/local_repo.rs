@@ -52,7 +52,10 @@ pub enum DeliveryError {
 
 /// Copies the runner's bundle out of `attempt_dir` into a private file in `private_dir`
 /// (which the sandbox never sees), bounded and without following links or blocking.
-fn copy_bundle(attempt_dir: &Path, private_dir: &Path) -> Result<tempfile::TempPath, DeliveryError> {
+fn copy_bundle(
+    attempt_dir: &Path,
+    private_dir: &Path,
+) -> Result<tempfile::TempPath, DeliveryError> {
     let path = attempt_dir.join(BUNDLE_FILE);
     let mut file = std::fs::OpenOptions::new()
         .read(true)
@@ -105,7 +108,13 @@ pub async fn deliver(
     let refspec = format!("HEAD:refs/heads/{branch}");
     let mut fetch = git(repo);
     fetch
-        .args(["fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--"])
+        .args([
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--no-write-fetch-head",
+            "--",
+        ])
         .arg(&*bundle)
         .arg(&refspec);
     let out = tokio::time::timeout(FETCH_TIMEOUT, fetch.output())

@@ -217,13 +217,11 @@ impl SandboxDriver for ProcessDriver {
             Err(outcome) => return outcome,
         };
         let mut cmd = Command::new(&self.runner_exe);
-        cmd.args(runner_args(&attempt))
-            .env_clear()
-            .envs(
-                ENV_ALLOW
-                    .iter()
-                    .filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))),
-            );
+        cmd.args(runner_args(&attempt)).env_clear().envs(
+            ENV_ALLOW
+                .iter()
+                .filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))),
+        );
         spec.secret_env.apply(&mut cmd);
         let limit = Duration::from_secs(spec.agent.timeout_secs) + RUNNER_MARGIN;
         supervise(cmd, limit, events, cancel).await

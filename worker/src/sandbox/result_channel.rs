@@ -51,15 +51,21 @@ impl ResultChannel {
     /// Makes the pipe, hands its write end to `cmd` as [`RESULT_FD`] (kept by `cmd`
     /// until it is dropped: drop it right after spawning), and starts reading.
     pub fn attach(cmd: &mut Command) -> Result<Self, ChannelError> {
-        let (read, write): (OwnedFd, OwnedFd) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+        let (read, write): (OwnedFd, OwnedFd) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| ChannelError::Setup(e.to_string()))?;
+        // The runner reopens its end through /proc/self/fd; under a root worker it runs
+        // as another user than the pipe's owner, so the write end is made writable to
+        // it. Nothing else can reach the pipe: it is open only in the runner (not
+        // dumpable, so its /proc/<pid>/fd is closed to others) and the worker.
+        nix::sys::stat::fchmod(&write, nix::sys::stat::Mode::from_bits_truncate(0o622))
             .map_err(|e| ChannelError::Setup(e.to_string()))?;
         cmd.fd_mappings(vec![FdMapping {
             parent_fd: write,
             child_fd: RESULT_FD,
         }])
         .map_err(|e| ChannelError::Setup(e.to_string()))?;
-        let receiver = pipe::Receiver::from_owned_fd(read)
-            .map_err(|e| ChannelError::Setup(e.to_string()))?;
+        let receiver =
+            pipe::Receiver::from_owned_fd(read).map_err(|e| ChannelError::Setup(e.to_string()))?;
         let reading = tokio::spawn(async move {
             let mut text = Vec::new();
             receiver
