@@ -120,6 +120,37 @@ fn output(dir: &Path, args: &[&str]) -> Result<String, String> {
 /// branch when there is one, else a new branch from the base (or the default branch).
 /// Returns the commit work starts from ("" for an empty repository).
 pub fn prepare(spec: &RunSpec, repo: &Path) -> Result<String, String> {
+    // git's ownership check in the source's upload-pack honours safe.directory only
+    // from global configuration: a file of the runner's, used before anything of the
+    // repository runs and removed right after.
+    let config = repo.parent().unwrap_or(repo).join("clone.gitconfig");
+    std::fs::write(&config, "[safe]\n\tdirectory = *\n")
+        .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
+    let prepared = prepare_with(spec, repo, &config);
+    let _ = std::fs::remove_file(&config);
+    prepared
+}
+
+fn prepare_with(spec: &RunSpec, repo: &Path, config: &Path) -> Result<String, String> {
+    let git = |dir: Option<&Path>| {
+        let mut cmd = git(dir);
+        cmd.env("GIT_CONFIG_GLOBAL", config);
+        cmd
+    };
+    let output = |dir: &Path, args: &[&str]| -> Result<String, String> {
+        let out = git(Some(dir))
+            .args(args)
+            .output()
+            .map_err(|e| format!("git {}: {e}", args.join(" ")))?;
+        if !out.status.success() {
+            return Err(format!(
+                "git {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
     let mut clone = git(None);
     clone.args(["clone", "--no-tags", "--quiet"]);
     if let Some(base) = &spec.base_branch {
