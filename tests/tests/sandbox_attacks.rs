@@ -389,10 +389,12 @@ for i in range(100):
     except OSError:
         break
     if pid == 0:
-        time.sleep(20)
+        time.sleep(2)
         os._exit(0)
     n += 1
 print("forked=%d" % n)
+for _ in range(n):
+    os.wait()
 '
 }} > report.txt 2>&1
 "#,
