@@ -269,6 +269,15 @@ pub struct SandboxSettings {
     pub uid: u32,
     /// Group id of the agent inside the sandbox.
     pub gid: u32,
+    /// The unprivileged host user id the sandbox runs as when the worker runs as root
+    /// (root is never a sandbox user: as host root the agent could read every root-only
+    /// file, and no process limit would apply). A dedicated user
+    /// (`useradd --system ao-sandbox`) or an id of root's subordinate range
+    /// (`/etc/subuid`). Required for a root worker with the `bwrap` driver; unused
+    /// otherwise (the sandbox then runs as the worker's own user).
+    pub host_uid: Option<u32>,
+    /// The host group id that goes with `host_uid`.
+    pub host_gid: Option<u32>,
     /// The agent's home directory inside the sandbox: an empty tmpfs for each attempt.
     pub home: PathBuf,
     /// Names of the worker's environment variables passed into the sandbox (when set),
@@ -318,6 +327,8 @@ impl Default for SandboxSettings {
             bwrap: PathBuf::from("bwrap"),
             uid: 1000,
             gid: 1000,
+            host_uid: None,
+            host_gid: None,
             home: PathBuf::from("/home/agent"),
             // The model key is not passed from the worker's environment: it comes from
             // `agent.api_key` (a secret ref), and the runner keeps it out of its output.

@@ -77,12 +77,29 @@ async fn run(
         worker.agent_spec(order.capability, order.profile.as_ref()),
     );
     spec.lease = LeaseSlot(Some(lease.clone()));
+    // The run's secrets, before anything starts: their values are redacted from every
+    // event and the outcome, whatever the sandbox driver.
+    let prepared = match worker.secret_env().await {
+        Ok(env) => {
+            spec.secret_env = env;
+            crate::credentials::attach(&worker, &order, &mut spec)
+                .await
+                .map_err(|failed| *failed)
+        }
+        Err(e) => Err(Outcome::failed(
+            OutcomeKind::Infrastructure,
+            format!("cannot resolve agent.api_key: {e}"),
+            true,
+        )),
+    };
+    let redactor = spec.secret_env.redactor();
     let (tx, rx) = mpsc::channel::<RunnerEvent>(256);
     let forwarder = tokio::spawn(forward_events(
         worker.clone(),
         order.clone(),
         rx,
         received_at,
+        redactor.clone(),
     ));
     let cancel = hard_stop.child_token();
     let run_done = CancellationToken::new();
@@ -105,24 +122,16 @@ async fn run(
             }
         }
     });
-    let outcome = match worker.secret_env().await {
-        Ok(env) => {
-            spec.secret_env = env;
-            match crate::credentials::attach(&worker, &order, &mut spec).await {
-                Ok(()) => worker.driver.run(&spec, tx, cancel).await,
-                Err(failed) => *failed,
-            }
-        }
-        Err(e) => {
+    let mut outcome = match prepared {
+        Ok(()) => worker.driver.run(&spec, tx, cancel).await,
+        Err(failed) => {
             drop(tx);
-            Outcome::failed(
-                OutcomeKind::Infrastructure,
-                format!("cannot resolve agent.api_key: {e}"),
-                true,
-            )
+            failed
         }
     };
-    // Whatever the runner wrote, agent text is bounded before it is reported.
+    // Whatever the runner wrote, secrets are redacted and agent text is bounded before it
+    // is reported.
+    redactor.outcome(&mut outcome);
     let outcome = outcome.bounded();
     run_done.cancel();
     let _ = watch.await;
@@ -236,6 +245,7 @@ async fn forward_events(
     order: SubtaskMessage,
     mut rx: mpsc::Receiver<RunnerEvent>,
     received_at: Instant,
+    redactor: crate::redact::Redactor,
 ) {
     let mut batch: Vec<AgentEventRecord> = Vec::new();
     let mut first = true;
@@ -251,10 +261,12 @@ async fn forward_events(
                     .sandbox_start
                     .observe(received_at.elapsed().as_secs_f64());
             }
+            let mut data = event.data;
+            redactor.json(&mut data);
             batch.push(AgentEventRecord {
                 at: timefmt::now(),
-                kind: event.kind,
-                data: event.data,
+                kind: redactor.text(&event.kind),
+                data,
             });
         }
         let flush = done || batch.len() >= EVENT_BATCH || (timed_out && !batch.is_empty());

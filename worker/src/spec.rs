@@ -45,6 +45,9 @@ pub struct RunSpec {
     #[serde(default)]
     pub instructions: Option<String>,
     pub agent: AgentSpec,
+    /// How the runner hands over its commit.
+    #[serde(default)]
+    pub delivery: Delivery,
     /// Secret environment variables for this attempt (the model API key, a git token).
     /// Never serialized: they reach the sandbox only through its environment, never the
     /// spec file or a Nomad payload.
@@ -73,6 +76,23 @@ impl PartialEq for LeaseSlot {
     }
 }
 
+/// How the runner hands over the commit it made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// The runner pushes to the repository's URL (HTTPS, SSH) itself.
+    #[default]
+    Push,
+    /// The runner writes the new commits as a git bundle, [`BUNDLE_FILE`] in its work
+    /// directory, once every other process of the sandbox is gone; the worker pushes it
+    /// into the repository from outside the sandbox. For local repositories, which the
+    /// sandbox sees read-only.
+    Bundle,
+}
+
+/// The bundle of a [`Delivery::Bundle`] run, in the runner's work directory.
+pub const BUNDLE_FILE: &str = "push.bundle";
+
 /// Names the runner's secret environment variables (comma-separated).
 pub const SECRET_NAMES_VAR: &str = "AO_SECRET_NAMES";
 
@@ -97,6 +117,12 @@ impl SecretEnv {
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.0.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// A redactor of every value.
+    pub fn redactor(&self) -> crate::redact::Redactor {
+        use secrecy::ExposeSecret;
+        crate::redact::Redactor::new(self.0.iter().map(|(_, v)| v.expose_secret()))
     }
 
     /// Adds every variable to a command's environment, and their names (not values) as
@@ -132,6 +158,7 @@ impl RunSpec {
             prompt: m.prompt.clone(),
             instructions: m.instructions.clone(),
             agent,
+            delivery: Delivery::Push,
             secret_env: SecretEnv::default(),
             lease: LeaseSlot::default(),
         }

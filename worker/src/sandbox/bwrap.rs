@@ -8,19 +8,21 @@
 //!   dies with the namespace. Orphans that exit earlier stay zombies until then, within
 //!   the process limit. `--die-with-parent` ties it to the worker, `--new-session` takes
 //!   the controlling terminal away.
-//! - an unprivileged user inside (`sandbox.uid`/`sandbox.gid`, 1000 by default). With a
-//!   user namespace the worker's own uid is mapped to it, so the attempt directory the
-//!   worker made is owned by the sandbox user whether the worker runs as root or not; no
-//!   chown is needed.
+//! - an unprivileged user inside (`sandbox.uid`/`sandbox.gid`, 1000 by default), mapped
+//!   by the user namespace to an unprivileged host user: the worker's own user, or, for
+//!   a worker running as root, `sandbox.host_uid` (see [`super::host_user`]); root is
+//!   never a sandbox user.
 //! - the host root read-only, a fresh `/proc`, a minimal `/dev`, an empty tmpfs `/tmp` and
 //!   `$HOME`; the worker's private places hidden under empty tmpfs mounts (its data dir with
 //!   the SQLite files, its whole work root, `/root`, `/home`, the worker's `$HOME`,
-//!   `/run/secrets`, secret files named in the configuration, `sandbox.hide`), read-only,
-//!   and the shadow files replaced by empty ones.
-//! - exactly two writable places: the attempt directory (run spec, result file, clone), and
-//!   — only when the repository is a local path or `file://` URL — that repository, since
-//!   the runner must push into it. The agent can therefore write to a local remote as well;
-//!   over HTTPS or SSH nothing of the remote is visible.
+//!   `/run/secrets`, every `file:` secret of the configuration and every one the worker
+//!   resolved (see [`crate::secret_files`]), `sandbox.hide`), read-only, and the shadow
+//!   files replaced by empty ones.
+//! - exactly one writable place besides the size-limited tmpfs mounts: the attempt
+//!   directory (run spec, bundle). A repository given as a local path or `file://` URL is
+//!   shown read-only; the runner hands its commits back as a bundle which the worker
+//!   pushes (see [`super::local_repo`]). The outcome travels over a pipe, not a file (see
+//!   [`super::result_channel`]).
 //! - the environment rebuilt from an allow-list: PATH, LANG, LC_ALL, TZ, HOME, USER, LOGNAME,
 //!   TMPDIR and the names in `sandbox.env_pass`. Values travel in bubblewrap's environment
 //!   (never `--setenv`, which would show them in `/proc/*/cmdline`); bubblewrap hands its
@@ -36,19 +38,18 @@
 //!   (util-linux) for RLIMIT_NPROC and RLIMIT_NOFILE, and a size bound on every writable
 //!   place: the working copy, `/tmp`, `$HOME` and `/dev/shm` are size-limited tmpfs mounts,
 //!   and the rest of `/dev` is read-only.
-//!
-//! A limit of running the worker as root: the sandbox user maps to host uid 0, so files
-//! readable only by root stay readable to the agent unless hidden. Run the worker as an
-//! unprivileged user where you can.
+
 
 use super::limits::{self, AttemptCgroup, Cgroups};
 use super::network::{self, NetworkMode};
-use super::process::{infra, supervise, Attempt, RUNNER_MARGIN};
+use super::host_user::{HostUser, HostUserError};
+use super::local_repo::{self, local_repository};
+use super::process::{infra, runner_args, supervise, Attempt, RUNNER_MARGIN};
 use super::SandboxDriver;
 use crate::proxy::RunProxy;
-use crate::spec::{RunSpec, RunnerEvent};
+use crate::secret_files::SecretFiles;
+use crate::spec::{Delivery, RunSpec, RunnerEvent};
 use ao_shared::config::{SandboxSettings, Settings};
-use ao_shared::secret::SecretRef;
 use ao_shared::task::{Outcome, OutcomeKind};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
@@ -102,6 +103,13 @@ pub enum BwrapError {
     Config(String),
     #[error(transparent)]
     Seccomp(#[from] super::seccomp::SeccompError),
+    #[error(transparent)]
+    HostUser(#[from] HostUserError),
+    #[error(
+        "the work directory {0} cannot be reached by sandbox.host_uid: make it and the \
+         directories above it searchable (o+x), or set worker.work_dir elsewhere"
+    )]
+    WorkDirUnreachable(PathBuf),
 }
 
 /// The bubblewrap sandbox driver.
@@ -117,15 +125,28 @@ pub struct BwrapDriver {
     cgroups: Option<Cgroups>,
     /// The whole configuration, for the model proxy's options.
     all: Settings,
+    /// Secret files, more of which become known as the worker resolves them.
+    secret_files: SecretFiles,
+    /// The unprivileged host user of the sandboxes of a root worker.
+    host: Option<HostUser>,
 }
 
 impl BwrapDriver {
     /// Checks that bubblewrap and prlimit work and works out what to hide.
-    pub fn new(work_root: PathBuf, settings: &Settings) -> Result<Self, BwrapError> {
+    pub fn new(
+        work_root: PathBuf,
+        settings: &Settings,
+        secret_files: SecretFiles,
+    ) -> Result<Self, BwrapError> {
         let sandbox = settings.sandbox.clone();
         if sandbox.uid == 0 || sandbox.gid == 0 {
             return Err(BwrapError::RootUser);
         }
+        let host = HostUser::for_worker(
+            nix::unistd::geteuid().as_raw(),
+            sandbox.host_uid,
+            sandbox.host_gid,
+        )?;
         std::fs::create_dir_all(&work_root)
             .and_then(|_| work_root.canonicalize())
             .map_err(|source| BwrapError::WorkDir {
@@ -136,6 +157,9 @@ impl BwrapDriver {
                 let runner_exe = std::env::current_exe()
                     .and_then(|p| p.canonicalize())
                     .map_err(BwrapError::Exe)?;
+                if host.is_some_and(|h| !h.can_reach(&work_root.join("attempt"))) {
+                    return Err(BwrapError::WorkDirUnreachable(work_root));
+                }
                 let hidden = hidden_paths(settings, &work_root);
                 network::check_allow_hosts(&sandbox).map_err(BwrapError::Config)?;
                 let cgroups = Cgroups::detect(
@@ -150,6 +174,8 @@ impl BwrapDriver {
                     hidden,
                     cgroups,
                     all: settings.clone(),
+                    secret_files,
+                    host,
                 };
                 driver.probe()?;
                 Ok(driver)
@@ -160,7 +186,7 @@ impl BwrapDriver {
     fn probe(&self) -> Result<(), BwrapError> {
         let s = &self.settings;
         let seccomp = super::seccomp::program_files()?;
-        let mut probe = std::process::Command::new(&s.bwrap);
+        let mut probe = self.as_host_user(s.bwrap.as_os_str());
         probe.args([
             "--unshare-user",
             "--unshare-pid",
@@ -210,11 +236,44 @@ impl BwrapDriver {
         Ok(())
     }
 
+    /// `program` run as the sandbox's host user (itself for an ordinary worker).
+    fn as_host_user(&self, program: &std::ffi::OsStr) -> std::process::Command {
+        match &self.host {
+            Some(host) => {
+                let argv = host.setpriv();
+                let mut cmd = std::process::Command::new(&argv[0]);
+                cmd.args(&argv[1..]).arg(program);
+                cmd
+            }
+            None => std::process::Command::new(program),
+        }
+    }
+
+    /// What is hidden in this attempt: the fixed list and every secret file known now,
+    /// canonical, parents first; for a root worker, only what its host user could reach.
+    fn hidden_now(&self) -> Vec<PathBuf> {
+        let mut hidden = self.hidden.clone();
+        hidden.extend(
+            self.secret_files
+                .paths()
+                .into_iter()
+                .filter_map(|p| p.canonicalize().ok())
+                .filter(|p| p.parent().is_some()),
+        );
+        hidden.sort_by_key(|p| (p.components().count(), p.clone()));
+        hidden.dedup();
+        if let Some(host) = &self.host {
+            hidden.retain(|p| host.can_reach(p));
+        }
+        hidden
+    }
+
     /// Whether `path` is covered inside: hidden, or under the fresh `/tmp` or home.
-    fn is_hidden(&self, path: &Path) -> bool {
+    /// Whether `path` is covered inside: hidden, or under the fresh `/tmp` or home.
+    fn is_hidden(&self, hidden: &[PathBuf], path: &Path) -> bool {
         path.starts_with("/tmp")
             || path.starts_with(&self.settings.home)
-            || self.hidden.iter().any(|h| path.starts_with(h))
+            || hidden.iter().any(|h| path.starts_with(h))
     }
 
     /// bubblewrap's arguments for one attempt, up to and including the runner's.
@@ -249,12 +308,13 @@ impl BwrapDriver {
         a.flag_val("--dev", "/dev");
         a.0.extend(limits::sized_tmpfs(s.shm_mb, Path::new("/dev/shm")));
         a.0.extend(limits::sized_tmpfs(s.tmp_mb, Path::new("/tmp")));
+        let hidden = self.hidden_now();
         a.0.extend(network::bwrap_args(
             run.network,
             run.proxy_socket.as_deref(),
-            &|p| self.is_hidden(p),
+            &|p| self.is_hidden(&hidden, p),
         ));
-        for path in &self.hidden {
+        for path in &hidden {
             if path.is_dir() {
                 a.flag_val("--tmpfs", path);
             } else {
@@ -264,11 +324,11 @@ impl BwrapDriver {
         a.0.extend(limits::sized_tmpfs(s.home_mb, &s.home));
         // What must stay visible under a hidden directory: the runner, the agent, and
         // configured tool paths.
-        if self.is_hidden(&self.runner_exe) {
+        if self.is_hidden(&hidden, &self.runner_exe) {
             a.two("--ro-bind", &self.runner_exe, &self.runner_exe);
         }
         if let Some((found, real)) = resolve_program(&spec.agent.command) {
-            if self.is_hidden(&found) {
+            if self.is_hidden(&hidden, &found) {
                 a.two("--ro-bind", &real, &found);
             }
         }
@@ -281,21 +341,18 @@ impl BwrapDriver {
         let workspace = attempt.path().join(WORKSPACE_DIR);
         a.0.extend(limits::sized_tmpfs(s.workspace_mb, &workspace));
         if let Some(repo) = local_repository(&spec.repository) {
-            a.two("--bind", &repo, &repo);
+            a.two("--ro-bind", &repo, &repo);
         }
         // Hidden directories are read-only too (only after the binds under them are made,
         // since their mount points are created in them).
-        for path in self.hidden.iter().filter(|p| p.is_dir()) {
+        for path in hidden.iter().filter(|p| p.is_dir()) {
             a.flag_val("--remount-ro", path);
         }
         a.flag_val("--remount-ro", "/dev");
         a.flag_val("--chdir", attempt.path());
         a.flags(&["--"]);
         a.0.push(self.runner_exe.clone().into());
-        a.flags(&["runner", "--spec"]);
-        a.0.push(attempt.spec.clone().into());
-        a.flags(&["--result"]);
-        a.0.push(attempt.result.clone().into());
+        a.0.extend(runner_args(attempt));
         a.flags(&["--workspace"]);
         a.0.push(workspace.into());
         a.0
@@ -309,8 +366,11 @@ impl BwrapDriver {
             "prlimit".into(),
             format!("--nproc={n}:{n}", n = s.max_processes).into(),
             format!("--nofile={n}:{n}", n = s.max_open_files).into(),
-            s.bwrap.clone().into(),
         ];
+        if let Some(host) = &self.host {
+            prlimit.extend(host.setpriv());
+        }
+        prlimit.push(s.bwrap.clone().into());
         prlimit.extend(self.bwrap_args(spec, attempt, run));
         let mut cmd = match &run.cgroup {
             Some(cgroup) => cgroup.wrap(&prlimit),
@@ -407,18 +467,6 @@ fn hidden_paths(settings: &Settings, work_root: &Path) -> Vec<PathBuf> {
             paths.push(home);
         }
     }
-    for secret in [
-        &settings.api.token,
-        &settings.github.webhook_secret,
-        &settings.github.private_key,
-    ]
-    .into_iter()
-    .flatten()
-    {
-        if let SecretRef::File(path) = secret {
-            paths.push(path.clone());
-        }
-    }
     paths.extend(settings.sandbox.hide.iter().cloned());
     let mut real: Vec<PathBuf> = paths
         .into_iter()
@@ -467,15 +515,27 @@ impl SandboxDriver for BwrapDriver {
         events: mpsc::Sender<RunnerEvent>,
         cancel: CancellationToken,
     ) -> Outcome {
-        let attempt = match Attempt::prepare(&self.work_root, spec).await {
+        let local = local_repository(&spec.repository);
+        let mut spec = spec.clone();
+        if local.is_some() {
+            spec.delivery = Delivery::Bundle;
+        }
+        let attempt = match Attempt::prepare(&self.work_root, &spec).await {
             Ok(a) => a,
             Err(outcome) => return outcome,
         };
         if let Err(e) = std::fs::create_dir(attempt.path().join(WORKSPACE_DIR)) {
             return infra(format!("cannot make the workspace directory: {e}"), true);
         }
+        if let Some(host) = &self.host {
+            if let Err(e) = host.own(attempt.path()) {
+                return infra(
+                    format!("cannot give the attempt directory to sandbox.host_uid: {e}"),
+                    true,
+                );
+            }
+        }
         let network = NetworkMode::of(&self.settings, spec.capability);
-        let mut spec = spec.clone();
         let mut proxy = None;
         let mut inside_port = None;
         if network == NetworkMode::Proxy {
@@ -525,6 +585,23 @@ impl SandboxDriver for BwrapDriver {
         if let Some(cgroup) = setup.cgroup {
             cgroup.remove().await;
         }
+        if let (Some(repo), Some(commit), OutcomeKind::Succeeded) =
+            (&local, outcome.commit.clone(), outcome.kind)
+        {
+            let delivered =
+                local_repo::deliver(attempt.path(), &self.work_root, repo, &spec.branch, &commit)
+                    .await;
+            if let Err(e) = delivered {
+                let mut failed = Outcome::failed(OutcomeKind::Infrastructure, e.to_string(), true);
+                failed.cost_usd = outcome.cost_usd;
+                failed.tokens = outcome.tokens;
+                failed.turns = outcome.turns;
+                failed.duration_ms = outcome.duration_ms;
+                outcome = failed;
+            } else {
+                tracing::info!(%commit, branch = %spec.branch, "bundle pushed into the local repository");
+            }
+        }
         outcome
     }
 }
@@ -532,21 +609,6 @@ impl SandboxDriver for BwrapDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn local_repositories_are_recognised() {
-        let dir = tempfile::tempdir().unwrap();
-        let real = dir.path().canonicalize().unwrap();
-        let url = format!("file://{}", dir.path().display());
-        assert_eq!(local_repository(&url), Some(real.clone()));
-        assert_eq!(
-            local_repository(&dir.path().display().to_string()),
-            Some(real)
-        );
-        assert_eq!(local_repository("https://example.com/a/b.git"), None);
-        assert_eq!(local_repository("git@example.com:a/b.git"), None);
-        assert_eq!(local_repository("/nonexistent/repo.git"), None);
-    }
 
     #[test]
     fn hidden_paths_put_parents_first() {

@@ -4,10 +4,11 @@
 //!
 //! It also holds what every local driver shares: [`Attempt`] (a fresh directory with the
 //! run spec in it) and [`supervise`] (spawn the command, forward its event lines, stop it
-//! on cancel or timeout, read the result file). The `bwrap` driver differs only in the
-//! command it hands to [`supervise`].
+//! on cancel or timeout, read the outcome from the result channel). The `bwrap` driver
+//! differs only in the command it hands to [`supervise`].
 
 use super::limits::{read_bounded_line, Line, MAX_LINE_BYTES};
+use super::result_channel::{ResultChannel, RESULT_FD};
 use super::SandboxDriver;
 use crate::push_permit;
 use crate::spec::{LeaseSlot, RunSpec, RunnerEvent};
@@ -53,11 +54,10 @@ pub(super) fn infra(message: impl Into<String>, retryable: bool) -> Outcome {
     Outcome::failed(OutcomeKind::Infrastructure, message, retryable)
 }
 
-/// The directory of one attempt, removed when dropped: the run spec, the result, the clone.
+/// The directory of one attempt, removed when dropped: the run spec and the clone.
 pub(super) struct Attempt {
     pub dir: tempfile::TempDir,
     pub spec: PathBuf,
-    pub result: PathBuf,
     /// The lease the runner's push is fenced by (see `push_permit.rs`).
     pub lease: LeaseSlot,
 }
@@ -70,7 +70,6 @@ impl Attempt {
             .tempdir_in(work_root)
             .map_err(|e| infra(format!("cannot make a work directory: {e}"), true))?;
         let spec_path = dir.path().join("spec.json");
-        let result = dir.path().join("result.json");
         let text = serde_json::to_string(spec)
             .map_err(|e| infra(format!("cannot encode the run spec: {e}"), false))?;
         tokio::fs::write(&spec_path, text)
@@ -79,7 +78,6 @@ impl Attempt {
         Ok(Self {
             dir,
             spec: spec_path,
-            result,
             lease: spec.lease.clone(),
         })
     }
@@ -89,10 +87,22 @@ impl Attempt {
     }
 }
 
-/// Runs `cmd` (which starts the runner for `attempt`) in its own process group: forwards
-/// its standard output lines as events, kills the whole group on cancel or after `limit`,
-/// and turns the result file into the outcome. `inherited` are files the command must
-/// inherit, closed here as soon as it has started. Never panics.
+/// The runner's arguments that name its spec and its result channel.
+pub(super) fn runner_args(attempt: &Attempt) -> Vec<std::ffi::OsString> {
+    vec![
+        "runner".into(),
+        "--spec".into(),
+        attempt.spec.clone().into(),
+        "--result-fd".into(),
+        RESULT_FD.to_string().into(),
+    ]
+}
+
+/// Runs `cmd` (which starts the runner for `attempt` with [`runner_args`]) in its own
+/// process group: forwards its standard output lines as events, kills the whole group on
+/// cancel or after `limit`, and turns what came over the result channel into the outcome.
+/// `inherited` are files the command must inherit, closed here as soon as it has started.
+/// Never panics.
 pub(super) async fn supervise(
     mut cmd: Command,
     attempt: &Attempt,
@@ -109,8 +119,15 @@ pub(super) async fn supervise(
     if attempt.lease.0.is_some() {
         push_permit::configure(&mut cmd);
     }
+    let channel = match ResultChannel::attach(&mut cmd) {
+        Ok(c) => c,
+        Err(e) => return infra(e.to_string(), true),
+    };
     let spawned = cmd.spawn();
     drop(inherited);
+    // The command holds the channel's write end: without dropping it the channel would
+    // never reach its end.
+    drop(cmd);
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => return infra(format!("cannot start the runner: {e}"), true),
@@ -219,15 +236,16 @@ pub(super) async fn supervise(
     }
     let _ = forward.await;
     let tail = stderr_tail.await.unwrap_or_default();
-    match tokio::fs::read_to_string(&attempt.result).await {
-        Ok(text) => serde_json::from_str::<Outcome>(&text)
+    match channel.finish().await {
+        Ok(text) => serde_json::from_slice::<Outcome>(&text)
             .unwrap_or_else(|e| infra(format!("the runner's result is unreadable: {e}"), true)),
-        Err(_) => {
+        Err(e) => {
+            tracing::warn!(error = %e, "no result from the runner");
             let status = status
                 .map(|s| s.to_string())
                 .unwrap_or_else(|e| e.to_string());
             infra(
-                format!("the runner ended ({status}) without a result: {tail}"),
+                format!("the runner ended ({status}) without a result ({e}): {tail}"),
                 true,
             )
         }
@@ -307,17 +325,11 @@ impl SandboxDriver for ProcessDriver {
             Err(outcome) => return outcome,
         };
         let mut cmd = Command::new(&self.runner_exe);
-        cmd.arg("runner")
-            .arg("--spec")
-            .arg(&attempt.spec)
-            .arg("--result")
-            .arg(&attempt.result)
-            .env_clear()
-            .envs(
-                ENV_ALLOW
-                    .iter()
-                    .filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))),
-            );
+        cmd.args(runner_args(&attempt)).env_clear().envs(
+            ENV_ALLOW
+                .iter()
+                .filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))),
+        );
         spec.secret_env.apply(&mut cmd);
         let limit = Duration::from_secs(spec.agent.timeout_secs) + RUNNER_MARGIN;
         supervise(cmd, &attempt, limit, events, cancel, Vec::new()).await
@@ -344,7 +356,6 @@ mod tests {
         let pid_file = dir.path().join("bg.pid");
         let attempt = Attempt {
             spec: dir.path().join("spec.json"),
-            result: dir.path().join("result.json"),
             lease: LeaseSlot::default(),
             dir,
         };
