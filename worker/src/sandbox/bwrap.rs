@@ -493,16 +493,6 @@ fn resolve_program(command: &str) -> Option<(PathBuf, PathBuf)> {
     Some((found, real))
 }
 
-/// The directory of a repository given as a local path or `file://` URL.
-fn local_repository(repository: &str) -> Option<PathBuf> {
-    let path = repository.strip_prefix("file://").unwrap_or(repository);
-    if !path.starts_with('/') {
-        return None;
-    }
-    let real = Path::new(path).canonicalize().ok()?;
-    real.is_dir().then_some(real)
-}
-
 #[async_trait]
 impl SandboxDriver for BwrapDriver {
     fn name(&self) -> &'static str {
