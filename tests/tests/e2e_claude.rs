@@ -397,12 +397,14 @@ async fn nothing_the_agent_starts_outlives_the_run() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_cannot_make_the_runner_s_git_run_its_commands() {
-    // Whatever the agent plants writes into `traps` beside the remote (the one host path
-    // the sandbox can write) if the runner's git ever runs it.
+    // Whatever the agent plants would commit a file named after itself into the working
+    // copy if the runner's git ran it, and the agent points the remote elsewhere. (The
+    // local remote itself is read-only to the sandbox; the command-agent variants in
+    // sandbox_attacks.rs watch for the same commands from outside.)
     let plant = r#"set -e
-T="$(git remote get-url origin)/traps"
-mkdir -p "$T" .git/hooks "$HOME/evil-hooks"
-hook() { printf '#!/bin/sh\ntouch %s/%s\n' "$T" "$1" > "$2"; chmod +x "$2"; }
+T="$PWD"
+mkdir -p .git/hooks "$HOME/evil-hooks"
+hook() { printf '#!/bin/sh\ntouch %s/sprung-%s\n' "$T" "$1" > "$2"; chmod +x "$2"; }
 hook pre-push .git/hooks/pre-push
 hook post-commit .git/hooks/post-commit
 hook fsmonitor .git/fsmonitor.sh
@@ -429,12 +431,23 @@ echo work > work.txt"#;
         remote_file(&c, &repo, "agent/claude", "work.txt").as_deref(),
         Some("work\n")
     );
-    let sprung: Vec<_> = std::fs::read_dir(repo.join("traps"))
-        .expect("the agent made the trap directory")
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
-    assert!(sprung.is_empty(), "planted commands ran: {sprung:?}");
+    let tree = std::process::Command::new("git")
+        .args([
+            "-c",
+            "safe.directory=*",
+            "ls-tree",
+            "-r",
+            "--name-only",
+            "agent/claude",
+        ])
+        .current_dir(&repo)
+        .output()
+        .expect("git ls-tree");
+    let tree = String::from_utf8_lossy(&tree.stdout);
+    assert!(
+        !tree.lines().any(|f| f.starts_with("sprung-")),
+        "planted commands ran: {tree}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

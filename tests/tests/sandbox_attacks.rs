@@ -446,7 +446,9 @@ async fn a_root_worker_without_a_host_user_refuses_to_start() {
 }
 
 /// Attack 8: the agent prints the model key it holds, so that it would become the
-/// outcome's summary, the commit message and event data. It is redacted from each.
+/// outcome's summary, the commit message and event data. It is redacted from each. The
+/// capability's network is `open` here: in the default proxy mode the key never enters
+/// the sandbox at all (sandbox_limits.rs and e2e_claude.rs hold that).
 async fn the_model_key_is_redacted_everywhere(who: Worker) {
     let Some(mut c) = cluster(who, &[]) else {
         return;
@@ -465,6 +467,7 @@ echo "as json: {\"k\":\"$ANTHROPIC_API_KEY\"}"
         &[
             ("AO_TEST_MODEL_KEY", key.as_str()),
             ("AO__AGENT__API_KEY", "env:AO_TEST_MODEL_KEY"),
+            ("AO__SANDBOX__NETWORK_OPEN", "coder"),
         ],
     )
     .await;

@@ -116,6 +116,11 @@ fn without_secrets(cmd: &mut std::process::Command) -> &mut std::process::Comman
     for name in agent::secret_names() {
         cmd.env_remove(name);
     }
+    // The model credentials too, even the placeholder the proxy mode sets: the setup has
+    // no business with the model.
+    for name in agent::AGENT_SECRETS {
+        cmd.env_remove(name);
+    }
     cmd.env_remove(SECRET_NAMES_VAR)
 }
 

@@ -168,9 +168,8 @@ pub fn run_streaming(
         std::thread::spawn(move || {
             let mut reader = BufReader::new(stream);
             while let Ok(Some(line)) = read_bounded_line(&mut reader, MAX_LINE_BYTES) {
-                let line = line.unwrap_or_else(|bytes| {
-                    format!("[an output line of {bytes} bytes was dropped (longer than {MAX_LINE_BYTES})]")
-                });
+                // A line over the bound keeps its beginning, marked as cut.
+                let line = line.unwrap_or_else(|cut| cut);
                 if tx.send((is_stdout, line)).is_err() {
                     break;
                 }
@@ -278,12 +277,14 @@ pub fn run_streaming(
 }
 
 /// Reads the next line of at most `max` bytes (without its newline, lossily decoded);
-/// a longer line is skipped to its end without being held, and reported as `Err(len)`.
-/// `None` at the end of the stream.
+/// a longer line is read to its end holding only its first
+/// [`ao_shared::bounded::MAX_AGENT_TEXT_BYTES`], and comes back as that beginning with a
+/// visible truncation marker (`Err`). `None` at the end of the stream.
 pub fn read_bounded_line(
     reader: &mut impl BufRead,
     max: usize,
-) -> std::io::Result<Option<Result<String, usize>>> {
+) -> std::io::Result<Option<Result<String, String>>> {
+    let keep = max.min(ao_shared::bounded::MAX_AGENT_TEXT_BYTES);
     let mut line: Vec<u8> = Vec::new();
     let mut total = 0usize;
     let mut any = false;
@@ -301,8 +302,11 @@ pub fn read_bounded_line(
         total += chunk.len();
         if total <= max {
             line.extend_from_slice(chunk);
-        } else {
-            line = Vec::new();
+        } else if line.len() > keep {
+            line.truncate(keep);
+        } else if line.len() < keep {
+            let room = keep - line.len();
+            line.extend_from_slice(&chunk[..chunk.len().min(room)]);
         }
         let used = newline.map(|i| i + 1).unwrap_or(buf.len());
         reader.consume(used);
@@ -311,7 +315,9 @@ pub fn read_bounded_line(
         }
     }
     if total > max {
-        return Ok(Some(Err(total)));
+        let kept = String::from_utf8_lossy(&line).into_owned();
+        let more = total.saturating_sub(line.len());
+        return Ok(Some(Err(format!("{kept}… [truncated: {more} more bytes]"))));
     }
     Ok(Some(Ok(String::from_utf8_lossy(&line).into_owned())))
 }

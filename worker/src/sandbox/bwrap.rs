@@ -39,11 +39,10 @@
 //!   place: the working copy, `/tmp`, `$HOME` and `/dev/shm` are size-limited tmpfs mounts,
 //!   and the rest of `/dev` is read-only.
 
-
-use super::limits::{self, AttemptCgroup, Cgroups};
-use super::network::{self, NetworkMode};
 use super::host_user::{HostUser, HostUserError};
+use super::limits::{self, AttemptCgroup, Cgroups};
 use super::local_repo::{self, local_repository};
+use super::network::{self, NetworkMode};
 use super::process::{infra, runner_args, supervise, Attempt, RUNNER_MARGIN};
 use super::SandboxDriver;
 use crate::proxy::RunProxy;

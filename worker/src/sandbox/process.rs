@@ -371,7 +371,15 @@ mod tests {
         let run = tokio::spawn({
             let cancel = cancel.clone();
             async move {
-                supervise(cmd, &attempt, Duration::from_secs(60), tx, cancel, Vec::new()).await
+                supervise(
+                    cmd,
+                    &attempt,
+                    Duration::from_secs(60),
+                    tx,
+                    cancel,
+                    Vec::new(),
+                )
+                .await
             }
         });
         let deadline = std::time::Instant::now() + Duration::from_secs(20);

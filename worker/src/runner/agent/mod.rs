@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 
 /// Secrets the agent itself needs; every other secret of the runner is kept from it.
-const AGENT_SECRETS: [&str; 2] = ["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"];
+pub(super) const AGENT_SECRETS: [&str; 2] = ["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"];
 
 pub fn run(spec: &RunSpec, repo: &Path) -> Outcome {
     match spec.agent.kind {
