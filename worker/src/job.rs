@@ -37,6 +37,12 @@ pub async fn handle(worker: Arc<Worker>, message: Received, hard_stop: Cancellat
             return;
         }
     };
+    if worker
+        .warm
+        .leaves_to_preferred(&worker.id, &order, message.receive_count)
+    {
+        return crate::warm::leave_to_preferred(&worker, &message, order).await;
+    }
     let span = tracing::info_span!("subtask", task_id = %order.task_id,
         subtask_id = %order.subtask_id, attempt = order.attempt, capability = %order.capability);
     run(worker, message, order, received_at, hard_stop)
@@ -93,11 +99,17 @@ async fn run(
         cancel.clone(),
         run_done.clone(),
     ));
+    let mut warm = None;
     let outcome = match worker.secret_env().await {
         Ok(env) => {
             spec.secret_env = env;
             match crate::credentials::attach(&worker, &order, &mut spec).await {
-                Ok(()) => worker.driver.run(&spec, tx, cancel).await,
+                Ok(()) => {
+                    // Warm start: mirror and setup cache (see `warm.rs`).
+                    let w = warm.insert(worker.warm.prepare(&mut spec).await);
+                    let tx = w.tap(tx);
+                    worker.driver.run(&spec, tx, cancel).await
+                }
                 Err(failed) => *failed,
             }
         }
@@ -113,6 +125,9 @@ async fn run(
     run_done.cancel();
     let _ = watch.await;
     let _ = forwarder.await;
+    if let Some(w) = warm {
+        worker.warm.finish(&spec, w).await;
+    }
     let receipt = heartbeat.stop().await;
 
     if hard_stop.is_cancelled() {

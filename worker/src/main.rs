@@ -8,10 +8,13 @@ mod credentials;
 mod heartbeat;
 mod job;
 mod metrics;
+mod mirror;
 mod profile;
 mod runner;
 mod sandbox;
+mod setup_cache;
 mod spec;
+mod warm;
 mod worker;
 
 use anyhow::Context;
@@ -112,6 +115,10 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
              names one (e.g. AO__AGENT__API_KEY=env:ANTHROPIC_API_KEY)"
         );
     }
+    let warm = warm::Warm::new(
+        &settings,
+        settings.sandbox.driver != SandboxDriverKind::Nomad,
+    );
     let worker = Arc::new(worker::Worker {
         id: settings.worker_id(),
         settings,
@@ -121,6 +128,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         store: backends.store,
         secrets: backends.secrets,
         profiles,
+        warm,
     });
     let listener = tokio::net::TcpListener::bind(&listen)
         .await

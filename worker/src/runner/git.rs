@@ -16,14 +16,14 @@ const AUTHOR_EMAIL: &str = "agent-orchestrator@users.noreply.local";
 
 /// The variable holding a GitHub installation token for this attempt (set by the worker,
 /// see `credentials.rs`).
-const TOKEN_ENV: &str = "AO_GIT_TOKEN";
+pub(crate) const TOKEN_ENV: &str = "AO_GIT_TOKEN";
 /// A credential helper that answers git's `get` with the token from the environment, so
 /// the token is never in a URL, an argument or a config file. Any helper configured
 /// elsewhere is reset first (the empty value).
-const CREDENTIAL_HELPER: &str = "!f() { test \"$1\" = get || exit 0; \
+pub(crate) const CREDENTIAL_HELPER: &str = "!f() { test \"$1\" = get || exit 0; \
     echo username=x-access-token; printf 'password=%s\\n' \"$AO_GIT_TOKEN\"; }; f";
 
-fn git(dir: Option<&Path>) -> Command {
+pub(super) fn git(dir: Option<&Path>) -> Command {
     let mut cmd = Command::new("git");
     if let Some(d) = dir {
         cmd.current_dir(d);
@@ -74,13 +74,22 @@ fn output(dir: &Path, args: &[&str]) -> Result<String, String> {
 /// branch when there is one, else a new branch from the base (or the default branch).
 /// Returns the commit work starts from ("" for an empty repository).
 pub fn prepare(spec: &RunSpec, repo: &Path) -> Result<String, String> {
-    let mut clone = git(None);
-    clone.args(["clone", "--no-tags", "--quiet"]);
-    if let Some(base) = &spec.base_branch {
-        clone.args(["--branch", base]);
+    // A warm start borrows the worker's mirror (see `warm.rs`); a cold one, or one whose
+    // mirror fails, clones in full.
+    if !spec
+        .warm
+        .mirror
+        .as_deref()
+        .is_some_and(|m| super::warm_clone::from_mirror(spec, m, repo))
+    {
+        let mut clone = git(None);
+        clone.args(["clone", "--no-tags", "--quiet"]);
+        if let Some(base) = &spec.base_branch {
+            clone.args(["--branch", base]);
+        }
+        clone.arg("--").arg(&spec.repository).arg(repo);
+        run(&mut clone, "git clone")?;
     }
-    clone.arg("--").arg(&spec.repository).arg(repo);
-    run(&mut clone, "git clone")?;
     let remote_ref = format!("refs/heads/{}", spec.branch);
     let exists = !output(repo, &["ls-remote", "--heads", "origin", &remote_ref])?.is_empty();
     if exists {

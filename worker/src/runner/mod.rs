@@ -5,17 +5,16 @@
 //! lines (one [`RunnerEvent`] each), which the worker forwards live.
 
 mod agent;
-mod git;
+pub(crate) mod git;
 mod process;
+mod setup;
+mod warm_clone;
 
 use crate::spec::{RunSpec, RunnerEvent};
 use ao_shared::task::{Outcome, OutcomeKind};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
-/// Limit of the repository's `agent-setup.sh`.
-const SETUP_TIMEOUT: Duration = Duration::from_secs(900);
+use std::time::Instant;
 
 /// Secrets shorter than this are not searched for (they would match ordinary text).
 const MIN_REDACTED_LEN: usize = 8;
@@ -128,31 +127,8 @@ pub fn run(spec: &RunSpec, work: &Path) -> Outcome {
         Ok(c) => c,
         Err(e) => return Outcome::failed(OutcomeKind::Infrastructure, e, true),
     };
-    let setup = repo.join("agent-setup.sh");
-    if setup.is_file() {
-        log("running agent-setup.sh");
-        match process::run_logged(
-            std::process::Command::new("bash")
-                .arg("agent-setup.sh")
-                .current_dir(&repo),
-            SETUP_TIMEOUT,
-        ) {
-            Ok(r) if r.success => {}
-            Ok(r) => {
-                return Outcome::failed(
-                    OutcomeKind::AgentError,
-                    format!("agent-setup.sh failed ({}): {}", r.status, r.tail()),
-                    false,
-                )
-            }
-            Err(e) => {
-                return Outcome::failed(
-                    OutcomeKind::Infrastructure,
-                    format!("agent-setup.sh: {e}"),
-                    true,
-                )
-            }
-        }
+    if let Err(failed) = setup::run(spec, &repo) {
+        return *failed;
     }
     let pristine = match git::Pristine::capture(&repo) {
         Ok(p) => p,
