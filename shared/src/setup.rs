@@ -109,7 +109,7 @@ pub fn cache_key(
 ) -> Option<String> {
     let script = read(SETUP_SCRIPT)?;
     let mut h = Sha256::new();
-    let mut field = |h: &mut Sha256, bytes: &[u8]| {
+    let field = |h: &mut Sha256, bytes: &[u8]| {
         // Length-prefixed, so that no two different inputs hash alike.
         h.update((bytes.len() as u64).to_le_bytes());
         h.update(bytes);

@@ -169,7 +169,7 @@ async fn a_corrupted_mirror_is_rebuilt_and_the_run_goes_on() {
     run(&c, &repo, "agent/first").await;
     let m = mirrors(&c);
     assert_eq!(m.len(), 1, "{m:?}");
-    // Every pack truncated: the refs point at objects that are no longer there.
+    // Every object file overwritten: the refs point at objects that cannot be read.
     for entry in walk(&m[0].join("objects")) {
         if entry.is_file() {
             std::fs::write(&entry, b"damaged").expect("damage");

@@ -23,10 +23,12 @@
 //! follows any rewrite or deletion upstream; the objects the old history used stay (no
 //! `gc`) until the mirror is evicted.
 //!
-//! Corruption: a mirror whose fetch fails, whose `HEAD` does not resolve, or whose
-//! `git fsck --connectivity-only` fails is removed and cloned again; if that cannot be
-//! done (in use, or the upstream unreachable) the run goes on without a mirror (a plain
-//! clone by the runner).
+//! Corruption: a mirror whose fetch fails or whose `HEAD` commit cannot be read is
+//! removed and cloned again before the run; a full `git fsck --connectivity-only` runs
+//! after each run (off the way to the next start) and marks a damaged mirror for
+//! rebuilding at its next use. If a rebuild cannot be done (in use, or the upstream
+//! unreachable) the run goes on without a mirror, and a runner whose clone from the
+//! mirror fails clones in full.
 //!
 //! Size: past `warm.mirror_max_mb` the least recently used mirrors not in use are removed.
 
@@ -132,13 +134,23 @@ impl Mirrors {
         let id = Self::id(repository);
         let mirror = self.path(repository);
         let update = lock(&self.lock_path(&id, "update"), FlockArg::LockExclusive)?;
+        let damaged = self.root.join(format!("{id}.damaged"));
         let readiness = if !mirror.join("HEAD").is_file() {
             // Nothing, or the leftover of an interrupted build.
             self.remove_unused(&id, &mirror)?;
             clone(repository, &mirror, token)?;
             Readiness::Cloned
+        } else if damaged.exists() {
+            tracing::warn!(mirror = %mirror.display(),
+                "the mirror failed its check after an earlier run; rebuilding it");
+            self.remove_unused(&id, &mirror)?;
+            clone(repository, &mirror, token)?;
+            let _ = std::fs::remove_file(&damaged);
+            Readiness::Rebuilt
         } else {
-            match fetch(&mirror, token).and_then(|_| verify(&mirror)) {
+            // Checked before the fetch, which could otherwise paper over missing objects
+            // for a while.
+            match head_resolves(&mirror).and_then(|_| fetch(&mirror, token)) {
                 Ok(()) => Readiness::Fetched,
                 Err(e) => {
                     tracing::warn!(error = %e, mirror = %mirror.display(),
@@ -164,6 +176,23 @@ impl Mirrors {
             },
             readiness,
         ))
+    }
+
+    /// Checks the whole leased mirror (`git fsck --connectivity-only`, too slow for the
+    /// way to a run's start, so done after it); a damaged one is marked, and the next
+    /// [`Mirrors::prepare`] rebuilds it. Blocking.
+    pub fn check(&self, lease: &MirrorLease) {
+        if let Err(e) = verify(&lease.path) {
+            tracing::warn!(error = %e, mirror = %lease.path.display(),
+                "the mirror failed its check; it is rebuilt before its next use");
+            if let Some(id) = lease
+                .path
+                .file_stem()
+                .and_then(|s| s.to_str())
+            {
+                let _ = File::create(self.root.join(format!("{id}.damaged")));
+            }
+        }
     }
 
     /// Removes `mirror` if no run uses it (the caller holds its update lock).
@@ -395,21 +424,9 @@ fn fetch(mirror: &Path, token: Option<&SecretString>) -> Result<(), MirrorError>
     run(cmd, "git fetch").map(drop)
 }
 
-/// Checks that the mirror is whole: `HEAD` resolves (or the repository is empty) and
-/// every object reachable from its refs is there.
+/// Checks that every object reachable from the mirror's refs is there.
 fn verify(mirror: &Path) -> Result<(), MirrorError> {
-    let mut refs = git(None);
-    refs.arg("--git-dir")
-        .arg(mirror)
-        .args(["for-each-ref", "--count=1", "refs/heads/"]);
-    let any_branch = !run(refs, "git for-each-ref")?.is_empty();
-    if any_branch {
-        let mut head = git(None);
-        head.arg("--git-dir")
-            .arg(mirror)
-            .args(["rev-parse", "--verify", "--quiet", "HEAD^{commit}"]);
-        run(head, "git rev-parse HEAD")?;
-    }
+    head_resolves(mirror)?;
     let mut fsck = git(None);
     fsck.arg("--git-dir").arg(mirror).args([
         "fsck",
@@ -418,6 +435,27 @@ fn verify(mirror: &Path) -> Result<(), MirrorError> {
         "--no-progress",
     ]);
     run(fsck, "git fsck").map(drop)
+}
+
+/// Checks, cheaply, that the mirror's `HEAD` commit can be read (or that it has no
+/// branch at all: an empty repository). One git process when all is well.
+fn head_resolves(mirror: &Path) -> Result<(), MirrorError> {
+    let mut head = git(None);
+    head.arg("--git-dir")
+        .arg(mirror)
+        .args(["rev-parse", "--verify", "--quiet", "HEAD^{tree}"]);
+    let failed = match run(head, "git rev-parse HEAD") {
+        Ok(_) => return Ok(()),
+        Err(e) => e,
+    };
+    let mut refs = git(None);
+    refs.arg("--git-dir")
+        .arg(mirror)
+        .args(["for-each-ref", "--count=1", "refs/heads/"]);
+    if run(refs, "git for-each-ref")?.is_empty() {
+        return Ok(());
+    }
+    Err(failed)
 }
 
 #[cfg(test)]
@@ -490,15 +528,38 @@ mod tests {
         let (lease, _) = mirrors.prepare(&repo, None).unwrap();
         let path = lease.path.clone();
         drop(lease);
-        // Every object gone, refs left pointing at nothing.
-        std::fs::remove_dir_all(path.join("objects")).unwrap();
-        std::fs::create_dir_all(path.join("objects/pack")).unwrap();
+        // Every pack overwritten, its index left: git believes it has the objects.
+        for e in std::fs::read_dir(path.join("objects/pack")).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "pack") {
+                std::fs::write(&p, b"damaged").unwrap();
+            }
+        }
         let (lease, how) = mirrors.prepare(&repo, None).unwrap();
         assert_eq!(how, Readiness::Rebuilt);
         assert_eq!(
             rev(&lease.path, "main"),
             rev(&dir.path().join("up.git"), "main")
         );
+    }
+
+    #[test]
+    fn a_mirror_failing_its_check_is_rebuilt_at_next_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = upstream(dir.path());
+        let mirrors = Mirrors::new(dir.path().join("mirrors"), u64::MAX);
+        let (lease, _) = mirrors.prepare(&repo, None).unwrap();
+        std::fs::remove_dir_all(lease.path.join("objects")).unwrap();
+        std::fs::create_dir_all(lease.path.join("objects/pack")).unwrap();
+        mirrors.check(&lease);
+        drop(lease);
+        assert!(dir
+            .path()
+            .join("mirrors")
+            .join(format!("{}.damaged", Mirrors::id(&repo)))
+            .exists());
+        let (_, how) = mirrors.prepare(&repo, None).unwrap();
+        assert_eq!(how, Readiness::Rebuilt);
     }
 
     #[test]

@@ -20,7 +20,6 @@
 //! - Bounded by `warm.setup_cache_max_mb`: least recently used entries (by the file's
 //!   time, renewed at each restore) are removed past it.
 
-use crate::mirror::dir_size;
 use crate::spec::SetupCacheSpec;
 use sha2::{Digest, Sha256};
 use std::io::Read;
@@ -205,11 +204,6 @@ impl SetupCache {
             }
         }
         removed
-    }
-
-    /// Bytes of every entry together.
-    pub fn size(&self) -> u64 {
-        dir_size(&self.root)
     }
 }
 

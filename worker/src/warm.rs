@@ -28,7 +28,7 @@ pub struct Warm {
 /// store a setup result afterwards.
 #[derive(Default)]
 pub struct RunWarm {
-    _lease: Option<MirrorLease>,
+    lease: Option<MirrorLease>,
     setup: Option<SetupCacheSpec>,
     stored: Arc<Mutex<Option<Stored>>>,
 }
@@ -98,7 +98,7 @@ impl Warm {
                 spec.warm.mirror = Some(lease.path.clone());
                 spec.warm.setup = cache.clone();
                 RunWarm {
-                    _lease: Some(lease),
+                    lease: Some(lease),
                     setup: cache,
                     stored: Arc::default(),
                 }
@@ -129,6 +129,11 @@ impl Warm {
     /// Stores the setup result the runner reported, if any, and forgets the run's
     /// incoming directory. Call after the sandbox has ended.
     pub async fn finish(&self, spec: &RunSpec, run: RunWarm) {
+        if let (Some(mirrors), Some(lease)) = (self.mirrors.clone(), run.lease) {
+            // The full check, off the way to the next run's start; the lease keeps the
+            // mirror from being removed meanwhile.
+            tokio::task::spawn_blocking(move || mirrors.check(&lease));
+        }
         let (Some(cache), Some(setup)) = (self.setup.clone(), run.setup) else {
             return;
         };
