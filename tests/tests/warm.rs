@@ -48,10 +48,8 @@ fn cluster(concurrency: &str, sleep: u32) -> Cluster {
         "probe.sh",
         &PROBE.replace("SLEEP", &sleep.to_string()),
     );
-    c.env.push((
-        "AO__AGENT__COMMAND".into(),
-        agent.display().to_string(),
-    ));
+    c.env
+        .push(("AO__AGENT__COMMAND".into(), agent.display().to_string()));
     c
 }
 
@@ -148,10 +146,19 @@ async fn an_upstream_force_push_between_runs_is_followed() {
     let first = run(&c, &repo, "agent/first").await;
     let seed = c.dir.path().join("project-seed");
     std::fs::write(seed.join("a.txt"), "rewritten\n").expect("write");
-    git(&seed, &["commit", "--quiet", "-a", "--amend", "-m", "rewritten"]);
     git(
         &seed,
-        &["push", "--quiet", "--force", repo.to_str().expect("utf-8"), "main"],
+        &["commit", "--quiet", "-a", "--amend", "-m", "rewritten"],
+    );
+    git(
+        &seed,
+        &[
+            "push",
+            "--quiet",
+            "--force",
+            repo.to_str().expect("utf-8"),
+            "main",
+        ],
     );
     let rewritten = git(&repo, &["rev-parse", "main"]);
     assert_ne!(field(&first, "start"), rewritten);

@@ -185,11 +185,7 @@ impl Mirrors {
         if let Err(e) = verify(&lease.path) {
             tracing::warn!(error = %e, mirror = %lease.path.display(),
                 "the mirror failed its check; it is rebuilt before its next use");
-            if let Some(id) = lease
-                .path
-                .file_stem()
-                .and_then(|s| s.to_str())
-            {
+            if let Some(id) = lease.path.file_stem().and_then(|s| s.to_str()) {
                 let _ = File::create(self.root.join(format!("{id}.damaged")));
             }
         }
@@ -238,9 +234,10 @@ impl Mirrors {
             if id == keep {
                 continue;
             }
-            let Ok(Some(_update)) =
-                try_lock(&self.lock_path(&id, "update"), FlockArg::LockExclusiveNonblock)
-            else {
+            let Ok(Some(_update)) = try_lock(
+                &self.lock_path(&id, "update"),
+                FlockArg::LockExclusiveNonblock,
+            ) else {
                 continue;
             };
             let Ok(Some(_use)) =
@@ -388,11 +385,7 @@ pub fn has_commit(mirror: &Path, rev: &str) -> bool {
 
 /// Clones `repository` as a bare mirror of its branches into `mirror`, built beside it
 /// and renamed into place so that a half-made mirror is never used.
-fn clone(
-    repository: &str,
-    mirror: &Path,
-    token: Option<&SecretString>,
-) -> Result<(), MirrorError> {
+fn clone(repository: &str, mirror: &Path, token: Option<&SecretString>) -> Result<(), MirrorError> {
     let partial = mirror.with_extension("partial");
     let _ = std::fs::remove_dir_all(&partial);
     let mut cmd = git(token);
@@ -404,10 +397,11 @@ fn clone(
         return Err(e);
     }
     let mut config = git(None);
-    config
-        .arg("--git-dir")
-        .arg(&partial)
-        .args(["config", "remote.origin.fetch", "+refs/heads/*:refs/heads/*"]);
+    config.arg("--git-dir").arg(&partial).args([
+        "config",
+        "remote.origin.fetch",
+        "+refs/heads/*:refs/heads/*",
+    ]);
     run(config, "git config")?;
     std::fs::rename(&partial, mirror).map_err(|source| MirrorError::Io {
         path: mirror.to_path_buf(),

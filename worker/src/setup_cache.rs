@@ -178,8 +178,16 @@ impl SetupCache {
     /// Removes least recently used entries, any repository, until all fit the bound.
     pub fn evict(&self) -> Vec<PathBuf> {
         let mut entries: Vec<(std::time::SystemTime, PathBuf, u64)> = Vec::new();
-        for repo in std::fs::read_dir(&self.root).into_iter().flatten().flatten() {
-            for e in std::fs::read_dir(repo.path()).into_iter().flatten().flatten() {
+        for repo in std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for e in std::fs::read_dir(repo.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 let path = e.path();
                 if path.extension().is_some_and(|x| x == "tar") {
                     if let Ok(m) = e.metadata() {

@@ -142,10 +142,9 @@ impl Warm {
         let _ = tokio::task::spawn_blocking(move || {
             if let Some(stored) = stored {
                 match cache.accept(&repository, &setup, &stored) {
-                    Ok(()) => tracing::info!(
-                        bytes = stored.bytes,
-                        "setup result stored in the cache"
-                    ),
+                    Ok(()) => {
+                        tracing::info!(bytes = stored.bytes, "setup result stored in the cache")
+                    }
                     Err(e) => tracing::warn!(error = %e, "setup result not stored"),
                 }
             }

@@ -56,9 +56,10 @@ pub fn run(spec: &RunSpec, repo: &Path) -> Result<(), Box<Outcome>> {
         .env_remove(crate::spec::SECRET_NAMES_VAR);
     let t = Instant::now();
     match process::run_logged(&mut cmd, SETUP_TIMEOUT) {
-        Ok(r) if r.success => {
-            super::log(format!("agent-setup.sh done in {} ms", t.elapsed().as_millis()))
-        }
+        Ok(r) if r.success => super::log(format!(
+            "agent-setup.sh done in {} ms",
+            t.elapsed().as_millis()
+        )),
         Ok(r) => {
             return Err(Box::new(Outcome::failed(
                 OutcomeKind::AgentError,

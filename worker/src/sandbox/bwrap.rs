@@ -245,7 +245,11 @@ impl BwrapDriver {
         // setup result's incoming directory writable.
         let warm = &spec.warm;
         let setup = warm.setup.as_ref();
-        for path in warm.mirror.iter().chain(setup.and_then(|s| s.restore.as_ref())) {
+        for path in warm
+            .mirror
+            .iter()
+            .chain(setup.and_then(|s| s.restore.as_ref()))
+        {
             a.two("--ro-bind", path, path);
         }
         if let Some(store) = setup.and_then(|s| s.store.as_ref()) {
