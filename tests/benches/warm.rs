@@ -296,7 +296,7 @@ async fn setup_pipeline(cache: bool, pipelines: usize) -> Vec<(f64, usize, usize
             &c,
             &repo,
             &format!("bench/setup-{p}"),
-            json!(["coder"; STEPS]),
+            json!(vec!["coder"; STEPS]),
         )
         .await;
         wait_done(&c, &id).await;
