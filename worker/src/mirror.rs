@@ -391,9 +391,16 @@ fn clone(repository: &str, mirror: &Path, token: Option<&SecretString>) -> Resul
     let mut cmd = git(token);
     // `--no-local`: a local upstream's object files are copied through git's transport,
     // never hard-linked, so damage to one never reaches the other.
-    cmd.args(["clone", "--bare", "--no-local", "--no-tags", "--quiet", "--"])
-        .arg(repository)
-        .arg(&partial);
+    cmd.args([
+        "clone",
+        "--bare",
+        "--no-local",
+        "--no-tags",
+        "--quiet",
+        "--",
+    ])
+    .arg(repository)
+    .arg(&partial);
     if let Err(e) = run(cmd, "git clone --bare") {
         let _ = std::fs::remove_dir_all(&partial);
         return Err(e);
