@@ -10,11 +10,12 @@ PYTHON ?= python3
 # Python packages the tests use (pinned: the infra tests rely on python-hcl2 8's output).
 PY_TEST_PACKAGES := 'moto[server]==5.2.1' python-hcl2==8.1.4 pytest==9.2.0 pyyaml==6.0.3 schemathesis==4.32.5
 
-.PHONY: help run test test-rust test-infra build lint bench deps-run deps-test
+.PHONY: help run test test-fast test-rust test-infra build lint bench deps-run deps-test
 
 help:
 	@echo "make run    start a coordinator and a worker for every capability (SQLite, no cloud)"
 	@echo "make test   install test dependencies when missing and run the whole suite"
+	@echo "make test-fast  unit and in-process tests only (Rust alone; no sandbox, no moto)"
 	@echo "make lint   cargo fmt --check and clippy -D warnings"
 	@echo "make bench  orchestration overhead, warm workers and AWS API-call benchmarks"
 
@@ -36,6 +37,14 @@ run: deps-run
 	@scripts/run-local.sh
 
 test: deps-test build test-rust test-infra
+
+# The fast tier: every crate's unit tests and the tests that run the coordinator in-process.
+# No external process, peer or installed tool is needed.
+FAST_TESTS := -p ao-shared --test conformance_sqlite --test proptest_message --test proptest_stream_json
+
+test-fast:
+	cargo test --workspace --lib --bins
+	cargo test $(FAST_TESTS)
 
 test-rust:
 	cargo test --workspace --no-fail-fast

@@ -20,6 +20,13 @@ if ((${#need_apt[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+# The sandbox tests' unprivileged host user: the sandbox user of a root worker
+# (sandbox.host_uid) and the user an ordinary-user worker runs as.
+if [[ $what == test && $(id -u) -eq 0 ]] && ! id ao-sandbox-test >/dev/null 2>&1; then
+  echo "adding the sandbox tests' user ao-sandbox-test"
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin ao-sandbox-test
+fi
+
 if [[ $what == test ]] && ! command -v cargo >/dev/null; then
   echo "cargo is missing: install the Rust toolchain (https://rustup.rs)" >&2
   exit 1

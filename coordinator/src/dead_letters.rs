@@ -2,7 +2,7 @@
 //! result lands in its queue's dead-letter queue; this loop marks it failed with the
 //! reason, so that no task waits forever on a message nobody will process.
 
-use crate::app::App;
+use crate::context::Coordinator;
 use crate::orchestrator::mutate;
 use ao_shared::capability::Capability;
 use ao_shared::message::SubtaskMessage;
@@ -16,16 +16,16 @@ const POLL_EVERY: Duration = Duration::from_secs(5);
 const RETRY_VISIBILITY: Duration = Duration::from_secs(3600);
 
 /// Runs until shutdown.
-pub async fn run(app: Arc<App>) {
+pub async fn run(cx: Arc<Coordinator>) {
     let mut tick = tokio::time::interval(POLL_EVERY);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = app.shutdown.cancelled() => break,
+            _ = cx.shutdown.cancelled() => break,
         }
         for capability in Capability::ALL {
             let queue = QueueId::Capability(capability);
-            let dead = match app
+            let dead = match cx
                 .queue
                 .receive_dead_letters(queue, 10, RETRY_VISIBILITY)
                 .await
@@ -46,9 +46,9 @@ pub async fn run(app: Arc<App>) {
                 let reason = format!(
                     "the {capability} message was received {} times without a result \
                      (workers crashed or could not handle it) and was dead-lettered",
-                    message.receive_count.max(app.settings.queue.max_receives)
+                    message.receive_count.max(cx.settings.queue.max_receives)
                 );
-                let r = mutate(&app, order.task_id, |task, now| {
+                let r = mutate(&cx, order.task_id, |task, now| {
                     Ok(task.fail_dead_lettered(order.subtask_id, &reason, now)?)
                 })
                 .await;
@@ -56,7 +56,7 @@ pub async fn run(app: Arc<App>) {
                     Ok(_) | Err(crate::orchestrator::ChangeError::NotFound(_)) => {
                         tracing::warn!(task_id = %order.task_id, subtask_id = %order.subtask_id,
                             "dead-lettered subtask marked failed");
-                        if let Err(e) = app.queue.delete(&message.receipt).await {
+                        if let Err(e) = cx.queue.delete(&message.receipt).await {
                             tracing::warn!(error = %e, "cannot delete handled dead letter");
                         }
                     }

@@ -30,6 +30,10 @@ pub struct Metrics {
     pub github_api_calls: IntCounterVec,
     pub github_rate_limit_remaining: prometheus::IntGauge,
     pub budget_used_ratio: GaugeVec,
+    /// Deaths (panic or early return) of each background loop; see `supervisor`.
+    pub loop_restarts: IntCounterVec,
+    /// 1 while a background loop runs, 0 while it waits to be restarted.
+    pub loop_up: IntGaugeVec,
 }
 
 impl Metrics {
@@ -170,6 +174,26 @@ impl Metrics {
                         "Share of the monthly cost budget used, per GitHub installation",
                     ),
                     &["installation"],
+                )?,
+            ),
+            loop_restarts: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ao_background_loop_restarts_total",
+                        "Background loops that died (panicked or returned) and were restarted",
+                    ),
+                    &["loop"],
+                )?,
+            ),
+            loop_up: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "ao_background_loop_up",
+                        "1 while a background loop runs, 0 while it waits to be restarted",
+                    ),
+                    &["loop"],
                 )?,
             ),
             registry: r,

@@ -1,7 +1,7 @@
 //! Periodic readings for the metrics: queue depths (visible, in flight, dead), tasks by
 //! status, and subtasks of active tasks by capability and status.
 
-use crate::app::App;
+use crate::context::Coordinator;
 use ao_shared::queue::QueueId;
 use ao_shared::state::TaskQuery;
 use ao_shared::status::{SubtaskStatus, TaskStatus};
@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Reads everything once.
-pub async fn poll(app: &App) {
-    let m = &app.metrics;
+pub async fn poll(cx: &Coordinator) {
+    let m = &cx.metrics;
     let mut all_ok = true;
     for queue in QueueId::all() {
-        match app.queue.depth(queue).await {
+        match cx.queue.depth(queue).await {
             Ok(d) => {
                 let q = queue.as_str();
                 m.queue_messages
@@ -38,11 +38,11 @@ pub async fn poll(app: &App) {
         }
     }
     if all_ok {
-        app.last_depth_poll_ms
+        cx.last_depth_poll_ms
             .store(unix_ms(now()), Ordering::Relaxed);
     }
     for status in TaskStatus::ALL {
-        match app.store.count_tasks(status).await {
+        match cx.store.count_tasks(status).await {
             Ok(n) => m.tasks.with_label_values(&[status.as_str()]).set(n as i64),
             Err(e) => tracing::warn!(error = %e, "cannot count tasks"),
         }
@@ -58,7 +58,7 @@ pub async fn poll(app: &App) {
             limit: 500,
             ..Default::default()
         };
-        if let Ok(page) = app.store.list_tasks(&query).await {
+        if let Ok(page) = cx.store.list_tasks(&query).await {
             for sub in page.tasks.iter().flat_map(|t| &t.subtasks) {
                 *counts.entry((sub.capability, sub.status)).or_insert(0i64) += 1;
             }
@@ -75,24 +75,24 @@ pub async fn poll(app: &App) {
 }
 
 /// Polls every `coordinator.depth_poll_secs` until shutdown.
-pub async fn run(app: Arc<App>) {
-    let every = Duration::from_secs(app.settings.coordinator.depth_poll_secs.max(1));
+pub async fn run(cx: Arc<Coordinator>) {
+    let every = Duration::from_secs(cx.settings.coordinator.depth_poll_secs.max(1));
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
-            _ = tick.tick() => poll(&app).await,
-            _ = app.shutdown.cancelled() => break,
+            _ = tick.tick() => poll(&cx).await,
+            _ = cx.shutdown.cancelled() => break,
         }
     }
 }
 
 /// Updates the poll-age gauge; called just before a scrape.
-pub fn refresh_poll_age(app: &App) {
-    let last = app.last_depth_poll_ms.load(Ordering::Relaxed);
+pub fn refresh_poll_age(cx: &Coordinator) {
+    let last = cx.last_depth_poll_ms.load(Ordering::Relaxed);
     let age = if last == 0 {
         f64::NAN
     } else {
         (unix_ms(now()) - last) as f64 / 1000.0
     };
-    app.metrics.queue_poll_age.set(age);
+    cx.metrics.queue_poll_age.set(age);
 }

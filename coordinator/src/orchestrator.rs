@@ -1,8 +1,12 @@
 //! How tasks are created and changed: every change is read → apply a domain rule →
 //! conditional write (retried on conflict) → send the messages of newly ready subtasks.
-//! State-change events are derived by comparing the task before and after, in one place.
+//! State-change events are derived by comparing the task before and after, in one place,
+//! stored with the write, and published on the bus ([`crate::bus`]) once stored: this
+//! module is the only writer of tasks and knows none of the bus's subscribers.
 
-use crate::app::App;
+use crate::bus::{ChangeKind, TaskChange};
+use crate::context::Coordinator;
+use ao_shared::backoff::Backoff;
 use ao_shared::capability::Capability;
 use ao_shared::ids::{DeliveryId, SubtaskId, TaskId};
 use ao_shared::message::SubtaskMessage;
@@ -11,12 +15,14 @@ use ao_shared::profile::RepoProfile;
 use ao_shared::queue::QueueId;
 use ao_shared::state::{EventKind, NewEvent, StoreError};
 use ao_shared::status::{TaskStatus, TransitionError};
-use ao_shared::task::{Applied, Task, TaskSource};
+use ao_shared::task::{Applied, Approval, StateChange, Task, TaskSource};
 use ao_shared::timefmt::{self, Timestamp};
-use serde_json::json;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+/// First delay before a failed send of a subtask message is retried.
+const SEND_FIRST_RETRY: Duration = Duration::from_millis(100);
 /// How often a conflicting write is retried before giving up.
 const MAX_CONFLICT_RETRIES: usize = 20;
 
@@ -46,51 +52,49 @@ pub struct NewTask {
     pub pipeline_name: String,
     pub pipeline: Vec<Capability>,
     pub source: TaskSource,
-    /// Whether the plan waits for approval before any subtask is queued.
-    pub require_approval: bool,
+    /// Whether and when the task waits for approval.
+    pub approval: Approval,
+    /// Which review round this task answers, if it is one.
+    pub review_round: Option<u32>,
     /// The repository's narrowing of the agent profiles.
     pub profiles: BTreeMap<Capability, RepoProfile>,
 }
 
-/// Events describing how `after` differs from `before`.
-pub fn state_events(before: Option<&Task>, after: &Task, at: Timestamp) -> Vec<NewEvent> {
-    let mut events = Vec::new();
-    if before.map(|b| b.status) != Some(after.status) {
-        events.push(NewEvent {
-            subtask_id: None,
+/// The state changes that make `after` from `before`, as stored events.
+fn stored_events(changes: &[(Option<SubtaskId>, StateChange)], at: Timestamp) -> Vec<NewEvent> {
+    changes
+        .iter()
+        .map(|(subtask_id, change)| NewEvent {
+            subtask_id: *subtask_id,
             kind: EventKind::State,
             at,
-            data: json!({
-                "type": "task_status",
-                "status": after.status,
-                "error": after.error,
-            }),
-        });
-    }
-    for sub in &after.subtasks {
-        let old = before.and_then(|b| b.subtask(sub.id));
-        if old.map(|o| (o.status, o.attempt)) != Some((sub.status, sub.attempt)) {
-            events.push(NewEvent {
-                subtask_id: Some(sub.id),
-                kind: EventKind::State,
-                at,
-                data: json!({
-                    "type": "subtask_status",
-                    "capability": sub.capability,
-                    "status": sub.status,
-                    "attempt": sub.attempt,
-                    "worker": sub.worker,
-                    "outcome": sub.outcome,
-                }),
-            });
-        }
-    }
-    events
+            // A plain enum of plain fields: encoding cannot fail.
+            data: serde_json::to_value(change).unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// Tells the bus that `before` became `stored`.
+fn publish(
+    cx: &Coordinator,
+    before: Option<&Task>,
+    stored: Task,
+    changes: Vec<(Option<SubtaskId>, StateChange)>,
+) {
+    let spent_usd = stored.cost_usd() - before.map(Task::cost_usd).unwrap_or(0.0);
+    cx.publish(TaskChange {
+        task_id: stored.id,
+        kind: ChangeKind::State {
+            task: Arc::new(stored),
+            changes,
+            spent_usd: spent_usd.max(0.0),
+        },
+    });
 }
 
 /// Creates a task, queues its first subtasks, and returns it as stored.
 pub async fn create_task(
-    app: &App,
+    cx: &Coordinator,
     new: NewTask,
     delivery: Option<&DeliveryId>,
 ) -> Result<Task, ChangeError> {
@@ -111,33 +115,39 @@ pub async fn create_task(
         error: None,
         version: 0,
         subtasks: plan_subtasks(&new.pipeline),
+        approval: new.approval,
+        review_round: new.review_round,
     };
-    if new.require_approval {
+    if new.approval == Approval::BeforeStart {
         task.status = TaskStatus::AwaitingApproval;
     }
     let ready = task.queue_ready(now);
-    let events = state_events(None, &task, now);
-    let stored = app
+    let changes = StateChange::between(None, &task);
+    let events = stored_events(&changes, now);
+    let stored = cx
         .store
         .create_task(&task, delivery, &events)
         .await
         .map_err(ChangeError::Store)?;
     tracing::info!(task_id = %stored.id, repository = %stored.repository,
         branch = %stored.branch, pipeline = %stored.pipeline, "task created");
-    app.notify_task(stored.id);
-    app.github.task_changed(&stored);
-    send_ready(app, &stored, &ready).await;
+    publish(cx, None, stored.clone(), changes);
+    send_ready(cx, &stored, &ready).await;
     Ok(stored)
 }
 
 /// Applies `change` to the stored task, retrying on conflicting writes, then sends the
 /// messages of subtasks that became ready. `change` returns `Ignored` to write nothing.
-pub async fn mutate<F>(app: &App, id: TaskId, mut change: F) -> Result<(Task, Applied), ChangeError>
+pub async fn mutate<F>(
+    cx: &Coordinator,
+    id: TaskId,
+    mut change: F,
+) -> Result<(Task, Applied), ChangeError>
 where
     F: FnMut(&mut Task, Timestamp) -> Result<Applied, ChangeError>,
 {
     for _ in 0..MAX_CONFLICT_RETRIES {
-        let before = app
+        let before = cx
             .store
             .get_task(id)
             .await
@@ -151,12 +161,12 @@ where
         }
         let ready = task.queue_ready(now);
         task.updated_at = now;
-        let events = state_events(Some(&before), &task, now);
-        match app.store.update_task(&task, &events).await {
+        let changes = StateChange::between(Some(&before), &task);
+        let events = stored_events(&changes, now);
+        match cx.store.update_task(&task, &events).await {
             Ok(stored) => {
-                app.notify_task(id);
-                app.github.task_changed(&stored);
-                send_ready(app, &stored, &ready).await;
+                publish(cx, Some(&before), stored.clone(), changes);
+                send_ready(cx, &stored, &ready).await;
                 return Ok((stored, applied));
             }
             Err(StoreError::Conflict(_)) => {
@@ -208,7 +218,7 @@ pub fn subtask_message(task: &Task, id: SubtaskId) -> Option<SubtaskMessage> {
 
 /// Sends the messages of newly queued subtasks, retrying briefly. A message that still
 /// cannot be sent is logged; start-up recovery re-sends subtasks left queued.
-pub async fn send_ready(app: &App, task: &Task, ready: &[SubtaskId]) {
+pub async fn send_ready(cx: &Coordinator, task: &Task, ready: &[SubtaskId]) {
     for id in ready {
         let Some(message) = subtask_message(task, *id) else {
             continue;
@@ -222,9 +232,9 @@ pub async fn send_ready(app: &App, task: &Task, ready: &[SubtaskId]) {
             }
         };
         let queue = QueueId::Capability(message.capability);
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new(SEND_FIRST_RETRY, SEND_FIRST_RETRY * 8);
         for attempt in 1..=5 {
-            match app.queue.send(queue, &body).await {
+            match cx.queue.send(queue, &body).await {
                 Ok(_) => {
                     tracing::info!(task_id = %task.id, subtask_id = %id,
                         capability = %message.capability, attempt = message.attempt,
@@ -234,8 +244,7 @@ pub async fn send_ready(app: &App, task: &Task, ready: &[SubtaskId]) {
                 Err(e) if attempt < 5 => {
                     tracing::warn!(task_id = %task.id, subtask_id = %id, error = %e,
                         "send failed, retrying");
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
+                    backoff.wait().await;
                 }
                 Err(e) => tracing::error!(task_id = %task.id, subtask_id = %id, error = %e,
                     "cannot send subtask message; recovery will re-send it"),

@@ -35,7 +35,7 @@
 //! age, then sweeps as `stale`; `none` does nothing. Sweeps by several coordinator replicas
 //! at once are safe: the conditional writes let one of them win.
 
-use crate::app::App;
+use crate::context::Coordinator;
 use crate::orchestrator::{mutate, ChangeError};
 use ao_shared::capability::Capability;
 use ao_shared::config::RecoveryMode;
@@ -43,7 +43,7 @@ use ao_shared::ids::{SubtaskId, TaskId};
 use ao_shared::queue::QueueId;
 use ao_shared::state::{EventKind, NewEvent, TaskQuery};
 use ao_shared::status::{SubtaskStatus, TaskStatus};
-use ao_shared::task::{Applied, Outcome, OutcomeKind, Task};
+use ao_shared::task::{Applied, Outcome, OutcomeKind, StateChange, Task};
 use ao_shared::timefmt::{self, Timestamp};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -154,8 +154,8 @@ pub fn plan(tasks: &[Task], queues: &QueueView, min_idle: Duration, now: Timesta
 }
 
 /// Runs the start-up recovery, then periodic sweeps, until shutdown.
-pub async fn run(app: Arc<App>) {
-    let settings = &app.settings.coordinator;
+pub async fn run(cx: Arc<Coordinator>) {
+    let settings = &cx.settings.coordinator;
     let mode = settings.recovery;
     if mode == RecoveryMode::None {
         tracing::info!("recovery is off (coordinator.recovery = \"none\")");
@@ -170,7 +170,7 @@ pub async fn run(app: Arc<App>) {
     let started = tokio::time::Instant::now();
     let mut suspects = Suspects::new();
     loop {
-        let deferred = match sweep(&app, startup_idle, true, &mut suspects).await {
+        let deferred = match sweep(&cx, startup_idle, true, &mut suspects).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(error = %e, "recovery sweep failed; retrying");
@@ -182,7 +182,7 @@ pub async fn run(app: Arc<App>) {
         }
         tokio::select! {
             _ = tokio::time::sleep(STARTUP_RETRY_EVERY) => {}
-            _ = app.shutdown.cancelled() => return,
+            _ = cx.shutdown.cancelled() => return,
         }
     }
     let mut tick = tokio::time::interval(stale);
@@ -190,9 +190,9 @@ pub async fn run(app: Arc<App>) {
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = app.shutdown.cancelled() => break,
+            _ = cx.shutdown.cancelled() => break,
         }
-        if let Err(e) = sweep(&app, stale, false, &mut suspects).await {
+        if let Err(e) = sweep(&cx, stale, false, &mut suspects).await {
             tracing::warn!(error = %e, "recovery sweep failed");
         }
     }
@@ -240,7 +240,7 @@ pub fn confirm(
 
 /// One sweep; returns how many candidates wait for a later sweep.
 async fn sweep(
-    app: &App,
+    cx: &Coordinator,
     min_idle: Duration,
     startup: bool,
     suspects: &mut Suspects,
@@ -253,7 +253,7 @@ async fn sweep(
     for status in statuses {
         let mut cursor = None;
         loop {
-            let page = app
+            let page = cx
                 .store
                 .list_tasks(&TaskQuery {
                     status: Some(status),
@@ -272,10 +272,10 @@ async fn sweep(
     // Capability queues first, then the result queue (see the module doc).
     let mut queues = QueueView::default();
     for capability in Capability::ALL {
-        let d = app.queue.depth(QueueId::Capability(capability)).await?;
+        let d = cx.queue.depth(QueueId::Capability(capability)).await?;
         queues.messages.insert(capability, d.visible + d.in_flight);
     }
-    let results = app.queue.depth(QueueId::Results).await?;
+    let results = cx.queue.depth(QueueId::Results).await?;
     queues.results_pending = results.visible + results.in_flight;
     let plan = plan(&tasks, &queues, min_idle, timefmt::now());
     if plan.deferred > 0 {
@@ -287,7 +287,7 @@ async fn sweep(
     }
     let (now, unconfirmed) = confirm(plan.actions, suspects);
     for (task_id, action) in now {
-        apply(app, task_id, action).await;
+        apply(cx, task_id, action).await;
     }
     Ok(plan.deferred + unconfirmed)
 }
@@ -299,8 +299,8 @@ fn still(task: &Task, subtask: SubtaskId, status: SubtaskStatus, attempt: u32) -
             .is_some_and(|s| s.status == status && s.attempt == attempt)
 }
 
-async fn apply(app: &App, task_id: TaskId, action: Action) {
-    let max_attempts = app.settings.coordinator.max_attempts;
+async fn apply(cx: &Coordinator, task_id: TaskId, action: Action) {
+    let max_attempts = cx.settings.coordinator.max_attempts;
     let reason = match &action {
         Action::Requeue { .. } => {
             "queued, but its message is missing (a crash between commit and send?): queued again as a new attempt"
@@ -311,7 +311,7 @@ async fn apply(app: &App, task_id: TaskId, action: Action) {
         Action::FinishCancel => "cancelled task with unfinished subtasks: cancelled them",
         Action::QueueReady => "ready subtasks were not queued: queued them",
     };
-    let r = mutate(app, task_id, |task, now| match &action {
+    let r = mutate(cx, task_id, |task, now| match &action {
         Action::Requeue { subtask, attempt } => {
             if !still(task, *subtask, SubtaskStatus::Queued, *attempt) {
                 return Ok(Applied::Ignored("moved on".into()));
@@ -363,12 +363,15 @@ async fn apply(app: &App, task_id: TaskId, action: Action) {
                 subtask_id: subtask,
                 kind: EventKind::State,
                 at: timefmt::now(),
-                data: serde_json::json!({ "type": "recovery", "reason": reason }),
+                data: serde_json::to_value(StateChange::Recovery {
+                    reason: reason.to_string(),
+                })
+                .unwrap_or_default(),
             };
-            if let Err(e) = app.store.append_events(task_id, &[event]).await {
+            if let Err(e) = cx.store.append_events(task_id, &[event]).await {
                 tracing::warn!(task_id = %task_id, error = %e, "cannot record the recovery event");
             }
-            app.notify_task(task_id);
+            cx.bus.events_appended(task_id);
         }
         Ok((_, Applied::Ignored(why))) => {
             tracing::debug!(task_id = %task_id, why = %why, "recovery: task moved on")
@@ -402,6 +405,8 @@ mod tests {
             error: None,
             version: 1,
             subtasks: plan_subtasks(caps),
+            approval: Default::default(),
+            review_round: None,
         };
         t.queue_ready(at);
         t.updated_at = at;

@@ -2,8 +2,9 @@
 //! its task exactly once in effect (repeats and stale attempts are recognised and
 //! ignored), deleting a message only after its effect is stored.
 
-use crate::app::App;
+use crate::context::Coordinator;
 use crate::orchestrator::{mutate, ChangeError};
+use ao_shared::backoff::Backoff;
 use ao_shared::message::ResultMessage;
 use ao_shared::queue::{QueueId, Received};
 use ao_shared::state::{EventKind, NewEvent};
@@ -12,57 +13,60 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
 
+/// First delay before a failed receive is tried again.
+const RECEIVE_FIRST_RETRY: Duration = Duration::from_millis(200);
+/// Longest delay between failed receives.
+const RECEIVE_MAX_RETRY: Duration = Duration::from_secs(10);
 /// How long a result stays hidden while it is applied.
 const RESULT_VISIBILITY: Duration = Duration::from_secs(60);
 
 /// Runs until shutdown.
-pub async fn run(app: Arc<App>) {
-    let wait = Duration::from_secs(app.settings.queue.wait_secs.min(20));
-    let mut backoff = Duration::from_millis(200);
-    while !app.shutdown.is_cancelled() {
+pub async fn run(cx: Arc<Coordinator>) {
+    let wait = Duration::from_secs(cx.settings.queue.wait_secs.min(20));
+    let mut backoff = Backoff::new(RECEIVE_FIRST_RETRY, RECEIVE_MAX_RETRY);
+    while !cx.shutdown.is_cancelled() {
         let received = tokio::select! {
-            r = app.queue.receive(&[QueueId::Results], 10, wait, RESULT_VISIBILITY) => r,
-            _ = app.shutdown.cancelled() => break,
+            r = cx.queue.receive(&[QueueId::Results], 10, wait, RESULT_VISIBILITY) => r,
+            _ = cx.shutdown.cancelled() => break,
         };
         match received {
             Ok(messages) => {
-                backoff = Duration::from_millis(200);
+                backoff.reset();
                 for message in messages {
-                    handle(&app, message).await;
+                    handle(&cx, message).await;
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot receive results; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                backoff.wait().await;
             }
         }
     }
     tracing::info!("result consumer stopped");
 }
 
-async fn handle(app: &App, message: Received) {
+async fn handle(cx: &Coordinator, message: Received) {
     let report = match ResultMessage::decode(&message.body) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(message_id = %message.message_id, receives = message.receive_count,
                 error = %e, "undecodable result message; it goes to the dead-letter queue");
-            app.metrics
+            cx.metrics
                 .results_applied
                 .with_label_values(&["undecodable", "rejected"])
                 .inc();
             // Visible again at once, so that it reaches the dead-letter queue quickly.
-            if let Err(e) = app.queue.release(&message.receipt).await {
+            if let Err(e) = cx.queue.release(&message.receipt).await {
                 tracing::warn!(error = %e, "cannot release undecodable result");
             }
             return;
         }
     };
     let span = tracing::info_span!("result", task_id = %report.task_id());
-    let outcome = apply(app, &report).instrument(span).await;
+    let outcome = apply(cx, &report).instrument(span).await;
     match outcome {
         Ok(()) => {
-            if let Err(e) = app.queue.delete(&message.receipt).await {
+            if let Err(e) = cx.queue.delete(&message.receipt).await {
                 tracing::warn!(error = %e, "cannot delete applied result; it will be re-applied as a repeat");
             }
         }
@@ -73,8 +77,8 @@ async fn handle(app: &App, message: Received) {
     }
 }
 
-async fn apply(app: &App, report: &ResultMessage) -> Result<(), ChangeError> {
-    let max_attempts = app.settings.coordinator.max_attempts;
+async fn apply(cx: &Coordinator, report: &ResultMessage) -> Result<(), ChangeError> {
+    let max_attempts = cx.settings.coordinator.max_attempts;
     let (kind, result) = match report {
         ResultMessage::Started {
             task_id,
@@ -83,14 +87,14 @@ async fn apply(app: &App, report: &ResultMessage) -> Result<(), ChangeError> {
             worker,
             at,
         } => {
-            let r = mutate(app, *task_id, |task, _| {
+            let r = mutate(cx, *task_id, |task, _| {
                 Ok(task.apply_started(*subtask_id, *attempt, worker, *at)?)
             })
             .await;
             if let Ok((task, Applied::Changed)) = &r {
                 if let Some(sub) = task.subtask(*subtask_id) {
                     let waited = (*at - task.created_at).as_seconds_f64().max(0.0);
-                    app.metrics
+                    cx.metrics
                         .trigger_to_start
                         .with_label_values(&[sub.capability.as_str()])
                         .observe(waited);
@@ -113,8 +117,8 @@ async fn apply(app: &App, report: &ResultMessage) -> Result<(), ChangeError> {
                     data: serde_json::json!({ "type": e.kind, "event": e.data }),
                 })
                 .collect();
-            let r = app.store.append_events(*task_id, &new).await;
-            app.notify_task(*task_id);
+            let r = cx.store.append_events(*task_id, &new).await;
+            cx.bus.events_appended(*task_id);
             (
                 "events",
                 r.map(|_| Applied::Changed).map_err(ChangeError::Store),
@@ -128,16 +132,12 @@ async fn apply(app: &App, report: &ResultMessage) -> Result<(), ChangeError> {
             at,
             ..
         } => {
-            let r = mutate(app, *task_id, |task, _| {
-                let applied =
-                    task.apply_outcome(*subtask_id, *attempt, outcome.clone(), max_attempts, *at)?;
-                crate::github::handle::approval_gate(task, *subtask_id);
-                Ok(applied)
+            let r = mutate(cx, *task_id, |task, _| {
+                Ok(task.apply_outcome(*subtask_id, *attempt, outcome.clone(), max_attempts, *at)?)
             })
             .await;
             if let Ok((task, Applied::Changed)) = &r {
-                record_outcome(app, task, *subtask_id, outcome);
-                crate::github::limits::book(app, task, outcome.cost_usd).await;
+                record_outcome(cx, task, *subtask_id, outcome);
                 tracing::info!(task_id = %task_id, subtask_id = %subtask_id, attempt,
                     outcome = outcome.kind.as_str(), task_status = %task.status, "result applied");
             }
@@ -150,7 +150,7 @@ async fn apply(app: &App, report: &ResultMessage) -> Result<(), ChangeError> {
         Err(ChangeError::NotFound(_)) => "unknown_task",
         Err(_) => "error",
     };
-    app.metrics
+    cx.metrics
         .results_applied
         .with_label_values(&[kind, label])
         .inc();
@@ -174,7 +174,7 @@ async fn apply(app: &App, report: &ResultMessage) -> Result<(), ChangeError> {
 }
 
 fn record_outcome(
-    app: &App,
+    cx: &Coordinator,
     task: &ao_shared::task::Task,
     subtask: ao_shared::ids::SubtaskId,
     outcome: &ao_shared::task::Outcome,
@@ -184,7 +184,7 @@ fn record_outcome(
     };
     let cap = sub.capability.as_str();
     let repo = task.repository.as_str();
-    let m = &app.metrics;
+    let m = &cx.metrics;
     m.subtask_duration
         .with_label_values(&[cap, outcome.kind.as_str()])
         .observe(outcome.duration_ms as f64 / 1000.0);

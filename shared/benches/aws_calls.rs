@@ -75,6 +75,8 @@ fn new_task() -> Task {
         error: None,
         version: 0,
         subtasks: plan_subtasks(&Capability::ALL),
+        approval: Default::default(),
+        review_round: None,
     }
 }
 

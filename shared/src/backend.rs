@@ -8,7 +8,7 @@ use crate::queue::sqs::{SqsOptions, SqsQueue};
 use crate::queue::Queue;
 use crate::secret::{LocalSecrets, SecretResolver};
 use crate::state::dynamo::{DynamoOptions, DynamoStore};
-use crate::state::sqlite::SqliteStore;
+use crate::state::sqlite::{Retention, SqliteStore};
 use crate::state::StateStore;
 use std::sync::Arc;
 
@@ -40,7 +40,14 @@ impl Backends {
                 let queue =
                     SqliteQueue::open(&settings.local.data_dir, settings.queue.max_receives)
                         .map_err(|e| err(&e))?;
-                let store = SqliteStore::open(&settings.local.data_dir).map_err(|e| err(&e))?;
+                let day = std::time::Duration::from_secs(86_400);
+                let days = |n: u64| (n > 0).then(|| day * n.min(36_500) as u32);
+                let store = SqliteStore::open(&settings.local.data_dir)
+                    .map_err(|e| err(&e))?
+                    .with_retention(Retention {
+                        events: days(settings.local.event_retention_days),
+                        deliveries: days(settings.local.delivery_retention_days),
+                    });
                 Ok(Self {
                     queue: Arc::new(queue),
                     store: Arc::new(store),

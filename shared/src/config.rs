@@ -198,12 +198,20 @@ pub struct BackendSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct LocalSettings {
     pub data_dir: PathBuf,
+    /// Days after which task events (agent output, state changes) are deleted from the
+    /// SQLite store; 0 keeps them for ever. Default 90, as `aws.event_retention_days`.
+    pub event_retention_days: u64,
+    /// Days after which webhook delivery records are deleted; 0 keeps them for ever.
+    /// Default 30, as `aws.delivery_retention_days` (GitHub redelivers for a few days).
+    pub delivery_retention_days: u64,
 }
 
 impl Default for LocalSettings {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./.data"),
+            event_retention_days: 90,
+            delivery_retention_days: 30,
         }
     }
 }
@@ -264,13 +272,30 @@ pub struct SandboxSettings {
     pub uid: u32,
     /// Group id of the agent inside the sandbox.
     pub gid: u32,
+    /// The unprivileged host user id the sandbox runs as when the worker runs as root
+    /// (root is never a sandbox user: as host root the agent could read every root-only
+    /// file, and no process limit would apply). A dedicated user
+    /// (`useradd --system ao-sandbox`) or an id of root's subordinate range
+    /// (`/etc/subuid`). Required for a root worker with the `bwrap` driver; unused
+    /// otherwise (the sandbox then runs as the worker's own user).
+    pub host_uid: Option<u32>,
+    /// The host group id that goes with `host_uid`.
+    pub host_gid: Option<u32>,
     /// The agent's home directory inside the sandbox: an empty tmpfs for each attempt.
     pub home: PathBuf,
     /// Names of the worker's environment variables passed into the sandbox (when set),
     /// besides PATH, LANG, LC_ALL, TZ. Nothing else of the worker's environment enters.
     pub env_pass: Vec<String>,
-    /// Capabilities whose sandboxes have no network at all (not even loopback).
+    /// Capabilities whose sandboxes have no network at all (not even loopback, nor the
+    /// model proxy).
     pub network_off: Vec<Capability>,
+    /// Capabilities whose sandboxes share the host's network and get the model key in
+    /// their environment (the behaviour before the egress proxy). Every other capability
+    /// not in `network_off` gets the allow-list proxy (see `docs/sandbox-network.md`).
+    pub network_open: Vec<Capability>,
+    /// Destinations (`host:port`, or `host` for port 443) the egress proxy lets every
+    /// sandbox reach, besides the repository's git host (package registries, …).
+    pub allow_hosts: Vec<String>,
     /// More host paths hidden from the sandbox (a directory becomes an empty tmpfs, a file
     /// an empty file). The data dir, the work dir, home directories, `/root`, `/run/secrets`,
     /// the shadow files and secret files named in the configuration are always hidden.
@@ -288,6 +313,14 @@ pub struct SandboxSettings {
     /// `pids` controllers enabled in its `cgroup.subtree_control`). Each sandbox then runs
     /// in a child cgroup with `memory.max` and `pids.max`. Without it, memory is not limited.
     pub cgroup_dir: Option<PathBuf>,
+    /// Size bound of the sandbox's working copy (a tmpfs), in MiB.
+    pub workspace_mb: u64,
+    /// Size bound of `/tmp` inside the sandbox, in MiB.
+    pub tmp_mb: u64,
+    /// Size bound of the agent's `$HOME` inside the sandbox, in MiB.
+    pub home_mb: u64,
+    /// Size bound of `/dev/shm` inside the sandbox, in MiB.
+    pub shm_mb: u64,
 }
 
 impl Default for SandboxSettings {
@@ -297,6 +330,8 @@ impl Default for SandboxSettings {
             bwrap: PathBuf::from("bwrap"),
             uid: 1000,
             gid: 1000,
+            host_uid: None,
+            host_gid: None,
             home: PathBuf::from("/home/agent"),
             // The model key is not passed from the worker's environment: it comes from
             // `agent.api_key` (a secret ref), and the runner keeps it out of its output.
@@ -310,12 +345,18 @@ impl Default for SandboxSettings {
             .map(|s| s.to_string())
             .collect(),
             network_off: Vec::new(),
+            network_open: Vec::new(),
+            allow_hosts: Vec::new(),
             hide: Vec::new(),
             ro_paths: Vec::new(),
             memory_mb: None,
             max_processes: 1024,
             max_open_files: 8192,
             cgroup_dir: None,
+            workspace_mb: 4096,
+            tmp_mb: 1024,
+            home_mb: 1024,
+            shm_mb: 64,
         }
     }
 }
@@ -392,9 +433,13 @@ pub struct AgentSettings {
     /// Seconds without any output from the agent before it is killed as `stalled`
     /// (0: no idle limit; a profile may set its own).
     pub idle_timeout_secs: u64,
-    /// Secret reference of the model API key, put into the sandbox's environment as
-    /// `ANTHROPIC_API_KEY` and nowhere else.
+    /// Secret reference of the model API key. The worker's model proxy adds it to the
+    /// agent's model calls (`x-api-key`); it enters a sandbox's environment (as
+    /// `ANTHROPIC_API_KEY`) only for the `process` driver and `sandbox.network_open`.
     pub api_key: Option<SecretRef>,
+    /// The model API the worker's proxy forwards to; when absent, the worker's
+    /// `ANTHROPIC_BASE_URL`, else `https://api.anthropic.com`.
+    pub base_url: Option<String>,
     /// A directory of `<capability>.toml` profiles replacing the built-in ones.
     pub profiles_dir: Option<PathBuf>,
     /// Field overrides per capability, applied last (`[agent.profiles.coder] model = …`).
@@ -419,6 +464,7 @@ impl Default for AgentSettings {
             timeout_secs: 3600,
             idle_timeout_secs: 600,
             api_key: None,
+            base_url: None,
             profiles_dir: None,
             profiles: BTreeMap::new(),
         }
@@ -616,6 +662,8 @@ impl Settings {
                 .with_list_parse_key("agent.args")
                 .with_list_parse_key("sandbox.env_pass")
                 .with_list_parse_key("sandbox.network_off")
+                .with_list_parse_key("sandbox.network_open")
+                .with_list_parse_key("sandbox.allow_hosts")
                 .with_list_parse_key("sandbox.hide")
                 .with_list_parse_key("sandbox.ro_paths")
                 .with_list_parse_key("github.webhook_secrets")

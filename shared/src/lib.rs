@@ -6,6 +6,8 @@
 pub mod aws;
 pub mod aws_secrets;
 pub mod backend;
+pub mod backoff;
+pub mod bounded;
 pub mod capability;
 pub mod config;
 pub mod ids;

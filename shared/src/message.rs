@@ -13,8 +13,20 @@ use serde::{Deserialize, Serialize};
 /// The message format version this build writes and reads.
 pub const MESSAGE_VERSION: u32 = 1;
 
-/// The largest body accepted, well below SQS's 256 KiB limit: large data is stored, not sent.
+/// SQS's limit on a message: "The minimum message size is 1 byte (1 character). The
+/// maximum is 262,144 bytes (256 KiB)" (Amazon SQS Developer Guide, *Amazon SQS message
+/// quotas*, <https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/quotas-messages.html>).
+/// The limit counts the body and its message attributes.
+pub const SQS_MESSAGE_LIMIT_BYTES: usize = 262_144;
+
+/// The largest body accepted, well below [`SQS_MESSAGE_LIMIT_BYTES`] (room for the
+/// attributes and for backends that count differently): large data is stored, not sent.
+/// Every result a worker builds fits it: outcomes are [`Outcome::bounded`], and event
+/// batches are split with [`ResultMessage::event_batches`].
 pub const MAX_MESSAGE_BYTES: usize = 200 * 1024;
+
+/// Bytes of an `events` message besides its events (envelope, ids, kind), with room to spare.
+const EVENTS_ENVELOPE_BYTES: usize = 1024;
 
 /// A message that cannot be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +185,45 @@ pub enum ResultMessage {
 }
 
 impl ResultMessage {
+    /// `events` as `Events` messages that each encode within [`MAX_MESSAGE_BYTES`], in
+    /// order: no event is dropped, and one whose data is too large on its own is kept as a
+    /// truncated copy ([`crate::bounded::bound_event_data`]).
+    pub fn event_batches(
+        task_id: TaskId,
+        subtask_id: SubtaskId,
+        attempt: u32,
+        events: Vec<AgentEventRecord>,
+    ) -> Vec<ResultMessage> {
+        let budget = MAX_MESSAGE_BYTES - EVENTS_ENVELOPE_BYTES;
+        let mut batches = Vec::new();
+        let mut batch = Vec::new();
+        let mut size = 0;
+        for mut event in events {
+            event.data = crate::bounded::bound_event_data(event.data);
+            event.kind = crate::bounded::truncate_bytes(&event.kind, 64);
+            // An event's JSON plus the comma between events.
+            let bytes = serde_json::to_string(&event).map_or(0, |t| t.len()) + 1;
+            if !batch.is_empty() && size + bytes > budget {
+                batches.push(std::mem::take(&mut batch));
+                size = 0;
+            }
+            size += bytes;
+            batch.push(event);
+        }
+        if !batch.is_empty() {
+            batches.push(batch);
+        }
+        batches
+            .into_iter()
+            .map(|events| ResultMessage::Events {
+                task_id,
+                subtask_id,
+                attempt,
+                events,
+            })
+            .collect()
+    }
+
     pub fn encode(&self) -> Result<String, EncodeError> {
         encode(self)
     }
@@ -280,6 +331,64 @@ mod tests {
         }
         let kind_swap = sample().encode().unwrap();
         assert!(ResultMessage::decode(&kind_swap).is_err());
+    }
+
+    #[test]
+    fn a_finished_result_with_huge_agent_text_always_fits_one_message() {
+        // Control characters take 6 bytes each in JSON: the worst case.
+        let huge = "\u{1}".repeat(1 << 20);
+        let mut outcome = Outcome::failed(OutcomeKind::AgentError, huge.clone(), false);
+        outcome.summary = huge;
+        let r = ResultMessage::Finished {
+            task_id: TaskId::new(),
+            subtask_id: SubtaskId::new(),
+            attempt: 1,
+            worker: "w".into(),
+            outcome: outcome.bounded(),
+            at: timefmt::now(),
+        };
+        let text = r.encode().expect("a bounded outcome encodes");
+        assert!(text.len() <= MAX_MESSAGE_BYTES && MAX_MESSAGE_BYTES < SQS_MESSAGE_LIMIT_BYTES);
+        let ResultMessage::Finished { outcome, .. } = ResultMessage::decode(&text).unwrap() else {
+            panic!("not finished")
+        };
+        assert!(crate::bounded::is_truncated(&outcome.summary));
+        assert!(crate::bounded::is_truncated(
+            outcome.error.as_deref().unwrap()
+        ));
+    }
+
+    #[test]
+    fn event_batches_over_the_limit_are_split_not_dropped() {
+        let (task, sub) = (TaskId::new(), SubtaskId::new());
+        let events: Vec<AgentEventRecord> = (0..300)
+            .map(|i| AgentEventRecord {
+                at: timefmt::now(),
+                kind: "text".into(),
+                data: serde_json::json!({ "i": i, "text": "x".repeat(5000) }),
+            })
+            .chain(std::iter::once(AgentEventRecord {
+                at: timefmt::now(),
+                kind: "text".into(),
+                data: serde_json::json!({ "i": 300, "text": "\u{1}".repeat(1 << 20) }),
+            }))
+            .collect();
+        let batches = ResultMessage::event_batches(task, sub, 1, events);
+        assert!(batches.len() > 1);
+        let mut seen = Vec::new();
+        for b in &batches {
+            let text = b.encode().expect("every batch encodes");
+            assert!(text.len() <= MAX_MESSAGE_BYTES);
+            let ResultMessage::Events { events, .. } = b else {
+                panic!("not events")
+            };
+            for e in events {
+                seen.push(e.data.get("i").and_then(|i| i.as_u64()));
+            }
+        }
+        // The huge one is kept, truncated (its "i" is inside the truncated text).
+        assert_eq!(seen.len(), 301);
+        assert_eq!(seen[..300], (0..300).map(Some).collect::<Vec<_>>()[..]);
     }
 
     #[test]

@@ -292,8 +292,14 @@ impl StreamEvent {
 
 fn block_event(b: &ContentBlock) -> (&'static str, Value) {
     match b {
-        ContentBlock::Text(t) => ("text", json!({ "text": t })),
-        ContentBlock::Thinking(t) => ("thinking", json!({ "text": t })),
+        ContentBlock::Text(t) => (
+            "text",
+            json!({ "text": crate::bounded::truncate_bytes(t, crate::bounded::MAX_AGENT_TEXT_BYTES) }),
+        ),
+        ContentBlock::Thinking(t) => (
+            "thinking",
+            json!({ "text": crate::bounded::truncate_bytes(t, crate::bounded::MAX_AGENT_TEXT_BYTES) }),
+        ),
         ContentBlock::ToolUse { id, name, input } => {
             let text = input.to_string();
             let input = if text.len() > MAX_TOOL_INPUT_CHARS {
@@ -421,5 +427,24 @@ mod tests {
         assert!(content.ends_with("[10 more characters]"));
         assert_eq!(truncate("héllo", 2), "hé… [3 more characters]");
         assert_eq!(truncate("ok", 5), "ok");
+    }
+
+    #[test]
+    fn records_cut_long_text_and_thinking() {
+        let long = "y".repeat(1 << 20);
+        let line = json!({"type":"assistant","message":{"content":[
+            {"type":"text","text": long}, {"type":"thinking","thinking": long}]}})
+        .to_string();
+        let records = parse_line(&line).unwrap().agent_events();
+        assert_eq!(records.len(), 2);
+        for (_, data) in records {
+            let text = data["text"].as_str().unwrap();
+            assert!(
+                text.len() < 2 * crate::bounded::MAX_AGENT_TEXT_BYTES,
+                "{}",
+                text.len()
+            );
+            assert!(crate::bounded::is_truncated(text));
+        }
     }
 }

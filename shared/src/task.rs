@@ -98,6 +98,30 @@ impl Outcome {
         outcome
     }
 
+    /// The outcome with every field that carries agent text cut to
+    /// [`crate::bounded::MAX_AGENT_TEXT_BYTES`] (with a visible marker), so that a result
+    /// carrying it always fits one message. A commit id is at most 64 bytes.
+    pub fn bounded(mut self) -> Self {
+        use crate::bounded::{truncate_bytes, MAX_AGENT_TEXT_BYTES};
+        if self.summary.len() > MAX_AGENT_TEXT_BYTES {
+            self.summary = truncate_bytes(&self.summary, MAX_AGENT_TEXT_BYTES);
+        }
+        if let Some(e) = self
+            .error
+            .as_mut()
+            .filter(|e| e.len() > MAX_AGENT_TEXT_BYTES)
+        {
+            *e = truncate_bytes(e, MAX_AGENT_TEXT_BYTES);
+        }
+        if let Some(c) = self.commit.as_mut().filter(|c| c.len() > 64) {
+            *c = truncate_bytes(c, 64);
+        }
+        if !self.cost_usd.is_finite() {
+            self.cost_usd = 0.0;
+        }
+        self
+    }
+
     fn new(
         kind: OutcomeKind,
         summary: impl Into<String>,
@@ -192,6 +216,82 @@ pub enum TaskSource {
     },
 }
 
+/// Whether and when a task waits for a person's approval (`/agent approve`, `POST
+/// /api/v1/tasks/{id}/approve`) before going on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Approval {
+    /// The task runs through without waiting.
+    #[default]
+    NotRequired,
+    /// The task waits before anything is queued.
+    BeforeStart,
+    /// The planner runs first; when it succeeded the task waits with its plan.
+    AfterPlan,
+}
+
+impl Approval {
+    fn is_not_required(&self) -> bool {
+        *self == Approval::NotRequired
+    }
+}
+
+/// A change of state of a task or one of its subtasks: the `data` of a stored `state`
+/// event, hence exactly the JSON that `GET /api/v1/tasks/{id}/events` (and its live
+/// stream) and the dashboard read, tagged by `type`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StateChange {
+    /// The task's status changed; `error` says why when it failed or was cancelled.
+    TaskStatus {
+        status: TaskStatus,
+        error: Option<String>,
+    },
+    /// A subtask's status or attempt changed.
+    SubtaskStatus {
+        capability: Capability,
+        status: SubtaskStatus,
+        attempt: u32,
+        worker: Option<String>,
+        outcome: Option<Outcome>,
+    },
+    /// Start-up or periodic recovery repaired orphaned work; `reason` says what it did.
+    Recovery { reason: String },
+}
+
+impl StateChange {
+    /// The changes that make `after` from `before` (`None`: a new task), task first, then
+    /// subtasks in plan order.
+    pub fn between(before: Option<&Task>, after: &Task) -> Vec<(Option<SubtaskId>, StateChange)> {
+        let mut out = Vec::new();
+        if before.map(|b| b.status) != Some(after.status) {
+            out.push((
+                None,
+                StateChange::TaskStatus {
+                    status: after.status,
+                    error: after.error.clone(),
+                },
+            ));
+        }
+        for sub in &after.subtasks {
+            let old = before.and_then(|b| b.subtask(sub.id));
+            if old.map(|o| (o.status, o.attempt)) != Some((sub.status, sub.attempt)) {
+                out.push((
+                    Some(sub.id),
+                    StateChange::SubtaskStatus {
+                        capability: sub.capability,
+                        status: sub.status,
+                        attempt: sub.attempt,
+                        worker: sub.worker.clone(),
+                        outcome: sub.outcome.clone(),
+                    },
+                ));
+            }
+        }
+        out
+    }
+}
+
 /// A unit of work requested by a user, with its subtasks.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Task {
@@ -223,6 +323,13 @@ pub struct Task {
     /// `.agent-orchestrator.toml`), given to each subtask's run.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub profiles: BTreeMap<Capability, RepoProfile>,
+    /// Whether the task waits for approval, and when.
+    #[serde(default, skip_serializing_if = "Approval::is_not_required")]
+    pub approval: Approval,
+    /// For a follow-up run that answers a review of the task's pull request: which round
+    /// (1, 2, …) it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review_round: Option<u32>,
 }
 
 /// What applying a worker report did.
@@ -351,6 +458,9 @@ impl Task {
                 sub.status
             )));
         }
+        // Agent text kept in the task stays bounded, whoever sent it: the task item must
+        // stay small (DynamoDB refuses items over 400 KB).
+        let outcome = outcome.bounded();
         sub.cost_usd += outcome.cost_usd;
         sub.tokens.add(&outcome.tokens);
         if sub.started_at.is_none() {
@@ -392,6 +502,13 @@ impl Task {
                         .all(|s| s.status == SubtaskStatus::Succeeded)
                     {
                         self.set_status(TaskStatus::Succeeded)?;
+                    } else if capability == Capability::Planner
+                        && self.approval == Approval::AfterPlan
+                    {
+                        // The plan is made; nothing more is queued until it is approved.
+                        if let Ok(to) = self.status.transition(TaskStatus::AwaitingApproval) {
+                            self.status = to;
+                        }
                     }
                 }
             }
@@ -479,7 +596,70 @@ mod tests {
             error: None,
             version: 0,
             subtasks: plan_subtasks(caps),
+            approval: Approval::NotRequired,
+            review_round: None,
         }
+    }
+
+    #[test]
+    fn a_plan_to_approve_stops_the_task_after_the_planner() {
+        let mut t = task(&[Capability::Planner, Capability::Coder]);
+        t.approval = Approval::AfterPlan;
+        let now = timefmt::now();
+        let planner = t.queue_ready(now)[0];
+        t.apply_outcome(planner, 1, Outcome::succeeded("the plan", None), 3, now)
+            .unwrap();
+        assert_eq!(t.status, TaskStatus::AwaitingApproval);
+        assert!(
+            t.queue_ready(now).is_empty(),
+            "nothing is queued before approval"
+        );
+
+        // Without the gate the coder is queued at once.
+        let mut t = task(&[Capability::Planner, Capability::Coder]);
+        let planner = t.queue_ready(now)[0];
+        t.apply_outcome(planner, 1, Outcome::succeeded("the plan", None), 3, now)
+            .unwrap();
+        assert_eq!(t.queue_ready(now), vec![t.subtasks[1].id]);
+    }
+
+    #[test]
+    fn state_changes_have_the_json_the_event_stream_reads() {
+        let mut before = task(&[Capability::Coder]);
+        let mut after = before.clone();
+        after.status = TaskStatus::Failed;
+        after.error = Some("boom".into());
+        after.subtasks[0].status = SubtaskStatus::Queued;
+        after.subtasks[0].attempt = 1;
+        let changes = StateChange::between(Some(&before), &after);
+        let json: Vec<serde_json::Value> = changes
+            .iter()
+            .map(|(_, c)| serde_json::to_value(c).unwrap())
+            .collect();
+        assert_eq!(
+            json[0],
+            serde_json::json!({"type": "task_status", "status": "failed", "error": "boom"})
+        );
+        assert_eq!(
+            json[1],
+            serde_json::json!({"type": "subtask_status", "capability": "coder",
+                "status": "queued", "attempt": 1, "worker": null, "outcome": null})
+        );
+        assert_eq!(changes[1].0, Some(after.subtasks[0].id));
+        before.status = after.status;
+        assert_eq!(StateChange::between(Some(&after), &after), vec![]);
+        assert_eq!(StateChange::between(None, &before).len(), 2);
+    }
+
+    #[test]
+    fn tasks_stored_before_the_typed_fields_still_read() {
+        let t = task(&[Capability::Coder]);
+        let mut json = serde_json::to_value(&t).unwrap();
+        let obj = json.as_object_mut().unwrap();
+        assert!(!obj.contains_key("approval") && !obj.contains_key("review_round"));
+        let back: Task = serde_json::from_value(json).unwrap();
+        assert_eq!(back.approval, Approval::NotRequired);
+        assert_eq!(back.review_round, None);
     }
 
     #[test]

@@ -262,6 +262,51 @@ async fn surplus_messages_are_released() {
     }
 }
 
+/// Receiving from several queues at once: when one queue's poll answers first, what the
+/// other polls bring is neither dropped (hidden until its visibility timeout) nor made
+/// visible again (which counts a receive): the next receive hands it out, received once.
+#[tokio::test]
+async fn every_polls_messages_are_kept() {
+    let q = queue().await;
+    let tester = QueueId::Capability(Capability::Tester);
+    for round in 0..5 {
+        q.send(CODER, &format!("c{round}")).await.unwrap();
+        q.send(tester, &format!("t{round}")).await.unwrap();
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            let more = q
+                .receive(
+                    &[CODER, tester],
+                    1,
+                    Duration::from_secs(1),
+                    Duration::from_secs(120),
+                )
+                .await
+                .unwrap();
+            assert!(more.len() <= 1, "more than asked for");
+            got.extend(more);
+            if got.len() == 2 {
+                break;
+            }
+        }
+        let mut bodies: Vec<&str> = got.iter().map(|m| m.body.as_str()).collect();
+        bodies.sort();
+        assert_eq!(
+            bodies,
+            vec![format!("c{round}"), format!("t{round}")],
+            "round {round}: a message of the slower poll was lost"
+        );
+        for m in &got {
+            assert_eq!(
+                m.receive_count, 1,
+                "round {round}: {} was received again",
+                m.body
+            );
+            q.delete(&m.receipt).await.unwrap();
+        }
+    }
+}
+
 /// Bodies above the limit are refused before anything is sent; a visibility beyond 12 h
 /// is cut to what SQS allows; the receipt of a deleted message is reported as expired.
 #[tokio::test]
@@ -467,4 +512,10 @@ async fn backends_open_from_settings() {
     let task = conformance::sample_task("/srv/open.git");
     backends.store.create_task(&task, None, &[]).await.unwrap();
     assert!(backends.store.get_task(task.id).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn large_transcript() {
+    let s = store().await;
+    conformance::large_transcript(&s).await;
 }

@@ -117,3 +117,49 @@ async fn spend_adds_up() {
     let (_d, s) = store();
     conformance::spend_adds_up(std::sync::Arc::new(s)).await;
 }
+
+#[tokio::test]
+async fn large_transcript() {
+    let (_d, s) = store();
+    conformance::large_transcript(&s).await;
+}
+
+/// Events and delivery records past their retention are deleted; newer ones are kept.
+#[tokio::test]
+async fn old_events_and_deliveries_are_pruned() {
+    use ao_shared::state::sqlite::{Pruned, Retention};
+    use ao_shared::state::{EventKind, NewEvent, StateStore};
+    let (_d, s) = store();
+    let day = std::time::Duration::from_secs(86_400);
+    let s = s.with_retention(Retention {
+        events: Some(day * 90),
+        deliveries: Some(day * 30),
+    });
+    let t = conformance::sample_task("/srv/r.git");
+    s.create_task(&t, None, &[]).await.unwrap();
+    let now = ao_shared::timefmt::now();
+    let event = |at, text: &str| NewEvent {
+        subtask_id: None,
+        kind: EventKind::Agent,
+        at,
+        data: serde_json::json!({ "message": text }),
+    };
+    s.append_events(t.id, &[event(now - day * 100, "old"), event(now, "new")])
+        .await
+        .unwrap();
+    let delivery = ao_shared::ids::DeliveryId::new("d-1");
+    assert!(s.record_delivery(&delivery).await.unwrap());
+    // 31 days later: the delivery record and the 131-day-old event go, the other stays.
+    let pruned = s.prune(now + day * 31).await.unwrap();
+    assert_eq!(
+        pruned,
+        Pruned {
+            events: 1,
+            deliveries: 1
+        }
+    );
+    let left = s.events(t.id, None, 10).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].event.data["message"], "new");
+    assert!(s.record_delivery(&delivery).await.unwrap());
+}

@@ -1,9 +1,11 @@
 //! Test support for the end-to-end tests: starts the real `coordinator` and `worker`
-//! binaries as processes against a fresh data directory, makes real git repositories,
+//! binaries as processes against a fresh data directory (or the coordinator in-process,
+//! [`inproc`], where no process boundary is under test), makes real git repositories,
 //! and talks to the REST API over HTTP.
 
 pub mod fake_github;
 pub mod fake_nomad;
+pub mod inproc;
 pub mod measure;
 pub mod model_server;
 pub mod moto;
@@ -20,6 +22,24 @@ use std::time::{Duration, Instant};
 
 /// The API token every test cluster uses.
 pub const TOKEN: &str = "test-token-0123456789";
+
+/// The unprivileged host user of the tests that need one (made by
+/// `scripts/install-deps.sh test` when the tests run as root): the sandbox user of a root
+/// worker (`sandbox.host_uid`), and the user an ordinary-user worker runs as.
+pub const TEST_USER: &str = "ao-sandbox-test";
+
+/// The uid and gid of [`TEST_USER`], if it exists.
+pub fn test_user() -> Option<(u32, u32)> {
+    nix::unistd::User::from_name(TEST_USER)
+        .ok()
+        .flatten()
+        .map(|u| (u.uid.as_raw(), u.gid.as_raw()))
+}
+
+/// Whether the tests run as root.
+pub fn running_as_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
 
 /// The directory holding the built binaries (`target/debug`), found from the test binary.
 pub fn bin_dir() -> PathBuf {
@@ -112,14 +132,31 @@ pub struct Cluster {
     pub port: u16,
     pub env: Vec<(String, String)>,
     pub coordinator: Option<Daemon>,
+    /// The coordinator when started in-process ([`Cluster::start_in_process`]).
+    pub inproc: Option<inproc::InProcess>,
     pub workers: Vec<Daemon>,
     pub http: reqwest::Client,
+    /// The host user the daemons run as, when not the tests' own (see [`Cluster::run_as`]).
+    pub user: Option<(u32, u32)>,
 }
 
 impl Cluster {
     /// A cluster whose settings are `AO__…` variables; `extra` adds or overrides.
+    ///
+    /// Under root, a `bwrap` worker runs its sandboxes as [`TEST_USER`]
+    /// (`sandbox.host_uid`), so the cluster's directory is left searchable by it.
     pub fn new(extra: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        let mut host_user: Vec<(String, String)> = Vec::new();
+        if running_as_root() {
+            if let Some((uid, gid)) = test_user() {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                    .expect("chmod cluster dir");
+                host_user.push(("AO__SANDBOX__HOST_UID".into(), uid.to_string()));
+                host_user.push(("AO__SANDBOX__HOST_GID".into(), gid.to_string()));
+            }
+        }
         let port = free_port();
         let mut env: Vec<(String, String)> = vec![
             ("AO__BACKEND__KIND", "local".to_string()),
@@ -145,6 +182,7 @@ impl Cluster {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
+        .chain(host_user)
         .collect();
         for (k, v) in extra {
             env.retain(|(key, _)| key != k);
@@ -155,12 +193,34 @@ impl Cluster {
             port,
             env,
             coordinator: None,
+            inproc: None,
             workers: Vec::new(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()
                 .expect("http client"),
+            user: None,
         }
+    }
+
+    /// Runs every daemon started from now on as host user `uid`:`gid` (an ordinary-user
+    /// deployment), giving it the cluster's directory (again before each start, so what
+    /// the test made in between is its too).
+    pub fn run_as(&mut self, uid: u32, gid: u32) {
+        self.env
+            .retain(|(k, _)| !k.starts_with("AO__SANDBOX__HOST_"));
+        self.user = Some((uid, gid));
+    }
+
+    fn give_dir(&self) {
+        let Some((uid, gid)) = self.user else { return };
+        let status = Command::new("chown")
+            .arg("-R")
+            .arg(format!("{uid}:{gid}"))
+            .arg(self.dir.path())
+            .status()
+            .expect("chown runs");
+        assert!(status.success(), "chown -R {uid}:{gid} failed");
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -171,13 +231,23 @@ impl Cluster {
         let log = self.dir.path().join(format!("{name}.log"));
         let out = File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
+        self.give_dir();
         let mut cmd = Command::new(bin(program));
+        let home = match self.user {
+            // Its own home: the tests' one is not its to read.
+            Some((uid, gid)) => {
+                use std::os::unix::process::CommandExt;
+                cmd.uid(uid).gid(gid);
+                let home = self.dir.path().join("home");
+                std::fs::create_dir_all(&home).expect("home dir");
+                std::os::unix::fs::chown(&home, Some(uid), Some(gid)).expect("chown home");
+                home.display().to_string()
+            }
+            None => std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()),
+        };
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env(
-                "HOME",
-                std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()),
-            )
+            .env("HOME", home)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(extra.iter().copied())
             .stdin(Stdio::null())
@@ -209,6 +279,34 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Starts the coordinator in this process (same settings, same port) and waits until
+    /// it is ready. Its context is `self.inproc.cx`.
+    pub async fn start_in_process(&mut self) -> Result<()> {
+        let listen = format!("127.0.0.1:{}", self.port);
+        let c = inproc::InProcess::start(self.dir.path(), &self.env, &listen).await?;
+        self.inproc = Some(c);
+        Ok(())
+    }
+
+    /// The in-process coordinator's context; panics when it was started as a process.
+    pub fn cx(&self) -> &ao_coordinator::Coordinator {
+        &self
+            .inproc
+            .as_ref()
+            .expect("coordinator started in-process")
+            .cx
+    }
+
+    /// Reads one sample of the coordinator's /metrics: the value of the series whose
+    /// line starts with `series` (name and labels as rendered), 0 when absent.
+    pub async fn metric(&self, series: &str) -> Result<f64> {
+        let text = self.metrics().await?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0))
     }
 
     /// Starts a worker with extra settings; returns its index.
@@ -323,8 +421,10 @@ impl Cluster {
 
 /// Runs git with a fixed identity; panics with its output when it fails.
 pub fn git(dir: &Path, args: &[&str]) -> String {
+    // The repositories of a cluster run as another user belong to that user.
     let out = Command::new("git")
         .current_dir(dir)
+        .args(["-c", "safe.directory=*"])
         .args(args)
         .env("GIT_AUTHOR_NAME", "test")
         .env("GIT_AUTHOR_EMAIL", "test@example.com")

@@ -123,7 +123,7 @@ fn assert_no_violations(fake: &FakeNomad) {
 fn the_sandbox_job_file_is_a_valid_nomad_job_the_driver_can_use() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../nomad/sandbox.nomad.hcl");
     let job = jobspec::load(&path, &[("capability", "tester")]).unwrap();
-    let api = openapi::OpenApi::load(&openapi::spec_path()).unwrap();
+    let api = openapi::OpenApi::load_or_routes().unwrap();
     let errors = api.check_body("RegisterJob", &json!({ "Job": job }));
     assert!(errors.is_empty(), "{errors:#?}");
     assert_eq!(job["ID"], "ao-sandbox-tester");

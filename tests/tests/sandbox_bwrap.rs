@@ -160,8 +160,10 @@ echo "probed"
     assert_eq!(limit("Max processes"), "999", "{probe}");
 
     let env = git(&repo, &["show", "agent/probe:env.txt"]);
+    // The model key stays with the worker's proxy; the agent gets a placeholder.
+    assert!(!env.contains(&api_key), "{env}");
     assert!(
-        env.contains(&format!("ANTHROPIC_API_KEY={api_key}")),
+        env.contains("ANTHROPIC_API_KEY=sk-ant-placeholder"),
         "{env}"
     );
     assert!(!env.contains(&secret), "{env}");
@@ -215,7 +217,10 @@ async fn network_off_capabilities_cannot_connect_even_to_loopback() {
             drop(stream);
         }
     });
-    let mut c = cluster(&[("AO__SANDBOX__NETWORK_OFF", "coder")]);
+    let mut c = cluster(&[
+        ("AO__SANDBOX__NETWORK_OFF", "coder"),
+        ("AO__SANDBOX__NETWORK_OPEN", "tester"),
+    ]);
     let root = c.dir.path().to_path_buf();
     let repo = bare_repo(&root, "project", &[]);
     let body = format!(

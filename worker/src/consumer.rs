@@ -1,6 +1,8 @@
 //! The queue consumer: long-polls the queues of the worker's capabilities for as many
 //! messages as it has free slots, runs each in a slot, and on shutdown stops receiving,
-//! lets running subtasks finish within the grace period, then stops and releases the rest.
+//! lets running subtasks finish within the grace period (a run that ends in it is
+//! reported), then stops the rest and puts their subtasks back on the queue as fresh
+//! copies, so that shutdowns and scale-in never use up a subtask's receives.
 
 use crate::job;
 use crate::worker::Worker;
@@ -42,9 +44,23 @@ pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
             permits.push(p);
         }
         let asked = Instant::now();
+        let receive = worker
+            .queue
+            .receive(&queues, permits.len(), wait, visibility);
+        tokio::pin!(receive);
         let received = tokio::select! {
-            r = worker.queue.receive(&queues, permits.len(), wait, visibility) => r,
-            _ = shutdown.cancelled() => break,
+            r = &mut receive => r,
+            _ = shutdown.cancelled() => {
+                // The poll is let finish (it ends within `wait`): dropped, it would leave
+                // what it received hidden for a visibility timeout, with a receive used up.
+                // What it brings goes back as fresh copies, using up nothing.
+                if let Ok(messages) = receive.await {
+                    for m in messages {
+                        worker.requeue(m.receipt.queue, &m.body, &m.receipt).await;
+                    }
+                }
+                break;
+            }
         };
         let messages = match received {
             Ok(m) => {
@@ -70,8 +86,10 @@ pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
         }
         for message in messages {
             let Some(permit) = permits.pop() else {
-                // More than asked for: give it back at once.
-                let _ = worker.queue.release(&message.receipt).await;
+                // More than asked for: give it back at once, without using up a receive.
+                worker
+                    .requeue(message.receipt.queue, &message.body, &message.receipt)
+                    .await;
                 continue;
             };
             let (worker, hard_stop, slots) = (worker.clone(), hard_stop.clone(), slots.clone());

@@ -1,10 +1,11 @@
 //! One received subtask, from message to deleted message: report the start, keep the
-//! message hidden, run the sandbox while forwarding its events, report the outcome, and
-//! delete the message only once the outcome is safely on the result queue.
+//! message hidden (its lease, see `heartbeat.rs`), run the sandbox while forwarding its
+//! events, report the outcome, and delete the message only once the outcome is safely on
+//! the result queue. A run whose lease is lost is stopped and not reported.
 
 use crate::cancel_watch;
-use crate::heartbeat::Heartbeat;
-use crate::spec::{RunSpec, RunnerEvent};
+use crate::heartbeat::{Heartbeat, Lease};
+use crate::spec::{LeaseSlot, RunSpec, RunnerEvent};
 use crate::worker::Worker;
 use ao_shared::message::{AgentEventRecord, ResultMessage, SubtaskMessage};
 use ao_shared::queue::{QueueId, Received};
@@ -58,13 +59,13 @@ async fn run(
     hard_stop: CancellationToken,
 ) {
     let s = &worker.settings;
-    let heartbeat = Heartbeat::start(
+    let lease = Lease::new(
         worker.queue.clone(),
         message.receipt.clone(),
-        Duration::from_secs(s.queue.heartbeat_secs),
         Duration::from_secs(s.queue.visibility_timeout_secs),
         worker.metrics.clone(),
     );
+    let heartbeat = Heartbeat::start(lease.clone(), Duration::from_secs(s.queue.heartbeat_secs));
     tracing::info!(receives = message.receive_count, "subtask received");
     let started = ResultMessage::Started {
         task_id: order.task_id,
@@ -81,12 +82,30 @@ async fn run(
         &order,
         worker.agent_spec(order.capability, order.profile.as_ref()),
     );
+    spec.lease = LeaseSlot(Some(lease.clone()));
+    // The run's secrets, before anything starts: their values are redacted from every
+    // event and the outcome, whatever the sandbox driver.
+    let prepared = match worker.secret_env().await {
+        Ok(env) => {
+            spec.secret_env = env;
+            crate::credentials::attach(&worker, &order, &mut spec)
+                .await
+                .map_err(|failed| *failed)
+        }
+        Err(e) => Err(Outcome::failed(
+            OutcomeKind::Infrastructure,
+            format!("cannot resolve agent.api_key: {e}"),
+            true,
+        )),
+    };
+    let redactor = spec.secret_env.redactor();
     let (tx, rx) = mpsc::channel::<RunnerEvent>(256);
     let forwarder = tokio::spawn(forward_events(
         worker.clone(),
         order.clone(),
         rx,
         received_at,
+        redactor.clone(),
     ));
     let cancel = hard_stop.child_token();
     let run_done = CancellationToken::new();
@@ -99,44 +118,70 @@ async fn run(
         cancel.clone(),
         run_done.clone(),
     ));
-    let mut warm = None;
-    let outcome = match worker.secret_env().await {
-        Ok(env) => {
-            spec.secret_env = env;
-            match crate::credentials::attach(&worker, &order, &mut spec).await {
-                Ok(()) => {
-                    // Warm start: mirror and setup cache (see `warm.rs`).
-                    let w = warm.insert(worker.warm.prepare(&mut spec).await);
-                    let tx = w.tap(tx);
-                    worker.driver.run(&spec, tx, cancel).await
-                }
-                Err(failed) => *failed,
+    // A lost lease stops the run: another worker may hold the attempt now.
+    let lost_watch = tokio::spawn({
+        let (lost, cancel, run_done) = (lease.lost(), cancel.clone(), run_done.clone());
+        async move {
+            tokio::select! {
+                _ = lost.cancelled() => cancel.cancel(),
+                _ = run_done.cancelled() => {}
             }
         }
-        Err(e) => {
+    });
+    let mut warm = None;
+    let mut outcome = match prepared {
+        Ok(()) => {
+            // Warm start: mirror and setup cache (see `warm.rs`).
+            let w = warm.insert(worker.warm.prepare(&mut spec).await);
+            let tx = w.tap(tx);
+            worker.driver.run(&spec, tx, cancel).await
+        }
+        Err(failed) => {
             drop(tx);
-            Outcome::failed(
-                OutcomeKind::Infrastructure,
-                format!("cannot resolve agent.api_key: {e}"),
-                true,
-            )
+            failed
         }
     };
+    // Whatever the runner wrote, secrets are redacted and agent text is bounded before it
+    // is reported.
+    redactor.outcome(&mut outcome);
+    let outcome = outcome.bounded();
     run_done.cancel();
     let _ = watch.await;
+    let _ = lost_watch.await;
     let _ = forwarder.await;
     if let Some(w) = warm {
         worker.warm.finish(&spec, w).await;
     }
-    let receipt = heartbeat.stop().await;
 
-    if hard_stop.is_cancelled() {
+    if lease.is_lost() {
+        heartbeat.stop().await;
         tracing::warn!(
-            "shutdown grace period over: run stopped, message released for another worker"
+            reason = lease.why().unwrap_or_default(),
+            outcome = outcome.kind.as_str(),
+            "lease lost: the run was stopped or refused its push; nothing is reported"
         );
-        if let Err(e) = worker.queue.release(&receipt).await {
-            tracing::warn!(error = %e, "cannot release message; it returns after its visibility timeout");
-        }
+        worker
+            .metrics
+            .runs
+            .with_label_values(&[order.capability.as_str(), "lease_lost"])
+            .inc();
+        return;
+    }
+    // Stopped by the end of the shutdown grace period: the same attempt goes back on the
+    // queue for another worker, without using up a receive. A run that ended by itself
+    // (even as the grace period ran out) is reported below like any other.
+    if hard_stop.is_cancelled() && outcome.kind == OutcomeKind::Cancelled {
+        let receipt = heartbeat.stop().await;
+        tracing::warn!(
+            "shutdown grace period over: run stopped, the subtask goes back on the queue"
+        );
+        worker
+            .requeue(
+                QueueId::Capability(order.capability),
+                &message.body,
+                &receipt,
+            )
+            .await;
         return;
     }
     // A sandbox that never started for want of capacity (the nomad driver's "not placed")
@@ -146,25 +191,18 @@ async fn run(
     // is the received one deleted. Should both exist for a moment, the attempt's
     // idempotency token makes Nomad run it once.
     if crate::sandbox::is_not_placed(&outcome) {
+        let receipt = heartbeat.stop().await;
         tracing::info!(
             reason = outcome.error.as_deref().unwrap_or(""),
             "sandbox not placed; the subtask goes back on the queue, same attempt"
         );
-        match worker
-            .queue
-            .send(QueueId::Capability(order.capability), &message.body)
-            .await
-        {
-            Ok(_) => {
-                if let Err(e) = worker.queue.delete(&receipt).await {
-                    tracing::warn!(error = %e, "cannot delete the requeued message");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot requeue; releasing the message instead");
-                let _ = worker.queue.release(&receipt).await;
-            }
-        }
+        worker
+            .requeue(
+                QueueId::Capability(order.capability),
+                &message.body,
+                &receipt,
+            )
+            .await;
         return;
     }
     worker
@@ -185,6 +223,13 @@ async fn run(
             "subtask did not succeed"
         );
     }
+    // Fenced like the push: a worker that lost its lease (paused past it) does not report
+    // a run another worker now holds.
+    if let Err(e) = lease.confirm().await {
+        heartbeat.stop().await;
+        tracing::warn!(error = %e, "lease lost before reporting; nothing is reported");
+        return;
+    }
     let finished = ResultMessage::Finished {
         task_id: order.task_id,
         subtask_id: order.subtask_id,
@@ -194,8 +239,11 @@ async fn run(
         at: timefmt::now(),
     };
     // The message is deleted only once the result is safely sent; otherwise it comes back
-    // and the subtask runs again (the coordinator ignores a repeated result).
-    match worker.report_reliably(&finished).await {
+    // and the subtask runs again (the coordinator ignores a repeated result). The
+    // heartbeat keeps the message hidden while the result is being sent.
+    let sent = worker.report_reliably(&finished).await;
+    let receipt = heartbeat.stop().await;
+    match sent {
         Ok(()) => {
             if let Err(e) = worker.queue.delete(&receipt).await {
                 tracing::warn!(error = %e, "cannot delete the finished message; a repeat run will be ignored");
@@ -212,6 +260,7 @@ async fn forward_events(
     order: SubtaskMessage,
     mut rx: mpsc::Receiver<RunnerEvent>,
     received_at: Instant,
+    redactor: crate::redact::Redactor,
 ) {
     let mut batch: Vec<AgentEventRecord> = Vec::new();
     let mut first = true;
@@ -227,22 +276,26 @@ async fn forward_events(
                     .sandbox_start
                     .observe(received_at.elapsed().as_secs_f64());
             }
+            let mut data = event.data;
+            redactor.json(&mut data);
             batch.push(AgentEventRecord {
                 at: timefmt::now(),
-                kind: event.kind,
-                data: event.data,
+                kind: redactor.text(&event.kind),
+                data,
             });
         }
         let flush = done || batch.len() >= EVENT_BATCH || (timed_out && !batch.is_empty());
         if flush && !batch.is_empty() {
-            let report = ResultMessage::Events {
-                task_id: order.task_id,
-                subtask_id: order.subtask_id,
-                attempt: order.attempt,
-                events: std::mem::take(&mut batch),
-            };
-            if let Err(e) = worker.report(&report).await {
-                tracing::warn!(error = %e, "cannot forward agent events");
+            // Split to fit the message limit: a large batch is sent in parts, never dropped.
+            for report in ResultMessage::event_batches(
+                order.task_id,
+                order.subtask_id,
+                order.attempt,
+                std::mem::take(&mut batch),
+            ) {
+                if let Err(e) = worker.report(&report).await {
+                    tracing::warn!(error = %e, "cannot forward agent events");
+                }
             }
         }
         if done {

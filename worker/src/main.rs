@@ -9,9 +9,14 @@ mod heartbeat;
 mod job;
 mod metrics;
 mod mirror;
+mod preflight;
 mod profile;
+mod proxy;
+mod push_permit;
+mod redact;
 mod runner;
 mod sandbox;
+mod secret_files;
 mod setup_cache;
 mod spec;
 mod warm;
@@ -49,9 +54,17 @@ enum Command {
         /// The run spec (JSON).
         #[arg(long)]
         spec: PathBuf,
-        /// Where to write the outcome (JSON).
+        /// Where to write the outcome (JSON): a file (the nomad driver's)…
+        #[arg(
+            long,
+            conflicts_with = "result_fd",
+            required_unless_present = "result_fd"
+        )]
+        result: Option<PathBuf>,
+        /// …or a file descriptor inherited from the worker (the local drivers' result
+        /// channel), which the runner closes to every program it starts.
         #[arg(long)]
-        result: PathBuf,
+        result_fd: Option<i32>,
         /// Where to make the working copy; the spec's directory when absent.
         #[arg(long, env = "AO_WORKSPACE_DIR")]
         workspace: Option<PathBuf>,
@@ -64,9 +77,16 @@ fn main() -> anyhow::Result<()> {
         Command::Runner {
             spec,
             result,
+            result_fd,
             workspace,
         } => {
-            std::process::exit(runner::main(&spec, &result, workspace));
+            let sink = match (result, result_fd) {
+                (Some(path), _) => runner::ResultSink::File(path),
+                (None, Some(fd)) => runner::ResultSink::Fd(fd),
+                // clap requires one of them.
+                (None, None) => anyhow::bail!("--result or --result-fd is required"),
+            };
+            std::process::exit(runner::main(&spec, sink, workspace));
         }
         Command::Serve => {
             let settings =
@@ -82,6 +102,13 @@ fn main() -> anyhow::Result<()> {
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     ao_shared::telemetry::init(&settings.log);
     let backends = Backends::open(&settings).await?;
+    // Every `file:` secret, of the configuration or resolved later, is hidden from the
+    // sandboxes.
+    let secret_files = secret_files::SecretFiles::from_settings(&settings);
+    let secrets: Arc<dyn ao_shared::secret::SecretResolver> = Arc::new(secret_files::Recording {
+        inner: backends.secrets.clone(),
+        files: secret_files.clone(),
+    });
     let metrics = metrics::Metrics::new()?;
     let work_root = match &settings.worker.work_dir {
         Some(d) => d.clone(),
@@ -97,16 +124,18 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             Arc::new(sandbox::process::ProcessDriver::new(work_root)?)
         }
         SandboxDriverKind::Bwrap => Arc::new(
-            sandbox::bwrap::BwrapDriver::new(work_root, &settings)
+            sandbox::bwrap::BwrapDriver::new(work_root, &settings, secret_files.clone())
                 .context("cannot use the bwrap sandbox driver")?,
         ),
         SandboxDriverKind::Nomad => Arc::new(
-            sandbox::nomad::NomadDriver::new(&settings, backends.secrets.clone())
+            sandbox::nomad::NomadDriver::new(&settings, secrets.clone())
                 .context("cannot use the nomad sandbox driver")?,
         ),
     };
     let listen = settings.worker.listen.clone();
     let profiles = profile::Profiles::load(&settings.agent).context("bad agent profile")?;
+    preflight::check(&settings, &profiles, nix::unistd::geteuid().as_raw())
+        .context("this worker cannot serve its configuration")?;
     if settings.agent.kind == ao_shared::config::AgentKind::Claude
         && settings.agent.api_key.is_none()
     {
@@ -126,7 +155,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         driver,
         metrics: metrics.clone(),
         store: backends.store,
-        secrets: backends.secrets,
+        secrets,
         profiles,
         warm,
     });

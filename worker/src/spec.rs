@@ -45,6 +45,9 @@ pub struct RunSpec {
     #[serde(default)]
     pub instructions: Option<String>,
     pub agent: AgentSpec,
+    /// How the runner hands over its commit.
+    #[serde(default)]
+    pub delivery: Delivery,
     /// What the worker prepared for a warm start (see `warm.rs`); empty for a cold one.
     #[serde(default)]
     pub warm: WarmSpec,
@@ -53,8 +56,45 @@ pub struct RunSpec {
     /// spec file or a Nomad payload.
     #[serde(skip)]
     pub secret_env: SecretEnv,
+    /// The lease of the message this attempt came from: the runner pushes only once the
+    /// worker confirmed it (see `push_permit.rs`). Never serialized.
+    #[serde(skip)]
+    pub lease: LeaseSlot,
 }
 
+/// The lease a run is fenced by, if any (none for runs started outside a queue consumer).
+#[derive(Clone, Default)]
+pub struct LeaseSlot(pub Option<crate::heartbeat::Lease>);
+
+impl std::fmt::Debug for LeaseSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Lease" } else { "None" })
+    }
+}
+
+impl PartialEq for LeaseSlot {
+    /// Leases take no part in comparing specs.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+/// How the runner hands over the commit it made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// The runner pushes to the repository's URL (HTTPS, SSH) itself.
+    #[default]
+    Push,
+    /// The runner writes the new commits as a git bundle, [`BUNDLE_FILE`] in its work
+    /// directory, once every other process of the sandbox is gone; the worker pushes it
+    /// into the repository from outside the sandbox. For local repositories, which the
+    /// sandbox sees read-only.
+    Bundle,
+}
+
+/// The bundle of a [`Delivery::Bundle`] run, in the runner's work directory.
+pub const BUNDLE_FILE: &str = "push.bundle";
 /// What the worker keeps for this run between runs (see `warm.rs`). Every path is a host
 /// path that the sandbox driver makes visible at the same place inside.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -108,8 +148,20 @@ impl SecretEnv {
         self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v)
     }
 
+    /// Removes `name` and returns its value.
+    pub fn take(&mut self, name: &str) -> Option<SecretString> {
+        let i = self.0.iter().position(|(n, _)| n == name)?;
+        Some(self.0.remove(i).1)
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.0.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// A redactor of every value.
+    pub fn redactor(&self) -> crate::redact::Redactor {
+        use secrecy::ExposeSecret;
+        crate::redact::Redactor::new(self.0.iter().map(|(_, v)| v.expose_secret()))
     }
 
     /// Adds every variable to a command's environment, and their names (not values) as
@@ -145,8 +197,10 @@ impl RunSpec {
             prompt: m.prompt.clone(),
             instructions: m.instructions.clone(),
             agent,
+            delivery: Delivery::Push,
             warm: WarmSpec::default(),
             secret_env: SecretEnv::default(),
+            lease: LeaseSlot::default(),
         }
     }
 

@@ -9,7 +9,7 @@ use ao_shared::capability::Capability;
 use ao_shared::config::{AgentKind, Settings};
 use ao_shared::message::ResultMessage;
 use ao_shared::profile::RepoProfile;
-use ao_shared::queue::{Queue, QueueError, QueueId};
+use ao_shared::queue::{Queue, QueueError, QueueId, Receipt};
 use ao_shared::secret::{SecretError, SecretResolver};
 use ao_shared::state::StateStore;
 use std::sync::Arc;
@@ -82,6 +82,30 @@ impl Worker {
             env.set("ANTHROPIC_API_KEY", self.secrets.resolve(reference).await?);
         }
         Ok(env)
+    }
+
+    /// Gives a received message back without using up one of its receives: a fresh copy
+    /// goes on `queue`, then the received one is deleted. (Releasing it instead would
+    /// count a receive each time, so a subtask stopped by a few shutdowns in a row would
+    /// reach the dead-letter queue though it never failed.) Should the delete fail, both
+    /// copies exist for a while; they are the same attempt, and a repeated run of an
+    /// attempt neither pushes twice (the push permit) nor counts twice (the coordinator
+    /// ignores a repeated result).
+    pub async fn requeue(&self, queue: QueueId, body: &str, receipt: &Receipt) {
+        match self.queue.send(queue, body).await {
+            Ok(_) => {
+                if let Err(e) = self.queue.delete(receipt).await {
+                    tracing::warn!(error = %e, "cannot delete the requeued message");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot requeue; releasing the message instead");
+                if let Err(e) = self.queue.release(receipt).await {
+                    tracing::warn!(error = %e,
+                        "cannot release the message; it returns after its visibility timeout");
+                }
+            }
+        }
     }
 
     /// Sends a report once.

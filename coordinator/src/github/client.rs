@@ -10,6 +10,7 @@
 //! The `api_url` is configurable, so GitHub Enterprise Server and the tests' fake work.
 
 use crate::metrics::Metrics;
+use ao_shared::backoff::Backoff;
 use ao_shared::config::GithubSettings;
 use ao_shared::secret::{SecretRef, SecretResolver};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -30,6 +31,10 @@ const JWT_BACKDATE_SECS: u64 = 60;
 const JWT_LIFETIME_SECS: u64 = 9 * 60;
 /// Attempts of one call on 5xx, transport errors and rate limits.
 const MAX_ATTEMPTS: u32 = 5;
+/// First delay before a failed call (transport error, 5xx, rate limit without a reset
+/// time) is retried; doubled per attempt up to [`MAX_RETRY_DELAY`].
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(500);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 /// Longest wait for a rate limit to reset before the call fails (it is retried later by
 /// whoever made it: the reporter keeps its work).
 const MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(60);
@@ -313,7 +318,7 @@ impl Client {
         credential: &SecretString,
         body: Option<&Value>,
     ) -> Result<Reply, GithubError> {
-        let mut backoff = Duration::from_millis(500);
+        let mut backoff = Backoff::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY);
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -331,8 +336,7 @@ impl Client {
                 Err(e) => {
                     self.count(route, "0", "transport_error");
                     if attempt < MAX_ATTEMPTS {
-                        tokio::time::sleep(backoff).await;
-                        backoff *= 2;
+                        backoff.wait().await;
                         continue;
                     }
                     return Err(GithubError::Transport {
@@ -377,10 +381,9 @@ impl Client {
                 .and_then(|v| v["message"].as_str().map(str::to_string))
                 .unwrap_or_else(|| text.chars().take(300).collect());
             if attempt < MAX_ATTEMPTS && (rate_limited || status.is_server_error()) {
-                let wait = if rate_limited {
-                    rate_limit_wait(&headers).unwrap_or(backoff)
-                } else {
-                    backoff
+                let wait = match rate_limited.then(|| rate_limit_wait(&headers)).flatten() {
+                    Some(wait) => wait,
+                    None => backoff.next_delay(),
                 };
                 if wait <= MAX_RATE_LIMIT_WAIT {
                     tracing::warn!(
@@ -390,7 +393,6 @@ impl Client {
                         "GitHub call failed; retrying"
                     );
                     tokio::time::sleep(wait).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
                     continue;
                 }
             }

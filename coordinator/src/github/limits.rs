@@ -9,8 +9,9 @@
 //! (`StateStore::add_spend`), so every coordinator sees the same total.
 
 use super::api;
-use super::handle::{self, HandleResult};
-use crate::app::App;
+use super::once::Once;
+use crate::bus::{ChangeKind, TaskChange};
+use crate::github::Github;
 use crate::webhook::event::{Context, Issue};
 use ao_shared::ids::DeliveryId;
 use ao_shared::state::{StoreError, TaskQuery};
@@ -18,10 +19,8 @@ use ao_shared::status::TaskStatus;
 use ao_shared::task::{Task, TaskSource};
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use tokio::sync::broadcast::{self, error::RecvError};
 
-/// How often waiting requests are looked at besides task changes.
-const WAIT_CHECK: Duration = Duration::from_secs(3);
 /// Budget shares that are announced on the issue.
 const NOTICES: [u32; 3] = [80, 90, 100];
 
@@ -59,11 +58,13 @@ impl WaitList {
         q.len() != before
     }
 
-    fn take_all(&self) -> Vec<Waiting> {
+    /// Takes every waiting request out, oldest first.
+    pub fn take_all(&self) -> Vec<Waiting> {
         self.0.lock().drain(..).collect()
     }
 
-    fn put_back_front(&self, mut ws: Vec<Waiting>) {
+    /// Puts requests back at the front, in the order given.
+    pub fn put_back_front(&self, mut ws: Vec<Waiting>) {
         let mut q = self.0.lock();
         while let Some(w) = ws.pop() {
             q.push_front(w);
@@ -88,35 +89,35 @@ pub fn account(installation: u64) -> String {
 
 /// Why a new task may not start now, if so: `(reason, may wait)`.
 pub async fn blocked(
-    app: &App,
+    gh: &Github,
     installation: u64,
     repo: &crate::webhook::event::RepoName,
 ) -> Result<Option<(String, bool)>, StoreError> {
-    let gh = &app.settings.github;
-    if gh.monthly_budget_usd > 0.0 {
-        let spent = app
+    let caps = &gh.settings.github;
+    if caps.monthly_budget_usd > 0.0 {
+        let spent = gh
             .store
             .spend(&account(installation), &this_month())
             .await? as f64
             / 1e6;
-        if spent >= gh.monthly_budget_usd {
+        if spent >= caps.monthly_budget_usd {
             return Ok(Some((
                 format!(
                     "this installation has used its monthly budget (${spent:.2} of \
                      ${:.2}, github.monthly_budget_usd), so no new task starts until next month",
-                    gh.monthly_budget_usd
+                    caps.monthly_budget_usd
                 ),
                 false,
             )));
         }
     }
-    if gh.max_active_per_repo == 0 && gh.max_active_per_installation == 0 {
+    if caps.max_active_per_repo == 0 && caps.max_active_per_installation == 0 {
         return Ok(None);
     }
     let mut in_repo = 0;
     let mut in_installation = 0;
     for status in [TaskStatus::Queued, TaskStatus::Running] {
-        let page = app
+        let page = gh
             .store
             .list_tasks(&TaskQuery {
                 status: Some(status),
@@ -140,22 +141,22 @@ pub async fn blocked(
             }
         }
     }
-    if gh.max_active_per_repo > 0 && in_repo >= gh.max_active_per_repo {
+    if caps.max_active_per_repo > 0 && in_repo >= caps.max_active_per_repo {
         return Ok(Some((
             format!(
                 "{in_repo} agent tasks are already active in this repository \
                  (github.max_active_per_repo = {}); this one starts when one of them ends",
-                gh.max_active_per_repo
+                caps.max_active_per_repo
             ),
             true,
         )));
     }
-    if gh.max_active_per_installation > 0 && in_installation >= gh.max_active_per_installation {
+    if caps.max_active_per_installation > 0 && in_installation >= caps.max_active_per_installation {
         return Ok(Some((
             format!(
                 "{in_installation} agent tasks are already active for this installation \
                  (github.max_active_per_installation = {}); this one starts when one ends",
-                gh.max_active_per_installation
+                caps.max_active_per_installation
             ),
             true,
         )));
@@ -163,39 +164,42 @@ pub async fn blocked(
     Ok(None)
 }
 
-/// Starts waiting requests whose slot is free, oldest first, until shutdown.
-pub async fn run(app: Arc<App>) {
+/// Books the cost of every applied result of a GitHub task (the `spent_usd` of its
+/// change on the bus) until shutdown; at shutdown, what is already on the bus is booked.
+pub async fn book_spend(gh: Arc<Github>, mut changes: broadcast::Receiver<TaskChange>) {
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(WAIT_CHECK) => {}
-            _ = app.github.slots_changed.notified() => {}
-            _ = app.shutdown.cancelled() => break,
-        }
-        if app.github.waiting.len() == 0 {
-            continue;
-        }
-        let mut still = Vec::new();
-        for w in app.github.waiting.take_all() {
-            match handle::start_waiting(&app, &w).await {
-                Ok(what) if what.starts_with("waiting") => still.push(w),
-                Ok(what) => {
-                    tracing::info!(repository = %w.ctx.repo, issue = w.issue.number, result = what,
-                        "waiting request handled");
+        let change = tokio::select! {
+            c = changes.recv() => c,
+            _ = gh.shutdown.cancelled() => {
+                while let Ok(c) = changes.try_recv() {
+                    book_change(&gh, &c).await;
                 }
-                Err(e) => {
-                    tracing::warn!(repository = %w.ctx.repo, issue = w.issue.number, error = %e,
-                        "cannot start a waiting request yet");
-                    still.push(w);
-                }
+                break;
             }
+        };
+        match change {
+            Ok(c) => book_change(&gh, &c).await,
+            Err(RecvError::Lagged(n)) => tracing::error!(
+                missed = n,
+                "budget booking fell behind the task changes; their cost is not booked"
+            ),
+            Err(RecvError::Closed) => break,
         }
-        app.github.waiting.put_back_front(still);
+    }
+}
+
+async fn book_change(gh: &Github, change: &TaskChange) {
+    if let ChangeKind::State {
+        task, spent_usd, ..
+    } = &change.kind
+    {
+        book(gh, task, *spent_usd).await;
     }
 }
 
 /// Books the cost of an applied result against its installation's budget, and announces
 /// crossing 80, 90 and 100 % on the task's issue (once each per month).
-pub async fn book(app: &App, task: &Task, cost_usd: f64) {
+pub async fn book(gh: &Github, task: &Task, cost_usd: f64) {
     let Some((inst, repo, issue)) = super::source(task) else {
         return;
     };
@@ -204,19 +208,19 @@ pub async fn book(app: &App, task: &Task, cost_usd: f64) {
     }
     let micros = (cost_usd * 1e6).round() as u64;
     let month = this_month();
-    let total = match app.store.add_spend(&account(inst), &month, micros).await {
+    let total = match gh.store.add_spend(&account(inst), &month, micros).await {
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(installation = inst, error = %e, "cannot book spend");
             return;
         }
     };
-    let budget = app.settings.github.monthly_budget_usd;
+    let budget = gh.settings.github.monthly_budget_usd;
     if budget <= 0.0 {
         return;
     }
     let ratio = total as f64 / 1e6 / budget;
-    app.metrics
+    gh.metrics
         .budget_used_ratio
         .with_label_values(&[&inst.to_string()])
         .set(ratio);
@@ -227,8 +231,13 @@ pub async fn book(app: &App, task: &Task, cost_usd: f64) {
         before < t && ratio >= t
     });
     if let Some(pct) = crossed {
-        let key = DeliveryId::new(format!("budget:{inst}:{month}:{pct}"));
-        if !matches!(app.store.record_delivery(&key).await, Ok(true)) {
+        let key = Once::BudgetNotice {
+            installation: inst,
+            month: &month,
+            percent: pct,
+        }
+        .key();
+        if !matches!(gh.store.record_delivery(&key).await, Ok(true)) {
             return;
         }
         let text = if pct >= 100 {
@@ -243,7 +252,7 @@ pub async fn book(app: &App, task: &Task, cost_usd: f64) {
                 total as f64 / 1e6
             )
         };
-        let client = app.github.client.clone();
+        let client = gh.client.clone();
         let repo = repo.clone();
         // Said from its own task: the result consumer does not wait for GitHub.
         tokio::spawn(async move {
@@ -252,20 +261,4 @@ pub async fn book(app: &App, task: &Task, cost_usd: f64) {
             }
         });
     }
-}
-
-/// Records a request that must wait, says so on the issue once, and labels it queued.
-pub async fn wait(app: &App, w: Waiting, why: &str) -> HandleResult {
-    let inst = w.ctx.installation_id.unwrap_or_default();
-    let (repo, issue) = (w.ctx.repo.clone(), w.issue.number);
-    if !app.github.waiting.push(w) {
-        return Ok("waiting: already waiting");
-    }
-    let c = &app.github.client;
-    api::add_labels(c, inst, &repo, issue, &["agent:queued"]).await?;
-    let key = DeliveryId::new(format!("waiting:{repo}#{issue}"));
-    if app.store.record_delivery(&key).await? {
-        api::create_comment(c, inst, &repo, issue, &format!("Queued: {why}.")).await?;
-    }
-    Ok("waiting: at capacity")
 }

@@ -8,10 +8,10 @@
 //! task is started only when the issue has none under way (the redelivery arrives within
 //! seconds of the sweep, long before a task ends).
 
+use super::once::Once;
 use super::{api, handle};
-use crate::app::App;
+use crate::github::Github;
 use crate::webhook::event::{Context, Issue, Sender};
-use ao_shared::ids::DeliveryId;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,13 +20,15 @@ use std::time::Duration;
 const MAX_REDELIVERIES: usize = 3;
 
 /// Runs the sweep at start-up, then periodically, until shutdown.
-pub async fn run(app: Arc<App>) {
-    if !app.github.client.configured() {
+pub async fn run(gh: Arc<Github>) {
+    if !gh.client.configured() {
+        // Nothing to sweep; a loop that returned would count as dead.
+        gh.shutdown.cancelled().await;
         return;
     }
-    let every = app.settings.github.reconcile_secs;
+    let every = gh.settings.github.reconcile_secs;
     loop {
-        if let Err(e) = sweep(&app).await {
+        if let Err(e) = sweep(&gh).await {
             tracing::warn!(error = %e, "missed-delivery sweep failed; trying again later");
         }
         // With no interval, only start-up and new installations or repositories sweep.
@@ -34,20 +36,20 @@ pub async fn run(app: Arc<App>) {
             if every == 0 {
                 std::future::pending::<()>().await
             } else {
-                tokio::time::sleep(Duration::from_secs(every)).await
+                tokio::time::sleep(Duration::from_secs(every)).await;
             }
         };
         tokio::select! {
             _ = interval => {}
-            _ = app.github.sweep_now.notified() => {}
-            _ = app.shutdown.cancelled() => break,
+            _ = gh.sweep_now.notified() => {}
+            _ = gh.shutdown.cancelled() => break,
         }
     }
 }
 
 /// One sweep.
-pub async fn sweep(app: &App) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let c = &app.github.client;
+pub async fn sweep(gh: &Github) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let c = &gh.client;
     // 1. Deliveries that never got through.
     let deliveries = api::hook_deliveries(c).await?;
     let mut by_guid: HashMap<&str, Vec<&api::HookDelivery>> = HashMap::new();
@@ -75,12 +77,12 @@ pub async fn sweep(app: &App) -> Result<(), Box<dyn std::error::Error + Send + S
         }
     }
     // 2. Labelled issues without a task.
-    let label = app.settings.github.trigger_label.clone();
+    let label = gh.settings.github.trigger_label.clone();
     for inst in api::installations(c).await? {
         for (repo, default_branch) in api::installation_repositories(c, inst.id).await? {
             let issues = api::open_issues_with_label(c, inst.id, &repo, &label).await?;
             for issue in issues {
-                if !handle::tasks_for_issue(app, &repo, issue.number)
+                if !handle::tasks_for_issue(gh, &repo, issue.number)
                     .await?
                     .is_empty()
                 {
@@ -89,7 +91,7 @@ pub async fn sweep(app: &App) -> Result<(), Box<dyn std::error::Error + Send + S
                 let Some(label) = issue
                     .labels
                     .iter()
-                    .find(|l| handle::is_trigger(app, l))
+                    .find(|l| handle::is_trigger(&gh.settings, l))
                     .cloned()
                 else {
                     continue;
@@ -121,8 +123,12 @@ pub async fn sweep(app: &App) -> Result<(), Box<dyn std::error::Error + Send + S
                     body: issue.body.clone(),
                     is_pull_request: false,
                 };
-                let key = DeliveryId::new(format!("reconcile:{repo}#{}", issue.number));
-                let what = handle::start(app, &ctx, &i, Some(&label), &key).await?;
+                let key = Once::Sweep {
+                    repo: &repo,
+                    issue: issue.number,
+                }
+                .key();
+                let what = handle::start(gh, &ctx, &i, Some(&label), &key).await?;
                 tracing::info!(repository = %repo, issue = issue.number, result = what,
                     "labelled issue without a task reconciled");
             }

@@ -9,9 +9,12 @@
 //! in memory (to skip needless edits); the ids that must survive a restart (progress
 //! comment, pull request) are stored in the task's source.
 
+use super::once::Once;
 use super::{api, progress, source};
-use crate::app::App;
+use crate::bus::TaskChange;
+use crate::github::Github;
 use crate::orchestrator::{self, ChangeError};
+use ao_shared::backoff::Backoff;
 use ao_shared::capability::Capability;
 use ao_shared::ids::{DeliveryId, TaskId};
 use ao_shared::state::TaskQuery;
@@ -20,6 +23,7 @@ use ao_shared::task::{Applied, Task, TaskSource};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -27,10 +31,16 @@ use tokio::time::Instant;
 const FIRST_RETRY_DELAY: Duration = Duration::from_secs(1);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
 
+/// The delays between failed passes over one task.
+fn retry_backoff() -> Backoff {
+    Backoff::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY)
+}
+
 /// Wakes the reporter.
 pub struct Handle {
     tx: mpsc::UnboundedSender<TaskId>,
-    rx: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<TaskId>>>,
+    /// Held by the running reporter; kept here so that a restarted one finds it.
+    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<TaskId>>,
 }
 
 impl Default for Handle {
@@ -38,7 +48,7 @@ impl Default for Handle {
         let (tx, rx) = mpsc::unbounded_channel();
         Self {
             tx,
-            rx: parking_lot::Mutex::new(Some(rx)),
+            rx: tokio::sync::Mutex::new(rx),
         }
     }
 }
@@ -55,21 +65,19 @@ struct Written {
     comment_body: Option<String>,
     label: Option<Option<&'static str>>,
     ready: bool,
-    reviews: HashSet<String>,
-    owed_reviews: HashSet<String>,
-    notices: HashSet<String>,
+    reviews: HashSet<DeliveryId>,
+    owed_reviews: HashSet<DeliveryId>,
+    notices: HashSet<DeliveryId>,
 }
 
 /// Runs until shutdown.
-pub async fn run(app: Arc<App>) {
-    let Some(mut rx) = app.github.reporter.rx.lock().take() else {
-        return;
-    };
+pub async fn run(gh: Arc<Github>, mut changes: broadcast::Receiver<TaskChange>) {
+    let mut rx = gh.reporter.rx.lock().await;
     let mut written: HashMap<TaskId, Written> = HashMap::new();
     // Due passes: task → (when, current retry delay).
-    let mut due: HashMap<TaskId, (Instant, Duration)> = HashMap::new();
-    for task in active_tasks(&app).await {
-        due.insert(task, (Instant::now(), FIRST_RETRY_DELAY));
+    let mut due: HashMap<TaskId, (Instant, Backoff)> = HashMap::new();
+    for task in active_tasks(&gh).await {
+        due.insert(task, (Instant::now(), retry_backoff()));
     }
     loop {
         let next = due.values().map(|(at, _)| *at).min();
@@ -80,11 +88,26 @@ pub async fn run(app: Arc<App>) {
             }
         };
         tokio::select! {
-            _ = app.shutdown.cancelled() => break,
+            _ = gh.shutdown.cancelled() => break,
+            change = changes.recv() => match change {
+                Ok(change) => {
+                    if change.task().is_some_and(super::is_github) {
+                        due.entry(change.task_id).and_modify(|(at, _)| *at = Instant::now())
+                            .or_insert_with(|| (Instant::now(), retry_backoff()));
+                    }
+                }
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "reporter fell behind the task changes; re-reading active tasks");
+                    for task in active_tasks(&gh).await {
+                        due.entry(task).or_insert_with(|| (Instant::now(), retry_backoff()));
+                    }
+                }
+                Err(RecvError::Closed) => break,
+            },
             id = rx.recv() => match id {
                 Some(id) => {
                     due.entry(id).and_modify(|(at, _)| *at = Instant::now())
-                        .or_insert((Instant::now(), FIRST_RETRY_DELAY));
+                        .or_insert_with(|| (Instant::now(), retry_backoff()));
                 }
                 None => break,
             },
@@ -94,7 +117,7 @@ pub async fn run(app: Arc<App>) {
                     .map(|(id, _)| *id).collect();
                 for id in ready {
                     let entry = written.entry(id).or_default();
-                    match pass(&app, id, entry).await {
+                    match pass(&gh, id, entry).await {
                         Ok(done) => {
                             due.remove(&id);
                             // Finished and fully reported: forget what was written.
@@ -103,10 +126,11 @@ pub async fn run(app: Arc<App>) {
                             }
                         }
                         Err(e) => {
-                            let delay = due.get(&id).map(|(_, d)| *d).unwrap_or(FIRST_RETRY_DELAY);
+                            let mut backoff = due.remove(&id).map(|(_, b)| b).unwrap_or_else(retry_backoff);
+                            let delay = backoff.next_delay();
                             tracing::warn!(task_id = %id, error = %e, retry_in_s = delay.as_secs(),
                                 "cannot report to GitHub yet; will retry");
-                            due.insert(id, (Instant::now() + delay, (delay * 2).min(MAX_RETRY_DELAY)));
+                            due.insert(id, (Instant::now() + delay, backoff));
                         }
                     }
                 }
@@ -117,7 +141,7 @@ pub async fn run(app: Arc<App>) {
 }
 
 /// GitHub tasks not yet finished, to report on at start-up.
-async fn active_tasks(app: &App) -> Vec<TaskId> {
+async fn active_tasks(gh: &Github) -> Vec<TaskId> {
     let mut out = Vec::new();
     for status in [
         TaskStatus::Queued,
@@ -129,7 +153,7 @@ async fn active_tasks(app: &App) -> Vec<TaskId> {
             limit: 500,
             ..Default::default()
         };
-        if let Ok(page) = app.store.list_tasks(&query).await {
+        if let Ok(page) = gh.store.list_tasks(&query).await {
             out.extend(
                 page.tasks
                     .iter()
@@ -146,11 +170,11 @@ type PassResult = Result<bool, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Stores a change of the task's GitHub ids.
 async fn set_source(
-    app: &App,
+    gh: &Github,
     id: TaskId,
     f: impl Fn(&mut Option<u64>, &mut Option<u64>) + Send,
 ) -> Result<Task, ChangeError> {
-    let (task, _) = orchestrator::mutate(app, id, |task, _| {
+    let (task, _) = orchestrator::mutate(gh, id, |task, _| {
         if let TaskSource::Github {
             pull_request,
             progress_comment_id,
@@ -168,14 +192,14 @@ async fn set_source(
 }
 
 /// One pass over one task.
-async fn pass(app: &App, id: TaskId, written: &mut Written) -> PassResult {
-    let Some(mut task) = app.store.get_task(id).await? else {
+async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
+    let Some(mut task) = gh.store.get_task(id).await? else {
         return Ok(true);
     };
     let Some((inst, repo, issue)) = source(&task) else {
         return Ok(true);
     };
-    let c = &app.github.client;
+    let c = &gh.client;
     if !c.configured() {
         tracing::warn!(task_id = %id, "github.app_id / github.private_key not set: cannot report");
         return Ok(true);
@@ -212,7 +236,7 @@ async fn pass(app: &App, id: TaskId, written: &mut Written) -> PassResult {
             }
         };
         let number = pr.number;
-        task = set_source(app, id, move |p, _| *p = Some(number)).await?;
+        task = set_source(gh, id, move |p, _| *p = Some(number)).await?;
         pull_request = Some(number);
         tracing::info!(task_id = %id, pull_request = number, "pull request opened");
     }
@@ -222,7 +246,12 @@ async fn pass(app: &App, id: TaskId, written: &mut Written) -> PassResult {
         for sub in task.subtasks.iter().filter(|s| {
             s.capability == Capability::Reviewer && s.status == SubtaskStatus::Succeeded
         }) {
-            let key = format!("review:{}:{}:{}", task.id, sub.id, sub.attempt);
+            let key = Once::Review {
+                task: task.id,
+                subtask: sub.id,
+                attempt: sub.attempt,
+            }
+            .key();
             if written.reviews.contains(&key) {
                 continue;
             }
@@ -230,7 +259,7 @@ async fn pass(app: &App, id: TaskId, written: &mut Written) -> PassResult {
             // posted twice (at the price of, rarely, not at all). A post that fails is
             // owed and tried again by the next pass.
             let owed = written.owed_reviews.contains(&key);
-            if owed || app.store.record_delivery(&DeliveryId::new(&key)).await? {
+            if owed || gh.store.record_delivery(&key).await? {
                 written.owed_reviews.insert(key.clone());
                 let summary = sub
                     .outcome
@@ -252,12 +281,17 @@ async fn pass(app: &App, id: TaskId, written: &mut Written) -> PassResult {
         .iter()
         .filter(|s| s.capability == Capability::Planner && s.status == SubtaskStatus::Succeeded)
     {
-        let key = format!("plan:{}:{}:{}", task.id, sub.id, sub.attempt);
+        let key = Once::Plan {
+            task: task.id,
+            subtask: sub.id,
+            attempt: sub.attempt,
+        }
+        .key();
         if written.reviews.contains(&key) {
             continue;
         }
         let owed = written.owed_reviews.contains(&key);
-        if owed || app.store.record_delivery(&DeliveryId::new(&key)).await? {
+        if owed || gh.store.record_delivery(&key).await? {
             written.owed_reviews.insert(key.clone());
             let plan = sub
                 .outcome
@@ -293,7 +327,7 @@ async fn pass(app: &App, id: TaskId, written: &mut Written) -> PassResult {
     match comment_id {
         None => {
             let new_id = api::create_comment(c, inst, &repo, issue, &body).await?;
-            set_source(app, id, move |_, cid| *cid = Some(new_id)).await?;
+            set_source(gh, id, move |_, cid| *cid = Some(new_id)).await?;
             written.comment_body = Some(body);
         }
         Some(cid) if written.comment_body.as_deref() != Some(body.as_str()) => {
@@ -318,12 +352,12 @@ async fn pass(app: &App, id: TaskId, written: &mut Written) -> PassResult {
     // 6. Plain words when a push touching workflows was refused for lack of permission.
     if task.status == TaskStatus::Failed {
         let error = task.error.clone().unwrap_or_default().to_ascii_lowercase();
-        let key = format!("workflows-notice:{}", task.id);
+        let key = Once::WorkflowsNotice { task: task.id }.key();
         if error.contains("workflow")
             && (error.contains("permission") || error.contains("refusing"))
             && !written.notices.contains(&key)
         {
-            if app.store.record_delivery(&DeliveryId::new(&key)).await? {
+            if gh.store.record_delivery(&key).await? {
                 api::create_comment(
                     c,
                     inst,

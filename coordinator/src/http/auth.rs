@@ -5,7 +5,7 @@
 
 use super::dashboard::session::{SessionCheck, Sessions, CSRF_HEADER};
 use super::error::ApiError;
-use crate::app::App;
+use crate::context::Coordinator;
 use axum::extract::{Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
@@ -17,20 +17,20 @@ use subtle::ConstantTimeEq;
 /// What the authentication middleware needs.
 #[derive(Clone)]
 pub struct Auth {
-    pub app: Arc<App>,
+    pub cx: Arc<Coordinator>,
     pub sessions: Arc<Sessions>,
 }
 
 /// The configured API token, or why there is none.
-pub async fn expected_token(app: &App) -> Result<SecretString, ApiError> {
-    let Some(reference) = &app.settings.api.token else {
+pub async fn expected_token(cx: &Coordinator) -> Result<SecretString, ApiError> {
+    let Some(reference) = &cx.settings.api.token else {
         return Err(ApiError::unavailable(
             "api_disabled",
             "the REST API is disabled: set api.token to a secret reference \
              (e.g. AO__API__TOKEN=env:AO_API_TOKEN)",
         ));
     };
-    app.secrets.resolve(reference).await.map_err(|e| {
+    cx.secrets.resolve(reference).await.map_err(|e| {
         tracing::error!(error = %e, "cannot resolve api.token");
         ApiError::unavailable(
             "api_token_unavailable",
@@ -57,7 +57,7 @@ pub async fn require_auth(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let expected = expected_token(&auth.app).await?;
+    let expected = expected_token(&auth.cx).await?;
     if let Some(value) = request.headers().get(header::AUTHORIZATION) {
         let presented = value
             .to_str()

@@ -6,7 +6,7 @@
 use super::error::ApiError;
 use super::extract::{ApiPath, ApiQuery};
 use super::tasks::parse_id;
-use crate::app::App;
+use crate::context::Coordinator;
 use ao_shared::ids::TaskId;
 use axum::extract::State;
 use axum::http::{header, HeaderMap};
@@ -31,13 +31,13 @@ pub struct EventParams {
 }
 
 pub async fn events(
-    State(app): State<Arc<App>>,
+    State(cx): State<Arc<Coordinator>>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(params): ApiQuery<EventParams>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    if app
+    if cx
         .store
         .get_task(id)
         .await
@@ -52,7 +52,7 @@ pub async fn events(
         .is_some_and(|v| v.contains("text/event-stream"));
     if !wants_stream {
         let limit = params.limit.unwrap_or(1000).clamp(1, 10_000);
-        let events = app
+        let events = cx
             .store
             .events(id, params.after, limit)
             .await
@@ -65,7 +65,7 @@ pub async fn events(
         .and_then(|v| v.parse::<u64>().ok());
     let after = last_id.or(params.after);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
-    tokio::spawn(pump(app, id, after, tx));
+    tokio::spawn(pump(cx, id, after, tx));
     Ok(Sse::new(ReceiverStream::new(rx))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
@@ -74,19 +74,19 @@ pub async fn events(
 /// Sends stored events, then new ones as they come, until the task has ended and all its
 /// events are sent, the client goes away, or the coordinator shuts down.
 async fn pump(
-    app: Arc<App>,
+    cx: Arc<Coordinator>,
     id: TaskId,
     mut after: Option<u64>,
     tx: tokio::sync::mpsc::Sender<Result<SseEvent, Infallible>>,
 ) {
-    let mut wake = app.task_events.subscribe();
+    let mut wake = cx.bus.subscribe();
     loop {
         // Read the status before the events, so the last events of an ending task are sent.
-        let ended = match app.store.get_task(id).await {
+        let ended = match cx.store.get_task(id).await {
             Ok(Some(t)) => t.status.is_terminal(),
             _ => true,
         };
-        let batch = match app.store.events(id, after, PAGE).await {
+        let batch = match cx.store.events(id, after, PAGE).await {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(task_id = %id, error = %e, "event stream cannot read events");
@@ -121,12 +121,12 @@ async fn pump(
         loop {
             tokio::select! {
                 r = wake.recv() => match r {
-                    Ok(t) if t != id => continue,
+                    Ok(change) if change.task_id != id => continue,
                     _ => break,
                 },
                 _ = tokio::time::sleep(STREAM_POLL) => break,
                 _ = tx.closed() => return,
-                _ = app.shutdown.cancelled() => return,
+                _ = cx.shutdown.cancelled() => return,
             }
         }
     }

@@ -1,7 +1,7 @@
 //! Liveness, readiness and the metrics endpoint.
 
 use super::error::ApiError;
-use crate::app::App;
+use crate::context::Coordinator;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
@@ -15,18 +15,25 @@ pub async fn healthz() -> impl IntoResponse {
 }
 
 /// The process can serve: backends answer and it is not shutting down.
-pub async fn readyz(State(app): State<Arc<App>>) -> Result<impl IntoResponse, ApiError> {
-    if !app.is_ready() {
+pub async fn readyz(State(cx): State<Arc<Coordinator>>) -> Result<impl IntoResponse, ApiError> {
+    let down = cx.loops.down();
+    if !down.is_empty() {
+        return Err(ApiError::unavailable(
+            "loop_down",
+            format!("background loop(s) down, restarting: {}", down.join(", ")),
+        ));
+    }
+    if !cx.is_ready() {
         return Err(ApiError::unavailable(
             "not_ready",
             "starting or shutting down",
         ));
     }
-    app.store
+    cx.store
         .count_tasks(ao_shared::TaskStatus::Running)
         .await
         .map_err(|e| ApiError::unavailable("store_unavailable", e.to_string()))?;
-    app.queue
+    cx.queue
         .depth(ao_shared::queue::QueueId::Results)
         .await
         .map_err(|e| ApiError::unavailable("queue_unavailable", e.to_string()))?;
@@ -34,10 +41,10 @@ pub async fn readyz(State(app): State<Arc<App>>) -> Result<impl IntoResponse, Ap
 }
 
 /// Prometheus text format.
-pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
-    crate::monitor::refresh_poll_age(&app);
+pub async fn metrics(State(cx): State<Arc<Coordinator>>) -> impl IntoResponse {
+    crate::monitor::refresh_poll_age(&cx);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.metrics.render(),
+        cx.metrics.render(),
     )
 }

@@ -3,13 +3,13 @@
 
 use super::error::ApiError;
 use super::extract::{ApiJson, ApiPath, ApiQuery};
-use crate::app::App;
+use crate::context::Coordinator;
 use crate::orchestrator::{self, ChangeError, NewTask};
 use ao_shared::capability::Capability;
 use ao_shared::ids::TaskId;
 use ao_shared::state::TaskQuery;
 use ao_shared::status::TaskStatus;
-use ao_shared::task::{Applied, Task, TaskSource};
+use ao_shared::task::{Applied, Approval, Task, TaskSource};
 use ao_shared::validate;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -63,13 +63,13 @@ pub fn view(task: &Task) -> TaskView<'_> {
 }
 
 fn resolve_pipeline(
-    app: &App,
+    cx: &Coordinator,
     spec: Option<PipelineSpec>,
 ) -> Result<(String, Vec<Capability>), ApiError> {
     match spec {
         None => {
-            let name = app.settings.api.default_pipeline.clone();
-            let steps = app
+            let name = cx.settings.api.default_pipeline.clone();
+            let steps = cx
                 .settings
                 .pipelines
                 .get(&name)
@@ -77,10 +77,10 @@ fn resolve_pipeline(
                 .unwrap_or_default();
             Ok((name, steps))
         }
-        Some(PipelineSpec::Name(name)) => match app.settings.pipelines.get(&name) {
+        Some(PipelineSpec::Name(name)) => match cx.settings.pipelines.get(&name) {
             Some(steps) => Ok((name, steps.clone())),
             None => {
-                let known: Vec<&str> = app.settings.pipelines.keys().map(String::as_str).collect();
+                let known: Vec<&str> = cx.settings.pipelines.keys().map(String::as_str).collect();
                 Err(ApiError::unprocessable(format!(
                     "unknown pipeline {name:?}; configured pipelines: {}",
                     known.join(", ")
@@ -104,7 +104,7 @@ fn resolve_pipeline(
 
 /// Creates a task: 202 with the task.
 pub async fn create(
-    State(app): State<Arc<App>>,
+    State(cx): State<Arc<Coordinator>>,
     ApiJson(body): ApiJson<CreateTask>,
 ) -> Result<Response, ApiError> {
     validate::repository(&body.repository).map_err(|e| ApiError::unprocessable(e.0))?;
@@ -140,7 +140,7 @@ pub async fn create(
     if let Some(base) = &body.base_branch {
         validate::branch(base).map_err(|e| ApiError::unprocessable(e.0))?;
     }
-    let (pipeline_name, pipeline) = resolve_pipeline(&app, body.pipeline)?;
+    let (pipeline_name, pipeline) = resolve_pipeline(&cx, body.pipeline)?;
     let branch = match body.branch {
         Some(b) => {
             validate::branch(&b).map_err(|e| ApiError::unprocessable(e.0))?;
@@ -157,7 +157,7 @@ pub async fn create(
         }
     };
     let task = orchestrator::create_task(
-        &app,
+        &cx,
         NewTask {
             title,
             prompt: prompt.to_string(),
@@ -167,7 +167,8 @@ pub async fn create(
             pipeline_name,
             pipeline,
             source: TaskSource::Api,
-            require_approval: false,
+            approval: Approval::NotRequired,
+            review_round: None,
             profiles: Default::default(),
         },
         None,
@@ -193,7 +194,7 @@ pub struct ListParams {
 
 /// Lists tasks, newest first, a page at a time.
 pub async fn list(
-    State(app): State<Arc<App>>,
+    State(cx): State<Arc<Coordinator>>,
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> Result<Response, ApiError> {
     let status = params
@@ -209,7 +210,7 @@ pub async fn list(
             "limit must be between 1 and 200",
         ));
     }
-    let page = app
+    let page = cx
         .store
         .list_tasks(&TaskQuery {
             status,
@@ -238,11 +239,11 @@ pub fn parse_id(id: &str) -> Result<TaskId, ApiError> {
 
 /// One task.
 pub async fn get(
-    State(app): State<Arc<App>>,
+    State(cx): State<Arc<Coordinator>>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let task = app
+    let task = cx
         .store
         .get_task(id)
         .await
@@ -252,21 +253,21 @@ pub async fn get(
 }
 
 async fn change(
-    app: &App,
+    cx: &Coordinator,
     id: &str,
     f: impl FnMut(&mut Task, ao_shared::timefmt::Timestamp) -> Result<Applied, ChangeError>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(id)?;
-    let (task, _) = orchestrator::mutate(app, id, f).await?;
+    let (task, _) = orchestrator::mutate(cx, id, f).await?;
     Ok(Json(view(&task)).into_response())
 }
 
 /// Cancels a task and every unfinished subtask.
 pub async fn cancel(
-    State(app): State<Arc<App>>,
+    State(cx): State<Arc<Coordinator>>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    change(&app, &id, |task, now| {
+    change(&cx, &id, |task, now| {
         if task.status == TaskStatus::Cancelled {
             return Ok(Applied::Ignored("already cancelled".into()));
         }
@@ -278,10 +279,10 @@ pub async fn cancel(
 
 /// Runs a failed or cancelled task again from its first unfinished subtask.
 pub async fn retry(
-    State(app): State<Arc<App>>,
+    State(cx): State<Arc<Coordinator>>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    change(&app, &id, |task, now| {
+    change(&cx, &id, |task, now| {
         if !matches!(task.status, TaskStatus::Failed | TaskStatus::Cancelled) {
             return Err(ChangeError::Refused(format!(
                 "only failed or cancelled tasks can be retried; this one is {}",
@@ -296,10 +297,10 @@ pub async fn retry(
 
 /// Lets a task that waits for approval go ahead.
 pub async fn approve(
-    State(app): State<Arc<App>>,
+    State(cx): State<Arc<Coordinator>>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    change(&app, &id, |task, now| {
+    change(&cx, &id, |task, now| {
         if task.status != TaskStatus::AwaitingApproval {
             return Err(ChangeError::Refused(format!(
                 "task is {}, not awaiting approval",

@@ -14,7 +14,7 @@
 pub mod event;
 pub mod signature;
 
-use crate::app::App;
+use crate::context::Coordinator;
 use crate::http::error::ApiError;
 use ao_shared::ids::DeliveryId;
 use axum::body::Body;
@@ -43,10 +43,11 @@ pub struct Delivery {
     pub event: Event,
 }
 
-/// The sending half of the inbox, and the receiving half until the consumer takes it.
+/// The inbox: deliveries accepted and not yet handled. The receiving half stays here, so
+/// that a consumer restarted after it died finds the deliveries still waiting.
 pub struct Inbox {
     tx: mpsc::Sender<Delivery>,
-    rx: parking_lot::Mutex<Option<mpsc::Receiver<Delivery>>>,
+    rx: tokio::sync::Mutex<mpsc::Receiver<Delivery>>,
 }
 
 impl Default for Inbox {
@@ -54,20 +55,20 @@ impl Default for Inbox {
         let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
         Self {
             tx,
-            rx: parking_lot::Mutex::new(Some(rx)),
+            rx: tokio::sync::Mutex::new(rx),
         }
     }
 }
 
 impl Inbox {
-    /// The receiving half; `None` after the first call.
-    pub fn take_receiver(&self) -> Option<mpsc::Receiver<Delivery>> {
-        self.rx.lock().take()
+    /// The receiving half, held by one consumer at a time.
+    pub async fn receiver(&self) -> tokio::sync::MutexGuard<'_, mpsc::Receiver<Delivery>> {
+        self.rx.lock().await
     }
 }
 
-fn refuse(app: &App, event: &str, result: &str, error: ApiError) -> Response {
-    app.metrics
+fn refuse(edge: &Edge, event: &str, result: &str, error: ApiError) -> Response {
+    edge.metrics
         .webhook_deliveries
         .with_label_values(&[metric_event(event), result])
         .inc();
@@ -87,8 +88,8 @@ fn metric_event(event: &str) -> &str {
     }
 }
 
-async fn secrets(app: &App) -> Result<Vec<SecretString>, ApiError> {
-    let refs = app.settings.github.webhook_secret_refs();
+async fn secrets(edge: &Edge) -> Result<Vec<SecretString>, ApiError> {
+    let refs = edge.settings.github.webhook_secret_refs();
     if refs.is_empty() {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -99,7 +100,7 @@ async fn secrets(app: &App) -> Result<Vec<SecretString>, ApiError> {
     }
     let mut out = Vec::new();
     for r in &refs {
-        match app.secrets.resolve(r).await {
+        match edge.secrets.resolve(r).await {
             Ok(s) => out.push(s),
             Err(e) => tracing::error!(error = %e, "cannot resolve a webhook secret"),
         }
@@ -117,14 +118,43 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// What the webhook route needs: the coordinator's context and the inbox's sending half.
+pub struct Edge {
+    cx: Arc<Coordinator>,
+    inbox: mpsc::Sender<Delivery>,
+}
+
+impl std::ops::Deref for Edge {
+    type Target = Coordinator;
+
+    fn deref(&self) -> &Coordinator {
+        &self.cx
+    }
+}
+
+/// The route `POST /webhooks/github`, to merge into the coordinator's router; accepted
+/// deliveries go to `inbox`.
+pub fn routes(cx: Arc<Coordinator>, inbox: &Inbox) -> axum::Router {
+    let edge = Arc::new(Edge {
+        cx,
+        inbox: inbox.tx.clone(),
+    });
+    axum::Router::new()
+        .route(
+            "/webhooks/github",
+            axum::routing::post(receive).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .with_state(edge)
+}
+
 /// The handler of `POST /webhooks/github`.
-pub async fn receive(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+pub async fn receive(State(edge): State<Arc<Edge>>, headers: HeaderMap, body: Body) -> Response {
     let event_name = header(&headers, "x-github-event").unwrap_or("").to_string();
-    let secrets = match secrets(&app).await {
+    let secrets = match secrets(&edge).await {
         Ok(s) => s,
-        Err(e) => return refuse(&app, &event_name, "refused", e),
+        Err(e) => return refuse(&edge, &event_name, "refused", e),
     };
-    let limit = app.settings.github.max_webhook_bytes;
+    let limit = edge.settings.github.max_webhook_bytes;
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -134,16 +164,16 @@ pub async fn receive(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
     };
     let declared = header(&headers, "content-length").and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
-        return refuse(&app, &event_name, "too_large", too_large());
+        return refuse(&edge, &event_name, "too_large", too_large());
     }
     let body = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
-        Err(_) => return refuse(&app, &event_name, "too_large", too_large()),
+        Err(_) => return refuse(&edge, &event_name, "too_large", too_large()),
     };
     if let Err(e) = signature::verify(&secrets, &body, header(&headers, "x-hub-signature-256")) {
         tracing::warn!(event = %metric_event(&event_name), error = %e, "webhook refused");
         return refuse(
-            &app,
+            &edge,
             &event_name,
             "bad_signature",
             ApiError::new(StatusCode::UNAUTHORIZED, "bad_signature", e.to_string()),
@@ -155,7 +185,7 @@ pub async fn receive(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
         }
         _ => {
             return refuse(
-                &app,
+                &edge,
                 &event_name,
                 "malformed",
                 ApiError::bad_request(
@@ -167,7 +197,7 @@ pub async fn receive(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
     };
     if event_name.is_empty() {
         return refuse(
-            &app,
+            &edge,
             &event_name,
             "malformed",
             ApiError::bad_request("missing_event", "X-GitHub-Event header is missing"),
@@ -178,7 +208,7 @@ pub async fn receive(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
         Ok(Parsed::Ignored(why)) => {
             tracing::debug!(delivery = %delivery, event = %metric_event(&event_name), reason = why,
                 "webhook acknowledged and ignored");
-            app.metrics
+            edge.metrics
                 .webhook_deliveries
                 .with_label_values(&[metric_event(&event_name), "ignored"])
                 .inc();
@@ -191,7 +221,7 @@ pub async fn receive(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
         Err(e) => {
             tracing::warn!(delivery = %delivery, error = %e, "webhook payload does not parse");
             return refuse(
-                &app,
+                &edge,
                 &event_name,
                 "malformed",
                 ApiError::bad_request("malformed_payload", e.to_string()),
@@ -199,7 +229,7 @@ pub async fn receive(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
         }
     };
     if matches!(event, Event::Ping) {
-        app.metrics
+        edge.metrics
             .webhook_deliveries
             .with_label_values(&["ping", "accepted"])
             .inc();
@@ -210,9 +240,9 @@ pub async fn receive(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
         event_name: event_name.clone(),
         event,
     };
-    match app.github.inbox.tx.try_send(queued) {
+    match edge.inbox.try_send(queued) {
         Ok(()) => {
-            app.metrics
+            edge.metrics
                 .webhook_deliveries
                 .with_label_values(&[metric_event(&event_name), "accepted"])
                 .inc();
@@ -224,7 +254,7 @@ pub async fn receive(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
                 .into_response()
         }
         Err(_) => refuse(
-            &app,
+            &edge,
             &event_name,
             "busy",
             ApiError::unavailable(

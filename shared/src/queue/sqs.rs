@@ -5,11 +5,13 @@
 //!
 //! - Receiving long-polls (up to 20 s) every asked queue at once, each for up to `max`
 //!   messages (at most 10 per call, the SQS limit). The first poll that brings messages
-//!   ends the wait; polls still running then go on in the background and make whatever
-//!   they receive visible again at once, so no message stays hidden for nothing. If more
-//!   than `max` messages come back, the extras are made visible again the same way. Both
-//!   count as a receive in SQS, which matters only for workers that serve several queues
-//!   while all of them have a backlog (production runs one worker per capability).
+//!   ends the wait; polls still running then go on in the background. Every message a
+//!   poll brings is kept in the backend's inbox, whoever is waiting: a receive hands out
+//!   what the inbox holds for its queues (at most `max`) before it polls again, and the
+//!   rest waits for the next receive. Nothing received is dropped, and nothing is made
+//!   visible again, which would count a receive towards the dead-letter queue. Only a
+//!   message nobody asked for within [`MAX_HOLD`] (or half its visibility timeout) is
+//!   made visible again, so that it is not hidden for nothing.
 //! - Every receive has an attempt timeout longer than its wait, so a lost connection
 //!   cannot hang a long poll.
 //! - A heartbeat is `ChangeMessageVisibility`. SQS refuses to keep a message hidden for
@@ -31,11 +33,11 @@ use async_trait::async_trait;
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use aws_sdk_sqs::Client;
 use aws_smithy_types::timeout::TimeoutConfig;
-use futures::stream::{FuturesUnordered, StreamExt};
-use std::collections::HashMap;
+use parking_lot::Mutex;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::oneshot;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 
 /// The longest long-poll wait SQS allows.
 pub const MAX_WAIT: Duration = Duration::from_secs(20);
@@ -49,8 +51,13 @@ pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 3600);
 /// How much longer than its wait a receive attempt may take before it is abandoned.
 pub const RECEIVE_TIMEOUT_MARGIN: Duration = Duration::from_secs(10);
 
-/// How long a receive that has messages waits for the other queues' polls to answer.
-const COLLECT_GRACE: Duration = Duration::from_millis(25);
+/// How much longer than its wait a receive waits for its polls to answer.
+const ANSWER_MARGIN: Duration = Duration::from_secs(1);
+
+/// The longest a received message waits in the inbox for a receive that takes it,
+/// before it is made visible again (and at most half its visibility timeout, so that its
+/// taker has time to start extending it).
+pub const MAX_HOLD: Duration = Duration::from_secs(30);
 
 /// Kept clear of [`MAX_VISIBILITY`] so that clock skew cannot push a heartbeat past it.
 const VISIBILITY_SAFETY: Duration = Duration::from_secs(30);
@@ -64,6 +71,21 @@ pub struct SqsQueue {
     client: Client,
     /// Queue URLs by (queue, is the dead-letter queue).
     urls: Arc<HashMap<(QueueId, bool), String>>,
+    /// Messages received and not yet handed out, and the polls running.
+    inbox: Arc<Mutex<Inbox>>,
+    /// Woken when a poll ends.
+    arrived: Arc<Notify>,
+}
+
+/// What background polls brought and nobody has taken yet.
+#[derive(Default)]
+struct Inbox {
+    /// Messages in arrival order, each with when to give it back if nobody takes it.
+    held: Vec<(Instant, Received)>,
+    /// Queues with a `ReceiveMessage` call running.
+    polling: HashSet<QueueId>,
+    /// The newest poll failure per queue, until a receive reports it.
+    errors: HashMap<QueueId, String>,
 }
 
 /// What a queue was created or found with.
@@ -144,6 +166,8 @@ impl SqsQueue {
         Ok(Self {
             client,
             urls: Arc::new(urls),
+            inbox: Arc::default(),
+            arrived: Arc::new(Notify::new()),
         })
     }
 
@@ -154,33 +178,65 @@ impl SqsQueue {
             .ok_or_else(|| backend("lookup", format!("no URL for queue {queue}")))
     }
 
-    /// Starts one receive in its own task; if nobody takes its result, the task makes the
-    /// messages visible again.
-    fn spawn_poll(
+    /// Starts one `ReceiveMessage` of `queue` in its own task, unless one is running; what
+    /// it brings goes to the inbox, whether or not anyone still waits for it.
+    fn start_poll(
         &self,
+        inbox: &mut Inbox,
         queue: QueueId,
-        dead: bool,
         max: usize,
         wait: Duration,
         visibility: Duration,
-    ) -> Result<oneshot::Receiver<Result<Vec<Received>, QueueError>>, QueueError> {
-        let url = self.url(queue, dead)?.to_string();
-        let client = self.client.clone();
-        let (tx, rx) = oneshot::channel();
+    ) -> Result<(), QueueError> {
+        if inbox.polling.contains(&queue) {
+            return Ok(());
+        }
+        let url = self.url(queue, false)?.to_string();
+        inbox.polling.insert(queue);
+        let (client, shared, arrived) = (
+            self.client.clone(),
+            self.inbox.clone(),
+            self.arrived.clone(),
+        );
+        let hold = MAX_HOLD.min(visibility / 2);
         tokio::spawn(async move {
-            let result = poll(&client, &url, queue, dead, max, wait, visibility).await;
-            if let Err(Ok(unclaimed)) = tx.send(result) {
-                if !unclaimed.is_empty() {
-                    tracing::debug!(
-                        %queue,
-                        count = unclaimed.len(),
-                        "making messages of an abandoned poll visible again"
-                    );
-                    release_all(&client, &url, &unclaimed).await;
+            let result = poll(&client, &url, queue, false, max, wait, visibility).await;
+            {
+                let mut inbox = shared.lock();
+                inbox.polling.remove(&queue);
+                match result {
+                    Ok(messages) => {
+                        let until = Instant::now() + hold;
+                        inbox.held.extend(messages.into_iter().map(|m| (until, m)));
+                    }
+                    Err(e) => {
+                        inbox.errors.insert(queue, e.to_string());
+                    }
                 }
             }
+            arrived.notify_waiters();
         });
-        Ok(rx)
+        Ok(())
+    }
+
+    /// Gives back messages held past their time, grouped by queue.
+    async fn release_expired(&self, expired: Vec<Received>) {
+        if expired.is_empty() {
+            return;
+        }
+        tracing::debug!(
+            count = expired.len(),
+            "making received messages nobody took visible again"
+        );
+        let mut by_queue: HashMap<QueueId, Vec<Received>> = HashMap::new();
+        for m in expired {
+            by_queue.entry(m.receipt.queue).or_default().push(m);
+        }
+        for (queue, messages) in by_queue {
+            if let Ok(url) = self.url(queue, false) {
+                release_all(&self.client, url, &messages).await;
+            }
+        }
     }
 
     async fn change_visibility(
@@ -374,56 +430,59 @@ impl Queue for SqsQueue {
         if queues.is_empty() || max == 0 {
             return Ok(Vec::new());
         }
-        let mut polls = FuturesUnordered::new();
-        for &queue in queues {
-            let rx = self.spawn_poll(queue, false, max, wait, visibility)?;
-            polls.push(async move { (queue, rx.await) });
-        }
-        let mut got: Vec<Received> = Vec::new();
-        let mut first_error = None;
-        while let Some((queue, result)) = polls.next().await {
-            match result {
-                Ok(Ok(messages)) => got.extend(messages),
-                Ok(Err(e)) => {
-                    tracing::warn!(%queue, error = %e, "receive failed");
-                    first_error.get_or_insert(e);
+        // A poll answering later than this leaves its messages in the inbox for the next
+        // receive.
+        let deadline = Instant::now() + wait.min(MAX_WAIT) + ANSWER_MARGIN;
+        let mut polled = false;
+        loop {
+            // Registered before the inbox is read, so that no arrival is missed.
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            let (got, expired, failure, running) = {
+                let mut inbox = self.inbox.lock();
+                let now = Instant::now();
+                let (expired, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut inbox.held)
+                    .into_iter()
+                    .partition(|(until, _)| *until <= now);
+                let mut got = Vec::new();
+                for (until, m) in kept {
+                    if got.len() < max && queues.contains(&m.receipt.queue) {
+                        got.push(m);
+                    } else {
+                        inbox.held.push((until, m));
+                    }
                 }
-                Err(_) => {
-                    first_error.get_or_insert(backend("ReceiveMessage", "poll task ended"));
+                let expired: Vec<Received> = expired.into_iter().map(|(_, m)| m).collect();
+                let mut failure = None;
+                if got.is_empty() && !polled {
+                    polled = true;
+                    for &queue in queues {
+                        self.start_poll(&mut inbox, queue, max, wait, visibility)?;
+                    }
+                } else if got.is_empty() {
+                    for queue in queues {
+                        if let Some(e) = inbox.errors.remove(queue) {
+                            failure.get_or_insert(e);
+                        }
+                    }
                 }
-            }
-            if !got.is_empty() {
-                break;
-            }
-        }
-        // Take what the other polls already brought back; the ones still waiting are
-        // dropped, which hands whatever they receive later back to the queue.
-        while got.len() < max {
-            match tokio::time::timeout(COLLECT_GRACE, polls.next()).await {
-                Ok(Some((_, Ok(Ok(messages))))) => got.extend(messages),
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
-            }
-        }
-        drop(polls);
-        if got.is_empty() {
-            return match first_error {
-                Some(e) => Err(e),
-                None => Ok(got),
+                let running = queues.iter().any(|q| inbox.polling.contains(q));
+                (got, expired, failure, running)
             };
-        }
-        if got.len() > max {
-            let surplus = got.split_off(max);
-            let mut by_queue: HashMap<QueueId, Vec<Received>> = HashMap::new();
-            for m in surplus {
-                by_queue.entry(m.receipt.queue).or_default().push(m);
+            self.release_expired(expired).await;
+            if !got.is_empty() {
+                return Ok(got);
             }
-            for (queue, messages) in by_queue {
-                let url = self.url(queue, false)?;
-                release_all(&self.client, url, &messages).await;
+            if let Some(e) = failure {
+                return Err(QueueError::Backend(e));
             }
+            if !running || Instant::now() >= deadline {
+                // Every poll of this call answered with nothing (or the wait is over).
+                return Ok(Vec::new());
+            }
+            let _ = tokio::time::timeout_at(deadline.into(), arrived).await;
         }
-        Ok(got)
     }
 
     async fn receive_dead_letters(

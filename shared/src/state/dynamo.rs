@@ -177,8 +177,22 @@ fn epoch_secs_after(d: Duration) -> i64 {
     unix_ms(now()) / 1000 + d.as_secs() as i64
 }
 
+/// The largest task document written, kept under DynamoDB's item limit ("The maximum item
+/// size in DynamoDB is 400 KB", *Service, account, and table quotas in Amazon DynamoDB*)
+/// with room for the other attributes. Task documents stay far smaller: agent text in
+/// them is bounded, and the transcript lives in event items.
+pub const MAX_TASK_DOC_BYTES: usize = 350 * 1024;
+
 fn task_item(task: &Task) -> Result<HashMap<String, AttributeValue>, StoreError> {
     let doc = serde_json::to_string(task).map_err(backend)?;
+    if doc.len() > MAX_TASK_DOC_BYTES {
+        return Err(backend(format!(
+            "task {} document is {} bytes, above the {MAX_TASK_DOC_BYTES}-byte limit of a \
+             task item",
+            task.id,
+            doc.len()
+        )));
+    }
     Ok(HashMap::from([
         (PK.to_string(), s(task_pk(task.id))),
         (SK.to_string(), s("TASK")),
@@ -419,7 +433,7 @@ impl DynamoStore {
         seq: u64,
         event: &NewEvent,
     ) -> Result<HashMap<String, AttributeValue>, StoreError> {
-        let body = serde_json::to_string(event).map_err(backend)?;
+        let body = event.stored_body().map_err(backend)?;
         Ok(HashMap::from([
             (PK.to_string(), s(task_pk(task))),
             (SK.to_string(), s(event_sk(seq))),

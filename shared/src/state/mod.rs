@@ -2,6 +2,12 @@
 //! events (state changes and agent output), webhook deliveries, spend per account and
 //! month (cost budgets), and leases.
 //!
+//! A task's document stays small and bounded: it holds the task and its subtasks' state,
+//! with agent text cut ([`crate::task::Outcome::bounded`]). Events (the transcript) are
+//! records of their own, each bounded ([`NewEvent::stored_body`]), read in pages with
+//! [`StateStore::events`], and deleted after a retention period (DynamoDB TTL with
+//! `aws.event_retention_days`; SQLite with `local.event_retention_days`).
+//!
 //! Every write of a task is conditional on the version read: a stale write fails with
 //! [`StoreError::Conflict`] and the caller re-reads and re-applies its change.
 
@@ -52,6 +58,21 @@ pub struct NewEvent {
     #[serde(with = "time::serde::rfc3339")]
     pub at: Timestamp,
     pub data: serde_json::Value,
+}
+
+impl NewEvent {
+    /// The event as stored: JSON, with `data` bounded
+    /// ([`crate::bounded::bound_event_data`]), so that no event outgrows a record
+    /// (DynamoDB items are at most 400 KB) whatever sent it.
+    pub fn stored_body(&self) -> Result<String, serde_json::Error> {
+        let text = serde_json::to_string(self)?;
+        if text.len() <= crate::bounded::MAX_EVENT_DATA_BYTES + 1024 {
+            return Ok(text);
+        }
+        let mut bounded = self.clone();
+        bounded.data = crate::bounded::bound_event_data(bounded.data);
+        serde_json::to_string(&bounded)
+    }
 }
 
 /// A stored event; `seq` increases within a task.

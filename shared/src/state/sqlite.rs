@@ -1,5 +1,8 @@
 //! The SQLite state store in `<data_dir>/state.db` (WAL mode). A task is one row holding
-//! its JSON document and a version; updates are `UPDATE … WHERE version = ?`.
+//! its JSON document and a version; updates are `UPDATE … WHERE version = ?`. Events are
+//! rows of their own, read in pages; events and webhook delivery records older than the
+//! [`Retention`] (`local.event_retention_days`, `local.delivery_retention_days`) are
+//! deleted in bounded passes, at most every [`PRUNE_INTERVAL`].
 
 use super::{Event, NewEvent, StateStore, StoreError, TaskPage, TaskQuery};
 use crate::ids::{DeliveryId, TaskId};
@@ -14,10 +17,35 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How often a store deletes what its retention lets go, at most.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+/// The most rows one pruning pass deletes per table, so that it never holds the database
+/// for long; what is left goes in the next pass.
+const PRUNE_BATCH: i64 = 10_000;
+
+/// How long records are kept; `None` keeps them for ever.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Task events, by the event's time.
+    pub events: Option<Duration>,
+    /// Webhook delivery records, by when they were recorded.
+    pub deliveries: Option<Duration>,
+}
+
+/// Rows deleted by one pruning pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub events: u64,
+    pub deliveries: u64,
+}
+
 /// The SQLite state-store backend.
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    retention: Retention,
+    /// When the last pruning pass ran (`None`: not yet).
+    last_prune: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -35,7 +63,7 @@ fn insert_events(
         )
         .map_err(backend)?;
     for e in events {
-        let body = serde_json::to_string(e).map_err(backend)?;
+        let body = e.stored_body().map_err(backend)?;
         stmt.execute(params![
             task.to_string(),
             e.subtask_id.map(|s| s.to_string()),
@@ -82,6 +110,7 @@ impl SqliteStore {
                  body       TEXT NOT NULL
              );
              CREATE INDEX IF NOT EXISTS events_by_task ON events (task_id, seq);
+             CREATE INDEX IF NOT EXISTS events_by_time ON events (at_ms);
              CREATE TABLE IF NOT EXISTS deliveries (
                  id       TEXT PRIMARY KEY,
                  at_ms    INTEGER NOT NULL
@@ -101,7 +130,72 @@ impl SqliteStore {
         .map_err(backend)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            retention: Retention::default(),
+            last_prune: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// The same store, deleting events and delivery records older than `retention` (at
+    /// most every [`PRUNE_INTERVAL`], on a write).
+    pub fn with_retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Deletes events and delivery records older than the retention, as of `at`. Each
+    /// pass deletes at most a batch per table.
+    pub async fn prune(&self, at: crate::timefmt::Timestamp) -> Result<Pruned, StoreError> {
+        let retention = self.retention;
+        *self.last_prune.lock() = Some(std::time::Instant::now());
+        self.blocking(move |conn| {
+            let now_ms = unix_ms(at);
+            let cutoff = |d: Duration| now_ms - d.as_millis().min(i64::MAX as u128) as i64;
+            let mut pruned = Pruned::default();
+            if let Some(d) = retention.events {
+                pruned.events = conn
+                    .execute(
+                        "DELETE FROM events WHERE seq IN
+                         (SELECT seq FROM events WHERE at_ms < ? LIMIT ?)",
+                        params![cutoff(d), PRUNE_BATCH],
+                    )
+                    .map_err(backend)? as u64;
+            }
+            if let Some(d) = retention.deliveries {
+                pruned.deliveries = conn
+                    .execute(
+                        "DELETE FROM deliveries WHERE id IN
+                         (SELECT id FROM deliveries WHERE at_ms < ? LIMIT ?)",
+                        params![cutoff(d), PRUNE_BATCH],
+                    )
+                    .map_err(backend)? as u64;
+            }
+            Ok(pruned)
+        })
+        .await
+    }
+
+    /// Prunes when the last pass is [`PRUNE_INTERVAL`] old; a failure is only logged.
+    async fn prune_if_due(&self) {
+        if self.retention == Retention::default() {
+            return;
+        }
+        let due = self
+            .last_prune
+            .lock()
+            .is_none_or(|t| t.elapsed() >= PRUNE_INTERVAL);
+        if due {
+            match self.prune(now()).await {
+                Ok(p) if p != Pruned::default() => {
+                    tracing::info!(
+                        events = p.events,
+                        deliveries = p.deliveries,
+                        "deleted records past their retention"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot delete old records"),
+            }
+        }
     }
 
     async fn blocking<T: Send + 'static>(
@@ -303,6 +397,7 @@ impl StateStore for SqliteStore {
     }
 
     async fn record_delivery(&self, delivery: &DeliveryId) -> Result<bool, StoreError> {
+        self.prune_if_due().await;
         let d = delivery.clone();
         self.blocking(move |conn| {
             let n = conn
@@ -317,6 +412,7 @@ impl StateStore for SqliteStore {
     }
 
     async fn append_events(&self, task: TaskId, events: &[NewEvent]) -> Result<(), StoreError> {
+        self.prune_if_due().await;
         let events = events.to_vec();
         self.blocking(move |conn| {
             let tx = conn

@@ -204,6 +204,8 @@ pub fn sample_task(repository: &str) -> Task {
         error: None,
         version: 0,
         subtasks: plan_subtasks(&[Capability::Coder, Capability::Reviewer]),
+        approval: Default::default(),
+        review_round: None,
     }
 }
 
@@ -407,4 +409,98 @@ pub async fn spend_adds_up(s: std::sync::Arc<dyn StateStore>) {
     assert_eq!(s.spend("github:7", "2026-12").await.unwrap(), 0);
     assert_eq!(s.spend("github:8", "2026-11").await.unwrap(), 0);
     assert_eq!(s.add_spend("github:8", "2026-11", 0).await.unwrap(), 0);
+}
+
+/// A task whose agent wrote 1 MB of output over 500 turns: every event is stored as its
+/// own record and the whole transcript reads back in pages; an event too large for one
+/// record (sent by an older worker) is kept, truncated with a marker; the task item stays
+/// small through the applied outcome, however long the agent's summary, and the task
+/// completes.
+pub async fn large_transcript(s: &dyn StateStore) {
+    use ao_shared::task::{Outcome, OutcomeKind};
+    let t = sample_task("/srv/big.git");
+    let mut task = s.create_task(&t, None, &[]).await.unwrap();
+    let sub = task.subtasks[0].id;
+    let turn_text = "o".repeat(2048);
+    let mut written = 0usize;
+    let mut batch = Vec::new();
+    for turn in 0..500 {
+        for kind in ["text", "tool_use", "tool_result"] {
+            let data = serde_json::json!({ "type": kind, "turn": turn, "text": turn_text });
+            written += turn_text.len();
+            batch.push(NewEvent {
+                subtask_id: Some(sub),
+                kind: EventKind::Agent,
+                at: timefmt::now(),
+                data,
+            });
+        }
+        if batch.len() >= 150 {
+            s.append_events(task.id, &std::mem::take(&mut batch))
+                .await
+                .unwrap();
+        }
+    }
+    s.append_events(task.id, &batch).await.unwrap();
+    assert!(written >= 1 << 20);
+    // One event of 1 MB on its own.
+    let huge = "h".repeat(1 << 20);
+    s.append_events(
+        task.id,
+        &[NewEvent {
+            subtask_id: Some(sub),
+            kind: EventKind::Agent,
+            at: timefmt::now(),
+            data: serde_json::json!({ "type": "text", "text": huge }),
+        }],
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(task.queue_ready(timefmt::now()), vec![sub]);
+    let attempt = task.subtasks[0].attempt;
+    let started = task.apply_started(sub, attempt, "w", timefmt::now());
+    assert!(
+        matches!(started, Ok(ao_shared::task::Applied::Changed)),
+        "{started:?}"
+    );
+    task = s
+        .update_task(&task, &[state_event("running")])
+        .await
+        .unwrap();
+    let mut outcome = Outcome::succeeded("s".repeat(1 << 20), None);
+    outcome.error = Some("e".repeat(1 << 20));
+    assert_eq!(outcome.kind, OutcomeKind::Succeeded);
+    task.apply_outcome(sub, attempt, outcome, 3, timefmt::now())
+        .unwrap();
+    let task = s.update_task(&task, &[state_event("coded")]).await.unwrap();
+    let doc = serde_json::to_string(&task).unwrap();
+    assert!(
+        doc.len() < 64 * 1024,
+        "task document is {} bytes",
+        doc.len()
+    );
+
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let page = s.events(task.id, after, 200).await.unwrap();
+        assert!(page.len() <= 200);
+        let Some(last) = page.last() else { break };
+        after = Some(last.seq);
+        all.extend(page);
+    }
+    let agent: Vec<_> = all
+        .iter()
+        .filter(|e| e.event.kind == EventKind::Agent)
+        .collect();
+    assert_eq!(agent.len(), 1501);
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    for (i, e) in agent[..1500].iter().enumerate() {
+        assert_eq!(e.event.data["turn"], i / 3, "{i}");
+        assert_eq!(e.event.data["text"].as_str().unwrap().len(), 2048);
+    }
+    let last = agent[1500].event.data.to_string();
+    assert!(last.len() < 128 * 1024, "{} bytes", last.len());
+    assert!(ao_shared::bounded::is_truncated(&last));
 }

@@ -327,7 +327,7 @@ impl FakeNomad {
 
     /// Starts on `port` (0: any free one).
     pub async fn start_on(port: u16, opts: Options) -> anyhow::Result<Self> {
-        let api = OpenApi::load(&openapi::spec_path())?;
+        let api = OpenApi::load_or_routes()?;
         let root = tempfile::Builder::new().prefix("fake-nomad-").tempdir()?;
         let (changed, _) = watch::channel(0);
         let state = Arc::new(State {

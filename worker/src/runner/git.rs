@@ -1,9 +1,18 @@
-//! Git in the runner: a fresh clone on the task branch, and commit + push of the agent's
-//! work. Every call is non-interactive, limited in time, and passes user-supplied values
-//! after `--` or as refspecs that were validated at the API's edge.
+//! Git in the runner: a fresh clone on the task branch, and commit + push (or bundle) of
+//! the agent's work. Every call is non-interactive, limited in time, and passes
+//! user-supplied values after `--` or as refspecs that were validated at the API's edge.
+//!
+//! The agent can rewrite the working copy and its `.git` at will, so the runner's git
+//! trusts nothing of it: the git directory and work tree are pinned (`GIT_DIR`,
+//! `GIT_WORK_TREE`; no discovery, and `GIT_CEILING_DIRECTORIES` above the clone for the
+//! clone itself), no system or global configuration is read, the repository's
+//! configuration is put back from the copy taken right after the clone, the files that
+//! would send git elsewhere (`commondir`, `config.worktree`, alternates) are removed, no
+//! hook or fsmonitor runs, and the push goes to the URL of the run spec, never to a
+//! remote URL read from the configuration.
 
 use super::process::run_logged;
-use crate::spec::RunSpec;
+use crate::spec::{RunSpec, BUNDLE_FILE};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -23,23 +32,60 @@ pub(crate) const TOKEN_ENV: &str = "AO_GIT_TOKEN";
 pub(crate) const CREDENTIAL_HELPER: &str = "!f() { test \"$1\" = get || exit 0; \
     echo username=x-access-token; printf 'password=%s\\n' \"$AO_GIT_TOKEN\"; }; f";
 
+/// Files of a git directory that would make git read another directory's
+/// configuration, objects or history; never made by the runner's clone.
+const REDIRECTING_FILES: &[&str] = &[
+    "commondir",
+    "config.worktree",
+    "gitdir",
+    "objects/info/alternates",
+    "objects/info/http-alternates",
+    "info/grafts",
+];
+
+/// The runner's git, in the working copy `dir` when given (its git directory and work
+/// tree pinned).
 pub(super) fn git(dir: Option<&Path>) -> Command {
     let mut cmd = Command::new("git");
     if let Some(d) = dir {
-        cmd.current_dir(d);
+        cmd.current_dir(d)
+            .env("GIT_DIR", d.join(".git"))
+            .env("GIT_WORK_TREE", d);
+        if let Some(parent) = d.parent() {
+            cmd.env("GIT_CEILING_DIRECTORIES", parent);
+        }
+    } else {
+        cmd.env_remove("GIT_DIR").env_remove("GIT_WORK_TREE");
     }
     if std::env::var_os(TOKEN_ENV).is_some_and(|t| !t.is_empty()) {
         cmd.args(["-c", "credential.helper=", "-c"])
             .arg(format!("credential.helper={CREDENTIAL_HELPER}"));
     }
-    // No hook runs for the runner: the agent could have written them.
-    cmd.args(["-c", "core.hooksPath=/dev/null"]);
+    // No hook or fsmonitor runs for the runner: the agent could have written them. The
+    // source repository of a local clone may belong to another user (seen through the
+    // sandbox's user namespace): the runner names every repository it touches, so
+    // git's ownership check has nothing to protect.
+    cmd.args([
+        "-c",
+        "core.hooksPath=/dev/null",
+        "-c",
+        "core.fsmonitor=false",
+        "-c",
+        "safe.directory=*",
+    ]);
     cmd.env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_ALLOW_PROTOCOL", "file:http:https:ssh:git")
         .env("GIT_SSH_COMMAND", "ssh -oBatchMode=yes")
         .env("GIT_CONFIG_NOSYSTEM", "1")
         // Nor the agent's ~/.gitconfig.
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_SYSTEM", "/dev/null")
+        .env_remove("GIT_CONFIG_PARAMETERS")
+        .env_remove("GIT_CONFIG_COUNT")
+        .env_remove("GIT_INDEX_FILE")
+        .env_remove("GIT_OBJECT_DIRECTORY")
+        .env_remove("GIT_ALTERNATE_OBJECT_DIRECTORIES")
+        .env_remove("GIT_COMMON_DIR")
         .env("GIT_AUTHOR_NAME", AUTHOR_NAME)
         .env("GIT_AUTHOR_EMAIL", AUTHOR_EMAIL)
         .env("GIT_COMMITTER_NAME", AUTHOR_NAME)
@@ -74,6 +120,37 @@ fn output(dir: &Path, args: &[&str]) -> Result<String, String> {
 /// branch when there is one, else a new branch from the base (or the default branch).
 /// Returns the commit work starts from ("" for an empty repository).
 pub fn prepare(spec: &RunSpec, repo: &Path) -> Result<String, String> {
+    // git's ownership check in the source's upload-pack honours safe.directory only
+    // from global configuration: a file of the runner's, used before anything of the
+    // repository runs and removed right after.
+    let config = repo.parent().unwrap_or(repo).join("clone.gitconfig");
+    std::fs::write(&config, "[safe]\n\tdirectory = *\n")
+        .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
+    let prepared = prepare_with(spec, repo, &config);
+    let _ = std::fs::remove_file(&config);
+    prepared
+}
+
+fn prepare_with(spec: &RunSpec, repo: &Path, config: &Path) -> Result<String, String> {
+    let git = |dir: Option<&Path>| {
+        let mut cmd = git(dir);
+        cmd.env("GIT_CONFIG_GLOBAL", config);
+        cmd
+    };
+    let output = |dir: &Path, args: &[&str]| -> Result<String, String> {
+        let out = git(Some(dir))
+            .args(args)
+            .output()
+            .map_err(|e| format!("git {}: {e}", args.join(" ")))?;
+        if !out.status.success() {
+            return Err(format!(
+                "git {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
     // A warm start borrows the worker's mirror (see `warm.rs`); a cold one, or one whose
     // mirror fails, clones in full.
     if !spec
@@ -130,14 +207,26 @@ impl Pristine {
         Ok(Self { config })
     }
 
-    /// Puts the configuration back and empties the hooks; fails if `.git` is no longer
-    /// a plain directory.
+    /// Puts the configuration back, empties the hooks and removes what would redirect
+    /// git to another directory; fails if `.git` is no longer a plain directory.
     pub fn restore(&self, repo: &Path) -> Result<(), String> {
         let git_dir = repo.join(".git");
         let meta = std::fs::symlink_metadata(&git_dir)
             .map_err(|e| format!("the working copy lost its .git: {e}"))?;
         if !meta.is_dir() {
             return Err("the agent replaced .git with a file or link; nothing is pushed".into());
+        }
+        if !std::fs::symlink_metadata(git_dir.join("HEAD")).is_ok_and(|m| m.is_file()) {
+            return Err("the agent broke .git (its HEAD is gone); nothing is pushed".into());
+        }
+        for name in REDIRECTING_FILES {
+            let path = git_dir.join(name);
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path),
+                Ok(_) => std::fs::remove_file(&path),
+                Err(_) => Ok(()),
+            }
+            .map_err(|e| format!("cannot remove .git/{name}: {e}"))?;
         }
         let config = git_dir.join("config");
         // Removed first: a symlink put there is replaced, not followed.
@@ -154,9 +243,10 @@ impl Pristine {
     }
 }
 
-/// Commits what the agent changed (if it did not commit itself) and pushes the branch.
-/// Returns the pushed commit, or `None` when there is nothing new.
-pub fn commit_and_push(
+/// Commits what the agent changed (if it did not commit itself). Returns the new head,
+/// or `None` when there is nothing new. The message's summary (the agent's words) has
+/// the run's secrets redacted.
+fn commit(
     spec: &RunSpec,
     repo: &Path,
     start_commit: &str,
@@ -165,6 +255,8 @@ pub fn commit_and_push(
     run(git(Some(repo)).args(["add", "--all"]), "git add")?;
     let staged = !git(Some(repo))
         .args(["diff", "--cached", "--quiet"])
+        // The runner's standard input carries the worker's push permits: no child reads it.
+        .stdin(std::process::Stdio::null())
         .status()
         .map_err(|e| format!("git diff: {e}"))?
         .success();
@@ -179,6 +271,7 @@ pub fn commit_and_push(
             "Task: {}\nSubtask: {} (attempt {})\n",
             spec.task_id, spec.subtask_id, spec.attempt
         ));
+        let message = super::redact(&message);
         run(
             git(Some(repo)).args(["commit", "--quiet", "--no-verify", "-m", &message]),
             "git commit",
@@ -188,10 +281,60 @@ pub fn commit_and_push(
     if head.is_empty() || head == start_commit {
         return Ok(None);
     }
-    let refspec = format!("HEAD:refs/heads/{}", spec.branch);
+    Ok(Some(head))
+}
+
+/// Commits what the agent changed (if it did not commit itself) and pushes the branch to
+/// the run spec's repository URL. Returns the pushed commit, or `None` when there is
+/// nothing new.
+pub fn commit_and_push(
+    spec: &RunSpec,
+    repo: &Path,
+    start_commit: &str,
+    summary: &str,
+) -> Result<Option<String>, String> {
+    let Some(head) = commit(spec, repo, start_commit, summary)? else {
+        return Ok(None);
+    };
+    let refspec = format!("{head}:refs/heads/{}", spec.branch);
     run(
-        git(Some(repo)).args(["push", "--quiet", "origin", &refspec]),
+        git(Some(repo))
+            .args(["push", "--quiet", "--no-verify", "--"])
+            .arg(&spec.repository)
+            .arg(&refspec),
         "git push",
     )?;
+    Ok(Some(head))
+}
+
+/// Commits what the agent changed and writes the commits new since `start_commit` as a
+/// bundle, `work`/[`BUNDLE_FILE`], whose one ref `HEAD` is the new head. Whatever the
+/// agent left at that path is removed first.
+pub fn commit_and_bundle(
+    spec: &RunSpec,
+    repo: &Path,
+    start_commit: &str,
+    summary: &str,
+    work: &Path,
+) -> Result<Option<String>, String> {
+    let Some(head) = commit(spec, repo, start_commit, summary)? else {
+        return Ok(None);
+    };
+    let bundle = work.join(BUNDLE_FILE);
+    match std::fs::symlink_metadata(&bundle) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(&bundle),
+        Ok(_) => std::fs::remove_file(&bundle),
+        Err(_) => Ok(()),
+    }
+    .map_err(|e| format!("cannot clear {}: {e}", bundle.display()))?;
+    let mut create = git(Some(repo));
+    create
+        .args(["bundle", "create", "--quiet"])
+        .arg(&bundle)
+        .arg("HEAD");
+    if !start_commit.is_empty() {
+        create.arg(format!("^{start_commit}"));
+    }
+    run(&mut create, "git bundle create")?;
     Ok(Some(head))
 }

@@ -1,56 +1,106 @@
-//! The in-sandbox runner (`worker runner --spec F --result F`): makes a fresh working
-//! copy of the repository on the task branch, runs `agent-setup.sh` if the repository
-//! has one, runs the agent with the prompt, commits what changed and pushes, then writes
-//! the outcome as JSON to the result file. Progress goes to standard output as JSON
-//! lines (one [`RunnerEvent`] each), which the worker forwards live.
+//! The in-sandbox runner (`worker runner --spec F --result-fd N`): makes a fresh working
+//! copy of the repository on the task branch, keeps its pristine git configuration, runs
+//! `agent-setup.sh` if the repository has one (with no secret in its environment), runs
+//! the agent with the prompt, commits what changed and pushes it (or, for a local
+//! repository, leaves it as a bundle the worker pushes), then writes the outcome as JSON
+//! to its result channel. Progress goes to standard output as JSON lines (one
+//! [`RunnerEvent`] each), which the worker forwards live. Every byte it emits (events,
+//! outcome, commit message) has the run's secret values redacted.
 
 mod agent;
 pub(crate) mod git;
 mod process;
+pub mod relay;
 mod setup;
 mod warm_clone;
 
-use crate::spec::{RunSpec, RunnerEvent};
+use crate::redact::Redactor;
+use crate::spec::{Delivery, RunSpec, RunnerEvent};
 use ao_shared::task::{Outcome, OutcomeKind};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Secrets shorter than this are not searched for (they would match ordinary text).
-const MIN_REDACTED_LEN: usize = 8;
+/// Where the outcome goes.
+#[derive(Debug)]
+pub enum ResultSink {
+    /// A file (the nomad driver reads it from the allocation).
+    File(PathBuf),
+    /// A file descriptor inherited from the worker: the write end of the local drivers'
+    /// result channel.
+    Fd(i32),
+}
 
-/// The values of the runner's secret variables, as they may appear in an event line.
-fn secret_values() -> &'static [String] {
-    static VALUES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    VALUES.get_or_init(|| {
-        let mut values = Vec::new();
-        for name in agent::secret_names() {
-            if let Ok(v) = std::env::var(&name) {
-                if v.len() >= MIN_REDACTED_LEN {
-                    // Also as it reads inside a JSON string.
-                    let escaped = serde_json::to_string(&v).unwrap_or_default();
-                    values.push(escaped.trim_matches('"').to_string());
-                    values.push(v);
-                }
+/// The opened result channel.
+enum OpenSink {
+    File(PathBuf),
+    Channel(std::fs::File),
+}
+
+impl ResultSink {
+    /// Takes the inherited descriptor out of reach of every program the runner starts:
+    /// it is reopened close-on-exec and the inherited one is closed. Done before
+    /// anything else runs.
+    fn open(self) -> Result<OpenSink, String> {
+        match self {
+            ResultSink::File(path) => Ok(OpenSink::File(path)),
+            ResultSink::Fd(fd) => {
+                let opened = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(format!("/proc/self/fd/{fd}"));
+                // Closed whether or not it could be reopened: it must not reach a child.
+                let _ = nix::unistd::close(fd);
+                opened
+                    .map(OpenSink::Channel)
+                    .map_err(|e| format!("cannot open the result channel (fd {fd}): {e}"))
             }
         }
-        values
+    }
+}
+
+impl OpenSink {
+    fn write(self, text: &str) -> Result<(), String> {
+        match self {
+            OpenSink::Channel(mut file) => file
+                .write_all(text.as_bytes())
+                .map_err(|e| format!("cannot write the result: {e}")),
+            OpenSink::File(path) => {
+                // Written whole and renamed, so a reader never sees half a result.
+                let tmp = path.with_extension("partial");
+                std::fs::write(&tmp, text)
+                    .and_then(|_| std::fs::rename(&tmp, &path))
+                    .map_err(|e| format!("cannot write result {}: {e}", path.display()))
+            }
+        }
+    }
+}
+
+/// The redactor of the runner's secret variables (named in `AO_SECRET_NAMES`).
+fn redactor() -> &'static Redactor {
+    static REDACTOR: std::sync::OnceLock<Redactor> = std::sync::OnceLock::new();
+    REDACTOR.get_or_init(|| {
+        let values: Vec<String> = agent::secret_names()
+            .iter()
+            .filter_map(|name| std::env::var(name).ok())
+            .collect();
+        Redactor::new(values.iter().map(String::as_str))
     })
+}
+
+/// `text` with the run's secret values replaced.
+pub fn redact(text: &str) -> String {
+    redactor().text(text)
 }
 
 /// Prints one event line on standard output, with any secret value of the runner's
 /// environment replaced.
 pub fn emit(kind: &str, data: serde_json::Value) {
-    let mut line = serde_json::to_string(&RunnerEvent {
+    let line = serde_json::to_string(&RunnerEvent {
         kind: kind.into(),
-        data,
+        data: ao_shared::bounded::bound_event_data(data),
     })
     .unwrap_or_default();
-    for secret in secret_values() {
-        if line.contains(secret.as_str()) {
-            line = line.replace(secret.as_str(), "[redacted]");
-        }
-    }
+    let line = redact(&line);
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
@@ -61,8 +111,15 @@ fn log(message: impl Into<String>) {
 }
 
 /// Reads the spec, runs the attempt, writes the result. Returns the process exit code.
-pub fn main(spec_path: &Path, result_path: &Path, work_dir: Option<PathBuf>) -> i32 {
+pub fn main(spec_path: &Path, sink: ResultSink, work_dir: Option<PathBuf>) -> i32 {
     let started = Instant::now();
+    let sink = match sink.open() {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "runner: {e}");
+            return 2;
+        }
+    };
     // The agent runs as the same user: without this it could read the runner's secrets
     // (a git token) from /proc/<runner>/environ, or attach to it.
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
@@ -72,18 +129,21 @@ pub fn main(spec_path: &Path, result_path: &Path, work_dir: Option<PathBuf>) -> 
         );
     }
     process::exit_with_parent();
+    relay::start_from_env();
     let outcome = match std::fs::read_to_string(spec_path)
         .map_err(|e| e.to_string())
         .and_then(|t| serde_json::from_str::<RunSpec>(&t).map_err(|e| e.to_string()))
     {
         Ok(spec) => {
-            let work = work_dir.unwrap_or_else(|| {
-                spec_path
-                    .parent()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_else(std::env::temp_dir)
-            });
-            run(&spec, &work)
+            // The spec's directory is the attempt directory the worker sees; the working
+            // copy may live elsewhere (the bwrap driver's size-limited tmpfs, which only the
+            // sandbox sees), so what the worker reads back (the bundle) goes beside the spec.
+            let attempt_dir = spec_path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(std::env::temp_dir);
+            let work = work_dir.unwrap_or_else(|| attempt_dir.clone());
+            run(&spec, &work, &attempt_dir)
         }
         Err(e) => Outcome::failed(
             OutcomeKind::Infrastructure,
@@ -91,8 +151,9 @@ pub fn main(spec_path: &Path, result_path: &Path, work_dir: Option<PathBuf>) -> 
             false,
         ),
     };
-    let mut outcome = outcome;
+    let mut outcome = outcome.bounded();
     outcome.duration_ms = started.elapsed().as_millis() as u64;
+    redactor().outcome(&mut outcome);
     let text = match serde_json::to_string(&outcome) {
         Ok(t) => t,
         Err(e) => {
@@ -100,21 +161,15 @@ pub fn main(spec_path: &Path, result_path: &Path, work_dir: Option<PathBuf>) -> 
             return 2;
         }
     };
-    // Written whole and renamed, so a reader never sees half a result.
-    let tmp = result_path.with_extension("partial");
-    if let Err(e) = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, result_path)) {
-        let _ = writeln!(
-            std::io::stderr(),
-            "cannot write result {}: {e}",
-            result_path.display()
-        );
+    if let Err(e) = sink.write(&text) {
+        let _ = writeln!(std::io::stderr(), "runner: {e}");
         return 2;
     }
     0
 }
 
-/// Runs one attempt in `work` and says how it ended.
-pub fn run(spec: &RunSpec, work: &Path) -> Outcome {
+/// Runs one attempt in `work` and says how it ended; a bundle is left in `attempt_dir`.
+pub fn run(spec: &RunSpec, work: &Path, attempt_dir: &Path) -> Outcome {
     let repo = work.join("repo");
     if repo.exists() {
         let _ = std::fs::remove_dir_all(&repo);
@@ -127,13 +182,15 @@ pub fn run(spec: &RunSpec, work: &Path) -> Outcome {
         Ok(c) => c,
         Err(e) => return Outcome::failed(OutcomeKind::Infrastructure, e, true),
     };
-    if let Err(failed) = setup::run(spec, &repo) {
-        return *failed;
-    }
+    // Taken from the fresh clone, before anything of the repository runs.
     let pristine = match git::Pristine::capture(&repo) {
         Ok(p) => p,
         Err(e) => return Outcome::failed(OutcomeKind::Infrastructure, e, true),
     };
+    // The repository's setup (or its cached result), with no secret of the run.
+    if let Err(failed) = setup::run(spec, &repo) {
+        return *failed;
+    }
     log(format!("running the {} agent", spec.capability));
     let mut outcome = agent::run(spec, &repo);
     // Whatever the agent left behind stops before the runner commits and pushes, and
@@ -152,9 +209,32 @@ pub fn run(spec: &RunSpec, work: &Path) -> Outcome {
         ));
         return outcome;
     }
-    match git::commit_and_push(spec, &repo, &start_commit, &outcome.summary) {
+    // Fenced: only with the worker's word that this run still holds the subtask (for a
+    // bundle too: the worker delivers it right after the run).
+    if let Err(reason) = crate::push_permit::ask() {
+        log(format!("not pushing: {reason}"));
+        let mut refused = Outcome::failed(
+            OutcomeKind::Infrastructure,
+            format!("not pushed: {reason}"),
+            true,
+        );
+        refused.cost_usd = outcome.cost_usd;
+        refused.tokens = outcome.tokens;
+        refused.turns = outcome.turns;
+        return refused;
+    }
+    let delivered = match spec.delivery {
+        Delivery::Push => git::commit_and_push(spec, &repo, &start_commit, &outcome.summary),
+        Delivery::Bundle => {
+            git::commit_and_bundle(spec, &repo, &start_commit, &outcome.summary, attempt_dir)
+        }
+    };
+    match delivered {
         Ok(Some(commit)) => {
-            log(format!("pushed {commit} to {}", spec.branch));
+            match spec.delivery {
+                Delivery::Push => log(format!("pushed {commit} to {}", spec.branch)),
+                Delivery::Bundle => log(format!("bundled {commit} for {}", spec.branch)),
+            }
             outcome.commit = Some(commit);
             outcome
         }

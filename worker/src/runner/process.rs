@@ -1,6 +1,7 @@
 //! Child processes of the runner: run with a timeout in their own process group, killed
 //! whole; and the runner's own exit when the worker that started it dies.
 
+use ao_shared::bounded::{truncate_bytes, MAX_AGENT_TEXT_BYTES};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -12,6 +13,9 @@ use std::time::{Duration, Instant};
 /// The process group of the child now running, so it can be killed if the runner must stop.
 static CHILD_GROUP: AtomicU32 = AtomicU32::new(0);
 
+/// Longest output line of a child kept (a longer one is dropped and reported), so that
+/// no output grows the runner's memory or the events it emits.
+const MAX_LINE_BYTES: usize = 512 * 1024;
 /// Output kept of a child for error messages.
 const TAIL_LINES: usize = 30;
 /// How long output is still read after a child exited.
@@ -25,10 +29,19 @@ pub struct Finished {
 }
 
 impl Finished {
-    /// The last lines of output, for error messages.
+    /// The last lines of output, for error messages: at most [`MAX_AGENT_TEXT_BYTES`]
+    /// bytes, the end kept (a marker says how much of the start was cut).
     pub fn tail(&self) -> String {
         let start = self.lines.len().saturating_sub(TAIL_LINES);
-        self.lines[start..].join("\n")
+        let tail = self.lines[start..].join("\n");
+        if tail.len() <= MAX_AGENT_TEXT_BYTES {
+            return tail;
+        }
+        let mut cut = tail.len() - MAX_AGENT_TEXT_BYTES;
+        while !tail.is_char_boundary(cut) {
+            cut += 1;
+        }
+        format!("[truncated: {cut} earlier bytes] …{}", &tail[cut..])
     }
 }
 
@@ -53,9 +66,13 @@ pub fn run_logged(cmd: &mut Command, timeout: Duration) -> std::io::Result<Finis
         timeout,
         idle: None,
         stdin: None,
+        finish_grace: FINISH_GRACE,
     };
     match run_streaming(cmd, &limits, &mut |line| {
-        super::emit("log", serde_json::json!({ "message": line }));
+        super::emit(
+            "log",
+            serde_json::json!({ "message": truncate_bytes(line, MAX_AGENT_TEXT_BYTES) }),
+        );
         Control::Continue
     }) {
         Ok(f) => Ok(f),
@@ -72,13 +89,24 @@ pub struct Limits {
     pub idle: Option<Duration>,
     /// Written to the child's standard input, which is then closed.
     pub stdin: Option<String>,
+    /// How long a child whose handler said [`Control::Finish`] may take to exit before its
+    /// group is ended (the output it gave stands either way).
+    pub finish_grace: Duration,
 }
+
+/// Default of [`Limits::finish_grace`]: Claude Code flushes and exits within a second of
+/// its final `result` when it exits at all.
+pub const FINISH_GRACE: Duration = Duration::from_secs(3);
 
 /// What the line handler wants next.
 pub enum Control {
     Continue,
     /// Kill the child now, for this reason.
     Stop(String),
+    /// The child has said its last (its final result): let it exit within
+    /// [`Limits::finish_grace`], then end its group; the run counts as finished, not
+    /// stalled, whatever it does meanwhile.
+    Finish,
 }
 
 /// Why a streamed child did not end by itself.
@@ -138,8 +166,14 @@ pub fn run_streaming(
     .map(|(is_stdout, stream)| {
         let tx = tx.clone();
         std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                let _ = tx.send((is_stdout, line));
+            let mut reader = BufReader::new(stream);
+            while let Ok(Some(line)) = read_bounded_line(&mut reader, MAX_LINE_BYTES) {
+                let line = line.unwrap_or_else(|bytes| {
+                    format!("[an output line of {bytes} bytes was dropped (longer than {MAX_LINE_BYTES})]")
+                });
+                if tx.send((is_stdout, line)).is_err() {
+                    break;
+                }
             }
         })
     })
@@ -150,28 +184,36 @@ pub fn run_streaming(
     let mut last_output = started;
     let mut lines = Vec::new();
     let mut handle = |is_stdout: bool, line: String, lines: &mut Vec<String>| -> Control {
+        // Kept for summaries and error tails: bounded, like everything the agent writes.
+        let kept = truncate_bytes(&line, MAX_AGENT_TEXT_BYTES);
         let control = if is_stdout {
             on_stdout(&line)
         } else {
             super::emit(
                 "log",
-                serde_json::json!({ "message": line, "stream": "stderr" }),
+                serde_json::json!({ "message": kept, "stream": "stderr" }),
             );
             Control::Continue
         };
-        lines.push(line);
+        lines.push(kept);
         if lines.len() > 4 * TAIL_LINES {
             lines.drain(..lines.len() - TAIL_LINES);
         }
         control
     };
     let mut failure: Option<RunError> = None;
+    // Set once the handler said Finish: the child must be gone by then.
+    let mut finish_by: Option<Instant> = None;
     let status = loop {
         match rx.recv_timeout(Duration::from_millis(50)) {
             Ok((is_stdout, line)) => {
                 last_output = Instant::now();
-                if let Control::Stop(reason) = handle(is_stdout, line, &mut lines) {
-                    failure = Some(RunError::Stopped(reason));
+                match handle(is_stdout, line, &mut lines) {
+                    Control::Stop(reason) => failure = Some(RunError::Stopped(reason)),
+                    Control::Finish => {
+                        finish_by.get_or_insert(Instant::now() + limits.finish_grace);
+                    }
+                    Control::Continue => {}
                 }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -179,7 +221,21 @@ pub fn run_streaming(
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        if failure.is_none() {
+        if finish_by.is_some_and(|by| failure.is_none() && Instant::now() >= by) {
+            // Finished but still there: the result stands; the process goes.
+            kill_group(pgid, Signal::SIGKILL);
+            let status = child.wait().map_err(RunError::Wait)?;
+            CHILD_GROUP.store(0, Ordering::SeqCst);
+            return Ok(Finished {
+                success: true,
+                status: format!(
+                    "{}, ended by the runner after its final result",
+                    describe(status)
+                ),
+                lines,
+            });
+        }
+        if failure.is_none() && finish_by.is_none() {
             if Instant::now() >= deadline {
                 failure = Some(RunError::Timeout(limits.timeout));
             } else if let Some(idle) = limits.idle.filter(|i| last_output.elapsed() >= *i) {
@@ -219,6 +275,45 @@ pub fn run_streaming(
         status: describe(status),
         lines,
     })
+}
+
+/// Reads the next line of at most `max` bytes (without its newline, lossily decoded);
+/// a longer line is skipped to its end without being held, and reported as `Err(len)`.
+/// `None` at the end of the stream.
+pub fn read_bounded_line(
+    reader: &mut impl BufRead,
+    max: usize,
+) -> std::io::Result<Option<Result<String, usize>>> {
+    let mut line: Vec<u8> = Vec::new();
+    let mut total = 0usize;
+    let mut any = false;
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            if !any {
+                return Ok(None);
+            }
+            break;
+        }
+        any = true;
+        let newline = buf.iter().position(|b| *b == b'\n');
+        let chunk = &buf[..newline.unwrap_or(buf.len())];
+        total += chunk.len();
+        if total <= max {
+            line.extend_from_slice(chunk);
+        } else {
+            line = Vec::new();
+        }
+        let used = newline.map(|i| i + 1).unwrap_or(buf.len());
+        reader.consume(used);
+        if newline.is_some() {
+            break;
+        }
+    }
+    if total > max {
+        return Ok(Some(Err(total)));
+    }
+    Ok(Some(Ok(String::from_utf8_lossy(&line).into_owned())))
 }
 
 /// Kills every other process of the sandbox, when the runner is its pid namespace's init

@@ -8,43 +8,49 @@
 //!   dies with the namespace. Orphans that exit earlier stay zombies until then, within
 //!   the process limit. `--die-with-parent` ties it to the worker, `--new-session` takes
 //!   the controlling terminal away.
-//! - an unprivileged user inside (`sandbox.uid`/`sandbox.gid`, 1000 by default). With a
-//!   user namespace the worker's own uid is mapped to it, so the attempt directory the
-//!   worker made is owned by the sandbox user whether the worker runs as root or not; no
-//!   chown is needed.
+//! - an unprivileged user inside (`sandbox.uid`/`sandbox.gid`, 1000 by default), mapped
+//!   by the user namespace to an unprivileged host user: the worker's own user, or, for
+//!   a worker running as root, `sandbox.host_uid` (see [`super::host_user`]); root is
+//!   never a sandbox user.
 //! - the host root read-only, a fresh `/proc`, a minimal `/dev`, an empty tmpfs `/tmp` and
 //!   `$HOME`; the worker's private places hidden under empty tmpfs mounts (its data dir with
 //!   the SQLite files, its whole work root, `/root`, `/home`, the worker's `$HOME`,
-//!   `/run/secrets`, secret files named in the configuration, `sandbox.hide`), read-only,
-//!   and the shadow files replaced by empty ones.
-//! - exactly two writable places: the attempt directory (run spec, result file, clone), and
-//!   — only when the repository is a local path or `file://` URL — that repository, since
-//!   the runner must push into it. The agent can therefore write to a local remote as well;
-//!   over HTTPS or SSH nothing of the remote is visible.
+//!   `/run/secrets`, every `file:` secret of the configuration and every one the worker
+//!   resolved (see [`crate::secret_files`]), `sandbox.hide`), read-only, and the shadow
+//!   files replaced by empty ones.
+//! - exactly one writable place besides the size-limited tmpfs mounts: the attempt
+//!   directory (run spec, bundle). A repository given as a local path or `file://` URL is
+//!   shown read-only; the runner hands its commits back as a bundle which the worker
+//!   pushes (see [`super::local_repo`]). The outcome travels over a pipe, not a file (see
+//!   [`super::result_channel`]).
 //! - the environment rebuilt from an allow-list: PATH, LANG, LC_ALL, TZ, HOME, USER, LOGNAME,
 //!   TMPDIR and the names in `sandbox.env_pass`. Values travel in bubblewrap's environment
 //!   (never `--setenv`, which would show them in `/proc/*/cmdline`); bubblewrap hands its
 //!   environment to the sandbox unchanged, and it gets nothing else from the worker.
-//! - network shared with the host, or none at all (`--unshare-net`, not even loopback) for
-//!   the capabilities in `sandbox.network_off`.
-//! - limits: `prlimit` (util-linux) wraps bubblewrap and sets RLIMIT_NPROC
-//!   (`sandbox.max_processes`) and RLIMIT_NOFILE (`sandbox.max_open_files`). RLIMIT_NPROC
-//!   counts every process of the worker's real user and does not apply to root, so under a
-//!   root worker only a cgroup limits processes. Memory is limited only with
-//!   `sandbox.cgroup_dir`, a delegated cgroup v2 directory: each sandbox then runs in a
-//!   child cgroup with `memory.max` and `pids.max` (address-space limits break Node-based
-//!   agents, so none is set).
-//!
-//! A limit of running the worker as root: the sandbox user maps to host uid 0, so files
-//! readable only by root stay readable to the agent unless hidden. Run the worker as an
-//! unprivileged user where you can.
+//! - network: by default a namespace of its own with only loopback, and the worker's
+//!   per-run proxy as the one way out (model endpoint with the key added, allow-listed
+//!   destinations); none at all for `sandbox.network_off`, the host's for
+//!   `sandbox.network_open`. Host unix sockets are covered in every mode. See
+//!   [`super::network`] and `crate::proxy`.
+//! - a seccomp filter ([`super::seccomp`]) and `--disable-userns`: no nested namespaces,
+//!   no ptrace, no mounts, keyrings, bpf, perf, kexec, modules.
+//! - limits ([`super::limits`]): a cgroup per attempt (`pids.max`, memory), `prlimit`
+//!   (util-linux) for RLIMIT_NPROC and RLIMIT_NOFILE, and a size bound on every writable
+//!   place: the working copy, `/tmp`, `$HOME` and `/dev/shm` are size-limited tmpfs mounts,
+//!   and the rest of `/dev` is read-only.
 
-use super::process::{infra, supervise, Attempt, RUNNER_MARGIN};
+
+use super::limits::{self, AttemptCgroup, Cgroups};
+use super::network::{self, NetworkMode};
+use super::host_user::{HostUser, HostUserError};
+use super::local_repo::{self, local_repository};
+use super::process::{infra, runner_args, supervise, Attempt, RUNNER_MARGIN};
 use super::SandboxDriver;
-use crate::spec::{RunSpec, RunnerEvent};
+use crate::proxy::RunProxy;
+use crate::secret_files::SecretFiles;
+use crate::spec::{Delivery, RunSpec, RunnerEvent};
 use ao_shared::config::{SandboxSettings, Settings};
-use ao_shared::secret::SecretRef;
-use ao_shared::task::Outcome;
+use ao_shared::task::{Outcome, OutcomeKind};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -69,8 +75,8 @@ const ENV_BASE: &[&str] = &["PATH", "LANG", "LC_ALL", "TZ"];
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// The user name inside.
 const SANDBOX_USER: &str = "agent";
-/// How often the per-attempt cgroup removal is tried while its processes die.
-const CGROUP_RMDIR_TRIES: u32 = 50;
+/// The working copy's directory in the attempt directory: a size-limited tmpfs.
+const WORKSPACE_DIR: &str = "ws";
 
 /// Why the driver cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -91,8 +97,19 @@ pub enum BwrapError {
     Unusable { program: String, detail: String },
     #[error("prlimit (util-linux) is needed by the bwrap driver: {0}")]
     Prlimit(String),
-    #[error("sandbox.cgroup_dir {path}: {detail}")]
-    Cgroup { path: PathBuf, detail: String },
+    #[error(transparent)]
+    Limits(#[from] limits::LimitError),
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Seccomp(#[from] super::seccomp::SeccompError),
+    #[error(transparent)]
+    HostUser(#[from] HostUserError),
+    #[error(
+        "the work directory {0} cannot be reached by sandbox.host_uid: make it and the \
+         directories above it searchable (o+x), or set worker.work_dir elsewhere"
+    )]
+    WorkDirUnreachable(PathBuf),
 }
 
 /// The bubblewrap sandbox driver.
@@ -104,15 +121,32 @@ pub struct BwrapDriver {
     settings: SandboxSettings,
     /// Host paths covered inside, parents first.
     hidden: Vec<PathBuf>,
+    /// Where per-attempt cgroups are made, if anywhere.
+    cgroups: Option<Cgroups>,
+    /// The whole configuration, for the model proxy's options.
+    all: Settings,
+    /// Secret files, more of which become known as the worker resolves them.
+    secret_files: SecretFiles,
+    /// The unprivileged host user of the sandboxes of a root worker.
+    host: Option<HostUser>,
 }
 
 impl BwrapDriver {
     /// Checks that bubblewrap and prlimit work and works out what to hide.
-    pub fn new(work_root: PathBuf, settings: &Settings) -> Result<Self, BwrapError> {
+    pub fn new(
+        work_root: PathBuf,
+        settings: &Settings,
+        secret_files: SecretFiles,
+    ) -> Result<Self, BwrapError> {
         let sandbox = settings.sandbox.clone();
         if sandbox.uid == 0 || sandbox.gid == 0 {
             return Err(BwrapError::RootUser);
         }
+        let host = HostUser::for_worker(
+            nix::unistd::geteuid().as_raw(),
+            sandbox.host_uid,
+            sandbox.host_gid,
+        )?;
         std::fs::create_dir_all(&work_root)
             .and_then(|_| work_root.canonicalize())
             .map_err(|source| BwrapError::WorkDir {
@@ -123,12 +157,25 @@ impl BwrapDriver {
                 let runner_exe = std::env::current_exe()
                     .and_then(|p| p.canonicalize())
                     .map_err(BwrapError::Exe)?;
+                if host.is_some_and(|h| !h.can_reach(&work_root.join("attempt"))) {
+                    return Err(BwrapError::WorkDirUnreachable(work_root));
+                }
                 let hidden = hidden_paths(settings, &work_root);
+                network::check_allow_hosts(&sandbox).map_err(BwrapError::Config)?;
+                let cgroups = Cgroups::detect(
+                    sandbox.cgroup_dir.as_deref(),
+                    sandbox.memory_mb,
+                    nix::unistd::geteuid().is_root(),
+                )?;
                 let driver = Self {
                     work_root,
                     runner_exe,
                     settings: sandbox,
                     hidden,
+                    cgroups,
+                    all: settings.clone(),
+                    secret_files,
+                    host,
                 };
                 driver.probe()?;
                 Ok(driver)
@@ -138,8 +185,21 @@ impl BwrapDriver {
     /// Runs `true` in a minimal sandbox, so a broken setup fails at start, not per task.
     fn probe(&self) -> Result<(), BwrapError> {
         let s = &self.settings;
-        let out = std::process::Command::new(&s.bwrap)
-            .args(["--unshare-user", "--unshare-pid", "--uid"])
+        let seccomp = super::seccomp::program_files()?;
+        let mut probe = self.as_host_user(s.bwrap.as_os_str());
+        probe.args([
+            "--unshare-user",
+            "--unshare-pid",
+            "--unshare-net",
+            "--disable-userns",
+        ]);
+        for file in &seccomp {
+            use std::os::fd::AsRawFd;
+            probe.args(["--add-seccomp-fd", &file.as_raw_fd().to_string()]);
+        }
+        probe.args(limits::sized_tmpfs(1, Path::new("/tmp")));
+        let out = probe
+            .arg("--uid")
             .arg(s.uid.to_string())
             .arg("--gid")
             .arg(s.gid.to_string())
@@ -173,27 +233,56 @@ impl BwrapDriver {
                 String::from_utf8_lossy(&ok.stderr).trim().to_string(),
             ));
         }
-        if let Some(dir) = &s.cgroup_dir {
-            let probe = dir.join("ao-probe");
-            std::fs::create_dir(&probe)
-                .and_then(|_| std::fs::remove_dir(&probe))
-                .map_err(|e| BwrapError::Cgroup {
-                    path: dir.clone(),
-                    detail: format!("cannot make a child cgroup: {e}"),
-                })?;
-        }
         Ok(())
     }
 
+    /// `program` run as the sandbox's host user (itself for an ordinary worker).
+    fn as_host_user(&self, program: &std::ffi::OsStr) -> std::process::Command {
+        match &self.host {
+            Some(host) => {
+                let argv = host.setpriv();
+                let mut cmd = std::process::Command::new(&argv[0]);
+                cmd.args(&argv[1..]).arg(program);
+                cmd
+            }
+            None => std::process::Command::new(program),
+        }
+    }
+
+    /// What is hidden in this attempt: the fixed list and every secret file known now,
+    /// canonical, parents first; for a root worker, only what its host user could reach.
+    fn hidden_now(&self) -> Vec<PathBuf> {
+        let mut hidden = self.hidden.clone();
+        hidden.extend(
+            self.secret_files
+                .paths()
+                .into_iter()
+                .filter_map(|p| p.canonicalize().ok())
+                .filter(|p| p.parent().is_some()),
+        );
+        hidden.sort_by_key(|p| (p.components().count(), p.clone()));
+        hidden.dedup();
+        if let Some(host) = &self.host {
+            hidden.retain(|p| host.can_reach(p));
+        }
+        hidden
+    }
+
     /// Whether `path` is covered inside: hidden, or under the fresh `/tmp` or home.
-    fn is_hidden(&self, path: &Path) -> bool {
+    /// Whether `path` is covered inside: hidden, or under the fresh `/tmp` or home.
+    fn is_hidden(&self, hidden: &[PathBuf], path: &Path) -> bool {
         path.starts_with("/tmp")
             || path.starts_with(&self.settings.home)
-            || self.hidden.iter().any(|h| path.starts_with(h))
+            || hidden.iter().any(|h| path.starts_with(h))
     }
 
     /// bubblewrap's arguments for one attempt, up to and including the runner's.
-    fn bwrap_args(&self, spec: &RunSpec, attempt: &Attempt) -> Vec<std::ffi::OsString> {
+    fn bwrap_args(
+        &self,
+        spec: &RunSpec,
+        attempt: &Attempt,
+        run: &RunSetup,
+    ) -> Vec<std::ffi::OsString> {
         let s = &self.settings;
         let mut a = Args::default();
         a.flags(&[
@@ -202,9 +291,10 @@ impl BwrapDriver {
             "--unshare-ipc",
             "--unshare-uts",
             "--unshare-cgroup-try",
+            "--disable-userns",
         ]);
-        if s.network_off.contains(&spec.capability) {
-            a.flags(&["--unshare-net"]);
+        for fd in &run.seccomp_fds {
+            a.flag_val("--add-seccomp-fd", fd.to_string());
         }
         // `--as-pid-1`: the runner itself is the namespace's init, not a bubblewrap monitor
         // whose /proc/1/environ (the run's secrets) the agent could read. The runner makes
@@ -216,22 +306,29 @@ impl BwrapDriver {
         a.two("--ro-bind", Path::new("/"), Path::new("/"));
         a.flag_val("--proc", "/proc");
         a.flag_val("--dev", "/dev");
-        a.flag_val("--tmpfs", "/tmp");
-        for path in &self.hidden {
+        a.0.extend(limits::sized_tmpfs(s.shm_mb, Path::new("/dev/shm")));
+        a.0.extend(limits::sized_tmpfs(s.tmp_mb, Path::new("/tmp")));
+        let hidden = self.hidden_now();
+        a.0.extend(network::bwrap_args(
+            run.network,
+            run.proxy_socket.as_deref(),
+            &|p| self.is_hidden(&hidden, p),
+        ));
+        for path in &hidden {
             if path.is_dir() {
                 a.flag_val("--tmpfs", path);
             } else {
                 a.two("--ro-bind", Path::new("/dev/null"), path);
             }
         }
-        a.flag_val("--tmpfs", &s.home);
+        a.0.extend(limits::sized_tmpfs(s.home_mb, &s.home));
         // What must stay visible under a hidden directory: the runner, the agent, and
         // configured tool paths.
-        if self.is_hidden(&self.runner_exe) {
+        if self.is_hidden(&hidden, &self.runner_exe) {
             a.two("--ro-bind", &self.runner_exe, &self.runner_exe);
         }
         if let Some((found, real)) = resolve_program(&spec.agent.command) {
-            if self.is_hidden(&found) {
+            if self.is_hidden(&hidden, &found) {
                 a.two("--ro-bind", &real, &found);
             }
         }
@@ -255,47 +352,42 @@ impl BwrapDriver {
         if let Some(store) = setup.and_then(|s| s.store.as_ref()) {
             a.two("--bind", store, store);
         }
+        let workspace = attempt.path().join(WORKSPACE_DIR);
+        a.0.extend(limits::sized_tmpfs(s.workspace_mb, &workspace));
         if let Some(repo) = local_repository(&spec.repository) {
-            a.two("--bind", &repo, &repo);
+            a.two("--ro-bind", &repo, &repo);
         }
         // Hidden directories are read-only too (only after the binds under them are made,
         // since their mount points are created in them).
-        for path in self.hidden.iter().filter(|p| p.is_dir()) {
+        for path in hidden.iter().filter(|p| p.is_dir()) {
             a.flag_val("--remount-ro", path);
         }
+        a.flag_val("--remount-ro", "/dev");
         a.flag_val("--chdir", attempt.path());
         a.flags(&["--"]);
         a.0.push(self.runner_exe.clone().into());
-        a.flags(&["runner", "--spec"]);
-        a.0.push(attempt.spec.clone().into());
-        a.flags(&["--result"]);
-        a.0.push(attempt.result.clone().into());
+        a.0.extend(runner_args(attempt));
+        a.flags(&["--workspace"]);
+        a.0.push(workspace.into());
         a.0
     }
 
     /// The whole command: [cgroup entry,] prlimit, bubblewrap, the runner; with the
     /// environment rebuilt from the allow-list.
-    fn command(&self, spec: &RunSpec, attempt: &Attempt, cgroup: Option<&Path>) -> Command {
+    fn command(&self, spec: &RunSpec, attempt: &Attempt, run: &RunSetup) -> Command {
         let s = &self.settings;
         let mut prlimit: Vec<std::ffi::OsString> = vec![
             "prlimit".into(),
             format!("--nproc={n}:{n}", n = s.max_processes).into(),
             format!("--nofile={n}:{n}", n = s.max_open_files).into(),
-            s.bwrap.clone().into(),
         ];
-        prlimit.extend(self.bwrap_args(spec, attempt));
-        let mut cmd = match cgroup {
-            // The shell moves itself into the cgroup before it becomes prlimit, so every
-            // process of the sandbox starts inside it.
-            Some(dir) => {
-                let mut c = Command::new("sh");
-                c.arg("-c")
-                    .arg("echo $$ > \"$1/cgroup.procs\" && shift && exec \"$@\"")
-                    .arg("sh")
-                    .arg(dir)
-                    .args(&prlimit);
-                c
-            }
+        if let Some(host) = &self.host {
+            prlimit.extend(host.setpriv());
+        }
+        prlimit.push(s.bwrap.clone().into());
+        prlimit.extend(self.bwrap_args(spec, attempt, run));
+        let mut cmd = match &run.cgroup {
+            Some(cgroup) => cgroup.wrap(&prlimit),
             None => {
                 let mut c = Command::new(&prlimit[0]);
                 c.args(&prlimit[1..]);
@@ -320,48 +412,44 @@ impl BwrapDriver {
             .env("LOGNAME", SANDBOX_USER)
             .env("TMPDIR", "/tmp");
         spec.secret_env.apply(&mut cmd);
-        cmd
-    }
-
-    /// Makes the attempt's cgroup with its limits, when `sandbox.cgroup_dir` is set.
-    fn make_cgroup(&self, attempt: &Attempt) -> std::io::Result<Option<PathBuf>> {
-        let Some(parent) = &self.settings.cgroup_dir else {
-            return Ok(None);
-        };
-        let name = attempt
-            .path()
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| "attempt".into());
-        let dir = parent.join(format!("ao-{name}"));
-        std::fs::create_dir(&dir)?;
-        let mut limits = vec![("pids.max", self.settings.max_processes.to_string())];
-        if let Some(mb) = self.settings.memory_mb {
-            limits.push(("memory.max", (mb * 1024 * 1024).to_string()));
-            limits.push(("memory.swap.max", "0".into()));
-        }
-        for (file, value) in limits {
-            if let Err(e) = std::fs::write(dir.join(file), &value) {
-                // memory.swap.max is absent without swap accounting; the rest must work.
-                if file != "memory.swap.max" {
-                    let _ = std::fs::remove_dir(&dir);
-                    return Err(e);
-                }
+        if let Some(port) = run.inside_port {
+            for (name, value) in network::proxy_env(port) {
+                cmd.env(name, value);
             }
         }
-        Ok(Some(dir))
+        cmd
     }
 }
 
-/// Removes an attempt's cgroup once its processes are gone.
-async fn remove_cgroup(dir: &Path) {
-    for _ in 0..CGROUP_RMDIR_TRIES {
-        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
-            return;
+/// What one attempt's sandbox is set up with besides the spec.
+struct RunSetup {
+    network: NetworkMode,
+    /// The worker's proxy socket, bound into the sandbox (`proxy` mode).
+    proxy_socket: Option<PathBuf>,
+    /// The loopback port the runner relays to it (`proxy` mode).
+    inside_port: Option<u16>,
+    cgroup: Option<AttemptCgroup>,
+    /// Inherited descriptors of the seccomp programs.
+    seccomp_fds: Vec<i32>,
+}
+
+/// Puts the proxy's metering into the outcome: its cost and tokens are the run's (the
+/// agent's own report could be forged), and a call refused for the budget makes the
+/// outcome `budget_exceeded`.
+fn apply_metering(outcome: &mut Outcome, metered: crate::proxy::meter::Metered) {
+    outcome.cost_usd = metered.cost_usd;
+    outcome.tokens = metered.tokens;
+    if let Some(why) = metered.budget_refusal {
+        if outcome.kind != OutcomeKind::Cancelled {
+            let mut over = Outcome::failed(OutcomeKind::BudgetExceeded, why, false);
+            over.cost_usd = outcome.cost_usd;
+            over.tokens = outcome.tokens;
+            over.turns = outcome.turns;
+            over.duration_ms = outcome.duration_ms;
+            over.commit = outcome.commit.take();
+            *outcome = over;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tracing::warn!(cgroup = %dir.display(), "cannot remove the sandbox cgroup");
 }
 
 /// bubblewrap's argument list.
@@ -393,18 +481,6 @@ fn hidden_paths(settings: &Settings, work_root: &Path) -> Vec<PathBuf> {
             paths.push(home);
         }
     }
-    for secret in [
-        &settings.api.token,
-        &settings.github.webhook_secret,
-        &settings.github.private_key,
-    ]
-    .into_iter()
-    .flatten()
-    {
-        if let SecretRef::File(path) = secret {
-            paths.push(path.clone());
-        }
-    }
     paths.extend(settings.sandbox.hide.iter().cloned());
     let mut real: Vec<PathBuf> = paths
         .into_iter()
@@ -431,16 +507,6 @@ fn resolve_program(command: &str) -> Option<(PathBuf, PathBuf)> {
     Some((found, real))
 }
 
-/// The directory of a repository given as a local path or `file://` URL.
-fn local_repository(repository: &str) -> Option<PathBuf> {
-    let path = repository.strip_prefix("file://").unwrap_or(repository);
-    if !path.starts_with('/') {
-        return None;
-    }
-    let real = Path::new(path).canonicalize().ok()?;
-    real.is_dir().then_some(real)
-}
-
 #[async_trait]
 impl SandboxDriver for BwrapDriver {
     fn name(&self) -> &'static str {
@@ -453,19 +519,92 @@ impl SandboxDriver for BwrapDriver {
         events: mpsc::Sender<RunnerEvent>,
         cancel: CancellationToken,
     ) -> Outcome {
-        let attempt = match Attempt::prepare(&self.work_root, spec).await {
+        let local = local_repository(&spec.repository);
+        let mut spec = spec.clone();
+        if local.is_some() {
+            spec.delivery = Delivery::Bundle;
+        }
+        let attempt = match Attempt::prepare(&self.work_root, &spec).await {
             Ok(a) => a,
             Err(outcome) => return outcome,
         };
-        let cgroup = match self.make_cgroup(&attempt) {
-            Ok(c) => c,
-            Err(e) => return infra(format!("cannot set up the sandbox cgroup: {e}"), true),
+        if let Err(e) = std::fs::create_dir(attempt.path().join(WORKSPACE_DIR)) {
+            return infra(format!("cannot make the workspace directory: {e}"), true);
+        }
+        if let Some(host) = &self.host {
+            if let Err(e) = host.own(attempt.path()) {
+                return infra(
+                    format!("cannot give the attempt directory to sandbox.host_uid: {e}"),
+                    true,
+                );
+            }
+        }
+        let network = NetworkMode::of(&self.settings, spec.capability);
+        let mut proxy = None;
+        let mut inside_port = None;
+        if network == NetworkMode::Proxy {
+            // The model key stays with the proxy; the sandbox never sees it.
+            let key = spec.secret_env.take(network::MODEL_KEY_ENV);
+            let options = network::proxy_options(&self.all, &spec, key);
+            inside_port = Some(options.inside_port);
+            match RunProxy::start(&self.work_root, options, events.clone()) {
+                Ok(p) => proxy = Some(p),
+                Err(e) => return infra(format!("cannot start the sandbox's proxy: {e}"), true),
+            }
+        }
+        let cgroup = match &self.cgroups {
+            Some(c) => {
+                let name = attempt
+                    .path()
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_else(|| "attempt".into());
+                match c.make(&name, self.settings.max_processes, self.settings.memory_mb) {
+                    Ok(c) => Some(c),
+                    Err(e) => return infra(format!("cannot set up the sandbox cgroup: {e}"), true),
+                }
+            }
+            None => None,
         };
-        let cmd = self.command(spec, &attempt, cgroup.as_deref());
+        let seccomp = match super::seccomp::program_files() {
+            Ok(f) => f,
+            Err(e) => return infra(e.to_string(), false),
+        };
+        let setup = RunSetup {
+            network,
+            proxy_socket: proxy.as_ref().map(RunProxy::socket),
+            inside_port,
+            cgroup,
+            seccomp_fds: seccomp
+                .iter()
+                .map(std::os::fd::AsRawFd::as_raw_fd)
+                .collect(),
+        };
+        let cmd = self.command(&spec, &attempt, &setup);
         let limit = Duration::from_secs(spec.agent.timeout_secs) + RUNNER_MARGIN;
-        let outcome = supervise(cmd, &attempt, limit, events, cancel).await;
-        if let Some(dir) = cgroup {
-            remove_cgroup(&dir).await;
+        let mut outcome = supervise(cmd, &attempt, limit, events, cancel, seccomp).await;
+        if let Some(proxy) = proxy {
+            apply_metering(&mut outcome, proxy.stop().await);
+        }
+        if let Some(cgroup) = setup.cgroup {
+            cgroup.remove().await;
+        }
+        if let (Some(repo), Some(commit), OutcomeKind::Succeeded) =
+            (&local, outcome.commit.clone(), outcome.kind)
+        {
+            let delivered =
+                local_repo::deliver(attempt.path(), &self.work_root, repo, &spec.branch, &commit)
+                    .await;
+            if let Err(e) = delivered {
+                let mut failed = Outcome::failed(OutcomeKind::Infrastructure, e.to_string(), true);
+                failed.cost_usd = outcome.cost_usd;
+                failed.tokens = outcome.tokens;
+                failed.turns = outcome.turns;
+                failed.duration_ms = outcome.duration_ms;
+                outcome = failed;
+            } else {
+                tracing::info!(%commit, branch = %spec.branch, "bundle pushed into the local repository");
+            }
         }
         outcome
     }
@@ -474,21 +613,6 @@ impl SandboxDriver for BwrapDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn local_repositories_are_recognised() {
-        let dir = tempfile::tempdir().unwrap();
-        let real = dir.path().canonicalize().unwrap();
-        let url = format!("file://{}", dir.path().display());
-        assert_eq!(local_repository(&url), Some(real.clone()));
-        assert_eq!(
-            local_repository(&dir.path().display().to_string()),
-            Some(real)
-        );
-        assert_eq!(local_repository("https://example.com/a/b.git"), None);
-        assert_eq!(local_repository("git@example.com:a/b.git"), None);
-        assert_eq!(local_repository("/nonexistent/repo.git"), None);
-    }
 
     #[test]
     fn hidden_paths_put_parents_first() {

@@ -3,8 +3,14 @@
 //! is a plain child process (no isolation); `nomad` a dispatched Nomad batch job.
 
 pub mod bwrap;
+pub mod host_user;
+pub mod limits;
+pub mod local_repo;
+pub mod network;
 pub mod nomad;
 pub mod process;
+mod result_channel;
+pub mod seccomp;
 
 use crate::spec::{RunSpec, RunnerEvent};
 use ao_shared::task::{Outcome, OutcomeKind};

@@ -4,11 +4,14 @@
 //!
 //! It also holds what every local driver shares: [`Attempt`] (a fresh directory with the
 //! run spec in it) and [`supervise`] (spawn the command, forward its event lines, stop it
-//! on cancel or timeout, read the result file). The `bwrap` driver differs only in the
-//! command it hands to [`supervise`].
+//! on cancel or timeout, read the outcome from the result channel). The `bwrap` driver
+//! differs only in the command it hands to [`supervise`].
 
+use super::limits::{read_bounded_line, Line, MAX_LINE_BYTES};
+use super::result_channel::{ResultChannel, RESULT_FD};
 use super::SandboxDriver;
-use crate::spec::{RunSpec, RunnerEvent};
+use crate::push_permit;
+use crate::spec::{LeaseSlot, RunSpec, RunnerEvent};
 use ao_shared::task::{Outcome, OutcomeKind};
 use async_trait::async_trait;
 use nix::sys::signal::{killpg, Signal};
@@ -16,7 +19,7 @@ use nix::unistd::Pid;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::BufReader;
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 pub(super) const RUNNER_MARGIN: Duration = Duration::from_secs(1200);
 /// How long a runner may take to stop after SIGTERM before SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(5);
+/// Longest standard error line of the runner kept for the error message.
+const STDERR_LINE_BYTES: usize = 16 * 1024;
 /// Environment variables passed through to the runner.
 pub(super) const ENV_ALLOW: &[&str] = &["PATH", "LANG", "LC_ALL", "TZ", "HOME", "USER", "TMPDIR"];
 
@@ -49,11 +54,12 @@ pub(super) fn infra(message: impl Into<String>, retryable: bool) -> Outcome {
     Outcome::failed(OutcomeKind::Infrastructure, message, retryable)
 }
 
-/// The directory of one attempt, removed when dropped: the run spec, the result, the clone.
+/// The directory of one attempt, removed when dropped: the run spec and the clone.
 pub(super) struct Attempt {
     pub dir: tempfile::TempDir,
     pub spec: PathBuf,
-    pub result: PathBuf,
+    /// The lease the runner's push is fenced by (see `push_permit.rs`).
+    pub lease: LeaseSlot,
 }
 
 impl Attempt {
@@ -64,7 +70,6 @@ impl Attempt {
             .tempdir_in(work_root)
             .map_err(|e| infra(format!("cannot make a work directory: {e}"), true))?;
         let spec_path = dir.path().join("spec.json");
-        let result = dir.path().join("result.json");
         let text = serde_json::to_string(spec)
             .map_err(|e| infra(format!("cannot encode the run spec: {e}"), false))?;
         tokio::fs::write(&spec_path, text)
@@ -73,7 +78,7 @@ impl Attempt {
         Ok(Self {
             dir,
             spec: spec_path,
-            result,
+            lease: spec.lease.clone(),
         })
     }
 
@@ -82,36 +87,84 @@ impl Attempt {
     }
 }
 
-/// Runs `cmd` (which starts the runner for `attempt`) in its own process group: forwards
-/// its standard output lines as events, kills the whole group on cancel or after `limit`,
-/// and turns the result file into the outcome. Never panics.
+/// The runner's arguments that name its spec and its result channel.
+pub(super) fn runner_args(attempt: &Attempt) -> Vec<std::ffi::OsString> {
+    vec![
+        "runner".into(),
+        "--spec".into(),
+        attempt.spec.clone().into(),
+        "--result-fd".into(),
+        RESULT_FD.to_string().into(),
+    ]
+}
+
+/// Runs `cmd` (which starts the runner for `attempt` with [`runner_args`]) in its own
+/// process group: forwards its standard output lines as events, kills the whole group on
+/// cancel or after `limit`, and turns what came over the result channel into the outcome.
+/// `inherited` are files the command must inherit, closed here as soon as it has started.
+/// Never panics.
 pub(super) async fn supervise(
     mut cmd: Command,
     attempt: &Attempt,
     limit: Duration,
     events: mpsc::Sender<RunnerEvent>,
     cancel: CancellationToken,
+    inherited: Vec<std::fs::File>,
 ) -> Outcome {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = match cmd.spawn() {
+    if attempt.lease.0.is_some() {
+        push_permit::configure(&mut cmd);
+    }
+    let channel = match ResultChannel::attach(&mut cmd) {
+        Ok(c) => c,
+        Err(e) => return infra(e.to_string(), true),
+    };
+    let spawned = cmd.spawn();
+    drop(inherited);
+    // The command holds the channel's write end: without dropping it the channel would
+    // never reach its end.
+    drop(cmd);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => return infra(format!("cannot start the runner: {e}"), true),
     };
     let pgid = child.id().unwrap_or(0) as i32;
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
+    // Permit requests leave the event stream here and are answered on the runner's stdin.
+    let (permit_tx, permit_rx) = mpsc::channel::<()>(4);
+    let permits = match (attempt.lease.0.clone(), child.stdin.take()) {
+        (Some(lease), Some(stdin)) => {
+            Some(tokio::spawn(push_permit::serve(lease, stdin, permit_rx)))
+        }
+        _ => None,
+    };
     let forward = tokio::spawn(async move {
         let Some(out) = stdout else { return };
-        let mut lines = BufReader::new(out).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            let event = serde_json::from_str::<RunnerEvent>(&line).unwrap_or(RunnerEvent {
-                kind: "log".into(),
-                data: serde_json::json!({ "message": line }),
-            });
+        let mut reader = BufReader::new(out);
+        while let Ok(Some(line)) = read_bounded_line(&mut reader, MAX_LINE_BYTES).await {
+            let event = match line {
+                Line::Text(line) => {
+                    serde_json::from_str::<RunnerEvent>(&line).unwrap_or(RunnerEvent {
+                        kind: "log".into(),
+                        data: serde_json::json!({ "message": line }),
+                    })
+                }
+                Line::TooLong(bytes) => RunnerEvent {
+                    kind: "log".into(),
+                    data: serde_json::json!({ "message": format!(
+                        "an output line of {bytes} bytes was dropped (longer than {MAX_LINE_BYTES})"
+                    ) }),
+                },
+            };
+            if event.kind == push_permit::REQUEST_KIND {
+                let _ = permit_tx.send(()).await;
+                continue;
+            }
             if events.send(event).await.is_err() {
                 break;
             }
@@ -120,8 +173,12 @@ pub(super) async fn supervise(
     let stderr_tail = tokio::spawn(async move {
         let mut tail: Vec<String> = Vec::new();
         if let Some(err) = stderr {
-            let mut lines = BufReader::new(err).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+            let mut reader = BufReader::new(err);
+            while let Ok(Some(line)) = read_bounded_line(&mut reader, STDERR_LINE_BYTES).await {
+                let line = match line {
+                    Line::Text(line) => line,
+                    Line::TooLong(bytes) => format!("[a line of {bytes} bytes]"),
+                };
                 tracing::debug!(target: "runner", "{line}");
                 tail.push(line);
                 if tail.len() > 30 {
@@ -139,16 +196,25 @@ pub(super) async fn supervise(
     let status = match stopped {
         Ok(status) => status,
         Err(kind) => {
-            if pgid > 0 {
-                let _ = killpg(Pid::from_raw(pgid), Signal::SIGTERM);
-            }
+            // The runner puts each of its children in a process group of its own: every
+            // group of the runner's process tree is stopped, not only the runner's.
+            let groups = if pgid > 0 {
+                tree_groups(pgid)
+            } else {
+                Vec::new()
+            };
+            signal_groups(&groups, Signal::SIGTERM);
             if tokio::time::timeout(KILL_GRACE, child.wait())
                 .await
                 .is_err()
                 && pgid > 0
             {
-                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+                signal_groups(&tree_groups(pgid), Signal::SIGKILL);
                 let _ = child.wait().await;
+            }
+            signal_groups(&groups, Signal::SIGKILL);
+            if let Some(p) = permits {
+                p.abort();
             }
             let _ = forward.await;
             return Outcome::failed(
@@ -165,20 +231,80 @@ pub(super) async fn supervise(
         // Nothing the runner started outlives it.
         let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
     }
+    if let Some(p) = permits {
+        p.abort();
+    }
     let _ = forward.await;
     let tail = stderr_tail.await.unwrap_or_default();
-    match tokio::fs::read_to_string(&attempt.result).await {
-        Ok(text) => serde_json::from_str::<Outcome>(&text)
+    match channel.finish().await {
+        Ok(text) => serde_json::from_slice::<Outcome>(&text)
             .unwrap_or_else(|e| infra(format!("the runner's result is unreadable: {e}"), true)),
-        Err(_) => {
+        Err(e) => {
+            tracing::warn!(error = %e, "no result from the runner");
             let status = status
                 .map(|s| s.to_string())
                 .unwrap_or_else(|e| e.to_string());
             infra(
-                format!("the runner ended ({status}) without a result: {tail}"),
+                format!("the runner ended ({status}) without a result ({e}): {tail}"),
                 true,
             )
         }
+    }
+}
+
+/// The process groups of `root` (a process group leader) and of every process descending
+/// from it, read from `/proc`; never the caller's own group.
+fn tree_groups(root: i32) -> Vec<i32> {
+    // (pid, parent, group) of every process.
+    let mut procs: Vec<(i32, i32, i32)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // `pid (comm) state ppid pgrp …`; comm may hold spaces and parentheses.
+            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+                continue;
+            };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            if let (Some(ppid), Some(pgrp)) = (
+                fields.get(1).and_then(|f| f.parse().ok()),
+                fields.get(2).and_then(|f| f.parse().ok()),
+            ) {
+                procs.push((pid, ppid, pgrp));
+            }
+        }
+    }
+    let own = nix::unistd::getpgrp().as_raw();
+    let mut tree = vec![root];
+    let mut groups = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        for &(pid, ppid, pgrp) in &procs {
+            if ppid == parent && !tree.contains(&pid) {
+                tree.push(pid);
+                if pgrp != own && pgrp > 0 && !groups.contains(&pgrp) {
+                    groups.push(pgrp);
+                }
+            }
+        }
+        i += 1;
+    }
+    groups
+}
+
+/// Sends `signal` to every group in `groups`, ignoring groups that are gone.
+fn signal_groups(groups: &[i32], signal: Signal) {
+    for &g in groups {
+        let _ = killpg(Pid::from_raw(g), signal);
     }
 }
 
@@ -199,19 +325,76 @@ impl SandboxDriver for ProcessDriver {
             Err(outcome) => return outcome,
         };
         let mut cmd = Command::new(&self.runner_exe);
-        cmd.arg("runner")
-            .arg("--spec")
-            .arg(&attempt.spec)
-            .arg("--result")
-            .arg(&attempt.result)
-            .env_clear()
-            .envs(
-                ENV_ALLOW
-                    .iter()
-                    .filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))),
-            );
+        cmd.args(runner_args(&attempt)).env_clear().envs(
+            ENV_ALLOW
+                .iter()
+                .filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))),
+        );
         spec.secret_env.apply(&mut cmd);
         let limit = Duration::from_secs(spec.agent.timeout_secs) + RUNNER_MARGIN;
-        supervise(cmd, &attempt, limit, events, cancel).await
+        supervise(cmd, &attempt, limit, events, cancel, Vec::new()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether a process is gone (or a zombie nobody reaped yet).
+    fn dead(pid: i32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => stat
+                .rfind(')')
+                .is_some_and(|i| stat[i + 1..].trim_start().starts_with('Z')),
+        }
+    }
+
+    #[tokio::test]
+    async fn cancel_kills_the_process_groups_the_runner_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("bg.pid");
+        let attempt = Attempt {
+            spec: dir.path().join("spec.json"),
+            lease: LeaseSlot::default(),
+            dir,
+        };
+        // `set -m`: the background job gets a process group of its own, as the runner's
+        // children do.
+        let mut cmd = Command::new("bash");
+        cmd.arg("-c").arg(format!(
+            "set -m; sleep 300 & echo $! > {}; wait",
+            pid_file.display()
+        ));
+        let (tx, _rx) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let run = tokio::spawn({
+            let cancel = cancel.clone();
+            async move {
+                supervise(cmd, &attempt, Duration::from_secs(60), tx, cancel, Vec::new()).await
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let pid = loop {
+            if let Some(pid) = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|t| t.trim().parse::<i32>().ok())
+            {
+                break pid;
+            }
+            assert!(std::time::Instant::now() < deadline, "no background job");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        cancel.cancel();
+        let outcome = run.await.unwrap();
+        assert_eq!(outcome.kind, OutcomeKind::Cancelled);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !dead(pid) {
+            if std::time::Instant::now() > deadline {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                panic!("the runner's background process group outlived the cancelled run");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

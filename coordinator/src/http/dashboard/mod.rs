@@ -110,7 +110,7 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 fn shell(auth: &Auth, template: &str) -> String {
-    let web = github_web_url(&auth.app.settings.github.api_url);
+    let web = github_web_url(&auth.cx.settings.github.api_url);
     template.replace("{{github_web}}", &escape_html(&web))
 }
 
@@ -173,7 +173,7 @@ async fn login(
     let Ok(Form(form)) = form else {
         return login_form(StatusCode::BAD_REQUEST, "Send the form with a token field.");
     };
-    let expected = match expected_token(&auth.app).await {
+    let expected = match expected_token(&auth.cx).await {
         Ok(t) => t,
         Err(e) => return login_form(e.status, &e.message),
     };

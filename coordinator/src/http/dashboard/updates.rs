@@ -5,7 +5,8 @@
 //! fell behind and the client should reload the list. Agent output wakes the same channel;
 //! a task is only sent again when its stored version changed.
 
-use crate::app::App;
+use crate::bus::TaskChange;
+use crate::context::Coordinator;
 use crate::http::tasks::view;
 use ao_shared::ids::TaskId;
 use axum::extract::State;
@@ -26,9 +27,9 @@ const MAX_REMEMBERED: usize = 10_000;
 
 type Tx = mpsc::Sender<Result<SseEvent, Infallible>>;
 
-pub async fn task_updates(State(app): State<Arc<App>>) -> Response {
+pub async fn task_updates(State(cx): State<Arc<Coordinator>>) -> Response {
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(pump(app, tx));
+    tokio::spawn(pump(cx, tx));
     Sse::new(ReceiverStream::new(rx))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
@@ -40,15 +41,19 @@ enum Next {
     Stop,
 }
 
-async fn next(app: &App, wake: &mut tokio::sync::broadcast::Receiver<TaskId>, tx: &Tx) -> Next {
+async fn next(
+    cx: &Coordinator,
+    wake: &mut tokio::sync::broadcast::Receiver<TaskChange>,
+    tx: &Tx,
+) -> Next {
     tokio::select! {
         r = wake.recv() => match r {
-            Ok(id) => Next::Changed(id),
+            Ok(change) => Next::Changed(change.task_id),
             Err(RecvError::Lagged(_)) => Next::Resync,
             Err(RecvError::Closed) => Next::Stop,
         },
         _ = tx.closed() => Next::Stop,
-        _ = app.shutdown.cancelled() => Next::Stop,
+        _ = cx.shutdown.cancelled() => Next::Stop,
     }
 }
 
@@ -56,8 +61,8 @@ async fn send(tx: &Tx, event: SseEvent) -> bool {
     tx.send(Ok(event)).await.is_ok()
 }
 
-async fn pump(app: Arc<App>, tx: Tx) {
-    let mut wake = app.task_events.subscribe();
+async fn pump(cx: Arc<Coordinator>, tx: Tx) {
+    let mut wake = cx.bus.subscribe();
     if !send(&tx, SseEvent::default().event("ready").data("{}")).await {
         return;
     }
@@ -65,7 +70,7 @@ async fn pump(app: Arc<App>, tx: Tx) {
     loop {
         let mut changed = HashSet::new();
         let mut resync = false;
-        match next(&app, &mut wake, &tx).await {
+        match next(&cx, &mut wake, &tx).await {
             Next::Changed(id) => {
                 changed.insert(id);
             }
@@ -76,7 +81,7 @@ async fn pump(app: Arc<App>, tx: Tx) {
         tokio::pin!(window);
         loop {
             tokio::select! {
-                r = next(&app, &mut wake, &tx) => match r {
+                r = next(&cx, &mut wake, &tx) => match r {
                     Next::Changed(id) => { changed.insert(id); }
                     Next::Resync => resync = true,
                     Next::Stop => return,
@@ -92,7 +97,7 @@ async fn pump(app: Arc<App>, tx: Tx) {
             continue;
         }
         for id in changed {
-            let task = match app.store.get_task(id).await {
+            let task = match cx.store.get_task(id).await {
                 Ok(Some(task)) => task,
                 Ok(None) => continue,
                 Err(e) => {

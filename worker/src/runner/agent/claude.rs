@@ -171,6 +171,9 @@ pub fn run(spec: &RunSpec, repo: &Path) -> Outcome {
             Some(limit) if progress.cost() > limit => Control::Stop(format!(
                 "the run's cost passed its budget of ${limit:.2} (max_cost_usd)"
             )),
+            // The final result is the run's last word: a process that lingers after it
+            // (its output still open) is ended after a grace, and the result stands.
+            _ if progress.result.is_some() => Control::Finish,
             _ => Control::Continue,
         }
     });
@@ -315,6 +318,65 @@ mod tests {
             (other.kind, other.retryable),
             (OutcomeKind::AgentError, false)
         );
+    }
+
+    /// Claude Code sometimes prints its final `result` and then stays alive with its
+    /// output open. Before, the idle timeout fired, the parsed success was discarded and
+    /// the run counted as `stalled` (retryable), so the agent ran again.
+    #[test]
+    fn a_result_followed_by_no_exit_keeps_the_result() {
+        use ao_shared::capability::Capability;
+        let dir = tempfile::tempdir().unwrap();
+        let agent = dir.path().join("claude");
+        std::fs::write(
+            &agent,
+            concat!(
+                "#!/bin/sh\n",
+                "cat >/dev/null\n",
+                r#"echo '{"type":"system","subtype":"init","model":"claude-sonnet-4-5"}'"#,
+                "\n",
+                r#"echo '{"type":"result","subtype":"success","is_error":false,"result":"all done","num_turns":2,"total_cost_usd":0.25}'"#,
+                "\n",
+                "exec sleep 600\n"
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let spec = RunSpec {
+            task_id: Default::default(),
+            subtask_id: Default::default(),
+            attempt: 1,
+            capability: Capability::Coder,
+            repository: "/nowhere".into(),
+            branch: "agent/x".into(),
+            base_branch: None,
+            title: "t".into(),
+            prompt: "p".into(),
+            instructions: None,
+            agent: crate::spec::AgentSpec {
+                kind: ao_shared::config::AgentKind::Claude,
+                command: agent.display().to_string(),
+                args: Vec::new(),
+                timeout_secs: 600,
+                idle_timeout_secs: 1,
+                profile: Some(
+                    toml::from_str(include_str!("../../../profiles/coder.toml")).unwrap(),
+                ),
+            },
+            secret_env: Default::default(),
+            lease: Default::default(),
+            delivery: Default::default(),
+            warm: Default::default(),
+        };
+        let outcome = run(&spec, dir.path());
+        assert_eq!(
+            (outcome.kind, outcome.summary.as_str()),
+            (OutcomeKind::Succeeded, "all done"),
+            "{outcome:?}"
+        );
+        assert_eq!(outcome.turns, Some(2));
+        assert!((outcome.cost_usd - 0.25).abs() < 1e-9);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use super::super::process::{run_streaming, Control, RunError};
 use crate::spec::RunSpec;
+use ao_shared::bounded::{truncate_bytes, MAX_AGENT_TEXT_BYTES};
 use ao_shared::task::{Outcome, OutcomeKind};
 use std::path::Path;
 
@@ -17,7 +18,10 @@ pub fn run(spec: &RunSpec, repo: &Path) -> Outcome {
         .arg(&prompt)
         .env("AO_PROMPT", &prompt);
     let result = run_streaming(&mut cmd, &super::limits(spec, None), &mut |line| {
-        super::super::emit("log", serde_json::json!({ "message": line }));
+        super::super::emit(
+            "log",
+            serde_json::json!({ "message": truncate_bytes(line, MAX_AGENT_TEXT_BYTES) }),
+        );
         Control::Continue
     });
     match result {
@@ -29,6 +33,7 @@ pub fn run(spec: &RunSpec, repo: &Path) -> Outcome {
                 .filter(|l| !l.trim().is_empty())
                 .collect();
             let summary = summary[summary.len().saturating_sub(SUMMARY_LINES)..].join("\n");
+            let summary = truncate_bytes(&summary, MAX_AGENT_TEXT_BYTES);
             if done.success {
                 Outcome::succeeded(summary, None)
             } else {

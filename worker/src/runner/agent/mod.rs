@@ -31,7 +31,8 @@ fn base_command(spec: &RunSpec, repo: &Path) -> Command {
         .env("AO_SUBTASK_ID", spec.subtask_id.to_string())
         .env("AO_ATTEMPT", spec.attempt.to_string())
         .env("AO_BRANCH", &spec.branch)
-        .env_remove(SECRET_NAMES_VAR);
+        .env_remove(SECRET_NAMES_VAR)
+        .env_remove(crate::push_permit::ENV);
     for name in secret_names() {
         if !AGENT_SECRETS.contains(&name.as_str()) {
             cmd.env_remove(name);
@@ -57,5 +58,6 @@ fn limits(spec: &RunSpec, stdin: Option<String>) -> super::process::Limits {
         idle: (spec.agent.idle_timeout_secs > 0)
             .then(|| std::time::Duration::from_secs(spec.agent.idle_timeout_secs)),
         stdin,
+        finish_grace: super::process::FINISH_GRACE,
     }
 }

@@ -1,65 +1,70 @@
-//! The coordinator's shared context, built once in `main` and passed to every handler
-//! and loop.
+//! The coordinator's shared context ([`Coordinator`]), built once and passed to every
+//! handler and loop: settings, the queue and state-store seams, secrets, metrics, the
+//! task-change bus, the supervisor of the background loops, and the shutdown signal.
+//!
+//! It knows nothing of GitHub: the GitHub adapter ([`crate::github::Github`]) holds a
+//! `Coordinator` and follows the bus like any other subscriber.
 
+use crate::bus::{Bus, TaskChange};
 use crate::metrics::Metrics;
+use crate::supervisor::Supervisor;
 use ao_shared::backend::Backends;
 use ao_shared::config::Settings;
-use ao_shared::ids::TaskId;
 use ao_shared::queue::Queue;
 use ao_shared::secret::SecretResolver;
 use ao_shared::state::StateStore;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 /// Everything the coordinator's parts share.
-pub struct App {
+pub struct Coordinator {
     pub settings: Settings,
     pub queue: Arc<dyn Queue>,
     pub store: Arc<dyn StateStore>,
     pub secrets: Arc<dyn SecretResolver>,
     pub metrics: Metrics,
-    /// Told the id of every task that got new events, for live streams in this process.
-    pub task_events: broadcast::Sender<TaskId>,
+    /// Every change of a task in this process, as it was stored.
+    pub bus: Bus,
+    /// Runs the background loops and knows which are down.
+    pub loops: Supervisor,
     /// Cancelled when the coordinator shuts down.
     pub shutdown: CancellationToken,
     ready: AtomicBool,
     /// Unix ms of the last successful queue-depth poll.
     pub last_depth_poll_ms: AtomicI64,
-    /// The GitHub App: client, webhook inbox, reporter.
-    pub github: crate::github::Github,
 }
 
-impl App {
+impl Coordinator {
     pub fn new(settings: Settings, backends: Backends, metrics: Metrics) -> Arc<Self> {
-        let (task_events, _) = broadcast::channel(1024);
-        let github =
-            crate::github::Github::new(&settings, backends.secrets.clone(), metrics.clone());
+        let shutdown = CancellationToken::new();
         Arc::new(Self {
             settings,
             queue: backends.queue,
             store: backends.store,
             secrets: backends.secrets,
+            loops: Supervisor::new(metrics.clone(), shutdown.clone()),
             metrics,
-            task_events,
-            shutdown: CancellationToken::new(),
+            bus: Bus::default(),
+            shutdown,
             ready: AtomicBool::new(false),
             last_depth_poll_ms: AtomicI64::new(0),
-            github,
         })
     }
 
+    /// Started, not shutting down, and every background loop is up.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed) && !self.shutdown.is_cancelled()
+        self.ready.load(Ordering::Relaxed)
+            && !self.shutdown.is_cancelled()
+            && self.loops.down().is_empty()
     }
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
-    /// Wakes live event streams of `task` in this process.
-    pub fn notify_task(&self, task: TaskId) {
-        let _ = self.task_events.send(task);
+    /// Tells every subscriber of the bus about a change.
+    pub fn publish(&self, change: TaskChange) {
+        self.bus.publish(change);
     }
 }

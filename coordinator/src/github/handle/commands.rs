@@ -1,0 +1,166 @@
+//! `/agent` commands on an issue, and cancelling an issue's task when it is closed or
+//! unlabelled.
+
+use super::*;
+
+pub(super) async fn cancel_issue(
+    gh: &Github,
+    ctx: &Context,
+    issue: u64,
+    why: &str,
+) -> HandleResult {
+    let tasks = tasks_for_issue(gh, &ctx.repo, issue).await?;
+    let mut n = usize::from(gh.waiting.remove(&ctx.repo, issue));
+    for t in tasks.iter().filter(|t| !t.status.is_terminal()) {
+        let reason = why.to_string();
+        orchestrator::mutate(gh, t.id, |task, now| {
+            if task.status.is_terminal() {
+                return Ok(Applied::Ignored("already ended".into()));
+            }
+            task.cancel(&reason, now)?;
+            Ok(Applied::Changed)
+        })
+        .await?;
+        n += 1;
+    }
+    Ok(if n > 0 {
+        "task cancelled"
+    } else {
+        "ignored: no task under way"
+    })
+}
+
+pub(super) async fn command_(
+    gh: &Github,
+    ctx: &Context,
+    issue: &Issue,
+    command: Command,
+) -> HandleResult {
+    let inst = ctx.installation_id.unwrap_or_default();
+    let c = &gh.client;
+    let tasks = tasks_for_issue(gh, &ctx.repo, issue.number).await?;
+    let latest = tasks.first();
+    let say = |text: String| async move {
+        api::create_comment(c, inst, &ctx.repo, issue.number, &text).await
+    };
+    match command {
+        Command::Run => {
+            let delivery = Once::Run {
+                repo: &ctx.repo,
+                issue: issue.number,
+                after: latest.map(|t| t.id),
+            }
+            .key();
+            start(gh, ctx, issue, None, &delivery).await
+        }
+        Command::Retry => {
+            let Some(t) = latest else {
+                say("There is no agent task on this issue to retry.".into()).await?;
+                return Ok("refused: no task");
+            };
+            let r = orchestrator::mutate(gh, t.id, |task, now| {
+                if !matches!(task.status, TaskStatus::Failed | TaskStatus::Cancelled) {
+                    return Err(ChangeError::Refused(format!(
+                        "the task is {}; only a failed or cancelled task can be retried",
+                        task.status
+                    )));
+                }
+                task.retry(now)?;
+                Ok(Applied::Changed)
+            })
+            .await;
+            answer(r, say, "retried").await
+        }
+        Command::Cancel => {
+            let Some(t) = latest else {
+                return Ok("ignored: no task");
+            };
+            let r = orchestrator::mutate(gh, t.id, |task, now| {
+                if task.status.is_terminal() {
+                    return Err(ChangeError::Refused(format!(
+                        "the task has already ended ({})",
+                        task.status
+                    )));
+                }
+                task.cancel("cancelled with /agent cancel", now)?;
+                Ok(Applied::Changed)
+            })
+            .await;
+            answer(r, say, "cancelled").await
+        }
+        Command::Approve => {
+            let Some(t) = latest else {
+                return Ok("ignored: no task");
+            };
+            let r = orchestrator::mutate(gh, t.id, |task, now| {
+                if task.status != TaskStatus::AwaitingApproval {
+                    return Err(ChangeError::Refused(format!(
+                        "the task is {}, not waiting for approval",
+                        task.status
+                    )));
+                }
+                task.status = task.status.transition(TaskStatus::Queued)?;
+                task.updated_at = now;
+                Ok(Applied::Changed)
+            })
+            .await;
+            answer(r, say, "approved").await
+        }
+        Command::Status => {
+            match latest {
+                Some(t) => {
+                    // The progress comment stays the one place with the details.
+                    gh.reporter.notify(t.id);
+                    let done = t
+                        .subtasks
+                        .iter()
+                        .filter(|s| s.status == ao_shared::status::SubtaskStatus::Succeeded)
+                        .count();
+                    say(format!(
+                        "The agent's task is **{}** ({done} of {} steps done, ${:.2} so far); \
+                         the progress comment on this issue has the details.",
+                        t.status,
+                        t.subtasks.len(),
+                        t.cost_usd()
+                    ))
+                    .await?;
+                }
+                None => {
+                    say("No agent task has run on this issue yet.".into()).await?;
+                }
+            }
+            Ok("status posted")
+        }
+        Command::Unknown(verb) => {
+            say(format!(
+                "Unknown command `/agent {verb}`. Commands: `/agent run`, `/agent retry`, \
+                 `/agent cancel`, `/agent approve`, `/agent status`."
+            ))
+            .await?;
+            Ok("unknown command answered")
+        }
+    }
+}
+
+async fn answer<F, Fut>(
+    r: Result<(Task, Applied), ChangeError>,
+    say: F,
+    done: &'static str,
+) -> HandleResult
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = Result<u64, crate::github::client::GithubError>>,
+{
+    match r {
+        Ok(_) => Ok(done),
+        Err(ChangeError::Refused(why)) => {
+            say(format!("Cannot do that: {why}.")).await?;
+            Ok("refused")
+        }
+        Err(ChangeError::Illegal(e)) => {
+            say(format!("Cannot do that: {e}.")).await?;
+            Ok("refused")
+        }
+        Err(e) => Err(Box::new(e)),
+    }
+}

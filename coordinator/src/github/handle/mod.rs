@@ -1,0 +1,294 @@
+//! The consumer of webhook deliveries: one at a time, each in its own span. Labels and
+//! `/agent` commands become tasks or changes of tasks; reviews on the agent's own pull
+//! request become a follow-up coder run on the same branch.
+//!
+//! Split by job: intake (this module: the consumer and the dispatch of each event),
+//! [`start`] (starting work, the wait for a free slot), [`commands`], [`reviews`] and
+//! [`permissions`] (who may act).
+//!
+//! Rules: bots (including this App) are ignored; the sender of a label or command needs
+//! write, maintain or admin on the repository, and is told once per issue when they lack
+//! it; a delivery creates at most one task (the task is stored together with its delivery
+//! id) and at most one effect (commands record their delivery id first).
+
+use super::once::Once;
+use super::repo_config::{self, RepoConfig, RepoConfigError};
+use super::{api, clone_url, limits, progress};
+use crate::github::Github;
+use crate::orchestrator::{self, ChangeError, NewTask};
+use crate::webhook::event::{Command, Context, Event, Issue, PullRequest, RepoName, ReviewState};
+use crate::webhook::Delivery;
+use ao_shared::capability::Capability;
+use ao_shared::config::Settings;
+use ao_shared::ids::DeliveryId;
+use ao_shared::state::{StoreError, TaskQuery};
+use ao_shared::status::TaskStatus;
+use ao_shared::task::{Applied, Approval, Task, TaskSource};
+use ao_shared::validate;
+use std::sync::Arc;
+use tracing::Instrument;
+
+mod commands;
+mod permissions;
+mod reviews;
+pub mod start;
+
+use commands::{cancel_issue, command_};
+use permissions::permitted;
+use reviews::review_round;
+pub use start::{approval, branch_name, is_trigger, resolve_pipeline, start, start_waiting};
+
+/// Tasks looked at when finding the tasks of an issue (newest first).
+const ISSUE_LOOKUP_LIMIT: usize = 500;
+/// Longest prompt taken from an issue or review, in bytes.
+const MAX_PROMPT_BYTES: usize = 32 * 1024;
+
+/// Why a delivery could not be handled (GitHub or the store failed).
+pub type HandleError = Box<dyn std::error::Error + Send + Sync>;
+/// What became of a delivery, in words for the log.
+pub type HandleResult = Result<&'static str, HandleError>;
+
+/// What became of a request to start a task for an issue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Started {
+    /// A task was created.
+    Created,
+    /// A task for the issue is already under way.
+    UnderWay,
+    /// The request waits for a free slot (the detail says why).
+    Waiting(&'static str),
+    /// The request was refused and the issue told why.
+    Refused(&'static str),
+    /// The same delivery started a task before.
+    SeenBefore,
+}
+
+impl Started {
+    /// In words, for the log.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Started::Created => "task created",
+            Started::UnderWay => "ignored: a task for this issue is already under way",
+            Started::Waiting(_) => "waiting for a free slot",
+            Started::Refused(why) => why,
+            Started::SeenBefore => "ignored: delivery seen before",
+        }
+    }
+}
+
+/// Runs until shutdown.
+pub async fn run(gh: Arc<Github>) {
+    let mut rx = gh.inbox.receiver().await;
+    loop {
+        let delivery = tokio::select! {
+            d = rx.recv() => match d { Some(d) => d, None => break },
+            _ = gh.shutdown.cancelled() => break,
+        };
+        let span =
+            tracing::info_span!("delivery", delivery = %delivery.id, event = %delivery.event_name);
+        let event_name = delivery.event_name.clone();
+        let result = handle(&gh, delivery).instrument(span.clone()).await;
+        let label = match &result {
+            Ok(what) => {
+                span.in_scope(|| tracing::info!(result = what, "delivery handled"));
+                "handled"
+            }
+            Err(e) => {
+                span.in_scope(|| tracing::error!(error = %e, "delivery failed"));
+                "failed"
+            }
+        };
+        gh.metrics
+            .webhook_deliveries
+            .with_label_values(&[event_label(&event_name), label])
+            .inc();
+    }
+    tracing::info!("webhook consumer stopped");
+}
+
+fn event_label(e: &str) -> &'static str {
+    match e {
+        "issues" => "issues",
+        "issue_comment" => "issue_comment",
+        "pull_request_review" => "pull_request_review",
+        "pull_request_review_comment" => "pull_request_review_comment",
+        "installation" => "installation",
+        "installation_repositories" => "installation_repositories",
+        _ => "other",
+    }
+}
+
+async fn handle(gh: &Github, d: Delivery) -> HandleResult {
+    if let Some(ctx) = d.event.context() {
+        if ctx.sender.is_bot {
+            return Ok("ignored: sent by a bot");
+        }
+        if ctx.installation_id.is_none() {
+            return Ok("ignored: not an App delivery (no installation)");
+        }
+    }
+    if !gh.client.configured() {
+        tracing::warn!("github.app_id / github.private_key not set: deliveries cannot be acted on");
+        return Ok("ignored: the App is not configured");
+    }
+    match d.event {
+        Event::IssueLabeled { ctx, issue, label } => {
+            if !is_trigger(&gh.settings, &label) {
+                return Ok("ignored: not a trigger label");
+            }
+            if issue.is_pull_request {
+                return Ok("ignored: label on a pull request");
+            }
+            if !permitted(gh, &ctx, issue.number, "label this issue").await? {
+                return Ok("refused: sender lacks write access");
+            }
+            start(gh, &ctx, &issue, Some(&label), &d.id).await
+        }
+        Event::IssueReopened { ctx, issue, labels } => {
+            let Some(label) = labels.iter().find(|l| is_trigger(&gh.settings, l)) else {
+                return Ok("ignored: no trigger label");
+            };
+            if !permitted(gh, &ctx, issue.number, "reopen this issue").await? {
+                return Ok("refused: sender lacks write access");
+            }
+            start(gh, &ctx, &issue, Some(label), &d.id).await
+        }
+        Event::IssueUnlabeled { ctx, issue, label } => {
+            if !is_trigger(&gh.settings, &label) {
+                return Ok("ignored: not a trigger label");
+            }
+            cancel_issue(gh, &ctx, issue.number, "the trigger label was removed").await
+        }
+        Event::IssueClosed { ctx, issue } => {
+            cancel_issue(gh, &ctx, issue.number, "the issue was closed").await
+        }
+        Event::Command {
+            ctx,
+            issue,
+            command,
+            ..
+        } => {
+            if !gh.store.record_delivery(&d.id).await? {
+                return Ok("ignored: delivery seen before");
+            }
+            if !permitted(gh, &ctx, issue.number, "steer the agent").await? {
+                return Ok("refused: sender lacks write access");
+            }
+            command_(gh, &ctx, &issue, command).await
+        }
+        Event::Review {
+            ctx,
+            pull,
+            state,
+            body,
+        } => {
+            if state != ReviewState::ChangesRequested && !addressed(&body) {
+                return Ok("ignored: review neither requests changes nor addresses the agent");
+            }
+            review_round(gh, &ctx, &pull, &body, &d.id).await
+        }
+        Event::ReviewComment {
+            ctx,
+            pull,
+            body,
+            path,
+            line,
+        } => {
+            if !addressed(&body) {
+                return Ok("ignored: review comment not addressed to the agent");
+            }
+            let text = match line {
+                Some(l) => format!("On `{path}` line {l}:\n\n{body}"),
+                None => format!("On `{path}`:\n\n{body}"),
+            };
+            review_round(gh, &ctx, &pull, &text, &d.id).await
+        }
+        Event::Installation {
+            installation_id,
+            action,
+            account,
+        } => {
+            tracing::info!(installation_id, action = %action, account = %account, "installation changed");
+            match action.as_str() {
+                "deleted" | "suspend" => gh.client.forget_installation(installation_id),
+                // A new or resumed installation may have labelled issues waiting.
+                "created" | "unsuspend" | "new_permissions_accepted" => gh.sweep_now.notify_one(),
+                _ => {}
+            }
+            Ok("noted: installation")
+        }
+        Event::InstallationRepositories {
+            installation_id,
+            added,
+            removed,
+        } => {
+            tracing::info!(
+                installation_id,
+                ?added,
+                ?removed,
+                "installation repositories changed"
+            );
+            if !added.is_empty() {
+                gh.sweep_now.notify_one();
+            }
+            Ok("noted: installation repositories")
+        }
+        Event::Ping => Ok("pong"),
+    }
+}
+
+/// A review text addressed to the agent: a line starting with `/agent`.
+fn addressed(body: &str) -> bool {
+    body.lines().any(|l| l.trim_start().starts_with("/agent"))
+}
+
+/// Tasks of an issue, newest first.
+pub async fn tasks_for_issue(
+    gh: &Github,
+    repo: &RepoName,
+    issue: u64,
+) -> Result<Vec<Task>, StoreError> {
+    let url = clone_url(&gh.settings, repo);
+    let mut out = Vec::new();
+    let mut cursor = None;
+    let mut seen = 0;
+    loop {
+        let page = gh
+            .store
+            .list_tasks(&TaskQuery {
+                repository: Some(url.clone()),
+                limit: 100,
+                cursor,
+                ..Default::default()
+            })
+            .await?;
+        seen += page.tasks.len();
+        out.extend(
+            page.tasks.into_iter().filter(
+                |t| matches!(&t.source, TaskSource::Github { issue: n, .. } if *n == issue),
+            ),
+        );
+        match page.next_cursor {
+            Some(c) if seen < ISSUE_LOOKUP_LIMIT => cursor = Some(c),
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
+fn comment_of(task: &Task) -> Option<u64> {
+    match &task.source {
+        TaskSource::Github {
+            progress_comment_id,
+            ..
+        } => *progress_comment_id,
+        TaskSource::Api => None,
+    }
+}
+
+fn pull_of(task: &Task) -> Option<u64> {
+    match &task.source {
+        TaskSource::Github { pull_request, .. } => *pull_request,
+        TaskSource::Api => None,
+    }
+}

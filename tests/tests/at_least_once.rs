@@ -1,0 +1,201 @@
+//! At-least-once delivery without its failure modes, with real processes: a worker paused
+//! past its lease does not push (exactly one run of an attempt pushes); shutdowns do not
+//! use up a subtask's receives; an agent's unbounded output neither blocks its result nor
+//! loses its events.
+
+use ao_tests::scenario::{start_agent_worker, submit_code, wait_for_file, wait_succeeded};
+use ao_tests::{bare_repo, git, script, Cluster};
+use nix::sys::signal::Signal;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+/// Short visibility so that a paused or stopped worker's message comes back quickly.
+const FAST_REDELIVERY: [(&str, &str); 2] = [
+    ("AO__QUEUE__VISIBILITY_TIMEOUT_SECS", "4"),
+    ("AO__QUEUE__HEARTBEAT_SECS", "1"),
+];
+
+fn lines(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+/// A repository whose every accepted push appends a line to the returned file.
+fn counting_repo(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let repo = bare_repo(dir, "project", &[]);
+    let pushes = dir.join("pushes.log");
+    let hook = repo.join("hooks/post-receive");
+    std::fs::write(
+        &hook,
+        format!("#!/usr/bin/env bash\necho push >> {}\n", pushes.display()),
+    )
+    .expect("hook");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("hook mode");
+    (repo, pushes)
+}
+
+async fn wait_until(what: &str, c: &Cluster, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The first worker is SIGSTOPped while its agent runs, past the visibility timeout; its
+/// agent finishes meanwhile. A second worker receives the same attempt and completes it.
+/// The paused worker's runner waits for a push permit the stopped worker cannot give, and
+/// is refused when the worker resumes: one push for the attempt.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_paused_past_its_lease_does_not_push() {
+    let mut c = Cluster::new(&FAST_REDELIVERY);
+    let dir = c.dir.path().to_path_buf();
+    let runs = dir.join("runs.log");
+    let go = dir.join("go");
+    let agent = script(
+        &dir,
+        "agent.sh",
+        &format!(
+            "echo run >> {runs}\n\
+             if [ \"$(wc -l < {runs})\" = 1 ]; then\n\
+               while [ ! -e {go} ]; do sleep 0.1; done; echo first > first.txt\n\
+             else echo second > second.txt; fi",
+            runs = runs.display(),
+            go = go.display()
+        ),
+    );
+    let (repo, pushes) = counting_repo(&dir);
+    c.start_coordinator().await.expect("coordinator");
+    let paused = start_agent_worker(&mut c, &agent);
+    let id = submit_code(&c, &repo, "fence", "agent/fence").await;
+    wait_for_file(&c, &runs, LIMIT).await;
+    c.workers[paused].signal(Signal::SIGSTOP);
+    // The paused worker's agent ends while its worker cannot answer.
+    std::fs::write(&go, "").expect("go");
+    start_agent_worker(&mut c, &agent);
+    let done = wait_succeeded(&c, &id, LIMIT).await;
+    assert_eq!(done["subtasks"][0]["worker"], "worker-1", "{done:#}");
+    assert_eq!(done["subtasks"][0]["attempt"], 1);
+    c.workers[paused].signal(Signal::SIGCONT);
+    // Once resumed, the worker finds its lease gone and stops its run.
+    wait_until(
+        &format!(
+            "the resumed worker did not notice its lost lease ({} pushes)",
+            lines(&pushes)
+        ),
+        &c,
+        Duration::from_secs(30),
+        || c.workers[paused].log_text().contains("lease lost"),
+    )
+    .await;
+    let runner_gone = Instant::now() + Duration::from_secs(30);
+    while !c.workers[paused].log_text().contains("nothing is reported") {
+        assert!(Instant::now() < runner_gone, "{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(lines(&pushes), 1, "pushes for one attempt\n{}", c.logs());
+    assert_eq!(git(&repo, &["show", "agent/fence:second.txt"]), "second");
+    let files = git(&repo, &["ls-tree", "--name-only", "agent/fence"]);
+    assert!(!files.contains("first.txt"), "{files}");
+    assert_eq!(lines(&runs), 2);
+}
+
+/// Three workers in a row are stopped by SIGTERM with their run cut by the end of the
+/// grace period; with `queue.max_receives = 3`, each release would have counted a receive
+/// and the subtask would be dead-lettered. A fourth worker completes it, same attempt.
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdowns_do_not_use_up_a_subtasks_receives() {
+    let mut c = Cluster::new(&[
+        FAST_REDELIVERY[0],
+        FAST_REDELIVERY[1],
+        ("AO__QUEUE__MAX_RECEIVES", "3"),
+        ("AO__WORKER__SHUTDOWN_GRACE_SECS", "1"),
+    ]);
+    let dir = c.dir.path().to_path_buf();
+    let runs = dir.join("runs.log");
+    let agent = script(
+        &dir,
+        "agent.sh",
+        &format!(
+            "echo run >> {runs}\nif [ \"$(wc -l < {runs})\" -le 3 ]; then sleep 600; fi\n\
+             echo ok > ok.txt",
+            runs = runs.display()
+        ),
+    );
+    let repo = bare_repo(&dir, "project", &[]);
+    c.start_coordinator().await.expect("coordinator");
+    let id = submit_code(&c, &repo, "survive restarts", "agent/restarts").await;
+    for round in 1..=3 {
+        let w = start_agent_worker(&mut c, &agent);
+        wait_until(&format!("run {round} started"), &c, LIMIT, || {
+            lines(&runs) >= round
+        })
+        .await;
+        let code = c.workers[w]
+            .terminate(Duration::from_secs(30))
+            .expect("the worker stops");
+        assert_eq!(code, 0, "{}", c.logs());
+    }
+    start_agent_worker(&mut c, &agent);
+    let done = wait_succeeded(&c, &id, LIMIT).await;
+    assert_eq!(done["subtasks"][0]["attempt"], 1, "{done:#}");
+    assert_eq!(lines(&runs), 4);
+}
+
+/// A command agent prints 100 lines of 5 kB (batches of them exceed the message limit)
+/// and ends with one line of 1 MB (its summary): the result is sent and the task
+/// succeeds, the summary is cut with a visible marker, and every line reaches the events.
+#[tokio::test(flavor = "multi_thread")]
+async fn unbounded_agent_output_is_cut_at_the_source_and_never_lost() {
+    let mut c = Cluster::new(&FAST_REDELIVERY);
+    let dir = c.dir.path().to_path_buf();
+    let agent = script(
+        &dir,
+        "agent.sh",
+        "pad=$(head -c 5000 /dev/zero | tr '\\0' y)\n\
+         for i in $(seq 1 100); do echo \"line-$i $pad\"; done\n\
+         echo ok > ok.txt\n\
+         head -c 1048576 /dev/zero | tr '\\0' x; echo",
+    );
+    let repo = bare_repo(&dir, "project", &[]);
+    c.start_coordinator().await.expect("coordinator");
+    start_agent_worker(&mut c, &agent);
+    let id = submit_code(&c, &repo, "talk a lot", "agent/talk").await;
+    let done = wait_succeeded(&c, &id, LIMIT).await;
+    let summary = done["subtasks"][0]["outcome"]["summary"]
+        .as_str()
+        .expect("summary")
+        .to_string();
+    assert!(summary.len() < 64 * 1024, "{} bytes", summary.len());
+    assert!(ao_shared::bounded::is_truncated(&summary), "{summary:.200}");
+    let (_, events) = c
+        .get_json(&format!("/api/v1/tasks/{id}/events?limit=10000"))
+        .await
+        .expect("events");
+    let messages: Vec<String> = events["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["data"]["event"]["message"].as_str().map(str::to_string))
+        .collect();
+    for i in 1..=100 {
+        let prefix = format!("line-{i} ");
+        assert!(
+            messages.iter().any(|m| m.starts_with(&prefix)),
+            "event of line {i} lost"
+        );
+    }
+    let long = messages
+        .iter()
+        .find(|m| m.starts_with("xxxx"))
+        .expect("the 1 MB line's event");
+    assert!(ao_shared::bounded::is_truncated(long));
+    assert_eq!(
+        done["subtasks"][0]["attempt"], 1,
+        "the result was sent at the first run"
+    );
+}

@@ -1,0 +1,307 @@
+//! The bwrap sandbox against a hostile agent: shell-script agents try what an attacker
+//! would (reach host services and sockets, find secrets, fill the disk, fork without end,
+//! make namespaces, flood the worker with output) and commit what they saw, so the test
+//! reads it from the pushed branch. Each test says what was tried; each attack must fail.
+
+use ao_tests::{bare_repo, free_port, git, script, Cluster};
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn marker() -> String {
+    format!(
+        "{}{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .subsec_nanos()
+    )
+}
+
+fn cluster(extra: &[(&str, &str)]) -> Cluster {
+    let mut settings = vec![("AO__SANDBOX__DRIVER", "bwrap")];
+    settings.extend_from_slice(extra);
+    Cluster::new(&settings)
+}
+
+async fn run_code_task(c: &Cluster, repo: &Path, branch: &str) -> (String, Value) {
+    let (status, task) = c
+        .submit(json!({
+            "repository": repo.display().to_string(),
+            "prompt": "attack the sandbox",
+            "pipeline": "code",
+            "branch": branch,
+        }))
+        .await
+        .expect("submit");
+    assert_eq!(status, 202, "{task}");
+    let id = task["id"].as_str().expect("task id").to_string();
+    let done = c
+        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
+        .await
+        .expect("task ends");
+    (id, done)
+}
+
+/// A host service answering every connection with `answer`; counts connections.
+fn tcp_service(answer: String) -> (u16, Arc<AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 1024];
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+            let _ = stream.read(&mut buf);
+            let body = answer.clone();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (port, hits)
+}
+
+/// A unix socket service (path or abstract) answering `answer`; counts connections.
+fn unix_service(listener: std::os::unix::net::UnixListener, answer: String) -> Arc<AtomicUsize> {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let _ = stream.write_all(answer.as_bytes());
+        }
+    });
+    hits
+}
+
+/// The agent's environment, every file it can read, every host port and socket it knows
+/// of: no secret of the worker or the run, and no host service, is reachable.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_reaches_no_host_service_socket_or_secret() {
+    let mark = marker();
+    let model_key = format!("sk-ant-model-key-{mark}");
+    let worker_secret = format!("worker-env-secret-{mark}");
+    let metadata_secret = format!("metadata-credentials-{mark}");
+    // A stand-in cloud metadata endpoint, and the host's sockets.
+    let (meta_port, meta_hits) = tcp_service(metadata_secret.clone());
+    let abstract_name = format!("ao-test-abstract-{mark}");
+    let abstract_hits = {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())
+            .expect("abstract address");
+        let l = std::os::unix::net::UnixListener::bind_addr(&addr).expect("abstract bind");
+        unix_service(l, format!("abstract-{mark}"))
+    };
+    let run_socket = format!("/run/ao-test-{mark}.sock");
+    let var_socket = format!("/var/tmp/ao-test-{mark}.sock");
+    let run_hits = unix_service(
+        std::os::unix::net::UnixListener::bind(&run_socket).expect("bind /run socket"),
+        format!("run-socket-{mark}"),
+    );
+    let var_hits = unix_service(
+        std::os::unix::net::UnixListener::bind(&var_socket).expect("bind /var/tmp socket"),
+        format!("var-socket-{mark}"),
+    );
+
+    let mut c = cluster(&[]);
+    let root = c.dir.path().to_path_buf();
+    let repo = bare_repo(&root, "project", &[]);
+    let worker_port = free_port();
+    // The agent searches for the secrets' values, given reversed so that the agent's
+    // own script (visible to it) does not hold them.
+    let rev = |s: &str| s.chars().rev().collect::<String>();
+    let body = format!(
+        r#"
+set +e +o pipefail
+secrets="$(printf '%s\n' '{k}' '{w}' '{m}' | rev)"
+probe() {{ # name, command…
+  local name="$1"; shift
+  if out="$(timeout 5 "$@" 2>/dev/null)" && [ -n "$out" ]; then echo "$name=reached:$out"; else echo "$name=blocked"; fi
+}}
+{{
+  for port in {meta} {coord} {worker}; do
+    probe "tcp-$port" bash -c "exec 3<>/dev/tcp/127.0.0.1/$port && echo open"
+    probe "http-$port" curl -sf -m 4 "http://127.0.0.1:$port/"
+    probe "direct-$port" curl -sf -m 4 --noproxy '*' "http://127.0.0.1:$port/"
+  done
+  probe abstract curl -s -m 4 --abstract-unix-socket '{abs}' http://x/
+  probe run-socket curl -s -m 4 --unix-socket '{run_socket}' http://x/
+  probe var-socket curl -s -m 4 --unix-socket '{var_socket}' http://x/
+  ls -la /run /var/run 2>&1 | sed 's/^/run-listing: /'
+}} > probe.txt
+env > env.txt
+# Every readable file outside the system's own trees, and every readable environment.
+printf '%s\n' $secrets > /tmp/patterns
+{{ find / -xdev \( -path /proc -o -path /sys -o -path /usr -o -path /work -o -path /nix \) -prune \
+    -o -type f -readable -size -4M -print0 2>/dev/null
+  printf '%s\0' /proc/[0-9]*/environ /proc/[0-9]*/cmdline
+}} | xargs -0 grep -lsF -f /tmp/patterns -- > found.txt
+if [ -s found.txt ]; then echo "found=1" >> probe.txt; else echo "found=0" >> probe.txt; fi
+touch found.txt
+"#,
+        k = rev(&model_key),
+        w = rev(&worker_secret),
+        m = rev(&metadata_secret),
+        meta = meta_port,
+        coord = c.port,
+        worker = worker_port,
+        abs = abstract_name,
+    );
+    let agent = script(&root, "agent.sh", &body);
+    c.start_coordinator().await.expect("coordinator");
+    let listen = format!("127.0.0.1:{worker_port}");
+    c.start_worker(&[
+        ("AO__WORKER__LISTEN", listen.as_str()),
+        ("AO__AGENT__COMMAND", agent.to_str().expect("utf-8")),
+        ("AO_TEST_MODEL_KEY", model_key.as_str()),
+        ("AO__AGENT__API_KEY", "env:AO_TEST_MODEL_KEY"),
+        ("AO_TEST_WORKER_SECRET", worker_secret.as_str()),
+    ]);
+    let (id, done) = run_code_task(&c, &repo, "agent/attack").await;
+    let _ = std::fs::remove_file(&run_socket);
+    let _ = std::fs::remove_file(&var_socket);
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let probe = git(&repo, &["show", "agent/attack:probe.txt"]);
+    let env = git(&repo, &["show", "agent/attack:env.txt"]);
+    let found = git(&repo, &["show", "agent/attack:found.txt"]);
+
+    assert!(
+        !probe.contains("=reached"),
+        "a host service was reached:\n{probe}"
+    );
+    assert!(
+        probe.contains("found=0"),
+        "secrets found:\n{found}\n{probe}"
+    );
+    for secret in [&model_key, &worker_secret, &metadata_secret] {
+        assert!(
+            !env.contains(secret.as_str()),
+            "{secret} in the environment:\n{env}"
+        );
+        assert!(
+            !probe.contains(secret.as_str()),
+            "{secret} in the probe:\n{probe}"
+        );
+    }
+    for (what, hits) in [
+        ("metadata service", &meta_hits),
+        ("abstract socket", &abstract_hits),
+        ("/run socket", &run_hits),
+        ("/var/tmp socket", &var_hits),
+    ] {
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            0,
+            "the {what} was reached\n{probe}"
+        );
+    }
+    // The proxy refused the host's ports and said so in the task's events.
+    let (_, events) = c
+        .get_json(&format!("/api/v1/tasks/{id}/events"))
+        .await
+        .expect("events");
+    let denied: Vec<&Value> = events["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["data"]["type"] == "network_denied")
+        .collect();
+    let meta_denied = denied.iter().any(|e| {
+        e["data"]["event"]["host"] == "127.0.0.1" && e["data"]["event"]["port"] == meta_port
+    });
+    assert!(
+        meta_denied,
+        "no network_denied event for the metadata port: {denied:?}\n{events:#}"
+    );
+}
+
+/// Disk, tmpfs, processes, namespaces and output: the agent fills every writable place,
+/// forks past its process limit, makes a user namespace, and prints a 256 MiB line.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_is_held_to_its_disk_process_and_output_limits() {
+    let mut c = cluster(&[
+        ("AO__SANDBOX__TMP_MB", "8"),
+        ("AO__SANDBOX__HOME_MB", "8"),
+        ("AO__SANDBOX__SHM_MB", "8"),
+        ("AO__SANDBOX__WORKSPACE_MB", "24"),
+        ("AO__SANDBOX__MAX_PROCESSES", "64"),
+    ]);
+    let root = c.dir.path().to_path_buf();
+    let repo = bare_repo(&root, "project", &[]);
+    let body = r#"
+set +e +o pipefail
+fill() { # name, file, MiB
+  if dd if=/dev/zero of="$2" bs=1M count="$3" 2>/dev/null; then echo "$1=filled"; else echo "$1=bounded"; fi
+  rm -f "$2"
+}
+{
+  fill tmp /tmp/fill 32
+  fill home "$HOME/fill" 32
+  fill shm /dev/shm/fill 32
+  fill workspace ./fill 64
+  if ( : > /dev/ao-fill ) 2>/dev/null; then echo "dev=writable"; rm -f /dev/ao-fill; else echo "dev=read-only"; fi
+  perl -e 'my @kids; for (1..200) { my $p = fork(); last unless defined $p;
+    if ($p == 0) { sleep 20; exit 0 } push @kids, $p }
+    print "processes=", scalar(@kids), "\n"; kill 9, @kids; waitpid($_, 0) for @kids;'
+  if unshare -U true 2>/dev/null; then echo "userns=made"; else echo "userns=denied"; fi
+  if unshare -r true 2>/dev/null; then echo "userns_root=made"; else echo "userns_root=denied"; fi
+  grep '^Seccomp:' /proc/self/status
+} > probe.txt 2>&1
+# One line of 256 MiB on standard output.
+head -c 268435456 /dev/zero | tr '\0' x
+echo
+echo after-the-long-line
+"#;
+    let agent = script(&root, "agent.sh", body);
+    c.start_coordinator().await.expect("coordinator");
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().expect("utf-8"))]);
+    let worker_pid = c.workers[0].pid().as_raw();
+    let (_, done) = run_code_task(&c, &repo, "agent/limits").await;
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let probe = git(&repo, &["show", "agent/limits:probe.txt"]);
+    for bounded in [
+        "tmp=bounded",
+        "home=bounded",
+        "shm=bounded",
+        "workspace=bounded",
+        "dev=read-only",
+        "userns=denied",
+        "userns_root=denied",
+        "Seccomp:\t2",
+    ] {
+        assert!(probe.contains(bounded), "{bounded} missing:\n{probe}");
+    }
+    let processes: usize = probe
+        .lines()
+        .find_map(|l| l.strip_prefix("processes="))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("process count");
+    assert!(
+        processes < 64,
+        "{processes} processes ran under a limit of 64\n{probe}"
+    );
+    // The 256 MiB line never sat in the worker's memory.
+    let status = std::fs::read_to_string(format!("/proc/{worker_pid}/status")).expect("status");
+    let peak_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM");
+    assert!(
+        peak_kb < 96 * 1024,
+        "the worker peaked at {} MiB",
+        peak_kb / 1024
+    );
+}

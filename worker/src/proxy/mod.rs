@@ -1,0 +1,585 @@
+//! The worker's per-run network proxy: the only way out of a sandbox whose network is
+//! the allow-list mode (the default). The sandbox has its own network namespace with
+//! nothing but loopback; this proxy listens on a unix socket that is bind-mounted into
+//! it, and the runner relays a loopback port to that socket (`runner::relay`). One HTTP
+//! server answers three kinds of request:
+//!
+//! - `CONNECT host:port` (HTTPS and any TCP through a proxy): tunnelled when the
+//!   destination is on the run's allow-list, else refused (403) and reported;
+//! - an absolute-form request (`GET http://host:port/…`, plain HTTP through a proxy, e.g.
+//!   git's smart HTTP): forwarded under the same rule;
+//! - an origin-form request (`POST /v1/messages`), or one addressed to the proxy's own
+//!   address inside the sandbox: the model endpoint. It is forwarded to the model API
+//!   with the worker's key added (`x-api-key`; whatever key the agent sent is dropped),
+//!   its answer metered ([`meter`]), and once the run's metered cost has reached its
+//!   budget every further call is refused (403, `budget exceeded`).
+//!
+//! Destinations are matched by the name and port the agent asked for, not by address;
+//! names are resolved here, outside the sandbox. Each refusal becomes a
+//! `network_denied` event of the run (host, port, time), at most [`MAX_DENIAL_EVENTS`].
+
+pub mod meter;
+
+use crate::spec::RunnerEvent;
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use meter::{CallMeter, Meter, Metered};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpStream, UnixListener};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Refusals reported as events per run; later ones are only counted in the log.
+pub const MAX_DENIAL_EVENTS: usize = 100;
+/// The event kind of a refused destination.
+pub const DENIED_EVENT: &str = "network_denied";
+/// Limit of connecting to a destination or the model API.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The socket's name in the proxy's directory.
+const SOCKET_NAME: &str = "proxy.sock";
+
+type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// A destination as the agent names it: host (lower case) and port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Destination {
+    pub host: String,
+    pub port: u16,
+}
+
+impl Destination {
+    /// Parses `host:port`, `[v6]:port` or `host` (then `default_port`).
+    pub fn parse(text: &str, default_port: u16) -> Option<Self> {
+        let text = text.trim();
+        let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+            let (host, after) = rest.split_once(']')?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().ok()?,
+                None if after.is_empty() => default_port,
+                None => return None,
+            };
+            (host.to_string(), port)
+        } else {
+            match text.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') => (h.to_string(), p.parse().ok()?),
+                Some(_) => return None,
+                None => (text.to_string(), default_port),
+            }
+        };
+        if host.is_empty() || host.contains(['/', ' ', '@']) {
+            return None;
+        }
+        Some(Self {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+
+    /// The host and port of an `http(s)://` URL (a git remote, the model API).
+    pub fn of_url(url: &str) -> Option<Self> {
+        let u = reqwest::Url::parse(url).ok()?;
+        if !matches!(u.scheme(), "http" | "https") {
+            return None;
+        }
+        Some(Self {
+            host: u.host_str()?.trim_matches(['[', ']']).to_ascii_lowercase(),
+            port: u.port_or_known_default()?,
+        })
+    }
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// The model endpoint behind the proxy.
+pub struct ModelRoute {
+    /// The model API's base URL (`https://api.anthropic.com`).
+    pub upstream: String,
+    /// The key added to every call.
+    pub key: Option<SecretString>,
+    /// The run's budget in dollars: calls are refused once the metered cost reaches it.
+    pub budget_usd: Option<f64>,
+}
+
+/// What one run's proxy lets through.
+pub struct ProxyOptions {
+    /// Destinations reachable with `CONNECT` or plain HTTP.
+    pub allow: Vec<Destination>,
+    /// The port the runner relays inside the sandbox (`127.0.0.1:port`): requests
+    /// addressed there are the model endpoint's.
+    pub inside_port: u16,
+    pub model: Option<ModelRoute>,
+}
+
+/// A refused destination, as reported to the run's events.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct NetworkDenied {
+    pub host: String,
+    pub port: u16,
+    /// `CONNECT`, or the method of a plain HTTP request.
+    pub method: String,
+    /// RFC 3339.
+    pub at: String,
+}
+
+impl NetworkDenied {
+    pub fn into_event(self) -> RunnerEvent {
+        RunnerEvent {
+            kind: DENIED_EVENT.into(),
+            data: serde_json::to_value(&self).unwrap_or_default(),
+        }
+    }
+}
+
+struct Ctx {
+    options: ProxyOptions,
+    http: reqwest::Client,
+    meter: Arc<Meter>,
+    events: mpsc::Sender<RunnerEvent>,
+    denials: AtomicUsize,
+    stop: CancellationToken,
+}
+
+/// One run's proxy; stops when [`RunProxy::stop`] is called or it is dropped.
+pub struct RunProxy {
+    dir: tempfile::TempDir,
+    ctx: Arc<Ctx>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Why the proxy cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot make the proxy socket in {dir}: {source}")]
+    Socket {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot make the proxy's HTTP client: {0}")]
+    Client(String),
+}
+
+impl RunProxy {
+    /// Starts a proxy listening on a fresh socket under `parent`. Refusals are sent to
+    /// `events` (the run's event stream).
+    pub fn start(
+        parent: &Path,
+        options: ProxyOptions,
+        events: mpsc::Sender<RunnerEvent>,
+    ) -> Result<Self, ProxyError> {
+        let socket_err = |source| ProxyError::Socket {
+            dir: parent.to_path_buf(),
+            source,
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("net-")
+            .tempdir_in(parent)
+            .map_err(socket_err)?;
+        let path = dir.path().join(SOCKET_NAME);
+        let listener = UnixListener::bind(&path).map_err(socket_err)?;
+        // The sandbox user may be another host user than the worker's: it needs write
+        // permission to connect. Only this socket file is shown to the sandbox.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))
+            .map_err(socket_err)?;
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(|e| ProxyError::Client(e.to_string()))?;
+        let ctx = Arc::new(Ctx {
+            options,
+            http,
+            meter: Arc::new(Meter::default()),
+            events,
+            denials: AtomicUsize::new(0),
+            stop: CancellationToken::new(),
+        });
+        let server = tokio::spawn(serve(listener, ctx.clone()));
+        Ok(Self {
+            dir,
+            ctx,
+            server: Some(server),
+        })
+    }
+
+    /// The socket to bind into the sandbox.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join(SOCKET_NAME)
+    }
+
+    /// Stops serving, ends every open tunnel, and returns the run's metering.
+    pub async fn stop(mut self) -> Metered {
+        self.ctx.stop.cancel();
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+        self.ctx.meter.summary()
+    }
+}
+
+impl Drop for RunProxy {
+    fn drop(&mut self) {
+        self.ctx.stop.cancel();
+    }
+}
+
+async fn serve(listener: UnixListener, ctx: Arc<Ctx>) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.stop.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let ctx = ctx.clone();
+        connections.spawn(async move {
+            let stop = ctx.stop.clone();
+            let service = hyper::service::service_fn(move |req| handle(req, ctx.clone()));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+        // Reap finished connections as we go.
+        while connections.try_join_next().is_some() {}
+    }
+    connections.shutdown().await;
+}
+
+fn text(status: StatusCode, message: &str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{message}\n")))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+/// An error in the Messages API's shape, so the agent reports it as such.
+fn api_error(status: StatusCode, kind: &str, message: &str) -> Response<Body> {
+    let body =
+        serde_json::json!({ "type": "error", "error": { "type": kind, "message": message } });
+    let mut r = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+async fn handle(req: Request<Incoming>, ctx: Arc<Ctx>) -> Result<Response<Body>, Infallible> {
+    if req.method() == Method::CONNECT {
+        return Ok(connect(req, ctx).await);
+    }
+    let uri = req.uri();
+    let Some(scheme) = uri.scheme_str() else {
+        return Ok(model(req, ctx).await);
+    };
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    let Some(dest) = uri
+        .authority()
+        .and_then(|a| Destination::parse(a.as_str(), default_port))
+    else {
+        return Ok(text(StatusCode::BAD_REQUEST, "no destination"));
+    };
+    if ctx.is_self(&dest) {
+        return Ok(model(req, ctx).await);
+    }
+    if scheme != "http" {
+        return Ok(text(
+            StatusCode::BAD_REQUEST,
+            "only http:// is proxied in absolute form; use CONNECT",
+        ));
+    }
+    if !ctx.allowed(&dest) {
+        return Ok(ctx.deny(dest, req.method().as_str()));
+    }
+    Ok(forward_plain(req, ctx).await)
+}
+
+impl Ctx {
+    /// Whether `dest` is the proxy's own address inside the sandbox.
+    fn is_self(&self, dest: &Destination) -> bool {
+        dest.port == self.options.inside_port
+            && matches!(dest.host.as_str(), "127.0.0.1" | "localhost")
+    }
+
+    fn allowed(&self, dest: &Destination) -> bool {
+        self.options.allow.iter().any(|a| a == dest)
+    }
+
+    /// Reports and refuses a destination.
+    fn deny(&self, dest: Destination, method: &str) -> Response<Body> {
+        let n = self.denials.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(host = %dest.host, port = dest.port, method, "sandbox network request refused");
+        if n < MAX_DENIAL_EVENTS {
+            let event = NetworkDenied {
+                host: dest.host.clone(),
+                port: dest.port,
+                method: method.to_string(),
+                at: ao_shared::timefmt::now()
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+            };
+            let _ = self.events.try_send(event.into_event());
+        }
+        text(
+            StatusCode::FORBIDDEN,
+            &format!("{dest} is not on this run's network allow-list"),
+        )
+    }
+}
+
+async fn connect(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
+    let Some(dest) = req
+        .uri()
+        .authority()
+        .and_then(|a| Destination::parse(a.as_str(), 443))
+    else {
+        return text(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
+    };
+    if ctx.is_self(&dest) {
+        // A client that tunnels even plain HTTP (Node's proxy agents do) asks for the
+        // proxy itself: the tunnel is served as the model endpoint.
+        let stop = ctx.stop.clone();
+        tokio::spawn(async move {
+            let Ok(upgraded) = hyper::upgrade::on(req).await else {
+                return;
+            };
+            let service = hyper::service::service_fn(move |req| model_only(req, ctx.clone()));
+            let conn =
+                hyper::server::conn::http1::Builder::new().serve_connection(upgraded, service);
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+        return Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
+    }
+    if !ctx.allowed(&dest) {
+        return ctx.deny(dest, "CONNECT");
+    }
+    let upstream = match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        TcpStream::connect((dest.host.as_str(), dest.port)),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return text(StatusCode::BAD_GATEWAY, &format!("{dest}: {e}")),
+        Err(_) => return text(StatusCode::GATEWAY_TIMEOUT, &format!("{dest}: timed out")),
+    };
+    let stop = ctx.stop.clone();
+    tokio::spawn(async move {
+        let Ok(upgraded) = hyper::upgrade::on(req).await else {
+            return;
+        };
+        let mut client = TokioIo::new(upgraded);
+        let mut upstream = upstream;
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+            _ = stop.cancelled() => {}
+        }
+    });
+    Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync())
+}
+
+/// Headers that belong to one hop, or to the proxy, never forwarded.
+const HOP_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+fn forwardable(headers: &HeaderMap) -> HeaderMap {
+    let mut out = headers.clone();
+    for h in HOP_HEADERS {
+        out.remove(*h);
+    }
+    out
+}
+
+fn request_body(body: Incoming) -> reqwest::Body {
+    reqwest::Body::wrap_stream(body.into_data_stream())
+}
+
+/// The answer of the next hop, streamed back, each chunk also handed to `observe`.
+fn relay_answer(
+    answer: reqwest::Response,
+    mut observe: impl FnMut(&[u8]) + Send + 'static,
+) -> Response<Body> {
+    let status = answer.status();
+    let headers = forwardable(answer.headers());
+    let stream = answer.bytes_stream().map(move |chunk| match chunk {
+        Ok(bytes) => {
+            observe(&bytes);
+            Ok(Frame::data(bytes))
+        }
+        Err(e) => Err(std::io::Error::other(e.without_url().to_string())),
+    });
+    let mut r = Response::new(BodyExt::boxed_unsync(StreamBody::new(stream)));
+    *r.status_mut() = status;
+    *r.headers_mut() = headers;
+    r
+}
+
+async fn forward_plain(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let sent = ctx
+        .http
+        .request(parts.method, parts.uri.to_string())
+        .headers(forwardable(&parts.headers))
+        .body(request_body(body))
+        .send()
+        .await;
+    match sent {
+        Ok(answer) => relay_answer(answer, |_| {}),
+        Err(e) => text(StatusCode::BAD_GATEWAY, &e.without_url().to_string()),
+    }
+}
+
+async fn model_only(req: Request<Incoming>, ctx: Arc<Ctx>) -> Result<Response<Body>, Infallible> {
+    Ok(model(req, ctx).await)
+}
+
+async fn model(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
+    let Some(route) = &ctx.options.model else {
+        return text(StatusCode::NOT_FOUND, "this run has no model endpoint");
+    };
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    if !path.starts_with("/v1/") {
+        return text(StatusCode::NOT_FOUND, "only the model API (/v1/…) is here");
+    }
+    if let Some(budget) = route.budget_usd {
+        let spent = ctx.meter.cost_usd();
+        if spent >= budget {
+            let why = format!(
+                "the run's model budget of ${budget:.2} is spent (${spent:.2} metered by the worker)"
+            );
+            ctx.meter.refuse(why.clone());
+            tracing::info!(spent, budget, "model call refused: budget spent");
+            return api_error(StatusCode::FORBIDDEN, "permission_error", &why);
+        }
+    }
+    let (parts, body) = req.into_parts();
+    let mut headers = forwardable(&parts.headers);
+    headers.remove("x-api-key");
+    headers.remove(header::AUTHORIZATION);
+    if let Some(key) = &route.key {
+        match HeaderValue::from_str(key.expose_secret()) {
+            Ok(mut v) => {
+                v.set_sensitive(true);
+                headers.insert("x-api-key", v);
+            }
+            Err(_) => {
+                return api_error(
+                    StatusCode::BAD_GATEWAY,
+                    "api_error",
+                    "the worker's model key is not a valid header value",
+                )
+            }
+        }
+    }
+    let url = format!("{}{}", route.upstream.trim_end_matches('/'), path);
+    let sent = ctx
+        .http
+        .request(parts.method, url)
+        .headers(headers)
+        .body(request_body(body))
+        .send()
+        .await;
+    let answer = match sent {
+        Ok(a) => a,
+        Err(e) => {
+            return api_error(
+                StatusCode::BAD_GATEWAY,
+                "api_error",
+                &format!("the model API is unreachable: {}", e.without_url()),
+            )
+        }
+    };
+    let streamed = answer
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("text/event-stream"));
+    let mut call = CallMeter::new(ctx.meter.clone(), streamed, String::new());
+    relay_answer(answer, move |bytes| call.feed(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_parse() {
+        let d = |h: &str, p| {
+            Some(Destination {
+                host: h.into(),
+                port: p,
+            })
+        };
+        assert_eq!(
+            Destination::parse("Registry.npmjs.org", 443),
+            d("registry.npmjs.org", 443)
+        );
+        assert_eq!(
+            Destination::parse("127.0.0.1:8080", 443),
+            d("127.0.0.1", 8080)
+        );
+        assert_eq!(Destination::parse("[::1]:22", 443), d("::1", 22));
+        assert_eq!(Destination::parse("a:b", 443), None);
+        assert_eq!(Destination::parse("user@host:1", 443), None);
+        assert_eq!(
+            Destination::of_url("https://github.com/o/r.git"),
+            d("github.com", 443)
+        );
+        assert_eq!(
+            Destination::of_url("http://127.0.0.1:3000/o/r.git"),
+            d("127.0.0.1", 3000)
+        );
+        assert_eq!(Destination::of_url("/srv/repo.git"), None);
+    }
+}

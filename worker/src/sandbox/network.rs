@@ -1,0 +1,209 @@
+//! The network of a bwrap sandbox, by capability:
+//! - `proxy` (the default): a network namespace of its own with only loopback, and the
+//!   worker's per-run proxy (`crate::proxy`) as the one way out: the model endpoint
+//!   (the key is added there, never in the sandbox) and the destinations on the run's
+//!   allow-list (the repository's git host, `sandbox.allow_hosts`);
+//! - `off` (`sandbox.network_off`): only loopback, no proxy;
+//! - `open` (`sandbox.network_open`): the host's network, and the model key in the
+//!   sandbox's environment, as before the proxy existed.
+//!
+//! In every mode the host's unix sockets are out of reach: abstract ones live in the
+//! host's network namespace (not shared but in `open`), and path sockets are covered: all
+//! of `/run` (and `/var/run`) is an empty tmpfs, and every other listening socket the
+//! host lists in `/proc/net/unix` when the attempt starts is covered by an empty file.
+
+use crate::proxy::{Destination, ModelRoute, ProxyOptions};
+use crate::spec::RunSpec;
+use ao_shared::config::{SandboxSettings, Settings};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+/// Where the proxy socket is inside the sandbox.
+pub const INSIDE_SOCKET: &str = "/run/ao/proxy.sock";
+/// The first loopback port tried for the runner's relay.
+const FIRST_INSIDE_PORT: u16 = 3128;
+/// The model key's variable; for `open` sandboxes only.
+pub const MODEL_KEY_ENV: &str = "ANTHROPIC_API_KEY";
+/// What the agent gets as its model key in `proxy` mode: not a key. Claude Code wants
+/// one to start; the proxy replaces it.
+pub const PLACEHOLDER_KEY: &str = "sk-ant-placeholder-the-worker-proxy-adds-the-key";
+/// The model API when neither `agent.base_url` nor `ANTHROPIC_BASE_URL` says otherwise.
+const DEFAULT_MODEL_URL: &str = "https://api.anthropic.com";
+
+/// How a capability's sandbox reaches the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetworkMode {
+    Proxy,
+    Off,
+    Open,
+}
+
+impl NetworkMode {
+    pub fn of(settings: &SandboxSettings, capability: ao_shared::capability::Capability) -> Self {
+        if settings.network_off.contains(&capability) {
+            Self::Off
+        } else if settings.network_open.contains(&capability) {
+            Self::Open
+        } else {
+            Self::Proxy
+        }
+    }
+}
+
+/// The model API the proxy forwards to.
+pub fn model_upstream(settings: &Settings) -> String {
+    settings
+        .agent
+        .base_url
+        .clone()
+        .or_else(|| std::env::var("ANTHROPIC_BASE_URL").ok())
+        .filter(|u| !u.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_MODEL_URL.into())
+}
+
+/// The allow-list of one run: the repository's git host and `sandbox.allow_hosts`.
+/// Entries that do not parse are skipped (the configuration is checked at start).
+pub fn allow_list(settings: &SandboxSettings, spec: &RunSpec) -> Vec<Destination> {
+    let mut allow: Vec<Destination> = settings
+        .allow_hosts
+        .iter()
+        .filter_map(|h| Destination::parse(h, 443))
+        .collect();
+    if let Some(git) = Destination::of_url(&spec.repository) {
+        allow.push(git);
+    }
+    allow.dedup();
+    allow
+}
+
+/// Checks `sandbox.allow_hosts` at start.
+pub fn check_allow_hosts(settings: &SandboxSettings) -> Result<(), String> {
+    for h in &settings.allow_hosts {
+        if Destination::parse(h, 443).is_none() {
+            return Err(format!(
+                "sandbox.allow_hosts: {h:?} is not host, host:port or [v6]:port"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The proxy's options for one run; `key` is the model key taken from the run's secrets.
+pub fn proxy_options(
+    settings: &Settings,
+    spec: &RunSpec,
+    key: Option<secrecy::SecretString>,
+) -> ProxyOptions {
+    let allow = allow_list(&settings.sandbox, spec);
+    let mut inside_port = FIRST_INSIDE_PORT;
+    while allow.iter().any(|d| d.port == inside_port) {
+        inside_port += 1;
+    }
+    ProxyOptions {
+        allow,
+        inside_port,
+        model: Some(ModelRoute {
+            upstream: model_upstream(settings),
+            key,
+            budget_usd: spec.agent.profile.as_ref().and_then(|p| p.max_cost_usd),
+        }),
+    }
+}
+
+/// bubblewrap's network arguments: the namespace, the hidden `/run`, the proxy socket
+/// and the covered host sockets. `hidden` says whether a host path is already covered.
+pub fn bwrap_args(
+    mode: NetworkMode,
+    proxy_socket: Option<&Path>,
+    hidden: &dyn Fn(&Path) -> bool,
+) -> Vec<OsString> {
+    let mut a: Vec<OsString> = Vec::new();
+    if mode != NetworkMode::Open {
+        a.push("--unshare-net".into());
+    }
+    for run in ["/run", "/var/run"] {
+        let p = Path::new(run);
+        // /var/run is most often a link to /run, covered with it.
+        if p.is_dir() && !p.is_symlink() {
+            a.extend(["--tmpfs".into(), run.into()]);
+        }
+    }
+    for socket in host_socket_paths() {
+        if !hidden(&socket) && !socket.starts_with("/run") && !socket.starts_with("/var/run") {
+            a.extend(["--ro-bind".into(), "/dev/null".into(), socket.into()]);
+        }
+    }
+    if let Some(socket) = proxy_socket {
+        a.extend([
+            "--bind".into(),
+            socket.as_os_str().to_owned(),
+            INSIDE_SOCKET.into(),
+        ]);
+    }
+    if Path::new("/run").is_dir() {
+        a.extend(["--remount-ro".into(), "/run".into()]);
+    }
+    a
+}
+
+/// The environment of a `proxy` sandbox: the proxy for every common client, and Claude
+/// Code's model endpoint.
+pub fn proxy_env(inside_port: u16) -> Vec<(&'static str, String)> {
+    let proxy = format!("http://127.0.0.1:{inside_port}");
+    let mut env: Vec<(&'static str, String)> = [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ]
+    .into_iter()
+    .map(|k| (k, proxy.clone()))
+    .collect();
+    env.push(("NO_PROXY", String::new()));
+    env.push(("no_proxy", String::new()));
+    env.push(("ANTHROPIC_BASE_URL", proxy));
+    env.push((MODEL_KEY_ENV, PLACEHOLDER_KEY.into()));
+    env.push((crate::runner::relay::SOCKET_ENV, INSIDE_SOCKET.into()));
+    env.push((
+        crate::runner::relay::LISTEN_ENV,
+        format!("127.0.0.1:{inside_port}"),
+    ));
+    env
+}
+
+/// Paths of the unix sockets bound on the host (in the worker's network namespace) that
+/// exist as files, from `/proc/net/unix`.
+pub fn host_socket_paths() -> Vec<PathBuf> {
+    let Ok(text) = std::fs::read_to_string("/proc/net/unix") else {
+        return Vec::new();
+    };
+    let mut paths: Vec<PathBuf> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(7))
+        .filter(|p| p.starts_with('/'))
+        .map(PathBuf::from)
+        .filter(|p| {
+            use std::os::unix::fs::FileTypeExt;
+            std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
+        })
+        .collect();
+    paths.sort();
+    paths.dedup();
+    paths
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listening_socket_of_the_host_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!(host_socket_paths().contains(&path));
+    }
+}
