@@ -206,6 +206,13 @@ pub fn subtask_message(task: &Task, id: SubtaskId) -> Option<SubtaskMessage> {
             }),
             TaskSource::Api => None,
         },
+        // The worker of the task's latest other subtask has its working state.
+        prefer_worker: task
+            .subtasks
+            .iter()
+            .filter(|s| s.id != sub.id && s.worker.is_some())
+            .max_by_key(|s| s.finished_at.or(s.started_at))
+            .and_then(|s| s.worker.clone()),
     })
 }
 

@@ -115,6 +115,7 @@ async fn run_task(queue: &SqsQueue, store: &DynamoStore) {
             instructions: None,
             enqueued_at: timefmt::now(),
             github: None,
+            prefer_worker: None,
         };
         let q = QueueId::Capability(sub.capability);
         queue.send(q, &order.encode().unwrap()).await.unwrap();

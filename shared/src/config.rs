@@ -33,6 +33,8 @@ pub struct Settings {
     pub queue: QueueSettings,
     pub coordinator: CoordinatorSettings,
     pub log: LogSettings,
+    /// Warm workers: the per-worker git mirrors and setup cache.
+    pub warm: WarmSettings,
     /// Named pipelines: the capabilities a task runs through, in order.
     pub pipelines: BTreeMap<String, Vec<Capability>>,
 }
@@ -60,6 +62,7 @@ impl Default for Settings {
             queue: Default::default(),
             coordinator: Default::default(),
             log: Default::default(),
+            warm: Default::default(),
             pipelines,
         }
     }
@@ -497,6 +500,41 @@ impl Default for WorkerSettings {
             work_dir: None,
             shutdown_grace_secs: 30,
             cancel_poll_secs: 3,
+        }
+    }
+}
+
+/// Warm workers (`[warm]`): what a worker keeps between runs so that a subtask on a
+/// repository it has served starts without a full clone and without paying the
+/// repository's setup again. Both stores live under `local.data_dir`, are written by the
+/// worker only, and reach a sandbox read-only.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WarmSettings {
+    /// Keep a bare mirror per repository and make working copies from it (bwrap and
+    /// process drivers). Default `true`.
+    pub mirrors: bool,
+    /// Bound of all mirrors together, in MiB; the least recently used are removed past
+    /// it (never one a run is using). Default 10240.
+    pub mirror_max_mb: u64,
+    /// Restore what a repository's setup produces (`[setup]` in its
+    /// `.agent-orchestrator.toml`) instead of running the setup again. Default `true`.
+    pub setup_cache: bool,
+    /// Bound of the setup cache, all repositories together, in MiB; least recently used
+    /// entries are removed past it. Default 4096.
+    pub setup_cache_max_mb: u64,
+    /// Largest single setup cache entry, in MiB; a larger one is not stored. Default 1024.
+    pub setup_cache_entry_max_mb: u64,
+}
+
+impl Default for WarmSettings {
+    fn default() -> Self {
+        Self {
+            mirrors: true,
+            mirror_max_mb: 10 * 1024,
+            setup_cache: true,
+            setup_cache_max_mb: 4 * 1024,
+            setup_cache_entry_max_mb: 1024,
         }
     }
 }

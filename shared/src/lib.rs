@@ -19,6 +19,7 @@ pub mod pricing;
 pub mod profile;
 pub mod queue;
 pub mod secret;
+pub mod setup;
 pub mod shutdown;
 pub mod state;
 pub mod status;

@@ -119,6 +119,10 @@ pub struct SubtaskMessage {
     /// For a task from GitHub: where the worker gets a repository-scoped token for git.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub github: Option<GithubTarget>,
+    /// The worker that ran this task's latest subtask and so holds its working state (a
+    /// mirror, a setup result): a hint, never a requirement. Any worker may run it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefer_worker: Option<String>,
 }
 
 /// The GitHub App installation and repository of a subtask's task.
@@ -256,6 +260,7 @@ mod tests {
             instructions: None,
             enqueued_at: timefmt::now(),
             github: None,
+            prefer_worker: None,
         }
     }
 

@@ -78,6 +78,8 @@ pub struct Recorded {
     pub path: String,
     pub api_key: Option<String>,
     pub body: Value,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -164,6 +166,7 @@ async fn messages(
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
             body: body.clone(),
+            at: std::time::Instant::now(),
         });
         inner
             .script

@@ -38,6 +38,12 @@ pub async fn handle(worker: Arc<Worker>, message: Received, hard_stop: Cancellat
             return;
         }
     };
+    if worker
+        .warm
+        .leaves_to_preferred(&worker.id, &order, message.receive_count)
+    {
+        return crate::warm::leave_to_preferred(&worker, &message, order).await;
+    }
     let span = tracing::info_span!("subtask", task_id = %order.task_id,
         subtask_id = %order.subtask_id, attempt = order.attempt, capability = %order.capability);
     run(worker, message, order, received_at, hard_stop)
@@ -122,8 +128,14 @@ async fn run(
             }
         }
     });
+    let mut warm = None;
     let mut outcome = match prepared {
-        Ok(()) => worker.driver.run(&spec, tx, cancel).await,
+        Ok(()) => {
+            // Warm start: mirror and setup cache (see `warm.rs`).
+            let w = warm.insert(worker.warm.prepare(&mut spec).await);
+            let tx = w.tap(tx);
+            worker.driver.run(&spec, tx, cancel).await
+        }
         Err(failed) => {
             drop(tx);
             failed
@@ -137,6 +149,9 @@ async fn run(
     let _ = watch.await;
     let _ = lost_watch.await;
     let _ = forwarder.await;
+    if let Some(w) = warm {
+        worker.warm.finish(&spec, w).await;
+    }
 
     if lease.is_lost() {
         heartbeat.stop().await;

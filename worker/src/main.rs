@@ -8,6 +8,7 @@ mod credentials;
 mod heartbeat;
 mod job;
 mod metrics;
+mod mirror;
 mod preflight;
 mod profile;
 mod proxy;
@@ -16,7 +17,9 @@ mod redact;
 mod runner;
 mod sandbox;
 mod secret_files;
+mod setup_cache;
 mod spec;
+mod warm;
 mod worker;
 
 use anyhow::Context;
@@ -141,6 +144,10 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
              names one (e.g. AO__AGENT__API_KEY=env:ANTHROPIC_API_KEY)"
         );
     }
+    let warm = warm::Warm::new(
+        &settings,
+        settings.sandbox.driver != SandboxDriverKind::Nomad,
+    );
     let worker = Arc::new(worker::Worker {
         id: settings.worker_id(),
         settings,
@@ -150,6 +157,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         store: backends.store,
         secrets,
         profiles,
+        warm,
     });
     let listener = tokio::net::TcpListener::bind(&listen)
         .await

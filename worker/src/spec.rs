@@ -48,6 +48,9 @@ pub struct RunSpec {
     /// How the runner hands over its commit.
     #[serde(default)]
     pub delivery: Delivery,
+    /// What the worker prepared for a warm start (see `warm.rs`); empty for a cold one.
+    #[serde(default)]
+    pub warm: WarmSpec,
     /// Secret environment variables for this attempt (the model API key, a git token).
     /// Never serialized: they reach the sandbox only through its environment, never the
     /// spec file or a Nomad payload.
@@ -92,6 +95,37 @@ pub enum Delivery {
 
 /// The bundle of a [`Delivery::Bundle`] run, in the runner's work directory.
 pub const BUNDLE_FILE: &str = "push.bundle";
+/// What the worker keeps for this run between runs (see `warm.rs`). Every path is a host
+/// path that the sandbox driver makes visible at the same place inside.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WarmSpec {
+    /// A bare mirror of the repository, just brought up to date, read-only inside: the
+    /// runner makes the working copy from it (`git clone --shared`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<std::path::PathBuf>,
+    /// The setup cache for this run, when the repository declares one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup: Option<SetupCacheSpec>,
+}
+
+/// The setup cache of one run: restore `restore` instead of running the setup when the
+/// working copy's key is `key`; else, after a successful setup, write the result into
+/// `store` (the worker takes it from there only if its hash matches what the runner
+/// reported before the agent started).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SetupCacheSpec {
+    /// The key the worker computed from its mirror (hex SHA-256, see `ao_shared::setup`).
+    pub key: String,
+    /// A cached result (a tar archive), read-only inside.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<std::path::PathBuf>,
+    /// A directory, writable inside, where the runner puts `<key>.tar` after a setup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<std::path::PathBuf>,
+}
+
+/// The runner's event announcing a setup result to store: data `{key, sha256, bytes}`.
+pub const SETUP_STORED_EVENT: &str = "setup_cache_stored";
 
 /// Names the runner's secret environment variables (comma-separated).
 pub const SECRET_NAMES_VAR: &str = "AO_SECRET_NAMES";
@@ -107,6 +141,11 @@ impl SecretEnv {
         let name = name.into();
         self.0.retain(|(n, _)| *n != name);
         self.0.push((name, value));
+    }
+
+    /// The value of `name`, if set.
+    pub fn get(&self, name: &str) -> Option<&SecretString> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v)
     }
 
     /// Removes `name` and returns its value.
@@ -159,6 +198,7 @@ impl RunSpec {
             instructions: m.instructions.clone(),
             agent,
             delivery: Delivery::Push,
+            warm: WarmSpec::default(),
             secret_env: SecretEnv::default(),
             lease: LeaseSlot::default(),
         }

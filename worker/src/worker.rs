@@ -28,6 +28,8 @@ pub struct Worker {
     pub store: Arc<dyn StateStore>,
     pub secrets: Arc<dyn SecretResolver>,
     pub profiles: Profiles,
+    /// Mirrors and setup cache kept between runs.
+    pub warm: crate::warm::Warm,
 }
 
 /// A report that could not be sent.

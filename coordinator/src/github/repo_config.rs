@@ -41,6 +41,9 @@ pub struct RepoConfig {
     /// Narrowing of the agent profiles, by capability (see [`RepoProfile`]: a repository
     /// can choose the model, add instructions and lower limits, never widen them).
     pub profiles: BTreeMap<Capability, RepoProfile>,
+    /// What the setup produces and depends on; read by the worker (see
+    /// [`ao_shared::setup`]), checked here so a mistake is said on the issue.
+    pub setup: Option<ao_shared::setup::SetupConfig>,
 }
 
 /// Why the file cannot be used.
@@ -64,6 +67,11 @@ impl RepoConfig {
                     "pipeline {name:?} must have 1 to 20 steps"
                 )));
             }
+        }
+        if let Some(setup) = &c.setup {
+            setup
+                .validate()
+                .map_err(|why| RepoConfigError::Invalid(why.to_string()))?;
         }
         for (capability, profile) in &c.profiles {
             profile

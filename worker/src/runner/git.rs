@@ -25,11 +25,11 @@ const AUTHOR_EMAIL: &str = "agent-orchestrator@users.noreply.local";
 
 /// The variable holding a GitHub installation token for this attempt (set by the worker,
 /// see `credentials.rs`).
-const TOKEN_ENV: &str = "AO_GIT_TOKEN";
+pub(crate) const TOKEN_ENV: &str = "AO_GIT_TOKEN";
 /// A credential helper that answers git's `get` with the token from the environment, so
 /// the token is never in a URL, an argument or a config file. Any helper configured
 /// elsewhere is reset first (the empty value).
-const CREDENTIAL_HELPER: &str = "!f() { test \"$1\" = get || exit 0; \
+pub(crate) const CREDENTIAL_HELPER: &str = "!f() { test \"$1\" = get || exit 0; \
     echo username=x-access-token; printf 'password=%s\\n' \"$AO_GIT_TOKEN\"; }; f";
 
 /// Files of a git directory that would make git read another directory's
@@ -45,7 +45,7 @@ const REDIRECTING_FILES: &[&str] = &[
 
 /// The runner's git, in the working copy `dir` when given (its git directory and work
 /// tree pinned).
-fn git(dir: Option<&Path>) -> Command {
+pub(super) fn git(dir: Option<&Path>) -> Command {
     let mut cmd = Command::new("git");
     if let Some(d) = dir {
         cmd.current_dir(d)
@@ -151,13 +151,22 @@ fn prepare_with(spec: &RunSpec, repo: &Path, config: &Path) -> Result<String, St
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     };
-    let mut clone = git(None);
-    clone.args(["clone", "--no-tags", "--quiet"]);
-    if let Some(base) = &spec.base_branch {
-        clone.args(["--branch", base]);
+    // A warm start borrows the worker's mirror (see `warm.rs`); a cold one, or one whose
+    // mirror fails, clones in full.
+    if !spec
+        .warm
+        .mirror
+        .as_deref()
+        .is_some_and(|m| super::warm_clone::from_mirror(spec, m, repo))
+    {
+        let mut clone = git(None);
+        clone.args(["clone", "--no-tags", "--quiet"]);
+        if let Some(base) = &spec.base_branch {
+            clone.args(["--branch", base]);
+        }
+        clone.arg("--").arg(&spec.repository).arg(repo);
+        run(&mut clone, "git clone")?;
     }
-    clone.arg("--").arg(&spec.repository).arg(repo);
-    run(&mut clone, "git clone")?;
     let remote_ref = format!("refs/heads/{}", spec.branch);
     let exists = !output(repo, &["ls-remote", "--heads", "origin", &remote_ref])?.is_empty();
     if exists {

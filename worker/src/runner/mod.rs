@@ -8,19 +8,18 @@
 //! outcome, commit message) has the run's secret values redacted.
 
 mod agent;
-mod git;
+pub(crate) mod git;
 mod process;
 pub mod relay;
+mod setup;
+mod warm_clone;
 
 use crate::redact::Redactor;
-use crate::spec::{Delivery, RunSpec, RunnerEvent, SECRET_NAMES_VAR};
+use crate::spec::{Delivery, RunSpec, RunnerEvent};
 use ao_shared::task::{Outcome, OutcomeKind};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
-/// Limit of the repository's `agent-setup.sh`.
-const SETUP_TIMEOUT: Duration = Duration::from_secs(900);
+use std::time::Instant;
 
 /// Where the outcome goes.
 #[derive(Debug)]
@@ -111,19 +110,6 @@ fn log(message: impl Into<String>) {
     emit("log", serde_json::json!({ "message": message.into() }));
 }
 
-/// Removes every secret of the runner from a command's environment.
-fn without_secrets(cmd: &mut std::process::Command) -> &mut std::process::Command {
-    for name in agent::secret_names() {
-        cmd.env_remove(name);
-    }
-    // The model credentials too, even the placeholder the proxy mode sets: the setup has
-    // no business with the model.
-    for name in agent::AGENT_SECRETS {
-        cmd.env_remove(name);
-    }
-    cmd.env_remove(SECRET_NAMES_VAR)
-}
-
 /// Reads the spec, runs the attempt, writes the result. Returns the process exit code.
 pub fn main(spec_path: &Path, sink: ResultSink, work_dir: Option<PathBuf>) -> i32 {
     let started = Instant::now();
@@ -201,33 +187,9 @@ pub fn run(spec: &RunSpec, work: &Path, attempt_dir: &Path) -> Outcome {
         Ok(p) => p,
         Err(e) => return Outcome::failed(OutcomeKind::Infrastructure, e, true),
     };
-    let setup = repo.join("agent-setup.sh");
-    if setup.is_file() {
-        log("running agent-setup.sh");
-        match process::run_logged(
-            without_secrets(
-                std::process::Command::new("bash")
-                    .arg("agent-setup.sh")
-                    .current_dir(&repo),
-            ),
-            SETUP_TIMEOUT,
-        ) {
-            Ok(r) if r.success => {}
-            Ok(r) => {
-                return Outcome::failed(
-                    OutcomeKind::AgentError,
-                    format!("agent-setup.sh failed ({}): {}", r.status, r.tail()),
-                    false,
-                )
-            }
-            Err(e) => {
-                return Outcome::failed(
-                    OutcomeKind::Infrastructure,
-                    format!("agent-setup.sh: {e}"),
-                    true,
-                )
-            }
-        }
+    // The repository's setup (or its cached result), with no secret of the run.
+    if let Err(failed) = setup::run(spec, &repo) {
+        return *failed;
     }
     log(format!("running the {} agent", spec.capability));
     let mut outcome = agent::run(spec, &repo);

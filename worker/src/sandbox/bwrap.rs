@@ -337,6 +337,20 @@ impl BwrapDriver {
             }
         }
         a.two("--bind", attempt.path(), attempt.path());
+        // Warm start (see `warm.rs`): the mirror and a cached setup result read-only, the
+        // setup result's incoming directory writable.
+        let warm = &spec.warm;
+        let setup = warm.setup.as_ref();
+        for path in warm
+            .mirror
+            .iter()
+            .chain(setup.and_then(|s| s.restore.as_ref()))
+        {
+            a.two("--ro-bind", path, path);
+        }
+        if let Some(store) = setup.and_then(|s| s.store.as_ref()) {
+            a.two("--bind", store, store);
+        }
         let workspace = attempt.path().join(WORKSPACE_DIR);
         a.0.extend(limits::sized_tmpfs(s.workspace_mb, &workspace));
         if let Some(repo) = local_repository(&spec.repository) {

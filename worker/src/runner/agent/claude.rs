@@ -367,6 +367,7 @@ mod tests {
             secret_env: Default::default(),
             lease: Default::default(),
             delivery: Default::default(),
+            warm: Default::default(),
         };
         let outcome = run(&spec, dir.path());
         assert_eq!(

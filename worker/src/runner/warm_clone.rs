@@ -1,0 +1,41 @@
+//! A working copy made from the worker's mirror (a warm start): `git clone --shared` of
+//! the mirror, which the sandbox sees read-only, so no object is copied and the clone's
+//! own writes go to its own `.git`; then `origin` is pointed at the real repository, so
+//! that the task branch is fetched from it (only what the mirror lacks) and the push goes
+//! there.
+
+use super::git::git;
+use super::process::run_logged;
+use crate::spec::RunSpec;
+use std::path::Path;
+use std::time::Duration;
+
+/// Limit of the local clone.
+const CLONE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Makes `repo` from `mirror`; false (and nothing left in `repo`) when that fails, so
+/// the caller clones in full.
+pub fn from_mirror(spec: &RunSpec, mirror: &Path, repo: &Path) -> bool {
+    if spec.repository.starts_with('-') {
+        return false;
+    }
+    let mut clone = git(None);
+    clone.args(["clone", "--shared", "--no-tags", "--quiet"]);
+    if let Some(base) = &spec.base_branch {
+        clone.args(["--branch", base]);
+    }
+    clone.arg("--").arg(mirror).arg(repo);
+    let cloned = matches!(run_logged(&mut clone, CLONE_TIMEOUT), Ok(f) if f.success)
+        && matches!(
+            run_logged(
+                git(Some(repo)).args(["remote", "set-url", "origin", &spec.repository]),
+                CLONE_TIMEOUT,
+            ),
+            Ok(f) if f.success
+        );
+    if !cloned {
+        super::log("cannot make the working copy from the worker's mirror; cloning in full");
+        let _ = std::fs::remove_dir_all(repo);
+    }
+    cloned
+}
