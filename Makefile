@@ -40,11 +40,13 @@ test: deps-test build test-rust test-infra
 
 # The fast tier: every crate's unit tests and the tests that run the coordinator in-process.
 # No external process, peer or installed tool is needed.
-FAST_TESTS := -p ao-shared --test conformance_sqlite --test proptest_message --test proptest_stream_json
+# (--workspace keeps one feature set, so the tiers share their builds.)
+FAST_TESTS := --test conformance_sqlite --test proptest_message --test proptest_stream_json \
+	--test inproc_supervisor --test github_webhooks
 
 test-fast:
 	cargo test --workspace --lib --bins
-	cargo test $(FAST_TESTS)
+	cargo test --workspace $(FAST_TESTS)
 
 test-rust:
 	cargo test --workspace --no-fail-fast

@@ -16,6 +16,13 @@ fi
 export AO__API__TOKEN=${AO__API__TOKEN:-file:$token_file}
 export AO__LOCAL__DATA_DIR=$data
 export AO__SANDBOX__DRIVER=${AO__SANDBOX__DRIVER:-bwrap}
+# Root is never a sandbox user: a root worker runs its sandboxes as an unprivileged host
+# user, here nobody's ids unless AO__SANDBOX__HOST_UID/HOST_GID say otherwise.
+if [[ $(id -u) == 0 && $AO__SANDBOX__DRIVER == bwrap ]]; then
+  export AO__SANDBOX__HOST_UID=${AO__SANDBOX__HOST_UID:-$(id -u nobody)}
+  export AO__SANDBOX__HOST_GID=${AO__SANDBOX__HOST_GID:-$(id -g nobody)}
+  echo "  running as root: sandboxes run as host uid $AO__SANDBOX__HOST_UID (sandbox.host_uid)"
+fi
 export AO__AGENT__COMMAND=${AO__AGENT__COMMAND:-claude}
 # The model key reaches the sandbox through this secret ref, and nowhere else.
 if [[ -n ${ANTHROPIC_API_KEY:-} ]]; then

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 ///
 /// Configuration: built-in defaults, then the TOML file given with --config, then
 /// environment variables AO__SECTION__KEY (e.g. AO__API__TOKEN=env:AO_API_TOKEN,
-/// AO__BACKEND__KIND=aws). See the README for every key.
+/// AO__BACKEND__KIND=aws). Every key: docs/configuration.md.
 #[derive(Parser)]
 #[command(name = "coordinator", version, about, long_about)]
 struct Cli {

@@ -104,7 +104,7 @@ impl Default for ApiSettings {
     }
 }
 
-/// The GitHub App: webhooks in, reports out. See the README's "GitHub App" section.
+/// The GitHub App: webhooks in, reports out. See docs/github-app.md.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GithubSettings {

@@ -34,7 +34,7 @@ use std::sync::Arc;
 ///
 /// Configuration: built-in defaults, then the TOML file given with --config, then
 /// environment variables AO__SECTION__KEY (e.g. AO__WORKER__CAPABILITIES=coder,tester).
-/// See the README for every key.
+/// Every key: docs/configuration.md.
 #[derive(Parser)]
 #[command(name = "worker", version, about, long_about)]
 struct Cli {

@@ -157,7 +157,7 @@ fn prepare_with(spec: &RunSpec, repo: &Path, config: &Path) -> Result<String, St
         .warm
         .mirror
         .as_deref()
-        .is_some_and(|m| super::warm_clone::from_mirror(spec, m, repo))
+        .is_some_and(|m| super::warm_clone::from_mirror(spec, m, repo, config))
     {
         let mut clone = git(None);
         clone.args(["clone", "--no-tags", "--quiet"]);
@@ -198,13 +198,20 @@ fn prepare_with(spec: &RunSpec, repo: &Path, config: &Path) -> Result<String, St
 /// touches the repository again, and hooks are never run.
 pub struct Pristine {
     config: Vec<u8>,
+    /// `objects/info/alternates` as the runner's own clone made it (a warm start's
+    /// `--shared` clone borrows the worker's read-only mirror), put back as it was.
+    alternates: Option<Vec<u8>>,
 }
+
+/// Where a git directory lists the object stores it borrows from.
+const ALTERNATES: &str = "objects/info/alternates";
 
 impl Pristine {
     pub fn capture(repo: &Path) -> Result<Self, String> {
         let config = std::fs::read(repo.join(".git/config"))
             .map_err(|e| format!("cannot read .git/config: {e}"))?;
-        Ok(Self { config })
+        let alternates = std::fs::read(repo.join(".git").join(ALTERNATES)).ok();
+        Ok(Self { config, alternates })
     }
 
     /// Puts the configuration back, empties the hooks and removes what would redirect
@@ -227,6 +234,14 @@ impl Pristine {
                 Err(_) => Ok(()),
             }
             .map_err(|e| format!("cannot remove .git/{name}: {e}"))?;
+        }
+        if let Some(alternates) = &self.alternates {
+            let path = git_dir.join(ALTERNATES);
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            std::fs::write(&path, alternates)
+                .map_err(|e| format!("cannot restore .git/{ALTERNATES}: {e}"))?;
         }
         let config = git_dir.join("config");
         // Removed first: a symlink put there is replaced, not followed.

@@ -15,10 +15,17 @@ const CLONE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Makes `repo` from `mirror`; false (and nothing left in `repo`) when that fails, so
 /// the caller clones in full.
-pub fn from_mirror(spec: &RunSpec, mirror: &Path, repo: &Path) -> bool {
+/// `config` is the runner's global git configuration for the clone (it trusts the
+/// mirror, which the worker's user owns, when the sandbox runs as another host user).
+pub fn from_mirror(spec: &RunSpec, mirror: &Path, repo: &Path, config: &Path) -> bool {
     if spec.repository.starts_with('-') {
         return false;
     }
+    let git = |dir: Option<&Path>| {
+        let mut cmd = git(dir);
+        cmd.env("GIT_CONFIG_GLOBAL", config);
+        cmd
+    };
     let mut clone = git(None);
     clone.args(["clone", "--shared", "--no-tags", "--quiet"]);
     if let Some(base) = &spec.base_branch {

@@ -531,11 +531,16 @@ impl SandboxDriver for BwrapDriver {
             return infra(format!("cannot make the workspace directory: {e}"), true);
         }
         if let Some(host) = &self.host {
-            if let Err(e) = host.own(attempt.path()) {
-                return infra(
-                    format!("cannot give the attempt directory to sandbox.host_uid: {e}"),
-                    true,
-                );
+            // The attempt directory and the setup cache's incoming directory are the
+            // sandbox's to write.
+            let incoming = spec.warm.setup.as_ref().and_then(|s| s.store.as_deref());
+            for dir in std::iter::once(attempt.path()).chain(incoming) {
+                if let Err(e) = host.own(dir) {
+                    return infra(
+                        format!("cannot give {} to sandbox.host_uid: {e}", dir.display()),
+                        true,
+                    );
+                }
             }
         }
         let network = NetworkMode::of(&self.settings, spec.capability);

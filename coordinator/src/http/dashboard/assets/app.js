@@ -303,7 +303,7 @@ function listPage() {
 
 // ---- task page ----------------------------------------------------------------------
 
-// One line of the activity log for an event of the task; kinds described in the README.
+// One line of the activity log for an event of the task; kinds described in docs/api.md.
 function renderEvent(ev, subtasks) {
   const data = ev.data || {};
   const sub = ev.subtask_id ? subtasks.get(ev.subtask_id) : null;
