@@ -71,8 +71,14 @@ impl WaitList {
         }
     }
 
+    /// How many deliveries wait.
     pub fn len(&self) -> usize {
         self.0.lock().len()
+    }
+
+    /// Whether none waits.
+    pub fn is_empty(&self) -> bool {
+        self.0.lock().is_empty()
     }
 }
 

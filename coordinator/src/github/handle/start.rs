@@ -242,7 +242,7 @@ pub async fn run_wait_list(gh: Arc<Github>, mut changes: broadcast::Receiver<Tas
             },
             _ = gh.shutdown.cancelled() => break,
         }
-        if gh.waiting.len() == 0 {
+        if gh.waiting.is_empty() {
             continue;
         }
         let mut still = Vec::new();
