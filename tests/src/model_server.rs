@@ -77,6 +77,8 @@ impl Turn {
 pub struct Recorded {
     pub path: String,
     pub api_key: Option<String>,
+    /// The `Accept-Encoding` the request asked for.
+    pub accept_encoding: Option<String>,
     pub body: Value,
     /// When it arrived.
     pub at: std::time::Instant,
@@ -163,6 +165,10 @@ async fn messages(
             path: "/v1/messages".into(),
             api_key: headers
                 .get("x-api-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            accept_encoding: headers
+                .get("accept-encoding")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
             body: body.clone(),

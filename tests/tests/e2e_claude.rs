@@ -615,6 +615,8 @@ async fn the_model_key_stays_with_the_proxy_and_other_hosts_are_refused() {
     assert!(requests.len() >= 2, "{} requests", requests.len());
     for r in &requests {
         assert_eq!(r.api_key.as_deref(), Some(MODEL_KEY));
+        // Plain answers only: a compressed one would pass the proxy's meter unread.
+        assert_eq!(r.accept_encoding.as_deref(), Some("identity"), "{}", r.path);
     }
     let refused = denied(&c, &id).await;
     assert!(

@@ -507,6 +507,12 @@ async fn model(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
     let mut headers = forwardable(&parts.headers);
     headers.remove("x-api-key");
     headers.remove(header::AUTHORIZATION);
+    // The meter reads the answer's bytes: a compressed answer (asked for by the agent)
+    // would pass unmetered, so the model is asked for plain ones.
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     if let Some(key) = &route.key {
         match HeaderValue::from_str(key.expose_secret()) {
             Ok(mut v) => {
