@@ -174,12 +174,14 @@ fn the_sandbox_job_file_is_a_valid_nomad_job_the_driver_can_use() {
                 .as_str()
                 .unwrap()
                 .contains("nomadVar \"nomad/jobs/ao-sandbox-tester\"")));
-    // And a mistake is caught.
-    let mut bad = job.clone();
-    bad["TaskGroups"][0]["Tasks"][0]["KillTimeout"] = json!("20s");
-    assert!(!api
-        .check_body("RegisterJob", &json!({ "Job": bad }))
-        .is_empty());
+    // And a mistake is caught (by the contract check, when Nomad's description is here).
+    if api.checks_contract() {
+        let mut bad = job.clone();
+        bad["TaskGroups"][0]["Tasks"][0]["KillTimeout"] = json!("20s");
+        assert!(!api
+            .check_body("RegisterJob", &json!({ "Job": bad }))
+            .is_empty());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
