@@ -92,11 +92,13 @@ async fn a_worker_paused_past_its_lease_does_not_push() {
         || c.workers[paused].log_text().contains("lease lost"),
     )
     .await;
-    let runner_gone = Instant::now() + Duration::from_secs(30);
-    while !c.workers[paused].log_text().contains("nothing is reported") {
-        assert!(Instant::now() < runner_gone, "{}", c.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(
+        "the paused worker's run ended unreported",
+        &c,
+        Duration::from_secs(30),
+        || c.workers[paused].log_text().contains("nothing is reported"),
+    )
+    .await;
     assert_eq!(lines(&pushes), 1, "pushes for one attempt\n{}", c.logs());
     assert_eq!(git(&repo, &["show", "agent/fence:second.txt"]), "second");
     let files = git(&repo, &["ls-tree", "--name-only", "agent/fence"]);
