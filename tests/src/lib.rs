@@ -227,12 +227,31 @@ impl Cluster {
         format!("http://127.0.0.1:{}{}", self.port, path)
     }
 
+    /// The binary `program` as the daemons' user can run it: the built one, or, for a
+    /// cluster run as another user (whose way into the build directory, under root's
+    /// home say, may be shut), a copy in the cluster's directory.
+    fn program(&self, program: &str) -> PathBuf {
+        let built = bin(program);
+        let Some((uid, gid)) = self.user else {
+            return built;
+        };
+        let dir = self.dir.path().join("bin");
+        let copy = dir.join(program);
+        if !copy.exists() {
+            std::fs::create_dir_all(&dir).expect("bin dir");
+            // A copy, not a hard link: the cluster's directory is given to its user.
+            std::fs::copy(&built, &copy).expect("copy of the binary");
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).expect("chown bin dir");
+        }
+        copy
+    }
+
     fn spawn(&self, program: &str, name: &str, extra: &[(&str, &str)]) -> Daemon {
         let log = self.dir.path().join(format!("{name}.log"));
         let out = File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
         self.give_dir();
-        let mut cmd = Command::new(bin(program));
+        let mut cmd = Command::new(self.program(program));
         let home = match self.user {
             // Its own home: the tests' one is not its to read.
             Some((uid, gid)) => {

@@ -109,6 +109,16 @@ pub enum BwrapError {
          directories above it searchable (o+x), or set worker.work_dir elsewhere"
     )]
     WorkDirUnreachable(PathBuf),
+    #[error("cannot stage the runner for sandbox.host_uid in {path}: {source}")]
+    StageRunner {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the agent command {0} cannot be reached by sandbox.host_uid: install it where \
+         that user can read and run it (e.g. under /usr/local), or set agent.command"
+    )]
+    AgentUnreachable(PathBuf),
 }
 
 /// The bubblewrap sandbox driver.
@@ -153,11 +163,21 @@ impl BwrapDriver {
                 source,
             })
             .and_then(|work_root| {
-                let runner_exe = std::env::current_exe()
+                let mut runner_exe = std::env::current_exe()
                     .and_then(|p| p.canonicalize())
                     .map_err(BwrapError::Exe)?;
-                if host.is_some_and(|h| !h.can_reach(&work_root.join("attempt"))) {
-                    return Err(BwrapError::WorkDirUnreachable(work_root));
+                if let Some(host) = host {
+                    if !host.can_reach(&work_root.join("attempt")) {
+                        return Err(BwrapError::WorkDirUnreachable(work_root));
+                    }
+                    if !host.can_run(&runner_exe) {
+                        runner_exe = stage_runner(&runner_exe, &work_root)?;
+                    }
+                    if let Some((found, real)) = resolve_program(&settings.agent.command) {
+                        if !host.can_run(&real) {
+                            return Err(BwrapError::AgentUnreachable(found));
+                        }
+                    }
                 }
                 let hidden = hidden_paths(settings, &work_root);
                 network::check_allow_hosts(&sandbox).map_err(BwrapError::Config)?;
@@ -491,6 +511,42 @@ fn hidden_paths(settings: &Settings, work_root: &Path) -> Vec<PathBuf> {
     real
 }
 
+/// Where a root worker keeps the copy of its executable that its sandboxes run, under
+/// the work directory: owned by root, read-only, in a directory only root writes.
+const STAGED_RUNNER: &str = "bin/ao-runner";
+
+/// Makes the worker executable `exe` runnable by the host user, whose way to it is shut
+/// (a build under root's home, say): a hard link, or a copy across file systems, at
+/// [`STAGED_RUNNER`] under `work_root`, replaced atomically. The copy is the running
+/// worker's own binary, so an upgrade of the installed one mid-life cannot pair a new
+/// runner with an old worker.
+fn stage_runner(exe: &Path, work_root: &Path) -> Result<PathBuf, BwrapError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let target = work_root.join(STAGED_RUNNER);
+    let err = |source| BwrapError::StageRunner {
+        path: target.clone(),
+        source,
+    };
+    let dir = target.parent().unwrap_or(work_root);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(err)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
+    let temp = dir.join(format!(".ao-runner.{}", std::process::id()));
+    let _ = std::fs::remove_file(&temp);
+    let runnable_by_all = std::fs::metadata(exe)
+        .map(|m| m.permissions().mode() & 0o005 == 0o005)
+        .unwrap_or(false);
+    if !runnable_by_all || std::fs::hard_link(exe, &temp).is_err() {
+        std::fs::copy(exe, &temp).map_err(err)?;
+        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o555)).map_err(err)?;
+    }
+    std::fs::rename(&temp, &target).map_err(err)?;
+    Ok(target)
+}
+
 /// Where a program is found (as the runner will find it) and what that really is.
 fn resolve_program(command: &str) -> Option<(PathBuf, PathBuf)> {
     let found = if command.contains('/') {
@@ -617,6 +673,40 @@ impl SandboxDriver for BwrapDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_runner_out_of_the_host_users_reach_is_staged_for_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let private = dir.path().join("home");
+        std::fs::create_dir(&private).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let exe = private.join("worker");
+        std::fs::write(&exe, b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let work = dir.path().join("work");
+        std::fs::create_dir(&work).unwrap();
+        let host = HostUser {
+            uid: 4242,
+            gid: 4242,
+        };
+        assert!(!host.can_run(&exe));
+        let staged = stage_runner(&exe, &work).unwrap();
+        assert!(host.can_run(&staged), "{}", staged.display());
+        assert_eq!(std::fs::read(&staged).unwrap(), b"#!/bin/sh\n");
+        // Staging again (a restart) replaces the copy.
+        std::fs::remove_file(&exe).unwrap();
+        std::fs::write(&exe, b"#!/bin/sh\nexit 0\n").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let again = stage_runner(&exe, &work).unwrap();
+        assert_eq!(again, staged);
+        assert!(
+            host.can_run(&again),
+            "a private executable is copied runnable"
+        );
+        assert_eq!(std::fs::read(&again).unwrap(), b"#!/bin/sh\nexit 0\n");
+    }
 
     #[test]
     fn hidden_paths_put_parents_first() {

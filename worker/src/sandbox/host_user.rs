@@ -106,6 +106,20 @@ impl HostUser {
             Err(_) => true,
         })
     }
+
+    /// Whether this user may run the file at `path`: reach it, and read and execute it
+    /// (by its owner, group or other bits, judged as in [`Self::can_reach`]).
+    pub fn can_run(&self, path: &Path) -> bool {
+        self.can_reach(path)
+            && match path.metadata() {
+                Ok(m) => {
+                    let mode = m.mode();
+                    let owner = m.uid() == self.uid && mode & 0o500 == 0o500;
+                    owner || mode & 0o050 == 0o050 || mode & 0o005 == 0o005
+                }
+                Err(_) => false,
+            }
+    }
 }
 
 #[cfg(test)]
