@@ -157,3 +157,32 @@ async fn without_a_configured_token_the_api_says_why() {
 fn uuid_like() -> String {
     "0190f6a2-7c3e-7d4a-9b1e-2f3a4b5c6d7e".into()
 }
+
+/// A stored task that no longer parses is a 500 `store_corrupt` (an operator must look),
+/// not a 503 inviting the client to retry what can never succeed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_stored_task_is_a_500_not_a_retry() {
+    let mut c = Cluster::new(&[]);
+    c.start_in_process().await.unwrap();
+    let created: Value = c
+        .http
+        .post(c.url("/api/v1/tasks"))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "repository": "/tmp/nowhere.git", "prompt": "x" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().expect("task id").to_string();
+    let db = rusqlite::Connection::open(c.dir.path().join("data/state.db")).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE tasks SET doc = '{\"id\": 42' WHERE id = ?1",
+            rusqlite::params![id],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    check_get(&c, &format!("/api/v1/tasks/{id}"), 500, "store_corrupt").await;
+}

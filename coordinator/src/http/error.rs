@@ -49,9 +49,19 @@ impl ApiError {
 
 impl ApiError {
     /// A state-store failure: a backend that does not answer is a 503 the client may
-    /// retry (an outage is not a server bug); anything else is internal.
+    /// retry (an outage is not a server bug); stored state that cannot be read back is a
+    /// 500 `store_corrupt` (retrying will not help, an operator must look); anything else
+    /// is internal.
     pub fn store(e: ao_shared::state::StoreError) -> Self {
         match e {
+            ao_shared::state::StoreError::Corrupt(detail) => {
+                tracing::error!(error = %detail, "stored state is corrupt");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "store_corrupt",
+                    "stored state cannot be read; see the coordinator's log",
+                )
+            }
             ao_shared::state::StoreError::Backend(detail) => {
                 tracing::warn!(error = %detail, "state store unavailable");
                 Self::unavailable(

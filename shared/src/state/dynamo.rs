@@ -111,6 +111,10 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
 fn sdk_error<E>(op: &str, err: SdkError<E, aws_smithy_runtime_api::http::Response>) -> StoreError
 where
     E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + 'static,
@@ -209,8 +213,8 @@ fn task_item(task: &Task) -> Result<HashMap<String, AttributeValue>, StoreError>
 }
 
 fn parse_task(item: &HashMap<String, AttributeValue>) -> Result<Task, StoreError> {
-    let doc = get_s(item, DOC).ok_or_else(|| backend("stored task has no document"))?;
-    serde_json::from_str(doc).map_err(|e| backend(format!("stored task is unreadable: {e}")))
+    let doc = get_s(item, DOC).ok_or_else(|| corrupt("stored task has no document"))?;
+    serde_json::from_str(doc).map_err(|e| corrupt(format!("stored task is unreadable: {e}")))
 }
 
 fn approx_item_size(item: &HashMap<String, AttributeValue>) -> usize {
@@ -977,9 +981,9 @@ impl StateStore for DynamoStore {
                 .await
                 .map_err(|e| sdk_error("Query", e))?;
             for item in out.items.unwrap_or_default() {
-                let seq = get_n(&item, SEQ).ok_or_else(|| backend("event without seq"))?;
-                let body = get_s(&item, BODY).ok_or_else(|| backend("event without body"))?;
-                let event: NewEvent = serde_json::from_str(body).map_err(backend)?;
+                let seq = get_n(&item, SEQ).ok_or_else(|| corrupt("event without seq"))?;
+                let body = get_s(&item, BODY).ok_or_else(|| corrupt("event without body"))?;
+                let event: NewEvent = serde_json::from_str(body).map_err(corrupt)?;
                 out_events.push(Event {
                     seq,
                     task_id: task,

@@ -35,8 +35,14 @@ pub enum StoreError {
     NotFound(TaskId),
     #[error("invalid cursor")]
     InvalidCursor,
+    /// The backend did not answer or refused the call (an outage, throttling, a missing
+    /// table): the caller may retry later.
     #[error("state backend: {0}")]
     Backend(String),
+    /// What the backend holds cannot be read back (a stored document that no longer
+    /// parses, an item missing its attributes): retrying will not help.
+    #[error("stored state is corrupt: {0}")]
+    Corrupt(String),
 }
 
 /// What a task event records.

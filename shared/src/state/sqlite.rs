@@ -52,6 +52,10 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
 fn insert_events(
     tx: &Transaction<'_>,
     task: TaskId,
@@ -81,7 +85,7 @@ fn insert_events(
 }
 
 fn parse_task(doc: &str) -> Result<Task, StoreError> {
-    serde_json::from_str(doc).map_err(|e| backend(format!("stored task is unreadable: {e}")))
+    serde_json::from_str(doc).map_err(|e| corrupt(format!("stored task is unreadable: {e}")))
 }
 
 impl SqliteStore {
@@ -448,7 +452,7 @@ impl StateStore for SqliteStore {
                 .map_err(backend)?;
             rows.into_iter()
                 .map(|(seq, body)| {
-                    let event: NewEvent = serde_json::from_str(&body).map_err(backend)?;
+                    let event: NewEvent = serde_json::from_str(&body).map_err(corrupt)?;
                     Ok(Event {
                         seq: seq as u64,
                         task_id: task,
