@@ -42,7 +42,7 @@ async fn a_repository_pipeline_waits_for_plan_approval() {
     let mut c = Cluster::new(&refs);
     fake.set_webhook(&c.url("/webhooks/github"), WEBHOOK_SECRET);
     let agent = script(c.dir.path(), "agent.sh", AGENT);
-    c.start_coordinator().await.unwrap();
+    c.start_in_process().await.unwrap();
     c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
 
     // An invalid file: said on the issue, no task.

@@ -1,5 +1,5 @@
 //! Every example payload of every event type from `@octokit/webhooks-examples` (GitHub's
-//! own shapes), signed and sent through the real coordinator's webhook endpoint: the
+//! own shapes), signed and sent through the coordinator's webhook endpoint (in-process): the
 //! events we handle are accepted (or acknowledged when the action is not ours), all the
 //! others acknowledged and ignored, and none is refused as malformed or fails with 5xx.
 
@@ -39,7 +39,7 @@ async fn every_published_example_is_handled_or_acknowledged() {
     env.push(("AO__GITHUB__RECONCILE_SECS".into(), "0".into()));
     let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut c = Cluster::new(&refs);
-    c.start_coordinator().await.unwrap();
+    c.start_in_process().await.unwrap();
 
     let mut seen_events = 0;
     let mut sent = 0;

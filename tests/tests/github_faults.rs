@@ -28,7 +28,7 @@ async fn the_report_survives_server_errors_and_rate_limits() {
         "agent.sh",
         "echo note > NOTE.md\necho wrote NOTE.md",
     );
-    c.start_coordinator().await.unwrap();
+    c.start_in_process().await.unwrap();
     c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
 
     let issue = fake.open_issue(REPO, "Add a note", "Please.", "alice");

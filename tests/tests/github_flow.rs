@@ -1,9 +1,9 @@
 //! End-to-end through the GitHub App: a signed `issues.labeled` delivery from the fake
-//! GitHub reaches the real coordinator, the real worker clones and pushes over smart HTTP
-//! with a scoped installation token, and the coordinator reports back on the fake: a pull
-//! request (draft, then ready), one progress comment edited in place, the final labels,
-//! the reviewer's review. Then a review requesting changes makes a second coder run on
-//! the same branch.
+//! GitHub reaches the coordinator (run in-process), the real worker clones and pushes
+//! over smart HTTP with a scoped installation token, and the coordinator reports back on
+//! the fake: a pull request (draft, then ready), one progress comment edited in place,
+//! the final labels, the reviewer's review. Then a review requesting changes makes a
+//! second coder run on the same branch.
 
 use ao_tests::fake_github::{FakeGithub, BOT_LOGIN};
 use ao_tests::{git, script, Cluster};
@@ -49,7 +49,7 @@ async fn a_labelled_issue_becomes_a_reviewed_pull_request() {
         ao_tests::fake_github::WEBHOOK_SECRET,
     );
     let agent = script(c.dir.path(), "agent.sh", AGENT);
-    c.start_coordinator().await.unwrap();
+    c.start_in_process().await.unwrap();
     c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
 
     let issue = fake.open_issue(REPO, "Add a note", "Please add a note file.", "alice");

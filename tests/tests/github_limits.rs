@@ -33,7 +33,7 @@ async fn a_task_over_the_repository_cap_waits_its_turn() {
             gate.display()
         ),
     );
-    c.start_coordinator().await.unwrap();
+    c.start_in_process().await.unwrap();
     c.start_worker(&[
         ("AO__AGENT__COMMAND", agent.to_str().unwrap()),
         ("AO__WORKER__CONCURRENCY", "2"),

@@ -35,7 +35,7 @@ async fn a_delivery_missed_while_down_runs_once_after_start() {
         "agent.sh",
         "echo note > NOTE.md\necho wrote NOTE.md",
     );
-    c.start_coordinator().await.unwrap();
+    c.start_in_process().await.unwrap();
     c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
 
     let m = fake
