@@ -27,6 +27,20 @@ pub enum OutcomeKind {
     Infrastructure,
 }
 
+/// Why a run failed, where something acts on the reason rather than only showing it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureCause {
+    /// The sandbox never started for want of capacity: the worker puts the same attempt
+    /// back on the queue instead of reporting it.
+    NotPlaced,
+    /// The git host refused a push that touches `.github/workflows/`: the token has no
+    /// `workflows` permission ("refusing to allow a GitHub App to create or update
+    /// workflow … without `workflows` permission", see GitHub's docs on the permissions
+    /// required for GitHub Apps). Not retryable until the permission is granted.
+    WorkflowsPermission,
+}
+
 impl OutcomeKind {
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -84,6 +98,9 @@ pub struct Outcome {
     pub turns: Option<u32>,
     #[serde(default)]
     pub duration_ms: u64,
+    /// Why it failed, when something acts on the reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<FailureCause>,
 }
 
 impl Outcome {
@@ -138,7 +155,14 @@ impl Outcome {
             tokens: TokenUsage::default(),
             turns: None,
             duration_ms: 0,
+            cause: None,
         }
+    }
+
+    /// The same outcome, marked with why it failed.
+    pub fn with_cause(mut self, cause: FailureCause) -> Self {
+        self.cause = Some(cause);
+        self
     }
 }
 

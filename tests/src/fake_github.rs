@@ -495,6 +495,7 @@ impl FakeGithub {
         let owner_dir = self.fake.git_root.join(owner);
         std::fs::create_dir_all(&owner_dir).expect("owner dir");
         let bare = crate::bare_repo(&owner_dir, name, files);
+        git_http::install_workflows_guard(&bare);
         let mut m = self.fake.model.lock();
         m.repos.insert(
             full_name.to_string(),

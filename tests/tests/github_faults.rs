@@ -110,3 +110,65 @@ async fn the_report_survives_server_errors_and_rate_limits() {
         .expect("rate-limit gauge");
     assert!(remaining < 5000.0 && remaining > 4000.0, "{remaining}");
 }
+
+/// An agent's change to `.github/workflows/` is refused by GitHub for want of the
+/// `workflows` permission (the fake refuses it in GitHub's words): the attempt is not
+/// retried (it would fail the same way), the task fails, and the issue is told why once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_push_refused_for_workflows_is_explained_and_not_retried() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let fake = FakeGithub::start(tmp.path(), 4242).await.expect("fake");
+    fake.add_installation(7, "acme");
+    fake.add_repo(7, REPO, &[]);
+    fake.set_role(REPO, "alice", "write");
+    let mut env = fake.settings();
+    env.push(("AO__GITHUB__DEFAULT_PIPELINE".into(), "code".into()));
+    env.push(("AO__GITHUB__RECONCILE_SECS".into(), "0".into()));
+    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut c = Cluster::new(&refs);
+    fake.set_webhook(&c.url("/webhooks/github"), WEBHOOK_SECRET);
+    let agent = script(
+        c.dir.path(),
+        "agent.sh",
+        "mkdir -p .github/workflows\necho 'on: push' > .github/workflows/ci.yml\necho added CI",
+    );
+    c.start_in_process().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+
+    let issue = fake.open_issue(REPO, "Add CI", "Please add a workflow.", "alice");
+    assert_eq!(fake.label_issue(REPO, issue, "agent", "alice").await, 202);
+    let m = fake
+        .wait_for("the failure explained", LIMIT, |m| {
+            m.issue(REPO, issue)
+                .is_some_and(|i| i.labels.iter().any(|l| l == "agent:failed"))
+                && m.comments_on(REPO, issue)
+                    .iter()
+                    .any(|c| c.body.contains("**workflows** permission"))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
+        .unwrap();
+    let notices = m
+        .comments_on(REPO, issue)
+        .into_iter()
+        .filter(|c| c.body.contains("**workflows** permission"))
+        .count();
+    assert_eq!(notices, 1);
+    assert!(m.pulls(REPO).is_empty(), "nothing was pushed to open one");
+    let tasks: serde_json::Value = c
+        .http
+        .get(c.url("/api/v1/tasks"))
+        .bearer_auth(ao_tests::TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let subtask = &tasks["tasks"][0]["subtasks"][0];
+    assert_eq!(subtask["attempt"], 1, "not retried: {tasks:#}");
+    assert_eq!(
+        subtask["outcome"]["cause"], "workflows_permission",
+        "{tasks:#}"
+    );
+}

@@ -19,7 +19,7 @@ use ao_shared::capability::Capability;
 use ao_shared::ids::{DeliveryId, TaskId};
 use ao_shared::state::TaskQuery;
 use ao_shared::status::{SubtaskStatus, TaskStatus};
-use ao_shared::task::{Applied, Task, TaskSource};
+use ao_shared::task::{Applied, FailureCause, Task, TaskSource};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -351,22 +351,24 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
 
     // 6. Plain words when a push touching workflows was refused for lack of permission.
     if task.status == TaskStatus::Failed {
-        let error = task.error.clone().unwrap_or_default().to_ascii_lowercase();
         let key = Once::WorkflowsNotice { task: task.id }.key();
-        if error.contains("workflow")
-            && (error.contains("permission") || error.contains("refusing"))
-            && !written.notices.contains(&key)
-        {
+        let refused = task.subtasks.iter().any(|s| {
+            s.outcome
+                .as_ref()
+                .is_some_and(|o| o.cause == Some(FailureCause::WorkflowsPermission))
+        });
+        if refused && !written.notices.contains(&key) {
             if gh.store.record_delivery(&key).await? {
                 api::create_comment(
                     c,
                     inst,
                     &repo,
                     issue,
-                    "The agent's change touches `.github/workflows/`, and this GitHub App does \
-                     not have the **workflows** permission, so GitHub refused the push. Grant \
-                     the App the `workflows` (read and write) permission, or ask for a change \
-                     that leaves the workflow files alone, then `/agent retry`.",
+                    "GitHub refused the push: the agent's change touches \
+                     `.github/workflows/`, and the token the agent pushes with has no \
+                     **workflows** permission (agents are not given it). Ask for a change that \
+                     leaves the workflow files alone and `/agent retry`, or edit the workflow \
+                     files yourself.",
                 )
                 .await?;
             }

@@ -1,6 +1,9 @@
 //! Real git over smart HTTP for the fake GitHub: requests under `/<owner>/<name>.git/`
 //! go to `git http-backend` (CGI) after the token in Basic auth (`x-access-token:<token>`)
 //! was checked against the repository and its `contents` permission (write for a push).
+//! As GitHub does, a push that creates or changes a file under `.github/workflows/` is
+//! refused unless the token also has the `workflows` permission (a pre-receive hook told
+//! by the environment what the token may do).
 
 use super::{Fake, Perm};
 use axum::body::Bytes;
@@ -18,6 +21,35 @@ fn unauthorized(why: &str) -> Response {
         why.to_string(),
     )
         .into_response()
+}
+
+/// Tells the pre-receive hook whether the pushing token has `workflows: write`.
+const WORKFLOWS_ENV: &str = "FAKE_GITHUB_WORKFLOWS";
+
+/// The pre-receive hook refusing, in GitHub's words, pushes that touch
+/// `.github/workflows/` without the `workflows` permission.
+const WORKFLOWS_GUARD: &str = r#"#!/bin/sh
+[ "$FAKE_GITHUB_WORKFLOWS" = write ] && exit 0
+zero=0000000000000000000000000000000000000000
+while read -r old new ref; do
+  [ "$new" = "$zero" ] && continue
+  if [ "$old" = "$zero" ]; then range="$new --not --all"; else range="$old..$new"; fi
+  file=$(git log --format= --name-only $range -- .github/workflows | head -n 1)
+  if [ -n "$file" ]; then
+    echo "refusing to allow a GitHub App to create or update workflow \`$file\` without \`workflows\` permission" >&2
+    exit 1
+  fi
+done
+exit 0
+"#;
+
+/// Installs [`WORKFLOWS_GUARD`] in the bare repository `bare`.
+pub fn install_workflows_guard(bare: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let hook = bare.join("hooks").join("pre-receive");
+    std::fs::create_dir_all(bare.join("hooks")).expect("hooks dir");
+    std::fs::write(&hook, WORKFLOWS_GUARD).expect("pre-receive hook");
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("chmod hook");
 }
 
 /// Serves one smart-HTTP request.
@@ -63,8 +95,12 @@ pub async fn serve(
             (StatusCode::FORBIDDEN, why).into_response()
         };
     }
+    let workflows = fake
+        .check_token(&token, &full, "workflows", Perm::Write)
+        .is_ok();
     let mut cmd = tokio::process::Command::new("git");
     cmd.arg("http-backend")
+        .env(WORKFLOWS_ENV, if workflows { "write" } else { "none" })
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("GIT_PROJECT_ROOT", &fake.git_root)

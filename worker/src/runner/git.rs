@@ -322,6 +322,15 @@ pub fn commit_and_push(
     Ok(Some(head))
 }
 
+/// Whether a failed push's error is the git host refusing a change to
+/// `.github/workflows/` for want of the `workflows` permission. GitHub words it
+/// "refusing to allow a GitHub App to create or update workflow `<path>` without
+/// `workflows` permission" (an OAuth App or a token: "an OAuth App"); git shows it after
+/// `remote:` or in the `[remote rejected]` line.
+pub fn refused_for_workflows(error: &str) -> bool {
+    error.contains("to create or update workflow") && error.contains("`workflows` permission")
+}
+
 /// Commits what the agent changed and writes the commits new since `start_commit` as a
 /// bundle, `work`/[`BUNDLE_FILE`], whose one ref `HEAD` is the new head. Whatever the
 /// agent left at that path is removed first.

@@ -16,7 +16,7 @@ mod warm_clone;
 
 use crate::redact::Redactor;
 use crate::spec::{Delivery, RunSpec, RunnerEvent};
-use ao_shared::task::{Outcome, OutcomeKind};
+use ao_shared::task::{FailureCause, Outcome, OutcomeKind};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -243,7 +243,13 @@ pub fn run(spec: &RunSpec, work: &Path, attempt_dir: &Path) -> Outcome {
             outcome
         }
         Err(e) => {
-            let mut failed = Outcome::failed(OutcomeKind::Infrastructure, e, true);
+            // A push refused for the `workflows` permission fails the same way every time.
+            let mut failed = if git::refused_for_workflows(&e) {
+                Outcome::failed(OutcomeKind::AgentError, e, false)
+                    .with_cause(FailureCause::WorkflowsPermission)
+            } else {
+                Outcome::failed(OutcomeKind::Infrastructure, e, true)
+            };
             failed.cost_usd = outcome.cost_usd;
             failed.tokens = outcome.tokens;
             failed.turns = outcome.turns;

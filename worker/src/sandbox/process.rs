@@ -237,8 +237,7 @@ pub(super) async fn supervise(
     let _ = forward.await;
     let tail = stderr_tail.await.unwrap_or_default();
     match channel.finish().await {
-        Ok(text) => serde_json::from_slice::<Outcome>(&text)
-            .unwrap_or_else(|e| infra(format!("the runner's result is unreadable: {e}"), true)),
+        Ok(text) => super::runner_outcome(&text),
         Err(e) => {
             tracing::warn!(error = %e, "no result from the runner");
             let status = status

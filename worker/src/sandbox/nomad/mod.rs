@@ -314,8 +314,7 @@ impl NomadDriver {
             .retry("result read", || self.client.cat(&alloc.id, RESULT_PATH))
             .await
         {
-            Ok(Some(bytes)) => serde_json::from_slice::<Outcome>(&bytes)
-                .unwrap_or_else(|e| infra(format!("the runner's result is unreadable: {e}"), true)),
+            Ok(Some(bytes)) => super::runner_outcome(&bytes),
             Ok(None) => self.without_result(alloc).await,
             Err(e) => infra(format!("cannot read the runner's result: {e}"), true),
         }
