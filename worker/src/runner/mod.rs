@@ -44,18 +44,20 @@ impl ResultSink {
     fn open(self) -> Result<OpenSink, String> {
         match self {
             ResultSink::File(path) => Ok(OpenSink::File(path)),
-            ResultSink::Fd(fd) => {
-                let opened = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(format!("/proc/self/fd/{fd}"));
-                // Closed whether or not it could be reopened: it must not reach a child.
-                let _ = nix::unistd::close(fd);
-                opened
-                    .map(OpenSink::Channel)
-                    .map_err(|e| format!("cannot open the result channel (fd {fd}): {e}"))
-            }
+            ResultSink::Fd(fd) => take_inherited(fd, "result channel").map(OpenSink::Channel),
         }
     }
+}
+
+/// Reopens the inherited descriptor `fd` close-on-exec and closes `fd`, so that no
+/// program the runner starts holds it.
+fn take_inherited(fd: i32, what: &str) -> Result<std::fs::File, String> {
+    let opened = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/self/fd/{fd}"));
+    // Closed whether or not it could be reopened: it must not reach a child.
+    let _ = nix::unistd::close(fd);
+    opened.map_err(|e| format!("cannot open the {what} (fd {fd}): {e}"))
 }
 
 impl OpenSink {
@@ -111,11 +113,26 @@ fn log(message: impl Into<String>) {
 }
 
 /// Reads the spec, runs the attempt, writes the result. Returns the process exit code.
-pub fn main(spec_path: &Path, sink: ResultSink, work_dir: Option<PathBuf>) -> i32 {
+/// `bundle_fd`: the inherited descriptor a bundle delivery goes to (else a file beside
+/// the spec).
+pub fn main(
+    spec_path: &Path,
+    sink: ResultSink,
+    work_dir: Option<PathBuf>,
+    bundle_fd: Option<i32>,
+) -> i32 {
     let started = Instant::now();
     let sink = match sink.open() {
         Ok(s) => s,
         Err(e) => {
+            let _ = writeln!(std::io::stderr(), "runner: {e}");
+            return 2;
+        }
+    };
+    let bundle_out = match bundle_fd.map(|fd| take_inherited(fd, "bundle channel")) {
+        None => None,
+        Some(Ok(file)) => Some(file),
+        Some(Err(e)) => {
             let _ = writeln!(std::io::stderr(), "runner: {e}");
             return 2;
         }
@@ -143,7 +160,11 @@ pub fn main(spec_path: &Path, sink: ResultSink, work_dir: Option<PathBuf>) -> i3
                 .map(Path::to_path_buf)
                 .unwrap_or_else(std::env::temp_dir);
             let work = work_dir.unwrap_or_else(|| attempt_dir.clone());
-            run(&spec, &work, &attempt_dir)
+            let bundle = match bundle_out {
+                Some(file) => git::BundleOut::Channel(file),
+                None => git::BundleOut::Dir(attempt_dir),
+            };
+            run(&spec, &work, bundle)
         }
         Err(e) => Outcome::failed(
             OutcomeKind::Infrastructure,
@@ -168,8 +189,8 @@ pub fn main(spec_path: &Path, sink: ResultSink, work_dir: Option<PathBuf>) -> i3
     0
 }
 
-/// Runs one attempt in `work` and says how it ended; a bundle is left in `attempt_dir`.
-pub fn run(spec: &RunSpec, work: &Path, attempt_dir: &Path) -> Outcome {
+/// Runs one attempt in `work` and says how it ended; a bundle delivery goes to `bundle`.
+pub fn run(spec: &RunSpec, work: &Path, bundle: git::BundleOut) -> Outcome {
     let repo = work.join("repo");
     if repo.exists() {
         let _ = std::fs::remove_dir_all(&repo);
@@ -226,7 +247,7 @@ pub fn run(spec: &RunSpec, work: &Path, attempt_dir: &Path) -> Outcome {
     let delivered = match spec.delivery {
         Delivery::Push => git::commit_and_push(spec, &repo, &start_commit, &outcome.summary),
         Delivery::Bundle => {
-            git::commit_and_bundle(spec, &repo, &start_commit, &outcome.summary, attempt_dir)
+            git::commit_and_bundle(spec, &repo, &start_commit, &outcome.summary, bundle)
         }
     };
     match delivered {
