@@ -278,7 +278,10 @@ impl Cluster {
         let child = loop {
             match cmd.spawn() {
                 Ok(child) => break child,
-                Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ETXTBSY as i32) && tries < 50 => {
+                Err(e)
+                    if e.raw_os_error() == Some(nix::errno::Errno::ETXTBSY as i32)
+                        && tries < 50 =>
+                {
                     tries += 1;
                     std::thread::sleep(Duration::from_millis(20));
                 }

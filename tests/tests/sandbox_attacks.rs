@@ -570,7 +570,8 @@ async fn concurrent_model_calls_stay_within_the_budget(who: Worker) {
         })
         .count();
     assert_eq!(
-        costly, 1,
+        costly,
+        1,
         "{costly} $1 calls reached the model under a $0.50 budget\n{text}\n{}",
         c.logs()
     );
@@ -578,7 +579,10 @@ async fn concurrent_model_calls_stay_within_the_budget(who: Worker) {
     assert_eq!(s["outcome"]["kind"], "budget_exceeded", "{done:#}");
     let cost = s["cost_usd"].as_f64().expect("cost");
     assert!((cost - 1.0).abs() < 0.01, "metered cost {cost}");
-    assert!(text.contains("codes: 200 403 403 403 403 403 403 403"), "{text}");
+    assert!(
+        text.contains("codes: 200 403 403 403 403 403 403 403"),
+        "{text}"
+    );
 }
 for_both_workers!(concurrent_model_calls_stay_within_the_budget:
     concurrent_model_calls_stay_within_the_budget_root_worker,
@@ -686,22 +690,27 @@ echo change > change.txt
         late = late.display(),
     );
     let allow = format!("127.0.0.1:{go_port}");
-    start(&mut c, &body, &[("AO__SANDBOX__ALLOW_HOSTS", allow.as_str())]).await;
+    start(
+        &mut c,
+        &body,
+        &[("AO__SANDBOX__ALLOW_HOSTS", allow.as_str())],
+    )
+    .await;
     let id = submit(&c, &repo, "agent/sockets").await;
     let done = finished(&c, &id).await;
     let _ = binder.kill();
     let _ = binder.wait();
     let text = event_text(&c, &id).await;
-    let late_count = late_hits
-        .lock()
-        .as_ref()
-        .map(|h| h.load(Ordering::SeqCst));
+    let late_count = late_hits.lock().as_ref().map(|h| h.load(Ordering::SeqCst));
     let relative_reached = relative_hits.exists();
     for p in [&spaced, &relative, &late, &relative_hits] {
         let _ = std::fs::remove_file(p);
     }
     assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
-    assert!(text.contains("go: go"), "the late socket was never made\n{text}");
+    assert!(
+        text.contains("go: go"),
+        "the late socket was never made\n{text}"
+    );
     assert_eq!(late_count, Some(0), "the late socket was reached\n{text}");
     assert_eq!(
         spaced_hits.load(Ordering::SeqCst),
@@ -754,7 +763,10 @@ ls -la $attempt $attempt/locked >> probe.txt 2>&1
     assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
     let probe = git(&repo, &["show", "agent/disk:probe.txt"]);
     let left = attempt_dirs(&c);
-    assert!(left.is_empty(), "attempt directories left: {left:?}\n{probe}");
+    assert!(
+        left.is_empty(),
+        "attempt directories left: {left:?}\n{probe}"
+    );
     assert!(probe.contains("attempt=bounded"), "{probe}");
 }
 for_both_workers!(the_attempt_directory_is_bounded_and_cleaned_up:

@@ -709,7 +709,10 @@ mod tests {
         assert_eq!(list.refused.len(), MAX_REFUSED_LISTED);
         assert_eq!(list.unlisted, 2);
         let a = &list.refused[0];
-        assert_eq!((a.count, a.first_at.as_str(), a.last_at.as_str()), (2, "t1", "t2"));
+        assert_eq!(
+            (a.count, a.first_at.as_str(), a.last_at.as_str()),
+            (2, "t1", "t2")
+        );
         assert_eq!(list.refused[1].port, 80);
     }
 

@@ -710,11 +710,9 @@ impl SandboxDriver for BwrapDriver {
             (&local, outcome.commit.clone(), outcome.kind)
         {
             let delivered = match &bundle {
-                Ok(file) => {
-                    local_repo::deliver(file.as_deref(), repo, &spec.branch, &commit)
-                        .await
-                        .map_err(|e| e.to_string())
-                }
+                Ok(file) => local_repo::deliver(file.as_deref(), repo, &spec.branch, &commit)
+                    .await
+                    .map_err(|e| e.to_string()),
                 Err(e) => Err(e.clone()),
             };
             if let Err(e) = delivered {

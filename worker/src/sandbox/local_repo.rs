@@ -125,5 +125,4 @@ mod tests {
         assert_eq!(local_repository("git@example.com:a/b.git"), None);
         assert_eq!(local_repository("/nonexistent/repo.git"), None);
     }
-
 }
