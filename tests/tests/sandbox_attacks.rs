@@ -683,6 +683,11 @@ echo "go: $(curl -s -m 30 http://127.0.0.1:{go_port}/go)"
 echo "spaced: $(try '{spaced}')"
 echo "relative: $(try '{relative}')"
 echo "late: $(try '{late}')"
+# Control: a socket of the sandbox's own connects, so the probe itself works.
+python3 -c 'import socket,threading
+l = socket.socket(socket.AF_UNIX); l.bind("/tmp/own.sock"); l.listen(1)
+threading.Thread(target=lambda: l.accept()[0].sendall(b"own-ok"), daemon=True).start()
+s = socket.socket(socket.AF_UNIX); s.connect("/tmp/own.sock"); print("control:", s.recv(10).decode())'
 echo change > change.txt
 "#,
         spaced = spaced.display(),
@@ -710,6 +715,10 @@ echo change > change.txt
     assert!(
         text.contains("go: go"),
         "the late socket was never made\n{text}"
+    );
+    assert!(
+        text.contains("control: own-ok"),
+        "the probe does not work\n{text}"
     );
     assert_eq!(late_count, Some(0), "the late socket was reached\n{text}");
     assert_eq!(
@@ -972,3 +981,62 @@ echo change > change.txt
 for_both_workers!(refused_hosts_are_listed_with_the_result:
     refused_hosts_are_listed_with_the_result_root_worker,
     refused_hosts_are_listed_with_the_result_ordinary_worker);
+
+/// Attack 16: the agent uses SSH to get out: `ssh` and `git ls-remote` over `ssh://` to a
+/// host service, and an SSH-style tunnel through the proxy (`CONNECT host:port`). The
+/// sandbox's network namespace has no route out, and the proxy tunnels only to the
+/// allow-list: nothing reaches the service, and the tunnel is refused and reported.
+async fn ssh_gives_no_way_out_of_the_allow_list(who: Worker) {
+    let Some(mut c) = cluster(who, &[]) else {
+        return;
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let hits = Arc::new(AtomicUsize::new(0));
+    {
+        let hits = hits.clone();
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                hits.fetch_add(1, Ordering::SeqCst);
+                let _ = stream.write_all(b"SSH-2.0-OpenSSH_9.6\r\n");
+            }
+        });
+    }
+    let root = c.dir.path().to_path_buf();
+    let repo = bare_repo(&root, "project", &[]);
+    let body = format!(
+        r#"
+set +e
+ssh -o BatchMode=yes -o ConnectTimeout=3 -o StrictHostKeyChecking=no -p {port} git@127.0.0.1 true 2>&1 | tail -1 | sed 's/^/ssh: /'
+GIT_SSH_COMMAND='ssh -oBatchMode=yes -oConnectTimeout=3 -oStrictHostKeyChecking=no' \
+  git ls-remote ssh://git@127.0.0.1:{port}/x.git 2>&1 | tail -1 | sed 's/^/ls-remote: /'
+echo "tunnel: $(curl -s -m 5 -p -x "$HTTPS_PROXY" telnet://127.0.0.1:{port} </dev/null 2>&1; echo "exit $?")"
+echo change > change.txt
+"#
+    );
+    start(&mut c, &body, &[]).await;
+    let id = submit(&c, &repo, "agent/ssh").await;
+    let done = finished(&c, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let text = event_text(&c, &id).await;
+    // ssh ran, and found nothing listening in the sandbox's own network namespace.
+    assert!(
+        text.contains(&format!("port {port}: Connection refused")),
+        "{text}"
+    );
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "the host service was reached\n{text}"
+    );
+    let all = events(&c, &id).await;
+    let tunnel_denied = all.iter().any(|e| {
+        e["data"]["type"] == "network_denied"
+            && e["data"]["event"]["host"] == "127.0.0.1"
+            && e["data"]["event"]["port"] == u64::from(port)
+    });
+    assert!(tunnel_denied, "the tunnel was not reported\n{text}");
+}
+for_both_workers!(ssh_gives_no_way_out_of_the_allow_list:
+    ssh_gives_no_way_out_of_the_allow_list_root_worker,
+    ssh_gives_no_way_out_of_the_allow_list_ordinary_worker);
