@@ -1040,3 +1040,61 @@ echo change > change.txt
 for_both_workers!(ssh_gives_no_way_out_of_the_allow_list:
     ssh_gives_no_way_out_of_the_allow_list_root_worker,
     ssh_gives_no_way_out_of_the_allow_list_ordinary_worker);
+
+/// Attack 17: the agent finds the setup cache's incoming directory of its run in the run
+/// spec (a warm start of a repository with a `[setup]` cache) and writes 64 MiB into it:
+/// a host directory (before: written, unbounded). The setup result leaves over a pipe
+/// instead; the write fails, and the setup cache still works (the next run restores).
+async fn the_setup_cache_is_no_writable_host_place(who: Worker) {
+    let Some(mut c) = cluster(who, &[]) else {
+        return;
+    };
+    let root = c.dir.path().to_path_buf();
+    let repo = bare_repo(
+        &root,
+        "project",
+        &[
+            (
+                "agent-setup.sh",
+                "mkdir -p deps && date +%s%N > deps/stamp\n",
+            ),
+            (
+                ".agent-orchestrator.toml",
+                "[setup]\ncache = [\"deps\"]\nkey = [\"deps.lock\"]\n",
+            ),
+            ("deps.lock", "v1\n"),
+        ],
+    );
+    let body = r#"
+set +e
+store=$(python3 -c 'import json; print((json.load(open("../../spec.json")).get("warm", {}).get("setup") or {}).get("store") or "")')
+if [ -n "$store" ] && dd if=/dev/zero of="$store/fill" bs=1M count=64 2>/dev/null; then echo "store=filled"; else echo "store=bounded"; fi > probe.txt
+rm -f "$store/fill"
+echo "stamp=$(cat deps/stamp)" >> probe.txt
+"#;
+    start(&mut c, body, &[]).await;
+    let first = submit(&c, &repo, "agent/store-1").await;
+    let done = finished(&c, &first).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let probe = git(&repo, &["show", "agent/store-1:probe.txt"]);
+    assert!(probe.contains("store=bounded"), "{probe}");
+    let second = submit(&c, &repo, "agent/store-2").await;
+    let done = finished(&c, &second).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let again = git(&repo, &["show", "agent/store-2:probe.txt"]);
+    let stamp = |p: &str| {
+        p.lines()
+            .find_map(|l| l.strip_prefix("stamp="))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(!stamp(&probe).is_empty(), "{probe}");
+    assert_eq!(
+        stamp(&again),
+        stamp(&probe),
+        "the setup result was not restored"
+    );
+}
+for_both_workers!(the_setup_cache_is_no_writable_host_place:
+    the_setup_cache_is_no_writable_host_place_root_worker,
+    the_setup_cache_is_no_writable_host_place_ordinary_worker);

@@ -73,6 +73,11 @@ enum Command {
         /// starts; without it the bundle is a file beside the spec.
         #[arg(long)]
         bundle_fd: Option<i32>,
+        /// A file descriptor inherited from the worker that a setup result for the
+        /// setup cache is written to (the bwrap driver's), closed to every program the
+        /// runner starts; without it the result is a file in the spec's store directory.
+        #[arg(long)]
+        setup_fd: Option<i32>,
     },
 }
 
@@ -85,6 +90,7 @@ fn main() -> anyhow::Result<()> {
             result_fd,
             workspace,
             bundle_fd,
+            setup_fd,
         } => {
             let sink = match (result, result_fd) {
                 (Some(path), _) => runner::ResultSink::File(path),
@@ -92,7 +98,7 @@ fn main() -> anyhow::Result<()> {
                 // clap requires one of them.
                 (None, None) => anyhow::bail!("--result or --result-fd is required"),
             };
-            std::process::exit(runner::main(&spec, sink, workspace, bundle_fd));
+            std::process::exit(runner::main(&spec, sink, workspace, bundle_fd, setup_fd));
         }
         Command::Serve => {
             let settings =

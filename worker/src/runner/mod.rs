@@ -114,12 +114,14 @@ fn log(message: impl Into<String>) {
 
 /// Reads the spec, runs the attempt, writes the result. Returns the process exit code.
 /// `bundle_fd`: the inherited descriptor a bundle delivery goes to (else a file beside
-/// the spec).
+/// the spec); `setup_fd`: the one a setup result for the cache goes to (else a file in
+/// the spec's store directory).
 pub fn main(
     spec_path: &Path,
     sink: ResultSink,
     work_dir: Option<PathBuf>,
     bundle_fd: Option<i32>,
+    setup_fd: Option<i32>,
 ) -> i32 {
     let started = Instant::now();
     let sink = match sink.open() {
@@ -129,14 +131,18 @@ pub fn main(
             return 2;
         }
     };
-    let bundle_out = match bundle_fd.map(|fd| take_inherited(fd, "bundle channel")) {
-        None => None,
-        Some(Ok(file)) => Some(file),
-        Some(Err(e)) => {
-            let _ = writeln!(std::io::stderr(), "runner: {e}");
-            return 2;
+    let mut inherited = Vec::new();
+    for (fd, what) in [(bundle_fd, "bundle channel"), (setup_fd, "setup channel")] {
+        match fd.map(|fd| take_inherited(fd, what)).transpose() {
+            Ok(file) => inherited.push(file),
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "runner: {e}");
+                return 2;
+            }
         }
-    };
+    }
+    let setup_out = inherited.pop().flatten();
+    let bundle_out = inherited.pop().flatten();
     // The agent runs as the same user: without this it could read the runner's secrets
     // (a git token) from /proc/<runner>/environ, or attach to it.
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
@@ -164,7 +170,7 @@ pub fn main(
                 Some(file) => git::BundleOut::Channel(file),
                 None => git::BundleOut::Dir(attempt_dir),
             };
-            run(&spec, &work, bundle)
+            run(&spec, &work, bundle, setup_out)
         }
         Err(e) => Outcome::failed(
             OutcomeKind::Infrastructure,
@@ -189,8 +195,14 @@ pub fn main(
     0
 }
 
-/// Runs one attempt in `work` and says how it ended; a bundle delivery goes to `bundle`.
-pub fn run(spec: &RunSpec, work: &Path, bundle: git::BundleOut) -> Outcome {
+/// Runs one attempt in `work` and says how it ended; a bundle delivery goes to `bundle`,
+/// a setup result for the cache to `setup_out` (else into the spec's store directory).
+pub fn run(
+    spec: &RunSpec,
+    work: &Path,
+    bundle: git::BundleOut,
+    setup_out: Option<std::fs::File>,
+) -> Outcome {
     let repo = work.join("repo");
     if repo.exists() {
         let _ = std::fs::remove_dir_all(&repo);
@@ -209,7 +221,7 @@ pub fn run(spec: &RunSpec, work: &Path, bundle: git::BundleOut) -> Outcome {
         Err(e) => return Outcome::failed(OutcomeKind::Infrastructure, e, true),
     };
     // The repository's setup (or its cached result), with no secret of the run.
-    if let Err(failed) = setup::run(spec, &repo) {
+    if let Err(failed) = setup::run(spec, &repo, setup_out) {
         return *failed;
     }
     log(format!("running the {} agent", spec.capability));

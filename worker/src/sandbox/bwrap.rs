@@ -26,8 +26,8 @@
 //!   host path of the worker. A repository given as a local path or `file://` URL is
 //!   shown read-only; the runner hands its commits back as a bundle over a pipe, which
 //!   the worker pushes (see [`super::local_repo`]). The outcome travels over a pipe too
-//!   (see [`super::result_channel`]). The one host place still writable is a warm
-//!   start's setup-cache incoming directory (see `warm.rs`), when the repository has one.
+//!   (see [`super::result_channel`]), and so does a setup result for the warm setup
+//!   cache.
 //! - the environment rebuilt from an allow-list: PATH, LANG, LC_ALL, TZ, HOME, USER, LOGNAME,
 //!   TMPDIR and the names in `sandbox.env_pass`. Values travel in bubblewrap's environment
 //!   (never `--setenv`, which would show them in `/proc/*/cmdline`); bubblewrap hands its
@@ -49,7 +49,7 @@ use super::limits::{self, AttemptCgroup, Cgroups};
 use super::local_repo::{self, local_repository};
 use super::network::{self, NetworkMode};
 use super::process::{infra, supervise, Attempt, RUNNER_MARGIN};
-use super::result_channel::{BundleChannel, BUNDLE_FD, RESULT_FD};
+use super::result_channel::{BundleChannel, FileChannel, BUNDLE_FD, RESULT_FD, SETUP_FD};
 use super::SandboxDriver;
 use crate::proxy::RunProxy;
 use crate::secret_files::SecretFiles;
@@ -378,8 +378,8 @@ impl BwrapDriver {
         let inside = Path::new(INSIDE_ATTEMPT);
         a.0.extend(limits::sized_tmpfs(ATTEMPT_TMPFS_MB, inside));
         a.two("--ro-bind", &attempt.spec, &inside.join("spec.json"));
-        // Warm start (see `warm.rs`): the mirror and a cached setup result read-only, the
-        // setup result's incoming directory writable.
+        // Warm start (see `warm.rs`): the mirror and a cached setup result read-only (a
+        // setup result to store leaves over a pipe).
         let warm = &spec.warm;
         let setup = warm.setup.as_ref();
         for path in warm
@@ -389,10 +389,6 @@ impl BwrapDriver {
         {
             a.two("--ro-bind", path, path);
             shown.push(path.clone());
-        }
-        if let Some(store) = setup.and_then(|s| s.store.as_ref()) {
-            a.two("--bind", store, store);
-            shown.push(store.clone());
         }
         let workspace = inside.join(WORKSPACE_DIR);
         a.0.extend(limits::sized_tmpfs(s.workspace_mb, &workspace));
@@ -427,6 +423,9 @@ impl BwrapDriver {
         a.flags(&["--result-fd", &RESULT_FD.to_string()]);
         if run.bundle.is_some() {
             a.flags(&["--bundle-fd", &BUNDLE_FD.to_string()]);
+        }
+        if run.setup.is_some() {
+            a.flags(&["--setup-fd", &SETUP_FD.to_string()]);
         }
         a.flags(&["--workspace"]);
         a.0.push(workspace.into());
@@ -494,6 +493,8 @@ struct RunSetup {
     seccomp_fds: Vec<i32>,
     /// The bundle channel (a local repository's run).
     bundle: Option<BundleChannel>,
+    /// The setup-result channel (a run that may store its setup in the cache).
+    setup: Option<FileChannel>,
 }
 
 /// Puts the proxy's metering into the outcome: its cost and tokens are the run's (the
@@ -629,7 +630,7 @@ impl SandboxDriver for BwrapDriver {
         };
         if let Some(host) = &self.host {
             // The attempt directory (the spec, which bubblewrap binds as the host user)
-            // and the setup cache's incoming directory (the sandbox's to write).
+            // and the setup cache's incoming directory (the runner's setup result).
             let incoming = spec.warm.setup.as_ref().and_then(|s| s.store.as_deref());
             for dir in std::iter::once(attempt.path()).chain(incoming) {
                 if let Err(e) = host.own(dir) {
@@ -682,6 +683,41 @@ impl SandboxDriver for BwrapDriver {
             },
             None => None,
         };
+        // A setup result to store comes over a pipe into the incoming file the worker
+        // checks afterwards (see `warm.rs`); the sandbox never sees the directory.
+        let stored = match spec
+            .warm
+            .setup
+            .as_ref()
+            .and_then(|s| Some((s.store.as_ref()?, &s.key)))
+        {
+            Some((store, key)) => {
+                use std::os::unix::fs::OpenOptionsExt;
+                let limit = self
+                    .all
+                    .warm
+                    .setup_cache_entry_max_mb
+                    .saturating_mul(1 << 20);
+                let opened = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(store.join(format!("{key}.tar")))
+                    .map_err(|e| e.to_string())
+                    .and_then(|file| {
+                        FileChannel::open(file, SETUP_FD, limit, "setup result")
+                            .map_err(|e| e.to_string())
+                    });
+                match opened {
+                    Ok((channel, mapping)) => {
+                        channels.push(mapping);
+                        Some(channel)
+                    }
+                    Err(e) => return infra(format!("cannot open the setup channel: {e}"), true),
+                }
+            }
+            None => None,
+        };
         let mut setup = RunSetup {
             network,
             proxy_socket: proxy.as_ref().map(RunProxy::socket),
@@ -692,6 +728,7 @@ impl SandboxDriver for BwrapDriver {
                 .map(std::os::fd::AsRawFd::as_raw_fd)
                 .collect(),
             bundle,
+            setup: stored,
         };
         let cmd = self.command(&spec, &attempt, &setup);
         let limit = Duration::from_secs(spec.agent.timeout_secs) + RUNNER_MARGIN;
@@ -700,6 +737,12 @@ impl SandboxDriver for BwrapDriver {
             Some(channel) => channel.finish().await.map_err(|e| e.to_string()),
             None => Ok(None),
         };
+        if let Some(channel) = setup.setup.take() {
+            // A result that did not arrive whole fails the cache's hash check later.
+            if let Err(e) = channel.finish().await {
+                tracing::warn!(error = %e, "the setup result did not arrive");
+            }
+        }
         if let Some(proxy) = proxy {
             apply_metering(&mut outcome, proxy.stop().await);
         }

@@ -11,7 +11,9 @@
 //!
 //! A local repository's bundle travels the same way ([`BundleChannel`], the runner's
 //! [`BUNDLE_FD`]): the worker copies it, at most [`BUNDLE_LIMIT`] bytes, into a private
-//! file of its own, so the sandbox needs no writable host directory at all.
+//! file of its own; so does a setup result for the warm setup cache ([`FileChannel`],
+//! [`SETUP_FD`]), into the worker's incoming file. The sandbox needs no writable host
+//! directory at all.
 
 use command_fds::{CommandFdExt, FdMapping};
 use nix::fcntl::OFlag;
@@ -32,6 +34,8 @@ pub const RESULT_LIMIT: u64 = 1024 * 1024;
 pub const BUNDLE_FD: i32 = 4;
 /// Largest bundle accepted, in bytes.
 pub const BUNDLE_LIMIT: u64 = 512 * 1024 * 1024;
+/// The runner's file descriptor of the setup-result channel's write end.
+pub const SETUP_FD: i32 = 5;
 /// How long the worker still reads after the runner ended; only a process that escaped
 /// the sandbox's end could hold the write end that long.
 pub const RESULT_GRACE: Duration = Duration::from_secs(5);
@@ -49,8 +53,8 @@ pub enum ChannelError {
     Empty,
     #[error("the result channel stayed open {} s after the runner ended", RESULT_GRACE.as_secs())]
     Stuck,
-    #[error("the runner's bundle is larger than {BUNDLE_LIMIT} bytes")]
-    BundleTooLarge,
+    #[error("the runner's {what} is larger than {limit} bytes")]
+    FileTooLarge { what: &'static str, limit: u64 },
     #[error("cannot keep the runner's bundle: {0}")]
     Keep(std::io::Error),
 }
@@ -85,10 +89,51 @@ async fn finish_reading<T>(
     }
 }
 
+/// A channel whose bytes the worker copies into a file of its own: what the runner
+/// writes to its `child_fd` lands in `file`, at most `limit` bytes.
+pub struct FileChannel {
+    reading: JoinHandle<Result<u64, ChannelError>>,
+}
+
+impl FileChannel {
+    /// Makes the pipe and starts copying it into `file` (`what` names it in errors).
+    /// Returns the channel and the mapping to hand to the runner's command with
+    /// [`ResultChannel::attach`].
+    pub fn open(
+        file: std::fs::File,
+        child_fd: i32,
+        limit: u64,
+        what: &'static str,
+    ) -> Result<(Self, FdMapping), ChannelError> {
+        let (read, mapping) = channel_pipe(child_fd)?;
+        let receiver =
+            pipe::Receiver::from_owned_fd(read).map_err(|e| ChannelError::Setup(e.to_string()))?;
+        let reading = tokio::spawn(async move {
+            let mut out = tokio::fs::File::from_std(file);
+            let copied = tokio::io::copy(&mut receiver.take(limit + 1), &mut out)
+                .await
+                .map_err(ChannelError::Read)?;
+            if copied > limit {
+                return Err(ChannelError::FileTooLarge { what, limit });
+            }
+            use tokio::io::AsyncWriteExt;
+            out.flush().await.map_err(ChannelError::Keep)?;
+            Ok(copied)
+        });
+        Ok((Self { reading }, mapping))
+    }
+
+    /// How many bytes the runner wrote, once it has ended.
+    pub async fn finish(self) -> Result<u64, ChannelError> {
+        finish_reading(self.reading).await
+    }
+}
+
 /// The worker's end of one attempt's bundle channel: what the runner writes to
 /// [`BUNDLE_FD`] lands in a private file of the worker's.
 pub struct BundleChannel {
-    reading: JoinHandle<Result<Option<tempfile::TempPath>, ChannelError>>,
+    channel: FileChannel,
+    path: tempfile::TempPath,
 }
 
 impl BundleChannel {
@@ -96,32 +141,19 @@ impl BundleChannel {
     /// directory no sandbox sees). Returns the channel and the mapping to hand to the
     /// runner's command with [`ResultChannel::attach`].
     pub fn open(private_dir: &Path) -> Result<(Self, FdMapping), ChannelError> {
-        let (read, mapping) = channel_pipe(BUNDLE_FD)?;
         let file = tempfile::Builder::new()
             .prefix(".bundle-")
             .tempfile_in(private_dir)
             .map_err(ChannelError::Keep)?;
-        let receiver =
-            pipe::Receiver::from_owned_fd(read).map_err(|e| ChannelError::Setup(e.to_string()))?;
-        let reading = tokio::spawn(async move {
-            let (std_file, path) = file.into_parts();
-            let mut out = tokio::fs::File::from_std(std_file);
-            let copied = tokio::io::copy(&mut receiver.take(BUNDLE_LIMIT + 1), &mut out)
-                .await
-                .map_err(ChannelError::Read)?;
-            if copied > BUNDLE_LIMIT {
-                return Err(ChannelError::BundleTooLarge);
-            }
-            use tokio::io::AsyncWriteExt;
-            out.flush().await.map_err(ChannelError::Keep)?;
-            Ok((copied > 0).then_some(path))
-        });
-        Ok((Self { reading }, mapping))
+        let (file, path) = file.into_parts();
+        let (channel, mapping) = FileChannel::open(file, BUNDLE_FD, BUNDLE_LIMIT, "bundle")?;
+        Ok((Self { channel, path }, mapping))
     }
 
     /// The bundle the runner wrote (`None` when it wrote none), once it has ended.
     pub async fn finish(self) -> Result<Option<tempfile::TempPath>, ChannelError> {
-        finish_reading(self.reading).await
+        let copied = self.channel.finish().await?;
+        Ok((copied > 0).then_some(self.path))
     }
 }
 
