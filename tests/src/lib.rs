@@ -272,9 +272,22 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        // A binary just copied (see `program`) may still be open for writing in a child
+        // another test forked meanwhile, until that child execs: ETXTBSY, retried.
+        let mut tries = 0;
+        let child = loop {
+            match cmd.spawn() {
+                Ok(child) => break child,
+                Err(e)
+                    if e.raw_os_error() == Some(nix::errno::Errno::ETXTBSY as i32)
+                        && tries < 50 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("cannot start {program}: {e}"),
+            }
+        };
         Daemon {
             name: name.to_string(),
             child: Some(child),

@@ -88,6 +88,8 @@ pub struct Recorded {
 struct Inner {
     script: Vec<Turn>,
     requests: Vec<Recorded>,
+    /// Requests to any other path: `(method, path and query, x-api-key)`.
+    other: Vec<(String, String, Option<String>)>,
 }
 
 /// A running scripted model server; stops when dropped.
@@ -102,10 +104,11 @@ impl ModelServer {
         let inner = Arc::new(Mutex::new(Inner {
             script,
             requests: Vec::new(),
+            other: Vec::new(),
         }));
         let app = Router::new()
             .route("/v1/messages", post(messages))
-            .fallback(|| async { StatusCode::NOT_FOUND })
+            .fallback(other)
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -139,9 +142,37 @@ impl ModelServer {
             .collect()
     }
 
+    /// Every request to a path other than `POST /v1/messages`: `(method, path and
+    /// query, the x-api-key it carried)`. Each was answered 200 with `{}`.
+    pub fn other_requests(&self) -> Vec<(String, String, Option<String>)> {
+        self.inner.lock().expect("model server lock").other.clone()
+    }
+
     pub fn stop(self) {
         let _ = self.stop.send(());
     }
+}
+
+async fn other(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Response {
+    let key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    inner
+        .lock()
+        .expect("model server lock")
+        .other
+        .push((method.to_string(), path, key));
+    axum::Json(json!({})).into_response()
 }
 
 fn sse(event: &str, data: Value) -> String {

@@ -10,7 +10,10 @@
 use ao_tests::scenario::events;
 use ao_tests::{bare_repo, git, running_as_root, script, test_user, Cluster, TEST_USER};
 use serde_json::{json, Value};
+use std::io::{Read, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -99,14 +102,21 @@ async fn start(c: &mut Cluster, body: &str, extra: &[(&str, &str)]) {
     c.start_worker(&settings);
 }
 
+/// Every scenario's processes run as [`TEST_USER`] (the ordinary worker, or a root
+/// worker's sandboxes), whose RLIMIT_NPROC counts them all: the test of that limit runs
+/// alone (write), the others together (read).
+static TEST_USER_PROCESSES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 macro_rules! for_both_workers {
     ($scenario:ident: $root:ident, $ordinary:ident) => {
         #[tokio::test(flavor = "multi_thread")]
         async fn $root() {
+            let _shared = TEST_USER_PROCESSES.read().await;
             $scenario(Worker::Root).await
         }
         #[tokio::test(flavor = "multi_thread")]
         async fn $ordinary() {
+            let _shared = TEST_USER_PROCESSES.read().await;
             $scenario(Worker::Ordinary).await
         }
     };
@@ -365,6 +375,7 @@ for_both_workers!(every_file_secret_is_hidden:
 #[tokio::test(flavor = "multi_thread")]
 async fn a_root_worker_runs_the_agent_unprivileged() {
     use std::os::unix::fs::PermissionsExt;
+    let _alone = TEST_USER_PROCESSES.write().await;
     let Some(mut c) = cluster(Worker::Root, &[("AO__SANDBOX__MAX_PROCESSES", "40")]) else {
         return;
     };
@@ -486,3 +497,604 @@ echo "as json: {\"k\":\"$ANTHROPIC_API_KEY\"}"
 }
 for_both_workers!(the_model_key_is_redacted_everywhere:
     the_model_key_is_redacted_root_worker, the_model_key_is_redacted_ordinary_worker);
+
+/// A model call of the agent's, straight to the model endpoint the sandbox is given
+/// (`$ANTHROPIC_BASE_URL`, the worker's proxy); prints the HTTP status. Its conversation
+/// holds one assistant message, so the scripted model answers its step 1.
+fn model_call(path: &str) -> String {
+    format!(
+        "curl -s -o /dev/null -w '%{{http_code}}\\n' -H 'content-type: application/json' \
+         -H 'anthropic-version: 2023-06-01' \"$ANTHROPIC_BASE_URL{path}\" \
+         -d '{{\"model\":\"claude-sonnet-4-5\",\"max_tokens\":10,\"messages\":[\
+         {{\"role\":\"user\",\"content\":\"x\"}},{{\"role\":\"assistant\",\"content\":\"y\"}},\
+         {{\"role\":\"user\",\"content\":\"z\"}}]}}'"
+    )
+}
+
+/// Attack 9: Claude Code's Bash tool starts eight model calls at once, each costing $1,
+/// under a budget of $0.50, so that every one passes the budget check before any is
+/// metered (before: all eight were answered, $8 against $0.50). The proxy lets one
+/// Messages call run at a time while a budget is set: the first is answered, the rest
+/// (and Claude Code's own next call) are refused, and the run is `budget_exceeded` at
+/// the metered $1.
+async fn concurrent_model_calls_stay_within_the_budget(who: Worker) {
+    use ao_tests::model_server::{claude_cli, ModelServer, Step, Turn, MODEL};
+    let Some(mut c) = cluster(who, &[]) else {
+        return;
+    };
+    let burst = format!(
+        "for i in 1 2 3 4 5 6 7 8; do ( {call} > /tmp/code-$i ) & done; wait; \
+         echo \"codes: $(cat /tmp/code-* | sort | tr '\\n' ' ')\"",
+        call = model_call("/v1/messages")
+    );
+    // Step 0 (Claude Code's first call) is nearly free and runs the burst; step 1 (each
+    // call of the burst, and Claude Code's next one) costs $1.00 (333,334 input tokens
+    // at $3 per million) and takes 1 s, so the calls overlap.
+    let model = ModelServer::start(vec![
+        Turn::new(Step::tool("Bash", json!({ "command": burst })), 10, 10),
+        Turn::new(
+            Step::Delay(Duration::from_secs(1), Box::new(Step::text("done"))),
+            333_334,
+            1,
+        ),
+    ])
+    .await;
+    let root = c.dir.path().to_path_buf();
+    let repo = bare_repo(&root, "project", &[]);
+    let cli = claude_cli().display().to_string();
+    start(
+        &mut c,
+        "exit 1",
+        &[
+            ("AO__AGENT__KIND", "claude"),
+            ("AO__AGENT__COMMAND", cli.as_str()),
+            ("AO_TEST_MODEL_KEY", "sk-ant-budget-0123456789"),
+            ("AO__AGENT__API_KEY", "env:AO_TEST_MODEL_KEY"),
+            ("AO__AGENT__BASE_URL", model.url.as_str()),
+            ("AO__AGENT__PROFILES__CODER__MODEL", MODEL),
+            ("AO__AGENT__PROFILES__CODER__MAX_COST_USD", "0.5"),
+            ("AO__COORDINATOR__MAX_ATTEMPTS", "1"),
+        ],
+    )
+    .await;
+    let id = submit(&c, &repo, "agent/budget").await;
+    let done = finished(&c, &id).await;
+    let text = event_text(&c, &id).await;
+    let costly = model
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.body["messages"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|m| m["role"] == "assistant"))
+        })
+        .count();
+    assert_eq!(
+        costly,
+        1,
+        "{costly} $1 calls reached the model under a $0.50 budget\n{text}\n{}",
+        c.logs()
+    );
+    let s = &done["subtasks"][0];
+    assert_eq!(s["outcome"]["kind"], "budget_exceeded", "{done:#}");
+    let cost = s["cost_usd"].as_f64().expect("cost");
+    assert!((cost - 1.0).abs() < 0.01, "metered cost {cost}");
+    assert!(
+        text.contains("codes: 200 403 403 403 403 403 403 403"),
+        "{text}"
+    );
+}
+for_both_workers!(concurrent_model_calls_stay_within_the_budget:
+    concurrent_model_calls_stay_within_the_budget_root_worker,
+    concurrent_model_calls_stay_within_the_budget_ordinary_worker);
+
+/// A listening unix socket of the host, open to every user (mode 0777), answering
+/// `answer`; counts connections.
+fn host_socket(path: &Path, answer: String) -> Arc<AtomicUsize> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(path);
+    let listener = std::os::unix::net::UnixListener::bind(path).expect("bind socket");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let _ = stream.write_all(answer.as_bytes());
+        }
+    });
+    hits
+}
+
+/// Attack 10: host unix sockets the worker's list of sockets misses: one whose path has
+/// a space, one bound with a relative path, and one made after the sandbox started
+/// (the agent asks for it through an allow-listed host, which makes it, then answers).
+/// All are open to every user. None connects (before: all three did).
+async fn host_sockets_out_of_the_list_are_unreachable(who: Worker) {
+    let Some(mut c) = cluster(who, &[]) else {
+        return;
+    };
+    let mark = marker();
+    let dir = Path::new("/var/tmp");
+    let spaced = dir.join(format!("ao sock {mark}.sock"));
+    let relative = dir.join(format!("ao-rel-{mark}.sock"));
+    let late = dir.join(format!("ao-late-{mark}.sock"));
+    let spaced_hits = host_socket(&spaced, format!("spaced-{mark}"));
+    // Bound by another process, by a relative path (as /proc/net/unix then shows it).
+    let relative_hits = dir.join(format!("ao-rel-{mark}.hit"));
+    let mut binder = std::process::Command::new("python3")
+        .current_dir(dir)
+        .arg("-c")
+        .arg(format!(
+            "import socket, os\n\
+             s = socket.socket(socket.AF_UNIX)\n\
+             s.bind('ao-rel-{mark}.sock')\n\
+             os.chmod('ao-rel-{mark}.sock', 0o777)\n\
+             s.listen(8)\n\
+             print('ready', flush=True)\n\
+             while True:\n\
+             \x20   c, _ = s.accept()\n\
+             \x20   open('ao-rel-{mark}.hit', 'a').write('hit')\n\
+             \x20   c.sendall(b'relative-{mark}')\n\
+             \x20   c.close()\n"
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 binds the relative socket");
+    {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(binder.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("ready line");
+        assert_eq!(line.trim(), "ready");
+    }
+    // The late socket is made when the agent, already running, asks for it.
+    let go = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let go_port = go.local_addr().expect("addr").port();
+    let late_hits = Arc::new(parking_lot::Mutex::new(None::<Arc<AtomicUsize>>));
+    {
+        let late = late.clone();
+        let late_hits = late_hits.clone();
+        let mark = mark.clone();
+        std::thread::spawn(move || {
+            for mut stream in go.incoming().flatten() {
+                let mut buf = [0u8; 1024];
+                let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+                let _ = stream.read(&mut buf);
+                late_hits
+                    .lock()
+                    .get_or_insert_with(|| host_socket(&late, format!("late-{mark}")));
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\ngo"
+                );
+            }
+        });
+    }
+    let root = c.dir.path().to_path_buf();
+    let repo = bare_repo(&root, "project", &[]);
+    let body = format!(
+        r#"
+set +e
+try() {{ python3 -c 'import socket,sys
+s = socket.socket(socket.AF_UNIX); s.settimeout(3); s.connect(sys.argv[1]); print(s.recv(100).decode())' "$1" 2>&1 | tail -1; }}
+echo "go: $(curl -s -m 30 http://127.0.0.1:{go_port}/go)"
+echo "spaced: $(try '{spaced}')"
+echo "relative: $(try '{relative}')"
+echo "late: $(try '{late}')"
+# Control: a socket of the sandbox's own connects, so the probe itself works.
+python3 -c 'import socket,threading
+l = socket.socket(socket.AF_UNIX); l.bind("/tmp/own.sock"); l.listen(1)
+threading.Thread(target=lambda: l.accept()[0].sendall(b"own-ok"), daemon=True).start()
+s = socket.socket(socket.AF_UNIX); s.connect("/tmp/own.sock"); print("control:", s.recv(10).decode())'
+echo change > change.txt
+"#,
+        spaced = spaced.display(),
+        relative = relative.display(),
+        late = late.display(),
+    );
+    let allow = format!("127.0.0.1:{go_port}");
+    start(
+        &mut c,
+        &body,
+        &[("AO__SANDBOX__ALLOW_HOSTS", allow.as_str())],
+    )
+    .await;
+    let id = submit(&c, &repo, "agent/sockets").await;
+    let done = finished(&c, &id).await;
+    let _ = binder.kill();
+    let _ = binder.wait();
+    let text = event_text(&c, &id).await;
+    let late_count = late_hits.lock().as_ref().map(|h| h.load(Ordering::SeqCst));
+    let relative_reached = relative_hits.exists();
+    for p in [&spaced, &relative, &late, &relative_hits] {
+        let _ = std::fs::remove_file(p);
+    }
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    assert!(
+        text.contains("go: go"),
+        "the late socket was never made\n{text}"
+    );
+    assert!(
+        text.contains("control: own-ok"),
+        "the probe does not work\n{text}"
+    );
+    assert_eq!(late_count, Some(0), "the late socket was reached\n{text}");
+    assert_eq!(
+        spaced_hits.load(Ordering::SeqCst),
+        0,
+        "the socket with a space was reached\n{text}"
+    );
+    assert!(!relative_reached, "the relative socket was reached\n{text}");
+    assert!(!text.contains(&format!("-{mark}")), "{text}");
+}
+for_both_workers!(host_sockets_out_of_the_list_are_unreachable:
+    host_sockets_out_of_the_list_are_unreachable_root_worker,
+    host_sockets_out_of_the_list_are_unreachable_ordinary_worker);
+
+/// What is left in the worker's work directory but the staged runner (`bin`): attempt
+/// directories, or parts of them.
+fn attempt_dirs(c: &Cluster) -> Vec<String> {
+    std::fs::read_dir(c.dir.path().join("work"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name() != "bin")
+                .map(|e| e.path().display().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Attack 11: the agent writes 64 MiB into the attempt directory around its working
+/// copy (a host directory; before: written, so the host disk could be filled), and leaves
+/// a `chmod 555` directory holding a `chmod 000` one there (before: the ordinary-user
+/// worker's cleanup failed and the attempt directory stayed). Every write is bounded
+/// and nothing of the attempt is left on the host.
+async fn the_attempt_directory_is_bounded_and_cleaned_up(who: Worker) {
+    let Some(mut c) = cluster(who, &[]) else {
+        return;
+    };
+    let root = c.dir.path().to_path_buf();
+    let repo = bare_repo(&root, "project", &[]);
+    let body = r#"
+set +e
+# The working copy is ws/repo in the attempt directory.
+attempt=../..
+if dd if=/dev/zero of=$attempt/fill bs=1M count=64 2>/dev/null; then echo "attempt=filled"; else echo "attempt=bounded"; fi > probe.txt
+rm -f $attempt/fill
+mkdir -p $attempt/locked/inner && touch $attempt/locked/inner/file && chmod 000 $attempt/locked/inner && chmod 555 $attempt/locked
+ls -la $attempt $attempt/locked >> probe.txt 2>&1
+"#;
+    start(&mut c, body, &[]).await;
+    let id = submit(&c, &repo, "agent/disk").await;
+    let done = finished(&c, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let probe = git(&repo, &["show", "agent/disk:probe.txt"]);
+    let left = attempt_dirs(&c);
+    assert!(
+        left.is_empty(),
+        "attempt directories left: {left:?}\n{probe}"
+    );
+    assert!(probe.contains("attempt=bounded"), "{probe}");
+}
+for_both_workers!(the_attempt_directory_is_bounded_and_cleaned_up:
+    the_attempt_directory_is_bounded_and_cleaned_up_root_worker,
+    the_attempt_directory_is_bounded_and_cleaned_up_ordinary_worker);
+
+/// Attack 12: the agent reads the sandbox's init's command line and its own working
+/// directory for the host's layout: the worker's executable and the attempt directory
+/// under the worker's work directory. Neither names a host path of the worker.
+async fn the_agent_sees_no_host_path_of_the_worker(who: Worker) {
+    let Some(mut c) = cluster(who, &[]) else {
+        return;
+    };
+    let root = c.dir.path().to_path_buf();
+    let repo = bare_repo(&root, "project", &[]);
+    let body = r#"
+{ echo "init: $(tr '\0' ' ' < /proc/1/cmdline)"; echo "pwd: $(pwd)"; } > layout.txt
+"#;
+    start(&mut c, body, &[]).await;
+    let id = submit(&c, &repo, "agent/layout").await;
+    let done = finished(&c, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let layout = git(&repo, &["show", "agent/layout:layout.txt"]);
+    let work = root.join("work").display().to_string();
+    let bin = ao_tests::bin_dir().display().to_string();
+    assert!(layout.contains("init: "), "{layout}");
+    for host in [&work, &bin, &root.join("bin").display().to_string()] {
+        assert!(!layout.contains(host.as_str()), "{host} seen:\n{layout}");
+    }
+}
+for_both_workers!(the_agent_sees_no_host_path_of_the_worker:
+    the_agent_sees_no_host_path_of_the_worker_root_worker,
+    the_agent_sees_no_host_path_of_the_worker_ordinary_worker);
+
+/// Attack 13: the agent hard-links the worker's secret files (a `file:` secret under
+/// the worker's directories, and one inside the local repository the sandbox is shown)
+/// into every place it can write, and reads them. No link is made (every writable place
+/// is another file system than the secrets', and protected_hardlinks holds for the
+/// rest), no host file gains a link, and neither secret is read (before: the one inside
+/// the repository was readable, re-exposed by the repository's mount).
+async fn no_secret_file_is_reachable_by_a_hard_link(who: Worker) {
+    use std::os::unix::fs::MetadataExt;
+    let Some(mut c) = cluster(who, &[]) else {
+        return;
+    };
+    let root = c.dir.path().to_path_buf();
+    let mark = marker();
+    let repo = bare_repo(&root, "project", &[]);
+    let secrets = root.join("secrets");
+    std::fs::create_dir_all(&secrets).expect("secrets dir");
+    let hidden = secrets.join("model");
+    let in_repo = repo.join("nomad-token");
+    std::fs::write(&hidden, format!("model-secret-{mark}")).expect("secret");
+    std::fs::write(&in_repo, format!("nomad-secret-{mark}")).expect("secret");
+    let body = format!(
+        r#"
+set +e
+n=0
+for secret in '{hidden}' '{in_repo}'; do
+  for dir in . .. /tmp "$HOME" /dev/shm; do
+    n=$((n+1))
+    if ln "$secret" "$dir/link-$n" 2>/dev/null; then echo "linked $secret in $dir: $(cat "$dir/link-$n")"; fi
+    rm -f "$dir/link-$n"
+  done
+  echo "read $secret: $(cat "$secret" 2>&1)"
+done > links.txt
+"#,
+        hidden = hidden.display(),
+        in_repo = in_repo.display(),
+    );
+    let model_ref = format!("file:{}", hidden.display());
+    let nomad_ref = format!("file:{}", in_repo.display());
+    start(
+        &mut c,
+        &body,
+        &[
+            ("AO__AGENT__API_KEY", model_ref.as_str()),
+            ("AO__NOMAD__TOKEN", nomad_ref.as_str()),
+            ("AO__SANDBOX__NETWORK_OPEN", "coder"),
+        ],
+    )
+    .await;
+    let id = submit(&c, &repo, "agent/links").await;
+    let done = finished(&c, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let links = git(&repo, &["show", "agent/links:links.txt"]);
+    assert!(!links.contains("linked"), "{links}");
+    assert!(!links.contains(&format!("-secret-{mark}")), "{links}");
+    for secret in [&hidden, &in_repo] {
+        let nlink = std::fs::metadata(secret).expect("secret").nlink();
+        assert_eq!(nlink, 1, "{} gained a link\n{links}", secret.display());
+    }
+}
+for_both_workers!(no_secret_file_is_reachable_by_a_hard_link:
+    no_secret_file_is_reachable_by_a_hard_link_root_worker,
+    no_secret_file_is_reachable_by_a_hard_link_ordinary_worker);
+
+/// Attack 14: the agent uses the model endpoint for calls the proxy does not meter
+/// (`/v1/complete`, `/v1/messages/batches`, `/v1/files`, `/v1/models`, a `GET` of
+/// `/v1/messages`), which would carry the worker's key unmetered (before: each was
+/// forwarded with the key). Each is refused with a clear error and never reaches the
+/// model API; `count_tokens` (free) still does.
+async fn only_metered_model_calls_are_forwarded(who: Worker) {
+    use ao_tests::model_server::ModelServer;
+    let Some(mut c) = cluster(who, &[]) else {
+        return;
+    };
+    let model = ModelServer::start(Vec::new()).await;
+    let root = c.dir.path().to_path_buf();
+    let repo = bare_repo(&root, "project", &[]);
+    let body = format!(
+        "for p in /v1/complete /v1/messages/batches /v1/files /v1/models /v1/messages/count_tokens; do\n\
+           echo \"$p $({call})\"\n\
+         done\n\
+         echo \"GET /v1/messages $(curl -s -o /dev/null -w '%{{http_code}}' \"$ANTHROPIC_BASE_URL/v1/messages\")\"\n\
+         echo \"body: $(curl -s \"$ANTHROPIC_BASE_URL/v1/files\" -d x)\"\n\
+         echo change > change.txt",
+        call = model_call("$p")
+    );
+    start(
+        &mut c,
+        &body,
+        &[
+            ("AO_TEST_MODEL_KEY", "sk-ant-unmetered-0123456789"),
+            ("AO__AGENT__API_KEY", "env:AO_TEST_MODEL_KEY"),
+            ("AO__AGENT__BASE_URL", model.url.as_str()),
+        ],
+    )
+    .await;
+    let id = submit(&c, &repo, "agent/paths").await;
+    let done = finished(&c, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let text = event_text(&c, &id).await;
+    let forwarded: Vec<String> = model
+        .other_requests()
+        .into_iter()
+        .map(|(method, path, _)| format!("{method} {path}"))
+        .collect();
+    assert_eq!(
+        forwarded,
+        vec!["POST /v1/messages/count_tokens".to_string()],
+        "\n{text}"
+    );
+    for refused in [
+        "/v1/complete 404",
+        "/v1/messages/batches 404",
+        "/v1/files 404",
+        "/v1/models 404",
+        "GET /v1/messages 404",
+    ] {
+        assert!(text.contains(refused), "{refused} missing\n{text}");
+    }
+    assert!(text.contains("only POST /v1/messages"), "{text}");
+}
+for_both_workers!(only_metered_model_calls_are_forwarded:
+    only_metered_model_calls_are_forwarded_root_worker,
+    only_metered_model_calls_are_forwarded_ordinary_worker);
+
+/// Attack 15: the agent tries hosts off the allow-list, one of them 150 times (past the
+/// per-refusal event cap). The run's events end with one `network_refused` event
+/// listing every refused destination with its count and first and last time, so the
+/// refusals can be shown with the run's result (before: only the first 100 refusals,
+/// one event each, and no list).
+async fn refused_hosts_are_listed_with_the_result(who: Worker) {
+    let Some(mut c) = cluster(who, &[]) else {
+        return;
+    };
+    let root = c.dir.path().to_path_buf();
+    let repo = bare_repo(&root, "project", &[]);
+    let body = r#"
+set +e
+for i in $(seq 150); do curl -s -o /dev/null -m 5 https://flood.example.invalid/; done
+curl -s -o /dev/null -m 5 https://other.example.invalid:8443/
+curl -s -o /dev/null -m 5 http://plain.example.invalid/x
+echo change > change.txt
+"#;
+    start(&mut c, body, &[]).await;
+    let id = submit(&c, &repo, "agent/refused").await;
+    let done = finished(&c, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let all = events(&c, &id).await;
+    let listed: Vec<&Value> = all
+        .iter()
+        .filter(|e| e["data"]["type"] == "network_refused")
+        .collect();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let list = &listed[0]["data"]["event"];
+    let refused = list["refused"].as_array().expect("refused list");
+    let find = |host: &str, port: u64| {
+        refused
+            .iter()
+            .find(|r| r["host"] == host && r["port"] == port)
+            .unwrap_or_else(|| panic!("{host}:{port} not listed: {list:#}"))
+    };
+    assert_eq!(find("flood.example.invalid", 443)["count"], 150, "{list:#}");
+    assert_eq!(find("other.example.invalid", 8443)["count"], 1, "{list:#}");
+    assert_eq!(find("plain.example.invalid", 80)["count"], 1, "{list:#}");
+    for r in refused {
+        assert!(r["first_at"].is_string() && r["last_at"].is_string(), "{r}");
+    }
+    assert_eq!(list["total"], 152, "{list:#}");
+}
+for_both_workers!(refused_hosts_are_listed_with_the_result:
+    refused_hosts_are_listed_with_the_result_root_worker,
+    refused_hosts_are_listed_with_the_result_ordinary_worker);
+
+/// Attack 16: the agent uses SSH to get out: `ssh` and `git ls-remote` over `ssh://` to a
+/// host service, and an SSH-style tunnel through the proxy (`CONNECT host:port`). The
+/// sandbox's network namespace has no route out, and the proxy tunnels only to the
+/// allow-list: nothing reaches the service, and the tunnel is refused and reported.
+async fn ssh_gives_no_way_out_of_the_allow_list(who: Worker) {
+    let Some(mut c) = cluster(who, &[]) else {
+        return;
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let hits = Arc::new(AtomicUsize::new(0));
+    {
+        let hits = hits.clone();
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                hits.fetch_add(1, Ordering::SeqCst);
+                let _ = stream.write_all(b"SSH-2.0-OpenSSH_9.6\r\n");
+            }
+        });
+    }
+    let root = c.dir.path().to_path_buf();
+    let repo = bare_repo(&root, "project", &[]);
+    let body = format!(
+        r#"
+set +e
+ssh -o BatchMode=yes -o ConnectTimeout=3 -o StrictHostKeyChecking=no -p {port} git@127.0.0.1 true 2>&1 | tail -1 | sed 's/^/ssh: /'
+GIT_SSH_COMMAND='ssh -oBatchMode=yes -oConnectTimeout=3 -oStrictHostKeyChecking=no' \
+  git ls-remote ssh://git@127.0.0.1:{port}/x.git 2>&1 | tail -1 | sed 's/^/ls-remote: /'
+echo "tunnel: $(curl -s -m 5 -p -x "$HTTPS_PROXY" telnet://127.0.0.1:{port} </dev/null 2>&1; echo "exit $?")"
+echo change > change.txt
+"#
+    );
+    start(&mut c, &body, &[]).await;
+    let id = submit(&c, &repo, "agent/ssh").await;
+    let done = finished(&c, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let text = event_text(&c, &id).await;
+    // ssh ran, and found nothing listening in the sandbox's own network namespace.
+    assert!(
+        text.contains(&format!("port {port}: Connection refused")),
+        "{text}"
+    );
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "the host service was reached\n{text}"
+    );
+    let all = events(&c, &id).await;
+    let tunnel_denied = all.iter().any(|e| {
+        e["data"]["type"] == "network_denied"
+            && e["data"]["event"]["host"] == "127.0.0.1"
+            && e["data"]["event"]["port"] == u64::from(port)
+    });
+    assert!(tunnel_denied, "the tunnel was not reported\n{text}");
+}
+for_both_workers!(ssh_gives_no_way_out_of_the_allow_list:
+    ssh_gives_no_way_out_of_the_allow_list_root_worker,
+    ssh_gives_no_way_out_of_the_allow_list_ordinary_worker);
+
+/// Attack 17: the agent finds the setup cache's incoming directory of its run in the run
+/// spec (a warm start of a repository with a `[setup]` cache) and writes 64 MiB into it:
+/// a host directory (before: written, unbounded). The setup result leaves over a pipe
+/// instead; the write fails, and the setup cache still works (the next run restores).
+async fn the_setup_cache_is_no_writable_host_place(who: Worker) {
+    let Some(mut c) = cluster(who, &[]) else {
+        return;
+    };
+    let root = c.dir.path().to_path_buf();
+    let repo = bare_repo(
+        &root,
+        "project",
+        &[
+            (
+                "agent-setup.sh",
+                "mkdir -p deps && date +%s%N > deps/stamp\n",
+            ),
+            (
+                ".agent-orchestrator.toml",
+                "[setup]\ncache = [\"deps\"]\nkey = [\"deps.lock\"]\n",
+            ),
+            ("deps.lock", "v1\n"),
+        ],
+    );
+    let body = r#"
+set +e
+store=$(python3 -c 'import json; print((json.load(open("../../spec.json")).get("warm", {}).get("setup") or {}).get("store") or "")')
+if [ -n "$store" ] && dd if=/dev/zero of="$store/fill" bs=1M count=64 2>/dev/null; then echo "store=filled"; else echo "store=bounded"; fi > probe.txt
+rm -f "$store/fill"
+echo "stamp=$(cat deps/stamp)" >> probe.txt
+"#;
+    start(&mut c, body, &[]).await;
+    let first = submit(&c, &repo, "agent/store-1").await;
+    let done = finished(&c, &first).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let probe = git(&repo, &["show", "agent/store-1:probe.txt"]);
+    assert!(probe.contains("store=bounded"), "{probe}");
+    let second = submit(&c, &repo, "agent/store-2").await;
+    let done = finished(&c, &second).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let again = git(&repo, &["show", "agent/store-2:probe.txt"]);
+    let stamp = |p: &str| {
+        p.lines()
+            .find_map(|l| l.strip_prefix("stamp="))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(!stamp(&probe).is_empty(), "{probe}");
+    assert_eq!(
+        stamp(&again),
+        stamp(&probe),
+        "the setup result was not restored"
+    );
+}
+for_both_workers!(the_setup_cache_is_no_writable_host_place:
+    the_setup_cache_is_no_writable_host_place_root_worker,
+    the_setup_cache_is_no_writable_host_place_ordinary_worker);

@@ -68,6 +68,16 @@ enum Command {
         /// Where to make the working copy; the spec's directory when absent.
         #[arg(long, env = "AO_WORKSPACE_DIR")]
         workspace: Option<PathBuf>,
+        /// A file descriptor inherited from the worker that a bundle delivery is written
+        /// to (the bwrap driver's bundle channel), closed to every program the runner
+        /// starts; without it the bundle is a file beside the spec.
+        #[arg(long)]
+        bundle_fd: Option<i32>,
+        /// A file descriptor inherited from the worker that a setup result for the
+        /// setup cache is written to (the bwrap driver's), closed to every program the
+        /// runner starts; without it the result is a file in the spec's store directory.
+        #[arg(long)]
+        setup_fd: Option<i32>,
     },
 }
 
@@ -79,6 +89,8 @@ fn main() -> anyhow::Result<()> {
             result,
             result_fd,
             workspace,
+            bundle_fd,
+            setup_fd,
         } => {
             let sink = match (result, result_fd) {
                 (Some(path), _) => runner::ResultSink::File(path),
@@ -86,7 +98,7 @@ fn main() -> anyhow::Result<()> {
                 // clap requires one of them.
                 (None, None) => anyhow::bail!("--result or --result-fd is required"),
             };
-            std::process::exit(runner::main(&spec, sink, workspace));
+            std::process::exit(runner::main(&spec, sink, workspace, bundle_fd, setup_fd));
         }
         Command::Serve => {
             let settings =

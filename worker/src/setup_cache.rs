@@ -8,9 +8,12 @@
 //!   mirror at the commit the run starts from. Entries live in one directory per
 //!   repository, and the repository is part of the key, so an entry is never restored
 //!   into another repository.
-//! - Written by the worker only. The runner archives the setup's result into a directory
-//!   of its own (`incoming/<run>/`) before the agent starts and reports the archive's
-//!   SHA-256 on its event stream, which the agent cannot write to; the worker takes the
+//! - Written by the worker only. The runner archives the setup's result, before the
+//!   agent starts, into the run's `incoming/<run>/<key>.tar` (under the `bwrap` driver
+//!   through a pipe the worker copies into that file, bounded by
+//!   `warm.setup_cache_entry_max_mb`: the sandbox never sees the directory) and reports
+//!   the archive's SHA-256 on its event stream, which the agent cannot write to; the
+//!   worker takes the
 //!   archive only if it is a regular file (no link followed) of at most
 //!   `warm.setup_cache_entry_max_mb` with that hash. So what the agent does later cannot
 //!   change what is stored.

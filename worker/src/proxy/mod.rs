@@ -9,14 +9,23 @@
 //! - an absolute-form request (`GET http://host:port/…`, plain HTTP through a proxy, e.g.
 //!   git's smart HTTP): forwarded under the same rule;
 //! - an origin-form request (`POST /v1/messages`), or one addressed to the proxy's own
-//!   address inside the sandbox: the model endpoint. It is forwarded to the model API
-//!   with the worker's key added (`x-api-key`; whatever key the agent sent is dropped),
-//!   its answer metered ([`meter`]), and once the run's metered cost has reached its
-//!   budget every further call is refused (403, `budget exceeded`).
+//!   address inside the sandbox: the model endpoint. Only the calls the proxy meters
+//!   are forwarded ([`METERED_PATHS`]: `POST /v1/messages` and its free
+//!   `count_tokens`); any other path gets 404, since it would spend the worker's key
+//!   unmetered. A forwarded call gets the worker's key (`x-api-key`; whatever key the
+//!   agent sent is dropped), its answer is metered ([`meter`]), and once the run's
+//!   metered cost has reached its budget every further call is refused (403, `budget
+//!   exceeded`). While a budget is set, one Messages call runs at a time: each is
+//!   checked against the budget only after every earlier one was metered, so concurrent
+//!   calls cannot all pass the check before any is charged (the run can go over its
+//!   budget by at most the one call that crossed it).
 //!
 //! Destinations are matched by the name and port the agent asked for, not by address;
 //! names are resolved here, outside the sandbox. Each refusal becomes a
-//! `network_denied` event of the run (host, port, time), at most [`MAX_DENIAL_EVENTS`].
+//! `network_denied` event of the run (host, port, time), at most [`MAX_DENIAL_EVENTS`];
+//! when the proxy stops, one [`REFUSED_EVENT`] lists every refused destination with its
+//! count and first and last time ([`NetworkRefused`]), so the refusals can be shown with
+//! the run's result.
 
 pub mod meter;
 
@@ -43,6 +52,18 @@ use tokio_util::sync::CancellationToken;
 pub const MAX_DENIAL_EVENTS: usize = 100;
 /// The event kind of a refused destination.
 pub const DENIED_EVENT: &str = "network_denied";
+/// The event kind of the list of every refused destination, sent when the proxy stops.
+pub const REFUSED_EVENT: &str = "network_refused";
+/// Destinations listed in the [`REFUSED_EVENT`] at most (the rest are counted), so that
+/// the event stays far below the event size bound even with 253-byte host names.
+pub const MAX_REFUSED_LISTED: usize = 50;
+/// The model API paths the proxy forwards: the ones it meters. Anything else under the
+/// model endpoint (`/v1/complete`, batches, files, …) would use the key unmetered.
+pub const METERED_PATHS: &[&str] = &["/v1/messages", "/v1/messages/count_tokens"];
+/// The one path whose calls cost money and so pass the budget gate.
+const MESSAGES_PATH: &str = "/v1/messages";
+/// How long the proxy's stop waits to hand its [`REFUSED_EVENT`] to the run's events.
+const REFUSED_EVENT_WAIT: Duration = Duration::from_secs(5);
 /// Limit of connecting to a destination or the model API.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The socket's name in the proxy's directory.
@@ -148,12 +169,72 @@ impl NetworkDenied {
     }
 }
 
+/// One refused destination in the [`NetworkRefused`] list.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct RefusedDestination {
+    pub host: String,
+    pub port: u16,
+    /// Requests refused.
+    pub count: u64,
+    /// RFC 3339, of the first and the last refusal.
+    pub first_at: String,
+    pub last_at: String,
+}
+
+/// Every destination the proxy refused in one run: the data of the [`REFUSED_EVENT`].
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct NetworkRefused {
+    /// The destinations, in the order first refused, at most [`MAX_REFUSED_LISTED`].
+    pub refused: Vec<RefusedDestination>,
+    /// Refused requests in all, listed or not.
+    pub total: u64,
+    /// Destinations refused but not listed (past [`MAX_REFUSED_LISTED`]).
+    pub unlisted: u64,
+}
+
+impl NetworkRefused {
+    /// Counts one refusal of `dest` at `at`.
+    fn note(&mut self, dest: &Destination, at: &str) {
+        self.total += 1;
+        if let Some(r) = self
+            .refused
+            .iter_mut()
+            .find(|r| r.host == dest.host && r.port == dest.port)
+        {
+            r.count += 1;
+            r.last_at = at.to_string();
+        } else if self.refused.len() < MAX_REFUSED_LISTED {
+            self.refused.push(RefusedDestination {
+                host: dest.host.clone(),
+                port: dest.port,
+                count: 1,
+                first_at: at.to_string(),
+                last_at: at.to_string(),
+            });
+        } else {
+            self.unlisted += 1;
+        }
+    }
+
+    pub fn into_event(self) -> RunnerEvent {
+        RunnerEvent {
+            kind: REFUSED_EVENT.into(),
+            data: serde_json::to_value(&self).unwrap_or_default(),
+        }
+    }
+}
+
 struct Ctx {
     options: ProxyOptions,
     http: reqwest::Client,
     meter: Arc<Meter>,
     events: mpsc::Sender<RunnerEvent>,
     denials: AtomicUsize,
+    /// Every refused destination so far.
+    refused: parking_lot::Mutex<NetworkRefused>,
+    /// Held by the Messages call in flight while the run has a budget (see the module
+    /// documentation).
+    budget_gate: Arc<tokio::sync::Semaphore>,
     stop: CancellationToken,
 }
 
@@ -211,6 +292,8 @@ impl RunProxy {
             meter: Arc::new(Meter::default()),
             events,
             denials: AtomicUsize::new(0),
+            refused: parking_lot::Mutex::new(NetworkRefused::default()),
+            budget_gate: Arc::new(tokio::sync::Semaphore::new(1)),
             stop: CancellationToken::new(),
         });
         let server = tokio::spawn(serve(listener, ctx.clone()));
@@ -226,11 +309,23 @@ impl RunProxy {
         self.dir.path().join(SOCKET_NAME)
     }
 
-    /// Stops serving, ends every open tunnel, and returns the run's metering.
+    /// Stops serving, ends every open tunnel, sends the [`REFUSED_EVENT`] when anything
+    /// was refused, and returns the run's metering.
     pub async fn stop(mut self) -> Metered {
         self.ctx.stop.cancel();
         if let Some(server) = self.server.take() {
             let _ = server.await;
+        }
+        let refused = std::mem::take(&mut *self.ctx.refused.lock());
+        if refused.total > 0 {
+            let sent = tokio::time::timeout(
+                REFUSED_EVENT_WAIT,
+                self.ctx.events.send(refused.into_event()),
+            )
+            .await;
+            if !matches!(sent, Ok(Ok(()))) {
+                tracing::warn!("the list of refused destinations could not be reported");
+            }
         }
         self.ctx.meter.summary()
     }
@@ -342,14 +437,16 @@ impl Ctx {
     fn deny(&self, dest: Destination, method: &str) -> Response<Body> {
         let n = self.denials.fetch_add(1, Ordering::Relaxed);
         tracing::info!(host = %dest.host, port = dest.port, method, "sandbox network request refused");
+        let at = ao_shared::timefmt::now()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        self.refused.lock().note(&dest, &at);
         if n < MAX_DENIAL_EVENTS {
             let event = NetworkDenied {
                 host: dest.host.clone(),
                 port: dest.port,
                 method: method.to_string(),
-                at: ao_shared::timefmt::now()
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default(),
+                at,
             };
             let _ = self.events.try_send(event.into_event());
         }
@@ -489,8 +586,27 @@ async fn model(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
-    if !path.starts_with("/v1/") {
-        return text(StatusCode::NOT_FOUND, "only the model API (/v1/…) is here");
+    let bare = req.uri().path().trim_end_matches('/');
+    if req.method() != Method::POST || !METERED_PATHS.contains(&bare) {
+        tracing::info!(method = %req.method(), path = bare, "model call refused: not metered");
+        return api_error(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            &format!(
+                "the worker's model proxy forwards only POST /v1/messages and POST \
+                 /v1/messages/count_tokens (the calls it meters), not {} {bare}",
+                req.method()
+            ),
+        );
+    }
+    // While a budget is set, one Messages call at a time, checked once every earlier
+    // one was metered; the permit goes with the answer and is released when it ends.
+    let mut permit = None;
+    if route.budget_usd.is_some() && bare == MESSAGES_PATH {
+        match ctx.budget_gate.clone().acquire_owned().await {
+            Ok(p) => permit = Some(p),
+            Err(_) => return api_error(StatusCode::SERVICE_UNAVAILABLE, "api_error", "stopping"),
+        }
     }
     if let Some(budget) = route.budget_usd {
         let spent = ctx.meter.cost_usd();
@@ -551,13 +667,54 @@ async fn model(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|t| t.starts_with("text/event-stream"));
-    let mut call = CallMeter::new(ctx.meter.clone(), streamed, String::new());
+    let mut call = Metering {
+        call: CallMeter::new(ctx.meter.clone(), streamed, String::new()),
+        _permit: permit,
+    };
     relay_answer(answer, move |bytes| call.feed(bytes))
+}
+
+/// One answer's meter and the budget permit of its call: the call is recorded (the
+/// meter dropped, fields drop in order) before the permit lets the next call be checked
+/// against the budget. Fed through its own method, so a closure holds it whole.
+struct Metering {
+    call: CallMeter,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Metering {
+    fn feed(&mut self, bytes: &[u8]) {
+        self.call.feed(bytes);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_listed_by_destination_and_bounded() {
+        let mut list = NetworkRefused::default();
+        let d = |host: &str, port| Destination {
+            host: host.into(),
+            port,
+        };
+        list.note(&d("a.example", 443), "t1");
+        list.note(&d("a.example", 443), "t2");
+        list.note(&d("a.example", 80), "t3");
+        for i in 0..MAX_REFUSED_LISTED {
+            list.note(&d(&format!("h{i}.example"), 443), "t4");
+        }
+        assert_eq!(list.total, 3 + MAX_REFUSED_LISTED as u64);
+        assert_eq!(list.refused.len(), MAX_REFUSED_LISTED);
+        assert_eq!(list.unlisted, 2);
+        let a = &list.refused[0];
+        assert_eq!(
+            (a.count, a.first_at.as_str(), a.last_at.as_str()),
+            (2, "t1", "t2")
+        );
+        assert_eq!(list.refused[1].port, 80);
+    }
 
     #[test]
     fn destinations_parse() {

@@ -331,18 +331,51 @@ pub fn refused_for_workflows(error: &str) -> bool {
     error.contains("to create or update workflow") && error.contains("`workflows` permission")
 }
 
+/// Where a bundle delivery goes.
+pub enum BundleOut {
+    /// The bundle channel inherited from the worker (the bwrap driver's): nothing of
+    /// it is a path the agent could write.
+    Channel(std::fs::File),
+    /// A file, [`BUNDLE_FILE`] in this directory.
+    Dir(std::path::PathBuf),
+}
+
 /// Commits what the agent changed and writes the commits new since `start_commit` as a
-/// bundle, `work`/[`BUNDLE_FILE`], whose one ref `HEAD` is the new head. Whatever the
-/// agent left at that path is removed first.
+/// bundle whose one ref `HEAD` is the new head: into the bundle channel, or as
+/// [`BUNDLE_FILE`] in a directory (whatever the agent left at that path is removed
+/// first).
 pub fn commit_and_bundle(
     spec: &RunSpec,
     repo: &Path,
     start_commit: &str,
     summary: &str,
-    work: &Path,
+    out: BundleOut,
 ) -> Result<Option<String>, String> {
     let Some(head) = commit(spec, repo, start_commit, summary)? else {
         return Ok(None);
+    };
+    let work = match out {
+        BundleOut::Channel(file) => {
+            let mut create = git(Some(repo));
+            create.args(["bundle", "create", "--quiet", "-", "HEAD"]);
+            if !start_commit.is_empty() {
+                create.arg(format!("^{start_commit}"));
+            }
+            let out = create
+                .stdin(std::process::Stdio::null())
+                .stdout(file)
+                .output()
+                .map_err(|e| format!("git bundle create: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "git bundle create failed ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            return Ok(Some(head));
+        }
+        BundleOut::Dir(dir) => dir,
     };
     let bundle = work.join(BUNDLE_FILE);
     match std::fs::symlink_metadata(&bundle) {

@@ -44,18 +44,20 @@ impl ResultSink {
     fn open(self) -> Result<OpenSink, String> {
         match self {
             ResultSink::File(path) => Ok(OpenSink::File(path)),
-            ResultSink::Fd(fd) => {
-                let opened = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(format!("/proc/self/fd/{fd}"));
-                // Closed whether or not it could be reopened: it must not reach a child.
-                let _ = nix::unistd::close(fd);
-                opened
-                    .map(OpenSink::Channel)
-                    .map_err(|e| format!("cannot open the result channel (fd {fd}): {e}"))
-            }
+            ResultSink::Fd(fd) => take_inherited(fd, "result channel").map(OpenSink::Channel),
         }
     }
+}
+
+/// Reopens the inherited descriptor `fd` close-on-exec and closes `fd`, so that no
+/// program the runner starts holds it.
+fn take_inherited(fd: i32, what: &str) -> Result<std::fs::File, String> {
+    let opened = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/self/fd/{fd}"));
+    // Closed whether or not it could be reopened: it must not reach a child.
+    let _ = nix::unistd::close(fd);
+    opened.map_err(|e| format!("cannot open the {what} (fd {fd}): {e}"))
 }
 
 impl OpenSink {
@@ -111,7 +113,16 @@ fn log(message: impl Into<String>) {
 }
 
 /// Reads the spec, runs the attempt, writes the result. Returns the process exit code.
-pub fn main(spec_path: &Path, sink: ResultSink, work_dir: Option<PathBuf>) -> i32 {
+/// `bundle_fd`: the inherited descriptor a bundle delivery goes to (else a file beside
+/// the spec); `setup_fd`: the one a setup result for the cache goes to (else a file in
+/// the spec's store directory).
+pub fn main(
+    spec_path: &Path,
+    sink: ResultSink,
+    work_dir: Option<PathBuf>,
+    bundle_fd: Option<i32>,
+    setup_fd: Option<i32>,
+) -> i32 {
     let started = Instant::now();
     let sink = match sink.open() {
         Ok(s) => s,
@@ -120,6 +131,18 @@ pub fn main(spec_path: &Path, sink: ResultSink, work_dir: Option<PathBuf>) -> i3
             return 2;
         }
     };
+    let mut inherited = Vec::new();
+    for (fd, what) in [(bundle_fd, "bundle channel"), (setup_fd, "setup channel")] {
+        match fd.map(|fd| take_inherited(fd, what)).transpose() {
+            Ok(file) => inherited.push(file),
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "runner: {e}");
+                return 2;
+            }
+        }
+    }
+    let setup_out = inherited.pop().flatten();
+    let bundle_out = inherited.pop().flatten();
     // The agent runs as the same user: without this it could read the runner's secrets
     // (a git token) from /proc/<runner>/environ, or attach to it.
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
@@ -143,7 +166,11 @@ pub fn main(spec_path: &Path, sink: ResultSink, work_dir: Option<PathBuf>) -> i3
                 .map(Path::to_path_buf)
                 .unwrap_or_else(std::env::temp_dir);
             let work = work_dir.unwrap_or_else(|| attempt_dir.clone());
-            run(&spec, &work, &attempt_dir)
+            let bundle = match bundle_out {
+                Some(file) => git::BundleOut::Channel(file),
+                None => git::BundleOut::Dir(attempt_dir),
+            };
+            run(&spec, &work, bundle, setup_out)
         }
         Err(e) => Outcome::failed(
             OutcomeKind::Infrastructure,
@@ -168,8 +195,14 @@ pub fn main(spec_path: &Path, sink: ResultSink, work_dir: Option<PathBuf>) -> i3
     0
 }
 
-/// Runs one attempt in `work` and says how it ended; a bundle is left in `attempt_dir`.
-pub fn run(spec: &RunSpec, work: &Path, attempt_dir: &Path) -> Outcome {
+/// Runs one attempt in `work` and says how it ended; a bundle delivery goes to `bundle`,
+/// a setup result for the cache to `setup_out` (else into the spec's store directory).
+pub fn run(
+    spec: &RunSpec,
+    work: &Path,
+    bundle: git::BundleOut,
+    setup_out: Option<std::fs::File>,
+) -> Outcome {
     let repo = work.join("repo");
     if repo.exists() {
         let _ = std::fs::remove_dir_all(&repo);
@@ -188,7 +221,7 @@ pub fn run(spec: &RunSpec, work: &Path, attempt_dir: &Path) -> Outcome {
         Err(e) => return Outcome::failed(OutcomeKind::Infrastructure, e, true),
     };
     // The repository's setup (or its cached result), with no secret of the run.
-    if let Err(failed) = setup::run(spec, &repo) {
+    if let Err(failed) = setup::run(spec, &repo, setup_out) {
         return *failed;
     }
     log(format!("running the {} agent", spec.capability));
@@ -226,7 +259,7 @@ pub fn run(spec: &RunSpec, work: &Path, attempt_dir: &Path) -> Outcome {
     let delivered = match spec.delivery {
         Delivery::Push => git::commit_and_push(spec, &repo, &start_commit, &outcome.summary),
         Delivery::Bundle => {
-            git::commit_and_bundle(spec, &repo, &start_commit, &outcome.summary, attempt_dir)
+            git::commit_and_bundle(spec, &repo, &start_commit, &outcome.summary, bundle)
         }
     };
     match delivered {

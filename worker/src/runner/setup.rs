@@ -20,8 +20,13 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(900);
 /// Limit of packing or unpacking a cached result.
 const TAR_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Runs (or restores) the setup in `repo`. An error is the run's outcome.
-pub fn run(spec: &RunSpec, repo: &Path) -> Result<(), Box<Outcome>> {
+/// Runs (or restores) the setup in `repo`. An error is the run's outcome. A result to
+/// store goes to `channel` when the worker gave one, else into the store directory.
+pub fn run(
+    spec: &RunSpec,
+    repo: &Path,
+    channel: Option<std::fs::File>,
+) -> Result<(), Box<Outcome>> {
     if !repo.join(SETUP_SCRIPT).is_file() {
         return Ok(());
     }
@@ -82,7 +87,11 @@ pub fn run(spec: &RunSpec, repo: &Path) -> Result<(), Box<Outcome>> {
     }
     if let Some((cache, config)) = cached {
         if let Some(store) = &cache.store {
-            match archive(repo, &config, store, &cache.key) {
+            let out = match channel {
+                Some(file) => ArchiveOut::Channel(file),
+                None => ArchiveOut::File(store.join(format!("{}.tar", cache.key))),
+            };
+            match archive(repo, &config, out) {
                 Ok(Some((sha256, bytes))) => super::emit(
                     SETUP_STORED_EVENT,
                     serde_json::json!({ "key": cache.key, "sha256": sha256, "bytes": bytes }),
@@ -126,6 +135,53 @@ fn read_head(repo: &Path, path: &str) -> Option<Vec<u8>> {
     out.status.success().then_some(out.stdout)
 }
 
+/// Archives `present` (paths in `repo`) into `channel` as tar's output passes, hashing
+/// it; returns its SHA-256 and size. Nothing of it is a file the agent could reach.
+fn archive_to(
+    repo: &Path,
+    present: &[&String],
+    mut channel: std::fs::File,
+) -> Result<(String, u64), String> {
+    use std::io::Write;
+    let mut child = Command::new("tar")
+        .args(["--create", "--file", "-", "--directory"])
+        .arg(repo)
+        .arg("--")
+        .args(present.iter().map(|p| p.as_str()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("tar: {e}"))?;
+    let mut out = child
+        .stdout
+        .take()
+        .ok_or_else(|| "tar: no output".to_string())?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    let copied = loop {
+        let n = match out.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => n,
+            Err(e) => break Err(e.to_string()),
+        };
+        bytes += n as u64;
+        h.update(&buf[..n]);
+        if let Err(e) = channel.write_all(&buf[..n]) {
+            break Err(format!("cannot send the setup result: {e}"));
+        }
+    };
+    if copied.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait().map_err(|e| format!("tar: {e}"))?;
+    copied?;
+    if !status.success() {
+        return Err(format!("tar failed ({status})"));
+    }
+    Ok((hex::encode(h.finalize()), bytes))
+}
+
 fn tar(args: &mut Command) -> Result<(), String> {
     match process::run_logged(args, TAR_TIMEOUT) {
         Ok(r) if r.success => Ok(()),
@@ -142,13 +198,20 @@ fn untar(archive: &Path, repo: &Path) -> Result<(), String> {
         .arg(repo))
 }
 
-/// Archives the existing cached paths into `store/<key>.tar`; returns its SHA-256 and
-/// size, or `None` when none of the paths exists.
+/// Where a setup result goes.
+enum ArchiveOut {
+    /// The setup channel inherited from the worker (the bwrap driver's).
+    Channel(std::fs::File),
+    /// A file (`store/<key>.tar`).
+    File(std::path::PathBuf),
+}
+
+/// Archives the existing cached paths; returns the archive's SHA-256 and size, or
+/// `None` when none of the paths exists.
 fn archive(
     repo: &Path,
     config: &SetupConfig,
-    store: &Path,
-    key: &str,
+    out: ArchiveOut,
 ) -> Result<Option<(String, u64)>, String> {
     let present: Vec<&String> = config
         .cache
@@ -158,7 +221,10 @@ fn archive(
     if present.is_empty() {
         return Ok(None);
     }
-    let file = store.join(format!("{key}.tar"));
+    let file = match out {
+        ArchiveOut::File(file) => file,
+        ArchiveOut::Channel(channel) => return archive_to(repo, &present, channel).map(Some),
+    };
     tar(Command::new("tar")
         .args(["--create", "--file"])
         .arg(&file)

@@ -14,15 +14,20 @@
 //!   never a sandbox user.
 //! - the host root read-only, a fresh `/proc`, a minimal `/dev`, an empty tmpfs `/tmp` and
 //!   `$HOME`; the worker's private places hidden under empty tmpfs mounts (its data dir with
-//!   the SQLite files, its whole work root, `/root`, `/home`, the worker's `$HOME`,
-//!   `/run/secrets`, every `file:` secret of the configuration and every one the worker
-//!   resolved (see [`crate::secret_files`]), `sandbox.hide`), read-only, and the shadow
-//!   files replaced by empty ones.
-//! - exactly one writable place besides the size-limited tmpfs mounts: the attempt
-//!   directory (run spec, bundle). A repository given as a local path or `file://` URL is
-//!   shown read-only; the runner hands its commits back as a bundle which the worker
-//!   pushes (see [`super::local_repo`]). The outcome travels over a pipe, not a file (see
-//!   [`super::result_channel`]).
+//!   the SQLite files, its whole work root, `/root`, `/home`, `/var` (where services and
+//!   users keep sockets and state), the worker's `$HOME`, `/run/secrets`, every `file:`
+//!   secret of the configuration and every one the worker resolved (see
+//!   [`crate::secret_files`]), `sandbox.hide`), read-only, and the shadow files replaced
+//!   by empty ones. A secret under a path shown again inside (a local repository, a
+//!   mirror, `sandbox.ro_paths`) is covered again above it.
+//! - no writable host place: the attempt is a size-limited tmpfs at the neutral
+//!   [`INSIDE_ATTEMPT`] holding the run spec (read-only) and the working copy (a tmpfs of
+//!   its own); the runner is shown at [`INSIDE_RUNNER`], so the sandbox's init names no
+//!   host path of the worker. A repository given as a local path or `file://` URL is
+//!   shown read-only; the runner hands its commits back as a bundle over a pipe, which
+//!   the worker pushes (see [`super::local_repo`]). The outcome travels over a pipe too
+//!   (see [`super::result_channel`]), and so does a setup result for the warm setup
+//!   cache.
 //! - the environment rebuilt from an allow-list: PATH, LANG, LC_ALL, TZ, HOME, USER, LOGNAME,
 //!   TMPDIR and the names in `sandbox.env_pass`. Values travel in bubblewrap's environment
 //!   (never `--setenv`, which would show them in `/proc/*/cmdline`); bubblewrap hands its
@@ -43,7 +48,8 @@ use super::host_user::{HostUser, HostUserError};
 use super::limits::{self, AttemptCgroup, Cgroups};
 use super::local_repo::{self, local_repository};
 use super::network::{self, NetworkMode};
-use super::process::{infra, runner_args, supervise, Attempt, RUNNER_MARGIN};
+use super::process::{infra, supervise, Attempt, RUNNER_MARGIN};
+use super::result_channel::{BundleChannel, FileChannel, BUNDLE_FD, RESULT_FD, SETUP_FD};
 use super::SandboxDriver;
 use crate::proxy::RunProxy;
 use crate::secret_files::SecretFiles;
@@ -67,6 +73,10 @@ const ALWAYS_HIDDEN: &[&str] = &[
     "/etc/shadow-",
     "/etc/gshadow",
     "/etc/gshadow-",
+    // Where services and users keep sockets and state (`/var/run`, `/var/tmp`,
+    // `/var/lib`, `/var/spool`): hidden as a whole, so a socket made there after the
+    // sandbox started, or bound by a relative path, is out of reach too.
+    "/var",
 ];
 /// The worker's variables passed in besides `sandbox.env_pass`.
 const ENV_BASE: &[&str] = &["PATH", "LANG", "LC_ALL", "TZ"];
@@ -76,6 +86,14 @@ const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 const SANDBOX_USER: &str = "agent";
 /// The working copy's directory in the attempt directory: a size-limited tmpfs.
 const WORKSPACE_DIR: &str = "ws";
+/// Where the runner is shown inside: a neutral path naming nothing of the host.
+pub const INSIDE_RUNNER: &str = "/run/ao/runner";
+/// Where the attempt directory is inside: a size-limited tmpfs with the run spec
+/// (read-only) and the working copy in it.
+pub const INSIDE_ATTEMPT: &str = "/run/ao/attempt";
+/// Size of the tmpfs at [`INSIDE_ATTEMPT`] around the working copy, in MiB: nothing but
+/// the spec belongs there.
+const ATTEMPT_TMPFS_MB: u64 = 16;
 
 /// Why the driver cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -288,7 +306,6 @@ impl BwrapDriver {
     }
 
     /// Whether `path` is covered inside: hidden, or under the fresh `/tmp` or home.
-    /// Whether `path` is covered inside: hidden, or under the fresh `/tmp` or home.
     fn is_hidden(&self, hidden: &[PathBuf], path: &Path) -> bool {
         path.starts_with("/tmp")
             || path.starts_with(&self.settings.home)
@@ -341,24 +358,28 @@ impl BwrapDriver {
             }
         }
         a.0.extend(limits::sized_tmpfs(s.home_mb, &s.home));
-        // What must stay visible under a hidden directory: the runner, the agent, and
-        // configured tool paths.
-        if self.is_hidden(&hidden, &self.runner_exe) {
-            a.two("--ro-bind", &self.runner_exe, &self.runner_exe);
-        }
+        // The runner at a neutral path; what must stay visible under a hidden directory:
+        // the agent and configured tool paths. Paths shown again are noted, to cover
+        // the secrets under them once more.
+        a.two("--ro-bind", &self.runner_exe, Path::new(INSIDE_RUNNER));
+        let mut shown: Vec<PathBuf> = Vec::new();
         if let Some((found, real)) = resolve_program(&spec.agent.command) {
             if self.is_hidden(&hidden, &found) {
                 a.two("--ro-bind", &real, &found);
+                shown.push(found);
             }
         }
         for path in &s.ro_paths {
             if let Ok(real) = path.canonicalize() {
                 a.two("--ro-bind", &real, path);
+                shown.push(path.clone());
             }
         }
-        a.two("--bind", attempt.path(), attempt.path());
-        // Warm start (see `warm.rs`): the mirror and a cached setup result read-only, the
-        // setup result's incoming directory writable.
+        let inside = Path::new(INSIDE_ATTEMPT);
+        a.0.extend(limits::sized_tmpfs(ATTEMPT_TMPFS_MB, inside));
+        a.two("--ro-bind", &attempt.spec, &inside.join("spec.json"));
+        // Warm start (see `warm.rs`): the mirror and a cached setup result read-only (a
+        // setup result to store leaves over a pipe).
         let warm = &spec.warm;
         let setup = warm.setup.as_ref();
         for path in warm
@@ -367,25 +388,45 @@ impl BwrapDriver {
             .chain(setup.and_then(|s| s.restore.as_ref()))
         {
             a.two("--ro-bind", path, path);
+            shown.push(path.clone());
         }
-        if let Some(store) = setup.and_then(|s| s.store.as_ref()) {
-            a.two("--bind", store, store);
-        }
-        let workspace = attempt.path().join(WORKSPACE_DIR);
+        let workspace = inside.join(WORKSPACE_DIR);
         a.0.extend(limits::sized_tmpfs(s.workspace_mb, &workspace));
         if let Some(repo) = local_repository(&spec.repository) {
             a.two("--ro-bind", &repo, &repo);
+            shown.push(repo);
+        }
+        // A hidden path under a path shown again would be visible through that mount
+        // (a secret file inside the local repository, say): covered once more.
+        for path in hidden
+            .iter()
+            .filter(|h| shown.iter().any(|s| h.starts_with(s) && *h != s))
+        {
+            if path.is_dir() {
+                a.flag_val("--tmpfs", path);
+            } else {
+                a.two("--ro-bind", Path::new("/dev/null"), path);
+            }
         }
         // Hidden directories are read-only too (only after the binds under them are made,
-        // since their mount points are created in them).
+        // since their mount points are created in them); so is `/run`.
         for path in hidden.iter().filter(|p| p.is_dir()) {
             a.flag_val("--remount-ro", path);
         }
+        if Path::new("/run").is_dir() {
+            a.flag_val("--remount-ro", "/run");
+        }
         a.flag_val("--remount-ro", "/dev");
-        a.flag_val("--chdir", attempt.path());
-        a.flags(&["--"]);
-        a.0.push(self.runner_exe.clone().into());
-        a.0.extend(runner_args(attempt));
+        a.flag_val("--chdir", inside);
+        a.flags(&["--", INSIDE_RUNNER, "runner", "--spec"]);
+        a.0.push(inside.join("spec.json").into());
+        a.flags(&["--result-fd", &RESULT_FD.to_string()]);
+        if run.bundle.is_some() {
+            a.flags(&["--bundle-fd", &BUNDLE_FD.to_string()]);
+        }
+        if run.setup.is_some() {
+            a.flags(&["--setup-fd", &SETUP_FD.to_string()]);
+        }
         a.flags(&["--workspace"]);
         a.0.push(workspace.into());
         a.0
@@ -450,6 +491,10 @@ struct RunSetup {
     cgroup: Option<AttemptCgroup>,
     /// Inherited descriptors of the seccomp programs.
     seccomp_fds: Vec<i32>,
+    /// The bundle channel (a local repository's run).
+    bundle: Option<BundleChannel>,
+    /// The setup-result channel (a run that may store its setup in the cache).
+    setup: Option<FileChannel>,
 }
 
 /// Puts the proxy's metering into the outcome: its cost and tokens are the run's (the
@@ -583,12 +628,9 @@ impl SandboxDriver for BwrapDriver {
             Ok(a) => a,
             Err(outcome) => return outcome,
         };
-        if let Err(e) = std::fs::create_dir(attempt.path().join(WORKSPACE_DIR)) {
-            return infra(format!("cannot make the workspace directory: {e}"), true);
-        }
         if let Some(host) = &self.host {
-            // The attempt directory and the setup cache's incoming directory are the
-            // sandbox's to write.
+            // The attempt directory (the spec, which bubblewrap binds as the host user)
+            // and the setup cache's incoming directory (the runner's setup result).
             let incoming = spec.warm.setup.as_ref().and_then(|s| s.store.as_deref());
             for dir in std::iter::once(attempt.path()).chain(incoming) {
                 if let Err(e) = host.own(dir) {
@@ -630,7 +672,53 @@ impl SandboxDriver for BwrapDriver {
             Ok(f) => f,
             Err(e) => return infra(e.to_string(), false),
         };
-        let setup = RunSetup {
+        let mut channels = Vec::new();
+        let bundle = match local {
+            Some(_) => match BundleChannel::open(&self.work_root) {
+                Ok((bundle, mapping)) => {
+                    channels.push(mapping);
+                    Some(bundle)
+                }
+                Err(e) => return infra(e.to_string(), true),
+            },
+            None => None,
+        };
+        // A setup result to store comes over a pipe into the incoming file the worker
+        // checks afterwards (see `warm.rs`); the sandbox never sees the directory.
+        let stored = match spec
+            .warm
+            .setup
+            .as_ref()
+            .and_then(|s| Some((s.store.as_ref()?, &s.key)))
+        {
+            Some((store, key)) => {
+                use std::os::unix::fs::OpenOptionsExt;
+                let limit = self
+                    .all
+                    .warm
+                    .setup_cache_entry_max_mb
+                    .saturating_mul(1 << 20);
+                let opened = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(store.join(format!("{key}.tar")))
+                    .map_err(|e| e.to_string())
+                    .and_then(|file| {
+                        FileChannel::open(file, SETUP_FD, limit, "setup result")
+                            .map_err(|e| e.to_string())
+                    });
+                match opened {
+                    Ok((channel, mapping)) => {
+                        channels.push(mapping);
+                        Some(channel)
+                    }
+                    Err(e) => return infra(format!("cannot open the setup channel: {e}"), true),
+                }
+            }
+            None => None,
+        };
+        let mut setup = RunSetup {
             network,
             proxy_socket: proxy.as_ref().map(RunProxy::socket),
             inside_port,
@@ -639,10 +727,22 @@ impl SandboxDriver for BwrapDriver {
                 .iter()
                 .map(std::os::fd::AsRawFd::as_raw_fd)
                 .collect(),
+            bundle,
+            setup: stored,
         };
         let cmd = self.command(&spec, &attempt, &setup);
         let limit = Duration::from_secs(spec.agent.timeout_secs) + RUNNER_MARGIN;
-        let mut outcome = supervise(cmd, &attempt, limit, events, cancel, seccomp).await;
+        let mut outcome = supervise(cmd, &attempt, limit, events, cancel, seccomp, channels).await;
+        let bundle = match setup.bundle.take() {
+            Some(channel) => channel.finish().await.map_err(|e| e.to_string()),
+            None => Ok(None),
+        };
+        if let Some(channel) = setup.setup.take() {
+            // A result that did not arrive whole fails the cache's hash check later.
+            if let Err(e) = channel.finish().await {
+                tracing::warn!(error = %e, "the setup result did not arrive");
+            }
+        }
         if let Some(proxy) = proxy {
             apply_metering(&mut outcome, proxy.stop().await);
         }
@@ -652,11 +752,14 @@ impl SandboxDriver for BwrapDriver {
         if let (Some(repo), Some(commit), OutcomeKind::Succeeded) =
             (&local, outcome.commit.clone(), outcome.kind)
         {
-            let delivered =
-                local_repo::deliver(attempt.path(), &self.work_root, repo, &spec.branch, &commit)
-                    .await;
+            let delivered = match &bundle {
+                Ok(file) => local_repo::deliver(file.as_deref(), repo, &spec.branch, &commit)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.clone()),
+            };
             if let Err(e) = delivered {
-                let mut failed = Outcome::failed(OutcomeKind::Infrastructure, e.to_string(), true);
+                let mut failed = Outcome::failed(OutcomeKind::Infrastructure, e, true);
                 failed.cost_usd = outcome.cost_usd;
                 failed.tokens = outcome.tokens;
                 failed.turns = outcome.turns;

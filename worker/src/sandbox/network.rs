@@ -8,9 +8,13 @@
 //!   sandbox's environment, as before the proxy existed.
 //!
 //! In every mode the host's unix sockets are out of reach: abstract ones live in the
-//! host's network namespace (not shared but in `open`), and path sockets are covered: all
-//! of `/run` (and `/var/run`) is an empty tmpfs, and every other listening socket the
-//! host lists in `/proc/net/unix` when the attempt starts is covered by an empty file.
+//! host's network namespace (not shared but in `open`), and path sockets are files,
+//! which the sandbox does not see where they live: all of `/run` is an empty tmpfs, and
+//! the driver hides `/var` (with `/var/run`, `/var/tmp`, `/var/lib`, `/var/spool`),
+//! `/tmp`, `/dev/shm` and the home directories as a whole, so a socket made there later,
+//! or bound by a relative path, is out of reach too. Every other listening socket the
+//! host lists in `/proc/net/unix` when the attempt starts (paths with spaces included)
+//! is covered by an empty file.
 
 use crate::proxy::{Destination, ModelRoute, ProxyOptions};
 use crate::spec::RunSpec;
@@ -140,9 +144,7 @@ pub fn bwrap_args(
             INSIDE_SOCKET.into(),
         ]);
     }
-    if Path::new("/run").is_dir() {
-        a.extend(["--remount-ro".into(), "/run".into()]);
-    }
+    // `/run` is made read-only by the driver once everything it puts there is mounted.
     a
 }
 
@@ -173,8 +175,23 @@ pub fn proxy_env(inside_port: u16) -> Vec<(&'static str, String)> {
     env
 }
 
+/// The path of one line of `/proc/net/unix` (`Num RefCount Protocol Flags Type St Inode
+/// Path`, the kernel's `unix_seq_show`): everything after the seventh field and one
+/// space, as it is (a path may hold spaces); `None` for an unnamed socket.
+fn socket_path_of(line: &str) -> Option<&str> {
+    let mut rest = line;
+    for _ in 0..7 {
+        rest = rest.trim_start_matches(' ');
+        let end = rest.find(' ')?;
+        rest = &rest[end..];
+    }
+    rest.strip_prefix(' ').filter(|p| !p.is_empty())
+}
+
 /// Paths of the unix sockets bound on the host (in the worker's network namespace) that
-/// exist as files, from `/proc/net/unix`.
+/// exist as files, from `/proc/net/unix`. A socket bound by a relative path is listed
+/// by that path, which names no file here: it is not found (the places such sockets
+/// live are hidden as a whole, see the module documentation).
 pub fn host_socket_paths() -> Vec<PathBuf> {
     let Ok(text) = std::fs::read_to_string("/proc/net/unix") else {
         return Vec::new();
@@ -182,7 +199,7 @@ pub fn host_socket_paths() -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = text
         .lines()
         .skip(1)
-        .filter_map(|l| l.split_whitespace().nth(7))
+        .filter_map(socket_path_of)
         .filter(|p| p.starts_with('/'))
         .map(PathBuf::from)
         .filter(|p| {
@@ -205,5 +222,24 @@ mod tests {
         let path = dir.path().join("s.sock");
         let _l = std::os::unix::net::UnixListener::bind(&path).unwrap();
         assert!(host_socket_paths().contains(&path));
+    }
+
+    #[test]
+    fn a_socket_whose_path_has_spaces_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a  socket with spaces.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let found = host_socket_paths();
+        assert!(found.contains(&path), "{found:?}");
+    }
+
+    #[test]
+    fn lines_of_proc_net_unix_are_parsed() {
+        let line = "0000000000000000: 00000002 00000000 00010000 0001 01  1234 /run/a b.sock";
+        assert_eq!(socket_path_of(line), Some("/run/a b.sock"));
+        let unnamed = "0000000000000000: 00000003 00000000 00000000 0001 03 56789";
+        assert_eq!(socket_path_of(unnamed), None);
+        let wide = "0000000000000000: 00000002 00000000 00010000 0001 01 123456789 rel.sock";
+        assert_eq!(socket_path_of(wide), Some("rel.sock"));
     }
 }

@@ -87,6 +87,45 @@ impl Attempt {
     }
 }
 
+impl Drop for Attempt {
+    /// Removes the directory whatever the agent left in it: directories it made
+    /// unreadable or unwritable (`chmod 555`, `000`) are opened to their owner first,
+    /// which an ordinary-user worker needs (root removes them anyway).
+    fn drop(&mut self) {
+        let path = self.dir.path();
+        open_up(path);
+        if let Err(e) = std::fs::remove_dir_all(path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %path.display(), error = %e, "cannot remove the attempt directory");
+            }
+        }
+    }
+}
+
+/// Gives the owner read, write and search permission on `dir` and every directory under
+/// it, never following a link, so that the tree can be removed. Called once every
+/// process of the attempt is gone.
+fn open_up(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return;
+    };
+    if !meta.is_dir() {
+        return;
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o700 != 0o700 {
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o700));
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                open_up(&entry.path());
+            }
+        }
+    }
+}
+
 /// The runner's arguments that name its spec and its result channel.
 pub(super) fn runner_args(attempt: &Attempt) -> Vec<std::ffi::OsString> {
     vec![
@@ -101,8 +140,8 @@ pub(super) fn runner_args(attempt: &Attempt) -> Vec<std::ffi::OsString> {
 /// Runs `cmd` (which starts the runner for `attempt` with [`runner_args`]) in its own
 /// process group: forwards its standard output lines as events, kills the whole group on
 /// cancel or after `limit`, and turns what came over the result channel into the outcome.
-/// `inherited` are files the command must inherit, closed here as soon as it has started.
-/// Never panics.
+/// `inherited` are files the command must inherit, closed here as soon as it has started;
+/// `channels` more descriptors mapped into it (a bundle channel's). Never panics.
 pub(super) async fn supervise(
     mut cmd: Command,
     attempt: &Attempt,
@@ -110,6 +149,7 @@ pub(super) async fn supervise(
     events: mpsc::Sender<RunnerEvent>,
     cancel: CancellationToken,
     inherited: Vec<std::fs::File>,
+    channels: Vec<command_fds::FdMapping>,
 ) -> Outcome {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -119,7 +159,7 @@ pub(super) async fn supervise(
     if attempt.lease.0.is_some() {
         push_permit::configure(&mut cmd);
     }
-    let channel = match ResultChannel::attach(&mut cmd) {
+    let channel = match ResultChannel::attach(&mut cmd, channels) {
         Ok(c) => c,
         Err(e) => return infra(e.to_string(), true),
     };
@@ -331,7 +371,7 @@ impl SandboxDriver for ProcessDriver {
         );
         spec.secret_env.apply(&mut cmd);
         let limit = Duration::from_secs(spec.agent.timeout_secs) + RUNNER_MARGIN;
-        supervise(cmd, &attempt, limit, events, cancel, Vec::new()).await
+        supervise(cmd, &attempt, limit, events, cancel, Vec::new(), Vec::new()).await
     }
 }
 
@@ -347,6 +387,26 @@ mod tests {
                 .rfind(')')
                 .is_some_and(|i| stat[i + 1..].trim_start().starts_with('Z')),
         }
+    }
+
+    #[test]
+    fn an_attempt_with_locked_directories_is_removed() {
+        use std::os::unix::fs::PermissionsExt;
+        let work = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir_in(work.path()).unwrap();
+        let path = dir.path().to_path_buf();
+        let inner = path.join("locked/inner");
+        std::fs::create_dir_all(&inner).unwrap();
+        std::fs::write(inner.join("file"), "x").unwrap();
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o000)).unwrap();
+        std::fs::set_permissions(path.join("locked"), std::fs::Permissions::from_mode(0o555))
+            .unwrap();
+        drop(Attempt {
+            spec: path.join("spec.json"),
+            lease: LeaseSlot::default(),
+            dir,
+        });
+        assert!(!path.exists(), "the attempt directory was left");
     }
 
     #[tokio::test]
@@ -376,6 +436,7 @@ mod tests {
                     Duration::from_secs(60),
                     tx,
                     cancel,
+                    Vec::new(),
                     Vec::new(),
                 )
                 .await
