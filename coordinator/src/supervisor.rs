@@ -144,7 +144,8 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    #[tokio::test]
+    /// With time paused: the loop is down for exactly the first restart delay, then up.
+    #[tokio::test(start_paused = true)]
     async fn a_loop_that_dies_is_restarted_counted_and_down_meanwhile() {
         let metrics = Metrics::new().unwrap();
         let shutdown = CancellationToken::new();
@@ -163,23 +164,27 @@ mod tests {
             }
         });
         let restarts = || metrics.loop_restarts.with_label_values(&["flaky"]).get();
-        // Down while it waits to be restarted.
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // Down while it waits to be restarted (no time passes while tasks run).
         while sup.down().is_empty() {
-            assert!(
-                Instant::now() < deadline,
-                "the dead loop never showed as down"
-            );
             tokio::task::yield_now().await;
         }
+        let died = tokio::time::Instant::now();
         assert_eq!(sup.down(), vec!["flaky"]);
         assert_eq!(restarts(), 1);
         assert_eq!(metrics.loop_up.with_label_values(&["flaky"]).get(), 0);
-        // Up again after the first delay.
+        // Still down just before the first delay is over.
+        tokio::time::sleep(FIRST_RESTART_DELAY - Duration::from_millis(1)).await;
+        assert_eq!(sup.down(), vec!["flaky"]);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        // Up again once it is.
         while runs.load(Ordering::SeqCst) < 2 || !sup.down().is_empty() {
-            assert!(Instant::now() < deadline, "the loop was not restarted");
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        let waited = died.elapsed();
+        assert!(
+            waited >= FIRST_RESTART_DELAY && waited < FIRST_RESTART_DELAY * 2,
+            "restarted after {waited:?}"
+        );
         assert_eq!(metrics.loop_up.with_label_values(&["flaky"]).get(), 1);
         shutdown.cancel();
         // A loop that ends at shutdown is not restarted.
