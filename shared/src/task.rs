@@ -41,6 +41,35 @@ pub enum FailureCause {
     WorkflowsPermission,
 }
 
+/// Destinations listed in a [`NetworkRefused`] at most (the rest are counted), so that
+/// an outcome stays small: 50 hosts of at most 253 bytes.
+pub const MAX_REFUSED_LISTED: usize = 50;
+
+/// One destination the sandbox's network proxy refused in a run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedDestination {
+    /// The host asked for (a name or an address; a longer one is cut, with a marker).
+    pub host: String,
+    pub port: u16,
+    /// Requests refused.
+    pub count: u64,
+    /// RFC 3339, of the first and the last refusal.
+    pub first_at: String,
+    pub last_at: String,
+}
+
+/// Every destination the sandbox's network proxy refused in one run (hosts off the
+/// allow-list): shown on the dashboard, in the progress comment and the pull request.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRefused {
+    /// The destinations, in the order first refused, at most [`MAX_REFUSED_LISTED`].
+    pub refused: Vec<RefusedDestination>,
+    /// Refused requests in all, listed or not.
+    pub total: u64,
+    /// Destinations refused but not listed (past [`MAX_REFUSED_LISTED`]).
+    pub unlisted: u64,
+}
+
 impl OutcomeKind {
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -101,6 +130,9 @@ pub struct Outcome {
     /// Why it failed, when something acts on the reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<FailureCause>,
+    /// What the sandbox's network proxy refused in the run, when it refused anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_refused: Option<NetworkRefused>,
 }
 
 impl Outcome {
@@ -136,6 +168,16 @@ impl Outcome {
         if !self.cost_usd.is_finite() {
             self.cost_usd = 0.0;
         }
+        if let Some(n) = self.network_refused.as_mut() {
+            let cut = n.refused.len().saturating_sub(MAX_REFUSED_LISTED);
+            n.refused.truncate(MAX_REFUSED_LISTED);
+            n.unlisted += cut as u64;
+            for r in &mut n.refused {
+                if r.host.len() > 253 {
+                    r.host = truncate_bytes(&r.host, 253);
+                }
+            }
+        }
         self
     }
 
@@ -156,6 +198,7 @@ impl Outcome {
             turns: None,
             duration_ms: 0,
             cause: None,
+            network_refused: None,
         }
     }
 

@@ -761,7 +761,7 @@ fn router(fake: Arc<Fake>) -> Router {
         )
         .route("/repos/{o}/{r}/issues/{n}/events", get(issue_events))
         .route("/repos/{o}/{r}/pulls", post(create_pull).get(list_pulls))
-        .route("/repos/{o}/{r}/pulls/{n}", get(get_pull))
+        .route("/repos/{o}/{r}/pulls/{n}", get(get_pull).patch(update_pull))
         .route("/repos/{o}/{r}/pulls/{n}/reviews", post(create_review))
         .route("/repos/{o}/{r}/contents/{*path}", get(contents))
         .route("/graphql", post(graphql))
@@ -1357,6 +1357,30 @@ async fn get_pull(call: Call, Path((o, r, n)): Path<(String, String, u64)>) -> A
         .get(&n)
         .ok_or_else(|| err(StatusCode::NOT_FOUND, "Not Found"))?;
     Ok(Json(f.pull_json(&repo, p)).into_response())
+}
+
+async fn update_pull(
+    call: Call,
+    Path((o, r, n)): Path<(String, String, u64)>,
+    body: Bytes,
+) -> ApiResult {
+    let (f, repo) = call.repo(&o, &r, "pull_requests", Perm::Write)?;
+    let v = body_field(&body)?;
+    let mut m = f.model.lock();
+    let p = m
+        .repos
+        .get_mut(&repo)
+        .and_then(|x| x.pulls.get_mut(&n))
+        .ok_or_else(|| err(StatusCode::NOT_FOUND, "Not Found"))?;
+    if let Some(text) = v.get("body") {
+        p.body = text.as_str().unwrap_or_default().to_string();
+    }
+    if let Some(title) = v["title"].as_str() {
+        p.title = title.to_string();
+    }
+    let p = p.clone();
+    drop(m);
+    Ok(Json(f.pull_json(&repo, &p)).into_response())
 }
 
 async fn create_review(

@@ -214,6 +214,25 @@ pub async fn get_pull(
     Ok(pull(&r.body))
 }
 
+/// Replaces a pull request's body (`PATCH /repos/{owner}/{repo}/pulls/{pull_number}`).
+pub async fn update_pull_body(
+    c: &Client,
+    inst: u64,
+    repo: &RepoName,
+    number: u64,
+    body: &str,
+) -> Result<(), GithubError> {
+    c.call(
+        inst,
+        Method::PATCH,
+        "/repos/{o}/{r}/pulls/{n}",
+        &format!("/repos/{repo}/pulls/{number}"),
+        Some(&json!({ "body": body })),
+    )
+    .await?;
+    Ok(())
+}
+
 /// Draft → ready for review (only GraphQL can do this).
 pub async fn mark_ready(c: &Client, inst: u64, node_id: &str) -> Result<(), GithubError> {
     c.graphql(

@@ -4,6 +4,7 @@
 
 use ao_shared::status::{SubtaskStatus, TaskStatus};
 use ao_shared::task::Task;
+use std::fmt::Write as _;
 
 /// Status labels the reporter keeps on the issue (exactly one at a time).
 pub const STATUS_LABELS: [&str; 4] = [
@@ -82,6 +83,10 @@ pub fn render(task: &Task, pull_request: Option<u64>) -> String {
         ));
     }
     s.push_str(&format!("\nCost so far: ${:.2}\n", task.cost_usd()));
+    if let Some(refused) = network_refused(task) {
+        s.push('\n');
+        s.push_str(&refused);
+    }
     if let Some(e) = &task.error {
         let e: String = e.chars().take(1500).collect();
         s.push_str(&format!(
@@ -95,11 +100,131 @@ pub fn render(task: &Task, pull_request: Option<u64>) -> String {
     s
 }
 
-/// The pull request's body.
-pub fn pull_body(task: &Task, issue: u64) -> String {
+/// The pull request's body without what the runs add to it.
+pub fn pull_body_plain(task: &Task, issue: u64) -> String {
     format!(
         "Closes #{issue}\n\nOpened by agent-orchestrator for task `{}` (pipeline `{}`). It stays a \
          draft while the agents work and is marked ready for review when they are done.\n",
         task.id, task.pipeline
     )
+}
+
+/// The pull request's body: [`pull_body_plain`] and the refused network destinations.
+pub fn pull_body(task: &Task, issue: u64) -> String {
+    let mut body = pull_body_plain(task, issue);
+    if let Some(refused) = network_refused(task) {
+        body.push('\n');
+        body.push_str(&refused);
+    }
+    body
+}
+
+/// A host as the agent asked for it, made safe to show: only the characters of a host
+/// name or an address literal (anything else, which could be Markdown or a mention,
+/// becomes `?`), at most 253 of them.
+fn safe_host(host: &str) -> String {
+    host.chars()
+        .take(253)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']' | '_') {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
+/// The network destinations the sandboxes refused in the task's runs (the latest
+/// attempt of each subtask), as a Markdown section; `None` when there were none.
+fn network_refused(task: &Task) -> Option<String> {
+    let mut lines = String::new();
+    let mut total = 0;
+    for sub in &task.subtasks {
+        let Some(refused) = sub
+            .outcome
+            .as_ref()
+            .and_then(|o| o.network_refused.as_ref())
+        else {
+            continue;
+        };
+        total += refused.total;
+        for r in &refused.refused {
+            let times = if r.count == 1 {
+                String::new()
+            } else {
+                format!(" ×{}", r.count)
+            };
+            let _ = writeln!(
+                lines,
+                "- `{}:{}`{times} ({})",
+                safe_host(&r.host),
+                r.port,
+                sub.capability
+            );
+        }
+        if refused.unlisted > 0 {
+            let _ = writeln!(
+                lines,
+                "- and {} more destinations ({})",
+                refused.unlisted, sub.capability
+            );
+        }
+    }
+    (total > 0).then(|| {
+        format!(
+            "**Network refused** ({total} requests to hosts not on the sandbox's allow-list; \
+             add a host to `sandbox.allow_hosts` if the agent needs it):\n{lines}"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ao_shared::task::{NetworkRefused, Outcome, OutcomeKind, RefusedDestination};
+
+    #[test]
+    fn refused_hosts_are_listed_and_cannot_inject_markdown() {
+        let mut task: Task = serde_json::from_value(serde_json::json!({
+            "id": "01a22b20-5a5d-76c6-b6eb-b80fb59936d5",
+            "repository": "acme/widgets", "branch": "agent/1-x", "pipeline": "code",
+            "prompt": "x", "title": "x", "status": "running", "version": 1,
+            "created_at": "2026-11-30T06:24:30Z", "updated_at": "2026-11-30T06:24:30Z",
+            "source": { "kind": "api" },
+            "subtasks": [{
+                "id": "01a22b20-5a5d-76c6-b6eb-b8100c0ab72f", "capability": "coder",
+                "status": "succeeded", "attempt": 1, "depends_on": []
+            }]
+        }))
+        .unwrap();
+        assert!(network_refused(&task).is_none());
+        let mut outcome = Outcome::failed(OutcomeKind::AgentError, "x", false);
+        outcome.network_refused = Some(NetworkRefused {
+            refused: vec![
+                RefusedDestination {
+                    host: "pypi.org".into(),
+                    port: 443,
+                    count: 3,
+                    first_at: "t".into(),
+                    last_at: "t".into(),
+                },
+                RefusedDestination {
+                    host: "x`](https://evil) @acme/admins".into(),
+                    port: 80,
+                    count: 1,
+                    first_at: "t".into(),
+                    last_at: "t".into(),
+                },
+            ],
+            total: 4,
+            unlisted: 0,
+        });
+        task.subtasks[0].outcome = Some(outcome);
+        let shown = render(&task, None);
+        assert!(shown.contains("- `pypi.org:443` ×3 (coder)"), "{shown}");
+        assert!(!shown.contains('@'), "{shown}");
+        assert!(!shown.contains("](h"), "{shown}");
+        assert!(pull_body(&task, 7).contains("`pypi.org:443`"));
+    }
 }

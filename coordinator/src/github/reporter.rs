@@ -63,6 +63,8 @@ impl Handle {
 #[derive(Default)]
 struct Written {
     comment_body: Option<String>,
+    /// The pull request body last written (`None`: not by this process).
+    pull_body: Option<String>,
     label: Option<Option<&'static str>>,
     ready: bool,
     reviews: HashSet<DeliveryId>,
@@ -223,16 +225,11 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
             Some(pr) => pr,
             None => {
                 let base = task.base_branch.clone().unwrap_or_else(|| "main".into());
-                api::create_pull(
-                    c,
-                    inst,
-                    &repo,
-                    &task.branch,
-                    &base,
-                    &task.title,
-                    &progress::pull_body(&task, issue),
-                )
-                .await?
+                let body = progress::pull_body(&task, issue);
+                let pr = api::create_pull(c, inst, &repo, &task.branch, &base, &task.title, &body)
+                    .await?;
+                written.pull_body = Some(body);
+                pr
             }
         };
         let number = pr.number;
@@ -310,6 +307,21 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
             written.owed_reviews.remove(&key);
         }
         written.reviews.insert(key);
+    }
+
+    // 2c. The pull request's body follows what it shows (the refused network
+    // destinations), edited only when that changed.
+    if let Some(pr) = pull_request {
+        let body = progress::pull_body(&task, issue);
+        let stale = match &written.pull_body {
+            Some(last) => *last != body,
+            // Written before this process: rewrite it only when it has more to say.
+            None => body != progress::pull_body_plain(&task, issue),
+        };
+        if stale {
+            api::update_pull_body(c, inst, &repo, pr, &body).await?;
+        }
+        written.pull_body = Some(body);
     }
 
     // 3. Ready for review when the task succeeded.

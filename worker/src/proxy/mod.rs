@@ -30,6 +30,7 @@
 pub mod meter;
 
 use crate::spec::RunnerEvent;
+use ao_shared::task::{NetworkRefused, RefusedDestination};
 use bytes::Bytes;
 use futures::StreamExt;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
@@ -56,7 +57,7 @@ pub const DENIED_EVENT: &str = "network_denied";
 pub const REFUSED_EVENT: &str = "network_refused";
 /// Destinations listed in the [`REFUSED_EVENT`] at most (the rest are counted), so that
 /// the event stays far below the event size bound even with 253-byte host names.
-pub const MAX_REFUSED_LISTED: usize = 50;
+pub const MAX_REFUSED_LISTED: usize = ao_shared::task::MAX_REFUSED_LISTED;
 /// The model API paths the proxy forwards: the ones it meters. Anything else under the
 /// model endpoint (`/v1/complete`, batches, files, …) would use the key unmetered.
 pub const METERED_PATHS: &[&str] = &["/v1/messages", "/v1/messages/count_tokens"];
@@ -169,31 +170,15 @@ impl NetworkDenied {
     }
 }
 
-/// One refused destination in the [`NetworkRefused`] list.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct RefusedDestination {
-    pub host: String,
-    pub port: u16,
-    /// Requests refused.
-    pub count: u64,
-    /// RFC 3339, of the first and the last refusal.
-    pub first_at: String,
-    pub last_at: String,
-}
-
-/// Every destination the proxy refused in one run: the data of the [`REFUSED_EVENT`].
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
-pub struct NetworkRefused {
-    /// The destinations, in the order first refused, at most [`MAX_REFUSED_LISTED`].
-    pub refused: Vec<RefusedDestination>,
-    /// Refused requests in all, listed or not.
-    pub total: u64,
-    /// Destinations refused but not listed (past [`MAX_REFUSED_LISTED`]).
-    pub unlisted: u64,
-}
-
-impl NetworkRefused {
+/// What the proxy does with its list of refused destinations.
+trait RefusedList {
     /// Counts one refusal of `dest` at `at`.
+    fn note(&mut self, dest: &Destination, at: &str);
+    /// The [`REFUSED_EVENT`] carrying the list.
+    fn into_event(self) -> RunnerEvent;
+}
+
+impl RefusedList for NetworkRefused {
     fn note(&mut self, dest: &Destination, at: &str) {
         self.total += 1;
         if let Some(r) = self
@@ -216,7 +201,7 @@ impl NetworkRefused {
         }
     }
 
-    pub fn into_event(self) -> RunnerEvent {
+    fn into_event(self) -> RunnerEvent {
         RunnerEvent {
             kind: REFUSED_EVENT.into(),
             data: serde_json::to_value(&self).unwrap_or_default(),
@@ -310,8 +295,8 @@ impl RunProxy {
     }
 
     /// Stops serving, ends every open tunnel, sends the [`REFUSED_EVENT`] when anything
-    /// was refused, and returns the run's metering.
-    pub async fn stop(mut self) -> Metered {
+    /// was refused, and returns the run's metering and the refused destinations.
+    pub async fn stop(mut self) -> (Metered, NetworkRefused) {
         self.ctx.stop.cancel();
         if let Some(server) = self.server.take() {
             let _ = server.await;
@@ -320,14 +305,14 @@ impl RunProxy {
         if refused.total > 0 {
             let sent = tokio::time::timeout(
                 REFUSED_EVENT_WAIT,
-                self.ctx.events.send(refused.into_event()),
+                self.ctx.events.send(refused.clone().into_event()),
             )
             .await;
             if !matches!(sent, Ok(Ok(()))) {
                 tracing::warn!("the list of refused destinations could not be reported");
             }
         }
-        self.ctx.meter.summary()
+        (self.ctx.meter.summary(), refused)
     }
 }
 

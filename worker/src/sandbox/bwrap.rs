@@ -744,7 +744,11 @@ impl SandboxDriver for BwrapDriver {
             }
         }
         if let Some(proxy) = proxy {
-            apply_metering(&mut outcome, proxy.stop().await);
+            let (metered, refused) = proxy.stop().await;
+            apply_metering(&mut outcome, metered);
+            if refused.total > 0 {
+                outcome.network_refused = Some(refused);
+            }
         }
         if let Some(cgroup) = setup.cgroup {
             cgroup.remove().await;
