@@ -82,8 +82,14 @@ impl Github {
             reporter::run(gh.clone(), gh.bus.subscribe())
         });
         let gh = self.clone();
-        self.loops
-            .spawn("github_reconcile", move || reconcile::run(gh.clone()));
+        self.loops.spawn("github_reconcile", move || {
+            let gh = gh.clone();
+            crate::lease::owned(
+                gh.core.clone(),
+                crate::lease::GITHUB_RECONCILE,
+                move || reconcile::run(gh.clone()),
+            )
+        });
         let gh = self.clone();
         self.loops.spawn("github_wait_list", move || {
             handle::start::run_wait_list(gh.clone(), gh.bus.subscribe())
