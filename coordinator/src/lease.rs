@@ -140,7 +140,9 @@ where
                     tracing::warn!(lease = name, error = %e, "cannot renew a lease");
                     break Ended::Lost("the lease could not be renewed before it expires");
                 }
-                Err(e) => tracing::warn!(lease = name, error = %e, "cannot renew a lease; retrying"),
+                Err(e) => {
+                    tracing::warn!(lease = name, error = %e, "cannot renew a lease; retrying")
+                }
             }
         };
         held.set(0);
@@ -155,7 +157,12 @@ where
             }
             Ended::Lost(why) => {
                 cx.metrics.lease_lost.with_label_values(&[name]).inc();
-                tracing::warn!(lease = name, token, reason = why, "lease lost; the loop stopped");
+                tracing::warn!(
+                    lease = name,
+                    token,
+                    reason = why,
+                    "lease lost; the loop stopped"
+                );
             }
         }
     }

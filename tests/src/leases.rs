@@ -19,7 +19,10 @@ pub fn held(cx: &Coordinator, lease: &str) -> bool {
 pub fn lease_env() -> Vec<(String, String)> {
     vec![
         ("AO__COORDINATOR__LEASE_TTL_MS".into(), TTL_MS.to_string()),
-        ("AO__COORDINATOR__LEASE_RENEW_MS".into(), RENEW_MS.to_string()),
+        (
+            "AO__COORDINATOR__LEASE_RENEW_MS".into(),
+            RENEW_MS.to_string(),
+        ),
     ]
 }
 
@@ -102,4 +105,3 @@ pub async fn takeover(c: &mut Cluster, b: InProcess) {
         .contains(r#"ao_lease_held{lease="recovery"} 1"#));
     survivor.stop().await.unwrap();
 }
-

@@ -3,9 +3,9 @@
 //! takes it over once it expires; a holder that stops cleanly hands it over at once. The
 //! same on DynamoDB is in `leases_aws.rs`.
 
+use ao_coordinator::lease::RECOVERY;
 use ao_tests::inproc::InProcess;
 use ao_tests::leases::{held, lease_env, one_holder_each, takeover, LIMIT, TTL_MS};
-use ao_coordinator::lease::RECOVERY;
 use ao_tests::Cluster;
 use std::time::{Duration, Instant};
 

@@ -28,4 +28,3 @@ async fn on_one_dynamodb_table_one_replica_runs_the_singletons_and_the_other_tak
         .unwrap();
     takeover(&mut c, b).await;
 }
-

@@ -225,7 +225,9 @@ impl Event {
                 ctx_cut(ctx);
                 issue_cut(issue);
             }
-            Event::Review { ctx, pull, body, .. } => {
+            Event::Review {
+                ctx, pull, body, ..
+            } => {
                 ctx_cut(ctx);
                 cut(&mut pull.head_ref);
                 cut(&mut pull.author);

@@ -1116,7 +1116,9 @@ impl StateStore for DynamoStore {
                 .condition_expression("#holder = :me AND #fence = :tok AND #expires > :now")
                 .expression_attribute_values(":tok", n(token)),
             None => update
-                .update_expression("SET #holder = :me, #expires = :exp, #ttl = :ttl ADD #fence :one")
+                .update_expression(
+                    "SET #holder = :me, #expires = :exp, #ttl = :ttl ADD #fence :one",
+                )
                 .condition_expression(
                     "attribute_not_exists(pk) OR #holder = :me OR #expires <= :now",
                 )
@@ -1357,7 +1359,6 @@ impl StateStore for DynamoStore {
             .collect())
     }
 }
-
 
 /// Splits events into those that fit one transaction beside `reserved` other items (the
 /// counter included) and the rest.

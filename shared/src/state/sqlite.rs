@@ -670,7 +670,11 @@ impl StateStore for SqliteStore {
                 InboxOutcome::Failed { error } => ("failed", now_ms, Some(error)),
             };
             // Finished records age from now, for the retention.
-            let at = if status == "pending" { None } else { Some(now_ms) };
+            let at = if status == "pending" {
+                None
+            } else {
+                Some(now_ms)
+            };
             conn.execute(
                 "UPDATE inbox SET status = ?2, due_ms = ?3, error = ?4, at_ms = COALESCE(?5, at_ms)
                  WHERE id = ?1",
