@@ -75,7 +75,7 @@ impl Leases {
 }
 
 /// How a held lease ended.
-enum Ended {
+enum HeldUntil {
     /// The loop ended (shutdown, or it returned).
     LoopEnded,
     /// The lease was lost: the loop was stopped.
@@ -120,25 +120,25 @@ where
         tokio::pin!(run);
         let ended = loop {
             tokio::select! {
-                () = &mut run => break Ended::LoopEnded,
+                () = &mut run => break HeldUntil::LoopEnded,
                 () = tokio::time::sleep(renew) => {}
             }
             if cx.leases.is_abandoned() {
-                break Ended::Abandoned;
+                break HeldUntil::Abandoned;
             }
             let asked = Instant::now();
             let renewed = tokio::select! {
                 r = cx.store.claim_lease(name, holder, ttl, Some(token)) => r,
                 () = tokio::time::sleep_until(valid_until) => {
-                    break Ended::Lost("the renewal was not confirmed before the lease expired")
+                    break HeldUntil::Lost("the renewal was not confirmed before the lease expired")
                 }
             };
             match renewed {
                 Ok(Some(_)) => valid_until = asked + ttl,
-                Ok(None) => break Ended::Lost("another replica holds the lease"),
+                Ok(None) => break HeldUntil::Lost("another replica holds the lease"),
                 Err(e) if Instant::now() + renew >= valid_until => {
                     tracing::warn!(lease = name, error = %e, "cannot renew a lease");
-                    break Ended::Lost("the lease could not be renewed before it expires");
+                    break HeldUntil::Lost("the lease could not be renewed before it expires");
                 }
                 Err(e) => {
                     tracing::warn!(lease = name, error = %e, "cannot renew a lease; retrying")
@@ -147,15 +147,15 @@ where
         };
         held.set(0);
         match ended {
-            Ended::Abandoned => return,
-            Ended::LoopEnded if cx.leases.is_abandoned() => return,
-            Ended::LoopEnded => {
+            HeldUntil::Abandoned => return,
+            HeldUntil::LoopEnded if cx.leases.is_abandoned() => return,
+            HeldUntil::LoopEnded => {
                 if let Err(e) = cx.store.release_lease(name, holder, token).await {
                     tracing::warn!(lease = name, error = %e, "cannot release a lease");
                 }
                 return;
             }
-            Ended::Lost(why) => {
+            HeldUntil::Lost(why) => {
                 cx.metrics.lease_lost.with_label_values(&[name]).inc();
                 tracing::warn!(
                     lease = name,

@@ -73,7 +73,7 @@ pub async fn takeover(c: &mut Cluster, b: InProcess) {
     );
 
     let killed = Instant::now();
-    holder.kill().await.unwrap();
+    holder.kill().await.expect("the holder stops");
     let deadline = killed + LIMIT;
     while !(held(&survivor.cx, RECOVERY) && held(&survivor.cx, GITHUB_RECONCILE)) {
         assert!(Instant::now() < deadline, "the survivor never took over");
@@ -103,5 +103,5 @@ pub async fn takeover(c: &mut Cluster, b: InProcess) {
         .metrics
         .render()
         .contains(r#"ao_lease_held{lease="recovery"} 1"#));
-    survivor.stop().await.unwrap();
+    survivor.stop().await.expect("the survivor stops");
 }
