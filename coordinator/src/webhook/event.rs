@@ -615,6 +615,43 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    #[test]
+    fn a_stored_event_is_bounded_and_reads_back_the_same() {
+        let huge = "é".repeat(200_000);
+        let event = Event::IssueLabeled {
+            ctx: Context {
+                installation_id: Some(7),
+                repo: RepoName::parse("acme/widgets").unwrap(),
+                default_branch: Some("main".into()),
+                sender: Sender {
+                    login: "alice".into(),
+                    is_bot: false,
+                },
+            },
+            issue: Issue {
+                number: 3,
+                title: "t".into(),
+                body: huge,
+                is_pull_request: false,
+            },
+            label: "agent".into(),
+        };
+        let bounded = event.bounded();
+        let text = serde_json::to_string(&bounded).unwrap();
+        assert!(
+            text.len() < ao_shared::state::MAX_INBOX_PAYLOAD_BYTES,
+            "{}",
+            text.len()
+        );
+        let Event::IssueLabeled { issue, .. } = &bounded else {
+            panic!("kind changed")
+        };
+        assert!(issue.body.len() <= MAX_STORED_TEXT_BYTES);
+        assert!(issue.body.starts_with("éé"));
+        let back: Event = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, bounded);
+    }
+
     fn repo() -> serde_json::Value {
         json!({"name": "r", "owner": {"login": "o"}, "default_branch": "main"})
     }
