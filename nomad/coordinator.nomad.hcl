@@ -34,7 +34,7 @@ variable "coordinator_image" {
 
 variable "coordinator_count" {
   type        = number
-  description = "Coordinator instances; they coordinate through leases in the table."
+  description = "Coordinator replicas. All serve the API and webhooks; the singleton loops (recovery, missed-delivery sweep) run on one at a time through leases in the table (docs/operations.md)."
   default     = 1
 }
 

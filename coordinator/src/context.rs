@@ -6,6 +6,7 @@
 //! `Coordinator` and follows the bus like any other subscriber.
 
 use crate::bus::{Bus, TaskChange};
+use crate::lease::Leases;
 use crate::metrics::Metrics;
 use crate::supervisor::Supervisor;
 use ao_shared::backend::Backends;
@@ -30,6 +31,8 @@ pub struct Coordinator {
     pub loops: Supervisor,
     /// Cancelled when the coordinator shuts down.
     pub shutdown: CancellationToken,
+    /// This replica's identity as the holder of singleton loops' leases.
+    pub leases: Leases,
     ready: AtomicBool,
     /// Unix ms of the last successful queue-depth poll.
     pub last_depth_poll_ms: AtomicI64,
@@ -47,6 +50,7 @@ impl Coordinator {
             metrics,
             bus: Bus::default(),
             shutdown,
+            leases: Leases::default(),
             ready: AtomicBool::new(false),
             last_depth_poll_ms: AtomicI64::new(0),
         })

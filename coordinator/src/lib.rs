@@ -11,7 +11,8 @@
 //!   ([`webhook`], [`github`]);
 //! - the core: [`orchestrator`] (the only writer of tasks, publishing every change on the
 //!   [`bus`]), [`results`], [`recovery`], [`dead_letters`], [`monitor`];
-//! - the context ([`context`]), [`bus`], [`supervisor`] and [`metrics`].
+//! - the context ([`context`]), [`bus`], [`supervisor`], [`lease`] (which loops run on one
+//!   replica only) and [`metrics`].
 //!
 //! Nothing in the core imports `github`: the GitHub reporter, wait list and budget booking
 //! follow the bus.
@@ -22,6 +23,7 @@ pub mod context;
 pub mod dead_letters;
 pub mod github;
 pub mod http;
+pub mod lease;
 pub mod metrics;
 pub mod monitor;
 pub mod orchestrator;
@@ -102,5 +104,8 @@ fn spawn_core_loops(cx: &Arc<Coordinator>) {
     cx.loops
         .spawn("metrics_poller", move || monitor::run(c.clone()));
     let c = cx.clone();
-    cx.loops.spawn("recovery", move || recovery::run(c.clone()));
+    cx.loops.spawn("recovery", move || {
+        let c = c.clone();
+        lease::owned(c.clone(), lease::RECOVERY, move || recovery::run(c.clone()))
+    });
 }

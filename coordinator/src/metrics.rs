@@ -34,6 +34,12 @@ pub struct Metrics {
     pub loop_restarts: IntCounterVec,
     /// 1 while a background loop runs, 0 while it waits to be restarted.
     pub loop_up: IntGaugeVec,
+    /// 1 while this replica holds the lease of a singleton loop.
+    pub lease_held: IntGaugeVec,
+    /// Times this replica took a lease (at start-up or over from a replica that died).
+    pub lease_takeovers: IntCounterVec,
+    /// Times this replica lost a lease it held (renewal refused or not confirmed in time).
+    pub lease_lost: IntCounterVec,
 }
 
 impl Metrics {
@@ -196,11 +202,46 @@ impl Metrics {
                     &["loop"],
                 )?,
             ),
+            lease_held: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "ao_lease_held",
+                        "1 while this replica holds the lease of a singleton loop",
+                    ),
+                    &["lease"],
+                )?,
+            ),
+            lease_takeovers: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ao_lease_takeovers_total",
+                        "Times this replica took the lease of a singleton loop",
+                    ),
+                    &["lease"],
+                )?,
+            ),
+            lease_lost: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ao_lease_lost_total",
+                        "Times this replica lost the lease of a singleton loop it held",
+                    ),
+                    &["lease"],
+                )?,
+            ),
             registry: r,
         };
         // Every family shows in /metrics from start-up, before its first event.
         m.webhook_deliveries
             .with_label_values(&["ping", "accepted"]);
+        for lease in crate::lease::LEASES {
+            m.lease_held.with_label_values(&[lease]).set(0);
+            m.lease_takeovers.with_label_values(&[lease]);
+            m.lease_lost.with_label_values(&[lease]);
+        }
         m.github_api_calls.with_label_values(&["none", "0", "ok"]);
         m.github_rate_limit_remaining.set(5000);
         m.budget_used_ratio.with_label_values(&["none"]).set(0.0);

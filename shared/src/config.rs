@@ -576,6 +576,12 @@ pub struct CoordinatorSettings {
     /// How long a queued or running subtask must have been left alone before `stale`
     /// recovery touches it; also the interval of the periodic sweep.
     pub recovery_stale_secs: u64,
+    /// How long a lease on a singleton loop lasts without renewal, in milliseconds: the
+    /// longest a dead replica's loop stays unowned before another replica takes it over.
+    pub lease_ttl_ms: u64,
+    /// How often the holder renews its leases, in milliseconds (below `lease_ttl_ms`);
+    /// also how often a replica without the lease tries to take it.
+    pub lease_renew_ms: u64,
 }
 
 impl Default for CoordinatorSettings {
@@ -586,6 +592,8 @@ impl Default for CoordinatorSettings {
             shutdown_grace_secs: 10,
             recovery: RecoveryMode::default(),
             recovery_stale_secs: 300,
+            lease_ttl_ms: 15_000,
+            lease_renew_ms: 5_000,
         }
     }
 }
@@ -706,6 +714,14 @@ impl Settings {
         }
         if self.coordinator.recovery_stale_secs == 0 {
             return bad("coordinator.recovery_stale_secs must be at least 1".into());
+        }
+        if self.coordinator.lease_renew_ms == 0
+            || self.coordinator.lease_renew_ms >= self.coordinator.lease_ttl_ms
+        {
+            return bad(
+                "coordinator.lease_renew_ms must be at least 1 and below coordinator.lease_ttl_ms"
+                    .into(),
+            );
         }
         if self.coordinator.max_attempts == 0 {
             return bad("coordinator.max_attempts must be at least 1".into());

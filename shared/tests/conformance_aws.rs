@@ -519,3 +519,13 @@ async fn large_transcript() {
     let s = store().await;
     conformance::large_transcript(&s).await;
 }
+
+#[tokio::test]
+async fn fenced_leases() {
+    conformance::fenced_leases(&store().await).await;
+}
+
+#[tokio::test]
+async fn inbox() {
+    conformance::inbox(&store().await).await;
+}

@@ -163,3 +163,15 @@ async fn old_events_and_deliveries_are_pruned() {
     assert_eq!(left[0].event.data["message"], "new");
     assert!(s.record_delivery(&delivery).await.unwrap());
 }
+
+#[tokio::test]
+async fn fenced_leases() {
+    let (_d, s) = store();
+    conformance::fenced_leases(&s).await;
+}
+
+#[tokio::test]
+async fn inbox() {
+    let (_d, s) = store();
+    conformance::inbox(&s).await;
+}

@@ -197,6 +197,8 @@ pub enum Failure {
     RateLimited { reset_in_secs: u64 },
     /// 429 with `retry-after`.
     TooManyRequests { retry_after_secs: u64 },
+    /// 422 Unprocessable Entity: a client error, not retried.
+    Unprocessable,
 }
 
 /// An injected failure: the next `times` requests whose `METHOD path` contains `matches`.
@@ -450,6 +452,11 @@ impl FakeGithub {
             times,
             failure,
         });
+    }
+
+    /// Drops every injected failure not yet used up.
+    pub fn clear_faults(&self) {
+        self.fake.faults.lock().clear();
     }
 
     /// Injected failures not yet used up.
@@ -810,6 +817,11 @@ async fn faults_and_limits(
                     ),
                 ],
                 Json(json!({ "message": "API rate limit exceeded" })),
+            )
+                .into_response(),
+            Failure::Unprocessable => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(json!({ "message": "Validation Failed" })),
             )
                 .into_response(),
             Failure::TooManyRequests { retry_after_secs } => (

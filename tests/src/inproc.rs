@@ -108,6 +108,14 @@ impl InProcess {
         }
     }
 
+    /// Stops it as SIGKILL would as far as the other replicas can tell: its leases are
+    /// neither renewed nor released (they stay in the store until they expire); then its
+    /// loops and server stop and it is waited for.
+    pub async fn kill(self) -> Result<()> {
+        self.cx.leases.abandon();
+        self.stop().await
+    }
+
     /// Stops it as SIGTERM would and waits until it has stopped.
     pub async fn stop(mut self) -> Result<()> {
         if let Some(stop) = self.stop.take() {

@@ -2,8 +2,9 @@
 //! commands → tasks), the reporter (task state → pull request, progress comment, labels,
 //! reviews), and the sweep for missed deliveries.
 //!
-//! Shape: the webhook route only verifies, parses and queues ([`crate::webhook`]); one
-//! consumer handles deliveries one at a time, each in a tracing span ([`handle`]); every
+//! Shape: the webhook route only verifies, parses and stores ([`crate::webhook`]); one
+//! consumer per replica handles stored deliveries one at a time, each in a tracing span
+//! ([`handle`]); every
 //! change of a GitHub-sourced task, published on the core's task-change bus
 //! ([`crate::bus`]), wakes the reporter ([`reporter`]), which brings GitHub
 //! in line with the stored task and retries with backoff until it has. GitHub is reached
@@ -82,8 +83,12 @@ impl Github {
             reporter::run(gh.clone(), gh.bus.subscribe())
         });
         let gh = self.clone();
-        self.loops
-            .spawn("github_reconcile", move || reconcile::run(gh.clone()));
+        self.loops.spawn("github_reconcile", move || {
+            let gh = gh.clone();
+            crate::lease::owned(gh.core.clone(), crate::lease::GITHUB_RECONCILE, move || {
+                reconcile::run(gh.clone())
+            })
+        });
         let gh = self.clone();
         self.loops.spawn("github_wait_list", move || {
             handle::start::run_wait_list(gh.clone(), gh.bus.subscribe())

@@ -3,11 +3,11 @@
 //! not need is ignored); a payload of a handled event that lacks what we need is a
 //! [`ParseError`], answered 400. Events and actions we do not handle are [`Parsed::Ignored`].
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// `owner/name` of a repository.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RepoName {
     pub owner: String,
     pub name: String,
@@ -38,7 +38,7 @@ impl fmt::Display for RepoName {
 }
 
 /// Who caused the event.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sender {
     pub login: String,
     /// `type: Bot` (GitHub Apps, including this one, and other bots).
@@ -46,7 +46,7 @@ pub struct Sender {
 }
 
 /// What every repository event carries.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Context {
     /// Absent when the webhook is not an App's (a plain repository webhook).
     pub installation_id: Option<u64>,
@@ -56,7 +56,7 @@ pub struct Context {
 }
 
 /// An issue as far as we need it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Issue {
     pub number: u64,
     pub title: String,
@@ -66,7 +66,7 @@ pub struct Issue {
 }
 
 /// A slash command in a comment: `/agent <verb>` at the start of a line.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     Run,
     Retry,
@@ -99,7 +99,7 @@ impl Command {
 }
 
 /// The state of a submitted review.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReviewState {
     Approved,
     ChangesRequested,
@@ -107,7 +107,7 @@ pub enum ReviewState {
 }
 
 /// A pull request as far as reviews need it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PullRequest {
     pub number: u64,
     /// The head branch (the agent's branch on its own pull requests).
@@ -117,7 +117,7 @@ pub struct PullRequest {
 }
 
 /// What an accepted delivery means.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
     Ping,
     IssueLabeled {
@@ -170,7 +170,97 @@ pub enum Event {
     },
 }
 
+/// The longest text kept of one field of an event when it is stored in the inbox, in
+/// bytes: more than anything made of it uses (prompts take at most 32 KiB), and small
+/// enough that a stored event stays well under a state-store record's limit.
+pub const MAX_STORED_TEXT_BYTES: usize = 48 * 1024;
+/// The most labels or repositories kept of one event when it is stored.
+pub const MAX_STORED_LIST: usize = 100;
+
+fn cut(text: &mut String) {
+    if text.len() > MAX_STORED_TEXT_BYTES {
+        let mut at = MAX_STORED_TEXT_BYTES;
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        text.truncate(at);
+    }
+}
+
 impl Event {
+    /// The event with every free-text field cut to [`MAX_STORED_TEXT_BYTES`] and every
+    /// list to [`MAX_STORED_LIST`], as it is stored in the inbox.
+    pub fn bounded(mut self) -> Self {
+        fn ctx_cut(c: &mut Context) {
+            cut(&mut c.repo.owner);
+            cut(&mut c.repo.name);
+            cut(&mut c.sender.login);
+            if let Some(b) = &mut c.default_branch {
+                cut(b);
+            }
+        }
+        fn issue_cut(i: &mut Issue) {
+            cut(&mut i.title);
+            cut(&mut i.body);
+        }
+        match &mut self {
+            Event::Ping => {}
+            Event::IssueLabeled { ctx, issue, label }
+            | Event::IssueUnlabeled { ctx, issue, label } => {
+                ctx_cut(ctx);
+                issue_cut(issue);
+                cut(label);
+            }
+            Event::IssueClosed { ctx, issue } => {
+                ctx_cut(ctx);
+                issue_cut(issue);
+            }
+            Event::IssueReopened { ctx, issue, labels } => {
+                ctx_cut(ctx);
+                issue_cut(issue);
+                labels.truncate(MAX_STORED_LIST);
+                labels.iter_mut().for_each(cut);
+            }
+            Event::Command { ctx, issue, .. } => {
+                ctx_cut(ctx);
+                issue_cut(issue);
+            }
+            Event::Review {
+                ctx, pull, body, ..
+            } => {
+                ctx_cut(ctx);
+                cut(&mut pull.head_ref);
+                cut(&mut pull.author);
+                cut(body);
+            }
+            Event::ReviewComment {
+                ctx,
+                pull,
+                body,
+                path,
+                ..
+            } => {
+                ctx_cut(ctx);
+                cut(&mut pull.head_ref);
+                cut(&mut pull.author);
+                cut(body);
+                cut(path);
+            }
+            Event::Installation {
+                action, account, ..
+            } => {
+                cut(action);
+                cut(account);
+            }
+            Event::InstallationRepositories { added, removed, .. } => {
+                added.truncate(MAX_STORED_LIST);
+                removed.truncate(MAX_STORED_LIST);
+                added.iter_mut().chain(removed.iter_mut()).for_each(cut);
+            }
+        }
+        self
+    }
+
     /// The repository context, when the event has one.
     pub fn context(&self) -> Option<&Context> {
         match self {
@@ -524,6 +614,43 @@ pub fn parse(event: &str, body: &[u8]) -> Result<Parsed, ParseError> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_stored_event_is_bounded_and_reads_back_the_same() {
+        let huge = "é".repeat(200_000);
+        let event = Event::IssueLabeled {
+            ctx: Context {
+                installation_id: Some(7),
+                repo: RepoName::parse("acme/widgets").unwrap(),
+                default_branch: Some("main".into()),
+                sender: Sender {
+                    login: "alice".into(),
+                    is_bot: false,
+                },
+            },
+            issue: Issue {
+                number: 3,
+                title: "t".into(),
+                body: huge,
+                is_pull_request: false,
+            },
+            label: "agent".into(),
+        };
+        let bounded = event.bounded();
+        let text = serde_json::to_string(&bounded).unwrap();
+        assert!(
+            text.len() < ao_shared::state::MAX_INBOX_PAYLOAD_BYTES,
+            "{}",
+            text.len()
+        );
+        let Event::IssueLabeled { issue, .. } = &bounded else {
+            panic!("kind changed")
+        };
+        assert!(issue.body.len() <= MAX_STORED_TEXT_BYTES);
+        assert!(issue.body.starts_with("éé"));
+        let back: Event = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, bounded);
+    }
 
     fn repo() -> serde_json::Value {
         json!({"name": "r", "owner": {"login": "o"}, "default_branch": "main"})

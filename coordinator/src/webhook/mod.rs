@@ -4,12 +4,17 @@
 //! up to `github.max_webhook_bytes` (413 above); `X-Hub-Signature-256` is checked over the
 //! raw bytes against every configured secret (401); only then is the payload parsed into
 //! a typed [`Event`] (400 when a handled event's payload does not parse). An accepted event
-//! goes onto the in-process inbox with its `X-GitHub-Delivery` id and is answered 202 at
-//! once: no GitHub API call is made in the request. The inbox's consumer
-//! ([`crate::github::handle`]) makes the delivery idempotent in the state store (a
-//! task is created together with its delivery id; other effects record theirs), so a
-//! redelivered webhook changes nothing twice. A full inbox answers 503: GitHub marks the
-//! delivery failed and the missed-delivery sweep asks for it again.
+//! is stored in the state store's inbox ([`ao_shared::state::StateStore::put_inbox`]),
+//! bounded ([`Event::bounded`]), under its `X-GitHub-Delivery` id, and only then answered
+//! 202; no GitHub API call is made in the request. A delivery id already in the inbox is
+//! answered 202 as a duplicate and changes nothing. When the store cannot take it the
+//! answer is 503: GitHub marks the delivery failed and the missed-delivery sweep asks for
+//! it again.
+//!
+//! The stored delivery is processed from the store ([`crate::github::handle`]): the
+//! replica that took it is woken through the in-process [`Inbox`] at once, and every
+//! replica looks for pending deliveries at start-up and periodically, so that one left
+//! behind by a restart or a failed attempt is processed again.
 
 pub mod event;
 pub mod signature;
@@ -17,6 +22,7 @@ pub mod signature;
 use crate::context::Coordinator;
 use crate::http::error::ApiError;
 use ao_shared::ids::DeliveryId;
+use ao_shared::state::{InboxDelivery, MAX_INBOX_PAYLOAD_BYTES};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -29,12 +35,13 @@ use serde_json::json;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
-/// Deliveries waiting for the consumer; beyond this the endpoint answers 503.
+/// Wake-ups of the local consumer waiting; beyond this a stored delivery waits for the
+/// next periodic look at the inbox instead.
 pub const INBOX_CAPACITY: usize = 1024;
 /// Longest accepted delivery id (GitHub's are GUIDs).
 const MAX_DELIVERY_ID_LEN: usize = 100;
 
-/// One accepted delivery.
+/// One delivery, as the consumer handles it.
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub id: DeliveryId,
@@ -43,11 +50,12 @@ pub struct Delivery {
     pub event: Event,
 }
 
-/// The inbox: deliveries accepted and not yet handled. The receiving half stays here, so
-/// that a consumer restarted after it died finds the deliveries still waiting.
+/// Wakes this replica's consumer for deliveries it just stored. The receiving half stays
+/// here, so that a consumer restarted after it died finds the wake-ups still waiting;
+/// the deliveries themselves are in the state store.
 pub struct Inbox {
-    tx: mpsc::Sender<Delivery>,
-    rx: tokio::sync::Mutex<mpsc::Receiver<Delivery>>,
+    tx: mpsc::Sender<DeliveryId>,
+    rx: tokio::sync::Mutex<mpsc::Receiver<DeliveryId>>,
 }
 
 impl Default for Inbox {
@@ -62,7 +70,7 @@ impl Default for Inbox {
 
 impl Inbox {
     /// The receiving half, held by one consumer at a time.
-    pub async fn receiver(&self) -> tokio::sync::MutexGuard<'_, mpsc::Receiver<Delivery>> {
+    pub async fn receiver(&self) -> tokio::sync::MutexGuard<'_, mpsc::Receiver<DeliveryId>> {
         self.rx.lock().await
     }
 }
@@ -121,7 +129,7 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// What the webhook route needs: the coordinator's context and the inbox's sending half.
 pub struct Edge {
     cx: Arc<Coordinator>,
-    inbox: mpsc::Sender<Delivery>,
+    inbox: mpsc::Sender<DeliveryId>,
 }
 
 impl std::ops::Deref for Edge {
@@ -235,13 +243,39 @@ pub async fn receive(State(edge): State<Arc<Edge>>, headers: HeaderMap, body: Bo
             .inc();
         return (StatusCode::OK, Json(json!({ "status": "pong" }))).into_response();
     }
-    let queued = Delivery {
-        id: delivery.clone(),
-        event_name: event_name.clone(),
-        event,
+    let stored = match serde_json::to_string(&event.bounded()) {
+        Ok(p) if p.len() <= MAX_INBOX_PAYLOAD_BYTES => InboxDelivery {
+            id: delivery.clone(),
+            event: event_name.clone(),
+            payload: p,
+            attempts: 0,
+        },
+        Ok(_) => {
+            return refuse(
+                &edge,
+                &event_name,
+                "too_large",
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "the delivery is too large to be kept even with its texts cut",
+                ),
+            )
+        }
+        Err(e) => {
+            tracing::error!(delivery = %delivery, error = %e, "cannot encode a parsed delivery");
+            return refuse(
+                &edge,
+                &event_name,
+                "malformed",
+                ApiError::bad_request("malformed_payload", "the delivery cannot be stored"),
+            );
+        }
     };
-    match edge.inbox.try_send(queued) {
-        Ok(()) => {
+    match edge.store.put_inbox(&stored).await {
+        Ok(true) => {
+            // A full wake-up queue only delays it until the next look at the inbox.
+            let _ = edge.inbox.try_send(delivery.clone());
             edge.metrics
                 .webhook_deliveries
                 .with_label_values(&[metric_event(&event_name), "accepted"])
@@ -253,15 +287,31 @@ pub async fn receive(State(edge): State<Arc<Edge>>, headers: HeaderMap, body: Bo
             )
                 .into_response()
         }
-        Err(_) => refuse(
-            &edge,
-            &event_name,
-            "busy",
-            ApiError::unavailable(
+        Ok(false) => {
+            edge.metrics
+                .webhook_deliveries
+                .with_label_values(&[metric_event(&event_name), "duplicate"])
+                .inc();
+            tracing::info!(delivery = %delivery, event = %metric_event(&event_name),
+                "webhook delivered before; nothing to do");
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({ "status": "duplicate", "delivery": delivery.as_str() })),
+            )
+                .into_response()
+        }
+        Err(e) => {
+            tracing::error!(delivery = %delivery, error = %e, "cannot store a webhook delivery");
+            refuse(
+                &edge,
+                &event_name,
                 "busy",
-                "too many deliveries waiting; GitHub will show this one as failed and it is \
-                 asked for again",
-            ),
-        ),
+                ApiError::unavailable(
+                    "store_unavailable",
+                    "the delivery cannot be stored right now; GitHub will show it as failed \
+                     and it is asked for again",
+                ),
+            )
+        }
     }
 }

@@ -8,7 +8,9 @@
 //! | event counter | `TASK#<id>` | `SEQ` | `last_seq` |
 //! | event | `TASK#<id>` | `EVENT#<seq, 20 digits>` | `seq`, `body` (JSON), `expires_at` |
 //! | delivery | `DELIVERY#<id>` | `DELIVERY` | `expires_at` |
-//! | lease | `LEASE#<name>` | `LEASE` | `holder`, `lease_expires_ms`, `expires_at` |
+//! | lease | `LEASE#<name>` | `LEASE` | `holder`, `lease_expires_ms`, `fence` (token), `expires_at` |
+//! | inbox delivery | `INBOX#<id>` | `INBOX` | `event`, `payload`, `inbox_status`, `attempts`, `due_ms`, `marker`, `error`, `expires_at` (once finished) |
+//! | pending marker | `INBOX_PENDING` | `<received ms, 20 digits>#<id>` | (none: the list of pending deliveries) |
 //! | spend | `SPEND#<account>#<month>` | `SPEND` | `micros` (atomic `ADD`) |
 //!
 //! Indexes: `status-index` (`task_status`, `created_at`), `repository-index`
@@ -23,7 +25,10 @@
 //! holds the value read, so numbers increase in commit order across any number of
 //! writers, and a reader that has seen `seq` N never later finds a new event below N.
 
-use super::{Event, NewEvent, StateStore, StoreError, TaskPage, TaskQuery};
+use super::{
+    Event, InboxDelivery, InboxOutcome, LeaseGrant, NewEvent, StateStore, StoreError, TaskPage,
+    TaskQuery,
+};
 use crate::aws::error_code;
 use crate::ids::{DeliveryId, TaskId};
 use crate::status::TaskStatus;
@@ -69,6 +74,15 @@ const SEQ: &str = "seq";
 const BODY: &str = "body";
 const HOLDER: &str = "holder";
 const LEASE_EXPIRES: &str = "lease_expires_ms";
+const FENCE: &str = "fence";
+const INBOX_PENDING: &str = "INBOX_PENDING";
+const INBOX_EVENT: &str = "event";
+const INBOX_PAYLOAD: &str = "payload";
+const INBOX_STATUS: &str = "inbox_status";
+const INBOX_ATTEMPTS: &str = "attempts";
+const INBOX_DUE: &str = "due_ms";
+const INBOX_MARKER: &str = "marker";
+const INBOX_ERROR: &str = "error";
 
 /// The most items in one `TransactWriteItems` (DynamoDB's limit).
 const MAX_TRANSACTION_ITEMS: usize = 100;
@@ -1068,6 +1082,281 @@ impl StateStore for DynamoStore {
             Err(e) if is_conditional_check_failed(&e) => Ok(false),
             Err(e) => Err(sdk_error("PutItem", e)),
         }
+    }
+
+    async fn claim_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+        held: Option<u64>,
+    ) -> Result<Option<LeaseGrant>, StoreError> {
+        let now_ms = unix_ms(now());
+        let update = self
+            .client
+            .update_item()
+            .table_name(&*self.table)
+            .set_key(Some(key(format!("LEASE#{name}"), "LEASE")))
+            .expression_attribute_names("#holder", HOLDER)
+            .expression_attribute_names("#expires", LEASE_EXPIRES)
+            .expression_attribute_names("#fence", FENCE)
+            .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
+            .expression_attribute_values(":me", s(holder))
+            .expression_attribute_values(":now", n(now_ms))
+            .expression_attribute_values(":exp", n(now_ms + ttl.as_millis() as i64))
+            // Expired leases are cleaned up a day after they end.
+            .expression_attribute_values(
+                ":ttl",
+                n(epoch_secs_after(ttl + Duration::from_secs(86_400))),
+            )
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew);
+        let update = match held {
+            Some(token) => update
+                .update_expression("SET #expires = :exp, #ttl = :ttl")
+                .condition_expression("#holder = :me AND #fence = :tok AND #expires > :now")
+                .expression_attribute_values(":tok", n(token)),
+            None => update
+                .update_expression(
+                    "SET #holder = :me, #expires = :exp, #ttl = :ttl ADD #fence :one",
+                )
+                .condition_expression(
+                    "attribute_not_exists(pk) OR #holder = :me OR #expires <= :now",
+                )
+                .expression_attribute_values(":one", n(1)),
+        };
+        match update.send().await {
+            Ok(out) => {
+                let token = out
+                    .attributes()
+                    .and_then(|a| get_n(a, FENCE))
+                    .ok_or_else(|| corrupt("lease item has no fencing token"))?;
+                Ok(Some(LeaseGrant { token }))
+            }
+            Err(e) if is_conditional_check_failed(&e) => Ok(None),
+            Err(e) => Err(sdk_error("UpdateItem", e)),
+        }
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str, token: u64) -> Result<(), StoreError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&*self.table)
+            .set_key(Some(key(format!("LEASE#{name}"), "LEASE")))
+            .update_expression("SET #expires = :zero")
+            .condition_expression("#holder = :me AND #fence = :tok")
+            .expression_attribute_names("#holder", HOLDER)
+            .expression_attribute_names("#expires", LEASE_EXPIRES)
+            .expression_attribute_names("#fence", FENCE)
+            .expression_attribute_values(":me", s(holder))
+            .expression_attribute_values(":tok", n(token))
+            .expression_attribute_values(":zero", n(0))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if is_conditional_check_failed(&e) => Ok(()),
+            Err(e) => Err(sdk_error("UpdateItem", e)),
+        }
+    }
+
+    async fn put_inbox(&self, d: &InboxDelivery) -> Result<bool, StoreError> {
+        let now_ms = unix_ms(now());
+        let marker = format!("{now_ms:020}#{}", d.id.as_str());
+        let mut record = key(format!("INBOX#{}", d.id.as_str()), "INBOX");
+        record.insert(INBOX_EVENT.into(), s(d.event.clone()));
+        record.insert(INBOX_PAYLOAD.into(), s(d.payload.clone()));
+        record.insert(INBOX_STATUS.into(), s("pending"));
+        record.insert(INBOX_ATTEMPTS.into(), n(0));
+        record.insert(INBOX_DUE.into(), n(now_ms));
+        record.insert(INBOX_MARKER.into(), s(marker.clone()));
+        let pending = key(INBOX_PENDING.to_string(), &marker);
+        for _ in 0..MAX_ATTEMPTS {
+            let items = vec![
+                TransactWriteItem::builder()
+                    .put(
+                        Put::builder()
+                            .table_name(&*self.table)
+                            .set_item(Some(record.clone()))
+                            .condition_expression("attribute_not_exists(pk)")
+                            .build()
+                            .map_err(backend)?,
+                    )
+                    .build(),
+                TransactWriteItem::builder()
+                    .put(
+                        Put::builder()
+                            .table_name(&*self.table)
+                            .set_item(Some(pending.clone()))
+                            .build()
+                            .map_err(backend)?,
+                    )
+                    .build(),
+            ];
+            match self.transact(items, &[Role::Delivery, Role::Event]).await {
+                Ok(()) => return Ok(true),
+                Err(TxFailure::Condition(..)) => return Ok(false),
+                Err(TxFailure::Contended) => continue,
+                Err(TxFailure::Other(e)) => return Err(e),
+            }
+        }
+        Err(backend("inbox write kept meeting other transactions"))
+    }
+
+    async fn claim_inbox(
+        &self,
+        id: &DeliveryId,
+        hold: Duration,
+    ) -> Result<Option<InboxDelivery>, StoreError> {
+        let now_ms = unix_ms(now());
+        let result = self
+            .client
+            .update_item()
+            .table_name(&*self.table)
+            .set_key(Some(key(format!("INBOX#{}", id.as_str()), "INBOX")))
+            .update_expression("SET #due = :until ADD #attempts :one")
+            .condition_expression("#status = :pending AND #due <= :now")
+            .expression_attribute_names("#due", INBOX_DUE)
+            .expression_attribute_names("#attempts", INBOX_ATTEMPTS)
+            .expression_attribute_names("#status", INBOX_STATUS)
+            .expression_attribute_values(":until", n(now_ms + hold.as_millis() as i64))
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":pending", s("pending"))
+            .expression_attribute_values(":now", n(now_ms))
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew)
+            .send()
+            .await;
+        match result {
+            Ok(out) => {
+                let item = out
+                    .attributes()
+                    .ok_or_else(|| corrupt("claimed inbox delivery came back empty"))?;
+                let field = |name: &str| {
+                    get_s(item, name)
+                        .map(str::to_string)
+                        .ok_or_else(|| corrupt(format!("inbox delivery has no {name}")))
+                };
+                Ok(Some(InboxDelivery {
+                    id: id.clone(),
+                    event: field(INBOX_EVENT)?,
+                    payload: field(INBOX_PAYLOAD)?,
+                    attempts: get_n(item, INBOX_ATTEMPTS).unwrap_or(1) as u32,
+                }))
+            }
+            Err(e) if is_conditional_check_failed(&e) => Ok(None),
+            Err(e) => Err(sdk_error("UpdateItem", e)),
+        }
+    }
+
+    async fn finish_inbox(
+        &self,
+        id: &DeliveryId,
+        outcome: &InboxOutcome,
+    ) -> Result<(), StoreError> {
+        let now_ms = unix_ms(now());
+        let record_key = key(format!("INBOX#{}", id.as_str()), "INBOX");
+        if let InboxOutcome::Retry { after, error } = outcome {
+            self.client
+                .update_item()
+                .table_name(&*self.table)
+                .set_key(Some(record_key))
+                .update_expression("SET #due = :due, #error = :error")
+                .condition_expression("attribute_exists(pk)")
+                .expression_attribute_names("#due", INBOX_DUE)
+                .expression_attribute_names("#error", INBOX_ERROR)
+                .expression_attribute_values(":due", n(now_ms + after.as_millis() as i64))
+                .expression_attribute_values(":error", s(error.clone()))
+                .send()
+                .await
+                .map_err(|e| sdk_error("UpdateItem", e))?;
+            return Ok(());
+        }
+        let (status, error) = match outcome {
+            InboxOutcome::Failed { error } => ("failed", error.clone()),
+            _ => ("done", String::new()),
+        };
+        let out = self
+            .client
+            .get_item()
+            .table_name(&*self.table)
+            .set_key(Some(record_key.clone()))
+            .projection_expression("#marker")
+            .expression_attribute_names("#marker", INBOX_MARKER)
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| sdk_error("GetItem", e))?;
+        let marker = out
+            .item()
+            .and_then(|i| get_s(i, INBOX_MARKER))
+            .map(str::to_string);
+        let mut items = vec![TransactWriteItem::builder()
+            .update(
+                Update::builder()
+                    .table_name(&*self.table)
+                    .set_key(Some(record_key))
+                    .update_expression("SET #status = :status, #error = :error, #ttl = :ttl")
+                    .expression_attribute_names("#status", INBOX_STATUS)
+                    .expression_attribute_names("#error", INBOX_ERROR)
+                    .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
+                    .expression_attribute_values(":status", s(status))
+                    .expression_attribute_values(":error", s(error))
+                    .expression_attribute_values(
+                        ":ttl",
+                        n(epoch_secs_after(self.delivery_retention)),
+                    )
+                    .build()
+                    .map_err(backend)?,
+            )
+            .build()];
+        if let Some(m) = marker {
+            items.push(
+                TransactWriteItem::builder()
+                    .delete(
+                        aws_sdk_dynamodb::types::Delete::builder()
+                            .table_name(&*self.table)
+                            .set_key(Some(key(INBOX_PENDING.to_string(), &m)))
+                            .build()
+                            .map_err(backend)?,
+                    )
+                    .build(),
+            );
+        }
+        for _ in 0..MAX_ATTEMPTS {
+            match self
+                .transact(items.clone(), &[Role::Delivery, Role::Event])
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(TxFailure::Contended) => continue,
+                Err(TxFailure::Condition(..)) => {
+                    return Err(backend("inbox delivery changed while it was finished"))
+                }
+                Err(TxFailure::Other(e)) => return Err(e),
+            }
+        }
+        Err(backend("inbox write kept meeting other transactions"))
+    }
+
+    async fn pending_inbox(&self, limit: usize) -> Result<Vec<DeliveryId>, StoreError> {
+        let out = self
+            .client
+            .query()
+            .table_name(&*self.table)
+            .key_condition_expression("#pk = :pk")
+            .expression_attribute_names("#pk", PK)
+            .expression_attribute_values(":pk", s(INBOX_PENDING))
+            .consistent_read(true)
+            .limit(limit.clamp(1, 1000) as i32)
+            .send()
+            .await
+            .map_err(|e| sdk_error("Query", e))?;
+        Ok(out
+            .items()
+            .iter()
+            .filter_map(|i| get_s(i, SK))
+            .filter_map(|sk| sk.split_once('#').map(|(_, id)| DeliveryId::new(id)))
+            .collect())
     }
 }
 

@@ -8,6 +8,11 @@
 //! [`StateStore::events`], and deleted after a retention period (DynamoDB TTL with
 //! `aws.event_retention_days`; SQLite with `local.event_retention_days`).
 //!
+//! Webhook deliveries are kept in an inbox ([`InboxDelivery`]) from the moment they are
+//! verified until their effects are done: stored before the delivery is answered, claimed
+//! by one processor at a time ([`StateStore::claim_inbox`]), and finished as done, retried
+//! later, or failed ([`InboxOutcome`]).
+//!
 //! Every write of a task is conditional on the version read: a stale write fails with
 //! [`StoreError::Conflict`] and the caller re-reads and re-applies its change.
 
@@ -107,6 +112,42 @@ pub struct TaskPage {
     pub next_cursor: Option<String>,
 }
 
+/// A webhook delivery kept in the inbox until its effects are done.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboxDelivery {
+    /// GitHub's `X-GitHub-Delivery` id.
+    pub id: DeliveryId,
+    /// The `X-GitHub-Event` header.
+    pub event: String,
+    /// The delivery as the coordinator parsed it (JSON), bounded by the caller (at most
+    /// [`MAX_INBOX_PAYLOAD_BYTES`]).
+    pub payload: String,
+    /// Processing attempts begun so far (the claim that returned this record included).
+    pub attempts: u32,
+}
+
+/// The largest inbox payload stored, under DynamoDB's 400 KB item limit with room for the
+/// other attributes.
+pub const MAX_INBOX_PAYLOAD_BYTES: usize = 300 * 1024;
+
+/// How a processing attempt of an inbox delivery ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InboxOutcome {
+    /// Its effects are done; it is never processed again.
+    Done,
+    /// It failed and may be claimed again after `after`.
+    Retry { after: Duration, error: String },
+    /// It failed for good (too many attempts); it stays, visibly, as failed.
+    Failed { error: String },
+}
+
+/// A lease as granted: its fencing token increases every time the lease changes hands
+/// (or is taken again after it expired), and stays while the holder renews it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseGrant {
+    pub token: u64,
+}
+
 /// The state-store seam.
 #[async_trait]
 pub trait StateStore: Send + Sync {
@@ -160,4 +201,42 @@ pub trait StateStore: Send + Sync {
         holder: &str,
         ttl: Duration,
     ) -> Result<bool, StoreError>;
+
+    /// Takes or renews the lease `name` for `holder` for `ttl`, with a fencing token.
+    /// With `held = None` the lease is taken when it is free, expired, or already
+    /// `holder`'s, and its token is incremented. With `held = Some(token)` it is renewed
+    /// only while `holder` still holds it unexpired with that token (the token stays).
+    /// `None` when the lease is someone else's (or, renewing, was lost).
+    async fn claim_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+        held: Option<u64>,
+    ) -> Result<Option<LeaseGrant>, StoreError>;
+
+    /// Ends `holder`'s lease `name` with `token` at once (a clean shutdown), so another
+    /// replica need not wait for it to expire. Nothing happens if it is not held so.
+    async fn release_lease(&self, name: &str, holder: &str, token: u64) -> Result<(), StoreError>;
+
+    /// Stores a verified delivery as pending, due at once; `false` (storing nothing) when
+    /// a delivery with its id is already in the inbox, whatever its state.
+    async fn put_inbox(&self, delivery: &InboxDelivery) -> Result<bool, StoreError>;
+
+    /// Claims a pending delivery that is due: it is not due again for `hold` (so no other
+    /// processor takes it meanwhile) and its attempts are counted. `None` when it is not
+    /// pending, not due (claimed by someone else, or waiting to be retried) or unknown.
+    async fn claim_inbox(
+        &self,
+        id: &DeliveryId,
+        hold: Duration,
+    ) -> Result<Option<InboxDelivery>, StoreError>;
+
+    /// Records how an attempt ended (see [`InboxOutcome`]). Done and failed deliveries
+    /// are kept for the delivery retention, so a redelivery is known as a duplicate.
+    async fn finish_inbox(&self, id: &DeliveryId, outcome: &InboxOutcome)
+        -> Result<(), StoreError>;
+
+    /// Ids of pending deliveries (due or not), oldest first, at most `limit`.
+    async fn pending_inbox(&self, limit: usize) -> Result<Vec<DeliveryId>, StoreError>;
 }

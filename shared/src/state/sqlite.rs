@@ -4,7 +4,10 @@
 //! [`Retention`] (`local.event_retention_days`, `local.delivery_retention_days`) are
 //! deleted in bounded passes, at most every [`PRUNE_INTERVAL`].
 
-use super::{Event, NewEvent, StateStore, StoreError, TaskPage, TaskQuery};
+use super::{
+    Event, InboxDelivery, InboxOutcome, LeaseGrant, NewEvent, StateStore, StoreError, TaskPage,
+    TaskQuery,
+};
 use crate::ids::{DeliveryId, TaskId};
 use crate::queue::sqlite::open_db;
 use crate::status::TaskStatus;
@@ -129,9 +132,33 @@ impl SqliteStore {
                  name        TEXT PRIMARY KEY,
                  holder      TEXT NOT NULL,
                  expires_ms  INTEGER NOT NULL
-             );",
+             );
+             CREATE TABLE IF NOT EXISTS inbox (
+                 id          TEXT PRIMARY KEY,
+                 event       TEXT NOT NULL,
+                 payload     TEXT NOT NULL,
+                 status      TEXT NOT NULL,
+                 attempts    INTEGER NOT NULL DEFAULT 0,
+                 due_ms      INTEGER NOT NULL,
+                 at_ms       INTEGER NOT NULL,
+                 error       TEXT
+             );
+             CREATE INDEX IF NOT EXISTS inbox_pending ON inbox (status, at_ms);",
         )
         .map_err(backend)?;
+        // Databases made before leases had fencing tokens gain the column.
+        let has_token: bool = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('leases') WHERE name = 'token'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(backend)?
+            > 0;
+        if !has_token {
+            conn.execute_batch("ALTER TABLE leases ADD COLUMN token INTEGER NOT NULL DEFAULT 0")
+                .map_err(backend)?;
+        }
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             retention: Retention::default(),
@@ -169,6 +196,14 @@ impl SqliteStore {
                     .execute(
                         "DELETE FROM deliveries WHERE id IN
                          (SELECT id FROM deliveries WHERE at_ms < ? LIMIT ?)",
+                        params![cutoff(d), PRUNE_BATCH],
+                    )
+                    .map_err(backend)? as u64;
+                // Finished inbox deliveries go with the delivery records; pending ones stay.
+                pruned.deliveries += conn
+                    .execute(
+                        "DELETE FROM inbox WHERE id IN
+                         (SELECT id FROM inbox WHERE status != 'pending' AND at_ms < ? LIMIT ?)",
                         params![cutoff(d), PRUNE_BATCH],
                     )
                     .map_err(backend)? as u64;
@@ -515,6 +550,156 @@ impl StateStore for SqliteStore {
                 )
                 .map_err(backend)?;
             Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn claim_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+        held: Option<u64>,
+    ) -> Result<Option<LeaseGrant>, StoreError> {
+        let (name, holder) = (name.to_string(), holder.to_string());
+        self.blocking(move |conn| {
+            let now_ms = unix_ms(now());
+            let expires = now_ms + ttl.as_millis() as i64;
+            let token: Option<i64> = match held {
+                Some(token) => conn
+                    .query_row(
+                        "UPDATE leases SET expires_ms = ?3
+                         WHERE name = ?1 AND holder = ?2 AND token = ?4 AND expires_ms > ?5
+                         RETURNING token",
+                        params![name, holder, expires, token as i64, now_ms],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(backend)?,
+                None => conn
+                    .query_row(
+                        "INSERT INTO leases (name, holder, expires_ms, token) VALUES (?1, ?2, ?3, 1)
+                         ON CONFLICT (name) DO UPDATE SET holder = ?2, expires_ms = ?3,
+                             token = leases.token + 1
+                         WHERE leases.holder = ?2 OR leases.expires_ms <= ?4
+                         RETURNING token",
+                        params![name, holder, expires, now_ms],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(backend)?,
+            };
+            Ok(token.map(|t| LeaseGrant {
+                token: t.max(0) as u64,
+            }))
+        })
+        .await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str, token: u64) -> Result<(), StoreError> {
+        let (name, holder) = (name.to_string(), holder.to_string());
+        self.blocking(move |conn| {
+            conn.execute(
+                "UPDATE leases SET expires_ms = 0 WHERE name = ?1 AND holder = ?2 AND token = ?3",
+                params![name, holder, token as i64],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn put_inbox(&self, d: &InboxDelivery) -> Result<bool, StoreError> {
+        self.prune_if_due().await;
+        let d = d.clone();
+        self.blocking(move |conn| {
+            let now_ms = unix_ms(now());
+            let n = conn
+                .execute(
+                    "INSERT OR IGNORE INTO inbox (id, event, payload, status, attempts, due_ms, at_ms)
+                     VALUES (?, ?, ?, 'pending', 0, ?, ?)",
+                    params![d.id.as_str(), d.event, d.payload, now_ms, now_ms],
+                )
+                .map_err(backend)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn claim_inbox(
+        &self,
+        id: &DeliveryId,
+        hold: Duration,
+    ) -> Result<Option<InboxDelivery>, StoreError> {
+        let id = id.clone();
+        self.blocking(move |conn| {
+            let now_ms = unix_ms(now());
+            conn.query_row(
+                "UPDATE inbox SET attempts = attempts + 1, due_ms = ?2
+                 WHERE id = ?1 AND status = 'pending' AND due_ms <= ?3
+                 RETURNING event, payload, attempts",
+                params![id.as_str(), now_ms + hold.as_millis() as i64, now_ms],
+                |r| {
+                    Ok(InboxDelivery {
+                        id: id.clone(),
+                        event: r.get(0)?,
+                        payload: r.get(1)?,
+                        attempts: r.get::<_, i64>(2)?.max(0) as u32,
+                    })
+                },
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn finish_inbox(
+        &self,
+        id: &DeliveryId,
+        outcome: &InboxOutcome,
+    ) -> Result<(), StoreError> {
+        let (id, outcome) = (id.clone(), outcome.clone());
+        self.blocking(move |conn| {
+            let now_ms = unix_ms(now());
+            let (status, due, error) = match outcome {
+                InboxOutcome::Done => ("done", now_ms, None),
+                InboxOutcome::Retry { after, error } => {
+                    ("pending", now_ms + after.as_millis() as i64, Some(error))
+                }
+                InboxOutcome::Failed { error } => ("failed", now_ms, Some(error)),
+            };
+            // Finished records age from now, for the retention.
+            let at = if status == "pending" {
+                None
+            } else {
+                Some(now_ms)
+            };
+            conn.execute(
+                "UPDATE inbox SET status = ?2, due_ms = ?3, error = ?4, at_ms = COALESCE(?5, at_ms)
+                 WHERE id = ?1",
+                params![id.as_str(), status, due, error, at],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn pending_inbox(&self, limit: usize) -> Result<Vec<DeliveryId>, StoreError> {
+        let limit = limit.clamp(1, 10_000) as i64;
+        self.blocking(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id FROM inbox WHERE status = 'pending' ORDER BY at_ms LIMIT ?",
+                )
+                .map_err(backend)?;
+            let ids: Vec<String> = stmt
+                .query_map(params![limit], |r| r.get(0))
+                .map_err(backend)?
+                .collect::<Result<_, _>>()
+                .map_err(backend)?;
+            Ok(ids.into_iter().map(DeliveryId::new).collect())
         })
         .await
     }

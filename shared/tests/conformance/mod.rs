@@ -8,7 +8,9 @@ use ao_shared::capability::Capability;
 use ao_shared::ids::{DeliveryId, TaskId};
 use ao_shared::pipeline::plan_subtasks;
 use ao_shared::queue::{Queue, QueueError, QueueId};
-use ao_shared::state::{EventKind, NewEvent, StateStore, StoreError, TaskQuery};
+use ao_shared::state::{
+    EventKind, InboxDelivery, InboxOutcome, NewEvent, StateStore, StoreError, TaskQuery,
+};
 use ao_shared::status::TaskStatus;
 use ao_shared::task::{Task, TaskSource};
 use ao_shared::timefmt;
@@ -389,6 +391,117 @@ pub async fn leases(s: &dyn StateStore) {
         .acquire_lease(&name, "a", Duration::from_secs(5))
         .await
         .unwrap());
+}
+
+/// A fenced lease: one holder at a time; renewal keeps the token and needs the token;
+/// a takeover after expiry increments it and refuses the old holder's renewal; a release
+/// frees it at once.
+pub async fn fenced_leases(s: &dyn StateStore) {
+    let name = format!("fenced-{}", uuid_like());
+    let ttl = Duration::from_millis(800);
+    let a = s.claim_lease(&name, "a", ttl, None).await.unwrap().unwrap();
+    assert!(s
+        .claim_lease(&name, "b", ttl, None)
+        .await
+        .unwrap()
+        .is_none());
+    let renewed = s.claim_lease(&name, "a", ttl, Some(a.token)).await.unwrap();
+    assert_eq!(renewed, Some(a), "a renewal keeps the token");
+    assert!(
+        s.claim_lease(&name, "a", ttl, Some(a.token + 1))
+            .await
+            .unwrap()
+            .is_none(),
+        "a renewal with another token is refused"
+    );
+    tokio::time::sleep(ttl + Duration::from_millis(300)).await;
+    assert!(
+        s.claim_lease(&name, "a", ttl, Some(a.token))
+            .await
+            .unwrap()
+            .is_none(),
+        "an expired lease is not renewed"
+    );
+    let b = s.claim_lease(&name, "b", ttl, None).await.unwrap().unwrap();
+    assert!(b.token > a.token, "a takeover increments the token");
+    assert!(s
+        .claim_lease(&name, "a", ttl, None)
+        .await
+        .unwrap()
+        .is_none());
+    // A release by someone else, or with an old token, changes nothing.
+    s.release_lease(&name, "a", a.token).await.unwrap();
+    assert!(s
+        .claim_lease(&name, "a", ttl, None)
+        .await
+        .unwrap()
+        .is_none());
+    s.release_lease(&name, "b", b.token).await.unwrap();
+    let a2 = s.claim_lease(&name, "a", ttl, None).await.unwrap().unwrap();
+    assert!(a2.token > b.token);
+}
+
+/// The webhook inbox: stored once, claimed by one processor at a time, retried when due,
+/// finished as done or failed, and listed while pending.
+pub async fn inbox(s: &dyn StateStore) {
+    let id = DeliveryId::new(format!("inbox-{}", uuid_like()));
+    let d = InboxDelivery {
+        id: id.clone(),
+        event: "issues".into(),
+        payload: r#"{"k":"v"}"#.into(),
+        attempts: 0,
+    };
+    assert!(s.put_inbox(&d).await.unwrap());
+    assert!(!s.put_inbox(&d).await.unwrap(), "a duplicate is refused");
+    assert!(s.pending_inbox(1000).await.unwrap().contains(&id));
+    let hold = Duration::from_secs(60);
+    let got = s.claim_inbox(&id, hold).await.unwrap().unwrap();
+    assert_eq!(got.payload, d.payload);
+    assert_eq!(got.event, "issues");
+    assert_eq!(got.attempts, 1);
+    assert!(
+        s.claim_inbox(&id, hold).await.unwrap().is_none(),
+        "claimed: no second processor"
+    );
+    s.finish_inbox(
+        &id,
+        &InboxOutcome::Retry {
+            after: Duration::ZERO,
+            error: "GitHub said 502".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let again = s.claim_inbox(&id, hold).await.unwrap().unwrap();
+    assert_eq!(again.attempts, 2);
+    s.finish_inbox(&id, &InboxOutcome::Done).await.unwrap();
+    assert!(s.claim_inbox(&id, hold).await.unwrap().is_none());
+    assert!(!s.pending_inbox(1000).await.unwrap().contains(&id));
+    assert!(
+        !s.put_inbox(&d).await.unwrap(),
+        "a done delivery is still known"
+    );
+
+    let failing = DeliveryId::new(format!("inbox-failed-{}", uuid_like()));
+    let mut f = d.clone();
+    f.id = failing.clone();
+    assert!(s.put_inbox(&f).await.unwrap());
+    s.claim_inbox(&failing, hold).await.unwrap().unwrap();
+    s.finish_inbox(
+        &failing,
+        &InboxOutcome::Failed {
+            error: "gave up".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(s.claim_inbox(&failing, hold).await.unwrap().is_none());
+    assert!(!s.pending_inbox(1000).await.unwrap().contains(&failing));
+    assert!(s
+        .claim_inbox(&DeliveryId::new("unknown"), hold)
+        .await
+        .unwrap()
+        .is_none());
 }
 
 /// Spend adds up per account and month, atomically under concurrent adds.

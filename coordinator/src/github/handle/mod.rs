@@ -9,7 +9,17 @@
 //! Rules: bots (including this App) are ignored; the sender of a label or command needs
 //! write, maintain or admin on the repository, and is told once per issue when they lack
 //! it; a delivery creates at most one task (the task is stored together with its delivery
-//! id) and at most one effect (commands record their delivery id first).
+//! id, or a run-once key).
+//!
+//! Deliveries come from the inbox in the state store (see [`crate::webhook`]): a delivery
+//! is claimed, handled, and marked done only after its effects; a failed attempt is
+//! retried with a growing delay and, after [`MAX_DELIVERY_ATTEMPTS`], kept as failed
+//! (logged, and counted in `ao_webhook_deliveries_total{result="given_up"}`). An attempt
+//! may therefore run again after its effects (a crash before it was marked done): the
+//! effects that create something are idempotent through their keys (the delivery id, or
+//! [`super::once::Once`]); a state change asked by a command (`retry`, `cancel`,
+//! `approve`) is checked against the task's status, so running it again changes no task
+//! (at worst it answers once more that there is nothing to do).
 
 use super::once::Once;
 use super::repo_config::{self, RepoConfig, RepoConfigError};
@@ -21,11 +31,12 @@ use crate::webhook::Delivery;
 use ao_shared::capability::Capability;
 use ao_shared::config::Settings;
 use ao_shared::ids::DeliveryId;
-use ao_shared::state::{StoreError, TaskQuery};
+use ao_shared::state::{InboxOutcome, StoreError, TaskQuery};
 use ao_shared::status::TaskStatus;
 use ao_shared::task::{Applied, Approval, Task, TaskSource};
 use ao_shared::validate;
 use std::sync::Arc;
+use std::time::Duration;
 use tracing::Instrument;
 
 mod commands;
@@ -76,34 +87,123 @@ impl Started {
     }
 }
 
-/// Runs until shutdown.
+/// Attempts of one delivery before it is marked failed for good.
+pub const MAX_DELIVERY_ATTEMPTS: u32 = 6;
+/// How long a claimed delivery is left to the replica that claimed it before another may
+/// take it (the claimer died while processing it).
+pub const CLAIM_HOLD: Duration = Duration::from_secs(300);
+/// How often the inbox is looked at for pending deliveries (besides at start-up).
+pub const INBOX_SWEEP: Duration = Duration::from_secs(10);
+/// Delay before a failed attempt is retried, doubled per attempt up to [`MAX_RETRY_DELAY`].
+const FIRST_RETRY_DELAY: Duration = Duration::from_secs(5);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+/// Pending deliveries looked at per sweep.
+const PENDING_BATCH: usize = 100;
+/// Longest error text kept with a delivery.
+const MAX_ERROR_CHARS: usize = 1000;
+
+/// Runs until shutdown: processes the deliveries this replica stored as they come, and
+/// at start-up and every [`INBOX_SWEEP`] every pending delivery that is due (left behind
+/// by a restart, or waiting for its retry).
 pub async fn run(gh: Arc<Github>) {
     let mut rx = gh.inbox.receiver().await;
+    let mut sweep = tokio::time::interval(INBOX_SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let delivery = tokio::select! {
-            d = rx.recv() => match d { Some(d) => d, None => break },
+        tokio::select! {
+            d = rx.recv() => match d {
+                Some(id) => process(&gh, &id).await,
+                None => break,
+            },
+            _ = sweep.tick() => match gh.store.pending_inbox(PENDING_BATCH).await {
+                Ok(ids) => {
+                    for id in ids {
+                        if gh.shutdown.is_cancelled() {
+                            break;
+                        }
+                        process(&gh, &id).await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot list pending webhook deliveries"),
+            },
             _ = gh.shutdown.cancelled() => break,
-        };
-        let span =
-            tracing::info_span!("delivery", delivery = %delivery.id, event = %delivery.event_name);
-        let event_name = delivery.event_name.clone();
-        let result = handle(&gh, delivery).instrument(span.clone()).await;
-        let label = match &result {
-            Ok(what) => {
-                span.in_scope(|| tracing::info!(result = what, "delivery handled"));
-                "handled"
-            }
-            Err(e) => {
-                span.in_scope(|| tracing::error!(error = %e, "delivery failed"));
-                "failed"
-            }
-        };
-        gh.metrics
-            .webhook_deliveries
-            .with_label_values(&[event_label(&event_name), label])
-            .inc();
+        }
     }
     tracing::info!("webhook consumer stopped");
+}
+
+/// Processes one stored delivery if it can be claimed (it is pending, due, and no other
+/// processor has it), and records how the attempt ended.
+pub async fn process(gh: &Github, id: &DeliveryId) {
+    let stored = match gh.store.claim_inbox(id, CLAIM_HOLD).await {
+        Ok(Some(d)) => d,
+        // Done, failed, not due yet, or being processed elsewhere.
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(delivery = %id, error = %e, "cannot claim a webhook delivery; it stays pending");
+            return;
+        }
+    };
+    let span = tracing::info_span!("delivery", delivery = %id, event = %stored.event,
+        attempt = stored.attempts);
+    let event_name = stored.event.clone();
+    let outcome = match serde_json::from_str::<Event>(&stored.payload) {
+        Err(e) => {
+            let error = format!("the stored delivery cannot be read: {e}");
+            span.in_scope(|| tracing::error!(error = %error, "webhook delivery failed for good"));
+            InboxOutcome::Failed { error }
+        }
+        Ok(event) => {
+            let delivery = Delivery {
+                id: id.clone(),
+                event_name: event_name.clone(),
+                event,
+            };
+            match handle(gh, delivery).instrument(span.clone()).await {
+                Ok(what) => {
+                    span.in_scope(|| tracing::info!(result = what, "delivery handled"));
+                    InboxOutcome::Done
+                }
+                Err(e) => {
+                    let error: String = e.to_string().chars().take(MAX_ERROR_CHARS).collect();
+                    if stored.attempts >= MAX_DELIVERY_ATTEMPTS {
+                        span.in_scope(|| {
+                            tracing::error!(error = %error, attempts = stored.attempts,
+                                "webhook delivery failed for good; it is kept as failed")
+                        });
+                        InboxOutcome::Failed { error }
+                    } else {
+                        let after = retry_delay(stored.attempts);
+                        span.in_scope(|| {
+                            tracing::warn!(error = %error, retry_in_ms = after.as_millis() as u64,
+                                "delivery failed; it will be processed again")
+                        });
+                        InboxOutcome::Retry { after, error }
+                    }
+                }
+            }
+        }
+    };
+    let label = match &outcome {
+        InboxOutcome::Done => "handled",
+        InboxOutcome::Retry { .. } => "failed",
+        InboxOutcome::Failed { .. } => "given_up",
+    };
+    gh.metrics
+        .webhook_deliveries
+        .with_label_values(&[event_label(&event_name), label])
+        .inc();
+    if let Err(e) = gh.store.finish_inbox(id, &outcome).await {
+        tracing::warn!(delivery = %id, error = %e,
+            "cannot record how a delivery ended; it is processed again when its claim expires");
+    }
+}
+
+/// The delay before attempt `attempts + 1`.
+fn retry_delay(attempts: u32) -> Duration {
+    FIRST_RETRY_DELAY
+        .saturating_mul(1u32 << attempts.saturating_sub(1).min(16))
+        .min(MAX_RETRY_DELAY)
 }
 
 fn event_label(e: &str) -> &'static str {
@@ -168,9 +268,6 @@ async fn handle(gh: &Github, d: Delivery) -> HandleResult {
             command,
             ..
         } => {
-            if !gh.store.record_delivery(&d.id).await? {
-                return Ok("ignored: delivery seen before");
-            }
             if !permitted(gh, &ctx, issue.number, "steer the agent").await? {
                 return Ok("refused: sender lacks write access");
             }

@@ -1,0 +1,169 @@
+//! Leases on the singleton loops: the loops that must run on one coordinator replica at a
+//! time when several share a state store.
+//!
+//! A lease is a record in the state store ([`ao_shared::state::StateStore::claim_lease`])
+//! with a holder (this replica's [`Leases::holder`]), an expiry and a fencing token that
+//! grows every time the lease changes hands. The replica that takes a lease runs the loop
+//! and renews the lease every `coordinator.lease_renew_ms`; a renewal is conditional on
+//! the holder and the token, so it fails once another replica has taken over. The loop is
+//! stopped (its future dropped) when a renewal is refused, or when none has been confirmed
+//! for `coordinator.lease_ttl_ms` since the last one was asked for (measured on this
+//! replica's clock from before the request, so it stops no later than the store lets
+//! another replica take over). A replica without the lease tries to take it every renewal
+//! interval, so a replica that died (and stopped renewing) is replaced within
+//! `lease_ttl_ms + lease_renew_ms`. On a clean shutdown the lease is released at once.
+//!
+//! Which loops are singletons ([`LEASES`]): `recovery` (the orphan sweep: it judges
+//! liveness by counting whole queues, so two sweeps at once would count each other's
+//! repairs) and `github_reconcile` (the missed-delivery sweep: two would ask GitHub for the
+//! same redeliveries and label sweeps). Every other loop runs on every replica: the result
+//! consumer and the dead-letter watcher receive from queues that hand each message to one
+//! receiver; the webhook consumer claims each stored delivery before processing it; the
+//! GitHub reporter, wait list and budget booking follow the changes made in their own
+//! process; the metrics poller exports this replica's view (use `max`, not `sum`, across
+//! replicas).
+//!
+//! Store writes made by a singleton loop are not themselves conditioned on the token: task
+//! writes are conditional on the task's version, so a loop that lost its lease while a
+//! write was in flight cannot overwrite a newer holder's change, only lose the race.
+
+use crate::context::Coordinator;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The recovery sweep's lease.
+pub const RECOVERY: &str = "recovery";
+/// The missed-delivery sweep's lease.
+pub const GITHUB_RECONCILE: &str = "github_reconcile";
+/// Every lease a coordinator takes (the metrics show each from start-up).
+pub const LEASES: [&str; 2] = [RECOVERY, GITHUB_RECONCILE];
+
+/// This replica's identity as a lease holder.
+pub struct Leases {
+    /// Unique per process start: the host (or Nomad allocation) and a random suffix, so
+    /// that a restarted replica never mistakes its predecessor's lease for its own.
+    pub holder: String,
+    abandoned: AtomicBool,
+}
+
+impl Default for Leases {
+    fn default() -> Self {
+        let host = std::env::var("NOMAD_ALLOC_ID")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| "coordinator".into());
+        let host: String = host.chars().take(64).collect();
+        Self {
+            holder: format!("{host}-{}", uuid::Uuid::new_v4().simple()),
+            abandoned: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Leases {
+    /// Stops renewing and releasing every lease without stopping anything else, as a
+    /// replica that was killed would: the fault-injection point the tests use.
+    pub fn abandon(&self) {
+        self.abandoned.store(true, Ordering::SeqCst);
+    }
+
+    fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::SeqCst)
+    }
+}
+
+/// How a held lease ended.
+enum HeldUntil {
+    /// The loop ended (shutdown, or it returned).
+    LoopEnded,
+    /// The lease was lost: the loop was stopped.
+    Lost(&'static str),
+    /// The replica abandoned its leases (a simulated kill).
+    Abandoned,
+}
+
+/// Runs the loop that `start` makes while this replica holds the lease `name`, until
+/// shutdown. Meant to be the body of a supervised loop: it returns at shutdown, or when
+/// the loop itself returned before shutdown (the supervisor then counts a death).
+pub async fn owned<F, Fut>(cx: Arc<Coordinator>, name: &'static str, mut start: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let ttl = Duration::from_millis(cx.settings.coordinator.lease_ttl_ms);
+    let renew = Duration::from_millis(cx.settings.coordinator.lease_renew_ms);
+    let held = cx.metrics.lease_held.with_label_values(&[name]);
+    let holder = cx.leases.holder.as_str();
+    loop {
+        // Take the lease, or wait for it.
+        let (token, mut valid_until) = loop {
+            if cx.shutdown.is_cancelled() || cx.leases.is_abandoned() {
+                return;
+            }
+            let asked = Instant::now();
+            match cx.store.claim_lease(name, holder, ttl, None).await {
+                Ok(Some(grant)) => break (grant.token, asked + ttl),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(lease = name, error = %e, "cannot take a lease"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(renew) => {}
+                () = cx.shutdown.cancelled() => return,
+            }
+        };
+        held.set(1);
+        cx.metrics.lease_takeovers.with_label_values(&[name]).inc();
+        tracing::info!(lease = name, token, holder, "lease taken; running the loop");
+        let run = start();
+        tokio::pin!(run);
+        let ended = loop {
+            tokio::select! {
+                () = &mut run => break HeldUntil::LoopEnded,
+                () = tokio::time::sleep(renew) => {}
+            }
+            if cx.leases.is_abandoned() {
+                break HeldUntil::Abandoned;
+            }
+            let asked = Instant::now();
+            let renewed = tokio::select! {
+                r = cx.store.claim_lease(name, holder, ttl, Some(token)) => r,
+                () = tokio::time::sleep_until(valid_until) => {
+                    break HeldUntil::Lost("the renewal was not confirmed before the lease expired")
+                }
+            };
+            match renewed {
+                Ok(Some(_)) => valid_until = asked + ttl,
+                Ok(None) => break HeldUntil::Lost("another replica holds the lease"),
+                Err(e) if Instant::now() + renew >= valid_until => {
+                    tracing::warn!(lease = name, error = %e, "cannot renew a lease");
+                    break HeldUntil::Lost("the lease could not be renewed before it expires");
+                }
+                Err(e) => {
+                    tracing::warn!(lease = name, error = %e, "cannot renew a lease; retrying")
+                }
+            }
+        };
+        held.set(0);
+        match ended {
+            HeldUntil::Abandoned => return,
+            HeldUntil::LoopEnded if cx.leases.is_abandoned() => return,
+            HeldUntil::LoopEnded => {
+                if let Err(e) = cx.store.release_lease(name, holder, token).await {
+                    tracing::warn!(lease = name, error = %e, "cannot release a lease");
+                }
+                return;
+            }
+            HeldUntil::Lost(why) => {
+                cx.metrics.lease_lost.with_label_values(&[name]).inc();
+                tracing::warn!(
+                    lease = name,
+                    token,
+                    reason = why,
+                    "lease lost; the loop stopped"
+                );
+            }
+        }
+    }
+}
