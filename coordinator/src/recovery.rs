@@ -276,7 +276,8 @@ async fn sweep(
         queues.messages.insert(capability, d.visible + d.in_flight);
     }
     let results = cx.queue.depth(QueueId::Results).await?;
-    queues.results_pending = results.visible + results.in_flight;
+    // Dead-lettered results too: the dead-letter watcher applies them.
+    queues.results_pending = results.visible + results.in_flight + results.dead;
     let plan = plan(&tasks, &queues, min_idle, timefmt::now());
     if plan.deferred > 0 {
         tracing::info!(
