@@ -9,8 +9,8 @@
 //! - A **result** that could not be applied within its receives (store trouble lasting
 //!   minutes) is applied from here, as the result consumer would
 //!   ([`crate::results::apply`]), and retried every [`RESULT_RETRY_VISIBILITY`] while it
-//!   still cannot be. One that can never apply (its task is gone, or it is not a result
-//!   at all) is logged, counted (`ao_results_applied_total{result="rejected"}` for an
+//!   still cannot be. One that can never apply (its task is gone or its stored state
+//!   corrupt, or it is not a result at all) is logged, counted (`ao_results_applied_total{result="rejected"}` for an
 //!   undecodable one) and deleted.
 
 use crate::context::Coordinator;
@@ -18,6 +18,7 @@ use crate::orchestrator::{mutate, ChangeError};
 use ao_shared::capability::Capability;
 use ao_shared::message::{ResultMessage, SubtaskMessage};
 use ao_shared::queue::{QueueId, Received};
+use ao_shared::state::StoreError;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,6 +77,12 @@ async fn results(cx: &Coordinator) {
             Ok(()) => {
                 tracing::warn!(task_id = %report.task_id(), message_id = %message.message_id,
                     "dead-lettered result applied");
+                delete(cx, &message).await;
+            }
+            // Its task cannot be read back: retrying will not help.
+            Err(ChangeError::Store(e @ StoreError::Corrupt(_))) => {
+                tracing::error!(task_id = %report.task_id(), error = %e,
+                    "dead-lettered result of a task whose stored state is corrupt; deleted");
                 delete(cx, &message).await;
             }
             Err(e) => tracing::error!(task_id = %report.task_id(), error = %e,
