@@ -7,7 +7,8 @@
 //! delivery left undone and doubles nothing:
 //! - a finished attempt's state change is applied once (by attempt and status), and a
 //!   write that reports an error is read back before it counts as failed
-//!   ([`crate::orchestrator::mutate`]);
+//!   ([`crate::orchestrator::mutate`]); a repeat whose change is stored sends what the
+//!   change queued unless a marker says the first delivery did;
 //! - its cost is booked once per report, whatever became of the attempt
 //!   ([`crate::spend`]);
 //! - a batch of agent events is stored once (a marker per batch, in the same
@@ -18,13 +19,14 @@
 //! queue, where [`crate::dead_letters`] keeps applying it.
 
 use crate::context::Coordinator;
-use crate::orchestrator::{mutate, ChangeError};
+use crate::orchestrator::{mutate, send_ready, ChangeError};
 use ao_shared::backoff::Backoff;
-use ao_shared::ids::DeliveryId;
+use ao_shared::ids::{DeliveryId, SubtaskId};
 use ao_shared::message::ResultMessage;
 use ao_shared::queue::{QueueId, Received};
 use ao_shared::state::{EventKind, NewEvent};
-use ao_shared::task::{Applied, OutcomeKind};
+use ao_shared::status::SubtaskStatus;
+use ao_shared::task::{Applied, OutcomeKind, Task};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
@@ -205,10 +207,27 @@ pub async fn apply(cx: &Coordinator, report: &ResultMessage) -> Result<(), Chang
                     .await
                     .map_err(ChangeError::Store)?;
             }
-            if let Ok((task, Applied::Changed)) = &r {
-                record_outcome(cx, task, *subtask_id, outcome);
-                tracing::info!(task_id = %task_id, subtask_id = %subtask_id, attempt,
-                    outcome = outcome.kind.as_str(), task_status = %task.status, "result applied");
+            match &r {
+                Ok((task, Applied::Changed)) => {
+                    record_outcome(cx, task, *subtask_id, outcome);
+                    tracing::info!(task_id = %task_id, subtask_id = %subtask_id, attempt,
+                        outcome = outcome.kind.as_str(), task_status = %task.status, "result applied");
+                    // What follows was sent (`mutate` did): remembered, so that a
+                    // redelivery of this result does not send it again.
+                    let marker = followed_marker(task, *subtask_id, *attempt);
+                    if let Err(e) = cx.store.record_delivery(&marker).await {
+                        tracing::warn!(task_id = %task_id, error = %e,
+                            "cannot record that what follows the result was sent; a redelivery would send it again");
+                    }
+                }
+                Ok((task, Applied::Ignored(_)))
+                    if is_applied_repeat(task, *subtask_id, *attempt) =>
+                {
+                    follow_up(cx, task, *subtask_id, *attempt)
+                        .await
+                        .map_err(ChangeError::Store)?;
+                }
+                _ => {}
             }
             ("finished", r.map(|(_, a)| a))
         }
@@ -240,6 +259,55 @@ pub async fn apply(cx: &Coordinator, report: &ResultMessage) -> Result<(), Chang
         }
         Err(e) => Err(e),
     }
+}
+
+/// The marker saying that what follows a finished attempt was sent.
+fn followed_marker(task: &Task, subtask: SubtaskId, attempt: u32) -> DeliveryId {
+    DeliveryId::new(format!("followed:{}:{subtask}:{attempt}", task.id))
+}
+
+/// Whether `attempt` of `subtask` is the finished attempt whose change `task` holds: the
+/// subtask ended with it, or it was retried as the next attempt (still queued).
+fn is_applied_repeat(task: &Task, subtask: SubtaskId, attempt: u32) -> bool {
+    !task.status.is_terminal()
+        && task.subtask(subtask).is_some_and(|s| {
+            (s.attempt == attempt && s.status.is_terminal())
+                || (s.attempt == attempt + 1 && s.status == SubtaskStatus::Queued)
+        })
+}
+
+/// A finished attempt delivered again whose change is stored: sends the messages its
+/// change queued (the dependents still queued, or its own retry) unless the first
+/// delivery did. That happens when the write committed but neither its answer nor a
+/// read-back said so, or the coordinator died between the write and the sends.
+async fn follow_up(
+    cx: &Coordinator,
+    task: &Task,
+    subtask: SubtaskId,
+    attempt: u32,
+) -> Result<(), ao_shared::state::StoreError> {
+    let queued: Vec<SubtaskId> = task
+        .subtasks
+        .iter()
+        .filter(|s| {
+            s.status == SubtaskStatus::Queued
+                && (s.depends_on.contains(&subtask)
+                    || (s.id == subtask && s.attempt == attempt + 1))
+        })
+        .map(|s| s.id)
+        .collect();
+    if queued.is_empty()
+        || !cx
+            .store
+            .record_delivery(&followed_marker(task, subtask, attempt))
+            .await?
+    {
+        return Ok(());
+    }
+    tracing::warn!(task_id = %task.id, subtask_id = %subtask, attempt, sending = queued.len(),
+        "a repeated result finds its change stored and what follows unsent; sending it");
+    send_ready(cx, task, &queued).await;
+    Ok(())
 }
 
 fn record_outcome(

@@ -21,6 +21,11 @@ pub struct Faults {
     pub commit_then_fail: AtomicU32,
     /// How many writes committed and then reported an error.
     pub committed_but_failed: AtomicU32,
+    /// Reads of tasks (`get_task`) that fail right after each write that committed and
+    /// reported an error: the store stays unreadable for a while.
+    pub unreadable_after_commit: AtomicU32,
+    /// Reads still to fail.
+    reads_to_fail: AtomicU32,
 }
 
 /// A [`StateStore`] that injects [`Faults`] into a real store.
@@ -52,6 +57,14 @@ impl StateStore for FaultyStore {
     }
 
     async fn get_task(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
+        let failing = self
+            .faults
+            .reads_to_fail
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Err(injected("the store is unavailable"));
+        }
         self.inner.get_task(id).await
     }
 
@@ -69,6 +82,10 @@ impl StateStore for FaultyStore {
             self.faults
                 .committed_but_failed
                 .fetch_add(1, Ordering::SeqCst);
+            let unreadable = self.faults.unreadable_after_commit.load(Ordering::SeqCst);
+            self.faults
+                .reads_to_fail
+                .store(unreadable, Ordering::SeqCst);
             return Err(injected("timed out after the write was applied"));
         }
         Ok(stored)

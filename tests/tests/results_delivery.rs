@@ -6,6 +6,7 @@
 //!   (SQLite and SQS/DynamoDB on moto);
 //! - a task write that commits but reports an error still sends what follows, and the
 //!   spend of the result is booked exactly once, also when the result comes again;
+//!   when the coordinator cannot tell at once, the result's redelivery sends it;
 //! - a stale dead letter (an older attempt's message) does not fail the newer attempt;
 //! - redelivered agent events are stored once;
 //! - a manual retry gives a subtask a fresh automatic-retry budget;
@@ -248,6 +249,39 @@ async fn a_write_that_commits_but_fails_still_sends_what_follows_and_books_once(
         .await
         .expect("depth");
     assert_eq!(depth.visible, 0, "the docs step was sent twice");
+}
+
+/// The write that applies the coder's result commits and reports an error, and the
+/// store cannot be read for a while after it, so the coordinator cannot tell that it was
+/// applied and keeps the result. Its redelivery finds the change stored (a repeat) and
+/// still sends the docs step, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redelivered_result_whose_change_is_stored_sends_what_follows() {
+    let mut c = Cluster::new(&[NO_RECOVERY]);
+    let faults = start_faulty(&mut c).await;
+    let id = submit(&c, json!(["coder", "docs"])).await;
+    let (order, _) = take_order(&c, Capability::Coder).await;
+    faults.unreadable_after_commit.store(4, Ordering::SeqCst);
+    faults.commit_then_fail.store(1, Ordering::SeqCst);
+    let result = finished(&order, 1, Outcome::succeeded("done", Some("abc".into())));
+    report(&c, &result).await;
+    let (docs, _) = take_order(&c, Capability::Docs).await;
+    assert_eq!(faults.committed_but_failed.load(Ordering::SeqCst), 1);
+    assert_eq!(docs.attempt, 1);
+    // Delivered again once more: the docs step is not sent a second time.
+    report(&c, &result).await;
+    results_drained(&c).await;
+    let depth = c
+        .cx()
+        .queue
+        .depth(QueueId::Capability(Capability::Docs))
+        .await
+        .expect("depth");
+    assert_eq!(depth.visible, 0, "the docs step was sent twice");
+    report(&c, &finished(&docs, 1, Outcome::succeeded("docs", None))).await;
+    c.wait_for_status(&id, &["succeeded"], LIMIT)
+        .await
+        .expect("succeeds");
 }
 
 /// A dead letter of attempt 1 arrives while attempt 2 is queued: attempt 2 goes on.
