@@ -159,6 +159,8 @@ pub async fn run(cx: Arc<Coordinator>) {
     let mode = settings.recovery;
     if mode == RecoveryMode::None {
         tracing::info!("recovery is off (coordinator.recovery = \"none\")");
+        // Idle, not ended: a loop that returns before shutdown counts as dead.
+        cx.shutdown.cancelled().await;
         return;
     }
     let stale = Duration::from_secs(settings.recovery_stale_secs);
