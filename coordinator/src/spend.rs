@@ -45,7 +45,9 @@ pub fn this_month() -> String {
 /// What identifies one finished report of a run.
 #[derive(Clone, Copy, Debug)]
 pub struct Report<'a> {
+    /// The subtask the run was of.
     pub subtask: SubtaskId,
+    /// The attempt the run was of.
     pub attempt: u32,
     /// The worker that ran it, as it reported itself.
     pub worker: &'a str,
