@@ -1,6 +1,6 @@
 //! The task-change bus: the core publishes one [`TaskChange`] for every task it stores
-//! (created, changed, or given new agent output); the GitHub reporter, the wait list,
-//! budget booking and the live streams (SSE, dashboard) subscribe. The core never calls
+//! (created, changed, given new agent output, or its spend booked); the GitHub reporter,
+//! the wait list, budget notices and the live streams (SSE, dashboard) subscribe. The core never calls
 //! its subscribers, so it knows none of them.
 //!
 //! A `tokio::sync::broadcast` channel: a subscriber that falls more than
@@ -31,8 +31,16 @@ pub enum ChangeKind {
         task: Arc<Task>,
         /// The state events stored with the change, with their subtask.
         changes: Vec<(Option<SubtaskId>, StateChange)>,
-        /// Cost added by this change, in US dollars (an applied result's cost; 0 else).
-        spent_usd: f64,
+    },
+    /// A run's reported cost was booked against the task's spend account (once per
+    /// report, see [`crate::spend`]).
+    SpendBooked {
+        /// The task as last read.
+        task: Arc<Task>,
+        /// What was booked, in millionths of a US dollar.
+        micros: u64,
+        /// The account's total for the month after the booking, in millionths of a US dollar.
+        total_micros: u64,
     },
     /// Events were appended without a change of state (agent output, recovery notes).
     EventsAppended,
@@ -43,7 +51,7 @@ impl TaskChange {
     pub fn task(&self) -> Option<&Task> {
         match &self.kind {
             ChangeKind::State { task, .. } => Some(task),
-            ChangeKind::EventsAppended => None,
+            ChangeKind::EventsAppended | ChangeKind::SpendBooked { .. } => None,
         }
     }
 }

@@ -10,7 +10,7 @@
 //! - the edges: [`http`] (REST API, dashboard, health) and the GitHub adapter
 //!   ([`webhook`], [`github`]);
 //! - the core: [`orchestrator`] (the only writer of tasks, publishing every change on the
-//!   [`bus`]), [`results`], [`recovery`], [`dead_letters`], [`monitor`];
+//!   [`bus`]), [`results`], [`spend`], [`recovery`], [`dead_letters`], [`monitor`];
 //! - the context ([`context`]), [`bus`], [`supervisor`], [`lease`] (which loops run on one
 //!   replica only) and [`metrics`].
 //!
@@ -31,6 +31,7 @@ pub mod orchestrator;
 mod proptest_webhook;
 pub mod recovery;
 pub mod results;
+pub mod spend;
 pub mod supervisor;
 pub mod webhook;
 

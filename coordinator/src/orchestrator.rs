@@ -1,5 +1,6 @@
 //! How tasks are created and changed: every change is read → apply a domain rule →
-//! conditional write (retried on conflict) → send the messages of newly ready subtasks.
+//! conditional write (retried on conflict; read back when it reports an error, since it
+//! may have been applied) → send the messages of newly ready subtasks.
 //! State-change events are derived by comparing the task before and after, in one place,
 //! stored with the write, and published on the bus ([`crate::bus`]) once stored: this
 //! module is the only writer of tasks and knows none of the bus's subscribers.
@@ -74,20 +75,13 @@ fn stored_events(changes: &[(Option<SubtaskId>, StateChange)], at: Timestamp) ->
         .collect()
 }
 
-/// Tells the bus that `before` became `stored`.
-fn publish(
-    cx: &Coordinator,
-    before: Option<&Task>,
-    stored: Task,
-    changes: Vec<(Option<SubtaskId>, StateChange)>,
-) {
-    let spent_usd = stored.cost_usd() - before.map(Task::cost_usd).unwrap_or(0.0);
+/// Tells the bus that the task was stored with `changes`.
+fn publish(cx: &Coordinator, stored: Task, changes: Vec<(Option<SubtaskId>, StateChange)>) {
     cx.publish(TaskChange {
         task_id: stored.id,
         kind: ChangeKind::State {
             task: Arc::new(stored),
             changes,
-            spent_usd: spent_usd.max(0.0),
         },
     });
 }
@@ -131,7 +125,7 @@ pub async fn create_task(
         .map_err(ChangeError::Store)?;
     tracing::info!(task_id = %stored.id, repository = %stored.repository,
         branch = %stored.branch, pipeline = %stored.pipeline, "task created");
-    publish(cx, None, stored.clone(), changes);
+    publish(cx, stored.clone(), changes);
     send_ready(cx, &stored, &ready).await;
     Ok(stored)
 }
@@ -165,7 +159,7 @@ where
         let events = stored_events(&changes, now);
         match cx.store.update_task(&task, &events).await {
             Ok(stored) => {
-                publish(cx, Some(&before), stored.clone(), changes);
+                publish(cx, stored.clone(), changes);
                 send_ready(cx, &stored, &ready).await;
                 return Ok((stored, applied));
             }
@@ -173,10 +167,50 @@ where
                 tracing::debug!(task_id = %id, "conflicting write, re-reading");
                 continue;
             }
+            // The write may have been applied although it reported an error (a timeout,
+            // a 5xx after the SDK's retries): read it back before failing, so that what
+            // follows a stored change (the next messages, the bus) is not skipped.
+            Err(StoreError::Backend(e)) => match written(cx, &task).await {
+                Some(stored) => {
+                    tracing::warn!(task_id = %id, error = %e,
+                        "the write reported an error but was applied; going on");
+                    publish(cx, stored.clone(), changes);
+                    send_ready(cx, &stored, &ready).await;
+                    return Ok((stored, applied));
+                }
+                None => return Err(ChangeError::Store(StoreError::Backend(e))),
+            },
             Err(e) => return Err(ChangeError::Store(e)),
         }
     }
     Err(ChangeError::Contended(id))
+}
+
+/// How often a write that reported an error is read back to learn whether it was applied.
+const READ_BACK_TRIES: usize = 4;
+/// First delay between read-backs; doubled each time.
+const READ_BACK_FIRST_DELAY: Duration = Duration::from_millis(200);
+
+/// The task as stored, if the write of `task` (as passed to `update_task`, with the
+/// version it was read at) was applied; `None` if it was not, or it cannot be told (the
+/// store stays unreadable, or someone wrote after it).
+async fn written(cx: &Coordinator, task: &Task) -> Option<Task> {
+    let mut backoff = Backoff::new(READ_BACK_FIRST_DELAY, READ_BACK_FIRST_DELAY * 8);
+    for _ in 0..READ_BACK_TRIES {
+        match cx.store.get_task(task.id).await {
+            Ok(Some(stored)) => {
+                let mut expected = task.clone();
+                expected.version = task.version + 1;
+                return (stored == expected).then_some(stored);
+            }
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::debug!(task_id = %task.id, error = %e, "cannot read the write back yet");
+                backoff.wait().await;
+            }
+        }
+    }
+    None
 }
 
 /// The work order for one subtask of a task.

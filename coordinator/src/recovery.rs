@@ -159,6 +159,8 @@ pub async fn run(cx: Arc<Coordinator>) {
     let mode = settings.recovery;
     if mode == RecoveryMode::None {
         tracing::info!("recovery is off (coordinator.recovery = \"none\")");
+        // Idle, not ended: a loop that returns before shutdown counts as dead.
+        cx.shutdown.cancelled().await;
         return;
     }
     let stale = Duration::from_secs(settings.recovery_stale_secs);
@@ -276,7 +278,8 @@ async fn sweep(
         queues.messages.insert(capability, d.visible + d.in_flight);
     }
     let results = cx.queue.depth(QueueId::Results).await?;
-    queues.results_pending = results.visible + results.in_flight;
+    // Dead-lettered results too: the dead-letter watcher applies them.
+    queues.results_pending = results.visible + results.in_flight + results.dead;
     let plan = plan(&tasks, &queues, min_idle, timefmt::now());
     if plan.deferred > 0 {
         tracing::info!(

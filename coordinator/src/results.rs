@@ -1,14 +1,32 @@
 //! The result consumer: reads worker reports from the result queue and applies each to
 //! its task exactly once in effect (repeats and stale attempts are recognised and
 //! ignored), deleting a message only after its effect is stored.
+//!
+//! Every effect of a report is idempotent, so that a report delivered again (its delete
+//! failed, its write reported an error, the coordinator died) completes what the first
+//! delivery left undone and doubles nothing:
+//! - a finished attempt's state change is applied once (by attempt and status), and a
+//!   write that reports an error is read back before it counts as failed
+//!   ([`crate::orchestrator::mutate`]); a repeat whose change is stored sends what the
+//!   change queued unless a marker says the first delivery did;
+//! - its cost is booked once per report, whatever became of the attempt
+//!   ([`crate::spend`]);
+//! - a batch of agent events is stored once (a marker per batch, in the same
+//!   transaction: [`ao_shared::state::StateStore::append_events_once`]).
+//!
+//! A report that cannot be applied now is made visible again after a short, growing
+//! delay; after `queue.max_receives` receives it reaches the result queue's dead-letter
+//! queue, where [`crate::dead_letters`] keeps applying it.
 
 use crate::context::Coordinator;
-use crate::orchestrator::{mutate, ChangeError};
+use crate::orchestrator::{mutate, send_ready, ChangeError};
 use ao_shared::backoff::Backoff;
+use ao_shared::ids::{DeliveryId, SubtaskId};
 use ao_shared::message::ResultMessage;
 use ao_shared::queue::{QueueId, Received};
 use ao_shared::state::{EventKind, NewEvent};
-use ao_shared::task::{Applied, OutcomeKind};
+use ao_shared::status::SubtaskStatus;
+use ao_shared::task::{Applied, OutcomeKind, Task};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
@@ -19,6 +37,9 @@ const RECEIVE_FIRST_RETRY: Duration = Duration::from_millis(200);
 const RECEIVE_MAX_RETRY: Duration = Duration::from_secs(10);
 /// How long a result stays hidden while it is applied.
 const RESULT_VISIBILITY: Duration = Duration::from_secs(60);
+/// Delay before a result that could not be applied is tried again, doubled per receive
+/// up to [`RESULT_VISIBILITY`].
+const APPLY_FIRST_RETRY: Duration = Duration::from_secs(2);
 
 /// Runs until shutdown.
 pub async fn run(cx: Arc<Coordinator>) {
@@ -71,13 +92,43 @@ async fn handle(cx: &Coordinator, message: Received) {
             }
         }
         Err(e) => {
-            // Left in the queue: retried after its visibility timeout.
-            tracing::error!(task_id = %report.task_id(), error = %e, "cannot apply result");
+            // Left in the queue, visible again after a short delay; after
+            // `queue.max_receives` receives the dead-letter watcher takes it over.
+            let delay = retry_delay(message.receive_count);
+            tracing::error!(task_id = %report.task_id(), error = %e,
+                receives = message.receive_count, retry_in_ms = delay.as_millis() as u64,
+                "cannot apply result");
+            if let Err(e) = cx.queue.extend(&message.receipt, delay).await {
+                tracing::warn!(error = %e, "cannot reschedule the result; it comes back after its visibility timeout");
+            }
         }
     }
 }
 
-async fn apply(cx: &Coordinator, report: &ResultMessage) -> Result<(), ChangeError> {
+/// How long a result that could not be applied at its `receives`-th receive waits.
+fn retry_delay(receives: u32) -> Duration {
+    let doublings = receives.saturating_sub(1).min(16);
+    (APPLY_FIRST_RETRY * 2u32.pow(doublings)).min(RESULT_VISIBILITY)
+}
+
+/// The marker of a batch of agent events: a digest of its task, subtask, attempt and
+/// events, so that the same batch delivered again is recognised.
+fn events_marker(report: &ResultMessage) -> DeliveryId {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    // Messages were decoded from JSON: encoding them again cannot fail.
+    h.update(serde_json::to_vec(report).unwrap_or_default());
+    DeliveryId::new(format!(
+        "events:{}:{}",
+        report.task_id(),
+        hex::encode(h.finalize())
+    ))
+}
+
+/// Applies one report: its state change, its events or its spend. `Ok` when the report
+/// is done with (applied, a repeat, or one that can never apply, which is logged); an
+/// error when it should be tried again later.
+pub async fn apply(cx: &Coordinator, report: &ResultMessage) -> Result<(), ChangeError> {
     let max_attempts = cx.settings.coordinator.max_attempts;
     let (kind, result) = match report {
         ResultMessage::Started {
@@ -117,29 +168,66 @@ async fn apply(cx: &Coordinator, report: &ResultMessage) -> Result<(), ChangeErr
                     data: serde_json::json!({ "type": e.kind, "event": e.data }),
                 })
                 .collect();
-            let r = cx.store.append_events(*task_id, &new).await;
-            cx.bus.events_appended(*task_id);
-            (
-                "events",
-                r.map(|_| Applied::Changed).map_err(ChangeError::Store),
-            )
+            let r = cx
+                .store
+                .append_events_once(*task_id, &events_marker(report), &new)
+                .await;
+            if matches!(r, Ok(true)) {
+                cx.bus.events_appended(*task_id);
+            }
+            let r = match r {
+                Ok(true) => Ok(Applied::Changed),
+                Ok(false) => Ok(Applied::Ignored("events already stored".into())),
+                Err(e) => Err(ChangeError::Store(e)),
+            };
+            ("events", r)
         }
         ResultMessage::Finished {
             task_id,
             subtask_id,
             attempt,
+            worker,
             outcome,
             at,
-            ..
         } => {
             let r = mutate(cx, *task_id, |task, _| {
                 Ok(task.apply_outcome(*subtask_id, *attempt, outcome.clone(), max_attempts, *at)?)
             })
             .await;
-            if let Ok((task, Applied::Changed)) = &r {
-                record_outcome(cx, task, *subtask_id, outcome);
-                tracing::info!(task_id = %task_id, subtask_id = %subtask_id, attempt,
-                    outcome = outcome.kind.as_str(), task_status = %task.status, "result applied");
+            // What the run spent is booked whatever became of the attempt, once.
+            if let Ok((task, _)) = &r {
+                let spent = crate::spend::Report {
+                    subtask: *subtask_id,
+                    attempt: *attempt,
+                    worker,
+                    at: *at,
+                    cost_usd: outcome.cost_usd,
+                };
+                crate::spend::book(cx, task, &spent)
+                    .await
+                    .map_err(ChangeError::Store)?;
+            }
+            match &r {
+                Ok((task, Applied::Changed)) => {
+                    record_outcome(cx, task, *subtask_id, outcome);
+                    tracing::info!(task_id = %task_id, subtask_id = %subtask_id, attempt,
+                        outcome = outcome.kind.as_str(), task_status = %task.status, "result applied");
+                    // What follows was sent (`mutate` did): remembered, so that a
+                    // redelivery of this result does not send it again.
+                    let marker = followed_marker(task, *subtask_id, *attempt);
+                    if let Err(e) = cx.store.record_delivery(&marker).await {
+                        tracing::warn!(task_id = %task_id, error = %e,
+                            "cannot record that what follows the result was sent; a redelivery would send it again");
+                    }
+                }
+                Ok((task, Applied::Ignored(_)))
+                    if is_applied_repeat(task, *subtask_id, *attempt) =>
+                {
+                    follow_up(cx, task, *subtask_id, *attempt)
+                        .await
+                        .map_err(ChangeError::Store)?;
+                }
+                _ => {}
             }
             ("finished", r.map(|(_, a)| a))
         }
@@ -173,6 +261,55 @@ async fn apply(cx: &Coordinator, report: &ResultMessage) -> Result<(), ChangeErr
     }
 }
 
+/// The marker saying that what follows a finished attempt was sent.
+fn followed_marker(task: &Task, subtask: SubtaskId, attempt: u32) -> DeliveryId {
+    DeliveryId::new(format!("followed:{}:{subtask}:{attempt}", task.id))
+}
+
+/// Whether `attempt` of `subtask` is the finished attempt whose change `task` holds: the
+/// subtask ended with it, or it was retried as the next attempt (still queued).
+fn is_applied_repeat(task: &Task, subtask: SubtaskId, attempt: u32) -> bool {
+    !task.status.is_terminal()
+        && task.subtask(subtask).is_some_and(|s| {
+            (s.attempt == attempt && s.status.is_terminal())
+                || (s.attempt == attempt + 1 && s.status == SubtaskStatus::Queued)
+        })
+}
+
+/// A finished attempt delivered again whose change is stored: sends the messages its
+/// change queued (the dependents still queued, or its own retry) unless the first
+/// delivery did. That happens when the write committed but neither its answer nor a
+/// read-back said so, or the coordinator died between the write and the sends.
+async fn follow_up(
+    cx: &Coordinator,
+    task: &Task,
+    subtask: SubtaskId,
+    attempt: u32,
+) -> Result<(), ao_shared::state::StoreError> {
+    let queued: Vec<SubtaskId> = task
+        .subtasks
+        .iter()
+        .filter(|s| {
+            s.status == SubtaskStatus::Queued
+                && (s.depends_on.contains(&subtask)
+                    || (s.id == subtask && s.attempt == attempt + 1))
+        })
+        .map(|s| s.id)
+        .collect();
+    if queued.is_empty()
+        || !cx
+            .store
+            .record_delivery(&followed_marker(task, subtask, attempt))
+            .await?
+    {
+        return Ok(());
+    }
+    tracing::warn!(task_id = %task.id, subtask_id = %subtask, attempt, sending = queued.len(),
+        "a repeated result finds its change stored and what follows unsent; sending it");
+    send_ready(cx, task, &queued).await;
+    Ok(())
+}
+
 fn record_outcome(
     cx: &Coordinator,
     task: &ao_shared::task::Task,
@@ -188,11 +325,6 @@ fn record_outcome(
     m.subtask_duration
         .with_label_values(&[cap, outcome.kind.as_str()])
         .observe(outcome.duration_ms as f64 / 1000.0);
-    if outcome.cost_usd > 0.0 {
-        m.agent_cost
-            .with_label_values(&[cap, repo])
-            .inc_by(outcome.cost_usd);
-    }
     for (kind, n) in [
         ("input", outcome.tokens.input),
         ("output", outcome.tokens.output),

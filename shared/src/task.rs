@@ -217,6 +217,11 @@ pub struct Subtask {
     pub status: SubtaskStatus,
     /// The attempt now queued or running; 0 before the first.
     pub attempt: u32,
+    /// Attempts made before the last manual retry: the automatic-retry budget
+    /// (`coordinator.max_attempts`) counts the attempts after it, so a manual retry gives
+    /// the subtask a full budget again.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retry_base: u32,
     /// Subtasks that must succeed before this one is queued.
     #[serde(default)]
     pub depends_on: Vec<SubtaskId>,
@@ -248,6 +253,7 @@ impl Subtask {
             capability,
             status: SubtaskStatus::Pending,
             attempt: 0,
+            retry_base: 0,
             depends_on,
             instructions: None,
             queued_at: None,
@@ -264,6 +270,10 @@ impl Subtask {
         self.status = self.status.transition(to)?;
         Ok(())
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Where a task came from.
@@ -534,7 +544,9 @@ impl Task {
             sub.started_at = Some(at);
         }
         let kind = outcome.kind;
-        let retry = outcome.retryable && kind != OutcomeKind::Succeeded && attempt < max_attempts;
+        // Attempts since the last manual retry, this one included.
+        let used = attempt.saturating_sub(sub.retry_base);
+        let retry = outcome.retryable && kind != OutcomeKind::Succeeded && used < max_attempts;
         let error = outcome
             .error
             .clone()
@@ -610,6 +622,8 @@ impl Task {
                 sub.set_status(SubtaskStatus::Pending)?;
                 sub.finished_at = None;
                 sub.outcome = None;
+                // A fresh automatic-retry budget from the next attempt on.
+                sub.retry_base = sub.attempt;
             }
         }
         self.error = None;
@@ -617,10 +631,13 @@ impl Task {
         Ok(())
     }
 
-    /// Marks a subtask failed because its message went to the dead-letter queue.
+    /// Marks a subtask failed because the message of its `attempt` went to the
+    /// dead-letter queue. A dead letter of another attempt (a stale copy of a message
+    /// whose attempt was retried or recovered since) is ignored.
     pub fn fail_dead_lettered(
         &mut self,
         subtask: SubtaskId,
+        attempt: u32,
         reason: &str,
         at: Timestamp,
     ) -> Result<Applied, TransitionError> {
@@ -630,10 +647,16 @@ impl Task {
         let Some(sub) = self.subtask_mut(subtask) else {
             return Ok(Applied::Ignored("unknown subtask".into()));
         };
+        if sub.attempt != attempt {
+            return Ok(Applied::Ignored(format!(
+                "stale dead letter of attempt {attempt} (current {})",
+                sub.attempt
+            )));
+        }
         if !matches!(sub.status, SubtaskStatus::Queued | SubtaskStatus::Running) {
             return Ok(Applied::Ignored(format!("subtask is {}", sub.status)));
         }
-        let attempt = sub.attempt;
+        // Not retryable: a dead-lettered message is not run again.
         let outcome = Outcome::failed(OutcomeKind::Infrastructure, reason, false);
         self.apply_outcome(subtask, attempt, outcome, attempt, at)
     }
@@ -798,6 +821,43 @@ mod tests {
         assert_eq!(t.status, TaskStatus::Queued);
         assert_eq!(t.queue_ready(now), vec![id]);
         assert_eq!(t.subtasks[0].attempt, 2);
+    }
+
+    #[test]
+    fn a_manual_retry_gives_a_fresh_retry_budget() {
+        let mut t = task(&[Capability::Coder]);
+        let now = timefmt::now();
+        let id = t.queue_ready(now)[0];
+        let flaky = Outcome::failed(OutcomeKind::Infrastructure, "overloaded", true);
+        t.apply_outcome(id, 1, flaky.clone(), 2, now).unwrap();
+        t.queue_ready(now);
+        t.apply_outcome(id, 2, flaky.clone(), 2, now).unwrap();
+        assert_eq!(t.status, TaskStatus::Failed);
+        t.retry(now).unwrap();
+        assert_eq!(t.queue_ready(now), vec![id]);
+        t.apply_outcome(id, 3, flaky, 2, now).unwrap();
+        assert_eq!(
+            t.subtasks[0].status,
+            SubtaskStatus::Pending,
+            "retried again"
+        );
+        assert_eq!(t.queue_ready(now), vec![id]);
+        assert_eq!(t.subtasks[0].attempt, 4);
+    }
+
+    #[test]
+    fn a_stale_dead_letter_is_ignored() {
+        let mut t = task(&[Capability::Coder]);
+        let now = timefmt::now();
+        let id = t.queue_ready(now)[0];
+        let flaky = Outcome::failed(OutcomeKind::Infrastructure, "overloaded", true);
+        t.apply_outcome(id, 1, flaky, 3, now).unwrap();
+        t.queue_ready(now);
+        let r = t.fail_dead_lettered(id, 1, "dead", now).unwrap();
+        assert!(matches!(r, Applied::Ignored(_)), "{r:?}");
+        assert_eq!(t.subtasks[0].status, SubtaskStatus::Queued);
+        t.fail_dead_lettered(id, 2, "dead", now).unwrap();
+        assert_eq!(t.status, TaskStatus::Failed);
     }
 
     #[test]

@@ -128,6 +128,16 @@ async fn events_in_order() {
 }
 
 #[tokio::test]
+async fn events_once() {
+    conformance::events_once(&store().await).await;
+}
+
+#[tokio::test]
+async fn spend_once() {
+    conformance::spend_once(std::sync::Arc::new(store().await)).await;
+}
+
+#[tokio::test]
 async fn leases() {
     conformance::leases(&store().await).await;
 }

@@ -107,6 +107,18 @@ async fn events_in_order() {
 }
 
 #[tokio::test]
+async fn events_once() {
+    let (_d, s) = store();
+    conformance::events_once(&s).await;
+}
+
+#[tokio::test]
+async fn spend_once() {
+    let (_d, s) = store();
+    conformance::spend_once(std::sync::Arc::new(s)).await;
+}
+
+#[tokio::test]
 async fn leases() {
     let (_d, s) = store();
     conformance::leases(&s).await;

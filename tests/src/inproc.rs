@@ -10,6 +10,7 @@
 
 use anyhow::{bail, Context, Result};
 use ao_coordinator::Coordinator;
+use ao_shared::backend::Backends;
 use ao_shared::config::Settings;
 use std::path::Path;
 use std::sync::Arc;
@@ -64,19 +65,61 @@ fn secrets_as_files(dir: &Path, env: &[(String, String)]) -> Result<Vec<(String,
     Ok(out)
 }
 
+/// The backends `settings` name. On AWS, the SDK gets the static credentials that
+/// `env` gives the processes (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`): this
+/// process's own environment is not the cluster's.
+async fn open_backends(settings: &Settings, env: &[(String, String)]) -> Result<Backends> {
+    if settings.backend.kind != ao_shared::config::BackendKind::Aws {
+        return Ok(Backends::open(settings).await?);
+    }
+    let var = |name: &str| {
+        env.iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let (Some(id), Some(secret)) = (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
+        loader = loader.credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            id, secret, None, None, "cluster",
+        ));
+    }
+    if let Some(region) = &settings.aws.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(url) = &settings.aws.endpoint_url {
+        loader = loader.endpoint_url(url.clone());
+    }
+    let clients = ao_shared::aws::AwsClients::new(&loader.load().await, None);
+    Ok(Backends::open_aws(settings, &clients).await?)
+}
+
 impl InProcess {
     /// Starts a coordinator with the settings `env` (`AO__…` variables and the values of
     /// the `env:` secrets they name) listening on `listen` (`127.0.0.1:0` for any port),
     /// and waits until `/readyz` answers 200.
     pub async fn start(dir: &Path, env: &[(String, String)], listen: &str) -> Result<Self> {
+        Self::start_with(dir, env, listen, |b| b).await
+    }
+
+    /// Like [`InProcess::start`], with the backends passed through `wrap` before the
+    /// coordinator gets them (to inject faults into the store or the queue).
+    pub async fn start_with(
+        dir: &Path,
+        env: &[(String, String)],
+        listen: &str,
+        wrap: impl FnOnce(Backends) -> Backends,
+    ) -> Result<Self> {
         init_logging();
         let env = secrets_as_files(dir, env)?;
-        let settings = Settings::load_from(None, env).context("settings")?;
+        let settings = Settings::load_from(None, env.clone()).context("settings")?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         let url = format!("http://{}", listener.local_addr()?);
-        let cx = Coordinator::open(settings).await?;
+        let backends = wrap(open_backends(&settings, &env).await?);
+        let metrics = ao_coordinator::metrics::Metrics::new()?;
+        let cx = Coordinator::new(settings, backends, metrics);
         let (stop, stopped) = oneshot::channel::<()>();
         let served = tokio::spawn(ao_coordinator::run(cx.clone(), listener, async move {
             let _ = stopped.await;

@@ -5,6 +5,7 @@
 
 pub mod fake_github;
 pub mod fake_nomad;
+pub mod faulty_store;
 pub mod inproc;
 pub mod leases;
 pub mod measure;
@@ -319,6 +320,19 @@ impl Cluster {
     pub async fn start_in_process(&mut self) -> Result<()> {
         let listen = format!("127.0.0.1:{}", self.port);
         let c = inproc::InProcess::start(self.dir.path(), &self.env, &listen).await?;
+        self.inproc = Some(c);
+        Ok(())
+    }
+
+    /// Starts the coordinator in this process like [`Cluster::start_in_process`], with
+    /// its backends passed through `wrap` first (the fault-injection point: a wrapped
+    /// store or queue).
+    pub async fn start_in_process_with(
+        &mut self,
+        wrap: impl FnOnce(ao_shared::backend::Backends) -> ao_shared::backend::Backends,
+    ) -> Result<()> {
+        let listen = format!("127.0.0.1:{}", self.port);
+        let c = inproc::InProcess::start_with(self.dir.path(), &self.env, &listen, wrap).await?;
         self.inproc = Some(c);
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! At-least-once delivery without its failure modes, with real processes: a worker paused
-//! past its lease does not push (exactly one run of an attempt pushes); shutdowns do not
-//! use up a subtask's receives; an agent's unbounded output neither blocks its result nor
-//! loses its events.
+//! past its lease does not push (exactly one run of an attempt pushes); a redelivered
+//! attempt whose push already landed does not push again; shutdowns do not use up a
+//! subtask's receives; an agent's unbounded output neither blocks its result nor loses
+//! its events.
 
 use ao_tests::scenario::{start_agent_worker, submit_code, wait_for_file, wait_succeeded};
 use ao_tests::{bare_repo, git, script, Cluster};
@@ -199,5 +200,71 @@ async fn unbounded_agent_output_is_cut_at_the_source_and_never_lost() {
     assert_eq!(
         done["subtasks"][0]["attempt"], 1,
         "the result was sent at the first run"
+    );
+}
+
+/// A worker is SIGKILLed right after its push lands (by the repository's post-receive
+/// hook), before it reports. The next delivery of the same attempt runs the agent again,
+/// finds this attempt's commit on the branch before pushing, and reports that commit
+/// instead of pushing a second one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redelivered_attempt_whose_push_landed_does_not_push_again() {
+    let mut c = Cluster::new(&FAST_REDELIVERY);
+    let dir = c.dir.path().to_path_buf();
+    let runs = dir.join("runs.log");
+    // Each run writes something new: a second push would make a second commit.
+    let agent = script(
+        &dir,
+        "agent.sh",
+        &format!(
+            "echo run >> {runs}\necho \"run $(wc -l < {runs})\" > result.txt",
+            runs = runs.display()
+        ),
+    );
+    let (repo, pushes) = counting_repo(&dir);
+    let killed = dir.join("killed");
+    let pid_file = dir.join("worker.pid");
+    let hook = repo.join("hooks/post-receive");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/usr/bin/env bash\necho push >> {pushes}\n\
+             if [ ! -e {killed} ]; then touch {killed}; kill -9 \"$(cat {pid})\"; fi\n",
+            pushes = pushes.display(),
+            killed = killed.display(),
+            pid = pid_file.display()
+        ),
+    )
+    .expect("hook");
+    c.start_coordinator().await.expect("coordinator");
+    let first = start_agent_worker(&mut c, &agent);
+    std::fs::write(&pid_file, c.workers[first].pid().as_raw().to_string()).expect("pid file");
+    let id = submit_code(&c, &repo, "once", "agent/pushed-once").await;
+    wait_until("the first push landed", &c, LIMIT, || killed.exists()).await;
+    let deadline = Instant::now() + LIMIT;
+    while c.workers[first]
+        .child
+        .as_mut()
+        .is_some_and(|ch| ch.try_wait().ok().flatten().is_none())
+    {
+        assert!(Instant::now() < deadline, "the first worker is still alive");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    start_agent_worker(&mut c, &agent);
+    let done = wait_succeeded(&c, &id, LIMIT).await;
+    let sub = &done["subtasks"][0];
+    assert_eq!(sub["attempt"], 1, "{done:#}");
+    assert_eq!(lines(&runs), 2, "the agent ran again on the redelivery");
+    assert_eq!(lines(&pushes), 1, "one push for one attempt\n{}", c.logs());
+    let log = git(&repo, &["log", "--format=%s", "agent/pushed-once"]);
+    assert_eq!(log.lines().count(), 2, "{log}");
+    assert_eq!(
+        git(&repo, &["show", "agent/pushed-once:result.txt"]),
+        "run 1"
+    );
+    assert_eq!(
+        sub["outcome"]["commit"].as_str(),
+        Some(git(&repo, &["rev-parse", "agent/pushed-once"]).as_str()),
+        "the reported commit is the one pushed by the first run: {sub:#}"
     );
 }

@@ -65,3 +65,19 @@ async fn a_loop_that_panics_is_restarted_and_shows_in_readyz_and_metrics() {
     assert_eq!(c.metric(series).await.unwrap(), 1.0);
     c.inproc.take().unwrap().stop().await.unwrap();
 }
+
+/// With `coordinator.recovery = "none"` the recovery loop has nothing to do, which is
+/// not a death: the coordinator is ready and the loop is never restarted.
+#[tokio::test(flavor = "multi_thread")]
+async fn recovery_turned_off_is_not_a_dead_loop() {
+    let mut c = Cluster::new(&[("AO__COORDINATOR__RECOVERY", "none")]);
+    c.start_in_process().await.unwrap();
+    assert_eq!(
+        c.metric(r#"ao_background_loop_restarts_total{loop="recovery"}"#)
+            .await
+            .unwrap(),
+        0.0
+    );
+    assert!(c.cx().is_ready());
+    c.inproc.take().unwrap().stop().await.unwrap();
+}

@@ -5,8 +5,9 @@
 //! one comment saying why, and the request waits here, in order, until a slot frees
 //! (checked whenever a GitHub task changes and every few seconds). The waiting list is
 //! in memory; after a restart the missed-delivery sweep finds the labelled issues
-//! without a task and starts them again. Spend is stored per installation and month
-//! (`StateStore::add_spend`), so every coordinator sees the same total.
+//! without a task and starts them again. Spend is booked by the core once per report
+//! ([`crate::spend`]), per installation and month in the store, so every coordinator sees
+//! the same total; this module announces the budget shares it crosses.
 
 use super::api;
 use super::once::Once;
@@ -170,8 +171,9 @@ pub async fn blocked(
     Ok(None)
 }
 
-/// Books the cost of every applied result of a GitHub task (the `spent_usd` of its
-/// change on the bus) until shutdown; at shutdown, what is already on the bus is booked.
+/// Announces the budget shares crossed by every booking of a GitHub task's spend (the
+/// `SpendBooked` changes on the bus) until shutdown; at shutdown, what is already on the
+/// bus is announced.
 pub async fn book_spend(gh: Arc<Github>, mut changes: broadcast::Receiver<TaskChange>) {
     loop {
         let change = tokio::select! {
@@ -187,7 +189,7 @@ pub async fn book_spend(gh: Arc<Github>, mut changes: broadcast::Receiver<TaskCh
             Ok(c) => book_change(&gh, &c).await,
             Err(RecvError::Lagged(n)) => tracing::error!(
                 missed = n,
-                "budget booking fell behind the task changes; their cost is not booked"
+                "budget notices fell behind the task changes; some shares are not announced"
             ),
             Err(RecvError::Closed) => break,
         }
@@ -195,32 +197,24 @@ pub async fn book_spend(gh: Arc<Github>, mut changes: broadcast::Receiver<TaskCh
 }
 
 async fn book_change(gh: &Github, change: &TaskChange) {
-    if let ChangeKind::State {
-        task, spent_usd, ..
+    if let ChangeKind::SpendBooked {
+        task,
+        micros,
+        total_micros,
     } = &change.kind
     {
-        book(gh, task, *spent_usd).await;
+        announce(gh, task, *micros, *total_micros).await;
     }
 }
 
-/// Books the cost of an applied result against its installation's budget, and announces
-/// crossing 80, 90 and 100 % on the task's issue (once each per month).
-pub async fn book(gh: &Github, task: &Task, cost_usd: f64) {
+/// After `micros` of a task's spend were booked, bringing its installation's month to
+/// `total` (both in millionths of a US dollar), announces crossing 80, 90 and 100 % of
+/// the budget on the task's issue (once each per month).
+pub async fn announce(gh: &Github, task: &Task, micros: u64, total: u64) {
     let Some((inst, repo, issue)) = super::source(task) else {
         return;
     };
-    if cost_usd <= 0.0 || !cost_usd.is_finite() {
-        return;
-    }
-    let micros = (cost_usd * 1e6).round() as u64;
     let month = this_month();
-    let total = match gh.store.add_spend(&account(inst), &month, micros).await {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!(installation = inst, error = %e, "cannot book spend");
-            return;
-        }
-    };
     let budget = gh.settings.github.monthly_budget_usd;
     if budget <= 0.0 {
         return;

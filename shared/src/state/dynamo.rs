@@ -420,6 +420,16 @@ impl DynamoStore {
             .build())
     }
 
+    /// The write that records `marker` as a delivery, on the condition that it is new.
+    fn delivery_put(&self, marker: &DeliveryId) -> Result<TransactWriteItem, StoreError> {
+        let mut record = key(format!("DELIVERY#{}", marker.as_str()), "DELIVERY");
+        record.insert(
+            TTL_ATTRIBUTE.to_string(),
+            n(epoch_secs_after(self.delivery_retention)),
+        );
+        self.put(record, Some("attribute_not_exists(pk)"), None)
+    }
+
     /// The counter write that reserves `prev + 1 ..= hi` for a task's events.
     fn counter_update(
         &self,
@@ -953,6 +963,34 @@ impl StateStore for DynamoStore {
         }
     }
 
+    async fn append_events_once(
+        &self,
+        task: TaskId,
+        marker: &DeliveryId,
+        events: &[NewEvent],
+    ) -> Result<bool, StoreError> {
+        let (chunk, rest) = split_events(self, task, events, 2)?;
+        if chunk.is_empty() && !events.is_empty() {
+            return Err(backend(
+                "an event is larger than a DynamoDB transaction allows",
+            ));
+        }
+        let marked = self.delivery_put(marker)?;
+        if let Some((role, _)) = self
+            .write_with_events(task, vec![(marked, Role::Delivery)], chunk)
+            .await?
+        {
+            return match role {
+                Role::Delivery => Ok(false),
+                _ => Err(backend(format!(
+                    "events of task {task}: unexpected condition"
+                ))),
+            };
+        }
+        self.append_events(task, rest).await?;
+        Ok(true)
+    }
+
     async fn append_events(&self, task: TaskId, events: &[NewEvent]) -> Result<(), StoreError> {
         let mut rest = events;
         while !rest.is_empty() {
@@ -1032,6 +1070,41 @@ impl StateStore for DynamoStore {
             .attributes()
             .and_then(|a| get_n(a, SPEND_MICROS))
             .unwrap_or(micros))
+    }
+
+    async fn add_spend_once(
+        &self,
+        account: &str,
+        month: &str,
+        marker: &DeliveryId,
+        micros: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let add = Update::builder()
+            .table_name(&*self.table)
+            .set_key(Some(key(format!("SPEND#{account}#{month}"), "SPEND")))
+            .update_expression("ADD #micros :d")
+            .expression_attribute_names("#micros", SPEND_MICROS)
+            .expression_attribute_values(":d", n(micros))
+            .build()
+            .map_err(backend)?;
+        let items = vec![
+            self.delivery_put(marker)?,
+            TransactWriteItem::builder().update(add).build(),
+        ];
+        for attempt in 0..MAX_ATTEMPTS {
+            match self
+                .transact(items.clone(), &[Role::Delivery, Role::Counter])
+                .await
+            {
+                Ok(()) => return Ok(Some(self.spend(account, month).await?)),
+                Err(TxFailure::Condition(_, _)) => return Ok(None),
+                Err(TxFailure::Contended) => backoff(attempt).await,
+                Err(TxFailure::Other(e)) => return Err(e),
+            }
+        }
+        Err(backend(format!(
+            "spend of {account}: gave up after {MAX_ATTEMPTS} attempts (heavy contention)"
+        )))
     }
 
     async fn spend(&self, account: &str, month: &str) -> Result<u64, StoreError> {

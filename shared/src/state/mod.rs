@@ -178,6 +178,19 @@ pub trait StateStore: Send + Sync {
     /// Appends events (agent output) to a task.
     async fn append_events(&self, task: TaskId, events: &[NewEvent]) -> Result<(), StoreError>;
 
+    /// Appends `events` to a task unless a batch marked `marker` was appended before;
+    /// `false` (nothing appended) if it was. The marker is recorded like a delivery id
+    /// (same namespace and retention, so give it a prefix of its own) in the same
+    /// transaction as the events, so that a redelivered batch is stored once. On DynamoDB
+    /// a batch too large for one transaction is written in several, the marker with the
+    /// first: a crash between them loses the rest of that batch rather than doubling it.
+    async fn append_events_once(
+        &self,
+        task: TaskId,
+        marker: &DeliveryId,
+        events: &[NewEvent],
+    ) -> Result<bool, StoreError>;
+
     /// Events of a task with `seq` greater than `after`, oldest first.
     async fn events(
         &self,
@@ -189,6 +202,19 @@ pub trait StateStore: Send + Sync {
     /// Adds `micros` (millionths of a US dollar) to what `account` spent in `month`
     /// (`YYYY-MM`, UTC) and returns the new total, atomically (concurrent adds all count).
     async fn add_spend(&self, account: &str, month: &str, micros: u64) -> Result<u64, StoreError>;
+
+    /// Like [`StateStore::add_spend`], once per `marker`: records the marker (like a
+    /// delivery id, in the same transaction) and adds `micros`, or does nothing if the
+    /// marker was recorded before. Returns the new total, or `None` when it was booked
+    /// before. On DynamoDB the total is read after the write (concurrent bookings may be
+    /// in it).
+    async fn add_spend_once(
+        &self,
+        account: &str,
+        month: &str,
+        marker: &DeliveryId,
+        micros: u64,
+    ) -> Result<Option<u64>, StoreError>;
 
     /// What `account` spent in `month`, in millionths of a US dollar (0 when nothing).
     async fn spend(&self, account: &str, month: &str) -> Result<u64, StoreError>;

@@ -450,6 +450,35 @@ impl StateStore for SqliteStore {
         .await
     }
 
+    async fn append_events_once(
+        &self,
+        task: TaskId,
+        marker: &DeliveryId,
+        events: &[NewEvent],
+    ) -> Result<bool, StoreError> {
+        self.prune_if_due().await;
+        let events = events.to_vec();
+        let marker = marker.clone();
+        self.blocking(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            let n = tx
+                .execute(
+                    "INSERT OR IGNORE INTO deliveries (id, at_ms) VALUES (?, ?)",
+                    params![marker.as_str(), unix_ms(now())],
+                )
+                .map_err(backend)?;
+            if n == 0 {
+                return Ok(false);
+            }
+            insert_events(&tx, task, &events)?;
+            tx.commit().map_err(backend)?;
+            Ok(true)
+        })
+        .await
+    }
+
     async fn append_events(&self, task: TaskId, events: &[NewEvent]) -> Result<(), StoreError> {
         self.prune_if_due().await;
         let events = events.to_vec();
@@ -512,6 +541,42 @@ impl StateStore for SqliteStore {
                 )
                 .map_err(backend)?;
             Ok(total.max(0) as u64)
+        })
+        .await
+    }
+
+    async fn add_spend_once(
+        &self,
+        account: &str,
+        month: &str,
+        marker: &DeliveryId,
+        micros: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let (account, month, marker) = (account.to_string(), month.to_string(), marker.clone());
+        self.blocking(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            let n = tx
+                .execute(
+                    "INSERT OR IGNORE INTO deliveries (id, at_ms) VALUES (?, ?)",
+                    params![marker.as_str(), unix_ms(now())],
+                )
+                .map_err(backend)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            let total: i64 = tx
+                .query_row(
+                    "INSERT INTO spend (account, month, micros) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (account, month) DO UPDATE SET micros = micros + ?3
+                     RETURNING micros",
+                    params![account, month, micros as i64],
+                    |r| r.get(0),
+                )
+                .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(Some(total.max(0) as u64))
         })
         .await
     }

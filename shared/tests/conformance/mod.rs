@@ -365,6 +365,49 @@ pub async fn events_in_order(s: &dyn StateStore) {
     assert_eq!(tail[0].event.data["message"], "e3");
 }
 
+/// A batch appended with a marker is stored once, however often it is appended; another
+/// marker appends again.
+pub async fn events_once(s: &dyn StateStore) {
+    let t = sample_task("/srv/once.git");
+    s.create_task(&t, None, &[]).await.unwrap();
+    let batch = [state_event("a"), state_event("b")];
+    let marker = DeliveryId::new(format!("events:{}:1", t.id));
+    assert!(s.append_events_once(t.id, &marker, &batch).await.unwrap());
+    assert!(!s.append_events_once(t.id, &marker, &batch).await.unwrap());
+    assert_eq!(s.events(t.id, None, 100).await.unwrap().len(), 2);
+    let other = DeliveryId::new(format!("events:{}:2", t.id));
+    assert!(s.append_events_once(t.id, &other, &batch).await.unwrap());
+    let all = s.events(t.id, None, 100).await.unwrap();
+    assert_eq!(all.len(), 4);
+    assert_eq!(all[3].event.data["message"], "b");
+}
+
+/// Spend booked with a marker counts once, also when booked concurrently.
+pub async fn spend_once(s: std::sync::Arc<dyn StateStore>) {
+    let marker = DeliveryId::new(format!("spend:{}", uuid_like()));
+    let books = (0..5).map(|_| {
+        let (s, m) = (s.clone(), marker.clone());
+        async move {
+            s.add_spend_once("api", "2026-10", &m, 125_000)
+                .await
+                .unwrap()
+        }
+    });
+    let results = futures::future::join_all(books).await;
+    assert_eq!(
+        results.iter().filter(|r| r.is_some()).count(),
+        1,
+        "{results:?}"
+    );
+    assert_eq!(results.iter().flatten().next().copied(), Some(125_000));
+    assert_eq!(s.spend("api", "2026-10").await.unwrap(), 125_000);
+    let other = DeliveryId::new(format!("spend:{}", uuid_like()));
+    assert_eq!(
+        s.add_spend_once("api", "2026-10", &other, 1).await.unwrap(),
+        Some(125_001)
+    );
+}
+
 /// A lease is held by one holder until it expires.
 pub async fn leases(s: &dyn StateStore) {
     let name = format!("lease-{}", uuid_like());

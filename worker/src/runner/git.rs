@@ -10,6 +10,12 @@
 //! would send git elsewhere (`commondir`, `config.worktree`, alternates) are removed, no
 //! hook or fsmonitor runs, and the push goes to the URL of the run spec, never to a
 //! remote URL read from the configuration.
+//!
+//! An attempt may run twice (its worker died after the push and before the report, and
+//! the message came back). Every commit of the runner names its attempt (`Subtask: <id>
+//! (attempt N)`), and before pushing the runner looks for that line on the remote
+//! branch: when this attempt's commit is already there it is reported again, and
+//! nothing is committed or pushed a second time.
 
 use super::process::run_logged;
 use crate::spec::{RunSpec, BUNDLE_FILE};
@@ -282,10 +288,7 @@ fn commit(
             message.push_str(summary.trim());
             message.push_str("\n\n");
         }
-        message.push_str(&format!(
-            "Task: {}\nSubtask: {} (attempt {})\n",
-            spec.task_id, spec.subtask_id, spec.attempt
-        ));
+        message.push_str(&format!("Task: {}\n{}\n", spec.task_id, attempt_line(spec)));
         let message = super::redact(&message);
         run(
             git(Some(repo)).args(["commit", "--quiet", "--no-verify", "-m", &message]),
@@ -299,15 +302,69 @@ fn commit(
     Ok(Some(head))
 }
 
+/// The line of a commit message that names the run's subtask and attempt.
+fn attempt_line(spec: &RunSpec) -> String {
+    format!("Subtask: {} (attempt {})", spec.subtask_id, spec.attempt)
+}
+
+/// Where the runner fetches the remote task branch to look for this attempt's commit.
+const REMOTE_HEAD_REF: &str = "refs/ao/remote-head";
+
+/// The commit of this attempt already on the remote task branch, if any: a run of the
+/// same attempt pushed it and died before its report. Looks at the branch as the remote
+/// holds it now (fetched from the run spec's URL), by the [`attempt_line`] of the
+/// runner's commit messages.
+fn pushed_before(spec: &RunSpec, repo: &Path) -> Result<Option<String>, String> {
+    let remote_ref = format!("refs/heads/{}", spec.branch);
+    let listed = output(
+        repo,
+        &["ls-remote", "--heads", "--", &spec.repository, &remote_ref],
+    )?;
+    if listed.is_empty() {
+        return Ok(None);
+    }
+    let refspec = format!("+{remote_ref}:{REMOTE_HEAD_REF}");
+    run(
+        git(Some(repo))
+            .args(["fetch", "--quiet", "--no-tags", "--"])
+            .arg(&spec.repository)
+            .arg(&refspec),
+        "git fetch",
+    )?;
+    let grep = format!("--grep={}", attempt_line(spec));
+    let found = output(
+        repo,
+        &[
+            "log",
+            "-n",
+            "1",
+            "--format=%H",
+            "--fixed-strings",
+            &grep,
+            REMOTE_HEAD_REF,
+        ],
+    )?;
+    Ok((!found.is_empty()).then_some(found))
+}
+
 /// Commits what the agent changed (if it did not commit itself) and pushes the branch to
 /// the run spec's repository URL. Returns the pushed commit, or `None` when there is
-/// nothing new.
+/// nothing new. When the remote branch already holds this attempt's commit (pushed by an
+/// earlier run of the same attempt), returns that commit and neither commits nor pushes.
 pub fn commit_and_push(
     spec: &RunSpec,
     repo: &Path,
     start_commit: &str,
     summary: &str,
 ) -> Result<Option<String>, String> {
+    if let Some(earlier) = pushed_before(spec, repo)? {
+        super::log(format!(
+            "{} already holds {earlier} of this attempt (an earlier run pushed it); \
+             reporting it instead of pushing again",
+            spec.branch
+        ));
+        return Ok(Some(earlier));
+    }
     let Some(head) = commit(spec, repo, start_commit, summary)? else {
         return Ok(None);
     };
