@@ -1,12 +1,11 @@
 //! `POST /webhooks/github`: the edge where GitHub's deliveries come in.
 //!
-//! In order: a webhook secret must be configured (else 401, saying so); the body is read
-//! up to `github.max_webhook_bytes` (413 above); `X-Hub-Signature-256` is checked over the
-//! raw bytes against every configured secret (401); only then is the payload parsed into
-//! a typed [`Event`] (400 when a handled event's payload does not parse). An accepted event
-//! is stored in the state store's inbox ([`ao_shared::state::StateStore::put_inbox`]),
-//! bounded ([`Event::bounded`]), under its `X-GitHub-Delivery` id, and only then answered
-//! 202; no GitHub API call is made in the request. A delivery id already in the inbox is
+//! A delivery is verified (secret configured, bounded body, signature, delivery id) and
+//! parsed into a typed [`Event`] by the [`Verified`] extractor ([`extract`]). An accepted
+//! event is stored in the state store's inbox
+//! ([`ao_shared::state::StateStore::put_inbox`]), bounded ([`Event::bounded`]), under its
+//! `X-GitHub-Delivery` id, and only then answered 202; no GitHub API call is made in the
+//! request. A delivery id already in the inbox is
 //! answered 202 as a duplicate and changes nothing. When the store cannot take it the
 //! answer is 503: GitHub marks the delivery failed and the missed-delivery sweep asks for
 //! it again.
@@ -17,19 +16,20 @@
 //! behind by a restart or a failed attempt is processed again.
 
 pub mod event;
+pub mod extract;
 pub mod signature;
 
 use crate::context::Coordinator;
 use crate::http::error::ApiError;
 use ao_shared::ids::DeliveryId;
 use ao_shared::state::{InboxDelivery, MAX_INBOX_PAYLOAD_BYTES};
-use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 pub use event::Event;
 use event::Parsed;
+pub use extract::Verified;
 use secrecy::SecretString;
 use serde_json::json;
 use std::sync::Arc;
@@ -155,65 +155,17 @@ pub fn routes(cx: Arc<Coordinator>, inbox: &Inbox) -> axum::Router {
         .with_state(edge)
 }
 
-/// The handler of `POST /webhooks/github`.
-pub async fn receive(State(edge): State<Arc<Edge>>, headers: HeaderMap, body: Body) -> Response {
-    let event_name = header(&headers, "x-github-event").unwrap_or("").to_string();
-    let secrets = match secrets(&edge).await {
-        Ok(s) => s,
-        Err(e) => return refuse(&edge, &event_name, "refused", e),
-    };
-    let limit = edge.settings.github.max_webhook_bytes;
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("webhook body is larger than {limit} bytes (github.max_webhook_bytes)"),
-        )
-    };
-    let declared = header(&headers, "content-length").and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return refuse(&edge, &event_name, "too_large", too_large());
-    }
-    let body = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(_) => return refuse(&edge, &event_name, "too_large", too_large()),
-    };
-    if let Err(e) = signature::verify(&secrets, &body, header(&headers, "x-hub-signature-256")) {
-        tracing::warn!(event = %metric_event(&event_name), error = %e, "webhook refused");
-        return refuse(
-            &edge,
-            &event_name,
-            "bad_signature",
-            ApiError::new(StatusCode::UNAUTHORIZED, "bad_signature", e.to_string()),
-        );
-    }
-    let delivery = match header(&headers, "x-github-delivery") {
-        Some(d) if !d.is_empty() && d.len() <= MAX_DELIVERY_ID_LEN && d.is_ascii() => {
-            DeliveryId::new(d)
-        }
-        _ => {
-            return refuse(
-                &edge,
-                &event_name,
-                "malformed",
-                ApiError::bad_request(
-                    "missing_delivery",
-                    "X-GitHub-Delivery header is missing or not a delivery id",
-                ),
-            )
-        }
-    };
-    if event_name.is_empty() {
-        return refuse(
-            &edge,
-            &event_name,
-            "malformed",
-            ApiError::bad_request("missing_event", "X-GitHub-Event header is missing"),
-        );
-    }
-    let event = match event::parse(&event_name, &body) {
-        Ok(Parsed::Event(e)) => *e,
-        Ok(Parsed::Ignored(why)) => {
+/// The handler of `POST /webhooks/github`: a [`Verified`] delivery is acknowledged
+/// (ignored, ping) or stored in the inbox before the answer.
+pub async fn receive(State(edge): State<Arc<Edge>>, verified: Verified) -> Response {
+    let Verified {
+        delivery,
+        event_name,
+        parsed,
+    } = verified;
+    let event = match parsed {
+        Parsed::Event(e) => *e,
+        Parsed::Ignored(why) => {
             tracing::debug!(delivery = %delivery, event = %metric_event(&event_name), reason = why,
                 "webhook acknowledged and ignored");
             edge.metrics
@@ -225,15 +177,6 @@ pub async fn receive(State(edge): State<Arc<Edge>>, headers: HeaderMap, body: Bo
                 Json(json!({ "status": "ignored", "reason": why })),
             )
                 .into_response();
-        }
-        Err(e) => {
-            tracing::warn!(delivery = %delivery, error = %e, "webhook payload does not parse");
-            return refuse(
-                &edge,
-                &event_name,
-                "malformed",
-                ApiError::bad_request("malformed_payload", e.to_string()),
-            );
         }
     };
     if matches!(event, Event::Ping) {
