@@ -6,7 +6,7 @@
 //! `Coordinator` and follows the bus like any other subscriber.
 
 use crate::bus::{Bus, TaskChange};
-use crate::lease::Leases;
+use crate::lease::{LeaseLoop, Leases};
 use crate::metrics::Metrics;
 use crate::supervisor::Supervisor;
 use ao_shared::backend::Backends;
@@ -32,7 +32,7 @@ pub struct Coordinator {
     /// Cancelled when the coordinator shuts down.
     pub shutdown: CancellationToken,
     /// This replica's identity as the holder of singleton loops' leases.
-    pub leases: Leases,
+    pub leases: Arc<Leases>,
     ready: AtomicBool,
     /// Unix ms of the last successful queue-depth poll.
     pub last_depth_poll_ms: AtomicI64,
@@ -41,6 +41,7 @@ pub struct Coordinator {
 impl Coordinator {
     pub fn new(settings: Settings, backends: Backends, metrics: Metrics) -> Arc<Self> {
         let shutdown = CancellationToken::new();
+        crate::lease::show_metrics(&metrics);
         Arc::new(Self {
             settings,
             queue: backends.queue,
@@ -50,7 +51,7 @@ impl Coordinator {
             metrics,
             bus: Bus::default(),
             shutdown,
-            leases: Leases::default(),
+            leases: Arc::new(Leases::default()),
             ready: AtomicBool::new(false),
             last_depth_poll_ms: AtomicI64::new(0),
         })
@@ -65,6 +66,19 @@ impl Coordinator {
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// What a lease-owned loop of this replica needs.
+    pub fn lease_loop(&self) -> LeaseLoop {
+        let c = &self.settings.coordinator;
+        LeaseLoop {
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            ttl: std::time::Duration::from_millis(c.lease_ttl_ms),
+            renew: std::time::Duration::from_millis(c.lease_renew_ms),
+            shutdown: self.shutdown.clone(),
+            leases: self.leases.clone(),
+        }
     }
 
     /// Tells every subscriber of the bus about a change.

@@ -27,12 +27,14 @@
 //! writes are conditional on the task's version, so a loop that lost its lease while a
 //! write was in flight cannot overwrite a newer holder's change, only lose the race.
 
-use crate::context::Coordinator;
+use crate::metrics::Metrics;
+use ao_shared::state::StateStore;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// The recovery sweep's lease.
 pub const RECOVERY: &str = "recovery";
@@ -74,6 +76,31 @@ impl Leases {
     }
 }
 
+/// Makes every lease's metrics show from start-up (held 0, no takeover, none lost).
+pub fn show_metrics(metrics: &Metrics) {
+    for lease in LEASES {
+        metrics.lease_held.with_label_values(&[lease]).set(0);
+        metrics.lease_takeovers.with_label_values(&[lease]);
+        metrics.lease_lost.with_label_values(&[lease]);
+    }
+}
+
+/// What a lease-owned loop needs of the coordinator (built by
+/// `Coordinator::lease_loop`): the store the leases live in, the metrics, the timing
+/// (`coordinator.lease_ttl_ms`, `coordinator.lease_renew_ms`), the shutdown signal and
+/// this replica's holder identity.
+#[derive(Clone)]
+pub struct LeaseLoop {
+    pub store: Arc<dyn StateStore>,
+    pub metrics: Metrics,
+    /// How long a lease lasts unless renewed.
+    pub ttl: Duration,
+    /// How often the holder renews it (and others try to take it).
+    pub renew: Duration,
+    pub shutdown: CancellationToken,
+    pub leases: Arc<Leases>,
+}
+
 /// How a held lease ended.
 enum HeldUntil {
     /// The loop ended (shutdown, or it returned).
@@ -87,13 +114,12 @@ enum HeldUntil {
 /// Runs the loop that `start` makes while this replica holds the lease `name`, until
 /// shutdown. Meant to be the body of a supervised loop: it returns at shutdown, or when
 /// the loop itself returned before shutdown (the supervisor then counts a death).
-pub async fn owned<F, Fut>(cx: Arc<Coordinator>, name: &'static str, mut start: F)
+pub async fn owned<F, Fut>(cx: LeaseLoop, name: &'static str, mut start: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = ()>,
 {
-    let ttl = Duration::from_millis(cx.settings.coordinator.lease_ttl_ms);
-    let renew = Duration::from_millis(cx.settings.coordinator.lease_renew_ms);
+    let (ttl, renew) = (cx.ttl, cx.renew);
     let held = cx.metrics.lease_held.with_label_values(&[name]);
     let holder = cx.leases.holder.as_str();
     loop {

@@ -107,6 +107,8 @@ fn spawn_core_loops(cx: &Arc<Coordinator>) {
     let c = cx.clone();
     cx.loops.spawn("recovery", move || {
         let c = c.clone();
-        lease::owned(c.clone(), lease::RECOVERY, move || recovery::run(c.clone()))
+        lease::owned(c.lease_loop(), lease::RECOVERY, move || {
+            recovery::run(c.clone())
+        })
     });
 }

@@ -237,11 +237,6 @@ impl Metrics {
         // Every family shows in /metrics from start-up, before its first event.
         m.webhook_deliveries
             .with_label_values(&["ping", "accepted"]);
-        for lease in crate::lease::LEASES {
-            m.lease_held.with_label_values(&[lease]).set(0);
-            m.lease_takeovers.with_label_values(&[lease]);
-            m.lease_lost.with_label_values(&[lease]);
-        }
         m.github_api_calls.with_label_values(&["none", "0", "ok"]);
         m.github_rate_limit_remaining.set(5000);
         m.budget_used_ratio.with_label_values(&["none"]).set(0.0);

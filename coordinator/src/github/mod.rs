@@ -85,9 +85,11 @@ impl Github {
         let gh = self.clone();
         self.loops.spawn("github_reconcile", move || {
             let gh = gh.clone();
-            crate::lease::owned(gh.core.clone(), crate::lease::GITHUB_RECONCILE, move || {
-                reconcile::run(gh.clone())
-            })
+            crate::lease::owned(
+                gh.core.lease_loop(),
+                crate::lease::GITHUB_RECONCILE,
+                move || reconcile::run(gh.clone()),
+            )
         });
         let gh = self.clone();
         self.loops.spawn("github_wait_list", move || {
