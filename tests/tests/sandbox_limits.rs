@@ -256,6 +256,9 @@ fill() { # name, file, MiB
     print "processes=", scalar(@kids), "\n"; kill 9, @kids; waitpid($_, 0) for @kids;'
   if unshare -U true 2>/dev/null; then echo "userns=made"; else echo "userns=denied"; fi
   if unshare -r true 2>/dev/null; then echo "userns_root=made"; else echo "userns_root=denied"; fi
+  # io_uring_setup (425 on x86_64 and arm64): a kernel attack surface container
+  # profiles deny.
+  python3 -c 'import ctypes; libc = ctypes.CDLL(None, use_errno=True); p = (ctypes.c_char * 120)(); print("io_uring=made" if libc.syscall(425, 8, p) >= 0 else "io_uring=denied")'
   grep '^Seccomp:' /proc/self/status
 } > probe.txt 2>&1
 # One line of 256 MiB on standard output.
@@ -278,6 +281,7 @@ echo after-the-long-line
         "dev=read-only",
         "userns=denied",
         "userns_root=denied",
+        "io_uring=denied",
         "Seccomp:\t2",
     ] {
         assert!(probe.contains(bounded), "{bounded} missing:\n{probe}");

@@ -8,7 +8,9 @@
 //! holds the git token), mounts and the new mount API, keyrings, `bpf`,
 //! `perf_event_open`, `userfaultfd`, kernel modules, `kexec`, `reboot`, swap, clocks,
 //! `acct`, `quotactl`, file handles (`open_by_handle_at`), raw I/O ports, `syslog`,
-//! `personality` changes and `ioctl(TIOCSTI)` (typing into a terminal). `clone3` fails
+//! `personality` changes, `io_uring` (a large kernel attack surface that Docker's and
+//! Kubernetes' default profiles deny; programs fall back to ordinary I/O) and
+//! `ioctl(TIOCSTI)` (typing into a terminal). `clone3` fails
 //! with `ENOSYS`, as on an older kernel, so that the C library falls back to `clone`,
 //! whose flags the filter can see (`clone3` passes them in memory).
 //!
@@ -71,6 +73,9 @@ const DENIED: &[i64] = &[
     libc::SYS_vhangup,
     libc::SYS_fanotify_init,
     libc::SYS_lookup_dcookie,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
     #[cfg(target_arch = "x86_64")]
     libc::SYS_iopl,
     #[cfg(target_arch = "x86_64")]
