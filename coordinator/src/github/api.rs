@@ -445,3 +445,16 @@ pub async fn last_labeler(
             })
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_write_maintain_and_admin_may_steer_the_agent() {
+        for role in ["admin", "maintain", "write"] {
+            assert!(super::can_write(role), "{role}");
+        }
+        for role in ["triage", "read", "none", "", "Admin", "write "] {
+            assert!(!super::can_write(role), "{role}");
+        }
+    }
+}

@@ -279,3 +279,55 @@ pub async fn wait(gh: &Github, w: Waiting, why: &str) -> Result<Started, HandleE
     }
     Ok(Started::Waiting("at capacity"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        let mut s = Settings::default();
+        s.github.trigger_label = "agent".into();
+        s.github.default_pipeline = "code".into();
+        s
+    }
+
+    #[test]
+    fn trigger_labels_are_the_label_and_its_named_forms_but_not_status_labels() {
+        let s = settings();
+        assert!(is_trigger(&s, "agent"));
+        assert!(is_trigger(&s, "agent:full"));
+        assert!(is_trigger(&s, "agent:reviewer"));
+        for not in ["agent:done", "agent:queued", "agents", "bug", "Agent", ""] {
+            assert!(!is_trigger(&s, not), "{not}");
+        }
+    }
+
+    #[test]
+    fn a_label_means_the_repositorys_pipeline_first_then_ours_then_one_capability() {
+        let s = settings();
+        let mut repo = RepoConfig::default();
+        assert_eq!(
+            resolve_pipeline(&s, &repo, Some("agent")).unwrap(),
+            ("code".to_string(), vec![Capability::Coder])
+        );
+        assert_eq!(
+            resolve_pipeline(&s, &repo, None).unwrap().0,
+            "code",
+            "`/agent run` means the default pipeline"
+        );
+        assert_eq!(
+            resolve_pipeline(&s, &repo, Some("agent:tester")).unwrap(),
+            ("tester".to_string(), vec![Capability::Tester])
+        );
+        repo.pipelines
+            .insert("code".into(), vec![Capability::Coder, Capability::Tester]);
+        repo.default_pipeline = Some("code".into());
+        assert_eq!(
+            resolve_pipeline(&s, &repo, Some("agent")).unwrap().1,
+            vec![Capability::Coder, Capability::Tester],
+            "the repository's own pipeline wins"
+        );
+        let unknown = resolve_pipeline(&s, &repo, Some("agent:nonsense")).unwrap_err();
+        assert!(unknown.contains("nonsense"), "{unknown}");
+    }
+}
