@@ -107,8 +107,7 @@ async fn handle(cx: &Coordinator, message: Received) {
 
 /// How long a result that could not be applied at its `receives`-th receive waits.
 fn retry_delay(receives: u32) -> Duration {
-    let doublings = receives.saturating_sub(1).min(16);
-    (APPLY_FIRST_RETRY * 2u32.pow(doublings)).min(RESULT_VISIBILITY)
+    ao_shared::backoff::Backoff::new(APPLY_FIRST_RETRY, RESULT_VISIBILITY).after(receives)
 }
 
 /// The marker of a batch of agent events: a digest of its task, subtask, attempt and
@@ -118,11 +117,12 @@ fn events_marker(report: &ResultMessage) -> DeliveryId {
     let mut h = Sha256::new();
     // Messages were decoded from JSON: encoding them again cannot fail.
     h.update(serde_json::to_vec(report).unwrap_or_default());
-    DeliveryId::new(format!(
-        "events:{}:{}",
-        report.task_id(),
-        hex::encode(h.finalize())
-    ))
+    let digest = hex::encode(h.finalize());
+    crate::once::CoreOnce::Events {
+        task: report.task_id(),
+        digest: &digest,
+    }
+    .key()
 }
 
 /// Applies one report: its state change, its events or its spend. `Ok` when the report
@@ -263,7 +263,12 @@ pub async fn apply(cx: &Coordinator, report: &ResultMessage) -> Result<(), Chang
 
 /// The marker saying that what follows a finished attempt was sent.
 fn followed_marker(task: &Task, subtask: SubtaskId, attempt: u32) -> DeliveryId {
-    DeliveryId::new(format!("followed:{}:{subtask}:{attempt}", task.id))
+    crate::once::CoreOnce::Followed {
+        task: task.id,
+        subtask,
+        attempt,
+    }
+    .key()
 }
 
 /// Whether `attempt` of `subtask` is the finished attempt whose change `task` holds: the

@@ -47,6 +47,14 @@ impl Backoff {
         self.next = self.first;
     }
 
+    /// The delay after `failures` failures in a row (`first` after one), for loops whose
+    /// failure count is stored (a message's receive count, a delivery's attempts) rather
+    /// than kept in a running [`Backoff`]. Zero failures count as one.
+    pub fn after(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(31);
+        self.first.saturating_mul(1u32 << doublings).min(self.max)
+    }
+
     /// Sleeps for the next delay (tokio time, so paused time advances it).
     pub async fn wait(&mut self) {
         tokio::time::sleep(self.next_delay()).await;
@@ -64,6 +72,17 @@ mod tests {
         assert_eq!(seen, [100, 200, 400, 500, 500]);
         b.reset();
         assert_eq!(b.next_delay(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn the_delay_after_n_failures_is_the_nth_delay() {
+        let b = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
+        let mut running = b.clone();
+        for n in 1..=6 {
+            assert_eq!(b.after(n), running.next_delay(), "after {n} failures");
+        }
+        assert_eq!(b.after(0), Duration::from_millis(100));
+        assert_eq!(b.after(u32::MAX), Duration::from_millis(500));
     }
 
     #[test]

@@ -201,9 +201,7 @@ pub async fn process(gh: &Github, id: &DeliveryId) {
 
 /// The delay before attempt `attempts + 1`.
 fn retry_delay(attempts: u32) -> Duration {
-    FIRST_RETRY_DELAY
-        .saturating_mul(1u32 << attempts.saturating_sub(1).min(16))
-        .min(MAX_RETRY_DELAY)
+    ao_shared::backoff::Backoff::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY).after(attempts)
 }
 
 fn event_label(e: &str) -> &'static str {
