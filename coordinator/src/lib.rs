@@ -10,7 +10,8 @@
 //! - the edges: [`http`] (REST API, dashboard, health) and the GitHub adapter
 //!   ([`webhook`], [`github`]);
 //! - the core: [`orchestrator`] (the only writer of tasks, publishing every change on the
-//!   [`bus`]), [`results`], [`spend`], [`recovery`], [`dead_letters`], [`monitor`];
+//!   [`bus`]), [`results`], [`spend`], [`recovery`], [`dead_letters`], [`monitor`],
+//!   [`once`] (its run-once keys);
 //! - the context ([`context`]), [`bus`], [`supervisor`], [`lease`] (which loops run on one
 //!   replica only) and [`metrics`].
 //!
@@ -26,6 +27,7 @@ pub mod http;
 pub mod lease;
 pub mod metrics;
 pub mod monitor;
+pub mod once;
 pub mod orchestrator;
 #[cfg(test)]
 mod proptest_webhook;

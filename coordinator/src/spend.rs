@@ -71,7 +71,8 @@ pub fn marker(task: &Task, report: &Report<'_>) -> DeliveryId {
         )
         .as_bytes(),
     );
-    DeliveryId::new(format!("spend:{}", hex::encode(h.finalize())))
+    let digest = hex::encode(h.finalize());
+    crate::once::CoreOnce::Spend { digest: &digest }.key()
 }
 
 /// Books `report`'s cost against `task`'s account once, and tells the bus what was
