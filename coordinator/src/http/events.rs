@@ -84,7 +84,13 @@ async fn pump(
         // Read the status before the events, so the last events of an ending task are sent.
         let ended = match cx.store.get_task(id).await {
             Ok(Some(t)) => t.status.is_terminal(),
-            _ => true,
+            Ok(None) => true,
+            // An outage (or unreadable state) is not the task's end: keep following and
+            // read again at the next wake-up.
+            Err(e) => {
+                tracing::warn!(task_id = %id, error = %e, "event stream cannot read the task");
+                false
+            }
         };
         let batch = match cx.store.events(id, after, PAGE).await {
             Ok(b) => b,
