@@ -10,6 +10,10 @@ use crate::timefmt::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// The prefix of the branches the system names for its tasks (`agent/<n>-<slug>`); a
+/// pull request whose head starts with it may be one of ours.
+pub const AGENT_BRANCH_PREFIX: &str = "agent/";
+
 /// How a subtask's run ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

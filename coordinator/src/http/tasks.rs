@@ -9,6 +9,7 @@ use ao_shared::capability::Capability;
 use ao_shared::ids::TaskId;
 use ao_shared::state::TaskQuery;
 use ao_shared::status::TaskStatus;
+use ao_shared::task::AGENT_BRANCH_PREFIX;
 use ao_shared::task::{Applied, Approval, Task, TaskSource};
 use ao_shared::validate;
 use axum::extract::State;
@@ -150,9 +151,9 @@ pub async fn create(
             let slug = validate::slug(&title);
             let short = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
             if slug.is_empty() {
-                format!("agent/{short}")
+                format!("{AGENT_BRANCH_PREFIX}{short}")
             } else {
-                format!("agent/{short}-{slug}")
+                format!("{AGENT_BRANCH_PREFIX}{short}-{slug}")
             }
         }
     };

@@ -1,6 +1,7 @@
 //! Reviews on the agent's own pull request: a follow-up coder run on the same branch.
 
 use super::*;
+use ao_shared::task::AGENT_BRANCH_PREFIX;
 
 /// A review on the agent's own pull request: a follow-up coder task on the same branch
 /// with the review as its instructions, at most `github.max_review_iterations` times.
@@ -11,7 +12,7 @@ pub(super) async fn review_round(
     text: &str,
     delivery: &DeliveryId,
 ) -> HandleResult {
-    if !pull.head_ref.starts_with("agent/") {
+    if !pull.head_ref.starts_with(AGENT_BRANCH_PREFIX) {
         return Ok("ignored: not the agent's pull request");
     }
     let url = clone_url(&gh.settings, &ctx.repo);

@@ -4,6 +4,7 @@
 use super::super::limits::Waiting;
 use super::*;
 use crate::bus::TaskChange;
+use ao_shared::task::AGENT_BRANCH_PREFIX;
 use std::time::Duration;
 use tokio::sync::broadcast::{self, error::RecvError};
 
@@ -77,9 +78,9 @@ pub fn branch_name(issue: u64, title: &str) -> String {
     let slug: String = validate::slug(title).chars().take(40).collect();
     let slug = slug.trim_end_matches(['-', '.']).to_string();
     if slug.is_empty() {
-        format!("agent/{issue}")
+        format!("{AGENT_BRANCH_PREFIX}{issue}")
     } else {
-        format!("agent/{issue}-{slug}")
+        format!("{AGENT_BRANCH_PREFIX}{issue}-{slug}")
     }
 }
 
