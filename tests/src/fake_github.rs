@@ -1505,6 +1505,22 @@ impl FakeGithub {
         .collect()
     }
 
+    /// A cluster whose coordinator is this App's, with `pipeline` for the plain trigger
+    /// label (`None`: the coordinator's default), no periodic reconcile, and `extra`
+    /// settings; this fake's webhooks go to it.
+    pub fn cluster(&self, pipeline: Option<&str>, extra: &[(&str, &str)]) -> crate::Cluster {
+        let mut env = self.settings();
+        if let Some(p) = pipeline {
+            env.push(("AO__GITHUB__DEFAULT_PIPELINE".into(), p.into()));
+        }
+        env.push(("AO__GITHUB__RECONCILE_SECS".into(), "0".into()));
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let c = crate::Cluster::new(&refs);
+        self.set_webhook(&c.url("/webhooks/github"), WEBHOOK_SECRET);
+        c
+    }
+
     /// Polls the model until `check` holds, or fails with the model after `limit`.
     pub async fn wait_for(
         &self,

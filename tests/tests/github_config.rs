@@ -2,8 +2,8 @@
 //! contents API): its own pipeline with plan approval — the plan is posted on the issue
 //! and nothing is coded until `/agent approve` — and an invalid file reported on the issue.
 
-use ao_tests::fake_github::{FakeGithub, BOT_LOGIN, WEBHOOK_SECRET};
-use ao_tests::{script, Cluster};
+use ao_tests::fake_github::{FakeGithub, BOT_LOGIN};
+use ao_tests::script;
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -36,11 +36,7 @@ async fn a_repository_pipeline_waits_for_plan_approval() {
     for r in [good, bad] {
         fake.set_role(r, "alice", "maintain");
     }
-    let mut env = fake.settings();
-    env.push(("AO__GITHUB__RECONCILE_SECS".into(), "0".into()));
-    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut c = Cluster::new(&refs);
-    fake.set_webhook(&c.url("/webhooks/github"), WEBHOOK_SECRET);
+    let mut c = fake.cluster(None, &[]);
     let agent = script(c.dir.path(), "agent.sh", AGENT);
     c.start_in_process().await.unwrap();
     c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);

@@ -3,8 +3,8 @@
 //! calls the reporter makes. The report still ends complete and exactly once: one pull
 //! request, one progress comment, the final label — and the metrics show what happened.
 
-use ao_tests::fake_github::{Failure, FakeGithub, BOT_LOGIN, WEBHOOK_SECRET};
-use ao_tests::{script, Cluster};
+use ao_tests::fake_github::{Failure, FakeGithub, BOT_LOGIN};
+use ao_tests::script;
 use std::time::Duration;
 
 const REPO: &str = "acme/widgets";
@@ -17,12 +17,7 @@ async fn the_report_survives_server_errors_and_rate_limits() {
     fake.add_installation(7, "acme");
     fake.add_repo(7, REPO, &[]);
     fake.set_role(REPO, "alice", "write");
-    let mut env = fake.settings();
-    env.push(("AO__GITHUB__DEFAULT_PIPELINE".into(), "code".into()));
-    env.push(("AO__GITHUB__RECONCILE_SECS".into(), "0".into()));
-    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut c = Cluster::new(&refs);
-    fake.set_webhook(&c.url("/webhooks/github"), WEBHOOK_SECRET);
+    let mut c = fake.cluster(Some("code"), &[]);
     let agent = script(
         c.dir.path(),
         "agent.sh",
@@ -121,12 +116,7 @@ async fn a_push_refused_for_workflows_is_explained_and_not_retried() {
     fake.add_installation(7, "acme");
     fake.add_repo(7, REPO, &[]);
     fake.set_role(REPO, "alice", "write");
-    let mut env = fake.settings();
-    env.push(("AO__GITHUB__DEFAULT_PIPELINE".into(), "code".into()));
-    env.push(("AO__GITHUB__RECONCILE_SECS".into(), "0".into()));
-    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut c = Cluster::new(&refs);
-    fake.set_webhook(&c.url("/webhooks/github"), WEBHOOK_SECRET);
+    let mut c = fake.cluster(Some("code"), &[]);
     let agent = script(
         c.dir.path(),
         "agent.sh",

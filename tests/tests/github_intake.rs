@@ -39,12 +39,7 @@ async fn a_command_whose_handling_failed_runs_once_after_a_restart_and_a_duplica
     fake.add_installation(7, "acme");
     fake.add_repo(7, REPO, &[]);
     fake.set_role(REPO, "alice", "write");
-    let mut env = fake.settings();
-    env.push(("AO__GITHUB__DEFAULT_PIPELINE".into(), "code".into()));
-    env.push(("AO__GITHUB__RECONCILE_SECS".into(), "0".into()));
-    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut c = Cluster::new(&refs);
-    fake.set_webhook(&c.url("/webhooks/github"), WEBHOOK_SECRET);
+    let mut c = fake.cluster(Some("code"), &[]);
     c.start_in_process().await.unwrap();
 
     // The handler fails: GitHub refuses the permission check (a client error, so the

@@ -2,8 +2,8 @@
 //! labelled issue waits (labelled `agent:queued`, told why once, no task yet) and starts by
 //! itself when the first ends.
 
-use ao_tests::fake_github::{FakeGithub, BOT_LOGIN, WEBHOOK_SECRET};
-use ao_tests::{script, Cluster};
+use ao_tests::fake_github::{FakeGithub, BOT_LOGIN};
+use ao_tests::script;
 use std::time::Duration;
 
 const REPO: &str = "acme/widgets";
@@ -17,13 +17,7 @@ async fn a_task_over_the_repository_cap_waits_its_turn() {
     fake.add_repo(7, REPO, &[]);
     fake.set_role(REPO, "alice", "write");
     let gate = tmp.path().join("gate");
-    let mut env = fake.settings();
-    env.push(("AO__GITHUB__DEFAULT_PIPELINE".into(), "code".into()));
-    env.push(("AO__GITHUB__RECONCILE_SECS".into(), "0".into()));
-    env.push(("AO__GITHUB__MAX_ACTIVE_PER_REPO".into(), "1".into()));
-    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut c = Cluster::new(&refs);
-    fake.set_webhook(&c.url("/webhooks/github"), WEBHOOK_SECRET);
+    let mut c = fake.cluster(Some("code"), &[("AO__GITHUB__MAX_ACTIVE_PER_REPO", "1")]);
     // The agent holds its slot until the test opens the gate.
     let agent = script(
         c.dir.path(),

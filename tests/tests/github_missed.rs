@@ -2,8 +2,8 @@
 //! delivery fails (the fake records it as failed, as GitHub does). When the coordinator
 //! starts, it finds the failed delivery, asks for it again, and the task runs — once.
 
-use ao_tests::fake_github::{FakeGithub, BOT_LOGIN, WEBHOOK_SECRET};
-use ao_tests::{script, Cluster};
+use ao_tests::fake_github::{FakeGithub, BOT_LOGIN};
+use ao_tests::script;
 use std::time::Duration;
 
 const REPO: &str = "acme/widgets";
@@ -16,12 +16,7 @@ async fn a_delivery_missed_while_down_runs_once_after_start() {
     fake.add_installation(7, "acme");
     fake.add_repo(7, REPO, &[]);
     fake.set_role(REPO, "alice", "admin");
-    let mut env = fake.settings();
-    env.push(("AO__GITHUB__DEFAULT_PIPELINE".into(), "code".into()));
-    env.push(("AO__GITHUB__RECONCILE_SECS".into(), "0".into()));
-    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut c = Cluster::new(&refs);
-    fake.set_webhook(&c.url("/webhooks/github"), WEBHOOK_SECRET);
+    let mut c = fake.cluster(Some("code"), &[]);
 
     // Down: the delivery fails.
     let issue = fake.open_issue(REPO, "Add a note", "Please.", "alice");

@@ -3,8 +3,8 @@
 //! list gets the refused destination listed in the progress comment and in the pull
 //! request's body.
 
-use ao_tests::fake_github::{FakeGithub, WEBHOOK_SECRET};
-use ao_tests::{script, Cluster};
+use ao_tests::fake_github::FakeGithub;
+use ao_tests::script;
 use std::time::Duration;
 
 const REPO: &str = "acme/widgets";
@@ -17,13 +17,7 @@ async fn refused_hosts_are_shown_in_the_comment_and_the_pull_request() {
     fake.add_installation(7, "acme");
     fake.add_repo(7, REPO, &[]);
     fake.set_role(REPO, "alice", "write");
-    let mut env = fake.settings();
-    env.push(("AO__GITHUB__DEFAULT_PIPELINE".into(), "code".into()));
-    env.push(("AO__GITHUB__RECONCILE_SECS".into(), "0".into()));
-    env.push(("AO__SANDBOX__DRIVER".into(), "bwrap".into()));
-    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut c = Cluster::new(&refs);
-    fake.set_webhook(&c.url("/webhooks/github"), WEBHOOK_SECRET);
+    let mut c = fake.cluster(Some("code"), &[("AO__SANDBOX__DRIVER", "bwrap")]);
     let agent = script(
         c.dir.path(),
         "agent.sh",
