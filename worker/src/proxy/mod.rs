@@ -221,6 +221,9 @@ struct Ctx {
     /// documentation).
     budget_gate: Arc<tokio::sync::Semaphore>,
     stop: CancellationToken,
+    /// Connections served now, and the most at once (bounded by [`MAX_CONNECTIONS`]).
+    open: AtomicUsize,
+    peak: AtomicUsize,
 }
 
 /// One run's proxy; stops when [`RunProxy::stop`] is called or it is dropped.
@@ -277,6 +280,8 @@ impl RunProxy {
             meter: Arc::new(Meter::default()),
             events,
             denials: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
             refused: parking_lot::Mutex::new(NetworkRefused::default()),
             budget_gate: Arc::new(tokio::sync::Semaphore::new(1)),
             stop: CancellationToken::new(),
@@ -287,6 +292,12 @@ impl RunProxy {
             ctx,
             server: Some(server),
         })
+    }
+
+    /// The most connections served at once so far (at most [`MAX_CONNECTIONS`]).
+    #[cfg(test)]
+    pub fn peak_connections(&self) -> usize {
+        self.ctx.peak.load(Ordering::SeqCst)
     }
 
     /// The socket to bind into the sandbox.
@@ -301,6 +312,10 @@ impl RunProxy {
         if let Some(server) = self.server.take() {
             let _ = server.await;
         }
+        tracing::debug!(
+            peak = self.ctx.peak.load(Ordering::SeqCst),
+            "the sandbox's proxy stopped; most connections served at once"
+        );
         let refused = std::mem::take(&mut *self.ctx.refused.lock());
         if refused.total > 0 {
             let sent = tokio::time::timeout(
@@ -322,25 +337,59 @@ impl Drop for RunProxy {
     }
 }
 
+/// Connections one run's proxy serves at once; more wait in the socket's backlog until
+/// one ends. Bounds the worker's file descriptors per run: an agent opening thousands
+/// of connections would otherwise exhaust them and hang the worker.
+pub const MAX_CONNECTIONS: usize = 128;
+/// How long a connection may take to send its request head before it is closed.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause after a failed accept (the worker out of descriptors, say), so that the loop
+/// does not spin.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
 async fn serve(listener: UnixListener, ctx: Arc<Ctx>) {
     let mut connections = tokio::task::JoinSet::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let slot = tokio::select! {
+            _ = ctx.stop.cancelled() => break,
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+        };
         let accepted = tokio::select! {
             _ = ctx.stop.cancelled() => break,
             a = listener.accept() => a,
         };
-        let Ok((stream, _)) = accepted else { continue };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "the sandbox's proxy cannot accept a connection");
+                tokio::select! {
+                    _ = ctx.stop.cancelled() => break,
+                    () = tokio::time::sleep(ACCEPT_RETRY) => continue,
+                }
+            }
+        };
         let ctx = ctx.clone();
         connections.spawn(async move {
+            let _slot = slot;
+            let open = ctx.open.fetch_add(1, Ordering::SeqCst) + 1;
+            ctx.peak.fetch_max(open, Ordering::SeqCst);
             let stop = ctx.stop.clone();
-            let service = hyper::service::service_fn(move |req| handle(req, ctx.clone()));
+            let served = ctx.clone();
+            let service = hyper::service::service_fn(move |req| handle(req, served.clone()));
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::select! {
                 _ = conn => {}
                 _ = stop.cancelled() => {}
             }
+            ctx.open.fetch_sub(1, Ordering::SeqCst);
         });
         // Reap finished connections as we go.
         while connections.try_join_next().is_some() {}
@@ -676,6 +725,45 @@ impl Metering {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An agent opening far more connections than [`MAX_CONNECTIONS`] to the proxy's
+    /// socket, each with a request, gets every one answered in the end, but never more
+    /// than the bound served at once (each holds one of the worker's descriptors).
+    /// Before the bound, all were accepted at once.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_flood_of_connections_is_served_at_most_the_bound_at_once() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let (events, _rx) = mpsc::channel(16);
+        let options = ProxyOptions {
+            allow: Vec::new(),
+            inside_port: 1,
+            model: None,
+        };
+        let proxy = RunProxy::start(dir.path(), options, events).unwrap();
+        let socket = proxy.socket();
+        let clients = MAX_CONNECTIONS + 150;
+        let mut held = Vec::new();
+        for _ in 0..clients {
+            let mut c = tokio::net::UnixStream::connect(&socket).await.unwrap();
+            c.write_all(b"GET http://refused.invalid/ HTTP/1.1\r\nHost: refused.invalid\r\n\r\n")
+                .await
+                .unwrap();
+            held.push(c);
+        }
+        // Each answer read, its connection is closed, making room for a waiting one.
+        for mut c in held {
+            let mut head = [0u8; 12];
+            tokio::time::timeout(Duration::from_secs(30), c.read_exact(&mut head))
+                .await
+                .expect("answered")
+                .unwrap();
+            assert_eq!(&head, b"HTTP/1.1 403");
+        }
+        let peak = proxy.peak_connections();
+        assert!(peak <= MAX_CONNECTIONS, "{peak} connections served at once");
+        proxy.stop().await;
+    }
 
     #[test]
     fn refusals_are_listed_by_destination_and_bounded() {
