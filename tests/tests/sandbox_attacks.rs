@@ -1098,3 +1098,91 @@ echo "stamp=$(cat deps/stamp)" >> probe.txt
 for_both_workers!(the_setup_cache_is_no_writable_host_place:
     the_setup_cache_is_no_writable_host_place_root_worker,
     the_setup_cache_is_no_writable_host_place_ordinary_worker);
+
+/// A model API stand-in that streams an answer the way the real one does: the start
+/// (with the input count) and the text at once, then, `gap` later, the `message_delta`
+/// carrying the output count (`output_tokens`), then the end. Counts the calls.
+fn slow_usage_model(gap: Duration, output_tokens: u64) -> (String, Arc<AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let counter = counter.clone();
+            std::thread::spawn(move || {
+                let mut s = stream;
+                let _ = s.set_read_timeout(Some(Duration::from_millis(300)));
+                let mut buf = [0u8; 65536];
+                let mut got = Vec::new();
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                let start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-sonnet-4-5\",\"content\":[],\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n\
+                    event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n\
+                    event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"ALL-THE-TEXT\"}}\n\n\
+                    event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n";
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+                let _ = s.write_all(head.as_bytes());
+                let _ = s.write_all(start.as_bytes());
+                let _ = s.flush();
+                std::thread::sleep(gap);
+                let end = format!(
+                    "event: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":\"end_turn\"}},\"usage\":{{\"output_tokens\":{output_tokens}}}}}\n\n\
+                     event: message_stop\ndata: {{\"type\":\"message_stop\"}}\n\n"
+                );
+                let _ = s.write_all(end.as_bytes());
+            });
+        }
+    });
+    (url, calls)
+}
+
+/// Attack 18: make model calls unmetered by hanging up before the usage arrives. The
+/// output count comes in the last events of a stream, after the text; the agent reads
+/// the text and closes the connection. Before, the proxy metered only what it relayed:
+/// three calls of $15 each (a million output tokens) were charged $0.0001 in all, so no
+/// budget was ever reached. The proxy now reads every answer to its end, whoever hangs
+/// up, and the run's end waits for those reads: the run is charged every answer whole.
+async fn hanging_up_early_still_meters_the_answer(who: Worker) {
+    let Some(mut c) = cluster(who, &[]) else {
+        return;
+    };
+    let (url, calls) = slow_usage_model(Duration::from_secs(4), 1_000_000);
+    let repo = bare_repo(c.dir.path(), "project", &[]);
+    let call = "curl -sN --max-time 2 -H 'content-type: application/json' \
+         -H 'anthropic-version: 2023-06-01' \"$ANTHROPIC_BASE_URL/v1/messages\" \
+         -d '{\"model\":\"claude-sonnet-4-5\",\"max_tokens\":10,\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}' \
+         | grep -o ALL-THE-TEXT";
+    let body =
+        format!("for i in 1 2 3; do echo \"call $i: $({call})\"; done\necho work > work.txt\n");
+    start(
+        &mut c,
+        &body,
+        &[
+            ("AO_TEST_MODEL_KEY", "sk-ant-hangup-0123456789"),
+            ("AO__AGENT__API_KEY", "env:AO_TEST_MODEL_KEY"),
+            ("AO__AGENT__BASE_URL", url.as_str()),
+            ("AO__COORDINATOR__MAX_ATTEMPTS", "1"),
+        ],
+    )
+    .await;
+    let id = submit(&c, &repo, "agent/hangup").await;
+    let done = finished(&c, &id).await;
+    let text = event_text(&c, &id).await;
+    let s = &done["subtasks"][0];
+    let cost = s["cost_usd"].as_f64().unwrap_or(0.0);
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "{text}");
+    assert!(
+        cost >= 45.0,
+        "three answers of $15 each, the run is charged ${cost}\n{done:#}\n{}",
+        c.logs()
+    );
+}
+for_both_workers!(hanging_up_early_still_meters_the_answer:
+    hanging_up_early_still_meters_the_answer_root_worker,
+    hanging_up_early_still_meters_the_answer_ordinary_worker);

@@ -221,6 +221,9 @@ struct Ctx {
     /// documentation).
     budget_gate: Arc<tokio::sync::Semaphore>,
     stop: CancellationToken,
+    /// Model answers being read to their end for the meter, and what ends those reads.
+    drains: tokio_util::task::TaskTracker,
+    drain_stop: CancellationToken,
     /// Connections served now, and the most at once (bounded by [`MAX_CONNECTIONS`]).
     open: AtomicUsize,
     peak: AtomicUsize,
@@ -284,6 +287,8 @@ impl RunProxy {
             peak: AtomicUsize::new(0),
             refused: parking_lot::Mutex::new(NetworkRefused::default()),
             budget_gate: Arc::new(tokio::sync::Semaphore::new(1)),
+            drains: tokio_util::task::TaskTracker::new(),
+            drain_stop: CancellationToken::new(),
             stop: CancellationToken::new(),
         });
         let server = tokio::spawn(serve(listener, ctx.clone()));
@@ -312,6 +317,15 @@ impl RunProxy {
         if let Some(server) = self.server.take() {
             let _ = server.await;
         }
+        // Model answers the agent hung up on are still being read for the meter.
+        self.ctx.drains.close();
+        if tokio::time::timeout(METER_DRAIN_WAIT, self.ctx.drains.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("model answers still unread at the run's end are not metered whole");
+            self.ctx.drain_stop.cancel();
+        }
         tracing::debug!(
             peak = self.ctx.peak.load(Ordering::SeqCst),
             "the sandbox's proxy stopped; most connections served at once"
@@ -334,6 +348,7 @@ impl RunProxy {
 impl Drop for RunProxy {
     fn drop(&mut self) {
         self.ctx.stop.cancel();
+        self.ctx.drain_stop.cancel();
     }
 }
 
@@ -592,6 +607,63 @@ fn relay_answer(
     r
 }
 
+/// Chunks of a metered answer waiting for the client.
+const METERED_CHUNKS: usize = 16;
+/// How long the proxy's stop waits for model answers still being read for the meter.
+const METER_DRAIN_WAIT: Duration = Duration::from_secs(30);
+
+/// Like [`relay_answer`], but the answer is read to its end by the proxy whatever the
+/// client does: a client that hangs up after the text still has the rest (where the
+/// model reports the output tokens, in `message_delta`) metered, and `observe` (with the
+/// call's budget permit) is dropped only then. [`RunProxy::stop`] waits for these reads
+/// (up to [`METER_DRAIN_WAIT`]) before it sums up the run's metering.
+fn relay_metered_answer(
+    answer: reqwest::Response,
+    mut observe: impl FnMut(&[u8]) + Send + 'static,
+    ctx: &Ctx,
+) -> Response<Body> {
+    let status = answer.status();
+    let headers = forwardable(answer.headers());
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(METERED_CHUNKS);
+    let stop = ctx.drain_stop.clone();
+    ctx.drains.spawn(async move {
+        let mut upstream = answer.bytes_stream();
+        let mut client = Some(tx);
+        loop {
+            let next = tokio::select! {
+                n = upstream.next() => n,
+                () = stop.cancelled() => break,
+            };
+            let Some(chunk) = next else { break };
+            let item = match chunk {
+                Ok(bytes) => {
+                    observe(&bytes);
+                    Ok(Frame::data(bytes))
+                }
+                Err(e) => Err(std::io::Error::other(e.without_url().to_string())),
+            };
+            let failed = item.is_err();
+            if let Some(tx) = &client {
+                if tx.send(item).await.is_err() {
+                    // The client hung up: go on reading, for the meter only.
+                    client = None;
+                }
+            }
+            if failed {
+                break;
+            }
+        }
+    });
+    let chunks = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let body = StreamBody::new(chunks);
+    let mut r = Response::new(BodyExt::boxed_unsync(body));
+    *r.status_mut() = status;
+    *r.headers_mut() = headers;
+    r
+}
+
 async fn forward_plain(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let sent = ctx
@@ -705,7 +777,7 @@ async fn model(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
         call: CallMeter::new(ctx.meter.clone(), streamed, String::new()),
         _permit: permit,
     };
-    relay_answer(answer, move |bytes| call.feed(bytes))
+    relay_metered_answer(answer, move |bytes| call.feed(bytes), &ctx)
 }
 
 /// One answer's meter and the budget permit of its call: the call is recorded (the
