@@ -457,7 +457,18 @@ pub async fn fenced_leases(s: &dyn StateStore) {
             .is_none(),
         "a renewal with another token is refused"
     );
-    tokio::time::sleep(ttl + Duration::from_millis(300)).await;
+    // Wait for the expiry by its effect: another holder can take the lease.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let b = loop {
+        if let Some(b) = s.claim_lease(&name, "b", ttl, None).await.unwrap() {
+            break b;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(
         s.claim_lease(&name, "a", ttl, Some(a.token))
             .await
@@ -465,7 +476,6 @@ pub async fn fenced_leases(s: &dyn StateStore) {
             .is_none(),
         "an expired lease is not renewed"
     );
-    let b = s.claim_lease(&name, "b", ttl, None).await.unwrap().unwrap();
     assert!(b.token > a.token, "a takeover increments the token");
     assert!(s
         .claim_lease(&name, "a", ttl, None)
