@@ -1,7 +1,9 @@
 //! The coordinator's Prometheus metrics. Names carry their unit and follow the
 //! `_total` / `_seconds` conventions; `nomad/monitoring/` and the alert rules use them.
 
+use ao_shared::capability::Capability;
 use ao_shared::metrics::register;
+use ao_shared::task::OutcomeKind;
 use prometheus::{
     Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
@@ -10,6 +12,16 @@ use prometheus::{
 const RUN_BUCKETS: &[f64] = &[
     1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
 ];
+
+/// The `kind` label of `ao_agent_tokens_total`, one per field of `TokenUsage`.
+pub const TOKEN_KINDS: [&str; 4] = ["input", "output", "cache_read", "cache_creation"];
+/// The `kind` label of `ao_results_applied_total`: the worker reports ([`ResultMessage`]
+/// variants), besides `undecodable` for a message that is none of them.
+///
+/// [`ResultMessage`]: ao_shared::message::ResultMessage
+pub const REPORT_KINDS: [&str; 3] = ["started", "events", "finished"];
+/// The `result` label of `ao_results_applied_total` for a decoded report.
+pub const REPORT_RESULTS: [&str; 4] = ["applied", "ignored", "unknown_task", "error"];
 
 /// Every metric the coordinator exports.
 #[derive(Clone)]
@@ -234,7 +246,30 @@ impl Metrics {
             ),
             registry: r,
         };
-        // Every family shows in /metrics from start-up, before its first event.
+        // Every family shows in /metrics from start-up, before its first event, and the
+        // label sets known in advance start at zero (Prometheus' instrumentation guide,
+        // "Avoid missing metrics"): a fresh deployment's panels and alerts read zeros,
+        // not "no data". Cost and tokens get an empty `repository` (which Prometheus
+        // stores as no label) until a repository's first run.
+        for capability in Capability::ALL {
+            let cap = capability.as_str();
+            for outcome in OutcomeKind::ALL {
+                m.subtask_duration
+                    .with_label_values(&[cap, outcome.as_str()]);
+            }
+            m.trigger_to_start.with_label_values(&[cap]);
+            m.agent_cost.with_label_values(&[cap, ""]);
+            for kind in TOKEN_KINDS {
+                m.agent_tokens.with_label_values(&[cap, "", kind]);
+            }
+        }
+        for kind in REPORT_KINDS {
+            for result in REPORT_RESULTS {
+                m.results_applied.with_label_values(&[kind, result]);
+            }
+        }
+        m.results_applied
+            .with_label_values(&["undecodable", "rejected"]);
         m.webhook_deliveries
             .with_label_values(&["ping", "accepted"]);
         m.github_api_calls.with_label_values(&["none", "0", "ok"]);

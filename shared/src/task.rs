@@ -75,6 +75,18 @@ pub struct NetworkRefused {
 }
 
 impl OutcomeKind {
+    /// Every kind, for metric label sets that start at zero.
+    pub const ALL: [OutcomeKind; 8] = [
+        OutcomeKind::Succeeded,
+        OutcomeKind::AgentError,
+        OutcomeKind::MaxTurns,
+        OutcomeKind::Timeout,
+        OutcomeKind::Stalled,
+        OutcomeKind::BudgetExceeded,
+        OutcomeKind::Cancelled,
+        OutcomeKind::Infrastructure,
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             OutcomeKind::Succeeded => "succeeded",

@@ -289,6 +289,31 @@ fn nomad_queries() -> Vec<String> {
     out
 }
 
+/// Every PromQL expression of the monitoring files, with the file it comes from, and the
+/// names the alert rules record (which the services do not export).
+fn monitoring_queries() -> (Vec<(String, String)>, BTreeSet<String>) {
+    let dashboard: Value = serde_json::from_str(&read("nomad/monitoring/grafana-dashboard.json"))
+        .expect("the dashboard is JSON");
+    let (alert_exprs, recorded) = rules(&read("nomad/monitoring/alerts.yml"));
+    let mut sources: Vec<(String, String)> = Vec::new();
+    sources.extend(
+        dashboard_exprs(&dashboard)
+            .into_iter()
+            .map(|e| ("grafana-dashboard.json".to_string(), e)),
+    );
+    sources.extend(
+        alert_exprs
+            .into_iter()
+            .map(|e| ("alerts.yml".to_string(), e)),
+    );
+    sources.extend(
+        nomad_queries()
+            .into_iter()
+            .map(|e| ("nomad autoscaler".to_string(), e)),
+    );
+    (sources, recorded)
+}
+
 /// The names `tests/infra/exported_metrics.txt` lists.
 fn exported_list() -> BTreeSet<String> {
     read("tests/infra/exported_metrics.txt")
@@ -443,6 +468,29 @@ async fn metrics_follow_a_live_run_and_cover_the_monitoring_files() {
         "{}",
         before.text
     );
+    // Every coordinator series the monitoring files read exists before the first task
+    // ran (known label sets start at zero), so a fresh deployment's panels and alerts
+    // see values, not "no data".
+    let (sources, recorded) = monitoring_queries();
+    let first = before.series_names();
+    let mut absent: Vec<String> = sources
+        .iter()
+        .flat_map(|(source, expr)| {
+            metric_names(expr)
+                .into_iter()
+                .filter(|n| !n.starts_with("ao_worker_") && !recorded.contains(n))
+                .filter(|n| !first.contains(n))
+                .map(move |n| format!("{n} (in {source})"))
+        })
+        .collect();
+    absent.sort();
+    absent.dedup();
+    assert!(
+        absent.is_empty(),
+        "absent from the coordinator's first scrape:\n{}\n{}",
+        absent.join("\n"),
+        before.text
+    );
 
     // A worker with two slots takes them.
     drop(scraper);
@@ -583,25 +631,7 @@ async fn metrics_follow_a_live_run_and_cover_the_monitoring_files() {
     series.extend(worker.series_names());
     let mut families = after.families.clone();
     families.extend(worker.families.iter().cloned());
-    let dashboard: Value =
-        serde_json::from_str(&read("nomad/monitoring/grafana-dashboard.json")).unwrap();
-    let (alert_exprs, recorded) = rules(&read("nomad/monitoring/alerts.yml"));
-    let mut sources: Vec<(String, String)> = Vec::new();
-    sources.extend(
-        dashboard_exprs(&dashboard)
-            .into_iter()
-            .map(|e| ("grafana-dashboard.json".to_string(), e)),
-    );
-    sources.extend(
-        alert_exprs
-            .into_iter()
-            .map(|e| ("alerts.yml".to_string(), e)),
-    );
-    sources.extend(
-        nomad_queries()
-            .into_iter()
-            .map(|e| ("nomad autoscaler".to_string(), e)),
-    );
+    let (sources, recorded) = monitoring_queries();
     assert!(sources.len() >= 20, "{sources:?}");
     let pending: BTreeSet<&str> = PENDING.iter().copied().collect();
     let family_of = |name: &str| -> String {
