@@ -247,6 +247,7 @@ pub fn subtask_message(task: &Task, id: SubtaskId) -> Option<SubtaskMessage> {
             .filter(|s| s.id != sub.id && s.worker.is_some())
             .max_by_key(|s| s.finished_at.or(s.started_at))
             .and_then(|s| s.worker.clone()),
+        spent_usd: sub.cost_usd,
     })
 }
 

@@ -116,6 +116,7 @@ async fn run_task(queue: &SqsQueue, store: &DynamoStore) {
             enqueued_at: timefmt::now(),
             github: None,
             prefer_worker: None,
+            spent_usd: 0.0,
         };
         let q = QueueId::Capability(sub.capability);
         queue.send(q, &order.encode().unwrap()).await.unwrap();

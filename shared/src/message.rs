@@ -123,6 +123,15 @@ pub struct SubtaskMessage {
     /// mirror, a setup result): a hint, never a requirement. Any worker may run it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefer_worker: Option<String>,
+    /// What earlier attempts of this subtask cost, in US dollars, as the coordinator
+    /// booked them. The worker's run budget (`max_cost_usd`) is what is left of it, so
+    /// automatic retries share one budget instead of each starting afresh.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub spent_usd: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// The GitHub App installation and repository of a subtask's task.
@@ -261,6 +270,7 @@ mod tests {
             enqueued_at: timefmt::now(),
             github: None,
             prefer_worker: None,
+            spent_usd: 0.0,
         }
     }
 

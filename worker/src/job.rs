@@ -85,18 +85,21 @@ async fn run(
     spec.lease = LeaseSlot(Some(lease.clone()));
     // The run's secrets, before anything starts: their values are redacted from every
     // event and the outcome, whatever the sandbox driver.
-    let prepared = match worker.secret_env().await {
-        Ok(env) => {
-            spec.secret_env = env;
-            crate::credentials::attach(&worker, &order, &mut spec)
-                .await
-                .map_err(|failed| *failed)
-        }
-        Err(e) => Err(Outcome::failed(
-            OutcomeKind::Infrastructure,
-            format!("cannot resolve agent.api_key: {e}"),
-            true,
-        )),
+    let prepared = match budget_left(&mut spec, order.spent_usd) {
+        Some(spent) => Err(spent),
+        None => match worker.secret_env().await {
+            Ok(env) => {
+                spec.secret_env = env;
+                crate::credentials::attach(&worker, &order, &mut spec)
+                    .await
+                    .map_err(|failed| *failed)
+            }
+            Err(e) => Err(Outcome::failed(
+                OutcomeKind::Infrastructure,
+                format!("cannot resolve agent.api_key: {e}"),
+                true,
+            )),
+        },
     };
     let redactor = spec.secret_env.redactor();
     let (tx, rx) = mpsc::channel::<RunnerEvent>(256);
@@ -302,4 +305,32 @@ async fn forward_events(
             return;
         }
     }
+}
+
+/// Narrows the run's budget (`max_cost_usd`) to what earlier attempts of the subtask left
+/// of it (`spent_usd`, from the work order), so that automatic retries share one budget.
+///
+/// Returns the outcome of the attempt when the budget is already spent: it ends as
+/// `budget_exceeded`, not retryable, and no agent runs.
+fn budget_left(spec: &mut RunSpec, spent_usd: f64) -> Option<Outcome> {
+    let profile = spec.agent.profile.as_mut()?;
+    let budget = profile.max_cost_usd?;
+    let spent = if spent_usd.is_finite() {
+        spent_usd.max(0.0)
+    } else {
+        0.0
+    };
+    let left = budget - spent;
+    if left <= 0.0 {
+        return Some(Outcome::failed(
+            OutcomeKind::BudgetExceeded,
+            format!(
+                "the subtask's budget of ${budget:.2} (max_cost_usd) was spent by its \
+                 earlier attempts (${spent:.2})"
+            ),
+            false,
+        ));
+    }
+    profile.max_cost_usd = Some(left);
+    None
 }

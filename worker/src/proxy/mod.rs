@@ -18,7 +18,10 @@
 //!   exceeded`). While a budget is set, one Messages call runs at a time: each is
 //!   checked against the budget only after every earlier one was metered, so concurrent
 //!   calls cannot all pass the check before any is charged (the run can go over its
-//!   budget by at most the one call that crossed it).
+//!   budget by at most the one call that crossed it). A call that asks the model API
+//!   to act on its own (server tools, MCP servers by URL) is refused (400,
+//!   [`server_tools`]): it would reach the network past the allow-list and cost beyond
+//!   the metered tokens.
 //!
 //! Destinations are matched by the name and port the agent asked for, not by address;
 //! names are resolved here, outside the sandbox. Each refusal becomes a
@@ -28,13 +31,14 @@
 //! the run's result.
 
 pub mod meter;
+mod server_tools;
 
 use crate::spec::RunnerEvent;
 use ao_shared::task::{NetworkRefused, RefusedDestination};
 use bytes::Bytes;
 use futures::StreamExt;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full, StreamBody};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use meter::{CallMeter, Meter, Metered};
@@ -63,6 +67,11 @@ pub const MAX_REFUSED_LISTED: usize = ao_shared::task::MAX_REFUSED_LISTED;
 pub const METERED_PATHS: &[&str] = &["/v1/messages", "/v1/messages/count_tokens"];
 /// The one path whose calls cost money and so pass the budget gate.
 const MESSAGES_PATH: &str = "/v1/messages";
+/// The model API's limit on a Messages request (Anthropic's API reference, "Request
+/// size limits": 32 MB for the Messages endpoint).
+const MAX_MODEL_REQUEST_BYTES: usize = 32 * 1024 * 1024;
+/// The header that switches beta features of the model API on, comma-separated.
+const BETA_HEADER: &str = "anthropic-beta";
 /// How long the proxy's stop waits to hand its [`REFUSED_EVENT`] to the run's events.
 const REFUSED_EVENT_WAIT: Duration = Duration::from_secs(5);
 /// Limit of connecting to a destination or the model API.
@@ -726,7 +735,35 @@ async fn model(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
         }
     }
     let (parts, body) = req.into_parts();
+    // The body is read whole (the model API takes at most [`MAX_MODEL_REQUEST_BYTES`]):
+    // what it asks the model API to do is checked before it is sent.
+    let body = match Limited::new(body, MAX_MODEL_REQUEST_BYTES).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return api_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                "the request body is unreadable or over the model API's 32 MB limit",
+            )
+        }
+    };
+    if let Some(why) = server_tools::refusal(&body) {
+        tracing::info!(reason = %why, "model call refused: server-side tools");
+        return api_error(StatusCode::BAD_REQUEST, "invalid_request_error", &why);
+    }
     let mut headers = forwardable(&parts.headers);
+    let betas: Vec<String> = headers
+        .get_all(BETA_HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(server_tools::client_betas)
+        .collect();
+    headers.remove(BETA_HEADER);
+    for beta in betas {
+        if let Ok(v) = HeaderValue::from_str(&beta) {
+            headers.append(BETA_HEADER, v);
+        }
+    }
     headers.remove("x-api-key");
     headers.remove(header::AUTHORIZATION);
     // The meter reads the answer's bytes: a compressed answer (asked for by the agent)
@@ -755,7 +792,7 @@ async fn model(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
         .http
         .request(parts.method, url)
         .headers(headers)
-        .body(request_body(body))
+        .body(body)
         .send()
         .await;
     let answer = match sent {
