@@ -136,7 +136,10 @@ async fn files_over_the_size_limit_are_left_out_and_named() {
     assert_eq!(task["status"], "succeeded", "{task:#}\n{}", c.logs());
     let files = git(&repo, &["ls-tree", "-r", "--name-only", "agent/big"]);
     assert!(files.lines().any(|f| f == "small.txt"), "{files}");
-    assert!(!files.contains("tool.db"), "the big file was committed: {files}");
+    assert!(
+        !files.contains("tool.db"),
+        "the big file was committed: {files}"
+    );
     let summary = only_subtask(&task)["outcome"]["summary"]
         .as_str()
         .unwrap_or_default()
@@ -166,7 +169,10 @@ async fn a_branch_that_moved_during_the_run_gets_the_work_on_its_new_tip() {
     assert_eq!(runs(&count), 1, "the agent ran again");
     // Both changes are on the branch, the agent's on top of the person's.
     let files = git(&repo, &["ls-tree", "-r", "--name-only", "agent/moved"]);
-    assert!(files.contains("human.txt") && files.contains("agent.txt"), "{files}");
+    assert!(
+        files.contains("human.txt") && files.contains("agent.txt"),
+        "{files}"
+    );
     let parent_author = git(&repo, &["log", "-1", "--format=%an", "agent/moved^"]);
     assert_eq!(parent_author, "human");
     assert_eq!(
