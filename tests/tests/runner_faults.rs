@@ -7,6 +7,7 @@
 //! configuration cannot work on its host. Each ends once, with the right result or one
 //! clear, non-retryable reason, and never runs the agent again for nothing.
 
+use ao_tests::fake_github::{FakeGithub, MAX_FILE_BYTES_FILE};
 use ao_tests::scenario::start_agent_worker;
 use ao_tests::{bare_repo, git, script, Cluster};
 use serde_json::{json, Value};
@@ -116,6 +117,48 @@ async fn a_push_the_remote_refuses_fails_once_quoting_its_reason() {
     ] {
         assert!(error.contains(quoted), "{quoted:?} not in {error}");
     }
+}
+
+/// The same over real git on smart HTTP, refused as GitHub refuses a file over its size
+/// limit (the fake's pre-receive hook, in GitHub's words), from an issue to the end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_over_the_git_hosts_limit_fails_once_in_the_hosts_words() {
+    const REPO: &str = "acme/widgets";
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let fake = FakeGithub::start(tmp.path(), 4242).await.expect("fake");
+    fake.add_installation(7, "acme");
+    let bare = fake.add_repo(7, REPO, &[]);
+    std::fs::write(bare.join(MAX_FILE_BYTES_FILE), "100000").expect("limit");
+    fake.set_role(REPO, "alice", "write");
+    // No limit of the runner's own: the host's answer is what is under test.
+    let mut c = fake.cluster(Some("code"), &[("AO__AGENT__MAX_FILE_BYTES", "0")]);
+    let (count, agent) = counting_agent(&c, "head -c 300000 /dev/zero > data.bin\necho wrote");
+    c.start_in_process().await.expect("coordinator");
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().expect("utf-8"))]);
+    let issue = fake.open_issue(REPO, "Add data", "Please add the data.", "alice");
+    assert_eq!(fake.label_issue(REPO, issue, "agent", "alice").await, 202);
+    fake.wait_for("the task failed", LIMIT, |m| {
+        m.issue(REPO, issue)
+            .is_some_and(|i| i.labels.iter().any(|l| l == "agent:failed"))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
+    .expect("the task fails");
+    let (_, tasks) = c.get_json("/api/v1/tasks").await.expect("tasks");
+    let subtask = &tasks["tasks"][0]["subtasks"][0];
+    assert_eq!(subtask["attempt"], 1, "retried: {tasks:#}");
+    assert_eq!(runs(&count), 1, "the agent ran again");
+    let outcome = &subtask["outcome"];
+    assert_eq!(
+        (&outcome["retryable"], &outcome["cause"]),
+        (&json!(false), &json!("push_refused")),
+        "{outcome:#}"
+    );
+    let error = outcome["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("GH001: Large files detected") && error.contains("data.bin"),
+        "{error}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
