@@ -199,7 +199,15 @@ async fn a_branch_that_moved_during_the_run_gets_the_work_on_its_new_tip() {
     let repo = bare_repo(c.dir.path(), "project", &[]);
     make_branch(&repo, "agent/moved");
     let push = human_pushes(&c, &repo, "agent/moved", "human.txt", "human");
-    let (count, agent) = counting_agent(&c, &format!("echo agent > agent.txt\n{push}"));
+    // The agent also plants hooks for every step of a rebase and a push, and points
+    // core.hooksPath at them: none may run in the runner's git.
+    let d = c.dir.path().display();
+    let hooks = format!(
+        "for h in pre-rebase post-rewrite post-checkout pre-commit commit-msg pre-push \
+         reference-transaction; do printf '#!/bin/sh\\ntouch {d}/hook-ran-%s\\n' $h \
+         > .git/hooks/$h; chmod +x .git/hooks/$h; done; git config core.hooksPath .git/hooks"
+    );
+    let (count, agent) = counting_agent(&c, &format!("echo agent > agent.txt\n{hooks}\n{push}"));
     let task = run_task(
         &mut c,
         &agent,
@@ -222,6 +230,15 @@ async fn a_branch_that_moved_during_the_run_gets_the_work_on_its_new_tip() {
         subtask["outcome"]["commit"].as_str(),
         Some(git(&repo, &["rev-parse", "agent/moved"]).as_str())
     );
+    let summary = subtask["outcome"]["summary"].as_str().unwrap_or_default();
+    assert!(summary.contains("moved during the run"), "{summary}");
+    let ran: Vec<String> = std::fs::read_dir(c.dir.path())
+        .expect("cluster dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("hook-ran-"))
+        .collect();
+    assert!(ran.is_empty(), "the agent's hooks ran: {ran:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
