@@ -433,6 +433,11 @@ pub struct AgentSettings {
     /// Seconds without any output from the agent before it is killed as `stalled`
     /// (0: no idle limit; a profile may set its own).
     pub idle_timeout_secs: u64,
+    /// Largest file, in bytes, the runner commits: a bigger one the agent left in the
+    /// working copy (a build cache, a tool's database) is left out of the commit, and
+    /// the outcome names it (0: no limit). Git hosts refuse pushes holding files past
+    /// their own limit (GitHub: 100 MB), for good.
+    pub max_file_bytes: u64,
     /// Secret reference of the model API key. The worker's model proxy adds it to the
     /// agent's model calls (`x-api-key`); it enters a sandbox's environment (as
     /// `ANTHROPIC_API_KEY`) only for the `process` driver and `sandbox.network_open`.
@@ -445,6 +450,10 @@ pub struct AgentSettings {
     /// Field overrides per capability, applied last (`[agent.profiles.coder] model = …`).
     pub profiles: BTreeMap<Capability, crate::profile::ProfileOverride>,
 }
+
+/// Default of [`AgentSettings::max_file_bytes`]: 10 MiB, well under the file limits of
+/// git hosts (GitHub refuses files over 100 MB and warns over 50 MB).
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 10 * 1024 * 1024;
 
 /// How the agent's output is understood.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -463,6 +472,7 @@ impl Default for AgentSettings {
             args: Vec::new(),
             timeout_secs: 3600,
             idle_timeout_secs: 600,
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
             api_key: None,
             base_url: None,
             profiles_dir: None,

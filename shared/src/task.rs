@@ -43,6 +43,17 @@ pub enum FailureCause {
     /// workflow … without `workflows` permission", see GitHub's docs on the permissions
     /// required for GitHub Apps). Not retryable until the permission is granted.
     WorkflowsPermission,
+    /// The git host refused the push for good: a pre-receive hook, a protected-branch
+    /// rule, a file over its size limit. The error quotes the remote's reason; the same
+    /// push would be refused again, so it is not retried.
+    PushRefused,
+    /// The task branch moved during the run (someone pushed to it, or forced it) and the
+    /// agent's commits do not apply on its new tip: the work was pushed to a side branch
+    /// the error names, and the agent is not run again.
+    BranchMoved,
+    /// The repository cannot be cloned as asked, the same way every time (its base
+    /// branch does not exist).
+    Unclonable,
 }
 
 /// Destinations listed in a [`NetworkRefused`] at most (the rest are counted), so that

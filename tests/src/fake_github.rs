@@ -11,6 +11,7 @@
 //! plus the identifying ones (`id`, `node_id`, `number`, `html_url`).
 
 mod git_http;
+pub use git_http::{MAX_FILE_BYTES_FILE, PROTECTED_BRANCHES_FILE};
 
 use anyhow::{bail, Context, Result};
 use axum::body::Bytes;

@@ -24,6 +24,10 @@ pub struct AgentSpec {
     /// Seconds without output before the agent is killed as stalled (0: none).
     #[serde(default)]
     pub idle_timeout_secs: u64,
+    /// Largest file the runner commits, in bytes (0: no limit); see
+    /// `agent.max_file_bytes`.
+    #[serde(default)]
+    pub max_file_bytes: u64,
     /// The capability's Claude Code profile (for `kind = claude`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<AgentProfile>,

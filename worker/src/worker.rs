@@ -71,6 +71,7 @@ impl Worker {
             args: agent.args.clone(),
             timeout_secs,
             idle_timeout_secs,
+            max_file_bytes: agent.max_file_bytes,
             profile,
         }
     }

@@ -3,7 +3,9 @@
 //! was checked against the repository and its `contents` permission (write for a push).
 //! As GitHub does, a push that creates or changes a file under `.github/workflows/` is
 //! refused unless the token also has the `workflows` permission (a pre-receive hook told
-//! by the environment what the token may do).
+//! by the environment what the token may do). The same hook refuses, in GitHub's words,
+//! an update of a protected branch (one named in [`PROTECTED_BRANCHES_FILE`] of the bare
+//! repository) and a push carrying a file over the size limit in [`MAX_FILE_BYTES_FILE`].
 
 use super::{Fake, Perm};
 use axum::body::Bytes;
@@ -26,14 +28,40 @@ fn unauthorized(why: &str) -> Response {
 /// Tells the pre-receive hook whether the pushing token has `workflows: write`.
 const WORKFLOWS_ENV: &str = "FAKE_GITHUB_WORKFLOWS";
 
+/// A file of a bare repository listing, one a line, the branches the fake treats as
+/// protected: an update is refused as GitHub does ("GH006: Protected branch update
+/// failed").
+pub const PROTECTED_BRANCHES_FILE: &str = "fake-protected-branches";
+
+/// A file of a bare repository holding the largest file size, in bytes, the fake
+/// accepts in a push; a bigger file is refused as GitHub does ("GH001: Large files
+/// detected"), whose own limit is 100 MB.
+pub const MAX_FILE_BYTES_FILE: &str = "fake-max-file-bytes";
+
 /// The pre-receive hook refusing, in GitHub's words, pushes that touch
-/// `.github/workflows/` without the `workflows` permission.
+/// `.github/workflows/` without the `workflows` permission, updates of protected
+/// branches, and files over the size limit.
 const WORKFLOWS_GUARD: &str = r#"#!/bin/sh
-[ "$FAKE_GITHUB_WORKFLOWS" = write ] && exit 0
 zero=0000000000000000000000000000000000000000
 while read -r old new ref; do
   [ "$new" = "$zero" ] && continue
+  if [ -f fake-protected-branches ] && grep -qxF "${ref#refs/heads/}" fake-protected-branches; then
+    echo "error: GH006: Protected branch update failed for $ref." >&2
+    echo "error: Changes must be made through a pull request." >&2
+    exit 1
+  fi
   if [ "$old" = "$zero" ]; then range="$new --not --all"; else range="$old..$new"; fi
+  if [ -f fake-max-file-bytes ]; then
+    max=$(cat fake-max-file-bytes)
+    big=$(git rev-list --objects $range | git cat-file --batch-check='%(objecttype) %(objectsize) %(rest)' \
+      | awk -v m="$max" '$1 == "blob" && $2 > m { print $3; exit }')
+    if [ -n "$big" ]; then
+      echo "error: GH001: Large files detected. You may want to try Git Large File Storage - https://git-lfs.github.com." >&2
+      echo "error: File $big exceeds GitHub's file size limit of $max bytes" >&2
+      exit 1
+    fi
+  fi
+  [ "$FAKE_GITHUB_WORKFLOWS" = write ] && continue
   file=$(git log --format= --name-only $range -- .github/workflows | head -n 1)
   if [ -n "$file" ]; then
     echo "refusing to allow a GitHub App to create or update workflow \`$file\` without \`workflows\` permission" >&2

@@ -19,6 +19,7 @@
 
 use super::process::run_logged;
 use crate::spec::{RunSpec, BUNDLE_FILE};
+use ao_shared::task::FailureCause;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -122,10 +123,38 @@ fn output(dir: &Path, args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// The working copy as [`prepare`] left it.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The commit work starts from ("" for an empty repository).
+    pub start_commit: String,
+    /// The repository had no commit at all (no branch): the run's commit is its first.
+    pub empty_repository: bool,
+}
+
+/// Why [`prepare`] could not make the working copy.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// Another attempt may well succeed (the network, the git host).
+    #[error("{0}")]
+    Transient(String),
+    /// The same clone fails every time: the base branch does not exist.
+    #[error("{0}")]
+    Unclonable(String),
+}
+
+impl From<String> for PrepareError {
+    fn from(e: String) -> Self {
+        Self::Transient(e)
+    }
+}
+
 /// Clones the repository into `repo` and checks out the task branch: the existing remote
 /// branch when there is one, else a new branch from the base (or the default branch).
-/// Returns the commit work starts from ("" for an empty repository).
-pub fn prepare(spec: &RunSpec, repo: &Path) -> Result<String, String> {
+/// An empty repository (no commit, an unborn default branch) gets the task branch
+/// unborn, so the run's commit is its first; a base branch that does not exist in a
+/// repository that has others is [`PrepareError::Unclonable`].
+pub fn prepare(spec: &RunSpec, repo: &Path) -> Result<Prepared, PrepareError> {
     // git's ownership check in the source's upload-pack honours safe.directory only
     // from global configuration: a file of the runner's, used before anything of the
     // repository runs and removed right after.
@@ -137,7 +166,7 @@ pub fn prepare(spec: &RunSpec, repo: &Path) -> Result<String, String> {
     prepared
 }
 
-fn prepare_with(spec: &RunSpec, repo: &Path, config: &Path) -> Result<String, String> {
+fn prepare_with(spec: &RunSpec, repo: &Path, config: &Path) -> Result<Prepared, PrepareError> {
     let git = |dir: Option<&Path>| {
         let mut cmd = git(dir);
         cmd.env("GIT_CONFIG_GLOBAL", config);
@@ -157,6 +186,7 @@ fn prepare_with(spec: &RunSpec, repo: &Path, config: &Path) -> Result<String, St
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     };
+    let mut empty_repository = false;
     // A warm start borrows the worker's mirror (see `warm.rs`); a cold one, or one whose
     // mirror fails, clones in full.
     if !spec
@@ -171,7 +201,37 @@ fn prepare_with(spec: &RunSpec, repo: &Path, config: &Path) -> Result<String, St
             clone.args(["--branch", base]);
         }
         clone.arg("--").arg(&spec.repository).arg(repo);
-        run(&mut clone, "git clone")?;
+        if let Err(failed) = run(&mut clone, "git clone") {
+            let Some(base) = &spec.base_branch else {
+                return Err(failed.into());
+            };
+            // Cloning a branch that is not there fails the same way every time; tell
+            // that apart from a clone that failed for the network or the host.
+            let mut list = git(None);
+            list.args(["ls-remote", "--"]).arg(&spec.repository);
+            let refs = run(&mut list, "git ls-remote").map_err(PrepareError::Transient)?;
+            let _ = std::fs::remove_dir_all(repo);
+            let has_branches = refs.iter().any(|l| l.contains("\trefs/heads/"));
+            let has_base = refs
+                .iter()
+                .any(|l| l.ends_with(&format!("\trefs/heads/{base}")));
+            if has_base {
+                return Err(failed.into());
+            }
+            if has_branches {
+                return Err(PrepareError::Unclonable(format!(
+                    "the base branch {base:?} does not exist in {}; nothing to start from",
+                    spec.repository
+                )));
+            }
+            empty_repository = true;
+            let mut clone = git(None);
+            clone
+                .args(["clone", "--no-tags", "--quiet", "--"])
+                .arg(&spec.repository)
+                .arg(repo);
+            run(&mut clone, "git clone")?;
+        }
     }
     let remote_ref = format!("refs/heads/{}", spec.branch);
     let exists = !output(repo, &["ls-remote", "--heads", "origin", &remote_ref])?.is_empty();
@@ -192,7 +252,16 @@ fn prepare_with(spec: &RunSpec, repo: &Path, config: &Path) -> Result<String, St
             "git checkout",
         )?;
     }
-    Ok(output(repo, &["rev-parse", "--verify", "--quiet", "HEAD"]).unwrap_or_default())
+    let start_commit =
+        output(repo, &["rev-parse", "--verify", "--quiet", "HEAD"]).unwrap_or_default();
+    // A clone without a base that finds no commit at all: an empty repository too.
+    if start_commit.is_empty() && !exists {
+        empty_repository = true;
+    }
+    Ok(Prepared {
+        start_commit,
+        empty_repository,
+    })
 }
 
 /// The repository's own git configuration as the runner left it, before the agent ran.
@@ -264,16 +333,136 @@ impl Pristine {
     }
 }
 
-/// Commits what the agent changed (if it did not commit itself). Returns the new head,
-/// or `None` when there is nothing new. The message's summary (the agent's words) has
-/// the run's secrets redacted.
+/// What [`commit`] made.
+#[derive(Debug, Default)]
+pub struct Committed {
+    /// The new head, or `None` when there is nothing new.
+    pub head: Option<String>,
+    /// Files left out of the commit for their size (path, bytes), over
+    /// `agent.max_file_bytes`; they stay in the working copy only.
+    pub left_out: Vec<(String, u64)>,
+}
+
+impl Committed {
+    /// Plain words on what was left out, for the outcome; `None` when nothing was.
+    pub fn note(&self, max_file_bytes: u64) -> Option<String> {
+        if self.left_out.is_empty() {
+            return None;
+        }
+        let listed: Vec<String> = self
+            .left_out
+            .iter()
+            .take(20)
+            .map(|(path, size)| format!("{path} ({size} bytes)"))
+            .collect();
+        let more = self.left_out.len().saturating_sub(listed.len());
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        Some(format!(
+            "Left out of the commit, over the {max_file_bytes}-byte file limit \
+             (agent.max_file_bytes): {}{more}.",
+            listed.join(", ")
+        ))
+    }
+}
+
+/// Files staged in `repo` that differ from `start_commit` (or all, for an unborn start)
+/// and whose working-copy size is over `max` bytes, largest first.
+fn oversized(repo: &Path, start_commit: &str, max: u64) -> Result<Vec<(String, u64)>, String> {
+    if max == 0 {
+        return Ok(Vec::new());
+    }
+    let mut cmd = git(Some(repo));
+    cmd.args([
+        "diff",
+        "--cached",
+        "--name-only",
+        "-z",
+        "--no-renames",
+        "--diff-filter=AMT",
+    ]);
+    // The empty tree: an unborn start has every staged file new.
+    cmd.arg(if start_commit.is_empty() {
+        "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+    } else {
+        start_commit
+    });
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("git diff: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "git diff --cached failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let mut found: Vec<(String, u64)> = out
+        .stdout
+        .split(|b| *b == 0)
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| {
+            let path = String::from_utf8_lossy(p).into_owned();
+            // After `git add --all` the working copy holds what is staged; a link is
+            // committed as its target's name, never followed.
+            let size = std::fs::symlink_metadata(repo.join(&path))
+                .ok()
+                .filter(|m| m.is_file())?
+                .len();
+            (size > max).then_some((path, size))
+        })
+        .collect();
+    found.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    Ok(found)
+}
+
+/// Commits what the agent changed (if it did not commit itself), leaving out files over
+/// the run's `max_file_bytes` (the agent's own commits are folded into the runner's when
+/// one of them holds such a file, so that no pushed commit carries it). The message's
+/// summary (the agent's words) has the run's secrets redacted.
 fn commit(
     spec: &RunSpec,
     repo: &Path,
     start_commit: &str,
     summary: &str,
-) -> Result<Option<String>, String> {
+) -> Result<Committed, String> {
     run(git(Some(repo)).args(["add", "--all"]), "git add")?;
+    let left_out = oversized(repo, start_commit, spec.agent.max_file_bytes)?;
+    if !left_out.is_empty() {
+        let head = output(repo, &["rev-parse", "--verify", "--quiet", "HEAD"]).unwrap_or_default();
+        if head != start_commit {
+            // The agent committed itself, maybe the big file too: its commits become
+            // the runner's one commit, their changes staged.
+            if start_commit.is_empty() {
+                run(
+                    git(Some(repo)).args(["update-ref", "-d", "HEAD"]),
+                    "git update-ref",
+                )?;
+            } else {
+                run(
+                    git(Some(repo)).args(["reset", "--quiet", "--soft", start_commit]),
+                    "git reset",
+                )?;
+            }
+        }
+        let mut rm = git(Some(repo));
+        rm.args(["rm", "--quiet", "--cached", "--"]);
+        for (path, _) in &left_out {
+            rm.arg(format!(":(literal){path}"));
+        }
+        run(&mut rm, "git rm --cached")?;
+    }
+    let committed = Committed {
+        head: None,
+        left_out,
+    };
+    let note = committed.note(spec.agent.max_file_bytes);
+    if let Some(note) = &note {
+        super::log(note.clone());
+    }
     let staged = !git(Some(repo))
         .args(["diff", "--cached", "--quiet"])
         // The runner's standard input carries the worker's push permits: no child reads it.
@@ -288,6 +477,10 @@ fn commit(
             message.push_str(summary.trim());
             message.push_str("\n\n");
         }
+        if let Some(note) = &note {
+            message.push_str(note);
+            message.push_str("\n\n");
+        }
         message.push_str(&format!("Task: {}\n{}\n", spec.task_id, attempt_line(spec)));
         let message = super::redact(&message);
         run(
@@ -297,9 +490,12 @@ fn commit(
     }
     let head = output(repo, &["rev-parse", "--verify", "--quiet", "HEAD"]).unwrap_or_default();
     if head.is_empty() || head == start_commit {
-        return Ok(None);
+        return Ok(committed);
     }
-    Ok(Some(head))
+    Ok(Committed {
+        head: Some(head),
+        ..committed
+    })
 }
 
 /// The line of a commit message that names the run's subtask and attempt.
@@ -347,36 +543,352 @@ fn pushed_before(spec: &RunSpec, repo: &Path) -> Result<Option<String>, String> 
     Ok((!found.is_empty()).then_some(found))
 }
 
+/// Why the work did not reach the task branch.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    /// The git host refused the push for good (`cause`): its own words are in `reason`.
+    #[error("{reason}")]
+    Refused { cause: FailureCause, reason: String },
+    /// The branch moved during the run and the agent's commits conflict with its new
+    /// tip: they were pushed to the side branch `kept_at`.
+    #[error(
+        "branch moved, work kept at {kept_at}: {branch} moved during the run and the \
+         agent's commits do not apply on its new tip ({detail})"
+    )]
+    Moved {
+        branch: String,
+        kept_at: String,
+        detail: String,
+    },
+    /// Anything else (the network, the host, the working copy): another attempt may work.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<String> for PushError {
+    fn from(e: String) -> Self {
+        Self::Failed(e)
+    }
+}
+
+/// What a delivery made: the commit that reached the task branch (or the bundle), if
+/// any, and what the run should say about it.
+#[derive(Debug, Default)]
+pub struct Delivered {
+    pub commit: Option<String>,
+    /// Plain words for the outcome (files left out, a rebase onto a moved branch).
+    pub notes: Vec<String>,
+}
+
+/// Times a push is tried again after its branch moved under it and the work was put
+/// on the new tip (someone keeps pushing meanwhile).
+const MOVED_ROUNDS: usize = 3;
+
 /// Commits what the agent changed (if it did not commit itself) and pushes the branch to
-/// the run spec's repository URL. Returns the pushed commit, or `None` when there is
-/// nothing new. When the remote branch already holds this attempt's commit (pushed by an
-/// earlier run of the same attempt), returns that commit and neither commits nor pushes.
+/// the run spec's repository URL. When the remote branch already holds this attempt's
+/// commit (pushed by an earlier run of the same attempt), returns that commit and neither
+/// commits nor pushes. When the branch moved during the run, the agent's commits are
+/// rebased onto its new tip and pushed; when they conflict, they go to a side branch
+/// ([`PushError::Moved`]). A refusal git's answer shows to be permanent is
+/// [`PushError::Refused`].
 pub fn commit_and_push(
     spec: &RunSpec,
     repo: &Path,
     start_commit: &str,
     summary: &str,
-) -> Result<Option<String>, String> {
+) -> Result<Delivered, PushError> {
     if let Some(earlier) = pushed_before(spec, repo)? {
         super::log(format!(
             "{} already holds {earlier} of this attempt (an earlier run pushed it); \
              reporting it instead of pushing again",
             spec.branch
         ));
-        return Ok(Some(earlier));
+        return Ok(Delivered {
+            commit: Some(earlier),
+            notes: Vec::new(),
+        });
     }
-    let Some(head) = commit(spec, repo, start_commit, summary)? else {
-        return Ok(None);
+    let committed = commit(spec, repo, start_commit, summary)?;
+    let mut notes: Vec<String> = committed
+        .note(spec.agent.max_file_bytes)
+        .into_iter()
+        .collect();
+    let Some(mut head) = committed.head else {
+        return Ok(Delivered {
+            commit: None,
+            notes,
+        });
     };
-    let refspec = format!("{head}:refs/heads/{}", spec.branch);
+    let target = format!("refs/heads/{}", spec.branch);
+    for _ in 0..MOVED_ROUNDS {
+        match push(spec, repo, &head, &target, false)? {
+            Pushed::Done => {
+                return Ok(Delivered {
+                    commit: Some(head),
+                    notes,
+                })
+            }
+            Pushed::NotFastForward => {}
+        }
+        let tip = fetch_remote_head(spec, repo)?;
+        super::log(format!(
+            "{} moved during the run (now at {tip}); putting the agent's commits on top",
+            spec.branch
+        ));
+        match rebase(repo, start_commit, &head, &tip) {
+            Ok(rebased) => {
+                head = rebased;
+                let note = format!(
+                    "{} moved during the run; the agent's work was rebased onto its new tip {tip}.",
+                    spec.branch
+                );
+                if !notes.contains(&note) {
+                    notes.push(note);
+                }
+            }
+            Err(detail) => {
+                let kept_at = side_branch(spec);
+                match push(spec, repo, &head, &format!("refs/heads/{kept_at}"), true)? {
+                    Pushed::Done => {}
+                    Pushed::NotFastForward => {
+                        return Err(PushError::Failed(format!(
+                            "{} moved during the run, the agent's commits conflict with it, \
+                             and the side branch {kept_at} could not be written",
+                            spec.branch
+                        )))
+                    }
+                }
+                return Err(PushError::Moved {
+                    branch: spec.branch.clone(),
+                    kept_at,
+                    detail,
+                });
+            }
+        }
+    }
+    Err(PushError::Failed(format!(
+        "{} kept moving while the runner pushed ({MOVED_ROUNDS} tries)",
+        spec.branch
+    )))
+}
+
+/// The branch the work of a run goes to when its task branch moved under it and the
+/// work conflicts: named after the task branch and the attempt, so a later attempt
+/// never overwrites it.
+fn side_branch(spec: &RunSpec) -> String {
+    let subtask = spec.subtask_id.to_string();
+    let short: String = subtask
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(12)
+        .collect();
+    format!("{}-kept-{short}-{}", spec.branch, spec.attempt)
+}
+
+/// How a push the remote answered ended.
+enum Pushed {
+    Done,
+    /// The remote branch is not an ancestor of what was pushed: it moved.
+    NotFastForward,
+}
+
+/// Pushes `head` to `target` (forced when `force`) at the run spec's URL and reads git's
+/// answer (`--porcelain`): a branch that moved is [`Pushed::NotFastForward`], a refusal
+/// by the remote that will not change is [`PushError::Refused`] quoting its words,
+/// anything else [`PushError::Failed`].
+fn push(
+    spec: &RunSpec,
+    repo: &Path,
+    head: &str,
+    target: &str,
+    force: bool,
+) -> Result<Pushed, PushError> {
+    let refspec = format!("{}{head}:{target}", if force { "+" } else { "" });
+    let mut cmd = git(Some(repo));
+    cmd.args(["push", "--porcelain", "--no-verify", "--"])
+        .arg(&spec.repository)
+        .arg(&refspec);
+    let limits = super::process::Limits {
+        timeout: GIT_TIMEOUT,
+        idle: None,
+        stdin: None,
+        finish_grace: super::process::FINISH_GRACE,
+    };
+    let mut porcelain: Vec<String> = Vec::new();
+    let finished = super::process::run_streaming(&mut cmd, &limits, &mut |line| {
+        porcelain.push(line.to_string());
+        super::process::Control::Continue
+    })
+    .map_err(|e| PushError::Failed(format!("git push: {e}")))?;
+    let all = finished.lines.join("\n");
+    let answer = read_push_answer(&porcelain, &all);
+    match answer {
+        PushAnswer::Accepted if finished.success => Ok(Pushed::Done),
+        PushAnswer::NotFastForward => Ok(Pushed::NotFastForward),
+        PushAnswer::Refused { cause, reason } => Err(PushError::Refused {
+            cause,
+            reason: format!("the git host refused the push to {target}: {reason}"),
+        }),
+        _ => Err(PushError::Failed(format!(
+            "git push failed ({}): {}",
+            finished.status,
+            finished.tail()
+        ))),
+    }
+}
+
+/// git's answer to a push, read from its `--porcelain` lines and what the remote said.
+#[derive(Debug, PartialEq)]
+enum PushAnswer {
+    Accepted,
+    NotFastForward,
+    Refused {
+        cause: FailureCause,
+        reason: String,
+    },
+    /// A failure another try may not see (a lock held, the network, no answer at all).
+    Other,
+}
+
+/// Reasons of a `[remote rejected]` that another try may well not meet: git's own
+/// receive-pack words for a lock held or a write that failed on the host.
+const TRANSIENT_REJECTIONS: &[&str] = &[
+    "failed to lock",
+    "unable to lock",
+    "unpacker error",
+    "unpack failed",
+    "failed to write",
+    "missing necessary objects",
+    "cannot lock",
+];
+
+/// Reads git's porcelain status lines of a push (`<flag>\t<from>:<to>\t<summary>
+/// (<reason>)`, git-push(1) "OUTPUT") and its whole output `all` (for the remote's own
+/// `remote:` lines, quoted in a refusal). A `[rejected]` for `fetch first`, `non-fast-
+/// forward` or `stale info` means the branch moved; a `[remote rejected]` is a refusal
+/// of the host's (a pre-receive hook, a protected branch, a file over its size limit, a
+/// change to workflows without the permission), permanent unless its reason is one of
+/// [`TRANSIENT_REJECTIONS`].
+fn read_push_answer(porcelain: &[String], all: &str) -> PushAnswer {
+    let mut accepted = false;
+    for line in porcelain {
+        let mut fields = line.splitn(3, '\t');
+        let (Some(flag), Some(_refs), Some(summary)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if flag != "!" {
+            accepted |= matches!(flag, " " | "+" | "*" | "=" | "-");
+            continue;
+        }
+        let reason = summary
+            .split_once('(')
+            .map(|(_, r)| r.trim_end().trim_end_matches(')').to_string())
+            .unwrap_or_default();
+        if summary.starts_with("[rejected]") {
+            if ["fetch first", "non-fast-forward", "stale info"]
+                .iter()
+                .any(|r| reason.contains(r))
+            {
+                return PushAnswer::NotFastForward;
+            }
+            return PushAnswer::Other;
+        }
+        if !summary.starts_with("[remote rejected]") {
+            return PushAnswer::Other;
+        }
+        let lower = reason.to_ascii_lowercase();
+        if TRANSIENT_REJECTIONS.iter().any(|t| lower.contains(t)) {
+            return PushAnswer::Other;
+        }
+        let remote: Vec<&str> = all
+            .lines()
+            .filter_map(|l| l.trim_start().strip_prefix("remote:"))
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.chars().all(|c| c == '-' || c == '='))
+            .collect();
+        let said = remote.join("\n");
+        let cause = if refused_for_workflows(&reason) || refused_for_workflows(&said) {
+            FailureCause::WorkflowsPermission
+        } else {
+            FailureCause::PushRefused
+        };
+        let reason = if said.is_empty() {
+            format!("\"{reason}\"")
+        } else {
+            format!(
+                "\"{reason}\"; the remote said:\n{}",
+                ao_shared::bounded::truncate_bytes(&said, 4000)
+            )
+        };
+        return PushAnswer::Refused { cause, reason };
+    }
+    if accepted {
+        PushAnswer::Accepted
+    } else {
+        PushAnswer::Other
+    }
+}
+
+/// Fetches the remote task branch as it is now into [`REMOTE_HEAD_REF`]; returns its tip.
+fn fetch_remote_head(spec: &RunSpec, repo: &Path) -> Result<String, PushError> {
+    let refspec = format!("+refs/heads/{}:{REMOTE_HEAD_REF}", spec.branch);
     run(
         git(Some(repo))
-            .args(["push", "--quiet", "--no-verify", "--"])
+            .args(["fetch", "--quiet", "--no-tags", "--"])
             .arg(&spec.repository)
             .arg(&refspec),
-        "git push",
+        "git fetch",
     )?;
-    Ok(Some(head))
+    Ok(output(
+        repo,
+        &["rev-parse", "--verify", "--quiet", REMOTE_HEAD_REF],
+    )?)
+}
+
+/// Replays the commits `start..head` (all of `head` for an unborn start) onto `onto` in
+/// the working copy; returns the new head, or why they do not apply (the rebase is then
+/// undone and `head` is as it was).
+fn rebase(repo: &Path, start: &str, head: &str, onto: &str) -> Result<String, String> {
+    let mut cmd = git(Some(repo));
+    cmd.args([
+        "-c",
+        "rebase.autoStash=false",
+        "-c",
+        "rebase.updateRefs=false",
+        "rebase",
+        "--quiet",
+        "--no-verify",
+        "--no-autosquash",
+        "--onto",
+        onto,
+    ]);
+    if start.is_empty() {
+        cmd.args(["--root", head]);
+    } else {
+        cmd.args([start, head]);
+    }
+    match run(&mut cmd, "git rebase") {
+        Ok(_) => output(repo, &["rev-parse", "--verify", "--quiet", "HEAD"]),
+        Err(e) => {
+            // Back to `head`; the side branch gets it by its id either way.
+            let _ = run(
+                git(Some(repo)).args(["rebase", "--abort"]),
+                "git rebase --abort",
+            );
+            let conflicts: Vec<&str> = e
+                .lines()
+                .filter(|l| l.contains("CONFLICT") || l.contains("could not apply"))
+                .take(10)
+                .collect();
+            Err(if conflicts.is_empty() {
+                "they conflict with its new commits".to_string()
+            } else {
+                ao_shared::bounded::truncate_bytes(&conflicts.join("; "), 1000)
+            })
+        }
+    }
 }
 
 /// Whether a failed push's error is the git host refusing a change to
@@ -407,9 +919,17 @@ pub fn commit_and_bundle(
     start_commit: &str,
     summary: &str,
     out: BundleOut,
-) -> Result<Option<String>, String> {
-    let Some(head) = commit(spec, repo, start_commit, summary)? else {
-        return Ok(None);
+) -> Result<Delivered, String> {
+    let committed = commit(spec, repo, start_commit, summary)?;
+    let notes: Vec<String> = committed
+        .note(spec.agent.max_file_bytes)
+        .into_iter()
+        .collect();
+    let Some(head) = committed.head else {
+        return Ok(Delivered {
+            commit: None,
+            notes,
+        });
     };
     let work = match out {
         BundleOut::Channel(file) => {
@@ -430,7 +950,10 @@ pub fn commit_and_bundle(
                     String::from_utf8_lossy(&out.stderr).trim()
                 ));
             }
-            return Ok(Some(head));
+            return Ok(Delivered {
+                commit: Some(head),
+                notes,
+            });
         }
         BundleOut::Dir(dir) => dir,
     };
@@ -450,5 +973,91 @@ pub fn commit_and_bundle(
         create.arg(format!("^{start_commit}"));
     }
     run(&mut create, "git bundle create")?;
-    Ok(Some(head))
+    Ok(Delivered {
+        commit: Some(head),
+        notes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(text: &[&str]) -> Vec<String> {
+        text.iter().map(|l| l.to_string()).collect()
+    }
+
+    #[test]
+    fn a_push_answer_is_read_from_the_porcelain_lines() {
+        let ok = lines(&[
+            "To /r.git",
+            "*\tabc:refs/heads/agent/x\t[new branch]",
+            "Done",
+        ]);
+        assert_eq!(read_push_answer(&ok, ""), PushAnswer::Accepted);
+        for reason in ["fetch first", "non-fast-forward", "stale info"] {
+            let moved = lines(&[&format!("!\tabc:refs/heads/agent/x\t[rejected] ({reason})")]);
+            assert_eq!(read_push_answer(&moved, ""), PushAnswer::NotFastForward);
+        }
+        // GitHub's answer to a file over its size limit: a pre-receive hook declining,
+        // its reasons after `remote:`.
+        let big =
+            lines(&["!\tabc:refs/heads/agent/x\t[remote rejected] (pre-receive hook declined)"]);
+        let said = "remote: error: GH001: Large files detected.\n\
+                    remote: error: File big.bin is 120.00 MB; this exceeds GitHub's file size limit of 100.00 MB\n\
+                    remote: ----\nTo https://github.com/o/r.git";
+        match read_push_answer(&big, said) {
+            PushAnswer::Refused { cause, reason } => {
+                assert_eq!(cause, FailureCause::PushRefused);
+                assert!(reason.contains("pre-receive hook declined"), "{reason}");
+                assert!(
+                    reason.contains("exceeds GitHub's file size limit"),
+                    "{reason}"
+                );
+                assert!(!reason.contains("----"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let workflows = lines(&["!\tabc:refs/heads/agent/x\t[remote rejected] (refusing to allow a GitHub App to create or update workflow `.github/workflows/ci.yml` without `workflows` permission)"]);
+        assert!(matches!(
+            read_push_answer(&workflows, ""),
+            PushAnswer::Refused {
+                cause: FailureCause::WorkflowsPermission,
+                ..
+            }
+        ));
+        // What another try may not meet, and no answer at all, are not refusals.
+        let locked = lines(&["!\tabc:refs/heads/agent/x\t[remote rejected] (failed to lock)"]);
+        assert_eq!(read_push_answer(&locked, ""), PushAnswer::Other);
+        assert_eq!(
+            read_push_answer(
+                &[],
+                "fatal: unable to access 'https://x/': Could not resolve host"
+            ),
+            PushAnswer::Other
+        );
+        // A `remote:` line cannot pass for a status line.
+        let forged =
+            lines(&["remote: !\tx:refs/heads/y\t[remote rejected] (pre-receive hook declined)"]);
+        assert_eq!(read_push_answer(&forged, ""), PushAnswer::Other);
+    }
+
+    #[test]
+    fn left_out_files_are_named_with_their_sizes() {
+        let none = Committed::default();
+        assert_eq!(none.note(100), None);
+        let some = Committed {
+            head: None,
+            left_out: (0..25).map(|i| (format!("f{i}"), 200 + i)).collect(),
+        };
+        let note = some.note(100).unwrap();
+        assert!(
+            note.contains("100-byte file limit (agent.max_file_bytes)"),
+            "{note}"
+        );
+        assert!(
+            note.contains("f0 (200 bytes)") && note.ends_with("and 5 more."),
+            "{note}"
+        );
+    }
 }

@@ -211,10 +211,24 @@ pub fn run(
         "cloning {} (branch {})",
         spec.repository, spec.branch
     ));
-    let start_commit = match git::prepare(spec, &repo) {
-        Ok(c) => c,
-        Err(e) => return Outcome::failed(OutcomeKind::Infrastructure, e, true),
+    let prepared = match git::prepare(spec, &repo) {
+        Ok(p) => p,
+        Err(git::PrepareError::Transient(e)) => {
+            return Outcome::failed(OutcomeKind::Infrastructure, e, true)
+        }
+        // The same clone fails the same way every time: the agent is not run.
+        Err(git::PrepareError::Unclonable(e)) => {
+            return Outcome::failed(OutcomeKind::AgentError, e, false)
+                .with_cause(FailureCause::Unclonable)
+        }
     };
+    let start_commit = prepared.start_commit;
+    if prepared.empty_repository {
+        log(format!(
+            "{} is empty (no commit yet): the run's commit will be its first, on {}",
+            spec.repository, spec.branch
+        ));
+    }
     // Taken from the fresh clone, before anything of the repository runs.
     let pristine = match git::Pristine::capture(&repo) {
         Ok(p) => p,
@@ -260,28 +274,52 @@ pub fn run(
         Delivery::Push => git::commit_and_push(spec, &repo, &start_commit, &outcome.summary),
         Delivery::Bundle => {
             git::commit_and_bundle(spec, &repo, &start_commit, &outcome.summary, bundle)
+                .map_err(git::PushError::Failed)
         }
     };
     match delivered {
-        Ok(Some(commit)) => {
-            match spec.delivery {
-                Delivery::Push => log(format!("pushed {commit} to {}", spec.branch)),
-                Delivery::Bundle => log(format!("bundled {commit} for {}", spec.branch)),
+        Ok(delivered) => {
+            let mut notes = delivered.notes;
+            match &delivered.commit {
+                Some(commit) => {
+                    match spec.delivery {
+                        Delivery::Push => log(format!("pushed {commit} to {}", spec.branch)),
+                        Delivery::Bundle => log(format!("bundled {commit} for {}", spec.branch)),
+                    }
+                    if prepared.empty_repository {
+                        notes.push(format!(
+                            "The repository was empty: this is its first commit, on {}. \
+                             There is no base branch to open a pull request against; \
+                             the work is on {} as it is.",
+                            spec.branch, spec.branch
+                        ));
+                    }
+                }
+                None => log("the agent changed nothing; nothing to push"),
             }
-            outcome.commit = Some(commit);
-            outcome
-        }
-        Ok(None) => {
-            log("the agent changed nothing; nothing to push");
+            outcome.commit = delivered.commit;
+            if !notes.is_empty() {
+                let said = outcome.summary.trim_end().to_string();
+                outcome.summary = if said.is_empty() {
+                    notes.join("\n\n")
+                } else {
+                    format!("{said}\n\n{}", notes.join("\n\n"))
+                };
+            }
             outcome
         }
         Err(e) => {
-            // A push refused for the `workflows` permission fails the same way every time.
-            let mut failed = if git::refused_for_workflows(&e) {
-                Outcome::failed(OutcomeKind::AgentError, e, false)
-                    .with_cause(FailureCause::WorkflowsPermission)
-            } else {
-                Outcome::failed(OutcomeKind::Infrastructure, e, true)
+            let mut failed = match e {
+                // The git host's refusal, or a branch that moved under a conflicting
+                // change: the same push fails the same way; the agent is not run again.
+                git::PushError::Refused { cause, reason } => {
+                    Outcome::failed(OutcomeKind::AgentError, reason, false).with_cause(cause)
+                }
+                moved @ git::PushError::Moved { .. } => {
+                    Outcome::failed(OutcomeKind::AgentError, moved.to_string(), false)
+                        .with_cause(FailureCause::BranchMoved)
+                }
+                git::PushError::Failed(e) => Outcome::failed(OutcomeKind::Infrastructure, e, true),
             };
             failed.cost_usd = outcome.cost_usd;
             failed.tokens = outcome.tokens;

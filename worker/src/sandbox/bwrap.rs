@@ -54,6 +54,7 @@ use super::SandboxDriver;
 use crate::proxy::RunProxy;
 use crate::secret_files::SecretFiles;
 use crate::spec::{Delivery, RunSpec, RunnerEvent};
+use ao_shared::capability::Capability;
 use ao_shared::config::{SandboxSettings, Settings};
 use ao_shared::task::{Outcome, OutcomeKind};
 use async_trait::async_trait;
@@ -112,6 +113,17 @@ pub enum BwrapError {
          (apt-get install bubblewrap) or choose another sandbox.driver"
     )]
     Unusable { program: String, detail: String },
+    #[error(
+        "bubblewrap cannot make a network namespace here (--unshare-net: {detail}), which \
+         the {capabilities} sandboxes need ({why}): every such run would fail. Run the \
+         worker where network namespaces work, or serve only capabilities listed in \
+         sandbox.network_open"
+    )]
+    NoNetworkNamespace {
+        capabilities: String,
+        why: &'static str,
+        detail: String,
+    },
     #[error("prlimit (util-linux) is needed by the bwrap driver: {0}")]
     Prlimit(String),
     #[error(transparent)]
@@ -219,18 +231,67 @@ impl BwrapDriver {
             })
     }
 
-    /// Runs `true` in a minimal sandbox, so a broken setup fails at start, not per task.
+    /// Runs `true` in a minimal sandbox, so a broken setup fails at start, not per task:
+    /// once as every sandbox runs, and once more with a network namespace when a served
+    /// capability needs one (`sandbox.network_off`, or the allow-list proxy), so that a
+    /// host that refuses `--unshare-net` (some containers, gVisor) is named as the cause.
     fn probe(&self) -> Result<(), BwrapError> {
         let s = &self.settings;
-        let seccomp = super::seccomp::program_files()?;
+        // Fresh filter files per probe: bubblewrap reads each to its end.
+        self.probe_with(&super::seccomp::program_files()?, false)
+            .map_err(|detail| BwrapError::Unusable {
+                program: s.bwrap.display().to_string(),
+                detail,
+            })?;
+        let needing: Vec<(Capability, NetworkMode)> = self
+            .all
+            .worker
+            .capabilities
+            .iter()
+            .map(|c| (*c, NetworkMode::of(s, *c)))
+            .filter(|(_, mode)| *mode != NetworkMode::Open)
+            .collect();
+        if !needing.is_empty() {
+            let seccomp = super::seccomp::program_files()?;
+            self.probe_with(&seccomp, true).map_err(|detail| {
+                let off = needing.iter().any(|(_, m)| *m == NetworkMode::Off);
+                BwrapError::NoNetworkNamespace {
+                    capabilities: needing
+                        .iter()
+                        .map(|(c, _)| c.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    why: if off {
+                        "no network at all for sandbox.network_off, only the allow-list proxy for the rest"
+                    } else {
+                        "network only through the allow-list proxy"
+                    },
+                    detail,
+                }
+            })?;
+        }
+        let ok = std::process::Command::new("prlimit")
+            .args(["--nofile", "true"])
+            .output()
+            .map_err(|e| BwrapError::Prlimit(e.to_string()))?;
+        if !ok.status.success() {
+            return Err(BwrapError::Prlimit(
+                String::from_utf8_lossy(&ok.stderr).trim().to_string(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs `true` in a minimal sandbox (with a network namespace when `unshare_net`);
+    /// bubblewrap's complaint when it fails.
+    fn probe_with(&self, seccomp: &[std::fs::File], unshare_net: bool) -> Result<(), String> {
+        let s = &self.settings;
         let mut probe = self.as_host_user(s.bwrap.as_os_str());
-        probe.args([
-            "--unshare-user",
-            "--unshare-pid",
-            "--unshare-net",
-            "--disable-userns",
-        ]);
-        for file in &seccomp {
+        probe.args(["--unshare-user", "--unshare-pid", "--disable-userns"]);
+        if unshare_net {
+            probe.arg("--unshare-net");
+        }
+        for file in seccomp {
             use std::os::fd::AsRawFd;
             probe.args(["--add-seccomp-fd", &file.as_raw_fd().to_string()]);
         }
@@ -251,24 +312,9 @@ impl BwrapDriver {
                 "true",
             ])
             .output()
-            .map_err(|e| BwrapError::Unusable {
-                program: s.bwrap.display().to_string(),
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| e.to_string())?;
         if !out.status.success() {
-            return Err(BwrapError::Unusable {
-                program: s.bwrap.display().to_string(),
-                detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
-        let ok = std::process::Command::new("prlimit")
-            .args(["--nofile", "true"])
-            .output()
-            .map_err(|e| BwrapError::Prlimit(e.to_string()))?;
-        if !ok.status.success() {
-            return Err(BwrapError::Prlimit(
-                String::from_utf8_lossy(&ok.stderr).trim().to_string(),
-            ));
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
         }
         Ok(())
     }

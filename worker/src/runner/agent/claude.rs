@@ -360,6 +360,7 @@ mod tests {
                 args: Vec::new(),
                 timeout_secs: 600,
                 idle_timeout_secs: 1,
+                max_file_bytes: 0,
                 profile: Some(
                     toml::from_str(include_str!("../../../profiles/coder.toml")).unwrap(),
                 ),
