@@ -57,9 +57,44 @@ pub enum GithubError {
         route: &'static str,
         message: String,
     },
+    /// Still rate-limited after the waits a call allows itself; try again later.
+    #[error("GitHub rate-limits {route}: {message}")]
+    RateLimited {
+        route: &'static str,
+        message: String,
+    },
     #[error("cannot sign the App JWT: {0}")]
     Jwt(String),
 }
+
+impl GithubError {
+    /// Whether asking again cannot succeed: GitHub refused this very call for good (a
+    /// locked conversation or an archived repository answers 403, a repository with
+    /// issues disabled 410, a missing thing 404, an invalid request 422). Rate limits
+    /// and 5xx are not permanent; neither are 401s (a token is renewed).
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            GithubError::Status {
+                status: 403 | 404 | 410 | 422,
+                ..
+            }
+        )
+    }
+
+    /// Whether the call may have taken effect although it failed (no answer, or a 5xx):
+    /// a creating call is looked up before it is made again.
+    pub fn is_ambiguous(&self) -> bool {
+        match self {
+            GithubError::Transport { .. } => true,
+            GithubError::Status { status, .. } => *status >= 500,
+            _ => false,
+        }
+    }
+}
+
+/// Pages followed by one list call at most (with 100 items a page: 10 000 items).
+const MAX_PAGES: usize = 100;
 
 /// Permissions asked for an installation token (`permissions` of `access_tokens`).
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq, Hash)]
@@ -81,6 +116,34 @@ struct CachedToken {
 pub struct Reply {
     pub status: u16,
     pub body: Value,
+    /// The `rel="next"` URL of the `Link` header: the next page of a list.
+    pub next: Option<String>,
+}
+
+/// The `rel="next"` target of a `Link` header (RFC 8288, as GitHub writes it:
+/// `<url>; rel="next", <url>; rel="last"`).
+pub fn next_link(link: &str) -> Option<String> {
+    link.split(',').find_map(|part| {
+        let (target, params) = part.split_once(';')?;
+        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+        params
+            .split(';')
+            .any(|p| {
+                let p = p.trim();
+                p == "rel=\"next\"" || p == "rel=next"
+            })
+            .then(|| target.to_string())
+    })
+}
+
+/// Whether a call may be made again after a failure that leaves its effect unknown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Repeat {
+    /// Reads, edits and other idempotent calls: retried on 5xx and transport errors.
+    Safe,
+    /// Creating calls (a comment, a pull request, a review): retried only when GitHub
+    /// certainly refused them (rate limits); otherwise the caller looks up first.
+    OnlyRefused,
 }
 
 /// The App's client.
@@ -244,6 +307,92 @@ impl Client {
         self.send(method, route, path, &jwt, body).await
     }
 
+    /// Every item of a list the App itself reads (JWT): `path` and then each `Link`
+    /// `next` page, up to [`MAX_PAGES`]; `items` picks a page's items from its body.
+    pub async fn app_list(
+        &self,
+        route: &'static str,
+        path: &str,
+        items: fn(Value) -> Vec<Value>,
+    ) -> Result<Vec<Value>, GithubError> {
+        let jwt = SecretString::from(self.jwt().await?);
+        self.list_with(route, path, items, &jwt).await
+    }
+
+    /// Every item of a list read as an installation (see [`Client::app_list`]).
+    pub async fn list(
+        &self,
+        installation: u64,
+        route: &'static str,
+        path: &str,
+        items: fn(Value) -> Vec<Value>,
+    ) -> Result<Vec<Value>, GithubError> {
+        let token = self
+            .installation_token(installation, &TokenScope::default())
+            .await?;
+        self.list_with(route, path, items, &token).await
+    }
+
+    async fn list_with(
+        &self,
+        route: &'static str,
+        path: &str,
+        items: fn(Value) -> Vec<Value>,
+        credential: &SecretString,
+    ) -> Result<Vec<Value>, GithubError> {
+        let mut out = Vec::new();
+        let mut url = format!("{}{}", self.api_url, path);
+        for _ in 0..MAX_PAGES {
+            let reply = self
+                .send_url(Method::GET, route, url, credential, None, Repeat::Safe)
+                .await?;
+            out.extend(items(reply.body));
+            match reply.next {
+                // The credential goes only where the API is.
+                Some(next) if next.starts_with(&format!("{}/", self.api_url)) => url = next,
+                Some(_) => {
+                    tracing::warn!(
+                        route,
+                        "a list's next page is not on the API's host; not followed"
+                    );
+                    return Ok(out);
+                }
+                None => return Ok(out),
+            }
+        }
+        tracing::warn!(
+            route,
+            pages = MAX_PAGES,
+            "a list has more pages than are read"
+        );
+        Ok(out)
+    }
+
+    /// A creating call as an installation: not repeated after a failure that may have
+    /// taken effect ([`GithubError::is_ambiguous`]); the caller looks up before
+    /// creating again.
+    pub async fn create(
+        &self,
+        installation: u64,
+        route: &'static str,
+        path: &str,
+        body: &Value,
+    ) -> Result<Reply, GithubError> {
+        let token = self
+            .installation_token(installation, &TokenScope::default())
+            .await?;
+        let url = format!("{}{}", self.api_url, path);
+        self.send_url(
+            Method::POST,
+            route,
+            url,
+            &token,
+            Some(body),
+            Repeat::OnlyRefused,
+        )
+        .await
+    }
+
     /// A call as an installation (its full token).
     pub async fn call(
         &self,
@@ -286,7 +435,14 @@ impl Client {
         };
         let body = serde_json::json!({ "query": query, "variables": variables });
         let reply = self
-            .send_url(Method::POST, "/graphql", url, &token, Some(&body))
+            .send_url(
+                Method::POST,
+                "/graphql",
+                url,
+                &token,
+                Some(&body),
+                Repeat::Safe,
+            )
             .await?;
         if let Some(errors) = reply.body.get("errors").filter(|e| !e.is_null()) {
             return Err(GithubError::Status {
@@ -307,7 +463,8 @@ impl Client {
         body: Option<&Value>,
     ) -> Result<Reply, GithubError> {
         let url = format!("{}{}", self.api_url, path);
-        self.send_url(method, route, url, credential, body).await
+        self.send_url(method, route, url, credential, body, Repeat::Safe)
+            .await
     }
 
     async fn send_url(
@@ -317,6 +474,7 @@ impl Client {
         url: String,
         credential: &SecretString,
         body: Option<&Value>,
+        repeat: Repeat,
     ) -> Result<Reply, GithubError> {
         let mut backoff = Backoff::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY);
         let mut attempt = 0;
@@ -335,7 +493,7 @@ impl Client {
                 Ok(r) => r,
                 Err(e) => {
                     self.count(route, "0", "transport_error");
-                    if attempt < MAX_ATTEMPTS {
+                    if attempt < MAX_ATTEMPTS && repeat == Repeat::Safe {
                         backoff.wait().await;
                         continue;
                     }
@@ -371,16 +529,22 @@ impl Client {
                 } else {
                     serde_json::from_str(&text).unwrap_or(Value::String(text))
                 };
+                let next = headers
+                    .get("link")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(next_link);
                 return Ok(Reply {
                     status: status.as_u16(),
                     body,
+                    next,
                 });
             }
             let message = serde_json::from_str::<Value>(&text)
                 .ok()
                 .and_then(|v| v["message"].as_str().map(str::to_string))
                 .unwrap_or_else(|| text.chars().take(300).collect());
-            if attempt < MAX_ATTEMPTS && (rate_limited || status.is_server_error()) {
+            let again = rate_limited || (status.is_server_error() && repeat == Repeat::Safe);
+            if attempt < MAX_ATTEMPTS && again {
                 let wait = match rate_limited.then(|| rate_limit_wait(&headers)).flatten() {
                     Some(wait) => wait,
                     None => backoff.next_delay(),
@@ -395,6 +559,9 @@ impl Client {
                     tokio::time::sleep(wait).await;
                     continue;
                 }
+            }
+            if rate_limited {
+                return Err(GithubError::RateLimited { route, message });
             }
             return Err(GithubError::Status {
                 status: status.as_u16(),

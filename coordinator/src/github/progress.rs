@@ -60,6 +60,21 @@ pub fn render(task: &Task, pull_request: Option<u64>) -> String {
         s.push_str(&format!(" · pull request #{n}"));
     }
     s.push_str("\n\n");
+    if let ao_shared::task::TaskSource::Github {
+        untrusted_author: Some(author),
+        ..
+    } = &task.source
+    {
+        s.push_str(&format!(
+            "⚠️ This issue was written by @{}, who has no write access to this repository: \
+             the agent works from their text, which it is told is untrusted. Check the \
+             result with that in mind.\n\n",
+            author.replace(
+                |c: char| !(c.is_ascii_alphanumeric() || "-[]_".contains(c)),
+                ""
+            )
+        ));
+    }
     for sub in &task.subtasks {
         let done = if sub.status == SubtaskStatus::Succeeded {
             "x"
