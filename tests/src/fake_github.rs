@@ -602,8 +602,10 @@ impl FakeGithub {
         if !i.labels.iter().any(|l| l == label) {
             i.labels.push(label.into());
         }
-        i.events.push(json!({ "id": id, "event": "labeled", "label": { "name": label },
-                               "actor": Self::sender(sender) }));
+        i.events.push(
+            json!({ "id": id, "event": "labeled", "label": { "name": label },
+                               "actor": Self::sender(sender) }),
+        );
     }
 
     /// Adds an issue event without a webhook (`event`: `labeled` or `unlabeled`).
@@ -615,8 +617,10 @@ impl FakeGithub {
             .get_mut(repo)
             .and_then(|r| r.issues.get_mut(&issue))
             .expect("issue");
-        i.events.push(json!({ "id": id, "event": event, "label": { "name": label },
-                               "actor": Self::sender(actor) }));
+        i.events.push(
+            json!({ "id": id, "event": event, "label": { "name": label },
+                               "actor": Self::sender(actor) }),
+        );
     }
 
     /// Closes an issue as `sender` and delivers `issues.closed`.
@@ -645,7 +649,11 @@ impl FakeGithub {
         let inst = self.installation_of(repo);
         let issue_json = {
             let m = self.fake.model.lock();
-            let p = m.repos[repo].pulls.get(&pull).cloned().expect("pull request");
+            let p = m.repos[repo]
+                .pulls
+                .get(&pull)
+                .cloned()
+                .expect("pull request");
             self.fake.pull_as_issue_json(repo, &p, &[label])
         };
         let mut p = self.base_payload(repo, inst, sender);
@@ -663,12 +671,24 @@ impl FakeGithub {
         let out = std::process::Command::new("git")
             .arg("--git-dir")
             .arg(&bare)
-            .args(["update-ref", &format!("refs/heads/{}", p.base), &format!("refs/heads/{}", p.head)])
+            .args([
+                "update-ref",
+                &format!("refs/heads/{}", p.base),
+                &format!("refs/heads/{}", p.head),
+            ])
             .output()
             .expect("git runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let mut m = self.fake.model.lock();
-        let p = m.repos.get_mut(repo).and_then(|r| r.pulls.get_mut(&pull)).expect("pull");
+        let p = m
+            .repos
+            .get_mut(repo)
+            .and_then(|r| r.pulls.get_mut(&pull))
+            .expect("pull");
         p.state = "closed".into();
         p.merged = true;
     }
@@ -1107,7 +1127,10 @@ fn paginate(
             .expect("the fake's own URL");
         {
             let mut pairs = u.query_pairs_mut();
-            let mut keys: Vec<_> = q.iter().filter(|(k, _)| *k != "page" && *k != "per_page").collect();
+            let mut keys: Vec<_> = q
+                .iter()
+                .filter(|(k, _)| *k != "page" && *k != "per_page")
+                .collect();
             keys.sort();
             for (k, v) in keys {
                 pairs.append_pair(k, v);
@@ -1302,9 +1325,13 @@ async fn installation_repositories(
         .filter_map(|full| m.repos.get(full))
         .map(|r| f.repo_json(r))
         .collect();
-    Ok(paginate(&f, &uri, &q, repos, |page, total| {
-        json!({ "total_count": total, "repositories": page })
-    }))
+    Ok(paginate(
+        &f,
+        &uri,
+        &q,
+        repos,
+        |page, total| json!({ "total_count": total, "repositories": page }),
+    ))
 }
 
 async fn permission(call: Call, Path((o, r, u)): Path<(String, String, String)>) -> ApiResult {
