@@ -207,6 +207,9 @@ pub enum Failure {
     Forbidden,
     /// 410 Gone: what a repository with issues disabled answers to its issue routes.
     Gone,
+    /// The request is carried out, but the answer is lost: 502 (a gateway that timed out
+    /// after GitHub acted).
+    LostAnswer,
 }
 
 /// An injected failure: the next `times` requests whose `METHOD path` contains `matches`.
@@ -962,6 +965,11 @@ async fn faults_and_limits(
             x.failure.clone()
         })
     };
+    if let Some(Failure::LostAnswer) = failure {
+        let _ = next.run(request).await;
+        f.model.lock().calls.push(format!("{what} (answer lost)"));
+        return (StatusCode::BAD_GATEWAY, "upstream timed out").into_response();
+    }
     if let Some(failure) = failure {
         f.model
             .lock()
@@ -992,6 +1000,7 @@ async fn faults_and_limits(
                 Json(json!({ "message": "Repository was archived so is read-only." })),
             )
                 .into_response(),
+            Failure::LostAnswer => (StatusCode::BAD_GATEWAY, "upstream timed out").into_response(),
             Failure::Gone => (
                 StatusCode::GONE,
                 Json(json!({ "message": "Issues are disabled for this repo" })),

@@ -191,6 +191,34 @@ async fn a_locked_conversation_refuses_the_comment_once_and_every_other_step_is_
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_comment_whose_answer_was_lost_is_looked_up_not_made_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = fake(&tmp).await;
+    fake.add_repo(7, REPO, &[]);
+    fake.set_role(REPO, "alice", "write");
+    let mut c = fake.cluster(Some("code"), &[]);
+    c.start_in_process().await.unwrap();
+    let issue = fake.open_issue(REPO, "Add a note", "Please.", "alice");
+    // GitHub makes the progress comment, but its answer is lost.
+    fake.fail(
+        &format!("POST /repos/{REPO}/issues/{issue}/comments"),
+        1,
+        Failure::LostAnswer,
+    );
+    assert_eq!(fake.label_issue(REPO, issue, "agent", "alice").await, 202);
+    let m = fake
+        .wait_for("the lost comment is found and edited", LIMIT, |m| {
+            m.comments_on(REPO, issue)
+                .iter()
+                .any(|c| c.user == BOT_LOGIN && c.edits >= 1)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
+        .unwrap();
+    assert_eq!(ours(&m, issue).len(), 1, "{:#?}", ours(&m, issue));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn one_repositorys_refusal_does_not_stop_the_sweep_of_the_others() {
     let tmp = tempfile::tempdir().unwrap();
     let fake = fake(&tmp).await;
