@@ -66,8 +66,8 @@ fn ours(m: &ao_tests::fake_github::Model, n: u64) -> Vec<String> {
 async fn with_worker(fake: &FakeGithub) -> Cluster {
     let mut c = fake.cluster(Some("code"), &[]);
     let agent = script(c.dir.path(), "agent.sh", AGENT);
-    c.start_in_process().await.unwrap();
-    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    c.start_in_process().await.expect("the coordinator starts");
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().expect("a UTF-8 path"))]);
     c
 }
 
@@ -82,8 +82,7 @@ async fn labelled_to_ready_pull(fake: &FakeGithub, c: &Cluster, issue: u64) -> u
             done && m.pulls(REPO).iter().any(|p| !p.draft)
         })
         .await
-        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     m.pulls(REPO)[0].number
 }
 
@@ -188,6 +187,20 @@ async fn a_locked_conversation_refuses_the_comment_once_and_every_other_step_is_
     let tries = m.calls.iter().filter(|x| **x == post).count();
     assert_eq!(tries, 1, "a refused comment is not retried: {:#?}", m.calls);
     assert!(ours(&m, issue).is_empty());
+
+    // A collaborator's command there is handled; its answer cannot be posted, and the
+    // delivery is not retried for it.
+    assert_eq!(
+        fake.comment(REPO, issue, "/agent status", "alice").await,
+        202
+    );
+    let handled = r#"ao_webhook_deliveries_total{event="issue_comment",result="handled"}"#;
+    let failed = r#"ao_webhook_deliveries_total{event="issue_comment",result="failed"}"#;
+    wait_until("the command is handled", &c, || async {
+        c.metric(handled).await.unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    assert_eq!(c.metric(failed).await.unwrap_or(0.0), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

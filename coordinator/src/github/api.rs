@@ -62,6 +62,28 @@ pub async fn create_comment(
     })
 }
 
+/// Posts an answer on an issue or pull request. A conversation that refuses comments for
+/// good (a locked conversation or an archived repository answers 403, issues disabled
+/// 410) cannot be answered at all: that is logged and is no error, so that the work that
+/// asked for the answer is not repeated for it.
+pub async fn answer(
+    c: &Client,
+    inst: u64,
+    repo: &RepoName,
+    number: u64,
+    text: &str,
+) -> Result<(), GithubError> {
+    match create_comment(c, inst, repo, number, text).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_permanent() => {
+            tracing::warn!(repository = %repo, issue = number, error = %e,
+                "GitHub refuses comments here; the answer is not posted");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// The id of the App's comment on an issue whose body contains `marker`, if any (to
 /// find a comment whose creation failed without an answer instead of making a second).
 pub async fn find_comment(

@@ -1,6 +1,10 @@
 //! The GitHub API client of the App: RS256 JWTs for the App itself, installation tokens
 //! cached until shortly before they expire, and every call counted, retried on 5xx and
-//! backed off on rate limits (`retry-after`, `x-ratelimit-reset`).
+//! backed off on rate limits (`retry-after`, `x-ratelimit-reset`). Creating calls
+//! ([`Client::create`]) are retried only when GitHub certainly refused them (rate limits):
+//! after a 5xx or a lost answer they may have taken effect, so the caller looks up before
+//! creating again. Lists ([`Client::list`], [`Client::app_list`]) follow the `Link`
+//! header's `next` pages to the end.
 //!
 //! Built on reqwest rather than octocrab: every call here must see the response's
 //! rate-limit headers and status (for backoff and metrics), and several calls need
@@ -591,4 +595,23 @@ fn rate_limit_wait(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     }
     let reset = header_u64(headers, "x-ratelimit-reset")?;
     Some(Duration::from_secs(reset.saturating_sub(unix_now()).max(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_link;
+
+    #[test]
+    fn the_next_page_is_read_from_githubs_link_header() {
+        let link = "<https://api.github.com/repositories/1/issues?page=2>; rel=\"next\", \
+                    <https://api.github.com/repositories/1/issues?page=5>; rel=\"last\"";
+        assert_eq!(
+            next_link(link).as_deref(),
+            Some("https://api.github.com/repositories/1/issues?page=2")
+        );
+        let last = "<https://x/a?page=1>; rel=\"first\", <https://x/a?page=4>; rel=\"prev\"";
+        assert_eq!(next_link(last), None);
+        assert_eq!(next_link(""), None);
+        assert_eq!(next_link("garbage; rel=\"next\""), None);
+    }
 }

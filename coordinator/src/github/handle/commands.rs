@@ -67,8 +67,7 @@ pub(super) async fn command_(
     let c = &gh.client;
     let tasks = tasks_for_issue(gh, &ctx.repo, issue.number).await?;
     let latest = tasks.first();
-    let say =
-        |text: String| async move { api::create_comment(c, inst, &ctx.repo, reply, &text).await };
+    let say = |text: String| async move { api::answer(c, inst, &ctx.repo, reply, &text).await };
     match command {
         Command::Run => {
             let delivery = Once::Run {
@@ -175,7 +174,7 @@ async fn answer<F, Fut>(
 ) -> HandleResult
 where
     F: FnOnce(String) -> Fut,
-    Fut: std::future::Future<Output = Result<u64, crate::github::client::GithubError>>,
+    Fut: std::future::Future<Output = Result<(), crate::github::client::GithubError>>,
 {
     match r {
         Ok(_) => Ok(done),

@@ -255,8 +255,8 @@ async fn refuse_bot(gh: &Github, event: &Event) -> HandleResult {
     Ok("refused: a bot not in github.allowed_bots")
 }
 
-/// Posts an answer; a conversation that refuses comments for good (locked, archived,
-/// issues disabled) is logged and skipped, as nothing else can be done there.
+/// Posts an answer ([`api::answer`]: a conversation that refuses comments for good is
+/// logged and skipped).
 async fn say_once(
     gh: &Github,
     inst: u64,
@@ -264,15 +264,7 @@ async fn say_once(
     number: u64,
     text: &str,
 ) -> Result<(), HandleError> {
-    match api::create_comment(&gh.client, inst, repo, number, text).await {
-        Ok(_) => Ok(()),
-        Err(e) if e.is_permanent() => {
-            tracing::warn!(repository = %repo, issue = number, error = %e,
-                "GitHub refuses comments here; the answer is not posted");
-            Ok(())
-        }
-        Err(e) => Err(Box::new(e)),
-    }
+    Ok(api::answer(&gh.client, inst, repo, number, text).await?)
 }
 
 async fn handle(gh: &Github, d: Delivery) -> HandleResult {

@@ -56,10 +56,7 @@ pub(super) async fn pull_command(
 ) -> HandleResult {
     let inst = ctx.installation_id.unwrap_or_default();
     let owner = owner(gh, &ctx.repo, pull.number).await?;
-    let issue = owner
-        .as_ref()
-        .and_then(|t| super::super::source(t))
-        .map(|s| s.2);
+    let issue = owner.as_ref().and_then(super::super::source).map(|s| s.2);
     match (owner, issue, command) {
         (Some(t), Some(n), c) if c != Command::Run => {
             command_(gh, ctx, &issue_of(&t, n), c, pull.number).await
@@ -119,7 +116,7 @@ pub(super) async fn pull_label(
     let inst = ctx.installation_id.unwrap_or_default();
     let owner = owner(gh, &ctx.repo, pull.number).await?;
     let label = label.replace('`', "");
-    let text = match owner.as_ref().and_then(|t| super::super::source(t)) {
+    let text = match owner.as_ref().and_then(super::super::source) {
         Some((_, _, n)) => format!(
             "The `{label}` label starts nothing on a pull request. This one is the agent's \
              work for issue #{n}: label that issue, or comment `/agent status` or \

@@ -49,7 +49,7 @@ pub(super) async fn review_round(
         }
         .key();
         if gh.store.record_delivery(&key).await? {
-            api::create_comment(
+            api::answer(
                 &gh.client,
                 inst,
                 &ctx.repo,

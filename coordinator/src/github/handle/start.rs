@@ -178,7 +178,7 @@ async fn start_inner(
         }
         .key();
         if gh.store.record_delivery(&key).await? {
-            api::create_comment(
+            api::answer(
                 c,
                 inst,
                 &ctx.repo,
@@ -200,7 +200,7 @@ async fn start_inner(
     let ((pipeline_name, pipeline), cfg) = match plan {
         Ok(p) => p,
         Err(why) => {
-            api::create_comment(c, inst, &ctx.repo, issue.number, &why).await?;
+            api::answer(c, inst, &ctx.repo, issue.number, &why).await?;
             return Ok(Started::Refused("refused: no pipeline"));
         }
     };
@@ -323,7 +323,7 @@ pub async fn wait(gh: &Github, w: Waiting, why: &str) -> Result<Started, HandleE
     api::add_labels(c, inst, &repo, issue, &["agent:queued"]).await?;
     let key = Once::Waiting { repo: &repo, issue }.key();
     if gh.store.record_delivery(&key).await? {
-        api::create_comment(c, inst, &repo, issue, &format!("Queued: {why}.")).await?;
+        api::answer(c, inst, &repo, issue, &format!("Queued: {why}.")).await?;
     }
     Ok(Started::Waiting("at capacity"))
 }
