@@ -75,15 +75,18 @@ impl GithubError {
     /// Whether asking again cannot succeed: GitHub refused this very call for good (a
     /// locked conversation or an archived repository answers 403, a repository with
     /// issues disabled 410, a missing thing 404, an invalid request 422). Rate limits
-    /// and 5xx are not permanent; neither are 401s (a token is renewed).
+    /// and 5xx are not permanent, nor is a 403 that names a (secondary) rate limit
+    /// without the headers that mark one; neither are 401s (a token is renewed).
     pub fn is_permanent(&self) -> bool {
-        matches!(
-            self,
+        match self {
             GithubError::Status {
-                status: 403 | 404 | 410 | 422,
+                status: 403,
+                message,
                 ..
-            }
-        )
+            } => !message.to_ascii_lowercase().contains("rate limit"),
+            GithubError::Status { status, .. } => matches!(status, 404 | 410 | 422),
+            _ => false,
+        }
     }
 
     /// Whether the call may have taken effect although it failed (no answer, or a 5xx):
@@ -599,7 +602,38 @@ fn rate_limit_wait(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
-    use super::next_link;
+    use super::{next_link, GithubError};
+
+    #[test]
+    fn refusals_for_good_are_told_from_ones_that_pass() {
+        let status = |status: u16, message: &str| GithubError::Status {
+            status,
+            route: "/r",
+            message: message.into(),
+        };
+        for permanent in [
+            status(403, "Unable to create comment because issue is locked."),
+            status(403, "Repository was archived so is read-only."),
+            status(410, "Issues are disabled for this repo"),
+            status(404, "Not Found"),
+            status(422, "Validation Failed"),
+        ] {
+            assert!(permanent.is_permanent(), "{permanent}");
+            assert!(!permanent.is_ambiguous(), "{permanent}");
+        }
+        for passing in [
+            status(403, "You have exceeded a secondary rate limit."),
+            status(401, "Bad credentials"),
+            status(502, "Bad Gateway"),
+            GithubError::RateLimited {
+                route: "/r",
+                message: "API rate limit exceeded".into(),
+            },
+        ] {
+            assert!(!passing.is_permanent(), "{passing}");
+        }
+        assert!(status(502, "x").is_ambiguous());
+    }
 
     #[test]
     fn the_next_page_is_read_from_githubs_link_header() {
