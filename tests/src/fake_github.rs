@@ -585,6 +585,11 @@ impl FakeGithub {
         n
     }
 
+    /// Deletes a comment, as a person with write access may (no webhook).
+    pub fn delete_comment(&self, id: u64) {
+        self.fake.model.lock().comments.remove(&id);
+    }
+
     /// Locks an issue's conversation: GitHub then refuses new comments on it.
     pub fn lock_issue(&self, repo: &str, issue: u64) {
         let mut m = self.fake.model.lock();

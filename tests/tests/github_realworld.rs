@@ -232,6 +232,43 @@ async fn a_comment_whose_answer_was_lost_is_looked_up_not_made_twice() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_progress_comment_is_made_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = fake(&tmp).await;
+    fake.add_repo(7, REPO, &[]);
+    fake.set_role(REPO, "alice", "write");
+    let mut c = fake.cluster(Some("code"), &[]);
+    c.start_in_process().await.unwrap();
+    let issue = fake.open_issue(REPO, "Add a note", "Please.", "alice");
+    assert_eq!(fake.label_issue(REPO, issue, "agent", "alice").await, 202);
+    let m = fake
+        .wait_for("the progress comment", LIMIT, |m| {
+            !ours(m, issue).is_empty()
+        })
+        .await
+        .unwrap();
+    let first = m
+        .comments_on(REPO, issue)
+        .into_iter()
+        .find(|c| c.user == BOT_LOGIN)
+        .unwrap();
+    fake.delete_comment(first.id);
+    // A change of the task: the reporter finds its comment gone and makes a new one.
+    assert_eq!(
+        fake.comment(REPO, issue, "/agent cancel", "alice").await,
+        202
+    );
+    let m = fake
+        .wait_for("a new progress comment", LIMIT, |m| {
+            ours(m, issue).iter().any(|b| b.contains("cancelled"))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
+        .unwrap();
+    assert_eq!(ours(&m, issue).len(), 1, "{:#?}", ours(&m, issue));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn one_repositorys_refusal_does_not_stop_the_sweep_of_the_others() {
     let tmp = tempfile::tempdir().unwrap();
     let fake = fake(&tmp).await;

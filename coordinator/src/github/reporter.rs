@@ -449,9 +449,25 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
                 }
             }
             Some(cid) if written.comment_body.as_deref() != Some(body.as_str()) => {
-                let edited = api::update_comment(c, inst, &repo, cid, &body).await;
-                if written.settle(id, Step::Comment, edited)?.is_some() {
-                    written.comment_body = Some(body);
+                match api::update_comment(c, inst, &repo, cid, &body).await {
+                    // Someone deleted the progress comment: a new one takes its place.
+                    Err(GithubError::Status { status: 404, .. }) => {
+                        let made = api::create_comment(c, inst, &repo, issue, &body).await;
+                        if made.as_ref().is_err_and(GithubError::is_ambiguous) {
+                            written.comment_unsure = true;
+                            set_source(gh, id, |_, cid| *cid = None).await?;
+                        }
+                        if let Some(new_id) = written.settle(id, Step::Comment, made)? {
+                            set_source(gh, id, move |_, cid| *cid = Some(new_id)).await?;
+                            tracing::info!(task_id = %id, "the progress comment was deleted; a new one is made");
+                            written.comment_body = Some(body);
+                        }
+                    }
+                    edited => {
+                        if written.settle(id, Step::Comment, edited)?.is_some() {
+                            written.comment_body = Some(body);
+                        }
+                    }
                 }
             }
             Some(_) => {}
