@@ -69,6 +69,7 @@ fn new_task() -> Task {
             issue: 42,
             pull_request: None,
             progress_comment_id: None,
+            untrusted_author: None,
         },
         created_at: now,
         updated_at: now,

@@ -143,6 +143,10 @@ pub struct GithubSettings {
     /// Monthly cost budget of one installation in US dollars (0: none). Notices go to
     /// the issue at 80, 90 and 100 %; at 100 % new tasks are refused with a comment.
     pub monthly_budget_usd: f64,
+    /// Bot logins (`renovate[bot]`) whose labels and commands are acted on, when the bot
+    /// has write access like a person would need; any other bot's trigger is answered
+    /// with one comment saying why nothing runs. This App's own events are never acted on.
+    pub allowed_bots: Vec<String>,
 }
 
 impl Default for GithubSettings {
@@ -163,6 +167,7 @@ impl Default for GithubSettings {
             max_active_per_repo: 2,
             max_active_per_installation: 10,
             monthly_budget_usd: 0.0,
+            allowed_bots: Vec::new(),
         }
     }
 }
@@ -685,6 +690,7 @@ impl Settings {
                 .with_list_parse_key("sandbox.hide")
                 .with_list_parse_key("sandbox.ro_paths")
                 .with_list_parse_key("github.webhook_secrets")
+                .with_list_parse_key("github.allowed_bots")
                 .try_parsing(true)
                 .source(Some(env)),
         );

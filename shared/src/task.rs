@@ -317,6 +317,10 @@ pub enum TaskSource {
         pull_request: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         progress_comment_id: Option<u64>,
+        /// The author, when they lack write access to the repository (the
+        /// progress comment says so: the task's instructions are theirs).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        untrusted_author: Option<String>,
     },
 }
 

@@ -85,6 +85,8 @@ pub struct Issue {
     pub labels: Vec<String>,
     /// Issue events (`labeled` and `unlabeled`), oldest first.
     pub events: Vec<Value>,
+    /// A locked conversation: GitHub refuses new comments (403).
+    pub locked: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -108,6 +110,8 @@ pub struct Pull {
     pub body: String,
     pub draft: bool,
     pub state: String,
+    /// Closed by a merge (`state` is then `closed`).
+    pub merged: bool,
     pub user: String,
 }
 
@@ -200,6 +204,13 @@ pub enum Failure {
     TooManyRequests { retry_after_secs: u64 },
     /// 422 Unprocessable Entity: a client error, not retried.
     Unprocessable,
+    /// 403 without rate-limit headers: what an archived repository answers to writes.
+    Forbidden,
+    /// 410 Gone: what a repository with issues disabled answers to its issue routes.
+    Gone,
+    /// The request is carried out, but the answer is lost: 502 (a gateway that timed out
+    /// after GitHub acted).
+    LostAnswer,
 }
 
 /// An injected failure: the next `times` requests whose `METHOD path` contains `matches`.
@@ -353,10 +364,25 @@ impl Fake {
         })
     }
 
+    /// A pull request as the issue routes and `issue*` webhooks show it.
+    fn pull_as_issue_json(&self, repo: &str, p: &Pull, labels: &[&str]) -> Value {
+        json!({
+            "id": p.number * 1000, "node_id": format!("I_{}", p.number), "number": p.number,
+            "title": p.title, "body": p.body, "state": p.state,
+            "html_url": format!("{}/{repo}/pull/{}", self.base_url, p.number),
+            "user": { "login": p.user, "type": "Bot" },
+            "labels": labels.iter().map(|l| json!({ "name": l })).collect::<Vec<_>>(),
+            "pull_request": {
+                "url": format!("{}/repos/{repo}/pulls/{}", self.base_url, p.number),
+                "html_url": format!("{}/{repo}/pull/{}", self.base_url, p.number),
+            },
+        })
+    }
+
     fn pull_json(&self, repo: &str, p: &Pull) -> Value {
         json!({
             "id": p.number * 1000, "node_id": p.node_id, "number": p.number, "title": p.title,
-            "body": p.body, "draft": p.draft, "state": p.state,
+            "body": p.body, "draft": p.draft, "state": p.state, "merged": p.merged,
             "html_url": format!("{}/{repo}/pull/{}", self.base_url, p.number),
             "head": { "ref": p.head, "label": format!("{}:{}", repo.split('/').next().unwrap_or(""), p.head) },
             "base": { "ref": p.base },
@@ -554,9 +580,157 @@ impl FakeGithub {
                 user: user.into(),
                 labels: Vec::new(),
                 events: Vec::new(),
+                locked: false,
             },
         );
         n
+    }
+
+    /// Deletes a comment, as a person with write access may (no webhook).
+    pub fn delete_comment(&self, id: u64) {
+        self.fake.model.lock().comments.remove(&id);
+    }
+
+    /// Locks an issue's conversation: GitHub then refuses new comments on it.
+    pub fn lock_issue(&self, repo: &str, issue: u64) {
+        let mut m = self.fake.model.lock();
+        if let Some(i) = m.repos.get_mut(repo).and_then(|r| r.issues.get_mut(&issue)) {
+            i.locked = true;
+        }
+    }
+
+    /// Puts `label` on an issue as `sender` without a webhook (one that never arrived).
+    pub fn label_silently(&self, repo: &str, issue: u64, label: &str, sender: &str) {
+        let mut m = self.fake.model.lock();
+        let id = m.id();
+        let i = m
+            .repos
+            .get_mut(repo)
+            .and_then(|r| r.issues.get_mut(&issue))
+            .expect("issue");
+        if !i.labels.iter().any(|l| l == label) {
+            i.labels.push(label.into());
+        }
+        i.events.push(
+            json!({ "id": id, "event": "labeled", "label": { "name": label },
+                               "actor": Self::sender(sender) }),
+        );
+    }
+
+    /// Adds an issue event without a webhook (`event`: `labeled` or `unlabeled`).
+    pub fn add_issue_event(&self, repo: &str, issue: u64, event: &str, label: &str, actor: &str) {
+        let mut m = self.fake.model.lock();
+        let id = m.id();
+        let i = m
+            .repos
+            .get_mut(repo)
+            .and_then(|r| r.issues.get_mut(&issue))
+            .expect("issue");
+        i.events.push(
+            json!({ "id": id, "event": event, "label": { "name": label },
+                               "actor": Self::sender(actor) }),
+        );
+    }
+
+    /// Closes an issue as `sender` and delivers `issues.closed`.
+    pub async fn close_issue(&self, repo: &str, issue: u64, sender: &str) -> u16 {
+        let inst = self.installation_of(repo);
+        let issue_json = {
+            let mut m = self.fake.model.lock();
+            let i = m
+                .repos
+                .get_mut(repo)
+                .and_then(|r| r.issues.get_mut(&issue))
+                .expect("issue");
+            i.state = "closed".into();
+            let i = i.clone();
+            self.fake.issue_json(repo, &i)
+        };
+        let mut p = self.base_payload(repo, inst, sender);
+        p.insert("action".into(), json!("closed"));
+        p.insert("issue".into(), issue_json);
+        self.deliver("issues", Value::Object(p)).await
+    }
+
+    /// Labels a pull request as `sender` and delivers `issues.labeled` for it (GitHub
+    /// sends pull requests' labels as issue events with `issue.pull_request` set).
+    pub async fn label_pull(&self, repo: &str, pull: u64, label: &str, sender: &str) -> u16 {
+        let inst = self.installation_of(repo);
+        let issue_json = {
+            let m = self.fake.model.lock();
+            let p = m.repos[repo]
+                .pulls
+                .get(&pull)
+                .cloned()
+                .expect("pull request");
+            self.fake.pull_as_issue_json(repo, &p, &[label])
+        };
+        let mut p = self.base_payload(repo, inst, sender);
+        p.insert("action".into(), json!("labeled"));
+        p.insert("issue".into(), issue_json);
+        p.insert("label".into(), json!({ "name": label, "color": "ededed" }));
+        self.deliver("issues", Value::Object(p)).await
+    }
+
+    /// Merges a pull request: its head goes onto its base in git, and it is closed as
+    /// merged. No webhook.
+    pub fn merge_pull(&self, repo: &str, pull: u64) {
+        let p = self.model().repos[repo].pulls[&pull].clone();
+        let bare = self.repo_path(repo);
+        let out = std::process::Command::new("git")
+            .arg("--git-dir")
+            .arg(&bare)
+            .args([
+                "update-ref",
+                &format!("refs/heads/{}", p.base),
+                &format!("refs/heads/{}", p.head),
+            ])
+            .output()
+            .expect("git runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut m = self.fake.model.lock();
+        let p = m
+            .repos
+            .get_mut(repo)
+            .and_then(|r| r.pulls.get_mut(&pull))
+            .expect("pull");
+        p.state = "closed".into();
+        p.merged = true;
+    }
+
+    /// Records a webhook delivery as GitHub lists it, without sending it (`status_code`
+    /// 0: the connection failed); returns its id.
+    pub fn record_delivery(&self, event: &str, payload: Value, status_code: u16) -> u64 {
+        let mut m = self.fake.model.lock();
+        let id = m.id();
+        m.deliveries.push(Delivery {
+            id,
+            guid: uuid::Uuid::new_v4().to_string(),
+            event: event.into(),
+            action: payload["action"].as_str().map(str::to_string),
+            status_code,
+            redelivery: false,
+            payload,
+        });
+        id
+    }
+
+    /// The `issues.labeled` payload GitHub would send for `label` on `issue` by `sender`.
+    pub fn labeled_payload(&self, repo: &str, issue: u64, label: &str, sender: &str) -> Value {
+        let inst = self.installation_of(repo);
+        let issue_json = {
+            let m = self.fake.model.lock();
+            self.fake.issue_json(repo, &m.repos[repo].issues[&issue])
+        };
+        let mut p = self.base_payload(repo, inst, sender);
+        p.insert("action".into(), json!("labeled"));
+        p.insert("issue".into(), issue_json);
+        p.insert("label".into(), json!({ "name": label, "color": "ededed" }));
+        Value::Object(p)
     }
 
     fn sender(login: &str) -> Value {
@@ -642,10 +816,7 @@ impl FakeGithub {
                 Some(i) => self.fake.issue_json(repo, i),
                 None => {
                     let p = r.pulls.get(&issue).expect("issue or pull request");
-                    let mut v = json!({ "number": p.number, "title": p.title, "body": p.body,
-                                        "state": p.state, "labels": [] });
-                    v["pull_request"] = json!({ "url": "x" });
-                    v
+                    self.fake.pull_as_issue_json(repo, p, &[])
                 }
             };
             (id, issue_json)
@@ -800,6 +971,11 @@ async fn faults_and_limits(
             x.failure.clone()
         })
     };
+    if let Some(Failure::LostAnswer) = failure {
+        let _ = next.run(request).await;
+        f.model.lock().calls.push(format!("{what} (answer lost)"));
+        return (StatusCode::BAD_GATEWAY, "upstream timed out").into_response();
+    }
     if let Some(failure) = failure {
         f.model
             .lock()
@@ -823,6 +999,17 @@ async fn faults_and_limits(
             Failure::Unprocessable => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 Json(json!({ "message": "Validation Failed" })),
+            )
+                .into_response(),
+            Failure::Forbidden => (
+                StatusCode::FORBIDDEN,
+                Json(json!({ "message": "Repository was archived so is read-only." })),
+            )
+                .into_response(),
+            Failure::LostAnswer => (StatusCode::BAD_GATEWAY, "upstream timed out").into_response(),
+            Failure::Gone => (
+                StatusCode::GONE,
+                Json(json!({ "message": "Issues are disabled for this repo" })),
             )
                 .into_response(),
             Failure::TooManyRequests { retry_after_secs } => (
@@ -922,7 +1109,82 @@ async fn git_or_404(
     .into_response()
 }
 
-async fn list_installations(call: Call) -> ApiResult {
+/// Items per page when a request names none, and the most it may ask for (GitHub's).
+const DEFAULT_PER_PAGE: usize = 30;
+const MAX_PER_PAGE: usize = 100;
+
+/// One page of `items` as GitHub serves a list: `per_page` (default 30, at most 100)
+/// and `page` (from 1) from the query, a `Link` header naming the `next` and `last`
+/// pages (and `prev`, `first`), each with the request's other parameters kept. `wrap`
+/// shapes the page's body (a bare array for most routes).
+fn paginate(
+    f: &Fake,
+    uri: &Uri,
+    q: &HashMap<String, String>,
+    items: Vec<Value>,
+    wrap: impl FnOnce(Vec<Value>, usize) -> Value,
+) -> Response {
+    let per_page = q
+        .get("per_page")
+        .and_then(|p| p.parse::<usize>().ok())
+        .filter(|p| *p > 0)
+        .unwrap_or(DEFAULT_PER_PAGE)
+        .min(MAX_PER_PAGE);
+    let page = q
+        .get("page")
+        .and_then(|p| p.parse::<usize>().ok())
+        .filter(|p| *p > 0)
+        .unwrap_or(1);
+    let total = items.len();
+    let last = total.div_ceil(per_page).max(1);
+    let at = |n: usize| {
+        let mut u = reqwest::Url::parse(&format!("{}{}", f.base_url, uri.path()))
+            .expect("the fake's own URL");
+        {
+            let mut pairs = u.query_pairs_mut();
+            let mut keys: Vec<_> = q
+                .iter()
+                .filter(|(k, _)| *k != "page" && *k != "per_page")
+                .collect();
+            keys.sort();
+            for (k, v) in keys {
+                pairs.append_pair(k, v);
+            }
+            pairs.append_pair("per_page", &per_page.to_string());
+            pairs.append_pair("page", &n.to_string());
+        }
+        u.to_string()
+    };
+    let mut links = Vec::new();
+    if page < last {
+        links.push(format!("<{}>; rel=\"next\"", at(page + 1)));
+        links.push(format!("<{}>; rel=\"last\"", at(last)));
+    }
+    if page > 1 {
+        links.push(format!("<{}>; rel=\"prev\"", at(page - 1)));
+        links.push(format!("<{}>; rel=\"first\"", at(1)));
+    }
+    let chunk: Vec<Value> = items
+        .into_iter()
+        .skip((page - 1).saturating_mul(per_page))
+        .take(per_page)
+        .collect();
+    let mut r = Json(wrap(chunk, total)).into_response();
+    if !links.is_empty() {
+        if let Ok(v) = links.join(", ").parse() {
+            r.headers_mut().insert("link", v);
+        }
+    }
+    r
+}
+
+/// A bare JSON array page.
+fn array(items: Vec<Value>, _total: usize) -> Value {
+    Value::Array(items)
+}
+
+async fn list_installations(call: Call, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+    let uri = call.uri.clone();
     let f = call.app()?;
     let m = f.model.lock();
     let list: Vec<Value> = m
@@ -930,7 +1192,7 @@ async fn list_installations(call: Call) -> ApiResult {
         .values()
         .map(|i| json!({ "id": i.id, "account": { "login": i.account }, "permissions": i.permissions }))
         .collect();
-    Ok(Json(Value::Array(list)).into_response())
+    Ok(paginate(&f, &uri, &q, list, array))
 }
 
 async fn access_token(call: Call, Path(id): Path<u64>, body: Bytes) -> ApiResult {
@@ -1014,7 +1276,8 @@ async fn access_token(call: Call, Path(id): Path<u64>, body: Bytes) -> ApiResult
         .into_response())
 }
 
-async fn list_deliveries(call: Call) -> ApiResult {
+async fn list_deliveries(call: Call, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+    let uri = call.uri.clone();
     let f = call.app()?;
     let m = f.model.lock();
     let list: Vec<Value> = m
@@ -1030,7 +1293,7 @@ async fn list_deliveries(call: Call) -> ApiResult {
                     "repository_id": 1 })
         })
         .collect();
-    Ok(Json(Value::Array(list)).into_response())
+    Ok(paginate(&f, &uri, &q, list, array))
 }
 
 async fn redeliver(call: Call, Path(id): Path<u64>) -> ApiResult {
@@ -1051,7 +1314,11 @@ async fn redeliver(call: Call, Path(id): Path<u64>) -> ApiResult {
     Ok((StatusCode::ACCEPTED, Json(json!({}))).into_response())
 }
 
-async fn installation_repositories(call: Call) -> ApiResult {
+async fn installation_repositories(
+    call: Call,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let uri = call.uri.clone();
     let (f, headers) = call.recorded();
     let token =
         bearer(&headers).ok_or_else(|| err(StatusCode::UNAUTHORIZED, "Requires authentication"))?;
@@ -1073,7 +1340,13 @@ async fn installation_repositories(call: Call) -> ApiResult {
         .filter_map(|full| m.repos.get(full))
         .map(|r| f.repo_json(r))
         .collect();
-    Ok(Json(json!({ "total_count": repos.len(), "repositories": repos })).into_response())
+    Ok(paginate(
+        &f,
+        &uri,
+        &q,
+        repos,
+        |page, total| json!({ "total_count": total, "repositories": page }),
+    ))
 }
 
 async fn permission(call: Call, Path((o, r, u)): Path<(String, String, String)>) -> ApiResult {
@@ -1103,6 +1376,7 @@ async fn list_issues(
     Path((o, r)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
+    let uri = call.uri.clone();
     let (f, repo) = call.repo(&o, &r, "issues", Perm::Read)?;
     let m = f.model.lock();
     let state = q.get("state").cloned().unwrap_or_else(|| "open".into());
@@ -1117,16 +1391,21 @@ async fn list_issues(
         .filter(|i| want.iter().all(|w| i.labels.contains(w)))
         .map(|i| f.issue_json(&repo, i))
         .collect();
-    Ok(Json(Value::Array(list)).into_response())
+    Ok(paginate(&f, &uri, &q, list, array))
 }
 
-async fn issue_events(call: Call, Path((o, r, n)): Path<(String, String, u64)>) -> ApiResult {
+async fn issue_events(
+    call: Call,
+    Path((o, r, n)): Path<(String, String, u64)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let uri = call.uri.clone();
     let (f, repo) = call.repo(&o, &r, "issues", Perm::Read)?;
     let m = f.model.lock();
     let i = m
         .issue(&repo, n)
         .ok_or_else(|| err(StatusCode::NOT_FOUND, "Not Found"))?;
-    Ok(Json(Value::Array(i.events.clone())).into_response())
+    Ok(paginate(&f, &uri, &q, i.events.clone(), array))
 }
 
 fn body_field(body: &Bytes) -> Result<Value, (StatusCode, Json<Value>)> {
@@ -1180,6 +1459,12 @@ async fn create_comment(
     if !known {
         return Err(err(StatusCode::NOT_FOUND, "Not Found"));
     }
+    if m.issue(&repo, n).is_some_and(|i| i.locked) {
+        return Err(err(
+            StatusCode::FORBIDDEN,
+            "Unable to create comment because issue is locked.",
+        ));
+    }
     let id = m.id();
     m.comments.insert(
         id,
@@ -1199,7 +1484,12 @@ async fn create_comment(
         .into_response())
 }
 
-async fn list_comments(call: Call, Path((o, r, n)): Path<(String, String, u64)>) -> ApiResult {
+async fn list_comments(
+    call: Call,
+    Path((o, r, n)): Path<(String, String, u64)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let uri = call.uri.clone();
     let (f, repo) = call.repo(&o, &r, "issues", Perm::Read)?;
     let m = f.model.lock();
     let list: Vec<Value> = m
@@ -1207,7 +1497,7 @@ async fn list_comments(call: Call, Path((o, r, n)): Path<(String, String, u64)>)
         .iter()
         .map(|c| json!({ "id": c.id, "body": c.body, "user": { "login": c.user } }))
         .collect();
-    Ok(Json(Value::Array(list)).into_response())
+    Ok(paginate(&f, &uri, &q, list, array))
 }
 
 async fn edit_comment(
@@ -1333,6 +1623,7 @@ async fn create_pull(call: Call, Path((o, r)): Path<(String, String)>, body: Byt
         body: v["body"].as_str().unwrap_or("").into(),
         draft: v["draft"].as_bool().unwrap_or(false),
         state: "open".into(),
+        merged: false,
         user: BOT_LOGIN.into(),
     };
     x.pulls.insert(n, p.clone());
@@ -1344,6 +1635,7 @@ async fn list_pulls(
     Path((o, r)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
+    let uri = call.uri.clone();
     let (f, repo) = call.repo(&o, &r, "pull_requests", Perm::Read)?;
     let m = f.model.lock();
     let state = q.get("state").cloned().unwrap_or_else(|| "open".into());
@@ -1359,7 +1651,7 @@ async fn list_pulls(
         .filter(|p| head.as_ref().is_none_or(|h| *h == p.head))
         .map(|p| f.pull_json(&repo, p))
         .collect();
-    Ok(Json(Value::Array(list)).into_response())
+    Ok(paginate(&f, &uri, &q, list, array))
 }
 
 async fn get_pull(call: Call, Path((o, r, n)): Path<(String, String, u64)>) -> ApiResult {

@@ -229,7 +229,7 @@ async fn a_replayed_delivery_creates_nothing_twice() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_reader_is_told_once_and_bots_are_ignored() {
+async fn a_reader_is_told_once_and_a_bot_not_allowed_is_told_why_nothing_runs() {
     let (_tmp, fake, c) = setup().await;
     let issue = fake.open_issue(REPO, "Do something", "b", "rita");
     // A user with read access labels it, twice.
@@ -269,9 +269,14 @@ async fn a_reader_is_told_once_and_bots_are_ignored() {
         .into_iter()
         .filter(|c| c.user == BOT_LOGIN)
         .collect();
-    assert_eq!(bot_comments.len(), 2, "{bot_comments:#?}");
+    assert_eq!(bot_comments.len(), 3, "{bot_comments:#?}");
+    assert!(
+        bot_comments[1].body.contains("`other-app[bot]`")
+            && bot_comments[1].body.contains("github.allowed_bots"),
+        "{bot_comments:#?}"
+    );
     assert!(tasks(&c).await.is_empty(), "no task may start");
-    // Both comments (the bot's and alice's) were handled; only alice's was answered.
+    // Both comments (the bot's and alice's) were handled and answered.
     let handled = r#"ao_webhook_deliveries_total{event="issue_comment",result="handled"}"#;
     assert_eq!(c.metric(handled).await.unwrap(), 2.0);
 }

@@ -49,18 +49,70 @@ pub async fn create_comment(
     body: &str,
 ) -> Result<u64, GithubError> {
     let r = c
-        .call(
+        .create(
             inst,
-            Method::POST,
             "/repos/{o}/{r}/issues/{n}/comments",
             &format!("/repos/{repo}/issues/{issue}/comments"),
-            Some(&json!({ "body": body })),
+            &json!({ "body": body }),
         )
         .await?;
     r.body["id"].as_u64().ok_or_else(|| GithubError::Transport {
         route: "/repos/{o}/{r}/issues/{n}/comments",
         message: "the new comment has no id".into(),
     })
+}
+
+/// Posts an answer on an issue or pull request. A conversation that refuses comments for
+/// good (a locked conversation or an archived repository answers 403, issues disabled
+/// 410) cannot be answered at all: that is logged and is no error, so that the work that
+/// asked for the answer is not repeated for it.
+pub async fn answer(
+    c: &Client,
+    inst: u64,
+    repo: &RepoName,
+    number: u64,
+    text: &str,
+) -> Result<(), GithubError> {
+    match create_comment(c, inst, repo, number, text).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_permanent() => {
+            tracing::warn!(repository = %repo, issue = number, error = %e,
+                "GitHub refuses comments here; the answer is not posted");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The id of the App's comment on an issue whose body contains `marker`, if any (to
+/// find a comment whose creation failed without an answer instead of making a second).
+pub async fn find_comment(
+    c: &Client,
+    inst: u64,
+    repo: &RepoName,
+    issue: u64,
+    marker: &str,
+) -> Result<Option<u64>, GithubError> {
+    let list = c
+        .list(
+            inst,
+            "/repos/{o}/{r}/issues/{n}/comments",
+            &format!("/repos/{repo}/issues/{issue}/comments?per_page=100"),
+            array,
+        )
+        .await?;
+    Ok(list
+        .iter()
+        .find(|x| x["body"].as_str().is_some_and(|b| b.contains(marker)))
+        .and_then(|x| x["id"].as_u64()))
+}
+
+/// The items of a page that is a bare JSON array.
+fn array(v: Value) -> Vec<Value> {
+    match v {
+        Value::Array(a) => a,
+        _ => Vec::new(),
+    }
 }
 
 pub async fn update_comment(
@@ -138,6 +190,8 @@ pub struct Pull {
     pub number: u64,
     pub node_id: String,
     pub draft: bool,
+    /// `state: open` (not closed, not merged).
+    pub open: bool,
 }
 
 fn pull(v: &Value) -> Pull {
@@ -145,6 +199,7 @@ fn pull(v: &Value) -> Pull {
         number: v["number"].as_u64().unwrap_or(0),
         node_id: v["node_id"].as_str().unwrap_or("").to_string(),
         draft: v["draft"].as_bool().unwrap_or(false),
+        open: v["state"].as_str().is_none_or(|s| s == "open"),
     }
 }
 
@@ -158,15 +213,12 @@ pub async fn create_pull(
     body: &str,
 ) -> Result<Pull, GithubError> {
     let r = c
-        .call(
+        .create(
             inst,
-            Method::POST,
             "/repos/{o}/{r}/pulls",
             &format!("/repos/{repo}/pulls"),
-            Some(
-                &json!({ "head": head, "base": base, "title": title, "body": body,
-                          "draft": true, "maintainer_can_modify": true }),
-            ),
+            &json!({ "head": head, "base": base, "title": title, "body": body,
+                      "draft": true, "maintainer_can_modify": true }),
         )
         .await?;
     Ok(pull(&r.body))
@@ -253,12 +305,11 @@ pub async fn create_review(
     number: u64,
     body: &str,
 ) -> Result<(), GithubError> {
-    c.call(
+    c.create(
         inst,
-        Method::POST,
         "/repos/{o}/{r}/pulls/{n}/reviews",
         &format!("/repos/{repo}/pulls/{number}/reviews"),
-        Some(&json!({ "body": body, "event": "COMMENT" })),
+        &json!({ "body": body, "event": "COMMENT" }),
     )
     .await
     .map(|_| ())
@@ -271,6 +322,8 @@ pub struct OpenIssue {
     pub title: String,
     pub body: String,
     pub labels: Vec<String>,
+    /// The issue's author.
+    pub author: Option<String>,
 }
 
 pub async fn open_issues_with_label(
@@ -279,32 +332,28 @@ pub async fn open_issues_with_label(
     repo: &RepoName,
     label: &str,
 ) -> Result<Vec<OpenIssue>, GithubError> {
-    let r = c
-        .call(
+    let list = c
+        .list(
             inst,
-            Method::GET,
             "/repos/{o}/{r}/issues",
             &format!(
                 "/repos/{repo}/issues?state=open&labels={}&per_page=100",
                 urlencode(label)
             ),
-            None,
+            array,
         )
         .await?;
-    Ok(r.body
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|i| i.get("pull_request").is_none_or(Value::is_null))
-                .map(|i| OpenIssue {
-                    number: i["number"].as_u64().unwrap_or(0),
-                    title: i["title"].as_str().unwrap_or("").to_string(),
-                    body: i["body"].as_str().unwrap_or("").to_string(),
-                    labels: names(&i["labels"]),
-                })
-                .collect()
+    Ok(list
+        .iter()
+        .filter(|i| i.get("pull_request").is_none_or(Value::is_null))
+        .map(|i| OpenIssue {
+            number: i["number"].as_u64().unwrap_or(0),
+            title: i["title"].as_str().unwrap_or("").to_string(),
+            body: i["body"].as_str().unwrap_or("").to_string(),
+            labels: names(&i["labels"]),
+            author: i["user"]["login"].as_str().map(str::to_string),
         })
-        .unwrap_or_default())
+        .collect())
 }
 
 /// An installation of the App.
@@ -314,22 +363,17 @@ pub struct Installation {
 }
 
 pub async fn installations(c: &Client) -> Result<Vec<Installation>, GithubError> {
-    let r = c
-        .app_call(
-            Method::GET,
+    let list = c
+        .app_list(
             "/app/installations",
             "/app/installations?per_page=100",
-            None,
+            array,
         )
         .await?;
-    Ok(r.body
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|i| i["id"].as_u64().map(|id| Installation { id }))
-                .collect()
-        })
-        .unwrap_or_default())
+    Ok(list
+        .iter()
+        .filter_map(|i| i["id"].as_u64().map(|id| Installation { id }))
+        .collect())
 }
 
 /// Repositories an installation can reach.
@@ -337,26 +381,21 @@ pub async fn installation_repositories(
     c: &Client,
     inst: u64,
 ) -> Result<Vec<(RepoName, Option<String>)>, GithubError> {
-    let r = c
-        .call(
+    let list = c
+        .list(
             inst,
-            Method::GET,
             "/installation/repositories",
             "/installation/repositories?per_page=100",
-            None,
+            |mut page| array(page["repositories"].take()),
         )
         .await?;
-    Ok(r.body["repositories"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| {
-                    let repo = RepoName::parse(x["full_name"].as_str()?)?;
-                    Some((repo, x["default_branch"].as_str().map(str::to_string)))
-                })
-                .collect()
+    Ok(list
+        .iter()
+        .filter_map(|x| {
+            let repo = RepoName::parse(x["full_name"].as_str()?)?;
+            Some((repo, x["default_branch"].as_str().map(str::to_string)))
         })
-        .unwrap_or_default())
+        .collect())
 }
 
 /// One of the App's recent webhook deliveries.
@@ -368,28 +407,23 @@ pub struct HookDelivery {
 }
 
 pub async fn hook_deliveries(c: &Client) -> Result<Vec<HookDelivery>, GithubError> {
-    let r = c
-        .app_call(
-            Method::GET,
+    let list = c
+        .app_list(
             "/app/hook/deliveries",
             "/app/hook/deliveries?per_page=100",
-            None,
+            array,
         )
         .await?;
-    Ok(r.body
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|d| {
-                    Some(HookDelivery {
-                        id: d["id"].as_u64()?,
-                        guid: d["guid"].as_str()?.to_string(),
-                        status_code: d["status_code"].as_u64().unwrap_or(0),
-                    })
-                })
-                .collect()
+    Ok(list
+        .iter()
+        .filter_map(|d| {
+            Some(HookDelivery {
+                id: d["id"].as_u64()?,
+                guid: d["guid"].as_str()?.to_string(),
+                status_code: d["status_code"].as_u64().unwrap_or(0),
+            })
         })
-        .unwrap_or_default())
+        .collect())
 }
 
 pub async fn redeliver(c: &Client, id: u64) -> Result<(), GithubError> {
@@ -416,7 +450,8 @@ pub fn urlencode(s: &str) -> String {
     out
 }
 
-/// Who last put `label` on an issue (from the issue's events), if anyone.
+/// Who last put `label` on an issue, if anyone: from the issue's events, every page
+/// read (GitHub lists them oldest first, so the newest are on the last page).
 pub async fn last_labeler(
     c: &Client,
     inst: u64,
@@ -424,16 +459,15 @@ pub async fn last_labeler(
     issue: u64,
     label: &str,
 ) -> Result<Option<(String, bool)>, GithubError> {
-    let r = c
-        .call(
+    let events = c
+        .list(
             inst,
-            Method::GET,
             "/repos/{o}/{r}/issues/{n}/events",
             &format!("/repos/{repo}/issues/{issue}/events?per_page=100"),
-            None,
+            array,
         )
         .await?;
-    Ok(r.body.as_array().and_then(|events| {
+    Ok(Some(events).and_then(|events| {
         events
             .iter()
             .rev()

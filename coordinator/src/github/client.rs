@@ -1,6 +1,10 @@
 //! The GitHub API client of the App: RS256 JWTs for the App itself, installation tokens
 //! cached until shortly before they expire, and every call counted, retried on 5xx and
-//! backed off on rate limits (`retry-after`, `x-ratelimit-reset`).
+//! backed off on rate limits (`retry-after`, `x-ratelimit-reset`). Creating calls
+//! ([`Client::create`]) are retried only when GitHub certainly refused them (rate limits):
+//! after a 5xx or a lost answer they may have taken effect, so the caller looks up before
+//! creating again. Lists ([`Client::list`], [`Client::app_list`]) follow the `Link`
+//! header's `next` pages to the end.
 //!
 //! Built on reqwest rather than octocrab: every call here must see the response's
 //! rate-limit headers and status (for backoff and metrics), and several calls need
@@ -57,9 +61,47 @@ pub enum GithubError {
         route: &'static str,
         message: String,
     },
+    /// Still rate-limited after the waits a call allows itself; try again later.
+    #[error("GitHub rate-limits {route}: {message}")]
+    RateLimited {
+        route: &'static str,
+        message: String,
+    },
     #[error("cannot sign the App JWT: {0}")]
     Jwt(String),
 }
+
+impl GithubError {
+    /// Whether asking again cannot succeed: GitHub refused this very call for good (a
+    /// locked conversation or an archived repository answers 403, a repository with
+    /// issues disabled 410, a missing thing 404, an invalid request 422). Rate limits
+    /// and 5xx are not permanent, nor is a 403 that names a (secondary) rate limit
+    /// without the headers that mark one; neither are 401s (a token is renewed).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            GithubError::Status {
+                status: 403,
+                message,
+                ..
+            } => !message.to_ascii_lowercase().contains("rate limit"),
+            GithubError::Status { status, .. } => matches!(status, 404 | 410 | 422),
+            _ => false,
+        }
+    }
+
+    /// Whether the call may have taken effect although it failed (no answer, or a 5xx):
+    /// a creating call is looked up before it is made again.
+    pub fn is_ambiguous(&self) -> bool {
+        match self {
+            GithubError::Transport { .. } => true,
+            GithubError::Status { status, .. } => *status >= 500,
+            _ => false,
+        }
+    }
+}
+
+/// Pages followed by one list call at most (with 100 items a page: 10 000 items).
+const MAX_PAGES: usize = 100;
 
 /// Permissions asked for an installation token (`permissions` of `access_tokens`).
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq, Hash)]
@@ -81,6 +123,34 @@ struct CachedToken {
 pub struct Reply {
     pub status: u16,
     pub body: Value,
+    /// The `rel="next"` URL of the `Link` header: the next page of a list.
+    pub next: Option<String>,
+}
+
+/// The `rel="next"` target of a `Link` header (RFC 8288, as GitHub writes it:
+/// `<url>; rel="next", <url>; rel="last"`).
+pub fn next_link(link: &str) -> Option<String> {
+    link.split(',').find_map(|part| {
+        let (target, params) = part.split_once(';')?;
+        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+        params
+            .split(';')
+            .any(|p| {
+                let p = p.trim();
+                p == "rel=\"next\"" || p == "rel=next"
+            })
+            .then(|| target.to_string())
+    })
+}
+
+/// Whether a call may be made again after a failure that leaves its effect unknown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Repeat {
+    /// Reads, edits and other idempotent calls: retried on 5xx and transport errors.
+    Safe,
+    /// Creating calls (a comment, a pull request, a review): retried only when GitHub
+    /// certainly refused them (rate limits); otherwise the caller looks up first.
+    OnlyRefused,
 }
 
 /// The App's client.
@@ -244,6 +314,92 @@ impl Client {
         self.send(method, route, path, &jwt, body).await
     }
 
+    /// Every item of a list the App itself reads (JWT): `path` and then each `Link`
+    /// `next` page, up to [`MAX_PAGES`]; `items` picks a page's items from its body.
+    pub async fn app_list(
+        &self,
+        route: &'static str,
+        path: &str,
+        items: fn(Value) -> Vec<Value>,
+    ) -> Result<Vec<Value>, GithubError> {
+        let jwt = SecretString::from(self.jwt().await?);
+        self.list_with(route, path, items, &jwt).await
+    }
+
+    /// Every item of a list read as an installation (see [`Client::app_list`]).
+    pub async fn list(
+        &self,
+        installation: u64,
+        route: &'static str,
+        path: &str,
+        items: fn(Value) -> Vec<Value>,
+    ) -> Result<Vec<Value>, GithubError> {
+        let token = self
+            .installation_token(installation, &TokenScope::default())
+            .await?;
+        self.list_with(route, path, items, &token).await
+    }
+
+    async fn list_with(
+        &self,
+        route: &'static str,
+        path: &str,
+        items: fn(Value) -> Vec<Value>,
+        credential: &SecretString,
+    ) -> Result<Vec<Value>, GithubError> {
+        let mut out = Vec::new();
+        let mut url = format!("{}{}", self.api_url, path);
+        for _ in 0..MAX_PAGES {
+            let reply = self
+                .send_url(Method::GET, route, url, credential, None, Repeat::Safe)
+                .await?;
+            out.extend(items(reply.body));
+            match reply.next {
+                // The credential goes only where the API is.
+                Some(next) if next.starts_with(&format!("{}/", self.api_url)) => url = next,
+                Some(_) => {
+                    tracing::warn!(
+                        route,
+                        "a list's next page is not on the API's host; not followed"
+                    );
+                    return Ok(out);
+                }
+                None => return Ok(out),
+            }
+        }
+        tracing::warn!(
+            route,
+            pages = MAX_PAGES,
+            "a list has more pages than are read"
+        );
+        Ok(out)
+    }
+
+    /// A creating call as an installation: not repeated after a failure that may have
+    /// taken effect ([`GithubError::is_ambiguous`]); the caller looks up before
+    /// creating again.
+    pub async fn create(
+        &self,
+        installation: u64,
+        route: &'static str,
+        path: &str,
+        body: &Value,
+    ) -> Result<Reply, GithubError> {
+        let token = self
+            .installation_token(installation, &TokenScope::default())
+            .await?;
+        let url = format!("{}{}", self.api_url, path);
+        self.send_url(
+            Method::POST,
+            route,
+            url,
+            &token,
+            Some(body),
+            Repeat::OnlyRefused,
+        )
+        .await
+    }
+
     /// A call as an installation (its full token).
     pub async fn call(
         &self,
@@ -286,7 +442,14 @@ impl Client {
         };
         let body = serde_json::json!({ "query": query, "variables": variables });
         let reply = self
-            .send_url(Method::POST, "/graphql", url, &token, Some(&body))
+            .send_url(
+                Method::POST,
+                "/graphql",
+                url,
+                &token,
+                Some(&body),
+                Repeat::Safe,
+            )
             .await?;
         if let Some(errors) = reply.body.get("errors").filter(|e| !e.is_null()) {
             return Err(GithubError::Status {
@@ -307,7 +470,8 @@ impl Client {
         body: Option<&Value>,
     ) -> Result<Reply, GithubError> {
         let url = format!("{}{}", self.api_url, path);
-        self.send_url(method, route, url, credential, body).await
+        self.send_url(method, route, url, credential, body, Repeat::Safe)
+            .await
     }
 
     async fn send_url(
@@ -317,6 +481,7 @@ impl Client {
         url: String,
         credential: &SecretString,
         body: Option<&Value>,
+        repeat: Repeat,
     ) -> Result<Reply, GithubError> {
         let mut backoff = Backoff::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY);
         let mut attempt = 0;
@@ -335,7 +500,7 @@ impl Client {
                 Ok(r) => r,
                 Err(e) => {
                     self.count(route, "0", "transport_error");
-                    if attempt < MAX_ATTEMPTS {
+                    if attempt < MAX_ATTEMPTS && repeat == Repeat::Safe {
                         backoff.wait().await;
                         continue;
                     }
@@ -371,16 +536,22 @@ impl Client {
                 } else {
                     serde_json::from_str(&text).unwrap_or(Value::String(text))
                 };
+                let next = headers
+                    .get("link")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(next_link);
                 return Ok(Reply {
                     status: status.as_u16(),
                     body,
+                    next,
                 });
             }
             let message = serde_json::from_str::<Value>(&text)
                 .ok()
                 .and_then(|v| v["message"].as_str().map(str::to_string))
                 .unwrap_or_else(|| text.chars().take(300).collect());
-            if attempt < MAX_ATTEMPTS && (rate_limited || status.is_server_error()) {
+            let again = rate_limited || (status.is_server_error() && repeat == Repeat::Safe);
+            if attempt < MAX_ATTEMPTS && again {
                 let wait = match rate_limited.then(|| rate_limit_wait(&headers)).flatten() {
                     Some(wait) => wait,
                     None => backoff.next_delay(),
@@ -395,6 +566,9 @@ impl Client {
                     tokio::time::sleep(wait).await;
                     continue;
                 }
+            }
+            if rate_limited {
+                return Err(GithubError::RateLimited { route, message });
             }
             return Err(GithubError::Status {
                 status: status.as_u16(),
@@ -424,4 +598,54 @@ fn rate_limit_wait(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     }
     let reset = header_u64(headers, "x-ratelimit-reset")?;
     Some(Duration::from_secs(reset.saturating_sub(unix_now()).max(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{next_link, GithubError};
+
+    #[test]
+    fn refusals_for_good_are_told_from_ones_that_pass() {
+        let status = |status: u16, message: &str| GithubError::Status {
+            status,
+            route: "/r",
+            message: message.into(),
+        };
+        for permanent in [
+            status(403, "Unable to create comment because issue is locked."),
+            status(403, "Repository was archived so is read-only."),
+            status(410, "Issues are disabled for this repo"),
+            status(404, "Not Found"),
+            status(422, "Validation Failed"),
+        ] {
+            assert!(permanent.is_permanent(), "{permanent}");
+            assert!(!permanent.is_ambiguous(), "{permanent}");
+        }
+        for passing in [
+            status(403, "You have exceeded a secondary rate limit."),
+            status(401, "Bad credentials"),
+            status(502, "Bad Gateway"),
+            GithubError::RateLimited {
+                route: "/r",
+                message: "API rate limit exceeded".into(),
+            },
+        ] {
+            assert!(!passing.is_permanent(), "{passing}");
+        }
+        assert!(status(502, "x").is_ambiguous());
+    }
+
+    #[test]
+    fn the_next_page_is_read_from_githubs_link_header() {
+        let link = "<https://api.github.com/repositories/1/issues?page=2>; rel=\"next\", \
+                    <https://api.github.com/repositories/1/issues?page=5>; rel=\"last\"";
+        assert_eq!(
+            next_link(link).as_deref(),
+            Some("https://api.github.com/repositories/1/issues?page=2")
+        );
+        let last = "<https://x/a?page=1>; rel=\"first\", <https://x/a?page=4>; rel=\"prev\"";
+        assert_eq!(next_link(last), None);
+        assert_eq!(next_link(""), None);
+        assert_eq!(next_link("garbage; rel=\"next\""), None);
+    }
 }

@@ -56,6 +56,15 @@ pub enum Once<'a> {
     },
     /// Explaining a push refused for want of the `workflows` permission.
     WorkflowsNotice { task: TaskId },
+    /// Telling an issue that a bot not in `github.allowed_bots` starts nothing there.
+    BotRefused {
+        repo: &'a RepoName,
+        issue: u64,
+        login: &'a str,
+    },
+    /// The one answer to a delivery that starts nothing (a closed issue, a label on a
+    /// pull request).
+    Answer { delivery: &'a DeliveryId },
 }
 
 impl Once<'_> {
@@ -89,6 +98,8 @@ impl Once<'_> {
                 attempt,
             } => format!("plan:{task}:{subtask}:{attempt}"),
             Once::WorkflowsNotice { task } => format!("workflows-notice:{task}"),
+            Once::BotRefused { repo, issue, login } => format!("bot:{repo}#{issue}:{login}"),
+            Once::Answer { delivery } => format!("answer:{delivery}"),
         })
     }
 }

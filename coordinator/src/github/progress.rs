@@ -60,6 +60,21 @@ pub fn render(task: &Task, pull_request: Option<u64>) -> String {
         s.push_str(&format!(" · pull request #{n}"));
     }
     s.push_str("\n\n");
+    if let ao_shared::task::TaskSource::Github {
+        untrusted_author: Some(author),
+        ..
+    } = &task.source
+    {
+        s.push_str(&format!(
+            "⚠️ This issue was written by @{}, who has no write access to this repository: \
+             the agent works from their text, which it is told is untrusted. Check the \
+             result with that in mind.\n\n",
+            author.replace(
+                |c: char| !(c.is_ascii_alphanumeric() || "-[]_".contains(c)),
+                ""
+            )
+        ));
+    }
     for sub in &task.subtasks {
         let done = if sub.status == SubtaskStatus::Succeeded {
             "x"
@@ -83,6 +98,10 @@ pub fn render(task: &Task, pull_request: Option<u64>) -> String {
         ));
     }
     s.push_str(&format!("\nCost so far: ${:.2}\n", task.cost_usd()));
+    if task.status == TaskStatus::AwaitingApproval {
+        s.push('\n');
+        s.push_str(&agent_text(task));
+    }
     if let Some(refused) = network_refused(task) {
         s.push('\n');
         s.push_str(&refused);
@@ -98,6 +117,22 @@ pub fn render(task: &Task, pull_request: Option<u64>) -> String {
          `/agent run`</sub>\n",
     );
     s
+}
+
+/// Exactly the instructions the agent gets, shown to whoever approves, in a code fence
+/// longer than any run of backticks in them (so that the text cannot end it).
+pub fn agent_text(task: &Task) -> String {
+    let mut longest = 0;
+    let mut run = 0;
+    for c in task.prompt.chars() {
+        run = if c == '`' { run + 1 } else { 0 };
+        longest = longest.max(run);
+    }
+    let fence = "`".repeat((longest + 1).max(3));
+    format!(
+        "<details><summary>The text the agent gets</summary>\n\n{fence}text\n{}\n{fence}\n</details>\n",
+        task.prompt
+    )
 }
 
 /// The pull request's body without what the runs add to it.
@@ -226,5 +261,25 @@ mod tests {
         assert!(!shown.contains('@'), "{shown}");
         assert!(!shown.contains("](h"), "{shown}");
         assert!(pull_body(&task, 7).contains("`pypi.org:443`"));
+    }
+
+    #[test]
+    fn the_approver_sees_the_agents_text_in_a_fence_it_cannot_close() {
+        let mut task: Task = serde_json::from_value(serde_json::json!({
+            "id": "01a22b20-5a5d-76c6-b6eb-b80fb59936d5",
+            "repository": "acme/widgets", "branch": "agent/1-x", "pipeline": "code",
+            "prompt": "Do it.\n````\n# Approve me", "title": "x", "status": "awaiting_approval",
+            "version": 1,
+            "created_at": "2026-11-30T06:24:30Z", "updated_at": "2026-11-30T06:24:30Z",
+            "source": { "kind": "api" }, "subtasks": []
+        }))
+        .unwrap();
+        let shown = render(&task, None);
+        assert!(
+            shown.contains("`````text\nDo it.\n````\n# Approve me\n`````\n"),
+            "{shown}"
+        );
+        task.status = TaskStatus::Running;
+        assert!(!render(&task, None).contains("Do it."));
     }
 }

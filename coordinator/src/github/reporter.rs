@@ -8,7 +8,13 @@
 //! so the result consumer never waits for GitHub. What was already written is remembered
 //! in memory (to skip needless edits); the ids that must survive a restart (progress
 //! comment, pull request) are stored in the task's source.
+//!
+//! A step GitHub refuses for good ([`GithubError::is_permanent`]: a locked conversation
+//! or an archived repository answers 403, issues disabled 410) is logged once and not
+//! tried again for that task by this process; every other step is still done. A creating
+//! call that failed without a clear answer is looked up before it is made again.
 
+use super::client::GithubError;
 use super::once::Once;
 use super::{api, progress, source};
 use crate::bus::TaskChange;
@@ -30,6 +36,10 @@ use tokio::time::Instant;
 /// First retry delay of a failed pass; doubled up to [`MAX_RETRY_DELAY`].
 const FIRST_RETRY_DELAY: Duration = Duration::from_secs(1);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+
+/// Ended tasks whose steps refused for good are remembered at most (the oldest are
+/// forgotten first).
+const MAX_ENDED_REFUSED: usize = 10_000;
 
 /// The delays between failed passes over one task.
 fn retry_backoff() -> Backoff {
@@ -70,12 +80,60 @@ struct Written {
     reviews: HashSet<DeliveryId>,
     owed_reviews: HashSet<DeliveryId>,
     notices: HashSet<DeliveryId>,
+    /// Steps GitHub refused for good; skipped from then on.
+    refused: HashSet<Step>,
+    /// Creating the progress comment failed without a clear answer: look for it first.
+    comment_unsure: bool,
+}
+
+/// A step of a pass, as far as GitHub may refuse it for good.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Step {
+    PullRequest,
+    Review,
+    Plan,
+    PullBody,
+    Ready,
+    Comment,
+    Labels,
+    Notice,
+}
+
+impl Written {
+    /// Whether `step` is still to be tried (GitHub has not refused it for good).
+    fn open(&self, step: Step) -> bool {
+        !self.refused.contains(&step)
+    }
+
+    /// The result of `step`'s call: `Ok(Some(_))` when done, `Ok(None)` when GitHub
+    /// refused it for good (logged the first time; skipped from now on), the error when
+    /// it may succeed later.
+    fn settle<T>(
+        &mut self,
+        task: TaskId,
+        step: Step,
+        r: Result<T, GithubError>,
+    ) -> Result<Option<T>, GithubError> {
+        match r {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.is_permanent() => {
+                if self.refused.insert(step) {
+                    tracing::warn!(task_id = %task, step = ?step, error = %e,
+                        "GitHub refuses this step for good; it is left out and the others are done");
+                }
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// Runs until shutdown.
 pub async fn run(gh: Arc<Github>, mut changes: broadcast::Receiver<TaskChange>) {
     let mut rx = gh.reporter.rx.lock().await;
     let mut written: HashMap<TaskId, Written> = HashMap::new();
+    // Ended tasks whose refused steps are remembered, oldest first.
+    let mut ended_refused: std::collections::VecDeque<TaskId> = Default::default();
     // Due passes: task → (when, current retry delay).
     let mut due: HashMap<TaskId, (Instant, Backoff)> = HashMap::new();
     for task in active_tasks(&gh).await {
@@ -122,9 +180,20 @@ pub async fn run(gh: Arc<Github>, mut changes: broadcast::Receiver<TaskChange>) 
                     match pass(&gh, id, entry).await {
                         Ok(done) => {
                             due.remove(&id);
-                            // Finished and fully reported: forget what was written.
+                            // Finished and fully reported: forget what was written, except
+                            // the steps GitHub refused for good (a later change of the
+                            // ended task must not try them again).
                             if done {
-                                written.remove(&id);
+                                let refused = written.remove(&id).map(|w| w.refused).unwrap_or_default();
+                                if !refused.is_empty() {
+                                    ended_refused.push_back(id);
+                                    if ended_refused.len() > MAX_ENDED_REFUSED {
+                                        if let Some(old) = ended_refused.pop_front() {
+                                            written.remove(&old);
+                                        }
+                                    }
+                                    written.insert(id, Written { refused, ..Default::default() });
+                                }
                             }
                         }
                         Err(e) => {
@@ -215,31 +284,39 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
         TaskSource::Api => (None, None),
     };
 
-    // 1. The pull request, once there is a commit on the branch.
+    // 1. The pull request, once there is a commit on the branch (one opened before a
+    // crash, or by a creation whose answer was lost, is found and adopted).
     let pushed = task
         .subtasks
         .iter()
         .any(|s| s.outcome.as_ref().is_some_and(|o| o.commit.is_some()));
-    if pull_request.is_none() && pushed {
-        let pr = match api::find_pull(c, inst, &repo, &task.branch).await? {
-            Some(pr) => pr,
-            None => {
+    if pull_request.is_none() && pushed && written.open(Step::PullRequest) {
+        let found = api::find_pull(c, inst, &repo, &task.branch).await;
+        let pr = match written.settle(id, Step::PullRequest, found)? {
+            Some(Some(pr)) => Some(pr),
+            Some(None) => {
                 let base = task.base_branch.clone().unwrap_or_else(|| "main".into());
                 let body = progress::pull_body(&task, issue);
-                let pr = api::create_pull(c, inst, &repo, &task.branch, &base, &task.title, &body)
-                    .await?;
-                written.pull_body = Some(body);
+                let made =
+                    api::create_pull(c, inst, &repo, &task.branch, &base, &task.title, &body).await;
+                let pr = written.settle(id, Step::PullRequest, made)?;
+                if pr.is_some() {
+                    written.pull_body = Some(body);
+                }
                 pr
             }
+            None => None,
         };
-        let number = pr.number;
-        task = set_source(gh, id, move |p, _| *p = Some(number)).await?;
-        pull_request = Some(number);
-        tracing::info!(task_id = %id, pull_request = number, "pull request opened");
+        if let Some(pr) = pr {
+            let number = pr.number;
+            task = set_source(gh, id, move |p, _| *p = Some(number)).await?;
+            pull_request = Some(number);
+            tracing::info!(task_id = %id, pull_request = number, "pull request opened");
+        }
     }
 
     // 2. The reviewer's findings as a review on the pull request.
-    if let Some(pr) = pull_request {
+    if let (Some(pr), true) = (pull_request, written.open(Step::Review)) {
         for sub in task.subtasks.iter().filter(|s| {
             s.capability == Capability::Reviewer && s.status == SubtaskStatus::Succeeded
         }) {
@@ -265,7 +342,8 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
                     .filter(|s| !s.is_empty())
                     .unwrap_or_else(|| "The reviewer found nothing to add.".into());
                 let body = format!("**Reviewer agent**\n\n{summary}");
-                api::create_review(c, inst, &repo, pr, &body).await?;
+                let posted = api::create_review(c, inst, &repo, pr, &body).await;
+                written.settle(id, Step::Review, posted)?;
                 written.owed_reviews.remove(&key);
             }
             written.reviews.insert(key);
@@ -284,7 +362,7 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
             attempt: sub.attempt,
         }
         .key();
-        if written.reviews.contains(&key) {
+        if written.reviews.contains(&key) || !written.open(Step::Plan) {
             continue;
         }
         let owed = written.owed_reviews.contains(&key);
@@ -303,7 +381,8 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
                      `/agent approve` (or `/agent cancel`).\n",
                 );
             }
-            api::create_comment(c, inst, &repo, issue, &body).await?;
+            let posted = api::create_comment(c, inst, &repo, issue, &body).await;
+            written.settle(id, Step::Plan, posted)?;
             written.owed_reviews.remove(&key);
         }
         written.reviews.insert(key);
@@ -311,7 +390,7 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
 
     // 2c. The pull request's body follows what it shows (the refused network
     // destinations), edited only when that changed.
-    if let Some(pr) = pull_request {
+    if let (Some(pr), true) = (pull_request, written.open(Step::PullBody)) {
         let body = progress::pull_body(&task, issue);
         let stale = match &written.pull_body {
             Some(last) => *last != body,
@@ -319,50 +398,101 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
             None => body != progress::pull_body_plain(&task, issue),
         };
         if stale {
-            api::update_pull_body(c, inst, &repo, pr, &body).await?;
+            let edited = api::update_pull_body(c, inst, &repo, pr, &body).await;
+            written.settle(id, Step::PullBody, edited)?;
         }
         written.pull_body = Some(body);
     }
 
     // 3. Ready for review when the task succeeded.
-    if let (Some(pr), TaskStatus::Succeeded, false) = (pull_request, task.status, written.ready) {
-        let current = api::get_pull(c, inst, &repo, pr).await?;
-        if current.draft {
-            api::mark_ready(c, inst, &current.node_id).await?;
-            tracing::info!(task_id = %id, pull_request = pr, "pull request ready for review");
+    if let (Some(pr), TaskStatus::Succeeded, false, true) = (
+        pull_request,
+        task.status,
+        written.ready,
+        written.open(Step::Ready),
+    ) {
+        let current = api::get_pull(c, inst, &repo, pr).await;
+        if let Some(current) = written.settle(id, Step::Ready, current)? {
+            if current.draft {
+                let marked = api::mark_ready(c, inst, &current.node_id).await;
+                if written.settle(id, Step::Ready, marked)?.is_some() {
+                    tracing::info!(task_id = %id, pull_request = pr, "pull request ready for review");
+                }
+            }
         }
         written.ready = true;
     }
 
     // 4. The progress comment, created once and edited in place.
     let body = progress::render(&task, pull_request);
-    match comment_id {
-        None => {
-            let new_id = api::create_comment(c, inst, &repo, issue, &body).await?;
-            set_source(gh, id, move |_, cid| *cid = Some(new_id)).await?;
-            written.comment_body = Some(body);
+    if written.open(Step::Comment) {
+        match comment_id {
+            None => {
+                let found = if written.comment_unsure {
+                    api::find_comment(c, inst, &repo, issue, &progress::marker(&task)).await?
+                } else {
+                    None
+                };
+                let made = match found {
+                    Some(cid) => api::update_comment(c, inst, &repo, cid, &body)
+                        .await
+                        .map(|()| cid),
+                    None => api::create_comment(c, inst, &repo, issue, &body).await,
+                };
+                if made.as_ref().is_err_and(GithubError::is_ambiguous) {
+                    written.comment_unsure = true;
+                }
+                if let Some(new_id) = written.settle(id, Step::Comment, made)? {
+                    set_source(gh, id, move |_, cid| *cid = Some(new_id)).await?;
+                    written.comment_body = Some(body);
+                    written.comment_unsure = false;
+                }
+            }
+            Some(cid) if written.comment_body.as_deref() != Some(body.as_str()) => {
+                match api::update_comment(c, inst, &repo, cid, &body).await {
+                    // Someone deleted the progress comment: a new one takes its place.
+                    Err(GithubError::Status { status: 404, .. }) => {
+                        let made = api::create_comment(c, inst, &repo, issue, &body).await;
+                        if made.as_ref().is_err_and(GithubError::is_ambiguous) {
+                            written.comment_unsure = true;
+                            set_source(gh, id, |_, cid| *cid = None).await?;
+                        }
+                        if let Some(new_id) = written.settle(id, Step::Comment, made)? {
+                            set_source(gh, id, move |_, cid| *cid = Some(new_id)).await?;
+                            tracing::info!(task_id = %id, "the progress comment was deleted; a new one is made");
+                            written.comment_body = Some(body);
+                        }
+                    }
+                    edited => {
+                        if written.settle(id, Step::Comment, edited)?.is_some() {
+                            written.comment_body = Some(body);
+                        }
+                    }
+                }
+            }
+            Some(_) => {}
         }
-        Some(cid) if written.comment_body.as_deref() != Some(body.as_str()) => {
-            api::update_comment(c, inst, &repo, cid, &body).await?;
-            written.comment_body = Some(body);
-        }
-        Some(_) => {}
     }
 
     // 5. Exactly one status label.
     let want = progress::status_label(task.status);
-    if written.label != Some(want) {
+    if written.label != Some(want) && written.open(Step::Labels) {
         if let Some(l) = want {
-            api::add_labels(c, inst, &repo, issue, &[l]).await?;
+            let added = api::add_labels(c, inst, &repo, issue, &[l]).await;
+            written.settle(id, Step::Labels, added)?;
         }
         for other in progress::STATUS_LABELS.iter().filter(|l| Some(**l) != want) {
-            api::remove_label(c, inst, &repo, issue, other).await?;
+            if !written.open(Step::Labels) {
+                break;
+            }
+            let removed = api::remove_label(c, inst, &repo, issue, other).await;
+            written.settle(id, Step::Labels, removed)?;
         }
         written.label = Some(want);
     }
 
     // 6. Plain words when a push touching workflows was refused for lack of permission.
-    if task.status == TaskStatus::Failed {
+    if task.status == TaskStatus::Failed && written.open(Step::Notice) {
         let key = Once::WorkflowsNotice { task: task.id }.key();
         let refused = task.subtasks.iter().any(|s| {
             s.outcome
@@ -371,7 +501,7 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
         });
         if refused && !written.notices.contains(&key) {
             if gh.store.record_delivery(&key).await? {
-                api::create_comment(
+                let posted = api::create_comment(
                     c,
                     inst,
                     &repo,
@@ -382,7 +512,8 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
                      leaves the workflow files alone and `/agent retry`, or edit the workflow \
                      files yourself.",
                 )
-                .await?;
+                .await;
+                written.settle(id, Step::Notice, posted)?;
             }
             written.notices.insert(key);
         }

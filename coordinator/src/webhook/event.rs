@@ -63,6 +63,12 @@ pub struct Issue {
     pub body: String,
     /// Comments on pull requests arrive as `issue_comment` too.
     pub is_pull_request: bool,
+    /// `state: closed` when the event was sent.
+    #[serde(default)]
+    pub closed: bool,
+    /// The login of the issue's author (`issue.user.login`), when the payload has it.
+    #[serde(default)]
+    pub author: Option<String>,
 }
 
 /// A slash command in a comment: `/agent <verb>` at the start of a line.
@@ -202,6 +208,9 @@ impl Event {
         fn issue_cut(i: &mut Issue) {
             cut(&mut i.title);
             cut(&mut i.body);
+            if let Some(a) = &mut i.author {
+                cut(a);
+            }
         }
         match &mut self {
             Event::Ping => {}
@@ -337,6 +346,10 @@ struct RawIssue {
     pull_request: Option<serde_json::Value>,
     #[serde(default)]
     labels: Vec<RawLabel>,
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    user: Option<RawUser>,
 }
 
 #[derive(Deserialize)]
@@ -474,7 +487,9 @@ fn issue(raw: RawIssue) -> (Issue, Vec<String>) {
             number: raw.number,
             title: raw.title,
             body: raw.body.unwrap_or_default(),
-            is_pull_request: raw.pull_request.is_some(),
+            is_pull_request: raw.pull_request.as_ref().is_some_and(|p| !p.is_null()),
+            closed: raw.state.as_deref() == Some("closed"),
+            author: raw.user.map(|u| u.login),
         },
         labels,
     )
@@ -633,6 +648,8 @@ mod tests {
                 title: "t".into(),
                 body: huge,
                 is_pull_request: false,
+                closed: false,
+                author: None,
             },
             label: "agent".into(),
         };

@@ -1,7 +1,31 @@
-//! `/agent` commands on an issue, and cancelling an issue's task when it is closed or
-//! unlabelled.
+//! `/agent` commands on an issue, cancelling an issue's task when it is closed or
+//! unlabelled, and the answer to a trigger on a closed issue.
 
 use super::*;
+
+/// A label or command that would start work on a closed issue: nothing starts, and the
+/// issue is told once per delivery (`what`: what was refused, in words).
+pub(super) async fn closed_issue(
+    gh: &Github,
+    ctx: &Context,
+    issue: u64,
+    delivery: &DeliveryId,
+    what: &str,
+) -> HandleResult {
+    if gh
+        .store
+        .record_delivery(&Once::Answer { delivery }.key())
+        .await?
+    {
+        let text = format!(
+            "This issue is closed, so {what} start nothing here. Reopen it to have the agent \
+             work on it (a trigger label still on it then starts the agent)."
+        );
+        let inst = ctx.installation_id.unwrap_or_default();
+        say_once(gh, inst, &ctx.repo, issue, &text).await?;
+    }
+    Ok("refused: the issue is closed")
+}
 
 pub(super) async fn cancel_issue(
     gh: &Github,
@@ -30,19 +54,20 @@ pub(super) async fn cancel_issue(
     })
 }
 
+/// Carries out `command` on `issue`'s latest task, answering on `reply` (the issue, or
+/// the pull request whose conversation the command came from).
 pub(super) async fn command_(
     gh: &Github,
     ctx: &Context,
     issue: &Issue,
     command: Command,
+    reply: u64,
 ) -> HandleResult {
     let inst = ctx.installation_id.unwrap_or_default();
     let c = &gh.client;
     let tasks = tasks_for_issue(gh, &ctx.repo, issue.number).await?;
     let latest = tasks.first();
-    let say = |text: String| async move {
-        api::create_comment(c, inst, &ctx.repo, issue.number, &text).await
-    };
+    let say = |text: String| async move { api::answer(c, inst, &ctx.repo, reply, &text).await };
     match command {
         Command::Run => {
             let delivery = Once::Run {
@@ -149,7 +174,7 @@ async fn answer<F, Fut>(
 ) -> HandleResult
 where
     F: FnOnce(String) -> Fut,
-    Fut: std::future::Future<Output = Result<u64, crate::github::client::GithubError>>,
+    Fut: std::future::Future<Output = Result<(), crate::github::client::GithubError>>,
 {
     match r {
         Ok(_) => Ok(done),

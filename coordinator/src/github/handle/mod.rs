@@ -6,10 +6,13 @@
 //! [`start`] (starting work, the wait for a free slot), [`commands`], [`reviews`] and
 //! [`permissions`] (who may act).
 //!
-//! Rules: bots (including this App) are ignored; the sender of a label or command needs
-//! write, maintain or admin on the repository, and is told once per issue when they lack
-//! it; a delivery creates at most one task (the task is stored together with its delivery
-//! id, or a run-once key).
+//! Rules: bots are ignored unless named in `github.allowed_bots` (another bot's label or
+//! command is answered once, saying why nothing runs); the sender of a label or command
+//! needs write, maintain or admin on the repository, and is told once per issue when
+//! they lack it; a delivery creates at most one task (the task is stored together with
+//! its delivery id, or a run-once key). A closed issue starts nothing (said on the
+//! issue); commands on a pull request's conversation act on the task that owns the pull
+//! request ([`pulls`]), and a trigger label on a pull request is answered.
 //!
 //! Deliveries come from the inbox in the state store (see [`crate::webhook`]): a delivery
 //! is claimed, handled, and marked done only after its effects; a failed attempt is
@@ -41,11 +44,13 @@ use tracing::Instrument;
 
 mod commands;
 mod permissions;
+mod pulls;
 mod reviews;
 pub mod start;
 
-use commands::{cancel_issue, command_};
+use commands::{cancel_issue, closed_issue, command_};
 use permissions::permitted;
+use pulls::{pull_command, pull_label};
 use reviews::review_round;
 pub use start::{approval, branch_name, is_trigger, resolve_pipeline, start, start_waiting};
 
@@ -216,11 +221,54 @@ fn event_label(e: &str) -> &'static str {
     }
 }
 
+/// Whether a bot login is one whose triggers are acted on (`github.allowed_bots`).
+fn allowed_bot(settings: &Settings, login: &str) -> bool {
+    settings.github.allowed_bots.iter().any(|b| b == login)
+}
+
+/// A bot's event: ignored, unless it is a trigger (a trigger label or an `/agent`
+/// command), which is answered once per issue and bot saying why nothing runs.
+async fn refuse_bot(gh: &Github, event: &Event) -> HandleResult {
+    let (ctx, issue) = match event {
+        Event::IssueLabeled { ctx, issue, label } if is_trigger(&gh.settings, label) => {
+            (ctx, issue)
+        }
+        Event::Command { ctx, issue, .. } => (ctx, issue),
+        _ => return Ok("ignored: sent by a bot"),
+    };
+    let key = Once::BotRefused {
+        repo: &ctx.repo,
+        issue: issue.number,
+        login: &ctx.sender.login,
+    }
+    .key();
+    if gh.store.record_delivery(&key).await? {
+        let text = format!(
+            "`{}` is a bot that is not in this agent's `github.allowed_bots`, so its labels \
+             and commands start nothing. Someone with write access can add the label or \
+             comment the command instead.",
+            ctx.sender.login.replace('`', "")
+        );
+        let inst = ctx.installation_id.unwrap_or_default();
+        say_once(gh, inst, &ctx.repo, issue.number, &text).await?;
+    }
+    Ok("refused: a bot not in github.allowed_bots")
+}
+
+/// Posts an answer ([`api::answer`]: a conversation that refuses comments for good is
+/// logged and skipped).
+async fn say_once(
+    gh: &Github,
+    inst: u64,
+    repo: &RepoName,
+    number: u64,
+    text: &str,
+) -> Result<(), HandleError> {
+    Ok(api::answer(&gh.client, inst, repo, number, text).await?)
+}
+
 async fn handle(gh: &Github, d: Delivery) -> HandleResult {
     if let Some(ctx) = d.event.context() {
-        if ctx.sender.is_bot {
-            return Ok("ignored: sent by a bot");
-        }
         if ctx.installation_id.is_none() {
             return Ok("ignored: not an App delivery (no installation)");
         }
@@ -229,16 +277,31 @@ async fn handle(gh: &Github, d: Delivery) -> HandleResult {
         tracing::warn!("github.app_id / github.private_key not set: deliveries cannot be acted on");
         return Ok("ignored: the App is not configured");
     }
+    if let Some(ctx) = d.event.context() {
+        if ctx.sender.is_bot && !allowed_bot(&gh.settings, &ctx.sender.login) {
+            return refuse_bot(gh, &d.event).await;
+        }
+    }
     match d.event {
         Event::IssueLabeled { ctx, issue, label } => {
             if !is_trigger(&gh.settings, &label) {
                 return Ok("ignored: not a trigger label");
             }
-            if issue.is_pull_request {
-                return Ok("ignored: label on a pull request");
-            }
             if !permitted(gh, &ctx, issue.number, "label this issue").await? {
                 return Ok("refused: sender lacks write access");
+            }
+            if issue.is_pull_request {
+                return pull_label(gh, &ctx, &issue, &label, &d.id).await;
+            }
+            if issue.closed {
+                return closed_issue(
+                    gh,
+                    &ctx,
+                    issue.number,
+                    &d.id,
+                    &format!("the `{label}` label"),
+                )
+                .await;
             }
             start(gh, &ctx, &issue, Some(&label), &d.id).await
         }
@@ -269,7 +332,13 @@ async fn handle(gh: &Github, d: Delivery) -> HandleResult {
             if !permitted(gh, &ctx, issue.number, "steer the agent").await? {
                 return Ok("refused: sender lacks write access");
             }
-            command_(gh, &ctx, &issue, command).await
+            if issue.is_pull_request {
+                return pull_command(gh, &ctx, &issue, command, &d.id).await;
+            }
+            if issue.closed && matches!(command, Command::Run | Command::Retry | Command::Approve) {
+                return closed_issue(gh, &ctx, issue.number, &d.id, "`/agent` commands").await;
+            }
+            command_(gh, &ctx, &issue, command, issue.number).await
         }
         Event::Review {
             ctx,

@@ -30,7 +30,7 @@ pub(super) async fn permitted(
              add the label or comment `/agent run`.",
             ctx.sender.login
         );
-        api::create_comment(c, inst, &ctx.repo, issue, &text).await?;
+        api::answer(c, inst, &ctx.repo, issue, &text).await?;
     }
     Ok(false)
 }

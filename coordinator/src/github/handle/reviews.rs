@@ -49,7 +49,7 @@ pub(super) async fn review_round(
         }
         .key();
         if gh.store.record_delivery(&key).await? {
-            api::create_comment(
+            api::answer(
                 &gh.client,
                 inst,
                 &ctx.repo,
@@ -77,6 +77,12 @@ pub(super) async fn review_round(
             issue,
             pull_request: Some(pull.number),
             progress_comment_id: ours.first().and_then(|t| comment_of(t)),
+            untrusted_author: match &first.source {
+                TaskSource::Github {
+                    untrusted_author, ..
+                } => untrusted_author.clone(),
+                TaskSource::Api => None,
+            },
         },
         approval: Approval::NotRequired,
         review_round: Some(rounds + 1),
