@@ -9,7 +9,7 @@
 
 use ao_tests::fake_nomad::{jobspec, openapi, FakeNomad, Image, Options};
 use ao_tests::{bare_repo, bin, free_port, git, script, Cluster};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -129,10 +129,11 @@ fn the_sandbox_job_file_is_a_valid_nomad_job_the_driver_can_use() {
     assert_eq!(job["ID"], "ao-sandbox-tester");
     assert_eq!(job["Type"], "batch");
     let p = &job["ParameterizedJob"];
-    assert_eq!(p["Payload"], "required");
+    // Nothing of the run travels in the dispatch: no payload, the hand-over's address.
+    assert_eq!(p["Payload"], "forbidden");
     assert_eq!(
         p["MetaRequired"],
-        json!(["task_id", "subtask_id", "attempt"])
+        json!(["task_id", "subtask_id", "attempt", "handover_url"])
     );
     let group = &job["TaskGroups"][0];
     assert_eq!(group["RestartPolicy"]["Attempts"], 0);
@@ -143,20 +144,26 @@ fn the_sandbox_job_file_is_a_valid_nomad_job_the_driver_can_use() {
         task["Name"], "runner",
         "the driver follows the task named runner"
     );
-    assert_eq!(task["DispatchPayload"]["File"], "spec.json");
+    assert!(task.get("DispatchPayload").is_none());
+    // The identity the runner presents: named, for the worker's audience, in a file.
+    assert_eq!(
+        task["Identities"],
+        json!([{ "Name": "ao_handover", "Audience": ["agent-orchestrator-handover"],
+                 "Env": false, "File": true, "TTL": 3_600_000_000_000i64, "ChangeMode": "noop" }])
+    );
+    assert_eq!(task["Env"]["AO_HANDOVER_URL"], "${NOMAD_META_handover_url}");
     let args: Vec<&str> = task["Config"]["args"]
         .as_array()
         .unwrap()
         .iter()
         .map(|a| a.as_str().unwrap())
         .collect();
-    // The payload lands in local/, the driver reads alloc/result.json.
+    // The spec comes by the hand-over, the driver reads alloc/result.json.
     assert_eq!(
         args,
         [
             "runner",
-            "--spec",
-            "local/spec.json",
+            "--handover",
             "--result",
             "${NOMAD_ALLOC_DIR}/result.json"
         ]
@@ -232,8 +239,8 @@ async fn a_task_runs_in_a_dispatched_nomad_sandbox() {
         "agent output missing: {events:#}"
     );
 
-    // One dispatch of the capability's job, with the attempt's token and meta, and the
-    // spec as payload (without any secret).
+    // One dispatch of the capability's job, with the attempt's token and meta, no
+    // payload: the spec went by the hand-over.
     let d = fake.dispatches();
     assert_eq!(d.len(), 1, "{d:?}");
     assert_eq!(d[0].parent, "ao-sandbox-coder");
@@ -241,10 +248,8 @@ async fn a_task_runs_in_a_dispatched_nomad_sandbox() {
     assert_eq!(d[0].meta["task_id"], id);
     assert_eq!(d[0].meta["subtask_id"], sub["id"].as_str().unwrap());
     assert_eq!(d[0].meta["attempt"], "1");
-    let spec: Value = serde_json::from_slice(&d[0].payload).unwrap();
-    assert_eq!(spec["prompt"], "Add a note");
-    let payload = String::from_utf8_lossy(&d[0].payload);
-    assert!(!payload.contains(MODEL_KEY) && !payload.contains(NOMAD_TOKEN));
+    assert!(d[0].meta["handover_url"].ends_with("/sandbox/v1/handover"));
+    assert!(d[0].payload.is_empty());
     let (alloc, _, status) = fake.allocs().remove(0);
     assert_eq!(status, "complete");
     let states = &fake.alloc(&alloc).unwrap()["TaskStates"]["runner"];
@@ -257,10 +262,15 @@ async fn a_task_runs_in_a_dispatched_nomad_sandbox() {
         .filter(|r| r.operation == "GetAllocation")
         .collect();
     assert!(!alloc_queries.is_empty());
-    for r in alloc_queries.iter().skip(1) {
-        let keys: Vec<&str> = r.query.iter().map(|(k, _)| k.as_str()).collect();
-        assert!(keys.contains(&"index") && keys.contains(&"wait"), "{r:?}");
-    }
+    let unblocked: Vec<_> = alloc_queries
+        .iter()
+        .filter(|r| {
+            let keys: Vec<&str> = r.query.iter().map(|(k, _)| k.as_str()).collect();
+            !(keys.contains(&"index") && keys.contains(&"wait"))
+        })
+        .collect();
+    // The driver's first query, and the hand-over's check of the presenting allocation.
+    assert!(unblocked.len() <= 2, "{unblocked:#?}");
     assert!(reqs.iter().any(|r| r.operation.contains("client/fs/logs")));
     assert!(reqs.iter().any(|r| r.operation.contains("client/fs/cat")
         && r.query

@@ -1,6 +1,7 @@
 //! The run spec: everything the in-sandbox runner needs for one attempt, written by a
-//! sandbox driver as JSON (a file for bwrap/process, the dispatch payload for Nomad).
-//! It holds no secret: credentials reach the sandbox through its environment.
+//! sandbox driver as JSON (a file for bwrap/process, the worker's hand-over for Nomad,
+//! see `sandbox/nomad/handover.rs`). It holds no secret: credentials reach the sandbox
+//! through its environment.
 
 use ao_shared::capability::Capability;
 use ao_shared::config::AgentKind;
@@ -52,8 +53,8 @@ pub struct RunSpec {
     #[serde(default)]
     pub warm: WarmSpec,
     /// Secret environment variables for this attempt (the model API key, a git token).
-    /// Never serialized: they reach the sandbox only through its environment, never the
-    /// spec file or a Nomad payload.
+    /// Never serialized: they reach the sandbox only through its environment (for Nomad,
+    /// the hand-over's separate `env`), never the spec file or anything Nomad holds.
     #[serde(skip)]
     pub secret_env: SecretEnv,
     /// The lease of the message this attempt came from: the runner pushes only once the
@@ -152,6 +153,11 @@ impl SecretEnv {
     pub fn take(&mut self, name: &str) -> Option<SecretString> {
         let i = self.0.iter().position(|(n, _)| n == name)?;
         Some(self.0.remove(i).1)
+    }
+
+    /// Every variable, name and value.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &SecretString)> {
+        self.0.iter().map(|(n, v)| (n.as_str(), v))
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
