@@ -492,3 +492,135 @@ async fn nomad_being_down_is_a_retryable_failure_and_the_task_is_not_lost() {
     assert!(done["subtasks"][0]["attempt"].as_u64().unwrap() >= 2);
     assert_no_violations(&fake);
 }
+
+/// A GitHub task's agent in the Nomad sandbox: writes a file, notes how long its prompt
+/// was, and presents the sandbox's workload identity to the hand-over a second time
+/// (as a hostile agent would), recording the answer.
+const HANDOVER_AGENT: &str = r#"
+echo "coder was here" > coder.txt
+jwt=$(cat "$NOMAD_SECRETS_DIR/nomad_ao_handover.jwt")
+code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -H "Authorization: Bearer $jwt" "$AO_HANDOVER_URL")
+echo "prompt_bytes=${#AO_PROMPT} second=$code git_token=${AO_GIT_TOKEN:-none}" > handover.txt
+echo "wrote coder.txt"
+"#;
+
+async fn present(url: &str, jwt: &str) -> u16 {
+    reqwest::Client::new()
+        .post(url)
+        .bearer_auth(jwt)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_github_task_gets_its_git_token_and_long_prompt_by_the_handover_only() {
+    use ao_tests::fake_github::FakeGithub;
+    const REPO: &str = "acme/widgets";
+    let tmp = tempfile::tempdir().unwrap();
+    let gh = FakeGithub::start(tmp.path(), 4242).await.unwrap();
+    gh.add_installation(7, "acme");
+    gh.add_repo(7, REPO, &[]);
+    gh.set_role(REPO, "alice", "write");
+    let port = free_port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let mut c = gh.cluster(
+        Some("code"),
+        &[
+            ("AO__SANDBOX__DRIVER", "nomad"),
+            ("AO__NOMAD__ADDR", &addr),
+            ("AO__NOMAD__TOKEN", "env:AO_TEST_NOMAD_TOKEN"),
+            ("AO_TEST_NOMAD_TOKEN", NOMAD_TOKEN),
+            ("AO__NOMAD__WAIT_SECS", "10"),
+        ],
+    );
+    let fake = start_fake(&c, port, 2).await;
+    let agent = script(c.dir.path(), "agent.sh", HANDOVER_AGENT);
+    c.start_in_process().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+
+    // A prompt of about 32 KiB: twice Nomad's dispatch payload limit.
+    let body = "Please add a note file. ".repeat(31 * 1024 / 24);
+    let issue = gh.open_issue(REPO, "Add a note", &body, "alice");
+    assert_eq!(gh.label_issue(REPO, issue, "agent", "alice").await, 202);
+    let m = gh
+        .wait_for("a pull request", LIMIT, |m| !m.pulls(REPO).is_empty())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
+        .unwrap();
+    let pr = m.pulls(REPO)[0].clone();
+    // Pushed with the repository-scoped token the worker minted, through Nomad.
+    let bare = gh.repo_path(REPO);
+    assert_eq!(
+        git(&bare, &["show", &format!("{}:coder.txt", pr.head)]),
+        "coder was here"
+    );
+    // The whole prompt arrived; the agent's own second presentation was refused; the
+    // agent never saw the git token.
+    let note = git(&bare, &["show", &format!("{}:handover.txt", pr.head)]);
+    let prompt_bytes: usize = note
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("prompt_bytes="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(prompt_bytes > 30 * 1024, "{note}");
+    assert!(note.contains("second=409"), "{note}");
+    assert!(note.contains("git_token=none"), "{note}");
+
+    // No per-attempt secret in anything the fake Nomad holds or served.
+    let m = gh.model();
+    assert!(!m.tokens.is_empty());
+    let stored = fake.stored_bytes();
+    assert!(stored.iter().any(|(w, _)| w.starts_with("dispatch meta")));
+    for token in m.tokens.keys() {
+        for (where_, bytes) in &stored {
+            assert!(
+                !bytes.windows(token.len()).any(|w| w == token.as_bytes()),
+                "the git token is in {where_}"
+            );
+        }
+    }
+    let d = fake.dispatches();
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert!(d[0].payload.is_empty());
+    assert!(!d[0].meta.values().any(|v| v.contains("Please add")));
+
+    // After the attempt, its own identity is refused; so is a validly signed one for
+    // another job, and one for another audience.
+    let url = d[0].meta["handover_url"].clone();
+    let (_, jwt) = stored
+        .iter()
+        .find(|(w, _)| w.ends_with("nomad_ao_handover.jwt"))
+        .unwrap();
+    let jwt = String::from_utf8(jwt.clone()).unwrap();
+    assert_eq!(present(&url, &jwt).await, 403);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let (alloc, _, _) = fake.allocs().remove(0);
+    let forged = |job: &str, aud: &str| {
+        fake.keyring().sign(&json!({
+            "nomad_namespace": "default", "nomad_job_id": job,
+            "nomad_allocation_id": alloc, "nomad_task": "runner",
+            "aud": [aud], "iat": now, "nbf": now, "exp": now + 600,
+        }))
+    };
+    assert_eq!(
+        present(
+            &url,
+            &forged("ao-sandbox-coder", "agent-orchestrator-handover")
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        present(&url, &forged(&d[0].job, "nomadproject.io")).await,
+        401
+    );
+    assert_eq!(present(&url, "not-a-jwt").await, 401);
+    assert_no_violations(&fake);
+}
