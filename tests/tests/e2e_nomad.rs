@@ -269,8 +269,9 @@ async fn a_task_runs_in_a_dispatched_nomad_sandbox() {
             !(keys.contains(&"index") && keys.contains(&"wait"))
         })
         .collect();
-    // The driver's first query, and the hand-over's check of the presenting allocation.
-    assert!(unblocked.len() <= 2, "{unblocked:#?}");
+    // The driver's first query, and the hand-over's checks of the presenting allocation
+    // (at start and at the push permit).
+    assert!(unblocked.len() <= 3, "{unblocked:#?}");
     assert!(reqs.iter().any(|r| r.operation.contains("client/fs/logs")));
     assert!(reqs.iter().any(|r| r.operation.contains("client/fs/cat")
         && r.query
@@ -622,5 +623,76 @@ async fn a_github_task_gets_its_git_token_and_long_prompt_by_the_handover_only()
         401
     );
     assert_eq!(present(&url, "not-a-jwt").await, 401);
+    assert_no_violations(&fake);
+}
+
+/// An agent that runs longer than the installation token lives.
+const SLOW_AGENT: &str = r#"
+sleep 8
+echo "coder was here" > coder.txt
+echo "wrote coder.txt"
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nomad_run_longer_than_its_token_pushes_with_a_fresh_one() {
+    use ao_tests::fake_github::FakeGithub;
+    const REPO: &str = "acme/widgets";
+    let tmp = tempfile::tempdir().unwrap();
+    let gh = FakeGithub::start(tmp.path(), 4242).await.unwrap();
+    gh.add_installation(7, "acme");
+    gh.add_repo(7, REPO, &[]);
+    gh.set_role(REPO, "alice", "write");
+    // Tokens live 4 s; the agent runs 8 s.
+    gh.set_token_ttl(Duration::from_secs(4));
+    let port = free_port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let mut c = gh.cluster(
+        Some("code"),
+        &[
+            ("AO__SANDBOX__DRIVER", "nomad"),
+            ("AO__NOMAD__ADDR", &addr),
+            ("AO__NOMAD__TOKEN", "env:AO_TEST_NOMAD_TOKEN"),
+            ("AO_TEST_NOMAD_TOKEN", NOMAD_TOKEN),
+            ("AO__NOMAD__WAIT_SECS", "10"),
+        ],
+    );
+    let fake = start_fake(&c, port, 2).await;
+    let agent = script(c.dir.path(), "agent.sh", SLOW_AGENT);
+    c.start_in_process().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let issue = gh.open_issue(REPO, "Add a note", "Please add a note file.", "alice");
+    assert_eq!(gh.label_issue(REPO, issue, "agent", "alice").await, 202);
+    let m = gh
+        .wait_for("a pull request", LIMIT, |m| !m.pulls(REPO).is_empty())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
+        .unwrap();
+    let pr = m.pulls(REPO)[0].clone();
+    assert_eq!(
+        git(
+            &gh.repo_path(REPO),
+            &["show", &format!("{}:coder.txt", pr.head)]
+        ),
+        "coder was here"
+    );
+    // One attempt, one dispatch; the push used a token minted after the first expired.
+    assert_eq!(fake.dispatches().len(), 1);
+    let scoped = m
+        .token_requests
+        .iter()
+        .filter(|t| t.body.get("repositories").is_some())
+        .count();
+    assert!(
+        scoped >= 2,
+        "a fresh token was minted for the push: {scoped}"
+    );
+    assert!(m.git_refusals.is_empty(), "{:?}", m.git_refusals);
+    // The fresh token is nowhere in Nomad either.
+    let stored = fake.stored_bytes();
+    for token in m.tokens.keys() {
+        assert!(!stored
+            .iter()
+            .any(|(_, b)| b.windows(token.len()).any(|w| w == token.as_bytes())));
+    }
     assert_no_violations(&fake);
 }

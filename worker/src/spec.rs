@@ -61,6 +61,42 @@ pub struct RunSpec {
     /// worker confirmed it (see `push_permit.rs`). Never serialized.
     #[serde(skip)]
     pub lease: LeaseSlot,
+    /// Mints the attempt's git credential afresh at the moment of the push (an
+    /// installation token lives an hour; a run may last longer). Never serialized.
+    #[serde(skip)]
+    pub git_credentials: GitCredentials,
+}
+
+/// A fresh git credential, or why none could be had.
+pub type MintFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<SecretString, String>> + Send + 'static>,
+>;
+
+/// Where a run's git credential is minted afresh, if it has one (GitHub tasks).
+#[derive(Clone, Default)]
+pub struct GitCredentials(pub Option<std::sync::Arc<dyn Fn() -> MintFuture + Send + Sync>>);
+
+impl GitCredentials {
+    /// A fresh credential; `None` when the run has no minted credential.
+    pub async fn mint(&self) -> Option<Result<SecretString, String>> {
+        match &self.0 {
+            Some(f) => Some(f().await),
+            None => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for GitCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Minted" } else { "None" })
+    }
+}
+
+impl PartialEq for GitCredentials {
+    /// Credentials take no part in comparing specs.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// The lease a run is fenced by, if any (none for runs started outside a queue consumer).
@@ -207,6 +243,7 @@ impl RunSpec {
             warm: WarmSpec::default(),
             secret_env: SecretEnv::default(),
             lease: LeaseSlot::default(),
+            git_credentials: GitCredentials::default(),
         }
     }
 

@@ -21,6 +21,11 @@
 //!    allocation in that job and it has not ended. Then it answers the full run spec and
 //!    the secret environment as JSON, once.
 //!
+//! 4. At the push, the runner asks `POST handover_url/push` the same way, once: the worker
+//!    confirms the attempt's lease and mints a fresh git token for the push (the push
+//!    permit of `push_permit.rs`, with an installation token that lives as long as the run
+//!    needs, whatever the run's length).
+//!
 //! Properties: the hand-over is bound to one attempt (the job ID is unique per dispatch
 //! and only the attempt's child job matches), usable once (a second presentation is
 //! refused with 409, whoever makes it), useless to any other allocation (another job's
@@ -53,6 +58,8 @@ pub const IDENTITY: &str = "ao_handover";
 pub const AUDIENCE: &str = "agent-orchestrator-handover";
 /// The worker's hand-over endpoint.
 pub const START_PATH: &str = "/sandbox/v1/handover";
+/// The push permit at the hand-over (`handover_url` + `/push`).
+pub const PUSH_PATH: &str = "/sandbox/v1/handover/push";
 /// The dispatch meta key (and the runner's variable, `AO_HANDOVER_URL`) naming it.
 pub const META_KEY: &str = "handover_url";
 pub const URL_ENV: &str = "AO_HANDOVER_URL";
@@ -85,6 +92,7 @@ struct Entry {
     job: Option<String>,
     spec: RunSpec,
     handed: bool,
+    pushed: bool,
 }
 
 /// The attempts of this worker's Nomad driver that a sandbox may claim.
@@ -166,6 +174,7 @@ impl Handovers {
                 job: None,
                 spec: spec.clone(),
                 handed: false,
+                pushed: false,
             },
         );
         Registration {
@@ -178,6 +187,7 @@ impl Handovers {
     pub fn routes(self: &Arc<Self>) -> axum::Router {
         axum::Router::new()
             .route(START_PATH, axum::routing::post(start))
+            .route(PUSH_PATH, axum::routing::post(push))
             .with_state(self.clone())
     }
 
@@ -267,8 +277,10 @@ impl Handovers {
         }
     }
 
-    /// The whole check of one presentation; on success the attempt is marked handed.
-    async fn hand_over(&self, jwt: &str) -> Result<Handed, Refusal> {
+    /// Checks a presentation: a valid identity of the sandbox task of a live allocation of
+    /// the dispatched job of an attempt this worker runs. Returns the attempt's key, the
+    /// job and the allocation.
+    async fn check(&self, jwt: &str) -> Result<(String, String, String), Refusal> {
         let claims = self.verify(jwt).await?;
         let forbidden = |m: String| Refusal::new(StatusCode::FORBIDDEN, "not_this_attempt", m);
         if claims.nomad_namespace != self.namespace || claims.nomad_task != TASK {
@@ -304,6 +316,12 @@ impl Handovers {
                 alloc.id
             )));
         }
+        Ok((key, job.clone(), alloc.id))
+    }
+
+    /// The whole check of one presentation; on success the attempt is marked handed.
+    async fn hand_over(&self, jwt: &str) -> Result<Handed, Refusal> {
+        let (key, job, alloc) = self.check(jwt).await?;
         let mut entries = self.entries.lock();
         let Some(entry) = entries.get_mut(&key) else {
             return Err(Refusal::new(
@@ -333,11 +351,43 @@ impl Handovers {
             .pairs()
             .map(|(n, v)| (n.to_string(), v.expose_secret().to_string()))
             .collect();
-        tracing::info!(job = %job, alloc = %alloc.id, "run spec handed over to the sandbox");
+        tracing::info!(job = %job, alloc = %alloc, "run spec handed over to the sandbox");
         Ok(Handed {
             spec: entry.spec.clone(),
             env,
         })
+    }
+}
+
+impl Handovers {
+    /// The push permit of one presentation, once per attempt, after the hand-over.
+    async fn permit(&self, jwt: &str) -> Result<crate::push_permit::Answer, Refusal> {
+        let (key, job, alloc) = self.check(jwt).await?;
+        let (lease, credentials) = {
+            let mut entries = self.entries.lock();
+            let Some(entry) = entries.get_mut(&key) else {
+                return Err(Refusal::new(
+                    StatusCode::GONE,
+                    "attempt_ended",
+                    "the attempt has ended",
+                ));
+            };
+            if !entry.handed || entry.pushed {
+                return Err(Refusal::new(
+                    StatusCode::CONFLICT,
+                    "not_now",
+                    "a push permit follows the hand-over, once",
+                ));
+            }
+            entry.pushed = true;
+            (
+                entry.spec.lease.0.clone(),
+                entry.spec.git_credentials.clone(),
+            )
+        };
+        let answer = crate::push_permit::decide(lease.as_ref(), &credentials).await;
+        tracing::info!(job = %job, alloc = %alloc, granted = answer.granted, "push permit answered");
+        Ok(answer)
     }
 }
 
@@ -372,6 +422,99 @@ async fn start(State(h): State<Arc<Handovers>>, headers: HeaderMap) -> Response 
     }
 }
 
+/// `POST /sandbox/v1/handover/push`.
+async fn push(State(h): State<Arc<Handovers>>, headers: HeaderMap) -> Response {
+    let Some(jwt) = bearer(&headers) else {
+        return Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            "no_identity",
+            "present the sandbox's workload identity as a bearer token",
+        )
+        .into_response();
+    };
+    match h.permit(jwt).await {
+        Ok(answer) => axum::Json(answer).into_response(),
+        Err(refusal) => {
+            tracing::warn!(status = refusal.status.as_u16(), code = refusal.code,
+                reason = %refusal.message, "push permit refused");
+            refusal.into_response()
+        }
+    }
+}
+
+/// In the runner: the identity presented at start, kept for the push.
+static PRESENTED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// In the runner: whether the run spec came by the hand-over.
+pub fn active() -> bool {
+    PRESENTED.get().is_some()
+}
+
+/// In the runner: asks the hand-over for the push permit (and a fresh git token). The
+/// identity is read again from its file (Nomad renews it), else the one presented at start.
+pub fn ask_push() -> Result<crate::push_permit::Answer, String> {
+    let jwt = identity()
+        .ok()
+        .or_else(|| PRESENTED.get().cloned())
+        .ok_or("no workload identity for the push permit")?;
+    let url = format!(
+        "{}/push",
+        std::env::var(URL_ENV)
+            .unwrap_or_default()
+            .trim_end_matches('/')
+    );
+    post(&url, &jwt)
+}
+
+/// In the runner: POSTs the identity to `url` and reads the JSON answer, retrying
+/// connection failures a few times; refusals are final.
+fn post<T: serde::de::DeserializeOwned>(url: &str, jwt: &str) -> Result<T, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the hand-over client: {e}"))?;
+    rt.block_on(async move {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| format!("cannot build the hand-over client: {e}"))?;
+        let mut delay = Duration::from_millis(500);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match http.post(url).bearer_auth(jwt).send().await {
+                Ok(r) if r.status().is_success() => {
+                    return r
+                        .json::<T>()
+                        .await
+                        .map_err(|e| format!("unreadable hand-over answer: {e}"));
+                }
+                Ok(r) => {
+                    let status = r.status();
+                    let text: String = r
+                        .text()
+                        .await
+                        .unwrap_or_default()
+                        .chars()
+                        .take(500)
+                        .collect();
+                    return Err(format!("the worker refused ({status}): {text}"));
+                }
+                Err(_) if attempt < 5 => {
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "cannot reach the worker's hand-over: {}",
+                        e.without_url()
+                    ))
+                }
+            }
+        }
+    })
+}
+
 /// In the runner: the sandbox's workload identity, from `NOMAD_TOKEN_<name>` or the file
 /// `secrets/nomad_<name>.jwt` Nomad writes. Both are removed from the environment so that
 /// nothing the runner starts inherits the variable.
@@ -395,57 +538,14 @@ pub fn identity() -> Result<String, String> {
 }
 
 /// In the runner: presents the identity at `AO_HANDOVER_URL` and returns what the worker
-/// hands over. Connection failures are retried a few times; refusals are final.
+/// hands over.
 pub fn fetch() -> Result<Handed, String> {
     let url = std::env::var(URL_ENV)
         .ok()
         .filter(|u| !u.is_empty())
         .ok_or_else(|| format!("{URL_ENV} is not set: no hand-over address"))?;
     let jwt = identity()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the hand-over client: {e}"))?;
-    rt.block_on(async move {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| format!("cannot build the hand-over client: {e}"))?;
-        let mut delay = Duration::from_millis(500);
-        for attempt in 1..=5 {
-            match http.post(&url).bearer_auth(&jwt).send().await {
-                Ok(r) if r.status().is_success() => {
-                    return r
-                        .json::<Handed>()
-                        .await
-                        .map_err(|e| format!("unreadable hand-over: {e}"));
-                }
-                Ok(r) => {
-                    let status = r.status();
-                    let text: String = r
-                        .text()
-                        .await
-                        .unwrap_or_default()
-                        .chars()
-                        .take(500)
-                        .collect();
-                    return Err(format!(
-                        "the worker refused the hand-over ({status}): {text}"
-                    ));
-                }
-                Err(e) if attempt < 5 => {
-                    let _ = e;
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                }
-                Err(e) => {
-                    return Err(format!(
-                        "cannot reach the worker's hand-over: {}",
-                        e.without_url()
-                    ))
-                }
-            }
-        }
-        Err("cannot reach the worker's hand-over".into())
-    })
+    let handed = post(&url, &jwt).map_err(|e| format!("hand-over: {e}"))?;
+    let _ = PRESENTED.set(jwt);
+    Ok(handed)
 }
