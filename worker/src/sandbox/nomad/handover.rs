@@ -467,7 +467,8 @@ pub fn ask_push() -> Result<crate::push_permit::Answer, String> {
 }
 
 /// In the runner: POSTs the identity to `url` and reads the JSON answer, retrying
-/// connection failures a few times; refusals are final.
+/// connection failures and 5xx answers (Nomad's JWKS or allocation unreadable for a
+/// moment) a few times; refusals (4xx) are final.
 fn post<T: serde::de::DeserializeOwned>(url: &str, jwt: &str) -> Result<T, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -488,6 +489,10 @@ fn post<T: serde::de::DeserializeOwned>(url: &str, jwt: &str) -> Result<T, Strin
                         .json::<T>()
                         .await
                         .map_err(|e| format!("unreadable hand-over answer: {e}"));
+                }
+                Ok(r) if r.status().is_server_error() && attempt < 5 => {
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
                 }
                 Ok(r) => {
                     let status = r.status();
@@ -548,4 +553,91 @@ pub fn fetch() -> Result<Handed, String> {
     let handed = post(&url, &jwt).map_err(|e| format!("hand-over: {e}"))?;
     let _ = PRESENTED.set(jwt);
     Ok(handed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handovers() -> Arc<Handovers> {
+        let settings = ao_shared::config::NomadSettings::default();
+        let client =
+            NomadClient::new(&settings, Arc::new(ao_shared::secret::LocalSecrets)).unwrap();
+        Handovers::new(client, "default".into())
+    }
+
+    fn spec() -> RunSpec {
+        serde_json::from_value(serde_json::json!({
+            "task_id": ao_shared::ids::TaskId::new(),
+            "subtask_id": ao_shared::ids::SubtaskId::new(),
+            "attempt": 1,
+            "capability": "coder",
+            "repository": "https://example.invalid/r.git",
+            "branch": "agent/x",
+            "title": "t",
+            "prompt": "p",
+            "agent": { "command": "claude", "timeout_secs": 60 },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_a_bearer_token_is_an_identity() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert("authorization", "Basic abc".parse().unwrap());
+        assert_eq!(bearer(&h), None);
+        h.insert("authorization", "Bearer ".parse().unwrap());
+        assert_eq!(bearer(&h), None);
+        h.insert("authorization", "Bearer a.b.c".parse().unwrap());
+        assert_eq!(bearer(&h), Some("a.b.c"));
+    }
+
+    #[tokio::test]
+    async fn an_identity_not_signed_rs256_is_refused_before_any_key_is_read() {
+        let h = handovers();
+        let claims = serde_json::json!({ "nomad_namespace": "default", "nomad_job_id": "j",
+            "nomad_allocation_id": "a", "nomad_task": "runner", "aud": [AUDIENCE],
+            "exp": 4_000_000_000u64 });
+        let hs = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(b"guessable"),
+        )
+        .unwrap();
+        let refused = h.verify(&hs).await.unwrap_err();
+        assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{refused:?}");
+        let refused = h.verify("not-a-jwt").await.unwrap_err();
+        assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{refused:?}");
+    }
+
+    #[tokio::test]
+    async fn an_attempt_is_claimable_only_while_it_runs_and_by_its_own_job() {
+        let h = handovers();
+        let reg = h.register("s-1", &spec());
+        reg.dispatched("ao-sandbox-coder/dispatch-1");
+        assert_eq!(
+            h.attempt_of("ao-sandbox-coder/dispatch-1").await.as_deref(),
+            Some("s-1")
+        );
+        // Another job is no attempt (and with nothing awaiting a dispatch answer, the
+        // answer comes at once).
+        assert_eq!(h.attempt_of("ao-sandbox-coder/dispatch-2").await, None);
+        drop(reg);
+        assert_eq!(h.attempt_of("ao-sandbox-coder/dispatch-1").await, None);
+        assert!(h.entries.lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_presentation_waits_for_the_dispatch_answer() {
+        let h = handovers();
+        let reg = h.register("s-1", &spec());
+        let waiting = tokio::spawn({
+            let h = h.clone();
+            async move { h.attempt_of("ao-sandbox-coder/dispatch-1").await }
+        });
+        tokio::task::yield_now().await;
+        reg.dispatched("ao-sandbox-coder/dispatch-1");
+        assert_eq!(waiting.await.unwrap().as_deref(), Some("s-1"));
+    }
 }
