@@ -1,8 +1,11 @@
 # The sandbox of ONE capability: a parameterized batch job that a worker
-# dispatches per subtask attempt (POST /v1/job/<job id>/dispatch). The payload
-# is the subtask spec (JSON); the runner clones the repository, runs the agent,
-# commits, pushes and writes the result JSON into the allocation directory,
-# where the worker reads it.
+# dispatches per subtask attempt (POST /v1/job/<job id>/dispatch). The dispatch
+# carries no payload and nothing secret: its meta names the attempt and the
+# dispatching worker's hand-over address; the runner presents the task's
+# workload identity (identity "ao_handover") there and receives the run spec and
+# the attempt's secrets once (docs/sandbox.md). It clones the repository, runs
+# the agent, commits, pushes and writes the result JSON into the allocation
+# directory, where the worker reads it.
 #
 #   nomad job run -var capability=coder sandbox.nomad.hcl
 #
@@ -122,8 +125,8 @@ job "ao-sandbox" {
   }
 
   parameterized {
-    payload       = "required"
-    meta_required = ["task_id", "subtask_id", "attempt"]
+    payload       = "forbidden"
+    meta_required = ["task_id", "subtask_id", "attempt", "handover_url"]
     meta_optional = ["repository"]
   }
 
@@ -150,8 +153,16 @@ job "ao-sandbox" {
       driver = "docker"
       user   = "10001"
 
-      dispatch_payload {
-        file = "spec.json"
+      # The identity the runner presents to the worker's hand-over: signed by the
+      # cluster, naming this job, allocation and task; written to
+      # secrets/nomad_ao_handover.jwt (never the environment, which the agent sees).
+      identity {
+        name        = "ao_handover"
+        aud         = ["agent-orchestrator-handover"]
+        file        = true
+        env         = false
+        ttl         = "1h"
+        change_mode = "noop"
       }
 
       kill_signal  = "SIGTERM"
@@ -160,7 +171,7 @@ job "ao-sandbox" {
       config {
         image    = "${var.sandbox_image}"
         command  = "worker"
-        args     = ["runner", "--spec", "local/spec.json", "--result", "$${NOMAD_ALLOC_DIR}/result.json"]
+        args     = ["runner", "--handover", "--result", "$${NOMAD_ALLOC_DIR}/result.json"]
         work_dir = "/"
 
         runtime         = "${var.runtime}"
@@ -210,6 +221,7 @@ job "ao-sandbox" {
         AO_TASK_ID                               = "$${NOMAD_META_task_id}"
         AO_SUBTASK_ID                            = "$${NOMAD_META_subtask_id}"
         AO_ATTEMPT                               = "$${NOMAD_META_attempt}"
+        AO_HANDOVER_URL                          = "$${NOMAD_META_handover_url}"
         AO__AGENT__COMMAND                       = "claude"
         AO__LOG__FORMAT                          = "json"
         CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC = "1"

@@ -270,6 +270,8 @@ job "ao-worker" {
         AO__NOMAD__TOKEN            = "env:NOMAD_TOKEN"
         AO__NOMAD__NAMESPACE        = "${var.namespace}"
         AO__NOMAD__JOB_PREFIX       = "${var.job_prefix}"
+        # Where the sandboxes present their identity for the run spec and secrets.
+        AO__NOMAD__HANDOVER_URL     = "http://$${NOMAD_ADDR_http}"
         AO__GITHUB__APP_ID          = "${var.github_app_id}"
         AO__GITHUB__API_URL         = "${var.github_api_url}"
         AO__GITHUB__PRIVATE_KEY     = "${var.github_private_key_ref}"

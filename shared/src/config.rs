@@ -400,6 +400,11 @@ pub struct NomadSettings {
     /// Time a sandbox gets beyond `agent.timeout_secs` (clone, setup, push) before the
     /// worker stops it.
     pub timeout_margin_secs: u64,
+    /// The worker's hand-over address as the sandbox allocations reach it (an `http://`
+    /// or `https://` base URL, e.g. `http://10.0.3.7:9090`): each dispatched sandbox
+    /// presents its Nomad workload identity there to receive its run spec and secrets.
+    /// Default: `http://` + `worker.listen`, which suits one machine only.
+    pub handover_url: Option<String>,
 }
 
 impl Default for NomadSettings {
@@ -418,6 +423,7 @@ impl Default for NomadSettings {
             placement_timeout_secs: 600,
             unreachable_secs: 120,
             timeout_margin_secs: 1200,
+            handover_url: None,
         }
     }
 }

@@ -116,17 +116,23 @@ def test_module_sizes_sandboxes_from_agent_types():
 def test_sandbox_is_parameterized_single_attempt_and_hardened():
     s = job("sandbox")
     (p,) = s["parameterized"]
-    # What the nomad driver sends (worker/src/sandbox/nomad): exactly these meta keys.
-    assert p["payload"] == "required" and p["meta_required"] == ["task_id", "subtask_id", "attempt"]
+    # What the nomad driver sends (worker/src/sandbox/nomad): exactly these meta keys, no
+    # payload (the run spec and secrets come by the worker's hand-over).
+    assert p["payload"] == "forbidden"
+    assert p["meta_required"] == ["task_id", "subtask_id", "attempt", "handover_url"]
     (group,) = s["group"][0].values()
     assert group["restart"][0]["attempts"] == "0"
     assert group["reschedule"][0]["attempts"] == "0" and group["reschedule"][0]["unlimited"] == "false"
     ((task_name, task),) = group["task"][0].items()
     assert task_name == "runner", "the nomad driver follows the task named runner"
-    assert task["dispatch_payload"][0]["file"] == "spec.json"
+    assert "dispatch_payload" not in task
+    (ident,) = task["identity"]
+    assert ident["name"] == "ao_handover" and ident["aud"] == ["agent-orchestrator-handover"]
+    assert ident["file"] == "true" and ident.get("env", "false") == "false"
+    assert task["env"][0]["AO_HANDOVER_URL"] == "${NOMAD_META_handover_url}"
     assert task["user"] not in ("root", "0", "")
     (cfg,) = task["config"]
-    assert cfg["args"] == ["runner", "--spec", "local/spec.json", "--result", "${NOMAD_ALLOC_DIR}/result.json"]
+    assert cfg["args"] == ["runner", "--handover", "--result", "${NOMAD_ALLOC_DIR}/result.json"]
     assert cfg["cap_drop"] == ["ALL"]
     assert "no-new-privileges" in cfg["security_opt"]
     assert cfg["readonly_rootfs"] == "true"

@@ -66,6 +66,9 @@ pub struct Token {
     /// Repository names (without owner) the token is limited to; all when `None`.
     pub repositories: Option<Vec<String>>,
     pub permissions: BTreeMap<String, String>,
+    /// When GitHub stops accepting it (an hour after it was issued, unless
+    /// [`Model::token_ttl`] says otherwise).
+    pub expires: std::time::Instant,
 }
 
 /// An access-token request as received.
@@ -157,6 +160,8 @@ pub struct Model {
     pub comments: BTreeMap<u64, Comment>,
     pub reviews: Vec<Review>,
     pub tokens: HashMap<String, Token>,
+    /// Lifetime of the installation tokens issued from now on (GitHub's: one hour).
+    pub token_ttl: Option<Duration>,
     pub token_requests: Vec<TokenRequest>,
     pub deliveries: Vec<Delivery>,
     /// Why git requests were refused.
@@ -301,7 +306,11 @@ impl Fake {
         need: Perm,
     ) -> Result<u64, (u16, String)> {
         let m = self.model.lock();
-        let Some(t) = m.tokens.get(token) else {
+        let Some(t) = m
+            .tokens
+            .get(token)
+            .filter(|t| t.expires > std::time::Instant::now())
+        else {
             return Err((401, "Bad credentials".into()));
         };
         let inst = &m.installations[&t.installation];
@@ -551,6 +560,12 @@ impl FakeGithub {
     /// The bare repository behind `full_name`.
     pub fn repo_path(&self, full_name: &str) -> PathBuf {
         self.fake.git_root.join(format!("{full_name}.git"))
+    }
+
+    /// Makes the installation tokens issued from now on expire after `ttl` (GitHub's
+    /// are an hour).
+    pub fn set_token_ttl(&self, ttl: Duration) {
+        self.fake.model.lock().token_ttl = Some(ttl);
     }
 
     pub fn set_role(&self, repo: &str, user: &str, role: &str) {
@@ -1256,15 +1271,17 @@ async fn access_token(call: Call, Path(id): Path<u64>, body: Bytes) -> ApiResult
         }
     }
     let token = format!("ghs_{}", uuid::Uuid::new_v4().simple());
+    let ttl = m.token_ttl.unwrap_or(Duration::from_secs(3600));
     m.tokens.insert(
         token.clone(),
         Token {
             installation: id,
             repositories: repositories.clone(),
             permissions: permissions.clone(),
+            expires: std::time::Instant::now() + ttl,
         },
     );
-    let expires = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    let expires = time::OffsetDateTime::now_utc() + ttl;
     let expires = expires
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
@@ -1326,6 +1343,7 @@ async fn installation_repositories(
     let t = m
         .tokens
         .get(&token)
+        .filter(|t| t.expires > std::time::Instant::now())
         .ok_or_else(|| err(StatusCode::UNAUTHORIZED, "Bad credentials"))?;
     let inst = &m.installations[&t.installation];
     let repos: Vec<Value> = inst

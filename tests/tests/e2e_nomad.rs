@@ -9,7 +9,7 @@
 
 use ao_tests::fake_nomad::{jobspec, openapi, FakeNomad, Image, Options};
 use ao_tests::{bare_repo, bin, free_port, git, script, Cluster};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -129,10 +129,11 @@ fn the_sandbox_job_file_is_a_valid_nomad_job_the_driver_can_use() {
     assert_eq!(job["ID"], "ao-sandbox-tester");
     assert_eq!(job["Type"], "batch");
     let p = &job["ParameterizedJob"];
-    assert_eq!(p["Payload"], "required");
+    // Nothing of the run travels in the dispatch: no payload, the hand-over's address.
+    assert_eq!(p["Payload"], "forbidden");
     assert_eq!(
         p["MetaRequired"],
-        json!(["task_id", "subtask_id", "attempt"])
+        json!(["task_id", "subtask_id", "attempt", "handover_url"])
     );
     let group = &job["TaskGroups"][0];
     assert_eq!(group["RestartPolicy"]["Attempts"], 0);
@@ -143,20 +144,26 @@ fn the_sandbox_job_file_is_a_valid_nomad_job_the_driver_can_use() {
         task["Name"], "runner",
         "the driver follows the task named runner"
     );
-    assert_eq!(task["DispatchPayload"]["File"], "spec.json");
+    assert!(task.get("DispatchPayload").is_none());
+    // The identity the runner presents: named, for the worker's audience, in a file.
+    assert_eq!(
+        task["Identities"],
+        json!([{ "Name": "ao_handover", "Audience": ["agent-orchestrator-handover"],
+                 "Env": false, "File": true, "TTL": 3_600_000_000_000i64, "ChangeMode": "noop" }])
+    );
+    assert_eq!(task["Env"]["AO_HANDOVER_URL"], "${NOMAD_META_handover_url}");
     let args: Vec<&str> = task["Config"]["args"]
         .as_array()
         .unwrap()
         .iter()
         .map(|a| a.as_str().unwrap())
         .collect();
-    // The payload lands in local/, the driver reads alloc/result.json.
+    // The spec comes by the hand-over, the driver reads alloc/result.json.
     assert_eq!(
         args,
         [
             "runner",
-            "--spec",
-            "local/spec.json",
+            "--handover",
             "--result",
             "${NOMAD_ALLOC_DIR}/result.json"
         ]
@@ -232,8 +239,8 @@ async fn a_task_runs_in_a_dispatched_nomad_sandbox() {
         "agent output missing: {events:#}"
     );
 
-    // One dispatch of the capability's job, with the attempt's token and meta, and the
-    // spec as payload (without any secret).
+    // One dispatch of the capability's job, with the attempt's token and meta, no
+    // payload: the spec went by the hand-over.
     let d = fake.dispatches();
     assert_eq!(d.len(), 1, "{d:?}");
     assert_eq!(d[0].parent, "ao-sandbox-coder");
@@ -241,10 +248,8 @@ async fn a_task_runs_in_a_dispatched_nomad_sandbox() {
     assert_eq!(d[0].meta["task_id"], id);
     assert_eq!(d[0].meta["subtask_id"], sub["id"].as_str().unwrap());
     assert_eq!(d[0].meta["attempt"], "1");
-    let spec: Value = serde_json::from_slice(&d[0].payload).unwrap();
-    assert_eq!(spec["prompt"], "Add a note");
-    let payload = String::from_utf8_lossy(&d[0].payload);
-    assert!(!payload.contains(MODEL_KEY) && !payload.contains(NOMAD_TOKEN));
+    assert!(d[0].meta["handover_url"].ends_with("/sandbox/v1/handover"));
+    assert!(d[0].payload.is_empty());
     let (alloc, _, status) = fake.allocs().remove(0);
     assert_eq!(status, "complete");
     let states = &fake.alloc(&alloc).unwrap()["TaskStates"]["runner"];
@@ -257,10 +262,16 @@ async fn a_task_runs_in_a_dispatched_nomad_sandbox() {
         .filter(|r| r.operation == "GetAllocation")
         .collect();
     assert!(!alloc_queries.is_empty());
-    for r in alloc_queries.iter().skip(1) {
-        let keys: Vec<&str> = r.query.iter().map(|(k, _)| k.as_str()).collect();
-        assert!(keys.contains(&"index") && keys.contains(&"wait"), "{r:?}");
-    }
+    let unblocked: Vec<_> = alloc_queries
+        .iter()
+        .filter(|r| {
+            let keys: Vec<&str> = r.query.iter().map(|(k, _)| k.as_str()).collect();
+            !(keys.contains(&"index") && keys.contains(&"wait"))
+        })
+        .collect();
+    // The driver's first query, and the hand-over's checks of the presenting allocation
+    // (at start and at the push permit).
+    assert!(unblocked.len() <= 3, "{unblocked:#?}");
     assert!(reqs.iter().any(|r| r.operation.contains("client/fs/logs")));
     assert!(reqs.iter().any(|r| r.operation.contains("client/fs/cat")
         && r.query
@@ -480,5 +491,208 @@ async fn nomad_being_down_is_a_retryable_failure_and_the_task_is_not_lost() {
         .unwrap();
     assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
     assert!(done["subtasks"][0]["attempt"].as_u64().unwrap() >= 2);
+    assert_no_violations(&fake);
+}
+
+/// A GitHub task's agent in the Nomad sandbox: writes a file, notes how long its prompt
+/// was, and presents the sandbox's workload identity to the hand-over a second time
+/// (as a hostile agent would), recording the answer.
+const HANDOVER_AGENT: &str = r#"
+echo "coder was here" > coder.txt
+jwt=$(cat "$NOMAD_SECRETS_DIR/nomad_ao_handover.jwt")
+code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -H "Authorization: Bearer $jwt" "$AO_HANDOVER_URL")
+echo "prompt_bytes=${#AO_PROMPT} second=$code git_token=${AO_GIT_TOKEN:-none}" > handover.txt
+echo "wrote coder.txt"
+"#;
+
+async fn present(url: &str, jwt: &str) -> u16 {
+    reqwest::Client::new()
+        .post(url)
+        .bearer_auth(jwt)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_github_task_gets_its_git_token_and_long_prompt_by_the_handover_only() {
+    use ao_tests::fake_github::FakeGithub;
+    const REPO: &str = "acme/widgets";
+    let tmp = tempfile::tempdir().unwrap();
+    let gh = FakeGithub::start(tmp.path(), 4242).await.unwrap();
+    gh.add_installation(7, "acme");
+    gh.add_repo(7, REPO, &[]);
+    gh.set_role(REPO, "alice", "write");
+    let port = free_port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let mut c = gh.cluster(
+        Some("code"),
+        &[
+            ("AO__SANDBOX__DRIVER", "nomad"),
+            ("AO__NOMAD__ADDR", &addr),
+            ("AO__NOMAD__TOKEN", "env:AO_TEST_NOMAD_TOKEN"),
+            ("AO_TEST_NOMAD_TOKEN", NOMAD_TOKEN),
+            ("AO__NOMAD__WAIT_SECS", "10"),
+        ],
+    );
+    let fake = start_fake(&c, port, 2).await;
+    let agent = script(c.dir.path(), "agent.sh", HANDOVER_AGENT);
+    c.start_in_process().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+
+    // A prompt of about 32 KiB: twice Nomad's dispatch payload limit.
+    let body = "Please add a note file. ".repeat(31 * 1024 / 24);
+    let issue = gh.open_issue(REPO, "Add a note", &body, "alice");
+    assert_eq!(gh.label_issue(REPO, issue, "agent", "alice").await, 202);
+    let m = gh
+        .wait_for("a pull request", LIMIT, |m| !m.pulls(REPO).is_empty())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
+        .unwrap();
+    let pr = m.pulls(REPO)[0].clone();
+    // Pushed with the repository-scoped token the worker minted, through Nomad.
+    let bare = gh.repo_path(REPO);
+    assert_eq!(
+        git(&bare, &["show", &format!("{}:coder.txt", pr.head)]),
+        "coder was here"
+    );
+    // The whole prompt arrived; the agent's own second presentation was refused; the
+    // agent never saw the git token.
+    let note = git(&bare, &["show", &format!("{}:handover.txt", pr.head)]);
+    let prompt_bytes: usize = note
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("prompt_bytes="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(prompt_bytes > 30 * 1024, "{note}");
+    assert!(note.contains("second=409"), "{note}");
+    assert!(note.contains("git_token=none"), "{note}");
+
+    // No per-attempt secret in anything the fake Nomad holds or served.
+    let m = gh.model();
+    assert!(!m.tokens.is_empty());
+    let stored = fake.stored_bytes();
+    assert!(stored.iter().any(|(w, _)| w.starts_with("dispatch meta")));
+    for token in m.tokens.keys() {
+        for (where_, bytes) in &stored {
+            assert!(
+                !bytes.windows(token.len()).any(|w| w == token.as_bytes()),
+                "the git token is in {where_}"
+            );
+        }
+    }
+    let d = fake.dispatches();
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert!(d[0].payload.is_empty());
+    assert!(!d[0].meta.values().any(|v| v.contains("Please add")));
+
+    // After the attempt, its own identity is refused; so is a validly signed one for
+    // another job, and one for another audience.
+    let url = d[0].meta["handover_url"].clone();
+    let (_, jwt) = stored
+        .iter()
+        .find(|(w, _)| w.ends_with("nomad_ao_handover.jwt"))
+        .unwrap();
+    let jwt = String::from_utf8(jwt.clone()).unwrap();
+    assert_eq!(present(&url, &jwt).await, 403);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let (alloc, _, _) = fake.allocs().remove(0);
+    let forged = |job: &str, aud: &str| {
+        fake.keyring().sign(&json!({
+            "nomad_namespace": "default", "nomad_job_id": job,
+            "nomad_allocation_id": alloc, "nomad_task": "runner",
+            "aud": [aud], "iat": now, "nbf": now, "exp": now + 600,
+        }))
+    };
+    assert_eq!(
+        present(
+            &url,
+            &forged("ao-sandbox-coder", "agent-orchestrator-handover")
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        present(&url, &forged(&d[0].job, "nomadproject.io")).await,
+        401
+    );
+    assert_eq!(present(&url, "not-a-jwt").await, 401);
+    assert_no_violations(&fake);
+}
+
+/// An agent that runs longer than the installation token lives.
+const SLOW_AGENT: &str = r#"
+sleep 8
+echo "coder was here" > coder.txt
+echo "wrote coder.txt"
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nomad_run_longer_than_its_token_pushes_with_a_fresh_one() {
+    use ao_tests::fake_github::FakeGithub;
+    const REPO: &str = "acme/widgets";
+    let tmp = tempfile::tempdir().unwrap();
+    let gh = FakeGithub::start(tmp.path(), 4242).await.unwrap();
+    gh.add_installation(7, "acme");
+    gh.add_repo(7, REPO, &[]);
+    gh.set_role(REPO, "alice", "write");
+    // Tokens live 4 s; the agent runs 8 s.
+    gh.set_token_ttl(Duration::from_secs(4));
+    let port = free_port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let mut c = gh.cluster(
+        Some("code"),
+        &[
+            ("AO__SANDBOX__DRIVER", "nomad"),
+            ("AO__NOMAD__ADDR", &addr),
+            ("AO__NOMAD__TOKEN", "env:AO_TEST_NOMAD_TOKEN"),
+            ("AO_TEST_NOMAD_TOKEN", NOMAD_TOKEN),
+            ("AO__NOMAD__WAIT_SECS", "10"),
+        ],
+    );
+    let fake = start_fake(&c, port, 2).await;
+    let agent = script(c.dir.path(), "agent.sh", SLOW_AGENT);
+    c.start_in_process().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let issue = gh.open_issue(REPO, "Add a note", "Please add a note file.", "alice");
+    assert_eq!(gh.label_issue(REPO, issue, "agent", "alice").await, 202);
+    let m = gh
+        .wait_for("a pull request", LIMIT, |m| !m.pulls(REPO).is_empty())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
+        .unwrap();
+    let pr = m.pulls(REPO)[0].clone();
+    assert_eq!(
+        git(
+            &gh.repo_path(REPO),
+            &["show", &format!("{}:coder.txt", pr.head)]
+        ),
+        "coder was here"
+    );
+    // One attempt, one dispatch; the push used a token minted after the first expired.
+    assert_eq!(fake.dispatches().len(), 1);
+    let scoped = m
+        .token_requests
+        .iter()
+        .filter(|t| t.body.get("repositories").is_some())
+        .count();
+    assert!(
+        scoped >= 2,
+        "a fresh token was minted for the push: {scoped}"
+    );
+    assert!(m.git_refusals.is_empty(), "{:?}", m.git_refusals);
+    // The fresh token is nowhere in Nomad either.
+    let stored = fake.stored_bytes();
+    for token in m.tokens.keys() {
+        assert!(!stored
+            .iter()
+            .any(|(_, b)| b.windows(token.len()).any(|w| w == token.as_bytes())));
+    }
     assert_no_violations(&fake);
 }

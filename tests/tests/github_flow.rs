@@ -120,14 +120,14 @@ async fn a_labelled_issue_becomes_a_reviewed_pull_request() {
     );
     assert_eq!(reviews[0].event, "COMMENT");
 
-    // The worker asked for tokens scoped to the one repository: write for the coder,
-    // read for the reviewer.
+    // The worker asked for tokens scoped to the one repository: write for the coder (at
+    // its start, and afresh for its push), read for the reviewer (which does not push).
     let scoped: Vec<_> = m
         .token_requests
         .iter()
         .filter(|t| t.body.get("repositories").is_some())
         .collect();
-    assert_eq!(scoped.len(), 2, "{scoped:#?}");
+    assert_eq!(scoped.len(), 3, "{scoped:#?}");
     for t in &scoped {
         assert_eq!(t.body["repositories"], serde_json::json!(["widgets"]));
     }
@@ -140,7 +140,7 @@ async fn a_labelled_issue_becomes_a_reviewed_pull_request() {
                 .to_string()
         })
         .collect();
-    assert_eq!(contents, vec!["write", "read"]);
+    assert_eq!(contents, vec!["write", "write", "read"]);
 
     // No token or key in any log.
     let logs = c.logs();
@@ -198,4 +198,45 @@ async fn a_labelled_issue_becomes_a_reviewed_pull_request() {
         .filter(|c| c.user == BOT_LOGIN)
         .collect();
     assert_eq!(ours.len(), 1, "{ours:#?}");
+}
+
+/// An agent that runs longer than the installation token lives.
+const SLOW_AGENT: &str = r#"
+sleep 8
+echo "coder was here" > coder.txt
+echo "wrote coder.txt"
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_longer_than_its_token_pushes_with_a_fresh_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = FakeGithub::start(tmp.path(), 4242).await.unwrap();
+    fake.add_installation(7, "acme");
+    fake.add_repo(7, REPO, &[]);
+    fake.set_role(REPO, "alice", "write");
+    // Tokens live 4 s; the agent runs 8 s.
+    fake.set_token_ttl(Duration::from_secs(4));
+    let mut c = fake.cluster(Some("code"), &[]);
+    let agent = script(c.dir.path(), "agent.sh", SLOW_AGENT);
+    c.start_in_process().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let issue = fake.open_issue(REPO, "Add a note", "Please add a note file.", "alice");
+    assert_eq!(fake.label_issue(REPO, issue, "agent", "alice").await, 202);
+    let m = fake
+        .wait_for("a pull request", LIMIT, |m| !m.pulls(REPO).is_empty())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
+        .unwrap();
+    let pr = m.pulls(REPO)[0].clone();
+    assert_eq!(
+        git(
+            &fake.repo_path(REPO),
+            &["show", &format!("{}:coder.txt", pr.head)]
+        ),
+        "coder was here"
+    );
+    assert!(m.git_refusals.is_empty(), "{:?}", m.git_refusals);
+    let (_, tasks) = c.get_json("/api/v1/tasks").await.unwrap();
+    let task = &tasks["tasks"][0];
+    assert_eq!(task["subtasks"][0]["attempt"], 1, "{tasks:#}");
 }

@@ -183,6 +183,26 @@ pub async fn git_token(
     Err(CredentialError::Token(last))
 }
 
+/// Where the runner's push gets a fresh token of `target` for `capability` (the same
+/// scope as the first): minted at the moment of the push, so a run longer than a
+/// token's hour still pushes.
+pub fn refresher(
+    worker: std::sync::Arc<Worker>,
+    target: GithubTarget,
+    capability: Capability,
+) -> crate::spec::GitCredentials {
+    crate::spec::GitCredentials(Some(std::sync::Arc::new(move || {
+        let (worker, target) = (worker.clone(), target.clone());
+        Box::pin(async move {
+            let token = git_token(&worker, &target, capability)
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::info!(repository = %target.repo, "git token minted afresh for the push");
+            Ok(token)
+        })
+    })))
+}
+
 /// Puts the git token of a GitHub task into the run's secret environment. A failure is
 /// the attempt's outcome (infrastructure, retryable: GitHub may answer next time).
 pub async fn attach(

@@ -90,6 +90,13 @@ async fn run(
         None => match worker.secret_env().await {
             Ok(env) => {
                 spec.secret_env = env;
+                if let Some(target) = &order.github {
+                    spec.git_credentials = crate::credentials::refresher(
+                        worker.clone(),
+                        target.clone(),
+                        order.capability,
+                    );
+                }
                 crate::credentials::attach(&worker, &order, &mut spec)
                     .await
                     .map_err(|failed| *failed)

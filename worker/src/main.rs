@@ -51,9 +51,17 @@ enum Command {
     Serve,
     /// Run one attempt inside a sandbox (started by a sandbox driver, not by hand).
     Runner {
-        /// The run spec (JSON).
+        /// The run spec (JSON)…
+        #[arg(
+            long,
+            required_unless_present = "handover",
+            conflicts_with = "handover"
+        )]
+        spec: Option<PathBuf>,
+        /// …or get it, with the attempt's secrets, from the worker's hand-over at
+        /// $AO_HANDOVER_URL by presenting the sandbox's Nomad workload identity.
         #[arg(long)]
-        spec: PathBuf,
+        handover: bool,
         /// Where to write the outcome (JSON): a file (the nomad driver's)…
         #[arg(
             long,
@@ -86,6 +94,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Runner {
             spec,
+            handover,
             result,
             result_fd,
             workspace,
@@ -98,7 +107,13 @@ fn main() -> anyhow::Result<()> {
                 // clap requires one of them.
                 (None, None) => anyhow::bail!("--result or --result-fd is required"),
             };
-            std::process::exit(runner::main(&spec, sink, workspace, bundle_fd, setup_fd));
+            let source = match (spec, handover) {
+                (Some(path), _) => runner::SpecSource::File(path),
+                (None, true) => runner::SpecSource::Handover,
+                // clap requires one of them.
+                (None, false) => anyhow::bail!("--spec or --handover is required"),
+            };
+            std::process::exit(runner::main(source, sink, workspace, bundle_fd, setup_fd));
         }
         Command::Serve => {
             let settings =
@@ -126,6 +141,8 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join("agent-orchestrator-work"),
     };
+    // The nomad driver's hand-over, served on the worker's listener.
+    let mut sandbox_routes: Option<axum::Router> = None;
     let driver: Arc<dyn sandbox::SandboxDriver> = match settings.sandbox.driver {
         SandboxDriverKind::Process => {
             tracing::warn!(
@@ -139,10 +156,12 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             sandbox::bwrap::BwrapDriver::new(work_root, &settings, secret_files.clone())
                 .context("cannot use the bwrap sandbox driver")?,
         ),
-        SandboxDriverKind::Nomad => Arc::new(
-            sandbox::nomad::NomadDriver::new(&settings, secrets.clone())
-                .context("cannot use the nomad sandbox driver")?,
-        ),
+        SandboxDriverKind::Nomad => {
+            let driver = sandbox::nomad::NomadDriver::new(&settings, secrets.clone())
+                .context("cannot use the nomad sandbox driver")?;
+            sandbox_routes = Some(driver.handover_routes());
+            Arc::new(driver)
+        }
     };
     let listen = settings.worker.listen.clone();
     let profiles = profile::Profiles::load(&settings.agent).context("bad agent profile")?;
@@ -195,6 +214,10 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
                 }
             }),
         );
+    let http = match sandbox_routes {
+        Some(routes) => http.merge(routes),
+        None => http,
+    };
     let http_stop = shutdown.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, http)

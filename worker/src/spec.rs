@@ -1,6 +1,7 @@
 //! The run spec: everything the in-sandbox runner needs for one attempt, written by a
-//! sandbox driver as JSON (a file for bwrap/process, the dispatch payload for Nomad).
-//! It holds no secret: credentials reach the sandbox through its environment.
+//! sandbox driver as JSON (a file for bwrap/process, the worker's hand-over for Nomad,
+//! see `sandbox/nomad/handover.rs`). It holds no secret: credentials reach the sandbox
+//! through its environment.
 
 use ao_shared::capability::Capability;
 use ao_shared::config::AgentKind;
@@ -56,14 +57,50 @@ pub struct RunSpec {
     #[serde(default)]
     pub warm: WarmSpec,
     /// Secret environment variables for this attempt (the model API key, a git token).
-    /// Never serialized: they reach the sandbox only through its environment, never the
-    /// spec file or a Nomad payload.
+    /// Never serialized: they reach the sandbox only through its environment (for Nomad,
+    /// the hand-over's separate `env`), never the spec file or anything Nomad holds.
     #[serde(skip)]
     pub secret_env: SecretEnv,
     /// The lease of the message this attempt came from: the runner pushes only once the
     /// worker confirmed it (see `push_permit.rs`). Never serialized.
     #[serde(skip)]
     pub lease: LeaseSlot,
+    /// Mints the attempt's git credential afresh at the moment of the push (an
+    /// installation token lives an hour; a run may last longer). Never serialized.
+    #[serde(skip)]
+    pub git_credentials: GitCredentials,
+}
+
+/// A fresh git credential, or why none could be had.
+pub type MintFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<SecretString, String>> + Send + 'static>,
+>;
+
+/// Where a run's git credential is minted afresh, if it has one (GitHub tasks).
+#[derive(Clone, Default)]
+pub struct GitCredentials(pub Option<std::sync::Arc<dyn Fn() -> MintFuture + Send + Sync>>);
+
+impl GitCredentials {
+    /// A fresh credential; `None` when the run has no minted credential.
+    pub async fn mint(&self) -> Option<Result<SecretString, String>> {
+        match &self.0 {
+            Some(f) => Some(f().await),
+            None => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for GitCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Minted" } else { "None" })
+    }
+}
+
+impl PartialEq for GitCredentials {
+    /// Credentials take no part in comparing specs.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// The lease a run is fenced by, if any (none for runs started outside a queue consumer).
@@ -158,6 +195,11 @@ impl SecretEnv {
         Some(self.0.remove(i).1)
     }
 
+    /// Every variable, name and value.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &SecretString)> {
+        self.0.iter().map(|(n, v)| (n.as_str(), v))
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.0.iter().map(|(n, _)| n.as_str())
     }
@@ -205,6 +247,7 @@ impl RunSpec {
             warm: WarmSpec::default(),
             secret_env: SecretEnv::default(),
             lease: LeaseSlot::default(),
+            git_credentials: GitCredentials::default(),
         }
     }
 

@@ -224,6 +224,20 @@ pub(crate) async fn run(state: Arc<State>, id: String) {
             template_env.extend(env_lines(&rendered));
         }
     }
+    // Workload identities, as the client writes them before the task starts.
+    for issued in state.keyring.issue(&job, &task, &id) {
+        if issued.file {
+            let _ = std::fs::write(
+                task_dir
+                    .join("secrets")
+                    .join(format!("nomad_{}.jwt", issued.name)),
+                &issued.jwt,
+            );
+        }
+        if issued.env {
+            template_env.push((format!("NOMAD_TOKEN_{}", issued.name), issued.jwt));
+        }
+    }
     let config = &task["Config"];
     let image = config["image"].as_str().unwrap_or_default();
     let Some(img) = state.opts.images.get(image).cloned() else {

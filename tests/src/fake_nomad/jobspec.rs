@@ -131,6 +131,27 @@ fn task(block: &Block) -> Result<Value> {
     if let Some(kt) = attr(b, "kill_timeout").and_then(|v| v.as_str().and_then(duration_ns)) {
         t.insert("KillTimeout".into(), json!(kt));
     }
+    let identities: Vec<Value> = blocks(b, "identity")
+        .map(|i| {
+            let ib = i.body();
+            let mut v = json!({
+                "Name": attr(ib, "name").unwrap_or(json!("default")),
+                "Audience": attr(ib, "aud").unwrap_or(json!([])),
+                "Env": boolean(attr(ib, "env")).unwrap_or(false),
+                "File": boolean(attr(ib, "file")).unwrap_or(false),
+            });
+            if let Some(ttl) = attr(ib, "ttl").and_then(|v| v.as_str().and_then(duration_ns)) {
+                v["TTL"] = json!(ttl);
+            }
+            if let Some(m) = attr(ib, "change_mode") {
+                v["ChangeMode"] = m;
+            }
+            v
+        })
+        .collect();
+    if !identities.is_empty() {
+        t.insert("Identities".into(), Value::Array(identities));
+    }
     let config = blocks(b, "config")
         .next()
         .map(|c| object(c.body()))

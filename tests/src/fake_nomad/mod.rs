@@ -16,6 +16,7 @@
 //! any answer of the fake that does not match the spec's response schema.
 
 mod exec;
+pub mod identity;
 pub mod jobspec;
 pub mod openapi;
 
@@ -123,6 +124,8 @@ pub(crate) struct Inner {
     blocked: VecDeque<String>,
     slots: usize,
     requests: Vec<Request>,
+    /// Every request body, as received.
+    bodies: Vec<Vec<u8>>,
     violations: Vec<String>,
     purged: Vec<String>,
     dispatches: Vec<Dispatch>,
@@ -294,6 +297,8 @@ pub(crate) struct State {
     api: OpenApi,
     pub opts: Options,
     pub root: PathBuf,
+    /// Signs the tasks' workload identities.
+    pub keyring: identity::Keyring,
 }
 
 impl State {
@@ -339,6 +344,7 @@ impl FakeNomad {
             changed,
             api,
             opts,
+            keyring: identity::Keyring::generate(root.path())?,
             root: root.path().to_path_buf(),
         });
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
@@ -487,6 +493,64 @@ impl FakeNomad {
         self.state.inner.lock().purged.clone()
     }
 
+    /// The cluster's signing key (to forge identities in tests: a valid signature with
+    /// other claims).
+    pub fn keyring(&self) -> &identity::Keyring {
+        &self.state.keyring
+    }
+
+    /// Every byte the fake holds or has served: jobs, evaluations, allocations,
+    /// variables, dispatches (payload and meta), request paths, queries and bodies, and
+    /// every file under its data directory (task directories, logs, results), by where
+    /// it was found.
+    pub fn stored_bytes(&self) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        {
+            let inner = self.state.inner.lock();
+            let enc = |v: &Value| serde_json::to_vec(v).unwrap_or_default();
+            for (id, j) in &inner.jobs {
+                out.push((format!("job {id}"), enc(j)));
+            }
+            for (id, e) in &inner.evals {
+                out.push((format!("evaluation {id}"), enc(e)));
+            }
+            for (id, a) in &inner.allocs {
+                out.push((format!("allocation {id}"), enc(&a.value)));
+            }
+            for (path, v) in &inner.vars {
+                out.push((format!("variable {path}"), enc(v)));
+            }
+            for d in &inner.dispatches {
+                out.push((format!("dispatch payload {}", d.job), d.payload.clone()));
+                out.push((
+                    format!("dispatch meta {}", d.job),
+                    serde_json::to_vec(&d.meta).unwrap_or_default(),
+                ));
+            }
+            for r in &inner.requests {
+                out.push((
+                    format!("request {} {}", r.method, r.path),
+                    format!("{} {:?}", r.path, r.query).into_bytes(),
+                ));
+            }
+            for (i, b) in inner.bodies.iter().enumerate() {
+                out.push((format!("request body {i}"), b.clone()));
+            }
+        }
+        fn walk(dir: &std::path::Path, out: &mut Vec<(String, Vec<u8>)>) {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() && !p.is_symlink() {
+                    walk(&p, out);
+                } else if let Ok(bytes) = std::fs::read(&p) {
+                    out.push((format!("file {}", p.display()), bytes));
+                }
+            }
+        }
+        walk(&self.state.root, &mut out);
+        out
+    }
+
     /// Requests or answers that did not match Nomad's OpenAPI description.
     pub fn violations(&self) -> Vec<String> {
         self.state.inner.lock().violations.clone()
@@ -626,6 +690,12 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let raw = uri.path().to_string();
+    if !body.is_empty() {
+        state.inner.lock().bodies.push(body.to_vec());
+    }
+    if raw == "/.well-known/jwks.json" && method == Method::GET {
+        return axum::Json(state.keyring.jwks()).into_response();
+    }
     let Some(rest) = raw.strip_prefix("/v1") else {
         return text(StatusCode::NOT_FOUND, "Invalid URL");
     };
@@ -933,7 +1003,8 @@ fn dispatch(
     child["ParentID"] = json!(parent_id);
     child["Dispatched"] = json!(true);
     child["DispatchIdempotencyToken"] = json!(token);
-    child["Payload"] = body["Payload"].clone();
+    // Nomad keeps an absent payload as empty bytes (a string in JSON).
+    child["Payload"] = json!(body["Payload"].as_str().unwrap_or_default());
     child["Meta"] = Value::Object(all_meta);
     child["Status"] = json!("pending");
     child["CreateIndex"] = json!(idx);

@@ -21,6 +21,16 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// Where the run spec comes from.
+#[derive(Debug)]
+pub enum SpecSource {
+    /// A file the worker wrote (the local drivers).
+    File(PathBuf),
+    /// The worker's hand-over, claimed with the sandbox's Nomad workload identity (the
+    /// nomad driver, see `sandbox/nomad/handover.rs`); it brings the secrets too.
+    Handover,
+}
+
 /// Where the outcome goes.
 #[derive(Debug)]
 pub enum ResultSink {
@@ -77,16 +87,14 @@ impl OpenSink {
     }
 }
 
-/// The redactor of the runner's secret variables (named in `AO_SECRET_NAMES`).
-fn redactor() -> &'static Redactor {
-    static REDACTOR: std::sync::OnceLock<Redactor> = std::sync::OnceLock::new();
-    REDACTOR.get_or_init(|| {
-        let values: Vec<String> = agent::secret_names()
-            .iter()
-            .filter_map(|name| std::env::var(name).ok())
-            .collect();
-        Redactor::new(values.iter().map(String::as_str))
-    })
+/// The redactor of the runner's secret variables (named in `AO_SECRET_NAMES`), as they
+/// are now: a git token replaced for the push (see `push_permit.rs`) is covered too.
+fn redactor() -> Redactor {
+    let values: Vec<String> = agent::secret_names()
+        .iter()
+        .filter_map(|name| std::env::var(name).ok())
+        .collect();
+    Redactor::new(values.iter().map(String::as_str))
 }
 
 /// `text` with the run's secret values replaced.
@@ -112,12 +120,33 @@ fn log(message: impl Into<String>) {
     emit("log", serde_json::json!({ "message": message.into() }));
 }
 
+/// The run spec from its source. A hand-over's secrets are put into the runner's own
+/// environment (with their names in `AO_SECRET_NAMES`), where the local drivers put them,
+/// before any other thread or program exists and before anything is printed.
+fn load_spec(source: &SpecSource) -> Result<RunSpec, String> {
+    match source {
+        SpecSource::File(path) => std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_json::from_str::<RunSpec>(&t).map_err(|e| e.to_string()))
+            .map_err(|e| format!("cannot read run spec {}: {e}", path.display())),
+        SpecSource::Handover => {
+            let handed = crate::sandbox::nomad::handover::fetch()?;
+            let names: Vec<&str> = handed.env.keys().map(String::as_str).collect();
+            std::env::set_var(crate::spec::SECRET_NAMES_VAR, names.join(","));
+            for (name, value) in &handed.env {
+                std::env::set_var(name, value);
+            }
+            Ok(handed.spec)
+        }
+    }
+}
+
 /// Reads the spec, runs the attempt, writes the result. Returns the process exit code.
 /// `bundle_fd`: the inherited descriptor a bundle delivery goes to (else a file beside
 /// the spec); `setup_fd`: the one a setup result for the cache goes to (else a file in
 /// the spec's store directory).
 pub fn main(
-    spec_path: &Path,
+    source: SpecSource,
     sink: ResultSink,
     work_dir: Option<PathBuf>,
     bundle_fd: Option<i32>,
@@ -152,11 +181,18 @@ pub fn main(
         );
     }
     process::exit_with_parent();
+    // Before the relay's threads: a hand-over sets the runner's environment.
+    let loaded = load_spec(&source);
     relay::start_from_env();
-    let outcome = match std::fs::read_to_string(spec_path)
-        .map_err(|e| e.to_string())
-        .and_then(|t| serde_json::from_str::<RunSpec>(&t).map_err(|e| e.to_string()))
-    {
+    let spec_path = match &source {
+        SpecSource::File(path) => path.clone(),
+        // No spec file: the attempt directory is the working copy's.
+        SpecSource::Handover => work_dir
+            .clone()
+            .unwrap_or_else(std::env::temp_dir)
+            .join("spec.json"),
+    };
+    let outcome = match loaded {
         Ok(spec) => {
             // The spec's directory is the attempt directory the worker sees; the working
             // copy may live elsewhere (the bwrap driver's size-limited tmpfs, which only the
@@ -172,10 +208,12 @@ pub fn main(
             };
             run(&spec, &work, bundle, setup_out)
         }
+        // An unreadable spec file will not get better; a failed hand-over (the worker
+        // gone, the attempt ended) may on another attempt.
         Err(e) => Outcome::failed(
             OutcomeKind::Infrastructure,
-            format!("cannot read run spec {}: {e}", spec_path.display()),
-            false,
+            e,
+            matches!(source, SpecSource::Handover),
         ),
     };
     let mut outcome = outcome.bounded();

@@ -60,6 +60,8 @@ pub(super) struct Attempt {
     pub spec: PathBuf,
     /// The lease the runner's push is fenced by (see `push_permit.rs`).
     pub lease: LeaseSlot,
+    /// Mints the git token of the push (see `push_permit.rs`).
+    pub git_credentials: crate::spec::GitCredentials,
 }
 
 impl Attempt {
@@ -79,6 +81,7 @@ impl Attempt {
             dir,
             spec: spec_path,
             lease: spec.lease.clone(),
+            git_credentials: spec.git_credentials.clone(),
         })
     }
 
@@ -178,9 +181,12 @@ pub(super) async fn supervise(
     // Permit requests leave the event stream here and are answered on the runner's stdin.
     let (permit_tx, permit_rx) = mpsc::channel::<()>(4);
     let permits = match (attempt.lease.0.clone(), child.stdin.take()) {
-        (Some(lease), Some(stdin)) => {
-            Some(tokio::spawn(push_permit::serve(lease, stdin, permit_rx)))
-        }
+        (Some(lease), Some(stdin)) => Some(tokio::spawn(push_permit::serve(
+            lease,
+            attempt.git_credentials.clone(),
+            stdin,
+            permit_rx,
+        ))),
         _ => None,
     };
     let forward = tokio::spawn(async move {
@@ -404,6 +410,7 @@ mod tests {
         drop(Attempt {
             spec: path.join("spec.json"),
             lease: LeaseSlot::default(),
+            git_credentials: Default::default(),
             dir,
         });
         assert!(!path.exists(), "the attempt directory was left");
@@ -416,6 +423,7 @@ mod tests {
         let attempt = Attempt {
             spec: dir.path().join("spec.json"),
             lease: LeaseSlot::default(),
+            git_credentials: Default::default(),
             dir,
         };
         // `set -m`: the background job gets a process group of its own, as the runner's

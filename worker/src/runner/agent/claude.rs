@@ -367,6 +367,7 @@ mod tests {
             },
             secret_env: Default::default(),
             lease: Default::default(),
+            git_credentials: Default::default(),
             delivery: Default::default(),
             warm: Default::default(),
         };

@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 pub struct DispatchRequest<'a> {
     #[serde(rename = "JobID")]
     pub job_id: &'a str,
-    /// Base64 of the payload (the run spec).
+    /// Base64 of the payload; empty (left out): the run spec goes by the hand-over.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub payload: String,
     pub meta: BTreeMap<&'static str, String>,
 }
@@ -150,6 +151,10 @@ pub struct Allocation {
     pub create_index: u64,
     #[serde(rename = "NodeID")]
     pub node_id: String,
+    /// The (dispatched) job the allocation belongs to.
+    #[serde(rename = "JobID")]
+    pub job_id: String,
+    pub namespace: String,
     pub task_states: Option<BTreeMap<String, TaskState>>,
 }
 

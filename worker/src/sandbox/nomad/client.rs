@@ -268,6 +268,41 @@ impl NomadClient {
         Ok(Indexed { value, index: idx })
     }
 
+    /// The cluster's JSON Web Key Set, which verifies workload identities
+    /// (`GET /.well-known/jwks.json`, beside the API, no token needed).
+    pub async fn jwks(&self) -> Result<jsonwebtoken::jwk::JwkSet, NomadError> {
+        let mut url = self.base.clone();
+        let root = url
+            .path()
+            .trim_end_matches('/')
+            .trim_end_matches("/v1")
+            .to_string();
+        url.set_path(&format!("{root}/.well-known/jwks.json"));
+        url.set_query(None);
+        let resp = self
+            .http
+            .get(url)
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(NomadError::Status {
+                status: status.as_u16(),
+                what: "JWKS read".into(),
+                message: resp
+                    .text()
+                    .await
+                    .unwrap_or_default()
+                    .chars()
+                    .take(500)
+                    .collect(),
+            });
+        }
+        Ok(Self::json(resp, "JWKS").await?.0)
+    }
+
     /// A registered job, as JSON (only a few fields are read).
     pub async fn job(&self, job: &str) -> Result<serde_json::Value, NomadError> {
         let url = self.url(&["job", job], &[]);

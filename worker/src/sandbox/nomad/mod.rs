@@ -11,10 +11,12 @@
 //! job list readable (children under their parent).
 //!
 //! One attempt:
-//! 1. The run spec (JSON, no secret: `secret_env` is never serialized) is the dispatch
-//!    payload, written by Nomad to the task's `local/spec.json`; a spec over 16 KiB is a
-//!    non-retryable failure with a clear message. Meta: `task_id`, `subtask_id`,
-//!    `attempt`. The idempotency token `<subtask_id>-<attempt>` makes a redelivered
+//! 1. The dispatch carries nothing secret and no run spec: no payload, meta `task_id`,
+//!    `subtask_id`, `attempt` and `handover_url`. The runner gets the whole run spec and
+//!    the attempt's secrets from this worker by presenting the sandbox's Nomad workload
+//!    identity ([`handover`]), so a per-attempt secret (a repository-scoped git token)
+//!    never reaches Nomad, and the prompt's length is not bound by the 16 KiB payload
+//!    limit. The idempotency token `<subtask_id>-<attempt>` makes a redelivered
 //!    message (its worker died) find the instance already dispatched for that attempt
 //!    instead of starting a second one.
 //! 2. The dispatch evaluation and then the job's allocations are followed with blocking
@@ -44,6 +46,7 @@
 
 mod api;
 mod client;
+pub mod handover;
 mod logs;
 
 use super::process::infra;
@@ -55,7 +58,6 @@ use ao_shared::secret::SecretResolver;
 use ao_shared::task::{Outcome, OutcomeKind};
 use api::{Allocation, DispatchRequest};
 use async_trait::async_trait;
-use base64::Engine;
 pub use client::NomadError;
 use client::{Indexed, NomadClient};
 use std::collections::BTreeMap;
@@ -71,8 +73,6 @@ pub const TASK: &str = "runner";
 /// Where the runner leaves its outcome, relative to the allocation directory
 /// (`${NOMAD_ALLOC_DIR}/result.json` in the job).
 pub const RESULT_PATH: &str = "alloc/result.json";
-/// Nomad's limit on a dispatch payload.
-pub const PAYLOAD_LIMIT: usize = 16 * 1024;
 /// First pause before a failed request is retried; it doubles up to [`BACKOFF_MAX`].
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -85,6 +85,10 @@ const STDERR_TAIL: u64 = 2048;
 pub struct NomadDriver {
     client: NomadClient,
     settings: NomadSettings,
+    /// The attempts whose sandboxes may claim their run spec.
+    handovers: Arc<handover::Handovers>,
+    /// The hand-over endpoint as the allocations reach it.
+    handover_url: String,
 }
 
 /// How following an instance ended.
@@ -95,25 +99,17 @@ enum Ended {
     Stop(Outcome),
 }
 
-/// Secrets the sandbox job's own templates provide (from Nomad Variables).
-const TEMPLATED_SECRETS: [&str; 1] = ["ANTHROPIC_API_KEY"];
-
-/// The run's secrets that no template of the sandbox job provides.
-fn untemplated_secrets(spec: &RunSpec) -> Vec<&str> {
-    spec.secret_env
-        .names()
-        .filter(|n| !TEMPLATED_SECRETS.contains(n))
-        .collect()
-}
-
 impl NomadDriver {
     /// Builds the client (TLS, token reference); checks the sandbox jobs of
     /// `capabilities` in the background.
     pub fn new(settings: &Settings, secrets: Arc<dyn SecretResolver>) -> Result<Self, NomadError> {
         let client = NomadClient::new(&settings.nomad, secrets)?;
+        let handover_url = handover_url(settings)?;
         let driver = Self {
+            handovers: handover::Handovers::new(client.clone(), settings.nomad.namespace.clone()),
             client,
             settings: settings.nomad.clone(),
+            handover_url,
         };
         let jobs: Vec<String> = settings
             .worker
@@ -128,6 +124,11 @@ impl NomadDriver {
             }
         });
         Ok(driver)
+    }
+
+    /// The hand-over endpoint, to serve on the worker's HTTP listener.
+    pub fn handover_routes(&self) -> axum::Router {
+        self.handovers.routes()
     }
 
     /// The parameterized job of a capability.
@@ -446,21 +447,26 @@ fn failure(doing: &str, e: NomadError) -> Ended {
     Ended::Stop(infra(format!("Nomad, {doing}: {e}"), retryable))
 }
 
-/// The run spec as a dispatch payload, within Nomad's limit; otherwise why not (which
-/// another attempt would not change).
-fn payload(spec: &RunSpec) -> Result<Vec<u8>, String> {
-    let bytes = serde_json::to_vec(spec).map_err(|e| format!("cannot encode the run spec: {e}"))?;
-    if bytes.len() > PAYLOAD_LIMIT {
-        return Err(format!(
-            "the run spec is {} bytes, above Nomad's dispatch payload limit of {} bytes \
-                 (prompt {} bytes, instructions {} bytes): shorten the prompt",
-            bytes.len(),
-            PAYLOAD_LIMIT,
-            spec.prompt.len(),
-            spec.instructions.as_deref().map_or(0, str::len)
-        ));
+/// The hand-over endpoint's URL as allocations reach it: `nomad.handover_url`, or the
+/// worker's own listener.
+fn handover_url(settings: &Settings) -> Result<String, NomadError> {
+    let base = match &settings.nomad.handover_url {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None => {
+            let listen = &settings.worker.listen;
+            if listen.starts_with("0.0.0.0") || listen.starts_with("[::]") {
+                tracing::warn!(listen = %listen, "nomad.handover_url is not set and worker.listen \
+                    is a wildcard address: sandboxes cannot reach the hand-over; set nomad.handover_url");
+            }
+            format!("http://{listen}")
+        }
+    };
+    if !(base.starts_with("http://") || base.starts_with("https://")) {
+        return Err(NomadError::Config(format!(
+            "nomad.handover_url {base:?} must be an http:// or https:// URL"
+        )));
     }
-    Ok(bytes)
+    Ok(format!("{base}{}", handover::START_PATH))
 }
 
 /// Why a dispatch failed for good, as an outcome.
@@ -525,33 +531,18 @@ impl SandboxDriver for NomadDriver {
         cancel: CancellationToken,
     ) -> Outcome {
         let started = std::time::Instant::now();
-        let payload = match payload(spec) {
-            Ok(p) => p,
-            Err(why) => return infra(why, false),
-        };
-        // Secrets never travel in the payload or meta; the sandbox job's templates provide
-        // the model key (Nomad Variables). A per-attempt secret (a repository-scoped git
-        // token) has no way in yet: say so now rather than fail obscurely at clone.
-        let per_attempt = untemplated_secrets(spec);
-        if !per_attempt.is_empty() {
-            return infra(
-                format!(
-                    "the nomad driver cannot hand per-attempt secrets ({}) to a sandbox yet; \
-                     run GitHub tasks with sandbox.driver = \"bwrap\"",
-                    per_attempt.join(", ")
-                ),
-                false,
-            );
-        }
         let parent = self.job_id(spec.capability);
         let token = format!("{}-{}", spec.subtask_id, spec.attempt);
+        // Open for the sandbox's claim until this run ends (dropped on every return).
+        let registration = self.handovers.register(&token, spec);
         let mut meta = BTreeMap::new();
         meta.insert("task_id", spec.task_id.to_string());
         meta.insert("subtask_id", spec.subtask_id.to_string());
         meta.insert("attempt", spec.attempt.to_string());
+        meta.insert(handover::META_KEY, self.handover_url.clone());
         let request = DispatchRequest {
             job_id: &parent,
-            payload: base64::engine::general_purpose::STANDARD.encode(payload),
+            payload: String::new(),
             meta,
         };
         let dispatched = tokio::select! {
@@ -565,6 +556,7 @@ impl SandboxDriver for NomadDriver {
             Err(e) => return dispatch_failure(&parent, &self.settings.namespace, e),
         };
         let job = dispatched.dispatched_job_id;
+        registration.dispatched(&job);
         tracing::info!(job = %job, eval = %dispatched.eval_id, "sandbox dispatched");
         let ended = tokio::select! {
             e = self.follow(spec, &job, &dispatched.eval_id, &events) => e,
@@ -583,44 +575,5 @@ impl SandboxDriver for NomadDriver {
             outcome.duration_ms = started.elapsed().as_millis() as u64;
         }
         outcome
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_templated_secrets_can_reach_a_nomad_sandbox() {
-        let mut s = spec("p");
-        assert!(untemplated_secrets(&s).is_empty());
-        s.secret_env
-            .set("ANTHROPIC_API_KEY", secrecy::SecretString::from("k"));
-        assert!(untemplated_secrets(&s).is_empty());
-        s.secret_env
-            .set("AO_GIT_TOKEN", secrecy::SecretString::from("t"));
-        assert_eq!(untemplated_secrets(&s), vec!["AO_GIT_TOKEN"]);
-    }
-
-    fn spec(prompt: &str) -> RunSpec {
-        serde_json::from_value(serde_json::json!({
-            "task_id": ao_shared::ids::TaskId::new(),
-            "subtask_id": ao_shared::ids::SubtaskId::new(),
-            "attempt": 1,
-            "capability": "coder",
-            "repository": "/srv/git/p.git",
-            "branch": "agent/x",
-            "title": "t",
-            "prompt": prompt,
-            "agent": { "command": "claude", "timeout_secs": 60 },
-        }))
-        .unwrap()
-    }
-
-    #[test]
-    fn a_spec_over_16_kib_is_refused_for_good() {
-        assert!(payload(&spec("short")).is_ok());
-        let err = payload(&spec(&"x".repeat(PAYLOAD_LIMIT))).unwrap_err();
-        assert!(err.contains("16384"), "{err}");
     }
 }
