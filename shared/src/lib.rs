@@ -15,6 +15,7 @@ pub mod message;
 pub mod metrics;
 pub mod names;
 pub mod pipeline;
+pub mod plan;
 pub mod pricing;
 pub mod profile;
 pub mod queue;
