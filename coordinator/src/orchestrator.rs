@@ -9,15 +9,15 @@ use crate::bus::{ChangeKind, TaskChange};
 use crate::context::Coordinator;
 use ao_shared::backoff::Backoff;
 use ao_shared::capability::Capability;
+use ao_shared::config::PlannerSettings;
 use ao_shared::ids::{DeliveryId, SubtaskId, TaskId};
 use ao_shared::message::SubtaskMessage;
 use ao_shared::pipeline::plan_subtasks;
+use ao_shared::plan::PlanLimits;
 use ao_shared::profile::RepoProfile;
 use ao_shared::queue::QueueId;
 use ao_shared::state::{EventKind, NewEvent, StoreError};
-use ao_shared::status::{TaskStatus, TransitionError};
-use ao_shared::config::PlannerSettings;
-use ao_shared::plan::PlanLimits;
+use ao_shared::status::{SubtaskStatus, TaskStatus, TransitionError};
 use ao_shared::task::{Applied, Approval, Planning, StateChange, Step, Task, TaskSource};
 use ao_shared::timefmt::{self, Timestamp};
 use std::collections::BTreeMap;
@@ -288,13 +288,21 @@ pub fn subtask_message(task: &Task, id: SubtaskId) -> Option<SubtaskMessage> {
             }),
             TaskSource::Api => None,
         },
-        // The worker of the task's latest other subtask has its working state.
+        // The worker of the task's latest other subtask has its working state; but steps
+        // that run at the same time are meant for different workers, so none is preferred
+        // while another subtask of the task is queued or running.
         prefer_worker: task
             .subtasks
             .iter()
             .filter(|s| s.id != sub.id && s.worker.is_some())
             .max_by_key(|s| s.finished_at.or(s.started_at))
-            .and_then(|s| s.worker.clone()),
+            .and_then(|s| s.worker.clone())
+            .filter(|_| {
+                !task.subtasks.iter().any(|s| {
+                    s.id != sub.id
+                        && matches!(s.status, SubtaskStatus::Queued | SubtaskStatus::Running)
+                })
+            }),
     })
 }
 

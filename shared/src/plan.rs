@@ -83,7 +83,9 @@ pub enum PlanError {
     Empty,
     #[error("the plan has {found} steps; at most {max} are allowed")]
     TooManySteps { found: usize, max: u32 },
-    #[error("step id {0:?} is not 1-32 characters of a-z, 0-9 and '-' starting with a letter or digit")]
+    #[error(
+        "step id {0:?} is not 1-32 characters of a-z, 0-9 and '-' starting with a letter or digit"
+    )]
     BadId(String),
     #[error("step id {0:?} is used twice")]
     DuplicateId(String),
@@ -138,7 +140,10 @@ pub fn extract_json(text: &str) -> Option<serde_json::Value> {
 
 impl Plan {
     /// Parses and checks a plan: `Ok` only for a plan that can be expanded as it is.
-    pub fn parse(value: Option<&serde_json::Value>, limits: &PlanLimits) -> Result<Plan, Vec<PlanError>> {
+    pub fn parse(
+        value: Option<&serde_json::Value>,
+        limits: &PlanLimits,
+    ) -> Result<Plan, Vec<PlanError>> {
         let value = value.ok_or_else(|| vec![PlanError::Missing])?;
         if let Some(v) = value.get("version").and_then(|v| v.as_u64()) {
             if v != u64::from(PLAN_VERSION) {
@@ -202,8 +207,7 @@ impl Plan {
                     });
                 }
             }
-            if step.paths.len() > MAX_PATHS || step.paths.iter().any(|p| p.len() > MAX_PATH_BYTES)
-            {
+            if step.paths.len() > MAX_PATHS || step.paths.iter().any(|p| p.len() > MAX_PATH_BYTES) {
                 errors.push(PlanError::BadText {
                     step: step.id.clone(),
                     field: "paths",
@@ -433,7 +437,9 @@ mod tests {
             vec![PlanError::Version(2)]
         );
         assert_eq!(err(plan(vec![])), vec![PlanError::Empty]);
-        let many = (0..6).map(|i| step(&format!("s{i}"), Capability::Coder, &[])).collect();
+        let many = (0..6)
+            .map(|i| step(&format!("s{i}"), Capability::Coder, &[]))
+            .collect();
         assert_eq!(
             err(plan(many)),
             vec![PlanError::TooManySteps { found: 6, max: 5 }]
@@ -455,7 +461,10 @@ mod tests {
         );
         assert!(matches!(
             err(plan(vec![step("a", Capability::Docs, &[])]))[0],
-            PlanError::NotAllowed { capability: Capability::Docs, .. }
+            PlanError::NotAllowed {
+                capability: Capability::Docs,
+                ..
+            }
         ));
         assert!(matches!(
             err(plan(vec![step("../x", Capability::Coder, &[])]))[0],
@@ -472,7 +481,10 @@ mod tests {
         long["instructions"] = "x".repeat(MAX_INSTRUCTIONS_BYTES + 1).into();
         assert!(matches!(
             err(plan(vec![long]))[0],
-            PlanError::BadText { field: "instructions", .. }
+            PlanError::BadText {
+                field: "instructions",
+                ..
+            }
         ));
         assert!(describe(&err(plan(vec![]))).contains("no steps"));
     }
@@ -499,8 +511,13 @@ mod tests {
         let (api, cli, test, review) = (find("api"), find("cli"), find("test"), find("review"));
         assert_eq!(api.depends_on, vec![planner]);
         assert_eq!(cli.depends_on, vec![planner]);
-        assert!(matches!(&api.step, Some(Step::Plan { branch: Some(b), .. }) if b == "agent/1-x-step-api"));
-        assert!(matches!(&review.step, Some(Step::Plan { branch: None, .. })));
+        assert!(
+            matches!(&api.step, Some(Step::Plan { branch: Some(b), .. }) if b == "agent/1-x-step-api")
+        );
+        assert!(matches!(
+            &review.step,
+            Some(Step::Plan { branch: None, .. })
+        ));
         // The tester starts from both coders' work, merged in plan order.
         let merge = subs.iter().find(|s| s.id == test.depends_on[0]).unwrap();
         assert_eq!(merge.depends_on, vec![api.id, cli.id]);

@@ -180,11 +180,9 @@ impl Outcome {
         if !self.cost_usd.is_finite() {
             self.cost_usd = 0.0;
         }
-        if self
-            .structured
-            .as_ref()
-            .is_some_and(|v| serde_json::to_string(v).map_or(true, |t| t.len() > MAX_STRUCTURED_BYTES))
-        {
+        if self.structured.as_ref().is_some_and(|v| {
+            serde_json::to_string(v).map_or(true, |t| t.len() > MAX_STRUCTURED_BYTES)
+        }) {
             // Too large to carry: the coordinator sees no plan and says so.
             self.structured = None;
         }
@@ -526,18 +524,32 @@ impl Task {
                 depends_on,
                 ..
             } => {
-                let _ = writeln!(out, "## Your step of the plan: {step_id} ({}): {title}\n", sub.capability);
+                let _ = writeln!(
+                    out,
+                    "## Your step of the plan: {step_id} ({}): {title}\n",
+                    sub.capability
+                );
                 out.push_str(sub.instructions.as_deref().unwrap_or("").trim());
                 out.push('\n');
                 if !paths.is_empty() {
-                    let _ = writeln!(out, "\nFiles or areas it expects to touch: {}", paths.join(", "));
+                    let _ = writeln!(
+                        out,
+                        "\nFiles or areas it expects to touch: {}",
+                        paths.join(", ")
+                    );
                 }
                 let _ = writeln!(out, "\n## The whole plan (other steps are done by others)");
                 if let Some(p) = self.planning.as_ref().filter(|p| !p.summary.is_empty()) {
                     let _ = writeln!(out, "{}", p.summary);
                 }
                 for s in &self.subtasks {
-                    if let Some(Step::Plan { id, title, depends_on, .. }) = &s.step {
+                    if let Some(Step::Plan {
+                        id,
+                        title,
+                        depends_on,
+                        ..
+                    }) = &s.step
+                    {
                         let after = if depends_on.is_empty() {
                             String::new()
                         } else {
@@ -549,9 +561,9 @@ impl Task {
                 depends_on
                     .iter()
                     .filter_map(|d| {
-                        self.subtasks.iter().find(
-                            |s| matches!(&s.step, Some(Step::Plan { id, .. }) if id == d),
-                        )
+                        self.subtasks
+                            .iter()
+                            .find(|s| matches!(&s.step, Some(Step::Plan { id, .. }) if id == d))
                     })
                     .collect()
             }
@@ -1015,11 +1027,23 @@ mod tests {
         let ready: Vec<String> = t.queue_ready(now).iter().map(|i| plan_id(&t, *i)).collect();
         assert_eq!(ready, vec!["a", "b"], "both independent steps at once");
         let (a, b) = (t.subtasks[1].id, t.subtasks[2].id);
-        t.apply_outcome(a, 1, Outcome::succeeded("wrote a.txt", Some("c1".into())), 3, now)
-            .unwrap();
+        t.apply_outcome(
+            a,
+            1,
+            Outcome::succeeded("wrote a.txt", Some("c1".into())),
+            3,
+            now,
+        )
+        .unwrap();
         assert!(t.queue_ready(now).is_empty(), "the merge waits for b");
-        t.apply_outcome(b, 1, Outcome::succeeded("wrote b.txt", Some("c2".into())), 3, now)
-            .unwrap();
+        t.apply_outcome(
+            b,
+            1,
+            Outcome::succeeded("wrote b.txt", Some("c2".into())),
+            3,
+            now,
+        )
+        .unwrap();
         let merge = t.queue_ready(now);
         assert_eq!(merge.len(), 1);
         assert_eq!(plan_id(&t, merge[0]), "merge");
@@ -1029,11 +1053,23 @@ mod tests {
         assert_eq!(plan_id(&t, test[0]), "t");
         // The tester is handed its part of the plan and what the coders did.
         let context = t.instructions_for(test[0]).unwrap();
-        for owed in ["check a and b", "wrote a.txt", "wrote b.txt", "two parts, then a test", "- a [coder]: part a"] {
+        for owed in [
+            "check a and b",
+            "wrote a.txt",
+            "wrote b.txt",
+            "two parts, then a test",
+            "- a [coder]: part a",
+        ] {
             assert!(context.contains(owed), "{owed:?} missing from:\n{context}");
         }
-        t.apply_outcome(test[0], 1, Outcome::succeeded("tests pass", Some("c3".into())), 3, now)
-            .unwrap();
+        t.apply_outcome(
+            test[0],
+            1,
+            Outcome::succeeded("tests pass", Some("c3".into())),
+            3,
+            now,
+        )
+        .unwrap();
         let last = t.queue_ready(now);
         assert_eq!(plan_id(&t, last[0]), "merge");
         t.apply_outcome(last[0], 1, Outcome::succeeded("merged", None), 3, now)
@@ -1069,14 +1105,23 @@ mod tests {
         assert_eq!(t.subtasks[0].attempt, 2);
         let repair = t.instructions_for(planner).unwrap();
         assert!(repair.contains("\"zz\", which is not a step"), "{repair}");
-        t.apply_outcome(planner, 2, Outcome::succeeded("no plan at all", None), 3, now)
-            .unwrap();
+        t.apply_outcome(
+            planner,
+            2,
+            Outcome::succeeded("no plan at all", None),
+            3,
+            now,
+        )
+        .unwrap();
         assert_eq!(t.status, TaskStatus::Failed);
         let sub = &t.subtasks[0];
         assert_eq!(sub.status, SubtaskStatus::Failed);
         assert!(!sub.outcome.as_ref().unwrap().retryable);
         let error = t.error.as_deref().unwrap();
-        assert!(error.contains("invalid after 1 repair turn") && error.contains("no plan found"), "{error}");
+        assert!(
+            error.contains("invalid after 1 repair turn") && error.contains("no plan found"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -54,6 +54,74 @@ fn writer(file: &str, word: &str) -> Vec<Turn> {
     ]
 }
 
+/// A cluster of `workers` workers, each running one subtask at a time, whose agent is
+/// Claude Code against `model`.
+async fn cluster(model: &ModelServer, workers: usize) -> Cluster {
+    let cli = claude_cli().display().to_string();
+    let mut c = Cluster::new(&[
+        ("AO__SANDBOX__DRIVER", "bwrap"),
+        ("AO__AGENT__KIND", "claude"),
+        ("AO__AGENT__API_KEY", "env:AO_TEST_MODEL_KEY"),
+        ("AO__AGENT__PROFILES__PLANNER__MODEL", MODEL),
+        ("AO__AGENT__PROFILES__CODER__MODEL", MODEL),
+        ("AO__AGENT__PROFILES__TESTER__MODEL", MODEL),
+        ("AO__COORDINATOR__MAX_ATTEMPTS", "1"),
+        ("AO__WORKER__CONCURRENCY", "1"),
+        ("AO__PLANNER__MAX_PARALLEL", "2"),
+    ]);
+    c.env.push(("AO__AGENT__COMMAND".into(), cli));
+    c.env.push((
+        "AO_TEST_MODEL_KEY".into(),
+        "sk-ant-test-0123456789abcdef".into(),
+    ));
+    c.env.push(("ANTHROPIC_BASE_URL".into(), model.url.clone()));
+    c.start_coordinator().await.expect("coordinator");
+    for _ in 0..workers {
+        c.start_worker(&[]);
+    }
+    c
+}
+
+/// Submits a planned task on `branch` and waits for its end; it must succeed.
+async fn run_planned(c: &Cluster, repo: &std::path::Path, branch: &str) -> Value {
+    let (status, task) = c
+        .submit(json!({ "repository": repo.display().to_string(),
+            "prompt": "Write a.txt and b.txt, then check both.",
+            "pipeline": ["planner", "coder", "tester"], "branch": branch }))
+        .await
+        .expect("submit");
+    assert_eq!(status, 202, "{task}");
+    let id = task["id"].as_str().expect("id").to_string();
+    let task = c
+        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
+        .await
+        .expect("the task ends");
+    assert_eq!(task["status"], "succeeded", "{task:#}\n{}", c.logs());
+    task
+}
+
+/// A clone of `branch` of `repo` in a new directory.
+fn clone_branch(
+    c: &Cluster,
+    repo: &std::path::Path,
+    branch: &str,
+    name: &str,
+) -> std::path::PathBuf {
+    let out = c.dir.path().join(name);
+    git(
+        c.dir.path(),
+        &[
+            "clone",
+            "-q",
+            "--branch",
+            branch,
+            repo.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
+    out
+}
+
 fn step_of<'a>(task: &'a Value, id: &str) -> &'a Value {
     task["subtasks"]
         .as_array()
@@ -102,40 +170,10 @@ async fn a_plan_runs_as_a_dag_on_two_workers_and_is_merged() {
         ],
     )
     .await;
-    let cli = claude_cli().display().to_string();
-    let mut c = Cluster::new(&[
-        ("AO__SANDBOX__DRIVER", "bwrap"),
-        ("AO__AGENT__KIND", "claude"),
-        ("AO__AGENT__API_KEY", "env:AO_TEST_MODEL_KEY"),
-        ("AO__AGENT__PROFILES__PLANNER__MODEL", MODEL),
-        ("AO__AGENT__PROFILES__CODER__MODEL", MODEL),
-        ("AO__AGENT__PROFILES__TESTER__MODEL", MODEL),
-        ("AO__COORDINATOR__MAX_ATTEMPTS", "1"),
-        ("AO__WORKER__CONCURRENCY", "1"),
-        ("AO__PLANNER__MAX_PARALLEL", "2"),
-    ]);
-    c.env.push(("AO__AGENT__COMMAND".into(), cli));
-    c.env
-        .push(("AO_TEST_MODEL_KEY".into(), "sk-ant-test-0123456789abcdef".into()));
-    c.env.push(("ANTHROPIC_BASE_URL".into(), model.url.clone()));
-    c.start_coordinator().await.expect("coordinator");
-    c.start_worker(&[]);
-    c.start_worker(&[]);
+    let c = cluster(&model, 2).await;
     let repo = bare_repo(c.dir.path(), "project", &[("README.md", "# project\n")]);
 
-    let (status, task) = c
-        .submit(json!({ "repository": repo.display().to_string(),
-            "prompt": "Write a.txt and b.txt, then check both.",
-            "pipeline": ["planner", "coder", "tester"], "branch": "agent/dag" }))
-        .await
-        .expect("submit");
-    assert_eq!(status, 202, "{task}");
-    let id = task["id"].as_str().expect("id").to_string();
-    let task = c
-        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
-        .await
-        .expect("the task ends");
-    assert_eq!(task["status"], "succeeded", "{task:#}\n{}", c.logs());
+    let task = run_planned(&c, &repo, "agent/dag").await;
 
     // The DAG on the API: planner, three steps, two merges.
     let subtasks = task["subtasks"].as_array().expect("subtasks");
@@ -169,18 +207,7 @@ async fn a_plan_runs_as_a_dag_on_two_workers_and_is_merged() {
     );
 
     // The task branch holds every step's work and every step's commit.
-    let check_out = c.dir.path().join("check");
-    git(
-        c.dir.path(),
-        &[
-            "clone",
-            "-q",
-            "--branch",
-            "agent/dag",
-            repo.to_str().unwrap(),
-            check_out.to_str().unwrap(),
-        ],
-    );
+    let check_out = clone_branch(&c, &repo, "agent/dag", "check");
     let read = |f: &str| std::fs::read_to_string(check_out.join(f)).unwrap_or_default();
     assert_eq!(read("a.txt"), "alpha\n");
     assert_eq!(read("b.txt"), "beta\n");
@@ -203,7 +230,10 @@ async fn a_plan_runs_as_a_dag_on_two_workers_and_is_merged() {
     let alpha_prompt = prompt_of("Your step of the plan: alpha (coder)");
     assert!(alpha_prompt.contains("Create a.txt holding the word alpha."));
     assert!(alpha_prompt.contains("Two independent files, then a check of both."));
-    assert!(!alpha_prompt.contains("Create b.txt"), "only its own instructions");
+    assert!(
+        !alpha_prompt.contains("Create b.txt"),
+        "only its own instructions"
+    );
     let check_prompt = prompt_of("Your step of the plan: check (tester)");
     for owed in [
         "Concatenate a.txt and b.txt into both.txt.",
@@ -215,5 +245,95 @@ async fn a_plan_runs_as_a_dag_on_two_workers_and_is_merged() {
             check_prompt.contains(owed),
             "{owed:?} missing from the check's prompt: {check_prompt}"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_conflict_between_parallel_steps_is_resolved_by_a_coder_that_sees_both_sides() {
+    let plan = json!({
+        "version": 1,
+        "steps": [
+            {"id": "alpha", "capability": "coder", "title": "Alpha line",
+             "instructions": "Write shared.txt with alpha."},
+            {"id": "beta", "capability": "coder", "title": "Beta line",
+             "instructions": "Write shared.txt with beta."}
+        ]
+    });
+    let model = ModelServer::start_routed(
+        vec![Turn::new(
+            Step::text(&format!("```json\n{plan}\n```")),
+            500,
+            300,
+        )],
+        vec![
+            (
+                "## Merge conflict to resolve".into(),
+                vec![
+                    // Claude Code writes over a file only after reading it.
+                    Turn::new(
+                        Step::tool("Read", json!({ "file_path": "shared.txt" })),
+                        100,
+                        20,
+                    ),
+                    Turn::new(
+                        Step::tool(
+                            "Write",
+                            json!({ "file_path": "shared.txt", "content": "alpha\nbeta\n" }),
+                        ),
+                        100,
+                        20,
+                    ),
+                    Turn::new(Step::text("Kept both lines."), 100, 20),
+                ],
+            ),
+            (
+                "Your step of the plan: alpha (coder)".into(),
+                writer("shared.txt", "alpha"),
+            ),
+            (
+                "Your step of the plan: beta (coder)".into(),
+                writer("shared.txt", "beta"),
+            ),
+        ],
+    )
+    .await;
+    let c = cluster(&model, 2).await;
+    let repo = bare_repo(c.dir.path(), "project", &[("README.md", "# project\n")]);
+    let task = run_planned(&c, &repo, "agent/clash").await;
+
+    let merge = task["subtasks"]
+        .as_array()
+        .expect("subtasks")
+        .iter()
+        .find(|s| s["step"]["kind"] == "integrate")
+        .expect("the merge");
+    let summary = merge["outcome"]["summary"].as_str().unwrap_or_default();
+    assert!(
+        summary.contains("conflicts resolved") && summary.contains("Kept both lines."),
+        "{merge:#}"
+    );
+    // Neither step's work is dropped: the branch holds both lines and both commits.
+    let out = clone_branch(&c, &repo, "agent/clash", "clash");
+    assert_eq!(
+        std::fs::read_to_string(out.join("shared.txt")).unwrap_or_default(),
+        "alpha\nbeta\n"
+    );
+    let log = git(&out, &["log", "--format=%B"]);
+    for id in ["alpha", "beta"] {
+        let line = format!(
+            "Subtask: {} (attempt 1)",
+            step_of(&task, id)["id"].as_str().unwrap()
+        );
+        assert!(log.contains(&line), "{line} not on the branch:\n{log}");
+    }
+    // The resolving agent was shown both sides.
+    let asked = model
+        .agent_requests()
+        .into_iter()
+        .map(|r| r.body["messages"][0]["content"].to_string())
+        .find(|m| m.contains("## Merge conflict to resolve"))
+        .expect("the conflict's conversation");
+    for side in ["+alpha", "+beta", "shared.txt"] {
+        assert!(asked.contains(side), "{side:?} missing: {asked}");
     }
 }

@@ -100,10 +100,7 @@ pub fn run(spec: &RunSpec, repo: &Path) -> Outcome {
         if let Err(e) = git_ok(repo, &["add", "--all"])
             .and_then(|_| git_ok(repo, &["commit", "--quiet", "--no-verify", "-m", &message]))
         {
-            return with_spent(
-                Outcome::failed(OutcomeKind::AgentError, e, false),
-                &spent,
-            );
+            return with_spent(Outcome::failed(OutcomeKind::AgentError, e, false), &spent);
         }
         merged.push(branch.clone());
         resolved.push(format!("{branch} ({})", outcome.summary.trim()));

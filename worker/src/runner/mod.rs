@@ -231,7 +231,9 @@ pub fn run(
     } else {
         log(format!("running the {} agent", spec.capability));
         let mut outcome = agent::run(spec, &repo);
-        if spec.capability == ao_shared::Capability::Planner && outcome.kind == OutcomeKind::Succeeded {
+        if spec.capability == ao_shared::Capability::Planner
+            && outcome.kind == OutcomeKind::Succeeded
+        {
             // The plan goes to the coordinator structured; it checks it.
             outcome.structured = ao_shared::plan::extract_json(&outcome.summary);
         }
