@@ -140,7 +140,7 @@ pub struct Outcome {
     /// The structured part of the agent's final reply (the planner's plan as JSON), when
     /// it gave one; at most [`MAX_STRUCTURED_BYTES`] encoded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub structured: Option<serde_json::Value>,
+    pub structured: Option<Box<serde_json::Value>>,
 }
 
 /// The largest structured reply an outcome carries, in bytes of JSON: a plan of
@@ -822,7 +822,8 @@ impl Task {
         // (another agent kind) is read here the same way.
         let value = outcome
             .structured
-            .clone()
+            .as_deref()
+            .cloned()
             .or_else(|| crate::plan::extract_json(&outcome.summary));
         match crate::plan::Plan::parse(value.as_ref(), &planning.limits) {
             Ok(plan) => (outcome, Some(Ok(plan))),

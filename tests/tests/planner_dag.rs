@@ -115,8 +115,8 @@ fn clone_branch(
             "-q",
             "--branch",
             branch,
-            repo.to_str().unwrap(),
-            out.to_str().unwrap(),
+            repo.to_str().expect("a UTF-8 path"),
+            out.to_str().expect("a UTF-8 path"),
         ],
     );
     out

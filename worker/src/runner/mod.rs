@@ -235,7 +235,7 @@ pub fn run(
             && outcome.kind == OutcomeKind::Succeeded
         {
             // The plan goes to the coordinator structured; it checks it.
-            outcome.structured = ao_shared::plan::extract_json(&outcome.summary);
+            outcome.structured = ao_shared::plan::extract_json(&outcome.summary).map(Box::new);
         }
         outcome
     };
