@@ -88,10 +88,12 @@ pub fn planning(pipeline: &[Capability], bounds: PlannerSettings) -> Option<Plan
             max_steps: bounds.max_steps,
             max_parallel: bounds.max_parallel,
             allowed,
+            max_fix_rounds: 0,
         },
         repairs: 0,
         expanded: false,
         summary: String::new(),
+        fix_rounds: 0,
     })
 }
 
@@ -145,7 +147,12 @@ pub async fn create_task(
         subtasks: plan_subtasks(&new.pipeline),
         approval: new.approval,
         review_round: new.review_round,
-        planning: planning(&new.pipeline, cx.settings.planner.narrowed(new.planner)),
+        planning: planning(&new.pipeline, cx.settings.planner.narrowed(new.planner)).map(
+            |mut p| {
+                p.limits.max_fix_rounds = cx.settings.pipeline.max_fix_rounds;
+                p
+            },
+        ),
     };
     if new.approval == Approval::BeforeStart {
         task.status = TaskStatus::AwaitingApproval;

@@ -34,6 +34,8 @@ pub struct Settings {
     pub coordinator: CoordinatorSettings,
     /// What a planner's plan may hold (see docs/agent.md).
     pub planner: PlannerSettings,
+    /// How a planned task's checks are answered.
+    pub pipeline: PipelineSettings,
     pub log: LogSettings,
     /// Warm workers: the per-worker git mirrors and setup cache.
     pub warm: WarmSettings,
@@ -64,6 +66,7 @@ impl Default for Settings {
             queue: Default::default(),
             coordinator: Default::default(),
             planner: Default::default(),
+            pipeline: Default::default(),
             log: Default::default(),
             warm: Default::default(),
             pipelines,
@@ -598,6 +601,21 @@ impl Default for CoordinatorSettings {
             lease_ttl_ms: 15_000,
             lease_renew_ms: 5_000,
         }
+    }
+}
+
+/// How a planned task's checks are answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// Fix rounds (a coder given the findings, then the same check again) that failing
+    /// tests or a review asking for changes may start in one task, in all.
+    pub max_fix_rounds: u32,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        Self { max_fix_rounds: 2 }
     }
 }
 

@@ -29,6 +29,7 @@ pub mod task;
 pub mod telemetry;
 pub mod timefmt;
 pub mod validate;
+pub mod verdict;
 
 pub use capability::Capability;
 pub use ids::{DeliveryId, SubtaskId, TaskId};

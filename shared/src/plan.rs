@@ -68,6 +68,9 @@ pub struct PlanLimits {
     pub max_parallel: u32,
     /// The capabilities a step may have.
     pub allowed: Vec<Capability>,
+    /// Fix rounds a failing test or a review asking for changes may start, in all.
+    #[serde(default)]
+    pub max_fix_rounds: u32,
 }
 
 /// One thing wrong with a plan; the messages are written for the planner's repair turn.
@@ -398,6 +401,7 @@ mod tests {
             max_steps: 5,
             max_parallel: 2,
             allowed: vec![Capability::Coder, Capability::Tester, Capability::Reviewer],
+            max_fix_rounds: 1,
         }
     }
 

@@ -333,6 +333,9 @@ pub struct Planning {
     /// The plan's overview, when it gave one.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub summary: String,
+    /// Fix rounds run so far (at most `limits.max_fix_rounds`).
+    #[serde(default)]
+    pub fix_rounds: u32,
 }
 
 /// Bytes of the reports of earlier steps handed to a step at most, shared among them;
@@ -726,6 +729,7 @@ impl Task {
         // stay small (DynamoDB refuses items over 400 KB).
         let outcome = outcome.bounded();
         let (outcome, plan) = self.check_plan(subtask, outcome);
+        let (outcome, fix) = self.check_verdict(subtask, outcome);
         let Some(sub) = self.subtask_mut(subtask) else {
             return Ok(Applied::Ignored("unknown subtask".into()));
         };
@@ -767,6 +771,9 @@ impl Task {
             let capability = sub.capability;
             if let Some(Ok(plan)) = plan {
                 self.expand_plan(subtask, &plan);
+            }
+            if let (SubtaskStatus::Succeeded, Some(findings)) = (to, fix) {
+                self.add_fix_round(subtask, findings);
             }
             match to {
                 SubtaskStatus::Failed => {
@@ -852,6 +859,100 @@ impl Task {
         }
     }
 
+    /// For a checker's (tester, reviewer) successful outcome in a planned task: the
+    /// findings of a fix round to start when its verdict asks for one and rounds are left
+    /// (`Some`); the outcome turned into a non-retryable failure when none are left.
+    fn check_verdict(&self, subtask: SubtaskId, outcome: Outcome) -> (Outcome, Option<String>) {
+        let Some(planning) = self.planning.as_ref().filter(|p| p.expanded) else {
+            return (outcome, None);
+        };
+        let is_checker = self.subtask(subtask).is_some_and(|s| {
+            matches!(s.capability, Capability::Tester | Capability::Reviewer)
+                && matches!(s.step, Some(Step::Plan { .. }))
+        });
+        if !is_checker || outcome.kind != OutcomeKind::Succeeded {
+            return (outcome, None);
+        }
+        let reply = outcome
+            .structured
+            .as_deref()
+            .cloned()
+            .or_else(|| crate::plan::extract_json(&outcome.summary));
+        let Some(verdict) = crate::verdict::Verdict::from_reply(reply.as_ref()) else {
+            return (outcome, None);
+        };
+        if !verdict.needs_fix() {
+            return (outcome, None);
+        }
+        if planning.fix_rounds < planning.limits.max_fix_rounds {
+            return (outcome, Some(verdict.instructions()));
+        }
+        let error = format!(
+            "still not passing after {} fix round(s) (pipeline.max_fix_rounds):\n{}",
+            planning.fix_rounds,
+            verdict.instructions()
+        );
+        let mut failed = Outcome::failed(OutcomeKind::AgentError, error, false);
+        failed.cost_usd = outcome.cost_usd;
+        failed.tokens = outcome.tokens;
+        failed.turns = outcome.turns;
+        failed.duration_ms = outcome.duration_ms;
+        failed.structured = outcome.structured;
+        (failed.bounded(), None)
+    }
+
+    /// A fix round after the checker `checker`: a coder step given the findings, on the
+    /// checker's branch, then the same check again; what waited for the checker waits
+    /// for the check again instead.
+    fn add_fix_round(&mut self, checker: SubtaskId, findings: String) {
+        let Some(check) = self.subtask(checker).cloned() else {
+            return;
+        };
+        let Some(Step::Plan {
+            id,
+            title,
+            paths,
+            branch,
+            ..
+        }) = check.step.clone()
+        else {
+            return;
+        };
+        let round = self.planning.as_ref().map_or(0, |p| p.fix_rounds) + 1;
+        let fix_id = format!("{id}-fix{round}");
+        let mut fix = Subtask::new(Capability::Coder, vec![checker]);
+        fix.instructions = Some(findings);
+        fix.step = Some(Step::Plan {
+            id: fix_id.clone(),
+            title: format!("Fix round {round}: address the findings of {id}"),
+            paths: paths.clone(),
+            depends_on: vec![id.clone()],
+            branch: branch.clone(),
+        });
+        let mut again = Subtask::new(check.capability, vec![fix.id]);
+        again.instructions = check.instructions.clone();
+        again.step = Some(Step::Plan {
+            id: format!("{id}-check{round}"),
+            title,
+            paths,
+            depends_on: vec![fix_id],
+            branch,
+        });
+        let again_id = again.id;
+        for s in &mut self.subtasks {
+            for d in &mut s.depends_on {
+                if *d == checker {
+                    *d = again_id;
+                }
+            }
+        }
+        self.subtasks.push(fix);
+        self.subtasks.push(again);
+        if let Some(p) = self.planning.as_mut() {
+            p.fix_rounds = round;
+        }
+    }
+
     /// Replaces the subtasks still waiting after the planner `planner` with the plan's.
     fn expand_plan(&mut self, planner: SubtaskId, plan: &crate::plan::Plan) {
         let steps = plan.expand(&self.branch, planner);
@@ -893,6 +994,10 @@ impl Task {
                 // A fresh automatic-retry budget from the next attempt on.
                 sub.retry_base = sub.attempt;
             }
+        }
+        // A planner retried by hand gets its repair turn again.
+        if let Some(p) = self.planning.as_mut().filter(|p| !p.expanded) {
+            p.repairs = 0;
         }
         self.error = None;
         self.updated_at = at;
@@ -989,10 +1094,12 @@ mod tests {
                 max_steps: 5,
                 max_parallel,
                 allowed: vec![Capability::Coder, Capability::Tester],
+                max_fix_rounds: 1,
             },
             repairs: 0,
             expanded: false,
             summary: String::new(),
+            fix_rounds: 0,
         });
         t
     }
@@ -1076,6 +1183,74 @@ mod tests {
         t.apply_outcome(last[0], 1, Outcome::succeeded("merged", None), 3, now)
             .unwrap();
         assert_eq!(t.status, TaskStatus::Succeeded);
+    }
+
+    #[test]
+    fn with_approval_the_expanded_graph_is_what_waits() {
+        let mut t = planned(4);
+        t.approval = Approval::AfterPlan;
+        let now = timefmt::now();
+        let planner = t.queue_ready(now)[0];
+        t.apply_outcome(planner, 1, Outcome::succeeded(plan_reply(), None), 3, now)
+            .unwrap();
+        assert_eq!(t.status, TaskStatus::AwaitingApproval);
+        assert_eq!(t.subtasks.len(), 6, "the graph is there to approve");
+        assert!(t.queue_ready(now).is_empty());
+        t.status = TaskStatus::Queued; // what approving does
+        assert_eq!(t.queue_ready(now).len(), 2);
+    }
+
+    #[test]
+    fn a_failing_check_starts_a_bounded_fix_round() {
+        let mut t = planned(4);
+        let now = timefmt::now();
+        let planner = t.queue_ready(now)[0];
+        t.apply_outcome(planner, 1, Outcome::succeeded(plan_reply(), None), 3, now)
+            .unwrap();
+        // Both coders, then the merge.
+        for _ in 0..2 {
+            for id in t.queue_ready(now) {
+                t.apply_outcome(id, 1, Outcome::succeeded("done", None), 3, now)
+                    .unwrap();
+            }
+        }
+        let test = t.queue_ready(now);
+        assert_eq!(plan_id(&t, test[0]), "t");
+        let failing = "```json\n{\"verdict\": \"failed\", \"failures\": [{\"file\": \"a.txt\", \"line\": 1, \"message\": \"a.txt is empty\"}], \"output\": \"FAIL a\"}\n```";
+        t.apply_outcome(test[0], 1, Outcome::succeeded(failing, None), 3, now)
+            .unwrap();
+        assert_eq!(t.planning.as_ref().unwrap().fix_rounds, 1);
+        let fix = t.queue_ready(now);
+        assert_eq!(plan_id(&t, fix[0]), "t-fix1");
+        assert_eq!(t.subtask(fix[0]).unwrap().capability, Capability::Coder);
+        let told = t.instructions_for(fix[0]).unwrap();
+        assert!(
+            told.contains("a.txt:1: a.txt is empty") && told.contains("FAIL a"),
+            "{told}"
+        );
+        // The last merge now waits for the check again, not the failed one.
+        let last = t
+            .subtasks
+            .iter()
+            .find(|s| s.depends_on.iter().any(|d| *d == test[0]));
+        assert!(last
+            .is_some_and(|s| s.capability == Capability::Coder && plan_id(&t, s.id) == "t-fix1"));
+        t.apply_outcome(fix[0], 1, Outcome::succeeded("filled a.txt", None), 3, now)
+            .unwrap();
+        let again = t.queue_ready(now);
+        assert_eq!(plan_id(&t, again[0]), "t-check1");
+        assert!(t.subtasks.iter().any(|s| {
+            matches!(s.step, Some(Step::Integrate { .. })) && s.depends_on.contains(&again[0])
+        }));
+        // Failing again with no round left fails the task for good.
+        t.apply_outcome(again[0], 1, Outcome::succeeded(failing, None), 3, now)
+            .unwrap();
+        assert_eq!(t.status, TaskStatus::Failed);
+        assert!(t
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("still not passing after 1 fix round"));
     }
 
     #[test]

@@ -164,8 +164,41 @@ async fn a_plan_runs_as_a_dag_on_two_workers_and_is_merged() {
                         100,
                         20,
                     ),
-                    Turn::new(Step::text("both.txt holds alpha and beta."), 100, 20),
+                    Turn::new(
+                        Step::text(&format!(
+                            "both.txt holds alpha and beta.\n```json\n{}\n```",
+                            json!({"verdict": "failed", "failures": [{"file": "both.txt",
+                                "line": 3, "message": "the end marker is missing"}],
+                                "output": "FAIL end-marker"})
+                        )),
+                        100,
+                        20,
+                    ),
                 ],
+            ),
+            // The fix round: a coder given the findings, then the same check again.
+            (
+                "Your step of the plan: check-fix1 (coder)".into(),
+                vec![
+                    Turn::new(
+                        Step::tool(
+                            "Bash",
+                            json!({ "command": "echo end >> both.txt",
+                                    "description": "add the marker" }),
+                        ),
+                        100,
+                        20,
+                    ),
+                    Turn::new(Step::text("Added the end marker."), 100, 20),
+                ],
+            ),
+            (
+                "Your step of the plan: check-check1 (tester)".into(),
+                vec![Turn::new(
+                    Step::text("All good.\n```json\n{\"verdict\": \"passed\"}\n```"),
+                    100,
+                    20,
+                )],
             ),
         ],
     )
@@ -175,9 +208,11 @@ async fn a_plan_runs_as_a_dag_on_two_workers_and_is_merged() {
 
     let task = run_planned(&c, &repo, "agent/dag").await;
 
-    // The DAG on the API: planner, three steps, two merges.
+    // The DAG on the API: planner, three steps, two merges, and one fix round (a fix
+    // and the check again).
     let subtasks = task["subtasks"].as_array().expect("subtasks");
-    assert_eq!(subtasks.len(), 6, "{task:#}");
+    assert_eq!(subtasks.len(), 8, "{task:#}");
+    assert_eq!(task["planning"]["fix_rounds"], 1, "{task:#}");
     let (alpha, beta, check) = (
         step_of(&task, "alpha"),
         step_of(&task, "beta"),
@@ -211,9 +246,9 @@ async fn a_plan_runs_as_a_dag_on_two_workers_and_is_merged() {
     let read = |f: &str| std::fs::read_to_string(check_out.join(f)).unwrap_or_default();
     assert_eq!(read("a.txt"), "alpha\n");
     assert_eq!(read("b.txt"), "beta\n");
-    assert_eq!(read("both.txt"), "alpha\nbeta\n");
+    assert_eq!(read("both.txt"), "alpha\nbeta\nend\n");
     let log = git(&check_out, &["log", "--format=%B"]);
-    for step in [alpha, beta, check] {
+    for step in [alpha, beta, check, step_of(&task, "check-fix1")] {
         let line = format!("Subtask: {} (attempt 1)", step["id"].as_str().unwrap());
         assert!(log.contains(&line), "{line} not on the branch:\n{log}");
     }
@@ -245,6 +280,11 @@ async fn a_plan_runs_as_a_dag_on_two_workers_and_is_merged() {
             check_prompt.contains(owed),
             "{owed:?} missing from the check's prompt: {check_prompt}"
         );
+    }
+    // The fix round is given the failing check's findings.
+    let fix_prompt = prompt_of("Your step of the plan: check-fix1 (coder)");
+    for owed in ["both.txt:3: the end marker is missing", "FAIL end-marker"] {
+        assert!(fix_prompt.contains(owed), "{owed:?} missing: {fix_prompt}");
     }
 }
 

@@ -231,10 +231,15 @@ pub fn run(
     } else {
         log(format!("running the {} agent", spec.capability));
         let mut outcome = agent::run(spec, &repo);
-        if spec.capability == ao_shared::Capability::Planner
-            && outcome.kind == OutcomeKind::Succeeded
+        if matches!(
+            spec.capability,
+            ao_shared::Capability::Planner
+                | ao_shared::Capability::Tester
+                | ao_shared::Capability::Reviewer
+        ) && outcome.kind == OutcomeKind::Succeeded
         {
-            // The plan goes to the coordinator structured; it checks it.
+            // The plan, or a checker's verdict, goes to the coordinator structured; it
+            // checks it.
             outcome.structured = ao_shared::plan::extract_json(&outcome.summary).map(Box::new);
         }
         outcome
