@@ -1,9 +1,12 @@
 //! The plan drives the work, end to end with the real Claude Code CLI in bubblewrap
-//! against the scripted model: the planner writes a three-step plan of which two steps
+//! against the scripted model: the planner writes a four-step plan of which two steps
 //! are independent; those two run at the same time on two workers, each on its own step
-//! branch; an integration merges them into the task branch; the third step starts from
+//! branch; an integration merges them into the task branch; the test step starts from
 //! the merge with the context it is owed (its part of the plan, the reports of the steps
-//! it depends on); a last integration merges it. The task branch holds every step's commit.
+//! it depends on); its test fails once, a fix round runs and the test passes; the
+//! reviewer asks for a change once, a fix round runs and it approves. The task branch
+//! holds every step's commit. A second test: two parallel steps that conflict, resolved
+//! by the integration's coder, which sees both sides.
 
 use ao_tests::model_server::{claude_cli, ModelServer, Step, Turn, MODEL};
 use ao_tests::{bare_repo, git, Cluster};
@@ -26,7 +29,9 @@ fn plan_reply() -> String {
              "instructions": "Create b.txt holding the word beta.", "paths": ["b.txt"]},
             {"id": "check", "capability": "tester", "title": "Check both files",
              "instructions": "Concatenate a.txt and b.txt into both.txt.",
-             "depends_on": ["alpha", "beta"], "paths": ["both.txt"]}
+             "depends_on": ["alpha", "beta"], "paths": ["both.txt"]},
+            {"id": "review", "capability": "reviewer", "title": "Review the change",
+             "instructions": "Review both.txt.", "depends_on": ["check"]}
         ]
     });
     format!("Here is the plan.\n```json\n{plan:#}\n```\n")
@@ -65,6 +70,7 @@ async fn cluster(model: &ModelServer, workers: usize) -> Cluster {
         ("AO__AGENT__PROFILES__PLANNER__MODEL", MODEL),
         ("AO__AGENT__PROFILES__CODER__MODEL", MODEL),
         ("AO__AGENT__PROFILES__TESTER__MODEL", MODEL),
+        ("AO__AGENT__PROFILES__REVIEWER__MODEL", MODEL),
         ("AO__COORDINATOR__MAX_ATTEMPTS", "1"),
         ("AO__WORKER__CONCURRENCY", "1"),
         ("AO__PLANNER__MAX_PARALLEL", "2"),
@@ -87,7 +93,7 @@ async fn run_planned(c: &Cluster, repo: &std::path::Path, branch: &str) -> Value
     let (status, task) = c
         .submit(json!({ "repository": repo.display().to_string(),
             "prompt": "Write a.txt and b.txt, then check both.",
-            "pipeline": ["planner", "coder", "tester"], "branch": branch }))
+            "pipeline": ["planner", "coder", "tester", "reviewer"], "branch": branch }))
         .await
         .expect("submit");
     assert_eq!(status, 202, "{task}");
@@ -193,6 +199,41 @@ async fn a_plan_runs_as_a_dag_on_two_workers_and_is_merged() {
                 ],
             ),
             (
+                "Your step of the plan: review (reviewer)".into(),
+                vec![Turn::new(
+                    Step::text(&format!(
+                        "One change needed.\n```json\n{}\n```",
+                        json!({"verdict": "request_changes", "findings": [{"file": "both.txt",
+                            "line": 4, "message": "say that it was reviewed"}]})
+                    )),
+                    100,
+                    20,
+                )],
+            ),
+            (
+                "Your step of the plan: review-fix2 (coder)".into(),
+                vec![
+                    Turn::new(
+                        Step::tool(
+                            "Bash",
+                            json!({ "command": "echo reviewed >> both.txt",
+                                    "description": "answer the review" }),
+                        ),
+                        100,
+                        20,
+                    ),
+                    Turn::new(Step::text("Said that it was reviewed."), 100, 20),
+                ],
+            ),
+            (
+                "Your step of the plan: review-check2 (reviewer)".into(),
+                vec![Turn::new(
+                    Step::text("Looks right.\n```json\n{\"verdict\": \"approve\"}\n```"),
+                    100,
+                    20,
+                )],
+            ),
+            (
                 "Your step of the plan: check-check1 (tester)".into(),
                 vec![Turn::new(
                     Step::text("All good.\n```json\n{\"verdict\": \"passed\"}\n```"),
@@ -208,11 +249,15 @@ async fn a_plan_runs_as_a_dag_on_two_workers_and_is_merged() {
 
     let task = run_planned(&c, &repo, "agent/dag").await;
 
-    // The DAG on the API: planner, three steps, two merges, and one fix round (a fix
-    // and the check again).
+    // The DAG on the API: planner, four steps, two merges, and two fix rounds (a fix
+    // and the check again): one for the failing test, one for the review's change.
     let subtasks = task["subtasks"].as_array().expect("subtasks");
-    assert_eq!(subtasks.len(), 8, "{task:#}");
-    assert_eq!(task["planning"]["fix_rounds"], 1, "{task:#}");
+    assert_eq!(subtasks.len(), 11, "{task:#}");
+    assert_eq!(task["planning"]["fix_rounds"], 2, "{task:#}");
+    assert_eq!(
+        step_of(&task, "review-check2")["outcome"]["structured"]["verdict"],
+        "approve"
+    );
     let (alpha, beta, check) = (
         step_of(&task, "alpha"),
         step_of(&task, "beta"),
@@ -246,9 +291,15 @@ async fn a_plan_runs_as_a_dag_on_two_workers_and_is_merged() {
     let read = |f: &str| std::fs::read_to_string(check_out.join(f)).unwrap_or_default();
     assert_eq!(read("a.txt"), "alpha\n");
     assert_eq!(read("b.txt"), "beta\n");
-    assert_eq!(read("both.txt"), "alpha\nbeta\nend\n");
+    assert_eq!(read("both.txt"), "alpha\nbeta\nend\nreviewed\n");
     let log = git(&check_out, &["log", "--format=%B"]);
-    for step in [alpha, beta, check, step_of(&task, "check-fix1")] {
+    for step in [
+        alpha,
+        beta,
+        check,
+        step_of(&task, "check-fix1"),
+        step_of(&task, "review-fix2"),
+    ] {
         let line = format!("Subtask: {} (attempt 1)", step["id"].as_str().unwrap());
         assert!(log.contains(&line), "{line} not on the branch:\n{log}");
     }
@@ -286,6 +337,11 @@ async fn a_plan_runs_as_a_dag_on_two_workers_and_is_merged() {
     for owed in ["both.txt:3: the end marker is missing", "FAIL end-marker"] {
         assert!(fix_prompt.contains(owed), "{owed:?} missing: {fix_prompt}");
     }
+    let review_fix = prompt_of("Your step of the plan: review-fix2 (coder)");
+    assert!(
+        review_fix.contains("both.txt:4: say that it was reviewed"),
+        "{review_fix}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
