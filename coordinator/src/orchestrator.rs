@@ -9,14 +9,16 @@ use crate::bus::{ChangeKind, TaskChange};
 use crate::context::Coordinator;
 use ao_shared::backoff::Backoff;
 use ao_shared::capability::Capability;
+use ao_shared::config::PlannerSettings;
 use ao_shared::ids::{DeliveryId, SubtaskId, TaskId};
 use ao_shared::message::SubtaskMessage;
 use ao_shared::pipeline::plan_subtasks;
+use ao_shared::plan::PlanLimits;
 use ao_shared::profile::RepoProfile;
 use ao_shared::queue::QueueId;
 use ao_shared::state::{EventKind, NewEvent, StoreError};
-use ao_shared::status::{TaskStatus, TransitionError};
-use ao_shared::task::{Applied, Approval, StateChange, Task, TaskSource};
+use ao_shared::status::{SubtaskStatus, TaskStatus, TransitionError};
+use ao_shared::task::{Applied, Approval, Planning, StateChange, Step, Task, TaskSource};
 use ao_shared::timefmt::{self, Timestamp};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -59,6 +61,40 @@ pub struct NewTask {
     pub review_round: Option<u32>,
     /// The repository's narrowing of the agent profiles.
     pub profiles: BTreeMap<Capability, RepoProfile>,
+    /// The repository's narrowing of the planner's bounds.
+    pub planner: Option<PlannerSettings>,
+}
+
+/// How the planner drives a task of `pipeline`: when the pipeline starts with the
+/// planner, its plan becomes the task's subtasks, in place of the rest of the pipeline,
+/// whose capabilities are the ones the plan may use.
+pub fn planning(pipeline: &[Capability], bounds: PlannerSettings) -> Option<Planning> {
+    let (first, rest) = pipeline.split_first()?;
+    if *first != Capability::Planner {
+        return None;
+    }
+    let mut allowed: Vec<Capability> = rest
+        .iter()
+        .copied()
+        .filter(|c| *c != Capability::Planner)
+        .collect();
+    allowed.sort();
+    allowed.dedup();
+    if allowed.is_empty() {
+        return None;
+    }
+    Some(Planning {
+        limits: PlanLimits {
+            max_steps: bounds.max_steps,
+            max_parallel: bounds.max_parallel,
+            allowed,
+            max_fix_rounds: 0,
+        },
+        repairs: 0,
+        expanded: false,
+        summary: String::new(),
+        fix_rounds: 0,
+    })
 }
 
 /// The state changes that make `after` from `before`, as stored events.
@@ -111,6 +147,12 @@ pub async fn create_task(
         subtasks: plan_subtasks(&new.pipeline),
         approval: new.approval,
         review_round: new.review_round,
+        planning: planning(&new.pipeline, cx.settings.planner.narrowed(new.planner)).map(
+            |mut p| {
+                p.limits.max_fix_rounds = cx.settings.pipeline.max_fix_rounds;
+                p
+            },
+        ),
     };
     if new.approval == Approval::BeforeStart {
         task.status = TaskStatus::AwaitingApproval;
@@ -223,11 +265,24 @@ pub fn subtask_message(task: &Task, id: SubtaskId) -> Option<SubtaskMessage> {
         attempt: sub.attempt,
         capability: sub.capability,
         repository: task.repository.clone(),
-        branch: task.branch.clone(),
+        // A step that changes code works on its own branch, made from the task branch.
+        branch: match &sub.step {
+            Some(Step::Plan {
+                branch: Some(b), ..
+            }) => b.clone(),
+            _ => task.branch.clone(),
+        },
+        start_from: match &sub.step {
+            Some(Step::Plan {
+                branch: Some(_), ..
+            }) => Some(task.branch.clone()),
+            _ => None,
+        },
+        step: sub.step.clone(),
         base_branch: task.base_branch.clone(),
         title: task.title.clone(),
         prompt: task.prompt.clone(),
-        instructions: sub.instructions.clone(),
+        instructions: task.instructions_for(sub.id),
         enqueued_at: sub.queued_at.unwrap_or(task.updated_at),
         github: match &task.source {
             TaskSource::Github {
@@ -240,14 +295,23 @@ pub fn subtask_message(task: &Task, id: SubtaskId) -> Option<SubtaskMessage> {
             }),
             TaskSource::Api => None,
         },
-        // The worker of the task's latest other subtask has its working state.
+        // The worker of the task's latest other subtask has its working state; but steps
+        // that run at the same time are meant for different workers, so none is preferred
+        // while another subtask of the task is queued or running.
         prefer_worker: task
             .subtasks
             .iter()
             .filter(|s| s.id != sub.id && s.worker.is_some())
             .max_by_key(|s| s.finished_at.or(s.started_at))
-            .and_then(|s| s.worker.clone()),
-        spent_usd: sub.cost_usd,
+            .and_then(|s| s.worker.clone())
+            .filter(|_| {
+                !task.subtasks.iter().any(|s| {
+                    s.id != sub.id
+                        && matches!(s.status, SubtaskStatus::Queued | SubtaskStatus::Running)
+                })
+            }),
+        // What this subtask's attempts since the last manual retry cost.
+        spent_usd: (sub.cost_usd - sub.retry_cost_base).max(0.0),
     })
 }
 

@@ -78,6 +78,7 @@ fn new_task() -> Task {
         subtasks: plan_subtasks(&Capability::ALL),
         approval: Default::default(),
         review_round: None,
+        planning: None,
     }
 }
 
@@ -114,6 +115,8 @@ async fn run_task(queue: &SqsQueue, store: &DynamoStore) {
             title: task.title.clone(),
             prompt: task.prompt.clone(),
             instructions: None,
+            step: None,
+            start_from: None,
             enqueued_at: timefmt::now(),
             github: None,
             prefer_worker: None,

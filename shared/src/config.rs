@@ -32,6 +32,10 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub queue: QueueSettings,
     pub coordinator: CoordinatorSettings,
+    /// What a planner's plan may hold (see docs/agent.md).
+    pub planner: PlannerSettings,
+    /// How a planned task's checks are answered.
+    pub pipeline: PipelineSettings,
     pub log: LogSettings,
     /// Warm workers: the per-worker git mirrors and setup cache.
     pub warm: WarmSettings,
@@ -61,6 +65,8 @@ impl Default for Settings {
             worker: Default::default(),
             queue: Default::default(),
             coordinator: Default::default(),
+            planner: Default::default(),
+            pipeline: Default::default(),
             log: Default::default(),
             warm: Default::default(),
             pipelines,
@@ -619,6 +625,53 @@ impl Default for CoordinatorSettings {
     }
 }
 
+/// How a planned task's checks are answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// Fix rounds (a coder given the findings, then the same check again) that failing
+    /// tests or a review asking for changes may start in one task, in all.
+    pub max_fix_rounds: u32,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        Self { max_fix_rounds: 2 }
+    }
+}
+
+/// The bounds of a planner's plan. A repository's `[planner]` may only narrow them
+/// ([`PlannerSettings::narrowed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlannerSettings {
+    /// Steps in a plan at most; a longer plan is invalid.
+    pub max_steps: u32,
+    /// Subtasks of one planned task queued or running at once at most.
+    pub max_parallel: u32,
+}
+
+impl Default for PlannerSettings {
+    fn default() -> Self {
+        Self {
+            max_steps: 12,
+            max_parallel: 4,
+        }
+    }
+}
+
+impl PlannerSettings {
+    /// These bounds narrowed by a repository's (never widened; a zero is ignored).
+    pub fn narrowed(self, repo: Option<PlannerSettings>) -> Self {
+        let Some(r) = repo else { return self };
+        let narrow = |ours: u32, theirs: u32| if theirs == 0 { ours } else { ours.min(theirs) };
+        Self {
+            max_steps: narrow(self.max_steps, r.max_steps),
+            max_parallel: narrow(self.max_parallel, r.max_parallel),
+        }
+    }
+}
+
 /// Recovery of work orphaned by a crash, at coordinator start-up and then periodically.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -748,6 +801,12 @@ impl Settings {
         if self.coordinator.max_attempts == 0 {
             return bad("coordinator.max_attempts must be at least 1".into());
         }
+        if self.planner.max_steps == 0 || self.planner.max_steps > 30 {
+            return bad("planner.max_steps must be between 1 and 30".into());
+        }
+        if self.planner.max_parallel == 0 {
+            return bad("planner.max_parallel must be at least 1".into());
+        }
         for (name, caps) in &self.pipelines {
             if caps.is_empty() {
                 return bad(format!("pipeline {name:?} has no steps"));
@@ -851,6 +910,34 @@ mod tests {
         );
         assert_eq!(s.sandbox.driver, SandboxDriverKind::Process);
         assert_eq!(s.api.token, Some(SecretRef::Env("API_TOKEN".into())));
+    }
+
+    #[test]
+    fn a_repository_may_only_narrow_the_planner_bounds() {
+        let ours = PlannerSettings {
+            max_steps: 8,
+            max_parallel: 3,
+        };
+        let wider = PlannerSettings {
+            max_steps: 20,
+            max_parallel: 1,
+        };
+        assert_eq!(
+            ours.narrowed(Some(wider)),
+            PlannerSettings {
+                max_steps: 8,
+                max_parallel: 1
+            }
+        );
+        let zero = PlannerSettings {
+            max_steps: 0,
+            max_parallel: 0,
+        };
+        assert_eq!(ours.narrowed(Some(zero)), ours);
+        assert_eq!(ours.narrowed(None), ours);
+        let mut s = Settings::default();
+        s.planner.max_parallel = 0;
+        assert!(s.validate().is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod message;
 pub mod metrics;
 pub mod names;
 pub mod pipeline;
+pub mod plan;
 pub mod pricing;
 pub mod profile;
 pub mod queue;
@@ -28,6 +29,7 @@ pub mod task;
 pub mod telemetry;
 pub mod timefmt;
 pub mod validate;
+pub mod verdict;
 
 pub use capability::Capability;
 pub use ids::{DeliveryId, SubtaskId, TaskId};

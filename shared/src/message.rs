@@ -108,9 +108,17 @@ pub struct SubtaskMessage {
     pub base_branch: Option<String>,
     pub title: String,
     pub prompt: String,
-    /// Extra instructions for this step.
+    /// Extra instructions for this step: for a step of a plan, its part of the plan and
+    /// the context handed forward from the steps it depends on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instructions: Option<String>,
+    /// For a subtask of a plan: the step it is, or the merge it makes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<crate::task::Step>,
+    /// Where `branch` starts when the remote does not have it yet: the task branch for a
+    /// step branch (when the task branch exists), before `base_branch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_from: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub enqueued_at: Timestamp,
     /// The repository's narrowing of this capability's agent profile.
@@ -267,6 +275,8 @@ mod tests {
             title: "t".into(),
             prompt: "do it".into(),
             instructions: None,
+            step: None,
+            start_from: None,
             enqueued_at: timefmt::now(),
             github: None,
             prefer_worker: None,

@@ -160,7 +160,15 @@ pub struct Outcome {
     /// What the sandbox's network proxy refused in the run, when it refused anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_refused: Option<NetworkRefused>,
+    /// The structured part of the agent's final reply (the planner's plan as JSON), when
+    /// it gave one; at most [`MAX_STRUCTURED_BYTES`] encoded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub structured: Option<Box<serde_json::Value>>,
 }
+
+/// The largest structured reply an outcome carries, in bytes of JSON: a plan of
+/// `planner.max_steps` steps fits it, and the result message stays below its limit.
+pub const MAX_STRUCTURED_BYTES: usize = 64 * 1024;
 
 impl Outcome {
     pub fn succeeded(summary: impl Into<String>, commit: Option<String>) -> Self {
@@ -195,6 +203,12 @@ impl Outcome {
         if !self.cost_usd.is_finite() {
             self.cost_usd = 0.0;
         }
+        if self.structured.as_ref().is_some_and(|v| {
+            serde_json::to_string(v).map_or(true, |t| t.len() > MAX_STRUCTURED_BYTES)
+        }) {
+            // Too large to carry: the coordinator sees no plan and says so.
+            self.structured = None;
+        }
         if let Some(n) = self.network_refused.as_mut() {
             let cut = n.refused.len().saturating_sub(MAX_REFUSED_LISTED);
             n.refused.truncate(MAX_REFUSED_LISTED);
@@ -226,6 +240,7 @@ impl Outcome {
             duration_ms: 0,
             cause: None,
             network_refused: None,
+            structured: None,
         }
     }
 
@@ -249,12 +264,20 @@ pub struct Subtask {
     /// the subtask a full budget again.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub retry_base: u32,
+    /// The subtask's cost (`cost_usd`) at the last manual retry: the run budget
+    /// (`max_cost_usd`) counts what was spent after it, so a manual retry gives the
+    /// subtask a full budget again, as it does the attempts.
+    #[serde(default, skip_serializing_if = "is_zero_usd")]
+    pub retry_cost_base: f64,
     /// Subtasks that must succeed before this one is queued.
     #[serde(default)]
     pub depends_on: Vec<SubtaskId>,
     /// Extra instructions for this step (e.g. review feedback to address).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instructions: Option<String>,
+    /// For a subtask made from the planner's plan: which step, or which merge, it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<Step>,
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub queued_at: Option<Timestamp>,
     #[serde(default, with = "time::serde::rfc3339::option")]
@@ -281,8 +304,10 @@ impl Subtask {
             status: SubtaskStatus::Pending,
             attempt: 0,
             retry_base: 0,
+            retry_cost_base: 0.0,
             depends_on,
             instructions: None,
+            step: None,
             queued_at: None,
             started_at: None,
             finished_at: None,
@@ -299,8 +324,63 @@ impl Subtask {
     }
 }
 
+/// What a subtask of a planned task does beyond its capability.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Step {
+    /// A step of the plan.
+    Plan {
+        /// The step's id in the plan.
+        id: String,
+        title: String,
+        /// The files or areas it expects to touch.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        paths: Vec<String>,
+        /// The plan ids of the steps it depends on.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        depends_on: Vec<String>,
+        /// The step branch it works on (made from the task branch), for a step that
+        /// changes code; a step that does not works on the task branch.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        branch: Option<String>,
+    },
+    /// Merges these step branches into the task branch, in this order; a conflict is
+    /// resolved by the coder agent, which sees both sides.
+    Integrate { branches: Vec<String> },
+}
+
+/// How a task's planner drives it: the limits its plan is held to, and how the plan went.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Planning {
+    pub limits: crate::plan::PlanLimits,
+    /// Repair turns the planner was given for an invalid plan (at most [`MAX_PLAN_REPAIRS`]).
+    #[serde(default)]
+    pub repairs: u32,
+    /// Whether a valid plan was expanded into the task's subtasks.
+    #[serde(default)]
+    pub expanded: bool,
+    /// The plan's overview, when it gave one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub summary: String,
+    /// Fix rounds run so far (at most `limits.max_fix_rounds`).
+    #[serde(default)]
+    pub fix_rounds: u32,
+}
+
+/// Bytes of the reports of earlier steps handed to a step at most, shared among them;
+/// with the step's own part of the plan the work order stays well inside the sandbox
+/// drivers' limits (a Nomad dispatch payload holds 16 KiB).
+pub const CONTEXT_BUDGET_BYTES: usize = 6 * 1024;
+
+/// Repair turns an invalid plan gets before the task fails.
+pub const MAX_PLAN_REPAIRS: u32 = 1;
+
 fn is_zero(n: &u32) -> bool {
     *n == 0
+}
+
+fn is_zero_usd(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// Where a task came from.
@@ -438,6 +518,9 @@ pub struct Task {
     /// (1, 2, …) it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub review_round: Option<u32>,
+    /// For a task whose planner's plan becomes its subtasks: the limits and how it went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planning: Option<Planning>,
 }
 
 /// What applying a worker report did.
@@ -457,6 +540,107 @@ impl Task {
 
     fn subtask_mut(&mut self, id: SubtaskId) -> Option<&mut Subtask> {
         self.subtasks.iter_mut().find(|s| s.id == id)
+    }
+
+    /// What the agent of a subtask is told besides the task: for a step of a plan, its
+    /// part of the plan (title, instructions, paths), the plan's outline, and what the
+    /// steps it depends on reported (a reviewer's or tester's report as findings to
+    /// address), within [`CONTEXT_BUDGET_BYTES`]; for a merge, the steps it merges; for
+    /// any other subtask its own instructions.
+    pub fn instructions_for(&self, id: SubtaskId) -> Option<String> {
+        use std::fmt::Write;
+        let sub = self.subtask(id)?;
+        let step = match &sub.step {
+            None => return sub.instructions.clone(),
+            Some(step) => step,
+        };
+        let mut out = String::new();
+        // The subtasks whose reports this one receives.
+        let sources: Vec<&Subtask> = match step {
+            Step::Plan {
+                id: step_id,
+                title,
+                paths,
+                depends_on,
+                ..
+            } => {
+                let _ = writeln!(
+                    out,
+                    "## Your step of the plan: {step_id} ({}): {title}\n",
+                    sub.capability
+                );
+                out.push_str(sub.instructions.as_deref().unwrap_or("").trim());
+                out.push('\n');
+                if !paths.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "\nFiles or areas it expects to touch: {}",
+                        paths.join(", ")
+                    );
+                }
+                let _ = writeln!(out, "\n## The whole plan (other steps are done by others)");
+                if let Some(p) = self.planning.as_ref().filter(|p| !p.summary.is_empty()) {
+                    let _ = writeln!(out, "{}", p.summary);
+                }
+                for s in &self.subtasks {
+                    if let Some(Step::Plan {
+                        id,
+                        title,
+                        depends_on,
+                        ..
+                    }) = &s.step
+                    {
+                        let after = if depends_on.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (after {})", depends_on.join(", "))
+                        };
+                        let _ = writeln!(out, "- {id} [{}]: {title}{after}", s.capability);
+                    }
+                }
+                depends_on
+                    .iter()
+                    .filter_map(|d| {
+                        self.subtasks
+                            .iter()
+                            .find(|s| matches!(&s.step, Some(Step::Plan { id, .. }) if id == d))
+                    })
+                    .collect()
+            }
+            Step::Integrate { branches } => {
+                let _ = writeln!(
+                    out,
+                    "## Merge of the plan's step branches into the task branch\n\nBranches, in order: {}",
+                    branches.join(", ")
+                );
+                sub.depends_on
+                    .iter()
+                    .filter_map(|d| self.subtask(*d))
+                    .collect()
+            }
+        };
+        if !sources.is_empty() {
+            let share = CONTEXT_BUDGET_BYTES / sources.len();
+            let _ = writeln!(out, "\n## What the steps before it reported");
+            for s in sources {
+                let (name, title) = match &s.step {
+                    Some(Step::Plan { id, title, .. }) => (id.as_str(), title.as_str()),
+                    _ => ("merge", "merge of step branches"),
+                };
+                let report = s.outcome.as_ref().map_or("", |o| o.summary.as_str()).trim();
+                let heading = match s.capability {
+                    Capability::Reviewer | Capability::Tester => "findings to address",
+                    _ => "summary",
+                };
+                let _ = writeln!(
+                    out,
+                    "\n### {name} ({}): {title}: {heading}\n{}",
+                    s.capability,
+                    crate::bounded::truncate_bytes(report, share)
+                );
+            }
+        }
+        Some(out)
     }
 
     /// Total cost of all subtasks.
@@ -481,12 +665,24 @@ impl Task {
             .filter(|s| s.status == SubtaskStatus::Succeeded)
             .map(|s| s.id)
             .collect();
+        // A planned task runs at most `max_parallel` subtasks at once.
+        let limit = self
+            .planning
+            .as_ref()
+            .map_or(usize::MAX, |p| p.limits.max_parallel.max(1) as usize);
+        let mut active = self
+            .subtasks
+            .iter()
+            .filter(|s| matches!(s.status, SubtaskStatus::Queued | SubtaskStatus::Running))
+            .count();
         let mut ready = Vec::new();
         for sub in &mut self.subtasks {
-            if sub.status == SubtaskStatus::Pending
+            if active < limit
+                && sub.status == SubtaskStatus::Pending
                 && sub.depends_on.iter().all(|d| succeeded.contains(d))
                 && sub.set_status(SubtaskStatus::Queued).is_ok()
             {
+                active += 1;
                 sub.attempt += 1;
                 sub.queued_at = Some(now);
                 ready.push(sub.id);
@@ -569,6 +765,11 @@ impl Task {
         // Agent text kept in the task stays bounded, whoever sent it: the task item must
         // stay small (DynamoDB refuses items over 400 KB).
         let outcome = outcome.bounded();
+        let (outcome, plan) = self.check_plan(subtask, outcome);
+        let (outcome, fix) = self.check_verdict(subtask, outcome);
+        let Some(sub) = self.subtask_mut(subtask) else {
+            return Ok(Applied::Ignored("unknown subtask".into()));
+        };
         sub.cost_usd += outcome.cost_usd;
         sub.tokens.add(&outcome.tokens);
         if sub.started_at.is_none() {
@@ -583,6 +784,16 @@ impl Task {
             .clone()
             .unwrap_or_else(|| outcome.summary.clone());
         sub.outcome = Some(outcome);
+        if let Some(Err(repair)) = plan {
+            // One more turn of the planner, told what was wrong with its plan.
+            sub.instructions = Some(repair);
+            sub.set_status(SubtaskStatus::Pending)?;
+            if let Some(p) = self.planning.as_mut() {
+                p.repairs += 1;
+            }
+            self.updated_at = at;
+            return Ok(Applied::Changed);
+        }
         if retry {
             // Back on the queue as a new attempt: the caller sends the message.
             sub.set_status(SubtaskStatus::Pending)?;
@@ -595,6 +806,12 @@ impl Task {
             };
             sub.set_status(to)?;
             let capability = sub.capability;
+            if let Some(Ok(plan)) = plan {
+                self.expand_plan(subtask, &plan);
+            }
+            if let (SubtaskStatus::Succeeded, Some(findings)) = (to, fix) {
+                self.add_fix_round(subtask, findings);
+            }
             match to {
                 SubtaskStatus::Failed => {
                     self.fail_remaining(at);
@@ -627,6 +844,164 @@ impl Task {
         Ok(Applied::Changed)
     }
 
+    /// For a planner's successful outcome on a task its plan drives: the plan when it is
+    /// valid (`Some(Ok)`), the instructions of a repair turn when it is not and a repair
+    /// is left (`Some(Err)`), or else the outcome turned into a non-retryable failure
+    /// that says what was wrong. `None` when no plan is expected of this outcome.
+    fn check_plan(
+        &self,
+        subtask: SubtaskId,
+        mut outcome: Outcome,
+    ) -> (Outcome, Option<Result<crate::plan::Plan, String>>) {
+        let Some(planning) = self.planning.as_ref().filter(|p| !p.expanded) else {
+            return (outcome, None);
+        };
+        let is_planner = self
+            .subtask(subtask)
+            .is_some_and(|s| s.capability == Capability::Planner);
+        if !is_planner || outcome.kind != OutcomeKind::Succeeded {
+            return (outcome, None);
+        }
+        // The runner hands the plan over structured; a reply whose plan it did not find
+        // (another agent kind) is read here the same way.
+        let value = outcome
+            .structured
+            .as_deref()
+            .cloned()
+            .or_else(|| crate::plan::extract_json(&outcome.summary));
+        match crate::plan::Plan::parse(value.as_ref(), &planning.limits) {
+            Ok(plan) => (outcome, Some(Ok(plan))),
+            Err(errors) if planning.repairs < MAX_PLAN_REPAIRS => {
+                let repair = format!(
+                    "Your previous plan was rejected:\n{}\n\nRead the task again and reply \
+                     with a corrected plan that follows the plan schema.",
+                    crate::plan::describe(&errors)
+                );
+                (outcome, Some(Err(repair)))
+            }
+            Err(errors) => {
+                let error = format!(
+                    "the planner's plan is invalid after {} repair turn(s):\n{}",
+                    planning.repairs,
+                    crate::plan::describe(&errors)
+                );
+                let mut failed = Outcome::failed(OutcomeKind::AgentError, error, false);
+                failed.cost_usd = outcome.cost_usd;
+                failed.tokens = outcome.tokens;
+                failed.turns = outcome.turns;
+                failed.duration_ms = outcome.duration_ms;
+                failed.structured = outcome.structured.take();
+                (failed.bounded(), None)
+            }
+        }
+    }
+
+    /// For a checker's (tester, reviewer) successful outcome in a planned task: the
+    /// findings of a fix round to start when its verdict asks for one and rounds are left
+    /// (`Some`); the outcome turned into a non-retryable failure when none are left.
+    fn check_verdict(&self, subtask: SubtaskId, outcome: Outcome) -> (Outcome, Option<String>) {
+        let Some(planning) = self.planning.as_ref().filter(|p| p.expanded) else {
+            return (outcome, None);
+        };
+        let is_checker = self.subtask(subtask).is_some_and(|s| {
+            matches!(s.capability, Capability::Tester | Capability::Reviewer)
+                && matches!(s.step, Some(Step::Plan { .. }))
+        });
+        if !is_checker || outcome.kind != OutcomeKind::Succeeded {
+            return (outcome, None);
+        }
+        let reply = outcome
+            .structured
+            .as_deref()
+            .cloned()
+            .or_else(|| crate::plan::extract_json(&outcome.summary));
+        let Some(verdict) = crate::verdict::Verdict::from_reply(reply.as_ref()) else {
+            return (outcome, None);
+        };
+        if !verdict.needs_fix() {
+            return (outcome, None);
+        }
+        if planning.fix_rounds < planning.limits.max_fix_rounds {
+            return (outcome, Some(verdict.instructions()));
+        }
+        let error = format!(
+            "still not passing after {} fix round(s) (pipeline.max_fix_rounds):\n{}",
+            planning.fix_rounds,
+            verdict.instructions()
+        );
+        let mut failed = Outcome::failed(OutcomeKind::AgentError, error, false);
+        failed.cost_usd = outcome.cost_usd;
+        failed.tokens = outcome.tokens;
+        failed.turns = outcome.turns;
+        failed.duration_ms = outcome.duration_ms;
+        failed.structured = outcome.structured;
+        (failed.bounded(), None)
+    }
+
+    /// A fix round after the checker `checker`: a coder step given the findings, on the
+    /// checker's branch, then the same check again; what waited for the checker waits
+    /// for the check again instead.
+    fn add_fix_round(&mut self, checker: SubtaskId, findings: String) {
+        let Some(check) = self.subtask(checker).cloned() else {
+            return;
+        };
+        let Some(Step::Plan {
+            id,
+            title,
+            paths,
+            branch,
+            ..
+        }) = check.step.clone()
+        else {
+            return;
+        };
+        let round = self.planning.as_ref().map_or(0, |p| p.fix_rounds) + 1;
+        let fix_id = format!("{id}-fix{round}");
+        let mut fix = Subtask::new(Capability::Coder, vec![checker]);
+        fix.instructions = Some(findings);
+        fix.step = Some(Step::Plan {
+            id: fix_id.clone(),
+            title: format!("Fix round {round}: address the findings of {id}"),
+            paths: paths.clone(),
+            depends_on: vec![id.clone()],
+            branch: branch.clone(),
+        });
+        let mut again = Subtask::new(check.capability, vec![fix.id]);
+        again.instructions = check.instructions.clone();
+        again.step = Some(Step::Plan {
+            id: format!("{id}-check{round}"),
+            title,
+            paths,
+            depends_on: vec![fix_id],
+            branch,
+        });
+        let again_id = again.id;
+        for s in &mut self.subtasks {
+            for d in &mut s.depends_on {
+                if *d == checker {
+                    *d = again_id;
+                }
+            }
+        }
+        self.subtasks.push(fix);
+        self.subtasks.push(again);
+        if let Some(p) = self.planning.as_mut() {
+            p.fix_rounds = round;
+        }
+    }
+
+    /// Replaces the subtasks still waiting after the planner `planner` with the plan's.
+    fn expand_plan(&mut self, planner: SubtaskId, plan: &crate::plan::Plan) {
+        let steps = plan.expand(&self.branch, planner);
+        self.subtasks
+            .retain(|s| s.id == planner || s.status != SubtaskStatus::Pending);
+        self.subtasks.extend(steps);
+        if let Some(p) = self.planning.as_mut() {
+            p.expanded = true;
+            p.summary = crate::bounded::truncate_bytes(&plan.summary, 2000);
+        }
+    }
+
     /// Cancels every subtask that has not ended.
     fn fail_remaining(&mut self, at: Timestamp) {
         for sub in &mut self.subtasks {
@@ -655,7 +1030,12 @@ impl Task {
                 sub.outcome = None;
                 // A fresh automatic-retry budget from the next attempt on.
                 sub.retry_base = sub.attempt;
+                sub.retry_cost_base = sub.cost_usd;
             }
+        }
+        // A planner retried by hand gets its repair turn again.
+        if let Some(p) = self.planning.as_mut().filter(|p| !p.expanded) {
+            p.repairs = 0;
         }
         self.error = None;
         self.updated_at = at;
@@ -719,6 +1099,7 @@ mod tests {
             subtasks: plan_subtasks(caps),
             approval: Approval::NotRequired,
             review_round: None,
+            planning: None,
         }
     }
 
@@ -742,6 +1123,219 @@ mod tests {
         t.apply_outcome(planner, 1, Outcome::succeeded("the plan", None), 3, now)
             .unwrap();
         assert_eq!(t.queue_ready(now), vec![t.subtasks[1].id]);
+    }
+
+    fn planned(max_parallel: u32) -> Task {
+        let mut t = task(&[Capability::Planner, Capability::Coder, Capability::Tester]);
+        t.planning = Some(Planning {
+            limits: crate::plan::PlanLimits {
+                max_steps: 5,
+                max_parallel,
+                allowed: vec![Capability::Coder, Capability::Tester],
+                max_fix_rounds: 1,
+            },
+            repairs: 0,
+            expanded: false,
+            summary: String::new(),
+            fix_rounds: 0,
+        });
+        t
+    }
+
+    fn plan_reply() -> String {
+        let plan = serde_json::json!({"version": 1, "summary": "two parts, then a test",
+            "steps": [
+            {"id": "a", "capability": "coder", "title": "part a", "instructions": "write a.txt"},
+            {"id": "b", "capability": "coder", "title": "part b", "instructions": "write b.txt"},
+            {"id": "t", "capability": "tester", "title": "test both", "instructions": "check a and b",
+             "depends_on": ["a", "b"]}]});
+        format!("The plan:\n```json\n{plan}\n```\n")
+    }
+
+    fn plan_id(t: &Task, id: SubtaskId) -> String {
+        match &t.subtask(id).unwrap().step {
+            Some(Step::Plan { id, .. }) => id.clone(),
+            Some(Step::Integrate { .. }) => "merge".into(),
+            None => t.subtask(id).unwrap().capability.to_string(),
+        }
+    }
+
+    #[test]
+    fn the_plan_becomes_the_subtasks_and_independent_steps_run_together() {
+        let mut t = planned(4);
+        let now = timefmt::now();
+        let planner = t.queue_ready(now)[0];
+        t.apply_outcome(planner, 1, Outcome::succeeded(plan_reply(), None), 3, now)
+            .unwrap();
+        // The fixed chain after the planner is replaced by the plan and its merges.
+        assert_eq!(t.subtasks.len(), 1 + 3 + 2, "{:#?}", t.subtasks);
+        assert!(t.planning.as_ref().unwrap().expanded);
+        let ready: Vec<String> = t.queue_ready(now).iter().map(|i| plan_id(&t, *i)).collect();
+        assert_eq!(ready, vec!["a", "b"], "both independent steps at once");
+        let (a, b) = (t.subtasks[1].id, t.subtasks[2].id);
+        t.apply_outcome(
+            a,
+            1,
+            Outcome::succeeded("wrote a.txt", Some("c1".into())),
+            3,
+            now,
+        )
+        .unwrap();
+        assert!(t.queue_ready(now).is_empty(), "the merge waits for b");
+        t.apply_outcome(
+            b,
+            1,
+            Outcome::succeeded("wrote b.txt", Some("c2".into())),
+            3,
+            now,
+        )
+        .unwrap();
+        let merge = t.queue_ready(now);
+        assert_eq!(merge.len(), 1);
+        assert_eq!(plan_id(&t, merge[0]), "merge");
+        t.apply_outcome(merge[0], 1, Outcome::succeeded("merged", None), 3, now)
+            .unwrap();
+        let test = t.queue_ready(now);
+        assert_eq!(plan_id(&t, test[0]), "t");
+        // The tester is handed its part of the plan and what the coders did.
+        let context = t.instructions_for(test[0]).unwrap();
+        for owed in [
+            "check a and b",
+            "wrote a.txt",
+            "wrote b.txt",
+            "two parts, then a test",
+            "- a [coder]: part a",
+        ] {
+            assert!(context.contains(owed), "{owed:?} missing from:\n{context}");
+        }
+        t.apply_outcome(
+            test[0],
+            1,
+            Outcome::succeeded("tests pass", Some("c3".into())),
+            3,
+            now,
+        )
+        .unwrap();
+        let last = t.queue_ready(now);
+        assert_eq!(plan_id(&t, last[0]), "merge");
+        t.apply_outcome(last[0], 1, Outcome::succeeded("merged", None), 3, now)
+            .unwrap();
+        assert_eq!(t.status, TaskStatus::Succeeded);
+    }
+
+    #[test]
+    fn with_approval_the_expanded_graph_is_what_waits() {
+        let mut t = planned(4);
+        t.approval = Approval::AfterPlan;
+        let now = timefmt::now();
+        let planner = t.queue_ready(now)[0];
+        t.apply_outcome(planner, 1, Outcome::succeeded(plan_reply(), None), 3, now)
+            .unwrap();
+        assert_eq!(t.status, TaskStatus::AwaitingApproval);
+        assert_eq!(t.subtasks.len(), 6, "the graph is there to approve");
+        assert!(t.queue_ready(now).is_empty());
+        t.status = TaskStatus::Queued; // what approving does
+        assert_eq!(t.queue_ready(now).len(), 2);
+    }
+
+    #[test]
+    fn a_failing_check_starts_a_bounded_fix_round() {
+        let mut t = planned(4);
+        let now = timefmt::now();
+        let planner = t.queue_ready(now)[0];
+        t.apply_outcome(planner, 1, Outcome::succeeded(plan_reply(), None), 3, now)
+            .unwrap();
+        // Both coders, then the merge.
+        for _ in 0..2 {
+            for id in t.queue_ready(now) {
+                t.apply_outcome(id, 1, Outcome::succeeded("done", None), 3, now)
+                    .unwrap();
+            }
+        }
+        let test = t.queue_ready(now);
+        assert_eq!(plan_id(&t, test[0]), "t");
+        let failing = "```json\n{\"verdict\": \"failed\", \"failures\": [{\"file\": \"a.txt\", \"line\": 1, \"message\": \"a.txt is empty\"}], \"output\": \"FAIL a\"}\n```";
+        t.apply_outcome(test[0], 1, Outcome::succeeded(failing, None), 3, now)
+            .unwrap();
+        assert_eq!(t.planning.as_ref().unwrap().fix_rounds, 1);
+        let fix = t.queue_ready(now);
+        assert_eq!(plan_id(&t, fix[0]), "t-fix1");
+        assert_eq!(t.subtask(fix[0]).unwrap().capability, Capability::Coder);
+        let told = t.instructions_for(fix[0]).unwrap();
+        assert!(
+            told.contains("a.txt:1: a.txt is empty") && told.contains("FAIL a"),
+            "{told}"
+        );
+        // The last merge now waits for the check again, not the failed one.
+        let last = t
+            .subtasks
+            .iter()
+            .find(|s| s.depends_on.iter().any(|d| *d == test[0]));
+        assert!(last
+            .is_some_and(|s| s.capability == Capability::Coder && plan_id(&t, s.id) == "t-fix1"));
+        t.apply_outcome(fix[0], 1, Outcome::succeeded("filled a.txt", None), 3, now)
+            .unwrap();
+        let again = t.queue_ready(now);
+        assert_eq!(plan_id(&t, again[0]), "t-check1");
+        assert!(t.subtasks.iter().any(|s| {
+            matches!(s.step, Some(Step::Integrate { .. })) && s.depends_on.contains(&again[0])
+        }));
+        // Failing again with no round left fails the task for good.
+        t.apply_outcome(again[0], 1, Outcome::succeeded(failing, None), 3, now)
+            .unwrap();
+        assert_eq!(t.status, TaskStatus::Failed);
+        assert!(t
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("still not passing after 1 fix round"));
+    }
+
+    #[test]
+    fn max_parallel_bounds_what_runs_at_once() {
+        let mut t = planned(1);
+        let now = timefmt::now();
+        let planner = t.queue_ready(now)[0];
+        t.apply_outcome(planner, 1, Outcome::succeeded(plan_reply(), None), 3, now)
+            .unwrap();
+        let first = t.queue_ready(now);
+        assert_eq!(first.len(), 1);
+        assert!(t.queue_ready(now).is_empty());
+        t.apply_outcome(first[0], 1, Outcome::succeeded("done", None), 3, now)
+            .unwrap();
+        assert_eq!(t.queue_ready(now).len(), 1, "the next one after it");
+    }
+
+    #[test]
+    fn an_invalid_plan_gets_one_repair_turn_then_fails_for_good() {
+        let mut t = planned(2);
+        let now = timefmt::now();
+        let planner = t.queue_ready(now)[0];
+        let bad = "```json\n{\"version\": 1, \"steps\": [{\"id\": \"a\", \"capability\": \"coder\", \"title\": \"x\", \"instructions\": \"y\", \"depends_on\": [\"zz\"]}]}\n```";
+        t.apply_outcome(planner, 1, Outcome::succeeded(bad, None), 3, now)
+            .unwrap();
+        assert_eq!(t.status, TaskStatus::Queued);
+        assert_eq!(t.queue_ready(now), vec![planner], "the planner again");
+        assert_eq!(t.subtasks[0].attempt, 2);
+        let repair = t.instructions_for(planner).unwrap();
+        assert!(repair.contains("\"zz\", which is not a step"), "{repair}");
+        t.apply_outcome(
+            planner,
+            2,
+            Outcome::succeeded("no plan at all", None),
+            3,
+            now,
+        )
+        .unwrap();
+        assert_eq!(t.status, TaskStatus::Failed);
+        let sub = &t.subtasks[0];
+        assert_eq!(sub.status, SubtaskStatus::Failed);
+        assert!(!sub.outcome.as_ref().unwrap().retryable);
+        let error = t.error.as_deref().unwrap();
+        assert!(
+            error.contains("invalid after 1 repair turn") && error.contains("no plan found"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -87,6 +87,9 @@ pub struct Recorded {
 #[derive(Default)]
 struct Inner {
     script: Vec<Turn>,
+    /// Scripts chosen by the conversation: the first whose needle appears in the first
+    /// user message answers it; else `script`.
+    routes: Vec<(String, Vec<Turn>)>,
     requests: Vec<Recorded>,
     /// Requests to any other path: `(method, path and query, x-api-key)`.
     other: Vec<(String, String, Option<String>)>,
@@ -101,8 +104,15 @@ pub struct ModelServer {
 
 impl ModelServer {
     pub async fn start(script: Vec<Turn>) -> Self {
+        Self::start_routed(script, Vec::new()).await
+    }
+
+    /// A server for several agents at once: a conversation whose first user message
+    /// contains a route's needle follows that route's script; any other follows `script`.
+    pub async fn start_routed(script: Vec<Turn>, routes: Vec<(String, Vec<Turn>)>) -> Self {
         let inner = Arc::new(Mutex::new(Inner {
             script,
+            routes,
             requests: Vec::new(),
             other: Vec::new(),
         }));
@@ -205,8 +215,12 @@ async fn messages(
             body: body.clone(),
             at: std::time::Instant::now(),
         });
+        let first = body["messages"][0]["content"].to_string();
         inner
-            .script
+            .routes
+            .iter()
+            .find(|(needle, _)| first.contains(needle.as_str()))
+            .map_or(&inner.script, |(_, script)| script)
             .get(step_index)
             .cloned()
             .unwrap_or_else(|| Turn::new(Step::text("Done."), 10, 10))

@@ -9,7 +9,10 @@ use std::time::Duration;
 const LIMIT: Duration = Duration::from_secs(120);
 const AGENT: &str = r#"
 if [[ "$AO_CAPABILITY" == planner ]]; then
-  echo "PLAN: add NOTE.md with one line."
+  echo 'The plan:'
+  echo '```json'
+  echo '{"version": 1, "summary": "PLAN: add NOTE.md with one line.", "steps": [{"id": "note", "capability": "coder", "title": "Add NOTE.md", "instructions": "Write NOTE.md with one line."}]}'
+  echo '```'
 else
   echo note > NOTE.md
   echo "wrote NOTE.md"

@@ -49,6 +49,12 @@ pub struct RunSpec {
     pub prompt: String,
     #[serde(default)]
     pub instructions: Option<String>,
+    /// For a subtask of a plan: the step it is, or the merge it makes.
+    #[serde(default)]
+    pub step: Option<ao_shared::task::Step>,
+    /// Where a new `branch` starts, when the remote has it (see `SubtaskMessage`).
+    #[serde(default)]
+    pub start_from: Option<String>,
     pub agent: AgentSpec,
     /// How the runner hands over its commit.
     #[serde(default)]
@@ -242,6 +248,8 @@ impl RunSpec {
             title: m.title.clone(),
             prompt: m.prompt.clone(),
             instructions: m.instructions.clone(),
+            step: m.step.clone(),
+            start_from: m.start_from.clone(),
             agent,
             delivery: Delivery::Push,
             warm: WarmSpec::default(),

@@ -41,6 +41,27 @@ fn duration(sub: &ao_shared::task::Subtask) -> Option<String> {
     })
 }
 
+/// Which step of the plan a subtask is: ` step `id` (after `a`, `b`)` or ` merge of N
+/// step branches`. Only plan ids (`a-z0-9-`, checked) are shown of the plan, never its
+/// free text, which the agent wrote.
+fn step_label(sub: &ao_shared::task::Subtask) -> String {
+    use ao_shared::task::Step;
+    match &sub.step {
+        None => String::new(),
+        Some(Step::Plan { id, depends_on, .. }) => {
+            let mut label = format!(" step `{id}`");
+            if !depends_on.is_empty() {
+                let after: Vec<String> = depends_on.iter().map(|d| format!("`{d}`")).collect();
+                label.push_str(&format!(" (after {})", after.join(", ")));
+            }
+            label
+        }
+        Some(Step::Integrate { branches }) => {
+            format!(" merge of {} step branch(es)", branches.len())
+        }
+    }
+}
+
 /// The progress comment's body.
 pub fn render(task: &Task, pull_request: Option<u64>) -> String {
     let headline = match task.status {
@@ -92,8 +113,9 @@ pub fn render(task: &Task, pull_request: Option<u64>) -> String {
             detail.push(format!("${:.2}", sub.cost_usd));
         }
         s.push_str(&format!(
-            "- [{done}] **{}** — {}\n",
+            "- [{done}] **{}**{} — {}\n",
             sub.capability,
+            step_label(sub),
             detail.join(", ")
         ));
     }
@@ -281,5 +303,43 @@ mod tests {
         );
         task.status = TaskStatus::Running;
         assert!(!render(&task, None).contains("Do it."));
+    }
+
+    #[test]
+    fn the_steps_of_a_plan_are_listed_by_id_with_their_dependencies() {
+        let task: Task = serde_json::from_value(serde_json::json!({
+            "id": "01a22b20-5a5d-76c6-b6eb-b80fb59936d5",
+            "repository": "acme/widgets", "branch": "agent/1-x", "pipeline": "full",
+            "prompt": "x", "title": "x", "status": "running", "version": 1,
+            "created_at": "2026-11-30T06:24:30Z", "updated_at": "2026-11-30T06:24:30Z",
+            "source": { "kind": "api" },
+            "subtasks": [
+                { "id": "01a22b20-5a5d-76c6-b6eb-b8100c0ab72f", "capability": "coder",
+                  "status": "running", "attempt": 1, "depends_on": [],
+                  "step": { "kind": "plan", "id": "api", "title": "[x](https://evil) @acme/admins",
+                            "branch": "agent/1-x-step-api" } },
+                { "id": "01a22b20-5a5d-76c6-b6eb-b8100c0ab730", "capability": "coder",
+                  "status": "pending", "attempt": 0, "depends_on": [],
+                  "step": { "kind": "integrate", "branches": ["agent/1-x-step-api"] } },
+                { "id": "01a22b20-5a5d-76c6-b6eb-b8100c0ab731", "capability": "tester",
+                  "status": "pending", "attempt": 0, "depends_on": [],
+                  "step": { "kind": "plan", "id": "check", "title": "t", "depends_on": ["api"] } }
+            ]
+        }))
+        .unwrap();
+        let shown = render(&task, None);
+        assert!(shown.contains("**coder** step `api` — running"), "{shown}");
+        assert!(
+            shown.contains("**coder** merge of 1 step branch(es) — pending"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("**tester** step `check` (after `api`) — pending"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains('@') && !shown.contains("evil"),
+            "the agent's title is not shown: {shown}"
+        );
     }
 }

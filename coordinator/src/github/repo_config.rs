@@ -44,6 +44,8 @@ pub struct RepoConfig {
     /// What the setup produces and depends on; read by the worker (see
     /// [`ao_shared::setup`]), checked here so a mistake is said on the issue.
     pub setup: Option<ao_shared::setup::SetupConfig>,
+    /// Narrowing of the planner's bounds (`max_steps`, `max_parallel`); never widens.
+    pub planner: Option<ao_shared::config::PlannerSettings>,
 }
 
 /// Why the file cannot be used.

@@ -171,6 +171,7 @@ pub async fn create(
             approval: Approval::NotRequired,
             review_round: None,
             profiles: Default::default(),
+            planner: None,
         },
         None,
     )

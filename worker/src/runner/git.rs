@@ -233,6 +233,25 @@ fn prepare_with(spec: &RunSpec, repo: &Path, config: &Path) -> Result<Prepared, 
             run(&mut clone, "git clone")?;
         }
     }
+    // A remote branch fetched to `origin/<branch>`, when the remote has it.
+    let fetch = |branch: &str| -> Result<Option<String>, String> {
+        let remote_ref = format!("refs/heads/{branch}");
+        if output(repo, &["ls-remote", "--heads", "origin", &remote_ref])?.is_empty() {
+            return Ok(None);
+        }
+        let refspec = format!("+{remote_ref}:refs/remotes/origin/{branch}");
+        run(
+            git(Some(repo)).args(["fetch", "--quiet", "origin", &refspec]),
+            "git fetch",
+        )?;
+        Ok(Some(format!("origin/{branch}")))
+    };
+    // The step branches a merge takes in.
+    if let Some(ao_shared::task::Step::Integrate { branches }) = &spec.step {
+        for b in branches {
+            fetch(b)?;
+        }
+    }
     let remote_ref = format!("refs/heads/{}", spec.branch);
     let exists = !output(repo, &["ls-remote", "--heads", "origin", &remote_ref])?.is_empty();
     if exists {
@@ -244,6 +263,15 @@ fn prepare_with(spec: &RunSpec, repo: &Path, config: &Path) -> Result<Prepared, 
         let tracking = format!("origin/{}", spec.branch);
         run(
             git(Some(repo)).args(["checkout", "--quiet", "-B", &spec.branch, &tracking]),
+            "git checkout",
+        )?;
+    } else if let Some(from) = match spec.start_from.as_deref() {
+        Some(from) => fetch(from)?,
+        None => None,
+    } {
+        // A step branch starts from the task branch, when there is one yet.
+        run(
+            git(Some(repo)).args(["checkout", "--quiet", "-b", &spec.branch, &from]),
             "git checkout",
         )?;
     } else {
@@ -499,7 +527,7 @@ fn commit(
 }
 
 /// The line of a commit message that names the run's subtask and attempt.
-fn attempt_line(spec: &RunSpec) -> String {
+pub(super) fn attempt_line(spec: &RunSpec) -> String {
     format!("Subtask: {} (attempt {})", spec.subtask_id, spec.attempt)
 }
 

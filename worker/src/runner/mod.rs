@@ -9,6 +9,7 @@
 
 mod agent;
 pub(crate) mod git;
+mod integrate;
 mod process;
 pub mod relay;
 mod setup;
@@ -276,8 +277,25 @@ pub fn run(
     if let Err(failed) = setup::run(spec, &repo, setup_out) {
         return *failed;
     }
-    log(format!("running the {} agent", spec.capability));
-    let mut outcome = agent::run(spec, &repo);
+    let mut outcome = if matches!(spec.step, Some(ao_shared::task::Step::Integrate { .. })) {
+        log("merging the step branches into the task branch");
+        integrate::run(spec, &repo)
+    } else {
+        log(format!("running the {} agent", spec.capability));
+        let mut outcome = agent::run(spec, &repo);
+        if matches!(
+            spec.capability,
+            ao_shared::Capability::Planner
+                | ao_shared::Capability::Tester
+                | ao_shared::Capability::Reviewer
+        ) && outcome.kind == OutcomeKind::Succeeded
+        {
+            // The plan, or a checker's verdict, goes to the coordinator structured; it
+            // checks it.
+            outcome.structured = ao_shared::plan::extract_json(&outcome.summary).map(Box::new);
+        }
+        outcome
+    };
     // Whatever the agent left behind stops before the runner commits and pushes, and
     // its changes to the git configuration are undone.
     process::kill_strays();

@@ -88,6 +88,7 @@ pub(super) async fn review_round(
         review_round: Some(rounds + 1),
         // The review round works under the same repository settings as the task.
         profiles: first.profiles.clone(),
+        planner: None,
     };
     let review: String = text.chars().take(MAX_PROMPT_BYTES / 2).collect();
     new.prompt = format!(

@@ -255,6 +255,7 @@ async fn start_inner(
         approval,
         review_round: None,
         profiles: cfg.profiles.clone(),
+        planner: cfg.planner,
     };
     match orchestrator::create_task(gh, new, Some(delivery)).await {
         Ok(task) => {

@@ -354,6 +354,8 @@ mod tests {
             title: "t".into(),
             prompt: "p".into(),
             instructions: None,
+            step: None,
+            start_from: None,
             agent: crate::spec::AgentSpec {
                 kind: ao_shared::config::AgentKind::Claude,
                 command: agent.display().to_string(),
