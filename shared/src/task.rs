@@ -297,6 +297,18 @@ pub struct Subtask {
 }
 
 impl Subtask {
+    /// Whether the subtask's commits land on the task branch itself, rather than on a
+    /// step branch that an integration subtask merges later.
+    pub fn works_on_task_branch(&self) -> bool {
+        !matches!(
+            &self.step,
+            Some(Step::Plan {
+                branch: Some(_),
+                ..
+            })
+        )
+    }
+
     pub fn new(capability: Capability, depends_on: Vec<SubtaskId>) -> Self {
         Self {
             id: SubtaskId::new(),

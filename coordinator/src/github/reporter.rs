@@ -284,12 +284,13 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
         TaskSource::Api => (None, None),
     };
 
-    // 1. The pull request, once there is a commit on the branch (one opened before a
-    // crash, or by a creation whose answer was lost, is found and adopted).
-    let pushed = task
-        .subtasks
-        .iter()
-        .any(|s| s.outcome.as_ref().is_some_and(|o| o.commit.is_some()));
+    // 1. The pull request, once there is a commit on the task branch (one opened before
+    // a crash, or by a creation whose answer was lost, is found and adopted). A plan's
+    // step commits on its own step branch: the task branch exists only once an
+    // integration merged it.
+    let pushed = task.subtasks.iter().any(|s| {
+        s.works_on_task_branch() && s.outcome.as_ref().is_some_and(|o| o.commit.is_some())
+    });
     if pull_request.is_none() && pushed && written.open(Step::PullRequest) {
         let found = api::find_pull(c, inst, &repo, &task.branch).await;
         let pr = match written.settle(id, Step::PullRequest, found)? {

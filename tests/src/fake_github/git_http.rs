@@ -128,8 +128,8 @@ pub async fn serve(
         .is_ok();
     let mut cmd = tokio::process::Command::new("git");
     cmd.arg("http-backend")
-        .env(WORKFLOWS_ENV, if workflows { "write" } else { "none" })
         .env_clear()
+        .env(WORKFLOWS_ENV, if workflows { "write" } else { "none" })
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("GIT_PROJECT_ROOT", &fake.git_root)
         .env("GIT_HTTP_EXPORT_ALL", "1")
