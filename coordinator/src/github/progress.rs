@@ -131,7 +131,8 @@ pub fn render(task: &Task, pull_request: Option<u64>) -> String {
     if let Some(e) = &task.error {
         let e: String = e.chars().take(1500).collect();
         s.push_str(&format!(
-            "\n<details><summary>Why</summary>\n\n```\n{e}\n```\n</details>\n"
+            "\n<details><summary>Why</summary>\n\n{}</details>\n",
+            fenced(&e)
         ));
     }
     s.push_str(
@@ -142,19 +143,28 @@ pub fn render(task: &Task, pull_request: Option<u64>) -> String {
 }
 
 /// Exactly the instructions the agent gets, shown to whoever approves, in a code fence
-/// longer than any run of backticks in them (so that the text cannot end it).
+/// the text cannot end.
 pub fn agent_text(task: &Task) -> String {
+    format!(
+        "<details><summary>The text the agent gets</summary>\n\n{}</details>\n",
+        fenced(&task.prompt)
+    )
+}
+
+/// `text` as a code block whose fence is longer than any run of backticks in it, so that
+/// nothing in it can end the block: text written by an agent or taken from an issue
+/// shows as written, never as mentions, links or images of the App's comment (GitHub
+/// Flavored Markdown, "Fenced code blocks": the closing fence must be at least as long
+/// as the opening one). Ends with a newline.
+pub fn fenced(text: &str) -> String {
     let mut longest = 0;
     let mut run = 0;
-    for c in task.prompt.chars() {
+    for c in text.chars() {
         run = if c == '`' { run + 1 } else { 0 };
         longest = longest.max(run);
     }
     let fence = "`".repeat((longest + 1).max(3));
-    format!(
-        "<details><summary>The text the agent gets</summary>\n\n{fence}text\n{}\n{fence}\n</details>\n",
-        task.prompt
-    )
+    format!("{fence}text\n{text}\n{fence}\n")
 }
 
 /// The pull request's body without what the runs add to it.
@@ -283,6 +293,26 @@ mod tests {
         assert!(!shown.contains('@'), "{shown}");
         assert!(!shown.contains("](h"), "{shown}");
         assert!(pull_body(&task, 7).contains("`pypi.org:443`"));
+    }
+
+    #[test]
+    fn an_error_cannot_close_its_fence() {
+        let mut task: Task = serde_json::from_value(serde_json::json!({
+            "id": "01a22b20-5a5d-76c6-b6eb-b80fb59936d5",
+            "repository": "acme/widgets", "branch": "agent/1-x", "pipeline": "code",
+            "prompt": "x", "title": "x", "status": "failed", "version": 1,
+            "created_at": "2026-11-30T06:24:30Z", "updated_at": "2026-11-30T06:24:30Z",
+            "source": { "kind": "api" }, "subtasks": []
+        }))
+        .unwrap();
+        task.error = Some("bad plan: ```\n@acme/admins [x](https://evil.example)\n```".into());
+        let shown = render(&task, None);
+        assert!(
+            shown.contains(
+                "````text\nbad plan: ```\n@acme/admins [x](https://evil.example)\n```\n````\n"
+            ),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -342,7 +342,7 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
                     .map(|o| o.summary.trim().to_string())
                     .filter(|s| !s.is_empty())
                     .unwrap_or_else(|| "The reviewer found nothing to add.".into());
-                let body = format!("**Reviewer agent**\n\n{summary}");
+                let body = format!("**Reviewer agent**\n\n{}", progress::fenced(&summary));
                 let posted = api::create_review(c, inst, &repo, pr, &body).await;
                 written.settle(id, Step::Review, posted)?;
                 written.owed_reviews.remove(&key);
@@ -375,7 +375,12 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
                 .map(|o| o.summary.trim().to_string())
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "(the planner wrote no plan)".into());
-            let mut body = format!("**Plan** for task `{}`\n\n{plan}\n", task.id);
+            // The planner's words as written: never mentions, links or images of the App.
+            let mut body = format!(
+                "**Plan** for task `{}`\n\n{}",
+                task.id,
+                progress::fenced(&plan)
+            );
             if task.status == TaskStatus::AwaitingApproval {
                 body.push_str(
                     "\nNothing is coded until someone with write access comments \
