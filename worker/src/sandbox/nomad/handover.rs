@@ -21,10 +21,12 @@
 //!    allocation in that job and it has not ended. Then it answers the full run spec and
 //!    the secret environment as JSON, once.
 //!
-//! 4. At the push, the runner asks `POST handover_url/push` the same way, once: the worker
-//!    confirms the attempt's lease and mints a fresh git token for the push (the push
-//!    permit of `push_permit.rs`, with an installation token that lives as long as the run
-//!    needs, whatever the run's length).
+//! 4. At the push, the runner asks `POST handover_url/push` the same way, once, with the
+//!    attempt's push key (a random value handed over with the spec and kept in the
+//!    runner's memory only: the identity file is readable by the agent, the key is not):
+//!    the worker confirms the key and the attempt's lease and mints a fresh git token for
+//!    the push (the push permit of `push_permit.rs`, with an installation token that
+//!    lives as long as the run needs, whatever the run's length).
 //!
 //! Properties: the hand-over is bound to one attempt (the job ID is unique per dispatch
 //! and only the attempt's child job matches), usable once (a second presentation is
@@ -75,7 +77,15 @@ const ALLOC_CHECK: Duration = Duration::from_secs(10);
 pub struct Handed {
     pub spec: RunSpec,
     pub env: BTreeMap<String, String>,
+    /// The attempt's push key: a random capability made at the hand-over that the runner
+    /// keeps in memory only and sends with its push permit request ([`PUSH_KEY_HEADER`]).
+    /// The workload identity alone does not buy a push permit, since anything in the
+    /// allocation that reads the identity file could present it.
+    pub push_key: String,
 }
+
+/// The header of the push permit request that carries the attempt's push key.
+pub const PUSH_KEY_HEADER: &str = "x-ao-push-key";
 
 /// The claims of a Nomad workload identity the worker reads (Nomad's documented names).
 #[derive(Debug, Deserialize)]
@@ -93,6 +103,8 @@ struct Entry {
     spec: RunSpec,
     handed: bool,
     pushed: bool,
+    /// Made at the hand-over; required by the push permit.
+    push_key: Option<String>,
 }
 
 /// The attempts of this worker's Nomad driver that a sandbox may claim.
@@ -175,6 +187,7 @@ impl Handovers {
                 spec: spec.clone(),
                 handed: false,
                 pushed: false,
+                push_key: None,
             },
         );
         Registration {
@@ -345,6 +358,8 @@ impl Handovers {
             ));
         }
         entry.handed = true;
+        let push_key = uuid::Uuid::new_v4().simple().to_string();
+        entry.push_key = Some(push_key.clone());
         let env = entry
             .spec
             .secret_env
@@ -355,13 +370,18 @@ impl Handovers {
         Ok(Handed {
             spec: entry.spec.clone(),
             env,
+            push_key,
         })
     }
 }
 
 impl Handovers {
     /// The push permit of one presentation, once per attempt, after the hand-over.
-    async fn permit(&self, jwt: &str) -> Result<crate::push_permit::Answer, Refusal> {
+    async fn permit(
+        &self,
+        jwt: &str,
+        push_key: Option<&str>,
+    ) -> Result<crate::push_permit::Answer, Refusal> {
         let (key, job, alloc) = self.check(jwt).await?;
         let (lease, credentials) = {
             let mut entries = self.entries.lock();
@@ -372,6 +392,19 @@ impl Handovers {
                     "the attempt has ended",
                 ));
             };
+            let key_matches = match (entry.push_key.as_deref(), push_key) {
+                (Some(mine), Some(theirs)) => {
+                    subtle::ConstantTimeEq::ct_eq(mine.as_bytes(), theirs.as_bytes()).into()
+                }
+                _ => false,
+            };
+            if !key_matches {
+                return Err(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    "no_push_key",
+                    "a push permit needs the attempt's push key from the hand-over",
+                ));
+            }
             if !entry.handed || entry.pushed {
                 return Err(Refusal::new(
                     StatusCode::CONFLICT,
@@ -432,7 +465,10 @@ async fn push(State(h): State<Arc<Handovers>>, headers: HeaderMap) -> Response {
         )
         .into_response();
     };
-    match h.permit(jwt).await {
+    let push_key = headers
+        .get(PUSH_KEY_HEADER)
+        .and_then(|v| v.to_str().ok());
+    match h.permit(jwt, push_key).await {
         Ok(answer) => axum::Json(answer).into_response(),
         Err(refusal) => {
             tracing::warn!(status = refusal.status.as_u16(), code = refusal.code,
@@ -444,6 +480,8 @@ async fn push(State(h): State<Arc<Handovers>>, headers: HeaderMap) -> Response {
 
 /// In the runner: the identity presented at start, kept for the push.
 static PRESENTED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// In the runner: the attempt's push key from the hand-over, in memory only.
+static PUSH_KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// In the runner: whether the run spec came by the hand-over.
 pub fn active() -> bool {
@@ -463,13 +501,20 @@ pub fn ask_push() -> Result<crate::push_permit::Answer, String> {
             .unwrap_or_default()
             .trim_end_matches('/')
     );
-    post(&url, &jwt)
+    let key = PUSH_KEY
+        .get()
+        .ok_or("no push key: the run spec did not come by the hand-over")?;
+    post(&url, &jwt, Some(key))
 }
 
 /// In the runner: POSTs the identity to `url` and reads the JSON answer, retrying
 /// connection failures and 5xx answers (Nomad's JWKS or allocation unreadable for a
 /// moment) a few times; refusals (4xx) are final.
-fn post<T: serde::de::DeserializeOwned>(url: &str, jwt: &str) -> Result<T, String> {
+fn post<T: serde::de::DeserializeOwned>(
+    url: &str,
+    jwt: &str,
+    push_key: Option<&str>,
+) -> Result<T, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -483,7 +528,11 @@ fn post<T: serde::de::DeserializeOwned>(url: &str, jwt: &str) -> Result<T, Strin
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match http.post(url).bearer_auth(jwt).send().await {
+            let mut request = http.post(url).bearer_auth(jwt);
+            if let Some(key) = push_key {
+                request = request.header(PUSH_KEY_HEADER, key);
+            }
+            match request.send().await {
                 Ok(r) if r.status().is_success() => {
                     return r
                         .json::<T>()
@@ -550,8 +599,9 @@ pub fn fetch() -> Result<Handed, String> {
         .filter(|u| !u.is_empty())
         .ok_or_else(|| format!("{URL_ENV} is not set: no hand-over address"))?;
     let jwt = identity()?;
-    let handed = post(&url, &jwt).map_err(|e| format!("hand-over: {e}"))?;
+    let handed: Handed = post(&url, &jwt, None).map_err(|e| format!("hand-over: {e}"))?;
     let _ = PRESENTED.set(jwt);
+    let _ = PUSH_KEY.set(handed.push_key.clone());
     Ok(handed)
 }
 
