@@ -1,0 +1,464 @@
+//! Attacks on the Nomad hand-over, the push permit and the planner's plan, each written as
+//! the attacker would try it. A test passes when the attack is held; a failing test is an
+//! attack that gets through (its message says what the attacker got).
+
+// Test helpers may panic: a failed step fails the test.
+#![allow(clippy::unwrap_used)]
+
+use ao_shared::capability::Capability;
+use ao_shared::status::TaskStatus;
+use ao_shared::task::{Outcome, Planning, Task, TaskSource};
+use ao_tests::fake_nomad::{FakeNomad, Image, Options};
+use ao_tests::{bin, free_port, git, script, Cluster};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(120);
+const IMAGE: &str = "ghcr.io/agent-orchestrator/sandbox:0.1.0";
+const NOMAD_TOKEN: &str = "nomad-acl-token-5f1c";
+
+fn options(c: &Cluster) -> Options {
+    let mut images = HashMap::new();
+    images.insert(
+        IMAGE.to_string(),
+        Image {
+            binds: vec![(bin("worker"), PathBuf::from("/image/bin/worker"))],
+            path: "/image/bin:/usr/local/bin:/usr/bin:/bin".into(),
+        },
+    );
+    Options {
+        slots: 2,
+        token: Some(NOMAD_TOKEN.into()),
+        images,
+        volumes: vec![(c.dir.path().to_path_buf(), true)],
+        ..Options::default()
+    }
+}
+
+/// The hostile agent: reads the sandbox's workload identity (as the existing hand-over
+/// test shows it can), asks the push permit itself before the runner does, keeps the
+/// answer where the test can read it, and tries to push to `main` with what it got.
+const THIEF_AGENT: &str = r#"
+jwt=$(cat "$NOMAD_SECRETS_DIR/nomad_ao_handover.jwt")
+curl -s -X POST -H "Authorization: Bearer $jwt" "$AO_HANDOVER_URL/push" > "$OUT.tmp"
+mv "$OUT.tmp" "$OUT"
+tok=$(sed -n 's/.*"git_token":"\([^"]*\)".*/\1/p' "$OUT")
+url=$(git remote get-url origin 2>/dev/null)
+echo "stolen" > stolen.txt
+git add stolen.txt >/dev/null 2>&1
+git -c user.name=x -c user.email=x@x commit -qm stolen >/dev/null 2>&1
+if [ -n "$tok" ] && [ -n "$url" ]; then
+  git -c credential.helper= -c "credential.helper=!f() { echo username=x-access-token; echo password=$tok; }; f" \
+    push -q "$url" HEAD:refs/heads/main > "$OUT.push" 2>&1
+  echo "rc=$?" >> "$OUT.push"
+fi
+echo "coder was here" > coder.txt
+echo "wrote coder.txt"
+"#;
+
+async fn present(url: &str, jwt: &str) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .bearer_auth(jwt)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
+}
+
+/// Attack 1 (push permit theft) and attack 2 (forged identities at the listener), on one
+/// stack: the real coordinator and worker, the fake GitHub, the fake Nomad running the
+/// sandbox job under bwrap.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_agent_and_forged_identities_against_the_handover() {
+    use ao_tests::fake_github::FakeGithub;
+    const REPO: &str = "acme/widgets";
+    let tmp = tempfile::tempdir().unwrap();
+    let gh = FakeGithub::start(tmp.path(), 4242).await.unwrap();
+    gh.add_installation(7, "acme");
+    gh.add_repo(7, REPO, &[]);
+    gh.set_role(REPO, "alice", "write");
+    let port = free_port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let mut c = gh.cluster(
+        Some("code"),
+        &[
+            ("AO__SANDBOX__DRIVER", "nomad"),
+            ("AO__NOMAD__ADDR", &addr),
+            ("AO__NOMAD__TOKEN", "env:AO_TEST_NOMAD_TOKEN"),
+            ("AO_TEST_NOMAD_TOKEN", NOMAD_TOKEN),
+            ("AO__NOMAD__WAIT_SECS", "10"),
+        ],
+    );
+    let fake = FakeNomad::start_on(port, options(&c)).await.unwrap();
+    fake.register_sandbox_job("coder").await.unwrap();
+    let out = c.dir.path().join("stolen.json");
+    let agent = script(
+        c.dir.path(),
+        "agent.sh",
+        &format!("OUT={}\n{THIEF_AGENT}", out.display()),
+    );
+    c.start_in_process().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let issue = gh.open_issue(REPO, "Add a note", "Please add a note file.", "alice");
+    assert_eq!(gh.label_issue(REPO, issue, "agent", "alice").await, 202);
+
+    let deadline = Instant::now() + LIMIT;
+    while !out.exists() {
+        assert!(Instant::now() < deadline, "no answer\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let the agent finish its push attempt.
+    let push_note = out.with_extension("json.push");
+    let waited = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&push_note).is_ok_and(|s| s.contains("rc=")) {
+        if Instant::now() > waited {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let answer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap_or(json!(null));
+    let pushed = std::fs::read_to_string(&push_note).unwrap_or_default();
+    let main = git(&gh.repo_path(REPO), &["log", "--format=%s", "main"]);
+    let m = gh.model();
+    let stolen = answer["git_token"].as_str().unwrap_or_default().to_string();
+    let scope = m.tokens.get(&stolen).map(|t| t.permissions.clone());
+    eprintln!("agent's push-permit answer: granted={} token_scope={scope:?}", answer["granted"]);
+    eprintln!("agent's own push to main: {pushed:?}; main log: {main:?}");
+
+    // Attack 2: forged and altered identities at the worker's listener. The URL is the one
+    // the allocations were given.
+    let url = fake.dispatches()[0].meta["handover_url"].clone();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let job = fake.dispatches()[0].job.clone();
+    let (alloc, _, _) = fake.allocs().remove(0);
+    let claims = |over: serde_json::Value| {
+        let mut c = json!({
+            "nomad_namespace": "default", "nomad_job_id": job,
+            "nomad_allocation_id": alloc, "nomad_task": "runner",
+            "aud": ["agent-orchestrator-handover"], "iat": now, "nbf": now, "exp": now + 600,
+        });
+        for (k, v) in over.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    };
+    let b64 = |v: &serde_json::Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let jwks: serde_json::Value = reqwest::get(format!("{addr}/.well-known/jwks.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let kid = jwks["keys"][0]["kid"].as_str().unwrap().to_string();
+    let none = format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "typ": "JWT", "kid": kid})),
+        b64(&claims(json!({})))
+    );
+    // HS256 keyed with the public key's JWK text (the classic alg confusion).
+    let mut hs = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    hs.kid = Some(kid.clone());
+    let hs256 = jsonwebtoken::encode(
+        &hs,
+        &claims(json!({})),
+        &jsonwebtoken::EncodingKey::from_secret(jwks["keys"][0].to_string().as_bytes()),
+    )
+    .unwrap();
+    // A token signed by a key the JWKS does not hold, under a kid it does not hold.
+    let rogue_dir = tempfile::tempdir().unwrap();
+    let rogue = ao_tests::fake_nomad::identity::Keyring::generate(rogue_dir.path()).unwrap();
+    let cases: Vec<(&str, String)> = vec![
+        ("alg none", none),
+        ("HS256 with the public key", hs256),
+        ("unknown kid, rogue key", rogue.sign(&claims(json!({})))),
+        (
+            "expired",
+            fake.keyring()
+                .sign(&claims(json!({"iat": now - 7200, "nbf": now - 7200, "exp": now - 3600}))),
+        ),
+        (
+            "not yet valid",
+            fake.keyring().sign(&claims(json!({"nbf": now + 3600}))),
+        ),
+        (
+            "other audience",
+            fake.keyring().sign(&claims(json!({"aud": ["nomadproject.io"]}))),
+        ),
+        (
+            "other namespace",
+            fake.keyring().sign(&claims(json!({"nomad_namespace": "other"}))),
+        ),
+        (
+            "other task of the allocation",
+            fake.keyring().sign(&claims(json!({"nomad_task": "sidecar"}))),
+        ),
+        (
+            "other job",
+            fake.keyring()
+                .sign(&claims(json!({"nomad_job_id": "ao-sandbox-coder"}))),
+        ),
+    ];
+    let mut accepted = Vec::new();
+    for (name, jwt) in &cases {
+        for path in ["", "/push"] {
+            let (status, body) = present(&format!("{url}{path}"), jwt).await;
+            eprintln!("{name} at {path:?}: {status} {body}");
+            if (200..300).contains(&status) || body.contains(NOMAD_TOKEN) {
+                accepted.push(format!("{name} {path}: {status} {body}"));
+            }
+        }
+    }
+    assert!(accepted.is_empty(), "forged identities accepted: {accepted:#?}");
+    // Nothing of the worker's secrets in its log.
+    for token in m.tokens.keys() {
+        assert!(!c.logs().contains(token.as_str()), "a git token in the logs");
+    }
+
+    // Attack 1's verdict last, so that attack 2 runs either way.
+    assert!(
+        answer["granted"] != json!(true) && stolen.is_empty(),
+        "the agent got the push permit and a git token of scope {scope:?} \
+         (its own push to main: {pushed:?}; main: {main:?})"
+    );
+}
+
+/// A task whose pipeline is planned, on GitHub.
+fn planned_task() -> Task {
+    let now = ao_shared::timefmt::now();
+    let pipeline = [Capability::Planner, Capability::Coder, Capability::Tester];
+    Task {
+        profiles: Default::default(),
+        id: ao_shared::ids::TaskId::new(),
+        status: TaskStatus::Queued,
+        title: "t".into(),
+        prompt: "p".into(),
+        repository: "/tmp/r".into(),
+        branch: "agent/x".into(),
+        base_branch: None,
+        pipeline: "code".into(),
+        source: TaskSource::Api,
+        created_at: now,
+        updated_at: now,
+        error: None,
+        version: 0,
+        subtasks: ao_shared::pipeline::plan_subtasks(&pipeline),
+        approval: ao_shared::task::Approval::NotRequired,
+        review_round: None,
+        planning: Some(Planning {
+            limits: ao_shared::plan::PlanLimits {
+                max_steps: 5,
+                max_parallel: 2,
+                allowed: vec![Capability::Coder, Capability::Tester],
+                max_fix_rounds: 1,
+            },
+            repairs: 0,
+            expanded: false,
+            summary: String::new(),
+            fix_rounds: 0,
+        }),
+    }
+}
+
+/// The lines of `md` outside any fenced code block.
+fn outside_fences(md: &str) -> Vec<&str> {
+    let mut fence: Option<usize> = None;
+    let mut out = Vec::new();
+    for line in md.lines() {
+        let t = line.trim_start();
+        let ticks = t.chars().take_while(|c| *c == '`').count();
+        match fence {
+            Some(n) if ticks >= n && t[ticks..].trim().is_empty() => fence = None,
+            Some(_) => {}
+            None if ticks >= 3 => fence = Some(ticks),
+            None => out.push(line),
+        }
+    }
+    out
+}
+
+/// Attack 3a: a hostile planner's invalid plan, whose text reaches the task's error and
+/// so the GitHub progress comment: can it put markup (a mention, a link) outside the
+/// fence the error is shown in?
+#[test]
+fn a_hostile_plan_cannot_put_markup_in_the_progress_comment() {
+    let injected = "x\n```\n</details>\n\n@acme/admins [approve here](https://evil.example)\n";
+    let mut broke = Vec::new();
+    for (what, plan) in [
+        (
+            "a capability",
+            json!({"version": 1, "steps": [{"id": "a", "capability": injected,
+                "title": "t", "instructions": "i"}]}),
+        ),
+        (
+            "a field name",
+            json!({"version": 1, "steps": [{"id": "a", "capability": "coder",
+                "title": "t", "instructions": "i", injected: 1}]}),
+        ),
+        (
+            "a step id",
+            json!({"version": 1, "steps": [{"id": injected, "capability": "coder",
+                "title": "t", "instructions": "i"}]}),
+        ),
+        (
+            "a dependency",
+            json!({"version": 1, "steps": [{"id": "a", "capability": "coder",
+                "title": "t", "instructions": "i", "depends_on": [injected]}]}),
+        ),
+    ] {
+        let mut t = planned_task();
+        let now = ao_shared::timefmt::now();
+        // The whole reply is the plan (a fenced block could not hold the fence).
+        let reply = plan.to_string();
+        // The first invalid plan gets a repair turn; the second fails the task.
+        for attempt in 0..2 {
+            let planner = t.queue_ready(now)[0];
+            let a = t.subtask(planner).unwrap().attempt;
+            t.apply_outcome(planner, a, Outcome::succeeded(reply.clone(), None), 3, now)
+                .unwrap();
+            if attempt == 0 {
+                assert_ne!(t.status, TaskStatus::Failed, "{what}: repair turn");
+            }
+        }
+        assert_eq!(t.status, TaskStatus::Failed, "{what}");
+        let comment = ao_coordinator::github::progress::render(&t, None);
+        eprintln!("--- {what}:\n{comment}");
+        let leaked: Vec<&str> = outside_fences(&comment)
+            .into_iter()
+            .filter(|l| l.contains("@acme/admins") || l.contains("evil.example"))
+            .collect();
+        if !leaked.is_empty() {
+            broke.push(format!("{what}: {leaked:?}"));
+        }
+    }
+    assert!(
+        broke.is_empty(),
+        "the plan's text is markup in the progress comment: {broke:#?}"
+    );
+}
+
+/// Attack 3b: plans the coordinator must refuse: too many steps, a cycle, a capability
+/// the pipeline lacks (the planner itself, to plan again without end), text past the
+/// bounds, a step id that would make a branch outside the task's. None may expand.
+#[test]
+fn a_hostile_plan_cannot_grow_the_task_or_leave_its_branch() {
+    let step = |id: &str, cap: &str, deps: &[&str]| {
+        json!({"id": id, "capability": cap, "title": "t", "instructions": "i", "depends_on": deps})
+    };
+    let many: Vec<_> = (0..10_000)
+        .map(|i| step(&format!("s{i}"), "coder", &[]))
+        .collect();
+    let cases = vec![
+        ("10000 steps", json!({"version": 1, "steps": many})),
+        (
+            "a cycle",
+            json!({"version": 1, "steps": [step("a", "coder", &["b"]), step("b", "coder", &["a"])]}),
+        ),
+        (
+            "self dependency",
+            json!({"version": 1, "steps": [step("a", "coder", &["a"])]}),
+        ),
+        (
+            "a planner step",
+            json!({"version": 1, "steps": [step("a", "planner", &[])]}),
+        ),
+        (
+            "a reviewer step outside the pipeline",
+            json!({"version": 1, "steps": [step("a", "reviewer", &[])]}),
+        ),
+        (
+            "a branch escape",
+            json!({"version": 1, "steps": [step("../../main", "coder", &[])]}),
+        ),
+        (
+            "a refname trick",
+            json!({"version": 1, "steps": [step("a..b", "coder", &[])]}),
+        ),
+        (
+            "huge instructions",
+            json!({"version": 1, "steps": [{"id": "a", "capability": "coder", "title": "t",
+                "instructions": "x".repeat(1 << 20)}]}),
+        ),
+        (
+            "huge title",
+            json!({"version": 1, "steps": [{"id": "a", "capability": "coder",
+                "title": "x".repeat(1 << 16), "instructions": "i"}]}),
+        ),
+        (
+            "huge paths",
+            json!({"version": 1, "steps": [{"id": "a", "capability": "coder", "title": "t",
+                "instructions": "i", "paths": vec!["p"; 100_000]}]}),
+        ),
+    ];
+    for (what, plan) in cases {
+        let mut t = planned_task();
+        let now = ao_shared::timefmt::now();
+        let reply = format!("```json\n{plan}\n```\n");
+        let before = t.subtasks.len();
+        for _ in 0..2 {
+            let planner = t.queue_ready(now)[0];
+            let a = t.subtask(planner).unwrap().attempt;
+            t.apply_outcome(planner, a, Outcome::succeeded(reply.clone(), None), 3, now)
+                .unwrap();
+        }
+        // The plan checks refuse it on their own too (not only the reply's size bound).
+        let limits = t.planning.as_ref().unwrap().limits.clone();
+        assert!(
+            ao_shared::plan::Plan::parse(Some(&plan), &limits).is_err(),
+            "{what}: the plan is accepted"
+        );
+        assert_eq!(t.status, TaskStatus::Failed, "{what}: {:?}", t.error);
+        eprintln!("{what}: {:.300}", t.error.as_deref().unwrap_or_default());
+        assert!(t.subtasks.len() <= before, "{what}: expanded");
+        // The error the comment shows is bounded.
+        assert!(
+            t.error.as_deref().unwrap_or_default().len() < 20_000,
+            "{what}: error of {} bytes",
+            t.error.as_deref().unwrap_or_default().len()
+        );
+    }
+
+    // A valid plan of the most steps: every branch stays under the task's, and the
+    // subtasks stay within max_steps plus their merges.
+    let mut t = planned_task();
+    let now = ao_shared::timefmt::now();
+    let steps: Vec<_> = (0..5)
+        .map(|i| step(&format!("{i}-"), "coder", &[]))
+        .collect();
+    let reply = format!("```json\n{}\n```\n", json!({"version": 1, "summary": "x".repeat(1 << 20), "steps": steps}));
+    let planner = t.queue_ready(now)[0];
+    t.apply_outcome(planner, 1, Outcome::succeeded(reply, None), 3, now)
+        .unwrap();
+    assert!(t.subtasks.len() <= 1 + 5 + 5, "{}", t.subtasks.len());
+    for s in &t.subtasks {
+        if let Some(ao_shared::task::Step::Plan {
+            branch: Some(b), ..
+        }) = &s.step
+        {
+            assert!(b.starts_with("agent/x-step-"), "{b}");
+            let ok = std::process::Command::new("git")
+                .args(["check-ref-format", "--branch", b])
+                .output()
+                .unwrap()
+                .status
+                .success();
+            assert!(ok, "step branch {b:?} is not a valid branch name");
+        }
+    }
+    let summary = &t.planning.as_ref().unwrap().summary;
+    assert!(summary.len() <= 2000, "summary of {} bytes", summary.len());
+    // Each step's prompt stays bounded.
+    for s in &t.subtasks {
+        let p = t.instructions_for(s.id).unwrap_or_default();
+        assert!(p.len() < 64 * 1024, "a prompt of {} bytes", p.len());
+    }
+}
