@@ -462,3 +462,42 @@ fn a_hostile_plan_cannot_grow_the_task_or_leave_its_branch() {
         assert!(p.len() < 64 * 1024, "a prompt of {} bytes", p.len());
     }
 }
+
+/// Attack 3c: a hostile tester (its output is agent text too) after the last fix round:
+/// its failing output reaches the task's error and the progress comment. Can it put
+/// markup outside the fence?
+#[test]
+fn a_hostile_checker_cannot_put_markup_in_the_progress_comment() {
+    let mut t = planned_task();
+    let now = ao_shared::timefmt::now();
+    let plan = json!({"version": 1, "steps": [{"id": "t", "capability": "tester",
+        "title": "test", "instructions": "run the tests"}]});
+    let planner = t.queue_ready(now)[0];
+    t.apply_outcome(planner, 1, Outcome::succeeded(plan.to_string(), None), 3, now)
+        .unwrap();
+    let failing = || {
+        let mut o = Outcome::succeeded("tests fail", None);
+        o.structured = Some(Box::new(json!({"verdict": "failed",
+            "failures": [{"message": "test_x"}],
+            "output": "@acme/admins [approve here](https://evil.example)"})));
+        o
+    };
+    // The first failure starts the one fix round; the check after it fails again.
+    let tester = t.queue_ready(now)[0];
+    t.apply_outcome(tester, 1, failing(), 3, now).unwrap();
+    let fix = t.queue_ready(now)[0];
+    t.apply_outcome(fix, 1, Outcome::succeeded("fixed", None), 3, now)
+        .unwrap();
+    let again = t.queue_ready(now)[0];
+    t.apply_outcome(again, 1, failing(), 3, now).unwrap();
+    assert_eq!(t.status, TaskStatus::Failed, "{:#?}", t.subtasks);
+    let comment = ao_coordinator::github::progress::render(&t, None);
+    let leaked: Vec<&str> = outside_fences(&comment)
+        .into_iter()
+        .filter(|l| l.contains("@acme/admins") || l.contains("evil.example"))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "the tester's output is markup in the progress comment: {leaked:?}\n---\n{comment}"
+    );
+}
