@@ -501,3 +501,101 @@ fn a_hostile_checker_cannot_put_markup_in_the_progress_comment() {
         "the tester's output is markup in the progress comment: {leaked:?}\n---\n{comment}"
     );
 }
+
+/// The agent of attempt 1 waits for its worker to die and the message to be redelivered,
+/// then presents its (still valid) workload identity to the new worker's hand-over.
+const REDELIVERY_AGENT: &str = r#"
+jwt=$(cat "$NOMAD_SECRETS_DIR/nomad_ao_handover.jwt")
+echo started > "$OUT.started"
+i=0
+while [ ! -f "$DIR/url" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+url=$(cat "$DIR/url")
+curl -s -o "$OUT.body" -w '%{http_code}' -X POST -H "Authorization: Bearer $jwt" "$url" > "$OUT.tmp"
+mv "$OUT.tmp" "$OUT"
+echo "coder was here" > coder.txt
+"#;
+
+/// Attack 1b: get the hand-over twice. The worker running an attempt dies; the message
+/// is redelivered to another worker, which dispatches the same attempt (Nomad's
+/// idempotency token finds the sandbox still running) and opens a hand-over for it. The
+/// old sandbox's agent, which holds the identity of that very job, claims it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redelivered_attempt_is_not_handed_over_again_to_the_old_sandbox() {
+    use ao_tests::fake_github::FakeGithub;
+    const REPO: &str = "acme/widgets";
+    let tmp = tempfile::tempdir().unwrap();
+    let gh = FakeGithub::start(tmp.path(), 4242).await.unwrap();
+    gh.add_installation(7, "acme");
+    gh.add_repo(7, REPO, &[]);
+    gh.set_role(REPO, "alice", "write");
+    let port = free_port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let mut c = gh.cluster(
+        Some("code"),
+        &[
+            ("AO__SANDBOX__DRIVER", "nomad"),
+            ("AO__NOMAD__ADDR", &addr),
+            ("AO__NOMAD__TOKEN", "env:AO_TEST_NOMAD_TOKEN"),
+            ("AO_TEST_NOMAD_TOKEN", NOMAD_TOKEN),
+            ("AO__NOMAD__WAIT_SECS", "10"),
+            ("AO__QUEUE__VISIBILITY_TIMEOUT_SECS", "4"),
+            ("AO__QUEUE__HEARTBEAT_SECS", "1"),
+        ],
+    );
+    let fake = FakeNomad::start_on(port, options(&c)).await.unwrap();
+    fake.register_sandbox_job("coder").await.unwrap();
+    let dir = c.dir.path().to_path_buf();
+    let out = dir.join("second.code");
+    let agent = script(
+        &dir,
+        "agent.sh",
+        &format!(
+            "OUT={}\nDIR={}\n{REDELIVERY_AGENT}",
+            out.display(),
+            dir.display()
+        ),
+    );
+    c.start_in_process().await.unwrap();
+    let first = c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let issue = gh.open_issue(REPO, "Add a note", "Please add a note file.", "alice");
+    assert_eq!(gh.label_issue(REPO, issue, "agent", "alice").await, 202);
+
+    wait_file("the agent runs", &c, &out.with_extension("code.started")).await;
+    c.workers[first].kill_hard();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let f = fake.dispatches();
+    let deadline = Instant::now() + LIMIT;
+    let mut d = f;
+    while d.len() < 2 {
+        assert!(Instant::now() < deadline, "no second dispatch\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        d = fake.dispatches();
+    }
+    eprintln!(
+        "second dispatch: same job {} (existing {})",
+        d[1].job == d[0].job,
+        d[1].existing
+    );
+    std::fs::write(dir.join("url"), &d[1].meta["handover_url"]).unwrap();
+    wait_file("the agent's second claim", &c, &out).await;
+    let code = std::fs::read_to_string(&out).unwrap();
+    let body = std::fs::read_to_string(out.with_extension("code.body")).unwrap_or_default();
+    let m = gh.model();
+    let tokens: Vec<&String> = m.tokens.keys().filter(|t| body.contains(t.as_str())).collect();
+    eprintln!("second claim: {code}, git tokens in the answer: {}", tokens.len());
+    assert!(
+        !code.starts_with('2') && tokens.is_empty(),
+        "the old sandbox's agent got the redelivered attempt's hand-over ({code}), \
+         with {} git token(s) in it",
+        tokens.len()
+    );
+}
+
+/// Waits for `path` to exist.
+async fn wait_file(what: &str, c: &Cluster, path: &std::path::Path) {
+    let deadline = Instant::now() + LIMIT;
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{what}: timed out\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
