@@ -126,7 +126,10 @@ async fn hostile_agent_and_forged_identities_against_the_handover() {
     let m = gh.model();
     let stolen = answer["git_token"].as_str().unwrap_or_default().to_string();
     let scope = m.tokens.get(&stolen).map(|t| t.permissions.clone());
-    eprintln!("agent's push-permit answer: granted={} token_scope={scope:?}", answer["granted"]);
+    eprintln!(
+        "agent's push-permit answer: granted={} token_scope={scope:?}",
+        answer["granted"]
+    );
     eprintln!("agent's own push to main: {pushed:?}; main log: {main:?}");
 
     // Attack 2: forged and altered identities at the worker's listener. The URL is the one
@@ -183,8 +186,9 @@ async fn hostile_agent_and_forged_identities_against_the_handover() {
         ("unknown kid, rogue key", rogue.sign(&claims(json!({})))),
         (
             "expired",
-            fake.keyring()
-                .sign(&claims(json!({"iat": now - 7200, "nbf": now - 7200, "exp": now - 3600}))),
+            fake.keyring().sign(&claims(
+                json!({"iat": now - 7200, "nbf": now - 7200, "exp": now - 3600}),
+            )),
         ),
         (
             "not yet valid",
@@ -192,15 +196,18 @@ async fn hostile_agent_and_forged_identities_against_the_handover() {
         ),
         (
             "other audience",
-            fake.keyring().sign(&claims(json!({"aud": ["nomadproject.io"]}))),
+            fake.keyring()
+                .sign(&claims(json!({"aud": ["nomadproject.io"]}))),
         ),
         (
             "other namespace",
-            fake.keyring().sign(&claims(json!({"nomad_namespace": "other"}))),
+            fake.keyring()
+                .sign(&claims(json!({"nomad_namespace": "other"}))),
         ),
         (
             "other task of the allocation",
-            fake.keyring().sign(&claims(json!({"nomad_task": "sidecar"}))),
+            fake.keyring()
+                .sign(&claims(json!({"nomad_task": "sidecar"}))),
         ),
         (
             "other job",
@@ -218,18 +225,53 @@ async fn hostile_agent_and_forged_identities_against_the_handover() {
             }
         }
     }
-    assert!(accepted.is_empty(), "forged identities accepted: {accepted:#?}");
+    assert!(
+        accepted.is_empty(),
+        "forged identities accepted: {accepted:#?}"
+    );
+    // An unsigned header's kid is the attacker's text: it must not forge a line of the
+    // worker's log.
+    const FORGED_LINE: &str = "ERROR forged: lease lost for every task";
+    let forged_kid = format!(
+        "{}.{}.c2ln",
+        b64(&json!({"alg": "RS256", "typ": "JWT", "kid": format!("k\n{FORGED_LINE}\n")})),
+        b64(&claims(json!({})))
+    );
+    let (status, body) = present(&url, &forged_kid).await;
+    eprintln!("kid with a newline: {status} {body}");
+    // Wait for the refusal's own log entry, which holds the kid.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.logs().contains(" in the cluster's JWKS") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logs = c.logs();
+    let forged_lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.trim_start().starts_with(FORGED_LINE))
+        .collect();
+    eprintln!("forged log lines: {forged_lines:?}");
     // Nothing of the worker's secrets in its log.
     for token in m.tokens.keys() {
-        assert!(!c.logs().contains(token.as_str()), "a git token in the logs");
+        assert!(
+            !c.logs().contains(token.as_str()),
+            "a git token in the logs"
+        );
     }
 
-    // Attack 1's verdict last, so that attack 2 runs either way.
-    assert!(
-        answer["granted"] != json!(true) && stolen.is_empty(),
-        "the agent got the push permit and a git token of scope {scope:?} \
-         (its own push to main: {pushed:?}; main: {main:?})"
-    );
+    // The verdicts last, so that every attack runs either way.
+    let mut broke = Vec::new();
+    if !forged_lines.is_empty() {
+        broke.push(format!(
+            "an unverified kid wrote a line of its own in the worker's log: {forged_lines:?}"
+        ));
+    }
+    if answer["granted"] == json!(true) || !stolen.is_empty() {
+        broke.push(format!(
+            "the agent got the push permit and a git token of scope {scope:?} \
+             (its own push to main: {pushed:?}; main: {main:?})"
+        ));
+    }
+    assert!(broke.is_empty(), "{broke:#?}");
 }
 
 /// A task whose pipeline is planned, on GitHub.
@@ -351,9 +393,7 @@ fn a_hostile_plan_cannot_put_markup_in_the_progress_comment() {
 /// bounds, a step id that would make a branch outside the task's. None may expand.
 #[test]
 fn a_hostile_plan_cannot_grow_the_task_or_leave_its_branch() {
-    let step = |id: &str, cap: &str, deps: &[&str]| {
-        json!({"id": id, "capability": cap, "title": "t", "instructions": "i", "depends_on": deps})
-    };
+    let step = |id: &str, cap: &str, deps: &[&str]| json!({"id": id, "capability": cap, "title": "t", "instructions": "i", "depends_on": deps});
     let many: Vec<_> = (0..10_000)
         .map(|i| step(&format!("s{i}"), "coder", &[]))
         .collect();
@@ -434,7 +474,10 @@ fn a_hostile_plan_cannot_grow_the_task_or_leave_its_branch() {
     let steps: Vec<_> = (0..5)
         .map(|i| step(&format!("{i}-"), "coder", &[]))
         .collect();
-    let reply = format!("```json\n{}\n```\n", json!({"version": 1, "summary": "x".repeat(1 << 20), "steps": steps}));
+    let reply = format!(
+        "```json\n{}\n```\n",
+        json!({"version": 1, "summary": "x".repeat(1 << 20), "steps": steps})
+    );
     let planner = t.queue_ready(now)[0];
     t.apply_outcome(planner, 1, Outcome::succeeded(reply, None), 3, now)
         .unwrap();
@@ -473,8 +516,14 @@ fn a_hostile_checker_cannot_put_markup_in_the_progress_comment() {
     let plan = json!({"version": 1, "steps": [{"id": "t", "capability": "tester",
         "title": "test", "instructions": "run the tests"}]});
     let planner = t.queue_ready(now)[0];
-    t.apply_outcome(planner, 1, Outcome::succeeded(plan.to_string(), None), 3, now)
-        .unwrap();
+    t.apply_outcome(
+        planner,
+        1,
+        Outcome::succeeded(plan.to_string(), None),
+        3,
+        now,
+    )
+    .unwrap();
     let failing = || {
         let mut o = Outcome::succeeded("tests fail", None);
         o.structured = Some(Box::new(json!({"verdict": "failed",
@@ -567,7 +616,11 @@ async fn a_redelivered_attempt_is_not_handed_over_again_to_the_old_sandbox() {
     let deadline = Instant::now() + LIMIT;
     let mut d = f;
     while d.len() < 2 {
-        assert!(Instant::now() < deadline, "no second dispatch\n{}", c.logs());
+        assert!(
+            Instant::now() < deadline,
+            "no second dispatch\n{}",
+            c.logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
         d = fake.dispatches();
     }
@@ -581,8 +634,15 @@ async fn a_redelivered_attempt_is_not_handed_over_again_to_the_old_sandbox() {
     let code = std::fs::read_to_string(&out).unwrap();
     let body = std::fs::read_to_string(out.with_extension("code.body")).unwrap_or_default();
     let m = gh.model();
-    let tokens: Vec<&String> = m.tokens.keys().filter(|t| body.contains(t.as_str())).collect();
-    eprintln!("second claim: {code}, git tokens in the answer: {}", tokens.len());
+    let tokens: Vec<&String> = m
+        .tokens
+        .keys()
+        .filter(|t| body.contains(t.as_str()))
+        .collect();
+    eprintln!(
+        "second claim: {code}, git tokens in the answer: {}",
+        tokens.len()
+    );
     assert!(
         !code.starts_with('2') && tokens.is_empty(),
         "the old sandbox's agent got the redelivered attempt's hand-over ({code}), \
