@@ -258,8 +258,29 @@ async fn hostile_agent_and_forged_identities_against_the_handover() {
         );
     }
 
+    // Requests with key IDs the JWKS lacks, from anyone who reaches the listener: does
+    // each one make the worker read the JWKS from Nomad again?
+    let before = fake.jwks_reads();
+    for i in 0..20 {
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        h.kid = Some(format!("no-such-key-{i}"));
+        let t = format!(
+            "{}.{}.c2ln",
+            b64(&serde_json::to_value(&h).unwrap()),
+            b64(&claims(json!({})))
+        );
+        assert_eq!(present(&url, &t).await.0, 401);
+    }
+    let reads = fake.jwks_reads() - before;
+    eprintln!("JWKS reads for 20 unknown key IDs: {reads}");
+
     // The verdicts last, so that every attack runs either way.
     let mut broke = Vec::new();
+    if reads > 1 {
+        broke.push(format!(
+            "20 unauthenticated requests with unknown key IDs made {reads} JWKS reads from Nomad"
+        ));
+    }
     if !forged_lines.is_empty() {
         broke.push(format!(
             "an unverified kid wrote a line of its own in the worker's log: {forged_lines:?}"

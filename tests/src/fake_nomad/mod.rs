@@ -299,6 +299,8 @@ pub(crate) struct State {
     pub root: PathBuf,
     /// Signs the tasks' workload identities.
     pub keyring: identity::Keyring,
+    /// Reads of `/.well-known/jwks.json`.
+    pub jwks_reads: std::sync::atomic::AtomicU64,
 }
 
 impl State {
@@ -345,6 +347,7 @@ impl FakeNomad {
             api,
             opts,
             keyring: identity::Keyring::generate(root.path())?,
+            jwks_reads: Default::default(),
             root: root.path().to_path_buf(),
         });
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
@@ -497,6 +500,13 @@ impl FakeNomad {
     /// other claims).
     pub fn keyring(&self) -> &identity::Keyring {
         &self.state.keyring
+    }
+
+    /// How many times the JWKS was read.
+    pub fn jwks_reads(&self) -> u64 {
+        self.state
+            .jwks_reads
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Every byte the fake holds or has served: jobs, evaluations, allocations,
@@ -694,6 +704,9 @@ async fn handle(
         state.inner.lock().bodies.push(body.to_vec());
     }
     if raw == "/.well-known/jwks.json" && method == Method::GET {
+        state
+            .jwks_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return axum::Json(state.keyring.jwks()).into_response();
     }
     let Some(rest) = raw.strip_prefix("/v1") else {
