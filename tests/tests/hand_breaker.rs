@@ -680,3 +680,94 @@ async fn wait_file(what: &str, c: &Cluster, path: &std::path::Path) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The agent leaves a process behind that outlives it, reads the environment of every
+/// process it can see until the runner's push, and keeps any git token it finds.
+const STRAY_AGENT: &str = r#"
+setsid sh -c '
+  end=$(( $(date +%s) + 40 ))
+  while [ $(date +%s) -lt $end ]; do
+    date +%s.%N > "$OUT.alive"
+    for e in /proc/[0-9]*/environ; do
+      t=$(tr "\0" "\n" < "$e" 2>/dev/null | sed -n "s/^AO_GIT_TOKEN=//p")
+      if [ -n "$t" ]; then echo "$t" > "$OUT.tmp"; mv "$OUT.tmp" "$OUT"; exit 0; fi
+    done
+  done' </dev/null >/dev/null 2>&1 &
+echo "coder was here" > coder.txt
+echo "wrote coder.txt"
+"#;
+
+/// Attack 2b: in a Nomad sandbox, the runner is not the PID namespace's init (the job
+/// runs with `init = true`; the fake runs it under bubblewrap's own init), so the stray
+/// processes of the agent are not stopped before the runner commits and pushes. Does a
+/// stray see the fresh git token of the push?
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stray_of_the_agent_cannot_read_the_push_token_nomad() {
+    stray_reads_the_push_token("nomad").await;
+}
+
+async fn stray_reads_the_push_token(driver: &str) {
+    use ao_tests::fake_github::FakeGithub;
+    const REPO: &str = "acme/widgets";
+    let tmp = tempfile::tempdir().unwrap();
+    let gh = FakeGithub::start(tmp.path(), 4242).await.unwrap();
+    gh.add_installation(7, "acme");
+    gh.add_repo(7, REPO, &[]);
+    gh.set_role(REPO, "alice", "write");
+    let port = free_port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let mut c = gh.cluster(
+        Some("code"),
+        &[
+            ("AO__SANDBOX__DRIVER", driver),
+            ("AO__NOMAD__ADDR", &addr),
+            ("AO__NOMAD__TOKEN", "env:AO_TEST_NOMAD_TOKEN"),
+            ("AO_TEST_NOMAD_TOKEN", NOMAD_TOKEN),
+            ("AO__NOMAD__WAIT_SECS", "10"),
+        ],
+    );
+    let fake = FakeNomad::start_on(port, options(&c)).await.unwrap();
+    fake.register_sandbox_job("coder").await.unwrap();
+    let out = c.dir.path().join("stray.token");
+    let agent = script(
+        c.dir.path(),
+        "agent.sh",
+        &format!("export OUT={}\n{STRAY_AGENT}", out.display()),
+    );
+    c.start_in_process().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let issue = gh.open_issue(REPO, "Add a note", "Please add a note file.", "alice");
+    assert_eq!(gh.label_issue(REPO, issue, "agent", "alice").await, 202);
+    let m = gh
+        .wait_for("a pull request", LIMIT, |m| !m.pulls(REPO).is_empty())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
+        .unwrap();
+    // The stray either found a token (then it wrote it and stopped) or is gone; wait
+    // for its heartbeat to stop changing, which proves it no longer runs.
+    let alive = out.with_extension("token.alive");
+    let mut last = String::new();
+    let deadline = Instant::now() + Duration::from_secs(50);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = std::fs::read_to_string(&alive).unwrap_or_default();
+        if now == last || out.exists() || Instant::now() > deadline {
+            break;
+        }
+        last = now;
+    }
+    let pushed_at = m.pulls(REPO)[0].head.clone();
+    let found = std::fs::read_to_string(&out).unwrap_or_default();
+    let found = found.trim();
+    let m = gh.model();
+    let scope = m.tokens.get(found).map(|t| t.permissions.clone());
+    eprintln!(
+        "{driver}: stray heartbeat after the push: {}; token found: {}; scope {scope:?}; head {pushed_at}",
+        alive.exists(),
+        !found.is_empty()
+    );
+    assert!(
+        found.is_empty(),
+        "{driver}: a stray of the agent read a git token of scope {scope:?} from a process of the runner"
+    );
+}
