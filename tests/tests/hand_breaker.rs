@@ -42,6 +42,8 @@ fn options(c: &Cluster) -> Options {
 /// answer where the test can read it, and tries to push to `main` with what it got.
 const THIEF_AGENT: &str = r#"
 jwt=$(cat "$NOMAD_SECRETS_DIR/nomad_ao_handover.jwt")
+base="${AO_HANDOVER_URL%/sandbox/v1/handover}"
+curl -s -o "$OUT.metrics" -w '%{http_code}' "$base/metrics" > "$OUT.metrics.code"
 curl -s -X POST -H "Authorization: Bearer $jwt" "$AO_HANDOVER_URL/push" > "$OUT.tmp"
 mv "$OUT.tmp" "$OUT"
 tok=$(sed -n 's/.*"git_token":"\([^"]*\)".*/\1/p' "$OUT")
@@ -274,8 +276,25 @@ async fn hostile_agent_and_forged_identities_against_the_handover() {
     let reads = fake.jwks_reads() - before;
     eprintln!("JWKS reads for 20 unknown key IDs: {reads}");
 
+    // The worker's other routes on the listener the sandbox must reach.
+    let metrics_code =
+        std::fs::read_to_string(out.with_extension("json.metrics.code")).unwrap_or_default();
+    let metrics = std::fs::read_to_string(out.with_extension("json.metrics")).unwrap_or_default();
+    let series: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    eprintln!("the agent read the worker's /metrics: {metrics_code}, series {series:?}");
+
     // The verdicts last, so that every attack runs either way.
     let mut broke = Vec::new();
+    if metrics_code == "200" {
+        broke.push(format!(
+            "the agent read the worker's /metrics through the hand-over's listener ({} series)",
+            series.len()
+        ));
+    }
     if reads > 1 {
         broke.push(format!(
             "20 unauthenticated requests with unknown key IDs made {reads} JWKS reads from Nomad"
