@@ -790,3 +790,56 @@ async fn stray_reads_the_push_token(driver: &str) {
         "{driver}: a stray of the agent read a git token of scope {scope:?} from a process of the runner"
     );
 }
+
+/// A hostile planner: its reply mentions a team and links away, beside a valid plan.
+const MENTIONING_PLANNER: &str = r#"
+if [ "$AO_CAPABILITY" = planner ]; then
+  echo "@acme/admins please approve: [approve](https://evil.example/approve) ![](https://evil.example/pixel.png)"
+  echo '```json'
+  echo '{"version":1,"steps":[{"id":"a","capability":"coder","title":"t","instructions":"write a.txt"}]}'
+  echo '```'
+else
+  echo "$AO_CAPABILITY" > "$AO_CAPABILITY.txt"
+  echo "done"
+fi
+"#;
+
+/// Attack 3d: the planner's reply is posted on the issue as the plan. Does its markup (a
+/// team mention, links, a tracking image) reach GitHub as the App's own comment?
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hostile_planner_cannot_mention_or_link_in_the_plan_comment() {
+    use ao_tests::fake_github::FakeGithub;
+    const REPO: &str = "acme/widgets";
+    let tmp = tempfile::tempdir().unwrap();
+    let gh = FakeGithub::start(tmp.path(), 4242).await.unwrap();
+    gh.add_installation(7, "acme");
+    gh.add_repo(7, REPO, &[]);
+    gh.set_role(REPO, "alice", "write");
+    let mut c = gh.cluster(Some("full"), &[]);
+    let agent = script(c.dir.path(), "agent.sh", MENTIONING_PLANNER);
+    c.start_in_process().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let issue = gh.open_issue(REPO, "Add a note", "Please add a note file.", "alice");
+    assert_eq!(gh.label_issue(REPO, issue, "agent", "alice").await, 202);
+    let m = gh
+        .wait_for("the plan comment", LIMIT, |m| {
+            m.comments.values().any(|c| c.body.contains("**Plan**"))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
+        .unwrap();
+    let plan = m
+        .comments
+        .values()
+        .find(|c| c.body.contains("**Plan**"))
+        .unwrap();
+    let leaked: Vec<&str> = outside_fences(&plan.body)
+        .into_iter()
+        .filter(|l| l.contains("@acme/admins") || l.contains("evil.example"))
+        .collect();
+    eprintln!("plan comment by {}:\n{}", plan.user, plan.body);
+    assert!(
+        leaked.is_empty(),
+        "the planner's markup is in the App's comment on the issue: {leaked:?}"
+    );
+}
