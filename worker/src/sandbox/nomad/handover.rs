@@ -113,8 +113,20 @@ pub struct Handovers {
     namespace: String,
     entries: Mutex<HashMap<String, Entry>>,
     changed: watch::Sender<u64>,
-    keys: tokio::sync::Mutex<Option<JwkSet>>,
+    keys: tokio::sync::Mutex<KeyCache>,
 }
+
+/// The cluster's JWKS as last read, and when.
+#[derive(Default)]
+struct KeyCache {
+    set: Option<JwkSet>,
+    fetched: Option<tokio::time::Instant>,
+}
+
+/// The JWKS is read again for an unknown key at most this often: identities that name
+/// unknown keys cannot make the worker hammer Nomad (Nomad publishes a new signing key
+/// in the JWKS before it signs with it, so a real key is found on the next read).
+const JWKS_REFRESH_MIN: Duration = Duration::from_secs(10);
 
 /// Why a presentation is refused: status, code and a message for the runner's log.
 #[derive(Debug)]
@@ -174,7 +186,7 @@ impl Handovers {
             namespace,
             entries: Mutex::new(HashMap::new()),
             changed: watch::Sender::new(0),
-            keys: tokio::sync::Mutex::new(None),
+            keys: tokio::sync::Mutex::new(KeyCache::default()),
         })
     }
 
@@ -209,20 +221,23 @@ impl Handovers {
         let mut cached = self.keys.lock().await;
         let mut fresh = false;
         loop {
-            if let Some(jwk) = cached.as_ref().and_then(|set| set.find(kid)) {
+            if let Some(jwk) = cached.set.as_ref().and_then(|set| set.find(kid)) {
                 return DecodingKey::from_jwk(jwk).map_err(|e| {
                     Refusal::new(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "bad_jwks",
-                        format!("the cluster's key {kid} is unusable: {e}"),
+                        format!("the cluster's key {kid:?} is unusable: {e}"),
                     )
                 });
             }
-            if fresh {
+            let recent = cached
+                .fetched
+                .is_some_and(|at| at.elapsed() < JWKS_REFRESH_MIN);
+            if fresh || recent {
                 return Err(Refusal::new(
                     StatusCode::UNAUTHORIZED,
                     "unknown_key",
-                    format!("no key {kid} in the cluster's JWKS"),
+                    format!("no key {kid:?} in the cluster's JWKS"),
                 ));
             }
             let set = self.client.jwks().await.map_err(|e| {
@@ -232,7 +247,8 @@ impl Handovers {
                     format!("cannot read the cluster's JWKS: {e}"),
                 )
             })?;
-            *cached = Some(set);
+            cached.set = Some(set);
+            cached.fetched = Some(tokio::time::Instant::now());
             fresh = true;
         }
     }
@@ -465,9 +481,7 @@ async fn push(State(h): State<Arc<Handovers>>, headers: HeaderMap) -> Response {
         )
         .into_response();
     };
-    let push_key = headers
-        .get(PUSH_KEY_HEADER)
-        .and_then(|v| v.to_str().ok());
+    let push_key = headers.get(PUSH_KEY_HEADER).and_then(|v| v.to_str().ok());
     match h.permit(jwt, push_key).await {
         Ok(answer) => axum::Json(answer).into_response(),
         Err(refusal) => {
