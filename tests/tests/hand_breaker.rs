@@ -729,7 +729,6 @@ echo "wrote coder.txt"
 /// processes of the agent are not stopped before the runner commits and pushes. Does a
 /// stray see the fresh git token of the push?
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "open: the nomad driver's open items in docs/sandbox.md"]
 async fn a_stray_of_the_agent_cannot_read_the_push_token_nomad() {
     stray_reads_the_push_token("nomad").await;
 }

@@ -182,6 +182,7 @@ pub fn main(
         );
     }
     process::exit_with_parent();
+    process::become_subreaper();
     // Before the relay's threads: a hand-over sets the runner's environment.
     let loaded = load_spec(&source);
     relay::start_from_env();

@@ -322,14 +322,102 @@ pub fn read_bounded_line(
     Ok(Some(Ok(String::from_utf8_lossy(&line).into_owned())))
 }
 
-/// Kills every other process of the sandbox, when the runner is its pid namespace's init
-/// (the bwrap driver): anything the agent started in the background, even in another
-/// session, is gone before the runner pushes. Elsewhere (the process driver) this does
-/// nothing: `kill(-1)` there would reach every process of the user.
+/// Kills every process the agent left behind, so that nothing of it runs beside the
+/// runner's commit and push (where the git token is in the environment of git).
+///
+/// - As its pid namespace's init (the bwrap driver): every other process of the sandbox,
+///   even in another session (`kill(-1)`).
+/// - Otherwise (a Nomad allocation, whose init is the task driver's; the process
+///   driver): every descendant of the runner. The runner is a child subreaper
+///   ([`become_subreaper`]), so a process the agent double-forked or moved to another
+///   session is re-parented to it, not to the init, and stays a descendant. `kill(-1)`
+///   there would reach every process of the user.
 pub fn kill_strays() {
     if std::process::id() == 1 {
         let _ = nix::sys::signal::kill(Pid::from_raw(-1), Signal::SIGKILL);
+        return;
     }
+    // Killing a process re-parents its children to the runner: go round until none is
+    // left (bounded: a fork bomb is also bounded by the sandbox's process limit).
+    for _ in 0..STRAY_ROUNDS {
+        let strays = descendants(std::process::id());
+        if strays.is_empty() {
+            return;
+        }
+        let pids: Vec<Pid> = strays.iter().map(|&p| Pid::from_raw(p as i32)).collect();
+        for &pid in &pids {
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+        }
+        // Reap those that were the runner's children (the rest answer ECHILD at once),
+        // so that the next round does not count zombies; no other child is touched.
+        for &pid in &pids {
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
+    }
+}
+
+/// Rounds of [`kill_strays`] outside a pid namespace of the runner's own.
+const STRAY_ROUNDS: usize = 20;
+
+/// Makes the runner the child subreaper of everything it starts (`PR_SET_CHILD_SUBREAPER`,
+/// prctl(2)): orphaned descendants are re-parented to it, so [`kill_strays`] finds them.
+pub fn become_subreaper() {
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        let _ = writeln!(
+            std::io::stderr(),
+            "runner: cannot become the subreaper of the agent's processes: {e}"
+        );
+    }
+}
+
+/// The live descendants of `root` (not `root`), from `/proc/<pid>/stat`, zombies left
+/// out. A process that ends while it is read is skipped.
+fn descendants(root: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut parent = std::collections::HashMap::new();
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`; comm may hold spaces and parentheses: read after
+        // the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("");
+        let Some(ppid) = fields.next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if state != "Z" {
+            parent.insert(pid, ppid);
+        }
+    }
+    let mut out = Vec::new();
+    for (&pid, _) in parent.iter() {
+        let mut at = pid;
+        // A chain longer than the table is a cycle of pid reuse: stop.
+        for _ in 0..parent.len() {
+            match parent.get(&at) {
+                Some(&p) if p == root => {
+                    out.push(pid);
+                    break;
+                }
+                Some(&p) => at = p,
+                None => break,
+            }
+        }
+    }
+    out
 }
 
 /// Exits the runner (and its process group) when the process that started it dies, so a
