@@ -126,10 +126,14 @@ impl Cgroups {
         }
     }
 
-    /// Makes and removes a child cgroup, so a broken setup fails at start.
+    /// Makes and removes a child cgroup, so a broken setup fails at start. The probe is
+    /// named after the worker's process, so that workers starting at once on one host do
+    /// not collide; one left by an earlier process of the same id (killed in between) is
+    /// removed first.
     fn probe(&self) -> Result<(), LimitError> {
         for parent in self.parents() {
-            let probe = parent.join("ao-probe");
+            let probe = parent.join(format!("ao-probe-{}", std::process::id()));
+            let _ = std::fs::remove_dir(&probe);
             std::fs::create_dir(&probe)
                 .and_then(|_| std::fs::remove_dir(&probe))
                 .map_err(|e| LimitError::Cgroup {
@@ -322,6 +326,23 @@ mod tests {
                 Line::Text(String::new()),
                 Line::Text("last".into()),
             ]
+        );
+    }
+
+    #[test]
+    fn workers_starting_at_once_do_not_collide_in_the_probe() {
+        let dir = tempfile::tempdir().unwrap();
+        let cgroups = Cgroups::V2 {
+            parent: dir.path().to_path_buf(),
+        };
+        // Another worker's probe in progress, and one left by a killed worker of this
+        // process id.
+        std::fs::create_dir(dir.path().join("ao-probe")).unwrap();
+        std::fs::create_dir(dir.path().join(format!("ao-probe-{}", std::process::id()))).unwrap();
+        cgroups.probe().unwrap();
+        assert!(
+            dir.path().join("ao-probe").exists(),
+            "another's probe is left alone"
         );
     }
 
