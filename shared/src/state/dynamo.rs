@@ -603,7 +603,13 @@ impl DynamoStore {
             items.push(self.counter_update(task, prev, hi)?);
             roles.push(Role::Counter);
             for (i, e) in events.iter().enumerate() {
-                items.push(self.put(self.event_item(task, prev + 1 + i as u64, e)?, None, None)?);
+                // The counter condition alone reserves the sequence numbers; the item
+                // condition makes an event never overwrite another, whatever the counter says.
+                items.push(self.put(
+                    self.event_item(task, prev + 1 + i as u64, e)?,
+                    Some("attribute_not_exists(pk)"),
+                    None,
+                )?);
                 roles.push(Role::Event);
             }
             match self.transact(items, &roles).await {
