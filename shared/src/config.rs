@@ -455,6 +455,11 @@ pub struct AgentSettings {
     /// the outcome names it (0: no limit). Git hosts refuse pushes holding files past
     /// their own limit (GitHub: 100 MB), for good.
     pub max_file_bytes: u64,
+    /// Most agent events one run stores (each output line of a command agent is one, so
+    /// is each stream event of Claude Code); 0: no limit. Past it the worker keeps the
+    /// first events and the last [`KEPT_TAIL_EVENTS`] and stores one `events_dropped`
+    /// event counting what it left out between them.
+    pub max_events: u64,
     /// Secret reference of the model API key. The worker's model proxy adds it to the
     /// agent's model calls (`x-api-key`); it enters a sandbox's environment (as
     /// `ANTHROPIC_API_KEY`) only for the `process` driver and `sandbox.network_open`.
@@ -471,6 +476,15 @@ pub struct AgentSettings {
 /// Default of [`AgentSettings::max_file_bytes`]: 10 MiB, well under the file limits of
 /// git hosts (GitHub refuses files over 100 MB and warns over 50 MB).
 pub const DEFAULT_MAX_FILE_BYTES: u64 = 10 * 1024 * 1024;
+
+/// Default of [`AgentSettings::max_events`]: room for a long Claude Code run (a 500-turn
+/// run makes about 2,000 stream events) while a flood of output lines stays bounded.
+pub const DEFAULT_MAX_EVENTS: u64 = 10_000;
+
+/// How many of a run's last events are kept when it has more than
+/// [`AgentSettings::max_events`]: the end of a run (its result, its last errors) is what a
+/// reader looks for.
+pub const KEPT_TAIL_EVENTS: u64 = 100;
 
 /// How the agent's output is understood.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -490,6 +504,7 @@ impl Default for AgentSettings {
             timeout_secs: 3600,
             idle_timeout_secs: 600,
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            max_events: DEFAULT_MAX_EVENTS,
             api_key: None,
             base_url: None,
             profiles_dir: None,

@@ -309,3 +309,69 @@ echo after-the-long-line
         peak_kb / 1024
     );
 }
+
+/// All events of a task, read page by page through the API.
+async fn all_events(c: &Cluster, id: &str) -> Vec<Value> {
+    let mut all: Vec<Value> = Vec::new();
+    loop {
+        let after = all.last().and_then(|e| e["seq"].as_u64()).unwrap_or(0);
+        let (_, page) = c
+            .get_json(&format!(
+                "/api/v1/tasks/{id}/events?after={after}&limit=10000"
+            ))
+            .await
+            .expect("events");
+        let page = page["events"].as_array().cloned().unwrap_or_default();
+        if page.is_empty() {
+            return all;
+        }
+        all.extend(page);
+    }
+}
+
+/// Output lines: an agent prints 12,000 lines, each of which would be a stored event. The
+/// run's events are bounded in number (`agent.max_events`, 10,000 by default): the first
+/// lines and the last ones are kept, with one marker saying how many were left out between
+/// them.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_is_held_to_its_event_limit() {
+    let mut c = cluster(&[]);
+    let root = c.dir.path().to_path_buf();
+    let repo = bare_repo(&root, "project", &[]);
+    let agent = script(
+        &root,
+        "agent.sh",
+        "seq -f 'line-%.0f' 1 12000\necho done > done.txt\n",
+    );
+    c.start_coordinator().await.expect("coordinator");
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().expect("utf-8"))]);
+    let (id, done) = run_code_task(&c, &repo, "agent/events").await;
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let events = all_events(&c, &id).await;
+    let agent: Vec<&Value> = events.iter().filter(|e| e["kind"] == "agent").collect();
+    let text = |e: &Value| e["data"]["event"].to_string();
+    assert!(
+        agent.len() <= 10_000,
+        "{} agent events stored under a limit of 10,000",
+        agent.len()
+    );
+    assert!(
+        agent.iter().any(|e| text(e).contains("\"line-1\"")),
+        "the first lines are kept"
+    );
+    assert!(
+        agent.iter().any(|e| text(e).contains("\"line-12000\"")),
+        "the last lines are kept"
+    );
+    let marker = agent
+        .iter()
+        .find(|e| e["data"]["type"] == "events_dropped")
+        .unwrap_or_else(|| panic!("no events_dropped marker among {} events", agent.len()));
+    let dropped = marker["data"]["event"]["dropped"]
+        .as_u64()
+        .expect("dropped count");
+    assert!(
+        dropped >= 1900,
+        "the marker counts what was left out: {marker:#}"
+    );
+}

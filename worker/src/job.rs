@@ -7,10 +7,12 @@ use crate::cancel_watch;
 use crate::heartbeat::{Heartbeat, Lease};
 use crate::spec::{LeaseSlot, RunSpec, RunnerEvent};
 use crate::worker::Worker;
+use ao_shared::config::KEPT_TAIL_EVENTS;
 use ao_shared::message::{AgentEventRecord, ResultMessage, SubtaskMessage};
 use ao_shared::queue::{QueueId, Received};
 use ao_shared::task::{Outcome, OutcomeKind};
 use ao_shared::timefmt;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -264,7 +266,91 @@ async fn run(
     }
 }
 
-/// Batches runner events into `Events` reports until the runner's stream ends.
+/// Which of a run's events are stored: at most `agent.max_events` in all, as the first ones,
+/// one `events_dropped` marker counting what was left out, and the last ones.
+///
+/// The runner's events come from the sandbox, where each output line of the agent is one:
+/// without a bound an agent could fill the store with lines. The tail is held back until
+/// the run ends (at most [`KEPT_TAIL_EVENTS`] events, each bounded in size), since only then
+/// is it known to be the tail.
+struct EventBound {
+    /// Events still forwarded as they come.
+    head_left: u64,
+    /// The latest events past the head, at most `tail_cap`.
+    tail: VecDeque<AgentEventRecord>,
+    tail_cap: usize,
+    /// Events left out between the head and the tail.
+    dropped: u64,
+    limit: u64,
+}
+
+impl EventBound {
+    /// `limit` 0 means no bound.
+    fn new(limit: u64) -> Self {
+        let tail_cap = KEPT_TAIL_EVENTS.min(limit / 4);
+        Self {
+            head_left: if limit == 0 {
+                u64::MAX
+            } else {
+                // One place is kept for the marker.
+                limit.saturating_sub(tail_cap + 1)
+            },
+            tail: VecDeque::new(),
+            // `tail_cap` ≤ KEPT_TAIL_EVENTS, a small constant.
+            tail_cap: tail_cap as usize,
+            dropped: 0,
+            limit,
+        }
+    }
+
+    /// The event if it is forwarded now; else it is kept back or counted as dropped.
+    fn admit(&mut self, event: AgentEventRecord) -> Option<AgentEventRecord> {
+        if self.head_left > 0 {
+            self.head_left -= 1;
+            return Some(event);
+        }
+        self.tail.push_back(event);
+        // One more than the tail is held: when nothing else is dropped, the marker's place
+        // goes to an event.
+        if self.tail.len() > self.tail_cap + 1 {
+            self.tail.pop_front();
+            self.dropped += 1;
+        }
+        None
+    }
+
+    /// What is still to be forwarded when the run's stream ends: the marker, if anything
+    /// was left out, then the tail.
+    fn finish(&mut self) -> Vec<AgentEventRecord> {
+        let mut rest = Vec::with_capacity(self.tail.len() + 1);
+        if self.dropped > 0 {
+            if self.tail.len() > self.tail_cap {
+                self.tail.pop_front();
+                self.dropped += 1;
+            }
+            rest.push(AgentEventRecord {
+                at: timefmt::now(),
+                kind: "events_dropped".into(),
+                data: serde_json::json!({
+                    "dropped": self.dropped,
+                    "limit": self.limit,
+                    "message": format!(
+                        "{} events of this run were left out here (agent.max_events = {}); \
+                         the last {} follow",
+                        self.dropped,
+                        self.limit,
+                        self.tail.len()
+                    ),
+                }),
+            });
+        }
+        rest.extend(self.tail.drain(..));
+        rest
+    }
+}
+
+/// Batches runner events into `Events` reports until the runner's stream ends, within the
+/// run's event bound ([`EventBound`]).
 async fn forward_events(
     worker: Arc<Worker>,
     order: SubtaskMessage,
@@ -273,6 +359,7 @@ async fn forward_events(
     redactor: crate::redact::Redactor,
 ) {
     let mut batch: Vec<AgentEventRecord> = Vec::new();
+    let mut bound = EventBound::new(worker.settings.agent.max_events);
     let mut first = true;
     loop {
         let next = tokio::time::timeout(EVENT_FLUSH, rx.recv()).await;
@@ -288,11 +375,14 @@ async fn forward_events(
             }
             let mut data = event.data;
             redactor.json(&mut data);
-            batch.push(AgentEventRecord {
+            batch.extend(bound.admit(AgentEventRecord {
                 at: timefmt::now(),
                 kind: redactor.text(&event.kind),
                 data,
-            });
+            }));
+        }
+        if done {
+            batch.extend(bound.finish());
         }
         let flush = done || batch.len() >= EVENT_BATCH || (timed_out && !batch.is_empty());
         if flush && !batch.is_empty() {
@@ -340,4 +430,54 @@ fn budget_left(spec: &mut RunSpec, spent_usd: f64) -> Option<Outcome> {
     }
     profile.max_cost_usd = Some(left);
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(i: u64) -> AgentEventRecord {
+        AgentEventRecord {
+            at: timefmt::now(),
+            kind: "log".into(),
+            data: serde_json::json!({ "message": i }),
+        }
+    }
+
+    fn run(limit: u64, events: u64) -> Vec<AgentEventRecord> {
+        let mut bound = EventBound::new(limit);
+        let mut out: Vec<_> = (1..=events)
+            .filter_map(|i| bound.admit(record(i)))
+            .collect();
+        out.extend(bound.finish());
+        out
+    }
+
+    #[test]
+    fn a_run_within_its_bound_keeps_every_event_and_no_marker() {
+        let out = run(500, 500);
+        assert_eq!(out.len(), 500);
+        assert!(out.iter().all(|e| e.kind == "log"));
+        assert_eq!(run(0, 20_000).len(), 20_000, "0 means no bound");
+    }
+
+    #[test]
+    fn a_flood_keeps_the_head_a_marker_and_the_tail() {
+        let out = run(500, 6000);
+        assert_eq!(out.len(), 500);
+        assert_eq!(out[0].data["message"], 1);
+        assert_eq!(out[398].data["message"], 399);
+        let marker = &out[399];
+        assert_eq!(marker.kind, "events_dropped", "{marker:?}");
+        assert_eq!(marker.data["dropped"], 6000 - 399 - 100);
+        assert_eq!(out[400].data["message"], 5901);
+        assert_eq!(out[499].data["message"], 6000);
+    }
+
+    #[test]
+    fn a_tiny_bound_still_holds() {
+        for limit in 1..6 {
+            assert!(run(limit, 50).len() as u64 <= limit, "limit {limit}");
+        }
+    }
 }
