@@ -158,7 +158,9 @@ async fn run(
     run_done.cancel();
     let _ = watch.await;
     let _ = lost_watch.await;
-    let _ = forwarder.await;
+    // What the agent's own stream said it spent, for a run stopped before its outcome
+    // could carry it (the `process` driver has no model proxy to meter it).
+    let streamed_cost = forwarder.await.unwrap_or(0.0);
     if let Some(w) = warm {
         worker.warm.finish(&spec, w).await;
     }
@@ -168,8 +170,9 @@ async fn run(
         tracing::warn!(
             reason = lease.why().unwrap_or_default(),
             outcome = outcome.kind.as_str(),
-            "lease lost: the run was stopped or refused its push; nothing is reported"
+            "lease lost: the run was stopped or refused its push; only its spend is reported"
         );
+        report_spend(&worker, &order, outcome.cost_usd.max(streamed_cost)).await;
         worker
             .metrics
             .runs
@@ -237,7 +240,8 @@ async fn run(
     // a run another worker now holds.
     if let Err(e) = lease.confirm().await {
         heartbeat.stop().await;
-        tracing::warn!(error = %e, "lease lost before reporting; nothing is reported");
+        tracing::warn!(error = %e, "lease lost before reporting; only its spend is reported");
+        report_spend(&worker, &order, outcome.cost_usd.max(streamed_cost)).await;
         return;
     }
     let finished = ResultMessage::Finished {
@@ -264,21 +268,51 @@ async fn run(
     }
 }
 
-/// Batches runner events into `Events` reports until the runner's stream ends.
+/// Reports what a run that reports no outcome spent (its lease was lost, so another run
+/// holds the attempt): a `Spent` report, which the coordinator books once and which
+/// changes no state. Budgets would under-count otherwise.
+async fn report_spend(worker: &Worker, order: &SubtaskMessage, cost_usd: f64) {
+    if !(cost_usd.is_finite() && cost_usd > 0.0) {
+        return;
+    }
+    let spent = ResultMessage::Spent {
+        task_id: order.task_id,
+        subtask_id: order.subtask_id,
+        attempt: order.attempt,
+        worker: worker.id.clone(),
+        cost_usd,
+        at: timefmt::now(),
+    };
+    if let Err(e) = worker.report_reliably(&spent).await {
+        tracing::error!(error = %e, cost_usd, "cannot report the spend of a run whose lease was lost");
+    }
+}
+
+/// Batches runner events into `Events` reports until the runner's stream ends; returns
+/// the highest cost the agent's `result` events reported (`total_cost_usd`, dollars; 0
+/// when none did).
 async fn forward_events(
     worker: Arc<Worker>,
     order: SubtaskMessage,
     mut rx: mpsc::Receiver<RunnerEvent>,
     received_at: Instant,
     redactor: crate::redact::Redactor,
-) {
+) -> f64 {
     let mut batch: Vec<AgentEventRecord> = Vec::new();
     let mut first = true;
+    let mut reported_cost = 0.0_f64;
     loop {
         let next = tokio::time::timeout(EVENT_FLUSH, rx.recv()).await;
         let done = matches!(next, Ok(None));
         let timed_out = next.is_err();
         if let Ok(Some(event)) = next {
+            if event.kind == "result" {
+                if let Some(cost) = event.data["total_cost_usd"].as_f64() {
+                    if cost.is_finite() {
+                        reported_cost = reported_cost.max(cost);
+                    }
+                }
+            }
             if first {
                 first = false;
                 worker
@@ -309,7 +343,7 @@ async fn forward_events(
             }
         }
         if done {
-            return;
+            return reported_cost;
         }
     }
 }
