@@ -153,9 +153,8 @@ async fn replay_results(queue: Arc<dyn Queue>, stop: Arc<AtomicBool>, count: Arc
             }
         }
         let now = Instant::now();
-        let (due, later): (Vec<_>, Vec<_>) = held
-            .drain(..)
-            .partition(|(at, _)| stopping || *at <= now);
+        let (due, later): (Vec<_>, Vec<_>) =
+            held.drain(..).partition(|(at, _)| stopping || *at <= now);
         held = later;
         for (_, m) in due {
             for _ in 0..2 {
@@ -267,12 +266,21 @@ async fn run(backend: Backend, n: usize, seed: u64) {
         relay = Some(Relay::start(addr, target).await);
         relay_addr = Some((addr, target));
         let prefix = unique("chaos");
-        direct_env = moto.env(&prefix);
-        backend_env = direct_env
-            .iter()
+        backend_env = moto
+            .env(&prefix)
+            .into_iter()
             .map(|(k, v)| match k.as_str() {
-                "AO__AWS__ENDPOINT_URL" => (k.clone(), format!("http://{addr}")),
-                _ => (k.clone(), v.clone()),
+                "AO__AWS__ENDPOINT_URL" => (k, format!("http://{addr}")),
+                _ => (k, v),
+            })
+            .collect();
+        // The coordinator makes the queues and the table; the bench only uses them.
+        direct_env = moto
+            .env(&prefix)
+            .into_iter()
+            .map(|(k, v)| match k.as_str() {
+                "AO__AWS__CREATE_RESOURCES" => (k, "false".to_string()),
+                _ => (k, v),
             })
             .collect();
     }
@@ -306,12 +314,12 @@ async fn run(backend: Backend, n: usize, seed: u64) {
     for _ in 0..workers {
         c.start_worker(&[("AO__AGENT__COMMAND", agent_s.as_str())]);
     }
-    let mine = open_backends(if direct_env.is_empty() {
-        &c.env
-    } else {
-        &direct_env
-    })
-    .await;
+    let mut mine_env = c.env.clone();
+    for (k, v) in &direct_env {
+        mine_env.retain(|(key, _)| key != k);
+        mine_env.push((k.clone(), v.clone()));
+    }
+    let mine = open_backends(&mine_env).await;
     let faults = Faults::default();
     let stop_replay = Arc::new(AtomicBool::new(false));
     let replay = tokio::spawn(replay_results(
@@ -500,8 +508,22 @@ async fn main() {
     let backends = std::env::var("AO_CHAOS_BACKENDS").unwrap_or_else(|_| "sqlite,moto".into());
     for b in backends.split(',').map(str::trim) {
         match b {
-            "sqlite" => run(Backend::Sqlite, env_u64("AO_CHAOS_SQLITE_TASKS", 200) as usize, seed).await,
-            "moto" => run(Backend::Moto, env_u64("AO_CHAOS_MOTO_TASKS", 50) as usize, seed).await,
+            "sqlite" => {
+                run(
+                    Backend::Sqlite,
+                    env_u64("AO_CHAOS_SQLITE_TASKS", 200) as usize,
+                    seed,
+                )
+                .await
+            }
+            "moto" => {
+                run(
+                    Backend::Moto,
+                    env_u64("AO_CHAOS_MOTO_TASKS", 50) as usize,
+                    seed,
+                )
+                .await
+            }
             other => panic!("AO_CHAOS_BACKENDS: unknown backend {other:?} (sqlite, moto)"),
         }
     }
