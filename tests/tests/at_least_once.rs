@@ -359,3 +359,70 @@ async fn the_spend_of_a_run_whose_lease_was_lost_is_booked() {
     }
     assert_eq!(lines(&runs), 2);
 }
+
+/// A worker is SIGKILLed after its agent reported $0.25 (the repository's post-receive
+/// hook kills it as the push lands, before the result is sent). The next worker replays
+/// the dead worker's spend ledger, and the redelivered attempt's second run ($0.50)
+/// reports the pushed commit: $0.75 booked. Before, what the killed run spent was lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_spend_of_a_run_whose_worker_was_killed_is_booked() {
+    let mut c = Cluster::new(&[
+        FAST_REDELIVERY[0],
+        FAST_REDELIVERY[1],
+        ("AO__AGENT__KIND", "claude"),
+        // Claude Code refuses `bypassPermissions` as root; the script does not care.
+        ("AO__AGENT__PROFILES__CODER__PERMISSION_MODE", "acceptEdits"),
+        ("AO__WORKER__CAPABILITIES", "coder"),
+    ]);
+    let dir = c.dir.path().to_path_buf();
+    let runs = dir.join("runs.log");
+    let go = dir.join("go");
+    std::fs::write(&go, "").expect("go");
+    let agent = paying_agent(&dir, &runs, &go);
+    let repo = bare_repo(&dir, "project", &[]);
+    let killed = dir.join("killed");
+    let pid_file = dir.join("worker.pid");
+    let hook = repo.join("hooks/post-receive");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/usr/bin/env bash\n\
+             if [ ! -e {killed} ]; then touch {killed}; kill -9 \"$(cat {pid})\"; fi\n",
+            killed = killed.display(),
+            pid = pid_file.display()
+        ),
+    )
+    .expect("hook");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("hook mode");
+    c.start_coordinator().await.expect("coordinator");
+    let first = start_agent_worker(&mut c, &agent);
+    std::fs::write(&pid_file, c.workers[first].pid().as_raw().to_string()).expect("pid file");
+    let id = submit_code(&c, &repo, "pay", "agent/killed-pay").await;
+    wait_until("the first push landed", &c, LIMIT, || killed.exists()).await;
+    let deadline = Instant::now() + LIMIT;
+    while c.workers[first]
+        .child
+        .as_mut()
+        .is_some_and(|ch| ch.try_wait().ok().flatten().is_none())
+    {
+        assert!(Instant::now() < deadline, "the first worker is still alive");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    start_agent_worker(&mut c, &agent);
+    wait_succeeded(&c, &id, LIMIT).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let booked = booked_micros(&c).await;
+        if booked == 750_000 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "booked {booked} micro-dollars, not 750000 ($0.25 + $0.50)\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(lines(&runs), 2);
+}
