@@ -14,7 +14,9 @@
 //!   recorded more than once for one subtask);
 //! - spend booked (the store's spend account of API tasks) against the spend the agents
 //!   reported (each agent run appends the cost it prints to a ledger just before it
-//!   prints it).
+//!   prints it, with whether its runner's parent is still a worker); runs whose worker
+//!   was SIGKILLed under them (the runner orphaned, nobody left to report) are counted
+//!   apart.
 //!
 //! The agent is a script speaking Claude Code's stream-json (`agent.kind = "claude"`): it
 //! sleeps a little, writes a file, and ends with a `result` carrying a cost.
@@ -23,7 +25,8 @@
 //! --bench chaos`). Settings (environment): `AO_CHAOS_BACKENDS` (`sqlite,moto`),
 //! `AO_CHAOS_SQLITE_TASKS` (200), `AO_CHAOS_MOTO_TASKS` (50), `AO_CHAOS_WORKERS` (2),
 //! `AO_CHAOS_VISIBILITY_SECS` (4), `AO_CHAOS_EVERY_MS` (between two faults, 1500),
-//! `AO_CHAOS_LIMIT_SECS` (the most a backend's run may take, 600), `AO_CHAOS_SEED`.
+//! `AO_CHAOS_LIMIT_SECS` (the most a backend's run may take, 600), `AO_CHAOS_SEED`;
+//! `AO_CHAOS_LOGS` prints the daemons' logs (filter: `AO_CHAOS_RUST_LOG`, default `warn`).
 
 use ao_shared::backend::Backends;
 use ao_shared::config::Settings;
@@ -104,7 +107,9 @@ fn agent(dir: &Path, ledger: &Path) -> PathBuf {
              echo \"$AO_SUBTASK_ID $AO_ATTEMPT $$ $RANDOM\" > result.txt\n\
              cost=0.00$((RANDOM % 9 + 1))\n\
              echo '{{\"type\":\"system\",\"subtype\":\"init\",\"model\":\"claude-sonnet-4-5\"}}'\n\
-             echo \"$AO_SUBTASK_ID $AO_ATTEMPT $cost\" >> {ledger}\n\
+             runner_parent=$(awk '{{print $4}}' /proc/$PPID/stat)\n\
+             if [ \"$(cat /proc/$runner_parent/comm 2>/dev/null)\" = worker ]; then orphan=0; else orphan=1; fi\n\
+             echo \"$AO_SUBTASK_ID $AO_ATTEMPT $cost $orphan\" >> {ledger}\n\
              echo \"{{\\\"type\\\":\\\"result\\\",\\\"subtype\\\":\\\"success\\\",\\\"is_error\\\":false,\\\"result\\\":\\\"done\\\",\\\"num_turns\\\":1,\\\"total_cost_usd\\\":$cost}}\"",
             ledger = ledger.display()
         ),
@@ -129,11 +134,12 @@ fn logged_repo(dir: &Path) -> (PathBuf, PathBuf) {
 
 /// Takes results off the result queue now and then (competing with the coordinator for
 /// them), holds each for up to 3 s, sends it twice and deletes the original: results
-/// arrive twice, and after results sent later. Stops, flushing what it holds, when
+/// arrive twice, and after results sent later. A report already replayed is put back. Stops, flushing what it holds, when
 /// `stop` is set.
 async fn replay_results(queue: Arc<dyn Queue>, stop: Arc<AtomicBool>, count: Arc<AtomicU64>) {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ u64::from(std::process::id()));
     let mut held: Vec<(Instant, Received)> = Vec::new();
+    let mut replayed: HashSet<String> = HashSet::new();
     loop {
         let stopping = stop.load(Ordering::Relaxed);
         if !stopping && rng.below(4) == 0 {
@@ -147,6 +153,11 @@ async fn replay_results(queue: Arc<dyn Queue>, stop: Arc<AtomicBool>, count: Arc
                 .await
             {
                 for m in got {
+                    // Each report is replayed once: copies of copies would grow without end.
+                    if !replayed.insert(m.body.clone()) {
+                        let _ = queue.release(&m.receipt).await;
+                        continue;
+                    }
                     let due = Instant::now() + Duration::from_millis(200 + rng.below(2800));
                     held.push((due, m));
                 }
@@ -302,8 +313,9 @@ async fn run(backend: Backend, n: usize, seed: u64) {
         ("AO__WORKER__CAPABILITIES", "coder"),
         ("AO__WORKER__CONCURRENCY", "4"),
         ("AO__WORKER__SHUTDOWN_GRACE_SECS", "1"),
-        ("RUST_LOG", "warn"),
     ]);
+    let log_filter = std::env::var("AO_CHAOS_RUST_LOG").unwrap_or_else(|_| "warn".into());
+    extra.push(("RUST_LOG", log_filter.as_str()));
     let mut c = Cluster::new(&extra);
     let dir = c.dir.path().to_path_buf();
     let ledger = dir.join("ledger.log");
@@ -342,6 +354,8 @@ async fn run(backend: Backend, n: usize, seed: u64) {
     }
     let mut faults = faults;
     let mut last: HashMap<String, String> = HashMap::new();
+    // The coordinator's log starts afresh at each restart: what came before is kept here.
+    let mut earlier_logs = String::new();
     while started.elapsed() < limit {
         tokio::time::sleep(every).await;
         match rng.below(100) {
@@ -355,6 +369,7 @@ async fn run(backend: Backend, n: usize, seed: u64) {
                 faults.worker_kills += 1;
             }
             30..=44 => {
+                earlier_logs.push_str(&c.coordinator_log());
                 if let Some(d) = c.coordinator.as_mut() {
                     d.kill_hard();
                 }
@@ -419,7 +434,7 @@ async fn run(backend: Backend, n: usize, seed: u64) {
             }
         }
     }
-    let runs: Vec<(String, String, f64)> = std::fs::read_to_string(&ledger)
+    let runs: Vec<(String, String, f64, bool)> = std::fs::read_to_string(&ledger)
         .unwrap_or_default()
         .lines()
         .filter_map(|l| {
@@ -428,10 +443,19 @@ async fn run(backend: Backend, n: usize, seed: u64) {
                 f.next()?.to_string(),
                 f.next()?.to_string(),
                 f.next()?.parse().ok()?,
+                f.next()? == "1",
             ))
         })
         .collect();
-    let reported_micros: u64 = runs.iter().map(|r| (r.2 * 1e6).round() as u64).sum();
+    let micros = |orphaned: bool| -> u64 {
+        runs.iter()
+            .filter(|r| r.3 == orphaned)
+            .map(|r| (r.2 * 1e6).round() as u64)
+            .sum()
+    };
+    let reported_micros = micros(false);
+    let orphaned_micros = micros(true);
+    let orphaned_runs = runs.iter().filter(|r| r.3).count();
     let now = time::OffsetDateTime::now_utc();
     let month = format!("{:04}-{:02}", now.year(), u8::from(now.month()));
     let booked_micros = mine.store.spend("api", &month).await.expect("spend");
@@ -470,7 +494,7 @@ async fn run(backend: Backend, n: usize, seed: u64) {
         "  successes recorded {total_successes}, results applied twice {applied_twice} (must be 0)"
     );
     println!(
-        "  spend booked ${:.6}, reported by the agents ${:.6} ({})",
+        "  spend booked ${:.6}, reported by the agents of live workers ${:.6} ({})",
         booked_micros as f64 / 1e6,
         reported_micros as f64 / 1e6,
         if booked_micros == reported_micros {
@@ -482,6 +506,10 @@ async fn run(backend: Backend, n: usize, seed: u64) {
             )
         }
     );
+    println!(
+        "  runs left running by a SIGKILLed worker (runner orphaned, never reported): {orphaned_runs}, ${:.6}",
+        orphaned_micros as f64 / 1e6
+    );
     for (attempt, n) in &pushed_twice {
         println!("  pushed {n} times: {attempt}");
     }
@@ -489,7 +517,8 @@ async fn run(backend: Backend, n: usize, seed: u64) {
         println!("  lost: {id} ({:?})", last.get(*id));
     }
     if !lost.is_empty() || std::env::var_os("AO_CHAOS_LOGS").is_some() {
-        println!("{}", c.logs());
+        println!("--- ledger ---\n{}", std::fs::read_to_string(&ledger).unwrap_or_default());
+        println!("--- coordinator, before its restarts ---\n{earlier_logs}\n{}", c.logs());
     }
     if let Some(r) = relay {
         r.stop().await;
