@@ -517,8 +517,14 @@ async fn run(backend: Backend, n: usize, seed: u64) {
         println!("  lost: {id} ({:?})", last.get(*id));
     }
     if !lost.is_empty() || std::env::var_os("AO_CHAOS_LOGS").is_some() {
-        println!("--- ledger ---\n{}", std::fs::read_to_string(&ledger).unwrap_or_default());
-        println!("--- coordinator, before its restarts ---\n{earlier_logs}\n{}", c.logs());
+        println!(
+            "--- ledger ---\n{}",
+            std::fs::read_to_string(&ledger).unwrap_or_default()
+        );
+        println!(
+            "--- coordinator, before its restarts ---\n{earlier_logs}\n{}",
+            c.logs()
+        );
     }
     if let Some(r) = relay {
         r.stop().await;
