@@ -17,7 +17,7 @@ help:
 	@echo "make test   install test dependencies when missing and run the whole suite"
 	@echo "make test-fast  unit and in-process tests only (Rust alone; no sandbox, no moto)"
 	@echo "make lint   cargo fmt --check and clippy -D warnings"
-	@echo "make bench  orchestration overhead, warm workers and AWS API-call benchmarks"
+	@echo "make bench  orchestration overhead, warm workers, chaos and AWS API-call benchmarks"
 
 deps-run:
 	@scripts/install-deps.sh run
@@ -65,4 +65,5 @@ bench: deps-test
 	cargo bench -p ao-tests --bench load
 	cargo bench -p ao-tests --bench sandbox
 	cargo bench -p ao-tests --bench warm
+	cargo bench -p ao-tests --bench chaos
 	cargo bench --profile dev -p ao-shared --bench aws_calls

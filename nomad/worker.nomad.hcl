@@ -174,7 +174,7 @@ job "ao-worker" {
 
         check "queue_depth" {
           source = "prometheus"
-          query  = "sum(ao_queue_messages{queue=\"${var.capability}\",state=~\"visible|in_flight\"}) / clamp_min(count(ao_worker_slots{state=\"free\",capability=\"${var.capability}\"}) or vector(0), 1)"
+          query  = "sum(max by (state) (ao_queue_messages{queue=\"${var.capability}\",state=~\"visible|in_flight\"})) / clamp_min(count(ao_worker_slots{state=\"free\",capability=\"${var.capability}\"}) or vector(0), 1)"
 
           strategy "target-value" {
             target = "${var.queue_target_per_worker}"

@@ -19,7 +19,7 @@ pub const TOKEN_KINDS: [&str; 4] = ["input", "output", "cache_read", "cache_crea
 /// variants), besides `undecodable` for a message that is none of them.
 ///
 /// [`ResultMessage`]: ao_shared::message::ResultMessage
-pub const REPORT_KINDS: [&str; 3] = ["started", "events", "finished"];
+pub const REPORT_KINDS: [&str; 4] = ["started", "events", "finished", "spent"];
 /// The `result` label of `ao_results_applied_total` for a decoded report.
 pub const REPORT_RESULTS: [&str; 4] = ["applied", "ignored", "unknown_task", "error"];
 

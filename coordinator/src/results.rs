@@ -125,7 +125,8 @@ fn events_marker(report: &ResultMessage) -> DeliveryId {
     .key()
 }
 
-/// Applies one report: its state change, its events or its spend. `Ok` when the report
+/// Applies one report: its state change, its events or its spend (a `Spent` report
+/// books only). `Ok` when the report
 /// is done with (applied, a repeat, or one that can never apply, which is logged); an
 /// error when it should be tried again later.
 pub async fn apply(cx: &Coordinator, report: &ResultMessage) -> Result<(), ChangeError> {
@@ -230,6 +231,33 @@ pub async fn apply(cx: &Coordinator, report: &ResultMessage) -> Result<(), Chang
                 _ => {}
             }
             ("finished", r.map(|(_, a)| a))
+        }
+        ResultMessage::Spent {
+            task_id,
+            subtask_id,
+            attempt,
+            worker,
+            cost_usd,
+            at,
+        } => {
+            let r = match cx.store.get_task(*task_id).await {
+                Ok(Some(task)) => {
+                    let spent = crate::spend::Report {
+                        subtask: *subtask_id,
+                        attempt: *attempt,
+                        worker,
+                        at: *at,
+                        cost_usd: *cost_usd,
+                    };
+                    crate::spend::book(cx, &task, &spent)
+                        .await
+                        .map(|()| Applied::Changed)
+                        .map_err(ChangeError::Store)
+                }
+                Ok(None) => Err(ChangeError::NotFound(*task_id)),
+                Err(e) => Err(ChangeError::Store(e)),
+            };
+            ("spent", r)
         }
     };
     let label = match &result {

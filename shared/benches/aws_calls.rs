@@ -185,7 +185,7 @@ async fn run_task(queue: &SqsQueue, store: &DynamoStore) {
                     task.apply_outcome(subtask_id, attempt, outcome, 3, now)
                         .unwrap();
                 }
-                ResultMessage::Events { .. } => {}
+                ResultMessage::Events { .. } | ResultMessage::Spent { .. } => {}
             }
             task = store
                 .update_task(&task, &[event("result applied")])

@@ -199,6 +199,20 @@ pub enum ResultMessage {
         #[serde(with = "time::serde::rfc3339")]
         at: Timestamp,
     },
+    /// What a run of the attempt spent, for a run that ends without reporting an outcome
+    /// (its lease was lost: another run holds the attempt). Booked like a `Finished`'s
+    /// cost, once per report (task, subtask, attempt, worker, `at`); it changes no state.
+    Spent {
+        task_id: TaskId,
+        subtask_id: SubtaskId,
+        attempt: u32,
+        worker: String,
+        /// US dollars, as the run's outcome reported them.
+        cost_usd: f64,
+        /// When the run ended.
+        #[serde(with = "time::serde::rfc3339")]
+        at: Timestamp,
+    },
 }
 
 impl ResultMessage {
@@ -251,7 +265,8 @@ impl ResultMessage {
         match self {
             ResultMessage::Started { task_id, .. }
             | ResultMessage::Events { task_id, .. }
-            | ResultMessage::Finished { task_id, .. } => *task_id,
+            | ResultMessage::Finished { task_id, .. }
+            | ResultMessage::Spent { task_id, .. } => *task_id,
         }
     }
 }

@@ -68,7 +68,7 @@ fn secrets_as_files(dir: &Path, env: &[(String, String)]) -> Result<Vec<(String,
 /// The backends `settings` name. On AWS, the SDK gets the static credentials that
 /// `env` gives the processes (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`): this
 /// process's own environment is not the cluster's.
-async fn open_backends(settings: &Settings, env: &[(String, String)]) -> Result<Backends> {
+pub async fn open_backends(settings: &Settings, env: &[(String, String)]) -> Result<Backends> {
     if settings.backend.kind != ao_shared::config::BackendKind::Aws {
         return Ok(Backends::open(settings).await?);
     }

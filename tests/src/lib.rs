@@ -11,6 +11,7 @@ pub mod leases;
 pub mod measure;
 pub mod model_server;
 pub mod moto;
+pub mod relay;
 pub mod scenario;
 
 use anyhow::{bail, Context, Result};

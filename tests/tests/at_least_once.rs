@@ -97,7 +97,11 @@ async fn a_worker_paused_past_its_lease_does_not_push() {
         "the paused worker's run ended unreported",
         &c,
         Duration::from_secs(30),
-        || c.workers[paused].log_text().contains("nothing is reported"),
+        || {
+            c.workers[paused]
+                .log_text()
+                .contains("only its spend is reported")
+        },
     )
     .await;
     assert_eq!(lines(&pushes), 1, "pushes for one attempt\n{}", c.logs());
@@ -267,4 +271,158 @@ async fn a_redelivered_attempt_whose_push_landed_does_not_push_again() {
         Some(git(&repo, &["rev-parse", "agent/pushed-once"]).as_str()),
         "the reported commit is the one pushed by the first run: {sub:#}"
     );
+}
+
+/// What the API account has booked this month, read from the store, in millionths of a
+/// dollar.
+async fn booked_micros(c: &Cluster) -> u64 {
+    let settings = ao_shared::config::Settings::load_from(None, c.env.clone()).expect("settings");
+    let b = ao_tests::inproc::open_backends(&settings, &c.env)
+        .await
+        .expect("backends");
+    let now = time::OffsetDateTime::now_utc();
+    let month = format!("{:04}-{:02}", now.year(), u8::from(now.month()));
+    b.store.spend("api", &month).await.expect("spend")
+}
+
+/// A stream-json agent (`agent.kind = "claude"`) whose first run waits for `go` and
+/// reports $0.25, later runs $0.50 at once.
+fn paying_agent(dir: &Path, runs: &Path, go: &Path) -> std::path::PathBuf {
+    script(
+        dir,
+        "agent.sh",
+        &format!(
+            "cat > /dev/null || true\necho run >> {runs}\n\
+             if [ \"$(wc -l < {runs})\" = 1 ]; then\n\
+               while [ ! -e {go} ]; do sleep 0.1; done; cost=0.25; echo first > first.txt\n\
+             else cost=0.5; echo second > second.txt; fi\n\
+             echo '{{\"type\":\"system\",\"subtype\":\"init\",\"model\":\"claude-sonnet-4-5\"}}'\n\
+             echo \"{{\\\"type\\\":\\\"result\\\",\\\"subtype\\\":\\\"success\\\",\\\"is_error\\\":false,\
+\\\"result\\\":\\\"done\\\",\\\"num_turns\\\":1,\\\"total_cost_usd\\\":$cost}}\"",
+            runs = runs.display(),
+            go = go.display()
+        ),
+    )
+}
+
+/// The worker of a run is SIGSTOPped past its lease; another worker completes the attempt
+/// ($0.50). The paused run ends when its worker resumes ($0.25) and reports no outcome,
+/// but what it spent is booked: $0.75 in all. Before, a run whose lease was lost reported
+/// nothing and its spend was never booked.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_spend_of_a_run_whose_lease_was_lost_is_booked() {
+    let mut c = Cluster::new(&[
+        FAST_REDELIVERY[0],
+        FAST_REDELIVERY[1],
+        ("AO__AGENT__KIND", "claude"),
+        // Claude Code refuses `bypassPermissions` as root; the script does not care.
+        ("AO__AGENT__PROFILES__CODER__PERMISSION_MODE", "acceptEdits"),
+        ("AO__WORKER__CAPABILITIES", "coder"),
+    ]);
+    let dir = c.dir.path().to_path_buf();
+    let runs = dir.join("runs.log");
+    let go = dir.join("go");
+    let agent = paying_agent(&dir, &runs, &go);
+    let repo = bare_repo(&dir, "project", &[]);
+    c.start_coordinator().await.expect("coordinator");
+    let paused = start_agent_worker(&mut c, &agent);
+    let id = submit_code(&c, &repo, "pay", "agent/pay").await;
+    wait_for_file(&c, &runs, LIMIT).await;
+    c.workers[paused].signal(Signal::SIGSTOP);
+    std::fs::write(&go, "").expect("go");
+    start_agent_worker(&mut c, &agent);
+    wait_succeeded(&c, &id, LIMIT).await;
+    c.workers[paused].signal(Signal::SIGCONT);
+    wait_until(
+        "the paused worker's run ended unreported",
+        &c,
+        Duration::from_secs(30),
+        || {
+            c.workers[paused]
+                .log_text()
+                .contains("only its spend is reported")
+        },
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let booked = booked_micros(&c).await;
+        if booked == 750_000 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "booked {booked} micro-dollars, not 750000 ($0.25 + $0.50)\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(lines(&runs), 2);
+}
+
+/// A worker is SIGKILLed after its agent reported $0.25 (the repository's post-receive
+/// hook kills it as the push lands, before the result is sent). The next worker replays
+/// the dead worker's spend ledger, and the redelivered attempt's second run ($0.50)
+/// reports the pushed commit: $0.75 booked. Before, what the killed run spent was lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_spend_of_a_run_whose_worker_was_killed_is_booked() {
+    let mut c = Cluster::new(&[
+        FAST_REDELIVERY[0],
+        FAST_REDELIVERY[1],
+        ("AO__AGENT__KIND", "claude"),
+        // Claude Code refuses `bypassPermissions` as root; the script does not care.
+        ("AO__AGENT__PROFILES__CODER__PERMISSION_MODE", "acceptEdits"),
+        ("AO__WORKER__CAPABILITIES", "coder"),
+    ]);
+    let dir = c.dir.path().to_path_buf();
+    let runs = dir.join("runs.log");
+    let go = dir.join("go");
+    std::fs::write(&go, "").expect("go");
+    let agent = paying_agent(&dir, &runs, &go);
+    let repo = bare_repo(&dir, "project", &[]);
+    let killed = dir.join("killed");
+    let pid_file = dir.join("worker.pid");
+    let hook = repo.join("hooks/post-receive");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/usr/bin/env bash\n\
+             if [ ! -e {killed} ]; then touch {killed}; kill -9 \"$(cat {pid})\"; fi\n",
+            killed = killed.display(),
+            pid = pid_file.display()
+        ),
+    )
+    .expect("hook");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("hook mode");
+    c.start_coordinator().await.expect("coordinator");
+    let first = start_agent_worker(&mut c, &agent);
+    std::fs::write(&pid_file, c.workers[first].pid().as_raw().to_string()).expect("pid file");
+    let id = submit_code(&c, &repo, "pay", "agent/killed-pay").await;
+    wait_until("the first push landed", &c, LIMIT, || killed.exists()).await;
+    let deadline = Instant::now() + LIMIT;
+    while c.workers[first]
+        .child
+        .as_mut()
+        .is_some_and(|ch| ch.try_wait().ok().flatten().is_none())
+    {
+        assert!(Instant::now() < deadline, "the first worker is still alive");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    start_agent_worker(&mut c, &agent);
+    wait_succeeded(&c, &id, LIMIT).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let booked = booked_micros(&c).await;
+        if booked == 750_000 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "booked {booked} micro-dollars, not 750000 ($0.25 + $0.50)\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(lines(&runs), 2);
 }

@@ -8,6 +8,7 @@
 //! unlike SQS and DynamoDB it keeps its state only in memory and comes back empty.
 
 use ao_tests::moto::Moto;
+use ao_tests::relay::Relay;
 use ao_tests::scenario::{
     cluster_with, count_successes, events, start_agent_worker, submit_code, wait_for_file,
     wait_succeeded,
@@ -16,45 +17,9 @@ use ao_tests::{bare_repo, git, script};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::task::JoinHandle;
+use tokio::net::TcpStream;
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-/// A TCP relay to `target` on `addr`; dropping it (or `stop`) closes everything.
-struct Relay {
-    accept: JoinHandle<()>,
-}
-
-impl Relay {
-    async fn start(addr: SocketAddr, target: SocketAddr) -> Relay {
-        let socket = TcpSocket::new_v4().expect("socket");
-        socket.set_reuseaddr(true).expect("reuseaddr");
-        socket.bind(addr).expect("bind the relay port");
-        let listener: TcpListener = socket.listen(256).expect("listen");
-        let accept = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    continue;
-                };
-                conns.spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                while conns.try_join_next().is_some() {}
-            }
-        });
-        Relay { accept }
-    }
-
-    /// Stops accepting and resets every relayed connection (the JoinSet is dropped).
-    async fn stop(self) {
-        self.accept.abort();
-        let _ = self.accept.await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_aws_endpoint_going_away_and_coming_back_loses_nothing() {

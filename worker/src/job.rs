@@ -6,6 +6,7 @@
 use crate::cancel_watch;
 use crate::heartbeat::{Heartbeat, Lease};
 use crate::spec::{LeaseSlot, RunSpec, RunnerEvent};
+use crate::spend_ledger::LedgerEntry;
 use crate::worker::Worker;
 use ao_shared::config::KEPT_TAIL_EVENTS;
 use ao_shared::message::{AgentEventRecord, ResultMessage, SubtaskMessage};
@@ -112,12 +113,14 @@ async fn run(
     };
     let redactor = spec.secret_env.redactor();
     let (tx, rx) = mpsc::channel::<RunnerEvent>(256);
+    let ledger = Arc::new(worker.spend_ledger.entry(&order, &worker.id));
     let forwarder = tokio::spawn(forward_events(
         worker.clone(),
         order.clone(),
         rx,
         received_at,
         redactor.clone(),
+        ledger.clone(),
     ));
     let cancel = hard_stop.child_token();
     let run_done = CancellationToken::new();
@@ -160,7 +163,9 @@ async fn run(
     run_done.cancel();
     let _ = watch.await;
     let _ = lost_watch.await;
-    let _ = forwarder.await;
+    // What the agent's own stream said it spent, for a run stopped before its outcome
+    // could carry it (the `process` driver has no model proxy to meter it).
+    let streamed_cost = forwarder.await.unwrap_or(0.0);
     if let Some(w) = warm {
         worker.warm.finish(&spec, w).await;
     }
@@ -170,8 +175,9 @@ async fn run(
         tracing::warn!(
             reason = lease.why().unwrap_or_default(),
             outcome = outcome.kind.as_str(),
-            "lease lost: the run was stopped or refused its push; nothing is reported"
+            "lease lost: the run was stopped or refused its push; only its spend is reported"
         );
+        report_spend(&worker, &ledger, outcome.cost_usd.max(streamed_cost)).await;
         worker
             .metrics
             .runs
@@ -187,6 +193,7 @@ async fn run(
         tracing::warn!(
             "shutdown grace period over: run stopped, the subtask goes back on the queue"
         );
+        report_spend(&worker, &ledger, outcome.cost_usd.max(streamed_cost)).await;
         worker
             .requeue(
                 QueueId::Capability(order.capability),
@@ -239,16 +246,21 @@ async fn run(
     // a run another worker now holds.
     if let Err(e) = lease.confirm().await {
         heartbeat.stop().await;
-        tracing::warn!(error = %e, "lease lost before reporting; nothing is reported");
+        tracing::warn!(error = %e, "lease lost before reporting; only its spend is reported");
+        report_spend(&worker, &ledger, outcome.cost_usd.max(streamed_cost)).await;
         return;
     }
+    // The ledger holds the report's very `at`: should this worker die before the report
+    // is out, the next start sends the spend under the same marker (booked once).
+    let at = timefmt::now();
+    ledger.record(outcome.cost_usd.max(streamed_cost), at);
     let finished = ResultMessage::Finished {
         task_id: order.task_id,
         subtask_id: order.subtask_id,
         attempt: order.attempt,
         worker: worker.id.clone(),
         outcome,
-        at: timefmt::now(),
+        at,
     };
     // The message is deleted only once the result is safely sent; otherwise it comes back
     // and the subtask runs again (the coordinator ignores a repeated result). The
@@ -257,6 +269,7 @@ async fn run(
     let receipt = heartbeat.stop().await;
     match sent {
         Ok(()) => {
+            ledger.clear();
             if let Err(e) = worker.queue.delete(&receipt).await {
                 tracing::warn!(error = %e, "cannot delete the finished message; a repeat run will be ignored");
             }
@@ -349,23 +362,54 @@ impl EventBound {
     }
 }
 
+/// Reports what a run that reports no outcome spent (its lease was lost, so another run
+/// holds the attempt, or the shutdown stopped it): a `Spent` report, which the
+/// coordinator books once and which changes no state. Budgets would under-count
+/// otherwise. Recorded in the run's ledger entry first, cleared once sent.
+async fn report_spend(worker: &Worker, ledger: &LedgerEntry, cost_usd: f64) {
+    if !(cost_usd.is_finite() && cost_usd > 0.0) {
+        ledger.clear();
+        return;
+    }
+    let at = timefmt::now();
+    ledger.record(cost_usd, at);
+    match worker.report_reliably(&ledger.report(cost_usd, at)).await {
+        Ok(()) => ledger.clear(),
+        Err(e) => tracing::error!(error = %e, cost_usd,
+            "cannot report the spend of a run that reports no outcome; the ledger keeps it"),
+    }
+}
+
 /// Batches runner events into `Events` reports until the runner's stream ends, within the
-/// run's event bound ([`EventBound`]).
+/// run's event bound ([`EventBound`]); returns
+/// the highest cost the agent's `result` events reported (`total_cost_usd`, dollars; 0
+/// when none did).
 async fn forward_events(
     worker: Arc<Worker>,
     order: SubtaskMessage,
     mut rx: mpsc::Receiver<RunnerEvent>,
     received_at: Instant,
     redactor: crate::redact::Redactor,
-) {
+    ledger: Arc<LedgerEntry>,
+) -> f64 {
     let mut batch: Vec<AgentEventRecord> = Vec::new();
     let mut bound = EventBound::new(worker.settings.agent.max_events);
     let mut first = true;
+    let mut reported_cost = 0.0_f64;
     loop {
         let next = tokio::time::timeout(EVENT_FLUSH, rx.recv()).await;
         let done = matches!(next, Ok(None));
         let timed_out = next.is_err();
         if let Ok(Some(event)) = next {
+            if event.kind == "result" {
+                if let Some(cost) = event.data["total_cost_usd"].as_f64() {
+                    if cost.is_finite() && cost > reported_cost {
+                        reported_cost = cost;
+                        // Durable at once: the worker may die before it reports.
+                        ledger.record(cost, timefmt::now());
+                    }
+                }
+            }
             if first {
                 first = false;
                 worker
@@ -399,7 +443,7 @@ async fn forward_events(
             }
         }
         if done {
-            return;
+            return reported_cost;
         }
     }
 }

@@ -19,6 +19,7 @@ mod sandbox;
 mod secret_files;
 mod setup_cache;
 mod spec;
+mod spend_ledger;
 mod warm;
 mod worker;
 
@@ -150,10 +151,10 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
                 WITHOUT ANY ISOLATION, with this worker's user and file access. \
                 Use it only on a machine you do not mind the agent changing."
             );
-            Arc::new(sandbox::process::ProcessDriver::new(work_root)?)
+            Arc::new(sandbox::process::ProcessDriver::new(work_root.clone())?)
         }
         SandboxDriverKind::Bwrap => Arc::new(
-            sandbox::bwrap::BwrapDriver::new(work_root, &settings, secret_files.clone())
+            sandbox::bwrap::BwrapDriver::new(work_root.clone(), &settings, secret_files.clone())
                 .context("cannot use the bwrap sandbox driver")?,
         ),
         SandboxDriverKind::Nomad => {
@@ -179,8 +180,11 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         &settings,
         settings.sandbox.driver != SandboxDriverKind::Nomad,
     );
+    let spend_ledger = spend_ledger::SpendLedger::open(&work_root)
+        .with_context(|| format!("cannot make the spend ledger under {}", work_root.display()))?;
     let worker = Arc::new(worker::Worker {
         id: settings.worker_id(),
+        spend_ledger,
         settings,
         queue: backends.queue,
         driver,
@@ -228,6 +232,11 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         capabilities = ?worker.settings.worker.capabilities,
         concurrency = worker.settings.worker.concurrency,
         sandbox = worker.driver.name(), agent = %worker.settings.agent.command, "worker started");
+    // What runs of workers that died before reporting had spent.
+    tokio::spawn({
+        let worker = worker.clone();
+        async move { spend_ledger::replay(&worker, &work_root).await }
+    });
     let consumer = tokio::spawn(consumer::run(worker.clone(), shutdown.clone()));
     ao_shared::shutdown::signal().await;
     shutdown.cancel();

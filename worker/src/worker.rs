@@ -20,6 +20,8 @@ const RESULT_SEND_ATTEMPTS: u32 = 8;
 
 pub struct Worker {
     pub id: String,
+    /// What runs in progress have spent, kept on disk (see `spend_ledger.rs`).
+    pub spend_ledger: crate::spend_ledger::SpendLedger,
     pub settings: Settings,
     pub queue: Arc<dyn Queue>,
     pub driver: Arc<dyn SandboxDriver>,
