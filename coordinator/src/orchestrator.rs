@@ -94,6 +94,7 @@ pub fn planning(pipeline: &[Capability], bounds: PlannerSettings) -> Option<Plan
         expanded: false,
         summary: String::new(),
         fix_rounds: 0,
+        rejections: 0,
     })
 }
 

@@ -354,6 +354,7 @@ fn planned_task() -> Task {
             expanded: false,
             summary: String::new(),
             fix_rounds: 0,
+            rejections: 0,
         }),
     }
 }

@@ -384,7 +384,8 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
             if task.status == TaskStatus::AwaitingApproval {
                 body.push_str(
                     "\nNothing is coded until someone with write access comments \
-                     `/agent approve` (or `/agent cancel`).\n",
+                     `/agent approve`, or `/agent reject <what to change>` for a new plan \
+                     (or `/agent cancel`).\n",
                 );
             }
             let posted = api::create_comment(c, inst, &repo, issue, &body).await;

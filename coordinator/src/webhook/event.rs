@@ -78,6 +78,9 @@ pub enum Command {
     Retry,
     Cancel,
     Approve,
+    /// `/agent reject <feedback>`: the plan waiting for approval goes back to the planner
+    /// with the feedback (the rest of the command's line and every line after it).
+    Reject(String),
     Status,
     /// `/agent <something else>`: answered with the list of commands.
     Unknown(String),
@@ -86,21 +89,33 @@ pub enum Command {
 impl Command {
     /// The first `/agent …` line of a comment, if any.
     pub fn find(body: &str) -> Option<Command> {
-        body.lines().find_map(|line| {
-            let mut words = line.split_whitespace();
-            if words.next()? != "/agent" {
-                return None;
+        let mut lines = body.lines();
+        while let Some(line) = lines.next() {
+            let Some(rest) = line.trim_start().strip_prefix("/agent") else {
+                continue;
+            };
+            // `/agent` as a word of its own, not `/agents`.
+            if !(rest.is_empty() || rest.starts_with(char::is_whitespace)) {
+                continue;
             }
-            let verb = words.next().unwrap_or("").to_ascii_lowercase();
-            Some(match verb.as_str() {
+            let rest = rest.trim_start();
+            let word = rest.split_whitespace().next().unwrap_or("");
+            let verb = word.to_ascii_lowercase();
+            return Some(match verb.as_str() {
                 "run" => Command::Run,
                 "retry" => Command::Retry,
                 "cancel" => Command::Cancel,
                 "approve" => Command::Approve,
+                "reject" => {
+                    let first = &rest[word.len()..];
+                    let feedback: Vec<&str> = std::iter::once(first).chain(lines).collect();
+                    Command::Reject(feedback.join("\n").trim().to_string())
+                }
                 "status" => Command::Status,
                 _ => Command::Unknown(verb.chars().take(40).collect()),
-            })
-        })
+            });
+        }
+        None
     }
 }
 
@@ -708,6 +723,16 @@ mod tests {
         );
         assert_eq!(Command::find("mention /agent run inline"), None);
         assert_eq!(Command::find("/agents run"), None);
+        assert_eq!(
+            Command::find("Not yet.\n/agent Reject  split the parser\nand keep the API.\n"),
+            Some(Command::Reject(
+                "split the parser\nand keep the API.".into()
+            ))
+        );
+        assert_eq!(
+            Command::find("/agent reject"),
+            Some(Command::Reject(String::new()))
+        );
     }
 
     #[test]

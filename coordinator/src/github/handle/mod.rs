@@ -335,7 +335,12 @@ async fn handle(gh: &Github, d: Delivery) -> HandleResult {
             if issue.is_pull_request {
                 return pull_command(gh, &ctx, &issue, command, &d.id).await;
             }
-            if issue.closed && matches!(command, Command::Run | Command::Retry | Command::Approve) {
+            if issue.closed
+                && matches!(
+                    command,
+                    Command::Run | Command::Retry | Command::Approve | Command::Reject(_)
+                )
+            {
                 return closed_issue(gh, &ctx, issue.number, &d.id, "`/agent` commands").await;
             }
             command_(gh, &ctx, &issue, command, issue.number).await
