@@ -297,22 +297,56 @@ pub async fn mark_ready(c: &Client, inst: u64, node_id: &str) -> Result<(), Gith
     .map(|_| ())
 }
 
-/// Posts a review (event `COMMENT`: the App neither approves nor blocks).
+/// Posts a review (event `COMMENT`: the App neither approves nor blocks) with its line
+/// comments; GitHub answers 422 when a comment's line is not in the diff.
 pub async fn create_review(
     c: &Client,
     inst: u64,
     repo: &RepoName,
     number: u64,
     body: &str,
+    comments: &[super::review::LineComment],
 ) -> Result<(), GithubError> {
+    let mut review = json!({ "body": body, "event": "COMMENT" });
+    if !comments.is_empty() {
+        review["comments"] = json!(comments);
+    }
     c.create(
         inst,
         "/repos/{o}/{r}/pulls/{n}/reviews",
         &format!("/repos/{repo}/pulls/{number}/reviews"),
-        &json!({ "body": body, "event": "COMMENT" }),
+        &review,
     )
     .await
     .map(|_| ())
+}
+
+/// The files a pull request changes, each with its `patch` (absent for a binary file or
+/// a diff too large to show): `GET /repos/{owner}/{repo}/pulls/{pull_number}/files`,
+/// every page.
+pub async fn pull_files(
+    c: &Client,
+    inst: u64,
+    repo: &RepoName,
+    number: u64,
+) -> Result<Vec<(String, Option<String>)>, GithubError> {
+    let list = c
+        .list(
+            inst,
+            "/repos/{o}/{r}/pulls/{n}/files",
+            &format!("/repos/{repo}/pulls/{number}/files?per_page=100"),
+            array,
+        )
+        .await?;
+    Ok(list
+        .iter()
+        .filter_map(|f| {
+            Some((
+                f["filename"].as_str()?.to_string(),
+                f["patch"].as_str().map(str::to_string),
+            ))
+        })
+        .collect())
 }
 
 /// An open issue carrying a label (from the issue list, pull requests left out).

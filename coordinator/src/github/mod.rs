@@ -19,6 +19,7 @@ pub mod progress;
 pub mod reconcile;
 pub mod repo_config;
 pub mod reporter;
+pub mod review;
 pub mod untrusted;
 
 use crate::context::Coordinator;

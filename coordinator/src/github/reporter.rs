@@ -16,7 +16,7 @@
 
 use super::client::GithubError;
 use super::once::Once;
-use super::{api, progress, source};
+use super::{api, progress, review, source};
 use crate::bus::TaskChange;
 use crate::github::Github;
 use crate::orchestrator::{self, ChangeError};
@@ -26,7 +26,8 @@ use ao_shared::ids::{DeliveryId, TaskId};
 use ao_shared::state::TaskQuery;
 use ao_shared::status::{SubtaskStatus, TaskStatus};
 use ao_shared::task::{Applied, FailureCause, Task, TaskSource};
-use std::collections::{HashMap, HashSet};
+use ao_shared::verdict::Verdict;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast::{self, error::RecvError};
@@ -336,14 +337,45 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
             let owed = written.owed_reviews.contains(&key);
             if owed || gh.store.record_delivery(&key).await? {
                 written.owed_reviews.insert(key.clone());
-                let summary = sub
-                    .outcome
-                    .as_ref()
-                    .map(|o| o.summary.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| "The reviewer found nothing to add.".into());
-                let body = format!("**Reviewer agent**\n\n{}", progress::fenced(&summary));
-                let posted = api::create_review(c, inst, &repo, pr, &body).await;
+                let outcome = sub.outcome.as_ref();
+                let summary = outcome.map_or("", |o| o.summary.as_str());
+                let verdict = outcome.and_then(|o| {
+                    let reply = o
+                        .structured
+                        .as_deref()
+                        .cloned()
+                        .or_else(|| ao_shared::plan::extract_json(&o.summary));
+                    Verdict::from_reply(reply.as_ref())
+                });
+                // The lines the diff shows, only when there is a finding to place.
+                let placed = matches!(&verdict, Some(Verdict::RequestChanges { findings })
+                    if findings.iter().any(|f| f.file.is_some() && f.line.is_some()));
+                let mut diff = BTreeMap::new();
+                if placed {
+                    match api::pull_files(c, inst, &repo, pr).await {
+                        Ok(files) => {
+                            for (name, patch) in files {
+                                let lines = patch.as_deref().map(review::diff_lines);
+                                diff.insert(name, lines.unwrap_or_default());
+                            }
+                        }
+                        // No diff to place findings on: all of them go in the body.
+                        Err(e) if e.is_permanent() => {
+                            tracing::warn!(task_id = %id, error = %e,
+                                "cannot read the pull request's files; the findings go in the review's body");
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                let mut r = review::review(summary, verdict.as_ref(), &diff);
+                let mut posted = api::create_review(c, inst, &repo, pr, &r.body, &r.comments).await;
+                // The diff moved since it was read: the findings go in the body.
+                if matches!(&posted, Err(GithubError::Status { status: 422, .. }))
+                    && !r.comments.is_empty()
+                {
+                    r = review::without_line_comments(r);
+                    posted = api::create_review(c, inst, &repo, pr, &r.body, &r.comments).await;
+                }
                 written.settle(id, Step::Review, posted)?;
                 written.owed_reviews.remove(&key);
             }
