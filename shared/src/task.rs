@@ -551,6 +551,10 @@ pub struct Task {
     /// (1, 2, …) it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub review_round: Option<u32>,
+    /// For a follow-up run that fixes the checks (CI) failing on the task's pull request:
+    /// which round (1, 2, …) it is, at most `pipeline.max_fix_rounds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ci_round: Option<u32>,
     /// For a task whose planner's plan becomes its subtasks: the limits and how it went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub planning: Option<Planning>,
@@ -1217,6 +1221,7 @@ mod tests {
             subtasks: plan_subtasks(caps),
             approval: Approval::NotRequired,
             review_round: None,
+            ci_round: None,
             planning: None,
         }
     }

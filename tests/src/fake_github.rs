@@ -129,6 +129,22 @@ pub struct Review {
     pub comments: Vec<ReviewComment>,
 }
 
+/// A check run on a commit (GitHub's checks API).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckRun {
+    pub id: u64,
+    pub repo: String,
+    pub head_sha: String,
+    pub head_branch: String,
+    pub name: String,
+    /// `queued`, `in_progress` or `completed`.
+    pub status: String,
+    /// When completed: `success`, `failure`, …
+    pub conclusion: Option<String>,
+    pub output_title: String,
+    pub output_summary: String,
+}
+
 /// A line comment of a review.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReviewComment {
@@ -230,6 +246,8 @@ pub struct Model {
     pub repos: BTreeMap<String, Repo>,
     pub comments: BTreeMap<u64, Comment>,
     pub reviews: Vec<Review>,
+    /// Check runs, in the order created.
+    pub check_runs: Vec<CheckRun>,
     pub tokens: HashMap<String, Token>,
     /// Lifetime of the installation tokens issued from now on (GitHub's: one hour).
     pub token_ttl: Option<Duration>,
@@ -934,6 +952,66 @@ impl FakeGithub {
         self.deliver("issue_comment", Value::Object(p)).await
     }
 
+    /// Grants the App `permission` (`checks`, `statuses`, …) at `level` on an
+    /// installation, as accepting an App's new permissions does.
+    pub fn grant(&self, installation: u64, permission: &str, level: &str) {
+        if let Some(i) = self.fake.model.lock().installations.get_mut(&installation) {
+            i.permissions.insert(permission.into(), level.into());
+        }
+    }
+
+    /// CI reports on the head of `branch`: a check run `name` created (`conclusion`
+    /// `None`: in progress) or completed, then the `check_run` webhook
+    /// (`created`/`completed`) as GitHub delivers it. Returns the delivery's status.
+    pub async fn check_run(
+        &self,
+        repo: &str,
+        branch: &str,
+        name: &str,
+        conclusion: Option<&str>,
+        summary: &str,
+    ) -> u16 {
+        let inst = self.installation_of(repo);
+        let sha = resolve(&self.fake, repo, branch).expect("the branch exists");
+        let run = {
+            let mut m = self.fake.model.lock();
+            let id = m.id();
+            let run = CheckRun {
+                id,
+                repo: repo.into(),
+                head_sha: sha,
+                head_branch: branch.into(),
+                name: name.into(),
+                status: if conclusion.is_some() {
+                    "completed"
+                } else {
+                    "in_progress"
+                }
+                .into(),
+                conclusion: conclusion.map(str::to_string),
+                output_title: format!("{name}: {}", conclusion.unwrap_or("running")),
+                output_summary: summary.into(),
+            };
+            // A run of the same name on the same commit is updated, not added.
+            m.check_runs.retain(|c| {
+                !(c.repo == run.repo && c.head_sha == run.head_sha && c.name == run.name)
+            });
+            m.check_runs.push(run.clone());
+            run
+        };
+        let mut p = self.base_payload(repo, inst, "github-actions[bot]");
+        p.insert(
+            "action".into(),
+            json!(if conclusion.is_some() {
+                "completed"
+            } else {
+                "created"
+            }),
+        );
+        p.insert("check_run".into(), check_run_json(&run));
+        self.deliver("check_run", Value::Object(p)).await
+    }
+
     /// Submits a review on a pull request and delivers `pull_request_review.submitted`.
     pub async fn review(
         &self,
@@ -1046,6 +1124,14 @@ fn router(fake: Arc<Fake>) -> Router {
         .route("/repos/{o}/{r}/pulls/{n}", get(get_pull).patch(update_pull))
         .route("/repos/{o}/{r}/pulls/{n}/reviews", post(create_review))
         .route("/repos/{o}/{r}/pulls/{n}/files", get(pull_files))
+        .route(
+            "/repos/{o}/{r}/commits/{git_ref}/check-runs",
+            get(list_check_runs),
+        )
+        .route(
+            "/repos/{o}/{r}/commits/{git_ref}/status",
+            get(combined_status),
+        )
         .route("/repos/{o}/{r}/contents/{*path}", get(contents))
         .route("/graphql", post(graphql))
         .fallback(git_or_404)
@@ -1860,6 +1946,65 @@ async fn create_review(
     });
     Ok(
         Json(json!({ "id": id, "state": if event == "COMMENT" { "COMMENTED" } else { &event } }))
+            .into_response(),
+    )
+}
+
+/// The commit a ref (a branch or a sha) of a repository names, if any.
+fn resolve(f: &Fake, repo: &str, git_ref: &str) -> Option<String> {
+    let out = std::process::Command::new("git")
+        .arg("--git-dir")
+        .arg(f.git_root.join(format!("{repo}.git")))
+        .args(["rev-parse", "--verify", "--quiet"])
+        .arg(format!("{git_ref}^{{commit}}"))
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn check_run_json(run: &CheckRun) -> Value {
+    json!({
+        "id": run.id, "node_id": format!("CR_{}", run.id), "name": run.name,
+        "head_sha": run.head_sha, "status": run.status, "conclusion": run.conclusion,
+        "output": { "title": run.output_title, "summary": run.output_summary, "text": null },
+        "check_suite": { "id": run.id * 10, "head_branch": run.head_branch, "head_sha": run.head_sha },
+        "pull_requests": [],
+    })
+}
+
+/// `GET /repos/{owner}/{repo}/commits/{ref}/check-runs` (permission `checks: read`).
+async fn list_check_runs(
+    call: Call,
+    Path((o, r, git_ref)): Path<(String, String, String)>,
+) -> ApiResult {
+    let (f, repo) = call.repo(&o, &r, "checks", Perm::Read)?;
+    let Some(sha) = resolve(&f, &repo, &git_ref) else {
+        return Err(err(StatusCode::NOT_FOUND, "No commit found for SHA"));
+    };
+    let m = f.model.lock();
+    let runs: Vec<Value> = m
+        .check_runs
+        .iter()
+        .filter(|c| c.repo == repo && c.head_sha == sha)
+        .map(check_run_json)
+        .collect();
+    Ok(Json(json!({ "total_count": runs.len(), "check_runs": runs })).into_response())
+}
+
+/// `GET /repos/{owner}/{repo}/commits/{ref}/status` (permission `statuses: read`): no
+/// commit statuses in this fake, so `pending` with none, as GitHub answers then.
+async fn combined_status(
+    call: Call,
+    Path((o, r, git_ref)): Path<(String, String, String)>,
+) -> ApiResult {
+    let (f, repo) = call.repo(&o, &r, "statuses", Perm::Read)?;
+    let Some(sha) = resolve(&f, &repo, &git_ref) else {
+        return Err(err(StatusCode::NOT_FOUND, "No commit found for SHA"));
+    };
+    Ok(
+        Json(json!({ "state": "pending", "sha": sha, "total_count": 0, "statuses": [] }))
             .into_response(),
     )
 }

@@ -343,6 +343,7 @@ fn planned_task() -> Task {
         subtasks: ao_shared::pipeline::plan_subtasks(&pipeline),
         approval: ao_shared::task::Approval::NotRequired,
         review_round: None,
+        ci_round: None,
         planning: Some(Planning {
             limits: ao_shared::plan::PlanLimits {
                 max_steps: 5,

@@ -11,6 +11,7 @@
 //! over HTTP only (no trait): tests point `github.api_url` at a fake server.
 
 pub mod api;
+pub mod checks;
 pub mod client;
 pub mod handle;
 pub mod limits;

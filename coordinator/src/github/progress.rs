@@ -83,6 +83,12 @@ pub fn render(task: &Task, pull_request: Option<u64>) -> String {
         s.push_str(&format!(" · pull request #{n}"));
     }
     s.push_str("\n\n");
+    if let Some(n) = task.ci_round {
+        s.push_str(&format!(
+            "Fix round {n} for the pull request's failing checks (at most \
+             `pipeline.max_fix_rounds`); the pull request is marked ready once its checks pass.\n\n"
+        ));
+    }
     if let ao_shared::task::TaskSource::Github {
         untrusted_author: Some(author),
         ..

@@ -14,6 +14,7 @@
 //! tried again for that task by this process; every other step is still done. A creating
 //! call that failed without a clear answer is looked up before it is made again.
 
+use super::checks::ChecksVerdict;
 use super::client::GithubError;
 use super::once::Once;
 use super::{api, progress, review, source};
@@ -443,12 +444,39 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
         written.pull_body = Some(body);
     }
 
-    // 3. Ready for review when the task succeeded.
-    if let (Some(pr), TaskStatus::Succeeded, false, true) = (
+    // 3. Ready for review when the task succeeded and, with
+    // `github.ready_waits_for_checks`, the checks on the branch's head passed (a check
+    // that completes notifies the reporter again; one that fails starts a fix round).
+    let checks_pass = match (task.status, written.ready, pull_request) {
+        (TaskStatus::Succeeded, false, Some(_)) if gh.settings.github.ready_waits_for_checks => {
+            match api::checks_of(c, inst, &repo, &task.branch).await {
+                Ok((_, checks)) => {
+                    let verdict = ChecksVerdict::of(&checks, &gh.settings.github.required_checks);
+                    if !verdict.passed() {
+                        tracing::info!(task_id = %id, pending = ?verdict.pending,
+                            failed = verdict.failed.len(), missing = ?verdict.missing,
+                            "the pull request waits for its checks before it is ready");
+                    }
+                    verdict.passed()
+                }
+                // Checks the App may not read (no `checks`/`statuses` permission) hold
+                // nothing up.
+                Err(e) if e.is_permanent() => {
+                    tracing::warn!(task_id = %id, error = %e,
+                        "cannot read the pull request's checks; it is marked ready without them");
+                    true
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        _ => true,
+    };
+    if let (Some(pr), TaskStatus::Succeeded, false, true, true) = (
         pull_request,
         task.status,
         written.ready,
         written.open(Step::Ready),
+        checks_pass,
     ) {
         let current = api::get_pull(c, inst, &repo, pr).await;
         if let Some(current) = written.settle(id, Step::Ready, current)? {

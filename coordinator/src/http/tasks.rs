@@ -170,6 +170,7 @@ pub async fn create(
             source: TaskSource::Api,
             approval: Approval::NotRequired,
             review_round: None,
+            ci_round: None,
             profiles: Default::default(),
             planner: None,
         },

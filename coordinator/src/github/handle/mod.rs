@@ -42,6 +42,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
 
+mod ci;
 mod commands;
 mod permissions;
 mod pulls;
@@ -217,6 +218,9 @@ fn event_label(e: &str) -> &'static str {
         "pull_request_review_comment" => "pull_request_review_comment",
         "installation" => "installation",
         "installation_repositories" => "installation_repositories",
+        "check_run" => "check_run",
+        "check_suite" => "check_suite",
+        "status" => "status",
         _ => "other",
     }
 }
@@ -371,6 +375,12 @@ async fn handle(gh: &Github, d: Delivery) -> HandleResult {
                 None => format!("On `{path}`:\n\n{body}"),
             };
             review_round(gh, &ctx, &pull, &text, &d.id).await
+        }
+        Event::ChecksChanged { ctx, branches } => {
+            if ctx.installation_id.is_none() {
+                return Ok("ignored: not an App delivery (no installation)");
+            }
+            ci::checks_changed(gh, &ctx, &branches).await
         }
         Event::Installation {
             installation_id,
