@@ -972,33 +972,7 @@ impl FakeGithub {
         summary: &str,
     ) -> u16 {
         let inst = self.installation_of(repo);
-        let sha = resolve(&self.fake, repo, branch).expect("the branch exists");
-        let run = {
-            let mut m = self.fake.model.lock();
-            let id = m.id();
-            let run = CheckRun {
-                id,
-                repo: repo.into(),
-                head_sha: sha,
-                head_branch: branch.into(),
-                name: name.into(),
-                status: if conclusion.is_some() {
-                    "completed"
-                } else {
-                    "in_progress"
-                }
-                .into(),
-                conclusion: conclusion.map(str::to_string),
-                output_title: format!("{name}: {}", conclusion.unwrap_or("running")),
-                output_summary: summary.into(),
-            };
-            // A run of the same name on the same commit is updated, not added.
-            m.check_runs.retain(|c| {
-                !(c.repo == run.repo && c.head_sha == run.head_sha && c.name == run.name)
-            });
-            m.check_runs.push(run.clone());
-            run
-        };
+        let run = self.record_check_run(repo, branch, name, conclusion, summary);
         let mut p = self.base_payload(repo, inst, "github-actions[bot]");
         p.insert(
             "action".into(),
@@ -1010,6 +984,53 @@ impl FakeGithub {
         );
         p.insert("check_run".into(), check_run_json(&run));
         self.deliver("check_run", Value::Object(p)).await
+    }
+
+    /// The same check run as [`FakeGithub::check_run`], but its webhook never arrives
+    /// (the App was not subscribed, or GitHub did not send it).
+    pub fn check_run_undelivered(
+        &self,
+        repo: &str,
+        branch: &str,
+        name: &str,
+        conclusion: Option<&str>,
+        summary: &str,
+    ) {
+        self.record_check_run(repo, branch, name, conclusion, summary);
+    }
+
+    fn record_check_run(
+        &self,
+        repo: &str,
+        branch: &str,
+        name: &str,
+        conclusion: Option<&str>,
+        summary: &str,
+    ) -> CheckRun {
+        let sha = resolve(&self.fake, repo, branch).expect("the branch exists");
+        let mut m = self.fake.model.lock();
+        let id = m.id();
+        let run = CheckRun {
+            id,
+            repo: repo.into(),
+            head_sha: sha,
+            head_branch: branch.into(),
+            name: name.into(),
+            status: if conclusion.is_some() {
+                "completed"
+            } else {
+                "in_progress"
+            }
+            .into(),
+            conclusion: conclusion.map(str::to_string),
+            output_title: format!("{name}: {}", conclusion.unwrap_or("running")),
+            output_summary: summary.into(),
+        };
+        // A run of the same name on the same commit is updated, not added.
+        m.check_runs
+            .retain(|c| !(c.repo == run.repo && c.head_sha == run.head_sha && c.name == run.name));
+        m.check_runs.push(run.clone());
+        run
     }
 
     /// Submits a review on a pull request and delivers `pull_request_review.submitted`.

@@ -129,3 +129,66 @@ async fn a_failing_check_starts_a_fix_round_and_the_pull_request_waits_for_it() 
         .count();
     assert_eq!(rounds, 1, "{list:#}");
 }
+
+/// A check whose webhook never came is found by the sweep (`github.reconcile_secs`): a
+/// failing one starts the fix round, a passing one makes the pull request ready.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sweep_finds_checks_whose_webhook_was_missed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = FakeGithub::start(tmp.path(), 4242).await.unwrap();
+    fake.add_installation(7, "acme");
+    fake.grant(7, "checks", "read");
+    fake.grant(7, "statuses", "read");
+    fake.add_repo(7, REPO, &[]);
+    fake.set_role(REPO, "alice", "write");
+    let mut c = fake.cluster(
+        Some("code"),
+        &[
+            ("AO__GITHUB__REQUIRED_CHECKS", "unit"),
+            ("AO__GITHUB__RECONCILE_SECS", "1"),
+        ],
+    );
+    let agent = script(c.dir.path(), "agent.sh", AGENT);
+    c.start_in_process().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+
+    let issue = fake.open_issue(REPO, "Add a note", "Please.", "alice");
+    assert_eq!(fake.label_issue(REPO, issue, "agent", "alice").await, 202);
+    let m = fake
+        .wait_for("the first run done", LIMIT, |m| {
+            m.pulls(REPO).len() == 1
+                && m.issue(REPO, issue)
+                    .is_some_and(|i| i.labels.iter().any(|l| l == "agent:done"))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
+        .unwrap();
+    let pr = m.pulls(REPO)[0].clone();
+    assert!(pr.draft, "{pr:?}");
+    fake.check_run_undelivered(REPO, &pr.head, "unit", Some("failure"), "FAIL test_note");
+    let id = loop {
+        let (_, list) = c.get_json("/api/v1/tasks").await.unwrap();
+        let found = list["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["ci_round"] == 1)
+            .and_then(|t| t["id"].as_str().map(str::to_string));
+        if let Some(id) = found {
+            break id;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let done = c
+        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    fake.check_run_undelivered(REPO, &pr.head, "unit", Some("success"), "all pass");
+    fake.wait_for("the pull request ready", LIMIT, |m| {
+        m.pulls(REPO).iter().any(|p| !p.draft)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
+    .unwrap();
+}

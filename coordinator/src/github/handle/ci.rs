@@ -2,11 +2,63 @@
 //! checks on the branch's head fail, a follow-up coder run on the same branch is given
 //! the failing checks' names and output, at most `pipeline.max_fix_rounds` times per
 //! pull request; when they pass, the reporter is told, since the pull request is marked
-//! ready only then (`github.ready_waits_for_checks`).
+//! ready only then (`github.ready_waits_for_checks`). The missed-delivery sweep reads
+//! the checks of recent agent pull requests still drafts the same way
+//! ([`sweep_checks`]), for a check whose webhook never came.
 
 use super::*;
 use crate::github::checks::ChecksVerdict;
 use ao_shared::task::AGENT_BRANCH_PREFIX;
+
+/// How far back the sweep looks for succeeded tasks whose pull request waits for checks.
+const CHECKS_SWEEP_WINDOW: time::Duration = time::Duration::days(1);
+
+/// The sweep for missed check webhooks: every agent branch whose last task succeeded
+/// within [`CHECKS_SWEEP_WINDOW`] and whose pull request is still an open draft has its
+/// checks read as if one had changed. Returns how many branches were looked at; one
+/// branch's error is logged and the others are still swept.
+pub async fn sweep_checks(gh: &Github) -> Result<usize, HandleError> {
+    let page = gh
+        .store
+        .list_tasks(&TaskQuery {
+            status: Some(TaskStatus::Succeeded),
+            limit: 200,
+            ..Default::default()
+        })
+        .await?;
+    let since = ao_shared::timefmt::now() - CHECKS_SWEEP_WINDOW;
+    let mut seen = std::collections::HashSet::new();
+    for t in page.tasks.iter().filter(|t| t.updated_at > since) {
+        let (Some((inst, repo, _)), Some(pr)) = (crate::github::source(t), pull_of(t)) else {
+            continue;
+        };
+        if !seen.insert((repo.full(), t.branch.clone())) {
+            continue;
+        }
+        match api::get_pull(&gh.client, inst, &repo, pr).await {
+            Ok(p) if p.draft && p.open => {}
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!(task_id = %t.id, error = %e, "cannot read a pull request; its checks are swept later");
+                continue;
+            }
+        }
+        let ctx = Context {
+            installation_id: Some(inst),
+            repo,
+            default_branch: None,
+            sender: crate::webhook::event::Sender {
+                login: String::new(),
+                is_bot: true,
+            },
+        };
+        match on_branch(gh, &ctx, &t.branch).await {
+            Ok(what) => tracing::info!(task_id = %t.id, branch = %t.branch, what, "checks swept"),
+            Err(e) => tracing::warn!(task_id = %t.id, error = %e, "cannot sweep a branch's checks"),
+        }
+    }
+    Ok(seen.len())
+}
 
 /// A check changed on `branches`: reads the checks of each agent branch's head and acts.
 pub(super) async fn checks_changed(

@@ -43,6 +43,7 @@ use std::time::Duration;
 use tracing::Instrument;
 
 mod ci;
+pub use ci::sweep_checks;
 mod commands;
 mod permissions;
 mod pulls;
