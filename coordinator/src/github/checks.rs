@@ -56,7 +56,13 @@ impl Check {
         Check {
             name: name.chars().take(200).collect(),
             outcome,
-            excerpt: excerpt.trim().chars().take(MAX_EXCERPT_CHARS).collect(),
+            // CI output may carry what the pull request's code printed: no hidden characters.
+            excerpt: excerpt
+                .trim()
+                .chars()
+                .filter(|c| *c == '\n' || !crate::github::untrusted::is_hidden_char(*c))
+                .take(MAX_EXCERPT_CHARS)
+                .collect(),
         }
     }
 }
@@ -154,6 +160,13 @@ mod tests {
                 && told.contains("### Failing check: ci/old\ncrashed"),
             "{told}"
         );
+        let hidden = Check::run(
+            "x",
+            "completed",
+            Some("failure"),
+            "ok\u{202E}\u{200B}\nFAIL",
+        );
+        assert_eq!(hidden.excerpt, "ok\nFAIL");
         let long = Check::run("x", "completed", Some("failure"), &"y".repeat(10_000));
         assert_eq!(long.excerpt.len(), MAX_EXCERPT_CHARS);
     }
