@@ -66,4 +66,5 @@ bench: deps-test
 	cargo bench -p ao-tests --bench sandbox
 	cargo bench -p ao-tests --bench warm
 	cargo bench -p ao-tests --bench chaos
+	cargo bench -p ao-tests --bench parallel_plan
 	cargo bench --profile dev -p ao-shared --bench aws_calls

@@ -59,6 +59,8 @@ pub struct NewTask {
     pub approval: Approval,
     /// Which review round this task answers, if it is one.
     pub review_round: Option<u32>,
+    /// Which round of fixing failing checks this task is, if it is one.
+    pub ci_round: Option<u32>,
     /// The repository's narrowing of the agent profiles.
     pub profiles: BTreeMap<Capability, RepoProfile>,
     /// The repository's narrowing of the planner's bounds.
@@ -94,6 +96,7 @@ pub fn planning(pipeline: &[Capability], bounds: PlannerSettings) -> Option<Plan
         expanded: false,
         summary: String::new(),
         fix_rounds: 0,
+        rejections: 0,
     })
 }
 
@@ -147,6 +150,7 @@ pub async fn create_task(
         subtasks: plan_subtasks(&new.pipeline),
         approval: new.approval,
         review_round: new.review_round,
+        ci_round: new.ci_round,
         planning: planning(&new.pipeline, cx.settings.planner.narrowed(new.planner)).map(
             |mut p| {
                 p.limits.max_fix_rounds = cx.settings.pipeline.max_fix_rounds;

@@ -410,6 +410,7 @@ mod tests {
             subtasks: plan_subtasks(caps),
             approval: Default::default(),
             review_round: None,
+            ci_round: None,
             planning: None,
         };
         t.queue_ready(at);

@@ -78,6 +78,7 @@ fn new_task() -> Task {
         subtasks: plan_subtasks(&Capability::ALL),
         approval: Default::default(),
         review_round: None,
+        ci_round: None,
         planning: None,
     }
 }

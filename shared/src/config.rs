@@ -153,6 +153,12 @@ pub struct GithubSettings {
     /// has write access like a person would need; any other bot's trigger is answered
     /// with one comment saying why nothing runs. This App's own events are never acted on.
     pub allowed_bots: Vec<String>,
+    /// Whether the agent's pull request is marked ready for review only once the checks
+    /// on its head pass: no check run or commit status failing or still running.
+    pub ready_waits_for_checks: bool,
+    /// Checks (check-run names or commit-status contexts) that must have reported and
+    /// passed on the pull request's head before it is marked ready, besides none failing.
+    pub required_checks: Vec<String>,
 }
 
 impl Default for GithubSettings {
@@ -174,6 +180,8 @@ impl Default for GithubSettings {
             max_active_per_installation: 10,
             monthly_budget_usd: 0.0,
             allowed_bots: Vec::new(),
+            ready_waits_for_checks: true,
+            required_checks: Vec::new(),
         }
     }
 }
@@ -765,6 +773,7 @@ impl Settings {
                 .with_list_parse_key("sandbox.ro_paths")
                 .with_list_parse_key("github.webhook_secrets")
                 .with_list_parse_key("github.allowed_bots")
+                .with_list_parse_key("github.required_checks")
                 .try_parsing(true)
                 .source(Some(env)),
         );

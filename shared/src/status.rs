@@ -140,6 +140,8 @@ impl SubtaskStatus {
                 | (Running, Pending | Succeeded | Failed | Cancelled)
                 // manual retry
                 | (Failed | Cancelled, Pending | Queued)
+                // a rejected plan: the planner plans again
+                | (Succeeded, Pending)
         )
     }
 

@@ -377,6 +377,9 @@ pub struct Planning {
     /// Fix rounds run so far (at most `limits.max_fix_rounds`).
     #[serde(default)]
     pub fix_rounds: u32,
+    /// Plans rejected by the approver so far, each answered by a new plan.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rejections: u32,
 }
 
 /// Bytes of the reports of earlier steps handed to a step at most, shared among them;
@@ -386,6 +389,24 @@ pub const CONTEXT_BUDGET_BYTES: usize = 6 * 1024;
 
 /// Repair turns an invalid plan gets before the task fails.
 pub const MAX_PLAN_REPAIRS: u32 = 1;
+
+/// Bytes of an approver's feedback on a rejected plan kept at most (longer feedback is
+/// cut with a visible marker).
+pub const MAX_REJECT_FEEDBACK_BYTES: usize = 4 * 1024;
+
+/// Why a plan cannot be rejected. Each is the client's mistake, never the system's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RejectError {
+    /// Only a plan that waits for approval can be rejected.
+    #[error("the task is {0}, not waiting for approval of a plan")]
+    NotAwaitingApproval(TaskStatus),
+    /// The task waits for approval before anything ran: there is no plan yet.
+    #[error("the task has no plan to reject (it waits for approval before it starts); approve or cancel it")]
+    NoPlan,
+    /// Feedback is what the new plan answers: it must say something.
+    #[error("the feedback must say what to change in the plan")]
+    EmptyFeedback,
+}
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
@@ -530,6 +551,10 @@ pub struct Task {
     /// (1, 2, …) it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub review_round: Option<u32>,
+    /// For a follow-up run that fixes the checks (CI) failing on the task's pull request:
+    /// which round (1, 2, …) it is, at most `pipeline.max_fix_rounds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ci_round: Option<u32>,
     /// For a task whose planner's plan becomes its subtasks: the limits and how it went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub planning: Option<Planning>,
@@ -1014,6 +1039,91 @@ impl Task {
         }
     }
 
+    /// The approver rejects the plan the task waits with: the planner plans again, told
+    /// the rejected plan and `feedback` (cut to [`MAX_REJECT_FEEDBACK_BYTES`]), and the
+    /// subtasks made from the rejected plan go. The new plan waits for approval in turn.
+    pub fn reject_plan(&mut self, feedback: &str, at: Timestamp) -> Result<(), RejectError> {
+        use std::fmt::Write;
+        if self.status != TaskStatus::AwaitingApproval {
+            return Err(RejectError::NotAwaitingApproval(self.status));
+        }
+        let feedback = feedback.trim();
+        if feedback.is_empty() {
+            return Err(RejectError::EmptyFeedback);
+        }
+        let planner = self
+            .subtasks
+            .iter()
+            .rposition(|s| {
+                s.capability == Capability::Planner && s.status == SubtaskStatus::Succeeded
+            })
+            .filter(|_| self.approval == Approval::AfterPlan)
+            .ok_or(RejectError::NoPlan)?;
+        let sub = &self.subtasks[planner];
+        // The plan as the coordinator read it, else the planner's reply as written.
+        let rejected = sub
+            .outcome
+            .as_ref()
+            .map(|o| {
+                match o
+                    .structured
+                    .as_deref()
+                    .cloned()
+                    .or_else(|| crate::plan::extract_json(&o.summary))
+                {
+                    // A JSON value encodes: this cannot fail.
+                    Some(plan) => format!(
+                        "```json\n{}\n```",
+                        serde_json::to_string_pretty(&plan).unwrap_or_default()
+                    ),
+                    None => o.summary.trim().to_string(),
+                }
+            })
+            .unwrap_or_default();
+        let mut told = String::from(
+            "## Your previous plan was rejected\n\nThe person who approves plans rejected it \
+             and asks for a new plan. Their feedback:\n\n",
+        );
+        let _ = writeln!(
+            told,
+            "{}\n\nThe rejected plan:\n\n{}\n\nRead the task again and reply with a new plan, \
+             in the same plan schema, that answers the feedback.",
+            crate::bounded::truncate_bytes(feedback, MAX_REJECT_FEEDBACK_BYTES),
+            crate::bounded::truncate_bytes(&rejected, CONTEXT_BUDGET_BYTES)
+        );
+        let planner_id = sub.id;
+        // What the rejected plan made: nothing of it has run (the task was waiting).
+        if self.planning.as_ref().is_some_and(|p| p.expanded) {
+            self.subtasks.retain(|s| {
+                s.id == planner_id || !(s.step.is_some() && s.status == SubtaskStatus::Pending)
+            });
+        }
+        if let Some(p) = self.planning.as_mut() {
+            p.expanded = false;
+            p.summary.clear();
+            p.repairs = 0;
+            p.fix_rounds = 0;
+            p.rejections += 1;
+        }
+        let Some(sub) = self.subtask_mut(planner_id) else {
+            return Err(RejectError::NoPlan);
+        };
+        // Checked above: a succeeded subtask may become pending again.
+        if sub.set_status(SubtaskStatus::Pending).is_err() {
+            return Err(RejectError::NoPlan);
+        }
+        sub.instructions = Some(told);
+        sub.outcome = None;
+        sub.finished_at = None;
+        // A new run of the planner: its own attempt and cost budgets.
+        sub.retry_base = sub.attempt;
+        sub.retry_cost_base = sub.cost_usd;
+        self.status = TaskStatus::Queued;
+        self.error = None;
+        self.updated_at = at;
+        Ok(())
+    }
+
     /// Cancels every subtask that has not ended.
     fn fail_remaining(&mut self, at: Timestamp) {
         for sub in &mut self.subtasks {
@@ -1111,6 +1221,7 @@ mod tests {
             subtasks: plan_subtasks(caps),
             approval: Approval::NotRequired,
             review_round: None,
+            ci_round: None,
             planning: None,
         }
     }
@@ -1150,6 +1261,7 @@ mod tests {
             expanded: false,
             summary: String::new(),
             fix_rounds: 0,
+            rejections: 0,
         });
         t
     }
@@ -1248,6 +1360,58 @@ mod tests {
         assert!(t.queue_ready(now).is_empty());
         t.status = TaskStatus::Queued; // what approving does
         assert_eq!(t.queue_ready(now).len(), 2);
+    }
+
+    #[test]
+    fn a_rejected_plan_goes_back_to_the_planner_with_the_feedback() {
+        let mut t = planned(4);
+        t.approval = Approval::AfterPlan;
+        let now = timefmt::now();
+        // Nothing to reject before the plan waits.
+        assert_eq!(
+            t.reject_plan("no", now),
+            Err(RejectError::NotAwaitingApproval(TaskStatus::Queued))
+        );
+        let planner = t.queue_ready(now)[0];
+        let mut reply = Outcome::succeeded(plan_reply(), None);
+        reply.cost_usd = 1.5;
+        t.apply_outcome(planner, 1, reply, 3, now).unwrap();
+        assert_eq!(t.status, TaskStatus::AwaitingApproval);
+        assert_eq!(t.reject_plan("  \n ", now), Err(RejectError::EmptyFeedback));
+        t.reject_plan("Split part a in two.", now).unwrap();
+        // The rejected plan's steps are gone; the planner plans again.
+        assert_eq!(t.status, TaskStatus::Queued);
+        assert_eq!(t.subtasks.len(), 1, "{:#?}", t.subtasks);
+        let p = t.planning.as_ref().unwrap();
+        assert!(!p.expanded && p.rejections == 1 && p.summary.is_empty());
+        assert_eq!(t.queue_ready(now), vec![planner]);
+        assert_eq!(t.subtasks[0].attempt, 2);
+        let told = t.instructions_for(planner).unwrap();
+        for owed in [
+            "was rejected",
+            "Split part a in two.",
+            "\"title\": \"part b\"",
+        ] {
+            assert!(told.contains(owed), "{owed:?} missing from:\n{told}");
+        }
+        // The new plan waits for approval in turn, with a full budget for its run.
+        assert_eq!(t.subtasks[0].retry_cost_base, 1.5);
+        t.apply_outcome(planner, 2, Outcome::succeeded(plan_reply(), None), 3, now)
+            .unwrap();
+        assert_eq!(t.status, TaskStatus::AwaitingApproval);
+        assert_eq!(t.subtasks.len(), 6);
+        t.status = TaskStatus::Queued; // what approving does
+        assert_eq!(t.queue_ready(now).len(), 2);
+        assert!(matches!(
+            t.reject_plan("too late", now),
+            Err(RejectError::NotAwaitingApproval(TaskStatus::Queued))
+        ));
+
+        // A task that waits before it starts has no plan to reject.
+        let mut t = task(&[Capability::Coder]);
+        t.approval = Approval::BeforeStart;
+        t.status = TaskStatus::AwaitingApproval;
+        assert_eq!(t.reject_plan("why", now), Err(RejectError::NoPlan));
     }
 
     #[test]

@@ -125,6 +125,93 @@ pub struct Review {
     pub user: String,
     pub body: String,
     pub event: String,
+    /// Its line comments, as posted in `comments[]`.
+    pub comments: Vec<ReviewComment>,
+}
+
+/// A check run on a commit (GitHub's checks API).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckRun {
+    pub id: u64,
+    pub repo: String,
+    pub head_sha: String,
+    pub head_branch: String,
+    pub name: String,
+    /// `queued`, `in_progress` or `completed`.
+    pub status: String,
+    /// When completed: `success`, `failure`, …
+    pub conclusion: Option<String>,
+    pub output_title: String,
+    pub output_summary: String,
+}
+
+/// A line comment of a review.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReviewComment {
+    pub path: String,
+    pub line: u64,
+    /// `LEFT` or `RIGHT`.
+    pub side: String,
+    pub body: String,
+}
+
+/// The request body of `POST /repos/{owner}/{repo}/pulls/{pull_number}/reviews`, as
+/// GitHub's REST description (`@octokit/openapi`, operation `pulls/create-review`)
+/// gives it; `side` and `start_side` are described there in prose as `LEFT` or `RIGHT`,
+/// which is written here as an enum.
+fn create_review_schema() -> Value {
+    let side = json!({ "type": "string", "enum": ["LEFT", "RIGHT"] });
+    json!({
+        "type": "object",
+        "properties": {
+            "commit_id": { "type": "string" },
+            "body": { "type": "string" },
+            "event": { "type": "string", "enum": ["APPROVE", "REQUEST_CHANGES", "COMMENT"] },
+            "comments": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "path": { "type": "string" },
+                        "position": { "type": "integer" },
+                        "body": { "type": "string" },
+                        "line": { "type": "integer" },
+                        "side": side,
+                        "start_line": { "type": "integer" },
+                        "start_side": side
+                    },
+                    "required": ["path", "body"]
+                }
+            }
+        }
+    })
+}
+
+/// The lines of the new version of each file that a diff shows (`RIGHT`: added and
+/// context lines), by file, from `git diff` output.
+fn right_lines(diff: &str) -> HashMap<String, Vec<u64>> {
+    let mut out: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut file = String::new();
+    let mut next: Option<u64> = None;
+    for line in diff.lines() {
+        if line.starts_with("diff --git ") {
+            next = None;
+        } else if let Some(f) = line.strip_prefix("+++ b/") {
+            file = f.to_string();
+        } else if let Some(h) = line.strip_prefix("@@ -") {
+            next = h
+                .split(" +")
+                .nth(1)
+                .and_then(|p| p.split([',', ' ']).next())
+                .and_then(|n| n.parse().ok());
+        } else if let Some(n) = next.as_mut() {
+            if !line.starts_with('-') && !line.starts_with('\\') {
+                out.entry(file.clone()).or_default().push(*n);
+                *n += 1;
+            }
+        }
+    }
+    out
 }
 
 #[derive(Clone, Debug)]
@@ -159,6 +246,8 @@ pub struct Model {
     pub repos: BTreeMap<String, Repo>,
     pub comments: BTreeMap<u64, Comment>,
     pub reviews: Vec<Review>,
+    /// Check runs, in the order created.
+    pub check_runs: Vec<CheckRun>,
     pub tokens: HashMap<String, Token>,
     /// Lifetime of the installation tokens issued from now on (GitHub's: one hour).
     pub token_ttl: Option<Duration>,
@@ -386,6 +475,22 @@ impl Fake {
                 "html_url": format!("{}/{repo}/pull/{}", self.base_url, p.number),
             },
         })
+    }
+
+    /// `git diff base...head` of a pull request, as its files and review lines follow
+    /// it (empty when git cannot tell).
+    fn pull_diff(&self, repo: &str, base: &str, head: &str) -> String {
+        std::process::Command::new("git")
+            .arg("--git-dir")
+            .arg(self.git_root.join(format!("{repo}.git")))
+            .args(["diff", "--no-color", "--no-ext-diff", "-U3"])
+            .arg(format!("{base}...{head}"))
+            .arg("--")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
     }
 
     fn pull_json(&self, repo: &str, p: &Pull) -> Value {
@@ -847,6 +952,87 @@ impl FakeGithub {
         self.deliver("issue_comment", Value::Object(p)).await
     }
 
+    /// Grants the App `permission` (`checks`, `statuses`, …) at `level` on an
+    /// installation, as accepting an App's new permissions does.
+    pub fn grant(&self, installation: u64, permission: &str, level: &str) {
+        if let Some(i) = self.fake.model.lock().installations.get_mut(&installation) {
+            i.permissions.insert(permission.into(), level.into());
+        }
+    }
+
+    /// CI reports on the head of `branch`: a check run `name` created (`conclusion`
+    /// `None`: in progress) or completed, then the `check_run` webhook
+    /// (`created`/`completed`) as GitHub delivers it. Returns the delivery's status.
+    pub async fn check_run(
+        &self,
+        repo: &str,
+        branch: &str,
+        name: &str,
+        conclusion: Option<&str>,
+        summary: &str,
+    ) -> u16 {
+        let inst = self.installation_of(repo);
+        let run = self.record_check_run(repo, branch, name, conclusion, summary);
+        let mut p = self.base_payload(repo, inst, "github-actions[bot]");
+        p.insert(
+            "action".into(),
+            json!(if conclusion.is_some() {
+                "completed"
+            } else {
+                "created"
+            }),
+        );
+        p.insert("check_run".into(), check_run_json(&run));
+        self.deliver("check_run", Value::Object(p)).await
+    }
+
+    /// The same check run as [`FakeGithub::check_run`], but its webhook never arrives
+    /// (the App was not subscribed, or GitHub did not send it).
+    pub fn check_run_undelivered(
+        &self,
+        repo: &str,
+        branch: &str,
+        name: &str,
+        conclusion: Option<&str>,
+        summary: &str,
+    ) {
+        self.record_check_run(repo, branch, name, conclusion, summary);
+    }
+
+    fn record_check_run(
+        &self,
+        repo: &str,
+        branch: &str,
+        name: &str,
+        conclusion: Option<&str>,
+        summary: &str,
+    ) -> CheckRun {
+        let sha = resolve(&self.fake, repo, branch).expect("the branch exists");
+        let mut m = self.fake.model.lock();
+        let id = m.id();
+        let run = CheckRun {
+            id,
+            repo: repo.into(),
+            head_sha: sha,
+            head_branch: branch.into(),
+            name: name.into(),
+            status: if conclusion.is_some() {
+                "completed"
+            } else {
+                "in_progress"
+            }
+            .into(),
+            conclusion: conclusion.map(str::to_string),
+            output_title: format!("{name}: {}", conclusion.unwrap_or("running")),
+            output_summary: summary.into(),
+        };
+        // A run of the same name on the same commit is updated, not added.
+        m.check_runs
+            .retain(|c| !(c.repo == run.repo && c.head_sha == run.head_sha && c.name == run.name));
+        m.check_runs.push(run.clone());
+        run
+    }
+
     /// Submits a review on a pull request and delivers `pull_request_review.submitted`.
     pub async fn review(
         &self,
@@ -870,6 +1056,7 @@ impl FakeGithub {
                 user: sender.into(),
                 body: body.into(),
                 event: state.to_ascii_uppercase(),
+                comments: Vec::new(),
             });
             self.fake.pull_json(repo, &p)
         };
@@ -957,6 +1144,15 @@ fn router(fake: Arc<Fake>) -> Router {
         .route("/repos/{o}/{r}/pulls", post(create_pull).get(list_pulls))
         .route("/repos/{o}/{r}/pulls/{n}", get(get_pull).patch(update_pull))
         .route("/repos/{o}/{r}/pulls/{n}/reviews", post(create_review))
+        .route("/repos/{o}/{r}/pulls/{n}/files", get(pull_files))
+        .route(
+            "/repos/{o}/{r}/commits/{git_ref}/check-runs",
+            get(list_check_runs),
+        )
+        .route(
+            "/repos/{o}/{r}/commits/{git_ref}/status",
+            get(combined_status),
+        )
         .route("/repos/{o}/{r}/contents/{*path}", get(contents))
         .route("/graphql", post(graphql))
         .fallback(git_or_404)
@@ -1713,14 +1909,53 @@ async fn create_review(
 ) -> ApiResult {
     let (f, repo) = call.repo(&o, &r, "pull_requests", Perm::Write)?;
     let v = body_field(&body)?;
+    // The request as GitHub's REST description has it.
+    let schema = create_review_schema();
+    let validator = jsonschema::options()
+        .build(&schema)
+        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    if let Some(e) = validator.iter_errors(&v).next() {
+        return Err(err(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("Invalid request: {e} at {}", e.instance_path()),
+        ));
+    }
     let event = v["event"].as_str().unwrap_or("COMMENT").to_string();
-    if !["COMMENT", "APPROVE", "REQUEST_CHANGES"].contains(&event.as_str()) {
-        return Err(err(StatusCode::UNPROCESSABLE_ENTITY, "event is not valid"));
+    let pull = f.model.lock().repos[&repo].pulls.get(&n).cloned();
+    let Some(pull) = pull else {
+        return Err(err(StatusCode::NOT_FOUND, "Not Found"));
+    };
+    let mut comments = Vec::new();
+    if let Some(list) = v["comments"].as_array().filter(|l| !l.is_empty()) {
+        // As GitHub does: a line comment must be on a line the pull request's diff shows.
+        let shown = right_lines(&f.pull_diff(&repo, &pull.base, &pull.head));
+        for c in list {
+            let path = c["path"].as_str().unwrap_or_default().to_string();
+            let side = c["side"].as_str().unwrap_or("RIGHT").to_string();
+            let Some(line) = c["line"].as_u64() else {
+                return Err(err(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Unprocessable Entity: this fake takes line comments by `line` only",
+                ));
+            };
+            if side != "RIGHT" || !shown.get(&path).is_some_and(|l| l.contains(&line)) {
+                return Err(err(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!(
+                        "Unprocessable Entity: pull_request_review_thread.line must be part of \
+                         the diff ({path}:{line}, {side})"
+                    ),
+                ));
+            }
+            comments.push(ReviewComment {
+                path,
+                line,
+                side,
+                body: c["body"].as_str().unwrap_or_default().to_string(),
+            });
+        }
     }
     let mut m = f.model.lock();
-    if !m.repos[&repo].pulls.contains_key(&n) {
-        return Err(err(StatusCode::NOT_FOUND, "Not Found"));
-    }
     let id = m.id();
     m.reviews.push(Review {
         repo,
@@ -1728,11 +1963,97 @@ async fn create_review(
         user: BOT_LOGIN.into(),
         body: v["body"].as_str().unwrap_or("").into(),
         event: event.clone(),
+        comments,
     });
     Ok(
         Json(json!({ "id": id, "state": if event == "COMMENT" { "COMMENTED" } else { &event } }))
             .into_response(),
     )
+}
+
+/// The commit a ref (a branch or a sha) of a repository names, if any.
+fn resolve(f: &Fake, repo: &str, git_ref: &str) -> Option<String> {
+    let out = std::process::Command::new("git")
+        .arg("--git-dir")
+        .arg(f.git_root.join(format!("{repo}.git")))
+        .args(["rev-parse", "--verify", "--quiet"])
+        .arg(format!("{git_ref}^{{commit}}"))
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn check_run_json(run: &CheckRun) -> Value {
+    json!({
+        "id": run.id, "node_id": format!("CR_{}", run.id), "name": run.name,
+        "head_sha": run.head_sha, "status": run.status, "conclusion": run.conclusion,
+        "output": { "title": run.output_title, "summary": run.output_summary, "text": null },
+        "check_suite": { "id": run.id * 10, "head_branch": run.head_branch, "head_sha": run.head_sha },
+        "pull_requests": [],
+    })
+}
+
+/// `GET /repos/{owner}/{repo}/commits/{ref}/check-runs` (permission `checks: read`).
+async fn list_check_runs(
+    call: Call,
+    Path((o, r, git_ref)): Path<(String, String, String)>,
+) -> ApiResult {
+    let (f, repo) = call.repo(&o, &r, "checks", Perm::Read)?;
+    let Some(sha) = resolve(&f, &repo, &git_ref) else {
+        return Err(err(StatusCode::NOT_FOUND, "No commit found for SHA"));
+    };
+    let m = f.model.lock();
+    let runs: Vec<Value> = m
+        .check_runs
+        .iter()
+        .filter(|c| c.repo == repo && c.head_sha == sha)
+        .map(check_run_json)
+        .collect();
+    Ok(Json(json!({ "total_count": runs.len(), "check_runs": runs })).into_response())
+}
+
+/// `GET /repos/{owner}/{repo}/commits/{ref}/status` (permission `statuses: read`): no
+/// commit statuses in this fake, so `pending` with none, as GitHub answers then.
+async fn combined_status(
+    call: Call,
+    Path((o, r, git_ref)): Path<(String, String, String)>,
+) -> ApiResult {
+    let (f, repo) = call.repo(&o, &r, "statuses", Perm::Read)?;
+    let Some(sha) = resolve(&f, &repo, &git_ref) else {
+        return Err(err(StatusCode::NOT_FOUND, "No commit found for SHA"));
+    };
+    Ok(
+        Json(json!({ "state": "pending", "sha": sha, "total_count": 0, "statuses": [] }))
+            .into_response(),
+    )
+}
+
+/// `GET /repos/{owner}/{repo}/pulls/{pull_number}/files`: each changed file with its
+/// `patch` (the hunks of `git diff base...head`), one page.
+async fn pull_files(call: Call, Path((o, r, n)): Path<(String, String, u64)>) -> ApiResult {
+    let (f, repo) = call.repo(&o, &r, "pull_requests", Perm::Read)?;
+    let pull = f.model.lock().repos[&repo].pulls.get(&n).cloned();
+    let Some(pull) = pull else {
+        return Err(err(StatusCode::NOT_FOUND, "Not Found"));
+    };
+    let diff = f.pull_diff(&repo, &pull.base, &pull.head);
+    let mut files = Vec::new();
+    for part in diff.split("diff --git ").skip(1) {
+        let name = part
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("+++ b/")
+                    .or_else(|| l.strip_prefix("--- a/"))
+            })
+            .unwrap_or_default();
+        let patch = part
+            .find("\n@@")
+            .map(|at| part[at + 1..].trim_end_matches('\n'));
+        files.push(json!({ "filename": name, "status": "modified", "patch": patch }));
+    }
+    Ok(Json(Value::Array(files)).into_response())
 }
 
 async fn contents(

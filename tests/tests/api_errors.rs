@@ -137,6 +137,70 @@ async fn bad_requests_get_json_errors() {
     assert_eq!(list["tasks"].as_array().unwrap().len(), 0);
 }
 
+/// Rejecting a plan: a task that waits for no plan is a 409, not a 500; bad feedback is
+/// a 422; an unknown task a 404.
+#[tokio::test(flavor = "multi_thread")]
+async fn rejecting_what_waits_for_no_plan_is_a_conflict() {
+    let mut c = Cluster::new(&[]);
+    c.start_coordinator().await.unwrap();
+    let (_, task) = c
+        .submit(json!({ "repository": "/tmp/nowhere.git", "prompt": "p", "pipeline": ["planner", "coder"] }))
+        .await
+        .unwrap();
+    let id = task["id"].as_str().unwrap();
+    let reject = |id: String, body: Value| {
+        c.http
+            .post(c.url(&format!("/api/v1/tasks/{id}/reject")))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+    };
+    let err = check(
+        reject(id.into(), json!({ "feedback": "smaller steps" }))
+            .await
+            .unwrap(),
+        409,
+        "conflict",
+    )
+    .await;
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("not waiting for approval"),
+        "{err}"
+    );
+    for (body, needle) in [
+        (json!({ "feedback": " \n " }), "feedback"),
+        (json!({ "feedback": "x".repeat(4097) }), "4096 bytes"),
+        (json!({ "feedback": "x", "colour": "red" }), "colour"),
+        (json!({}), "feedback"),
+    ] {
+        let err = check(
+            reject(id.into(), body.clone()).await.unwrap(),
+            422,
+            "invalid_request",
+        )
+        .await;
+        assert!(
+            err["error"].as_str().unwrap().contains(needle),
+            "{body} → {err}"
+        );
+    }
+    check(
+        reject(uuid_like(), json!({ "feedback": "x" }))
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    // The task is as it was.
+    let after = c.task(id).await.unwrap();
+    assert_eq!(after["status"], "queued", "{after:#}");
+    assert_eq!(after["subtasks"][0]["attempt"], 1, "{after:#}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn without_a_configured_token_the_api_says_why() {
     let mut c = Cluster::new(&[("AO__API__TOKEN", "")]);

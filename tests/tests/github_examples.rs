@@ -16,6 +16,9 @@ const HANDLED: &[&str] = &[
     "pull_request_review_comment",
     "installation",
     "installation_repositories",
+    "check_run",
+    "check_suite",
+    "status",
     "ping",
 ];
 

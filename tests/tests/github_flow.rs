@@ -240,3 +240,75 @@ async fn a_run_longer_than_its_token_pushes_with_a_fresh_one() {
     let task = &tasks["tasks"][0];
     assert_eq!(task["subtasks"][0]["attempt"], 1, "{tasks:#}");
 }
+
+/// A reviewer that asks for changes on a line of the diff, on a file the diff leaves
+/// alone, and on no line at all.
+const FINDING_AGENT: &str = r#"
+if [[ "$AO_CAPABILITY" == reviewer ]]; then
+  echo 'Two things to change.'
+  echo '```json'
+  echo '{"verdict": "request_changes", "findings": [{"file": "calc.py", "line": 2, "message": "b is added, not subtracted"}, {"file": "README.md", "line": 1, "message": "mention calc.py here"}, {"message": "add a test"}]}'
+  echo '```'
+else
+  printf 'def sub(a, b):\n    return a + b\n\n' > calc.py
+  echo "wrote calc.py"
+fi
+"#;
+
+/// The reviewer's findings become a review whose line comments sit on the diff's lines
+/// (`comments[]` with `path`, `line`, `side`, checked by the fake against GitHub's
+/// description and the diff, as GitHub does); findings elsewhere are in its body.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reviewers_findings_are_line_comments_on_the_diff() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = FakeGithub::start(tmp.path(), 4242).await.unwrap();
+    fake.add_installation(7, "acme");
+    fake.add_repo(7, REPO, &[("README.md", "The widgets.\n")]);
+    fake.set_role(REPO, "alice", "write");
+    let mut c = cluster(&fake, &[]);
+    fake.set_webhook(
+        &c.url("/webhooks/github"),
+        ao_tests::fake_github::WEBHOOK_SECRET,
+    );
+    let agent = script(c.dir.path(), "agent.sh", FINDING_AGENT);
+    c.start_in_process().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+
+    let issue = fake.open_issue(REPO, "Add sub", "Please add a sub function.", "alice");
+    assert_eq!(fake.label_issue(REPO, issue, "agent", "alice").await, 202);
+    let m = fake
+        .wait_for("the reviewer's review", LIMIT, |m| {
+            m.reviews.iter().any(|r| r.user == BOT_LOGIN)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
+        .unwrap();
+    let reviews: Vec<_> = m.reviews.iter().filter(|r| r.user == BOT_LOGIN).collect();
+    assert_eq!(reviews.len(), 1, "{reviews:#?}");
+    let review = reviews[0];
+    assert_eq!(review.event, "COMMENT");
+    assert_eq!(review.comments.len(), 1, "{review:#?}");
+    let on_line = &review.comments[0];
+    assert_eq!(
+        (on_line.path.as_str(), on_line.line, on_line.side.as_str()),
+        ("calc.py", 2, "RIGHT")
+    );
+    assert!(
+        on_line.body.contains("b is added, not subtracted"),
+        "{on_line:#?}"
+    );
+    for elsewhere in ["README.md:1: mention calc.py here", "- add a test"] {
+        assert!(
+            review.body.contains(elsewhere),
+            "{elsewhere:?} not in {}",
+            review.body
+        );
+    }
+    // Posted once: GitHub took the line comments as they were.
+    let posts = m
+        .calls
+        .iter()
+        .filter(|call| call.starts_with("POST ") && call.contains("/reviews"))
+        .count();
+    assert_eq!(posts, 1, "{:#?}", m.calls);
+}

@@ -343,6 +343,7 @@ fn planned_task() -> Task {
         subtasks: ao_shared::pipeline::plan_subtasks(&pipeline),
         approval: ao_shared::task::Approval::NotRequired,
         review_round: None,
+        ci_round: None,
         planning: Some(Planning {
             limits: ao_shared::plan::PlanLimits {
                 max_steps: 5,
@@ -354,6 +355,7 @@ fn planned_task() -> Task {
             expanded: false,
             summary: String::new(),
             fix_rounds: 0,
+            rejections: 0,
         }),
     }
 }

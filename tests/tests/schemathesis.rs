@@ -52,7 +52,7 @@ async fn the_api_conforms_to_its_openapi_description() {
         c.logs()
     );
     // It really tested: every operation, with many cases.
-    assert!(stdout.contains("Tested: 10"), "{stdout}");
+    assert!(stdout.contains("Tested: 11"), "{stdout}");
     assert!(
         !c.coordinator_log().contains("internal error"),
         "{}",

@@ -107,6 +107,78 @@ pub async fn find_comment(
         .and_then(|x| x["id"].as_u64()))
 }
 
+/// The checks on the head of `git_ref` (a branch): its check runs (`GET
+/// /repos/{owner}/{repo}/commits/{ref}/check-runs`, every page) and its commit statuses
+/// (`GET /repos/{owner}/{repo}/commits/{ref}/status`, the latest per context), with the
+/// head's sha.
+pub async fn checks_of(
+    c: &Client,
+    inst: u64,
+    repo: &RepoName,
+    git_ref: &str,
+) -> Result<(String, Vec<super::checks::Check>), GithubError> {
+    use super::checks::Check;
+    let r = urlencode(git_ref);
+    let runs = c
+        .list(
+            inst,
+            "/repos/{o}/{r}/commits/{ref}/check-runs",
+            &format!("/repos/{repo}/commits/{r}/check-runs?per_page=100"),
+            check_runs,
+        )
+        .await?;
+    let status = c
+        .call(
+            inst,
+            Method::GET,
+            "/repos/{o}/{r}/commits/{ref}/status",
+            &format!("/repos/{repo}/commits/{r}/status?per_page=100"),
+            None,
+        )
+        .await?
+        .body;
+    let mut checks: Vec<Check> = runs
+        .iter()
+        .map(|run| {
+            let out = &run["output"];
+            let excerpt: Vec<&str> = ["title", "summary", "text"]
+                .iter()
+                .filter_map(|k| out[*k].as_str())
+                .collect();
+            Check::run(
+                run["name"].as_str().unwrap_or("check run"),
+                run["status"].as_str().unwrap_or(""),
+                run["conclusion"].as_str(),
+                &excerpt.join("\n"),
+            )
+        })
+        .collect();
+    for s in status["statuses"].as_array().into_iter().flatten() {
+        checks.push(Check::status(
+            s["context"].as_str().unwrap_or("status"),
+            s["state"].as_str().unwrap_or(""),
+            s["description"].as_str().unwrap_or(""),
+        ));
+    }
+    let sha = status["sha"]
+        .as_str()
+        .or_else(|| runs.first().and_then(|r| r["head_sha"].as_str()))
+        .unwrap_or_default()
+        .to_string();
+    Ok((sha, checks))
+}
+
+/// The check runs of a page of `GET …/check-runs` (`{"total_count", "check_runs"}`).
+fn check_runs(v: Value) -> Vec<Value> {
+    match v {
+        Value::Object(mut o) => match o.remove("check_runs") {
+            Some(Value::Array(a)) => a,
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
+}
+
 /// The items of a page that is a bare JSON array.
 fn array(v: Value) -> Vec<Value> {
     match v {
@@ -297,22 +369,56 @@ pub async fn mark_ready(c: &Client, inst: u64, node_id: &str) -> Result<(), Gith
     .map(|_| ())
 }
 
-/// Posts a review (event `COMMENT`: the App neither approves nor blocks).
+/// Posts a review (event `COMMENT`: the App neither approves nor blocks) with its line
+/// comments; GitHub answers 422 when a comment's line is not in the diff.
 pub async fn create_review(
     c: &Client,
     inst: u64,
     repo: &RepoName,
     number: u64,
     body: &str,
+    comments: &[super::review::LineComment],
 ) -> Result<(), GithubError> {
+    let mut review = json!({ "body": body, "event": "COMMENT" });
+    if !comments.is_empty() {
+        review["comments"] = json!(comments);
+    }
     c.create(
         inst,
         "/repos/{o}/{r}/pulls/{n}/reviews",
         &format!("/repos/{repo}/pulls/{number}/reviews"),
-        &json!({ "body": body, "event": "COMMENT" }),
+        &review,
     )
     .await
     .map(|_| ())
+}
+
+/// The files a pull request changes, each with its `patch` (absent for a binary file or
+/// a diff too large to show): `GET /repos/{owner}/{repo}/pulls/{pull_number}/files`,
+/// every page.
+pub async fn pull_files(
+    c: &Client,
+    inst: u64,
+    repo: &RepoName,
+    number: u64,
+) -> Result<Vec<(String, Option<String>)>, GithubError> {
+    let list = c
+        .list(
+            inst,
+            "/repos/{o}/{r}/pulls/{n}/files",
+            &format!("/repos/{repo}/pulls/{number}/files?per_page=100"),
+            array,
+        )
+        .await?;
+    Ok(list
+        .iter()
+        .filter_map(|f| {
+            Some((
+                f["filename"].as_str()?.to_string(),
+                f["patch"].as_str().map(str::to_string),
+            ))
+        })
+        .collect())
 }
 
 /// An open issue carrying a label (from the issue list, pull requests left out).

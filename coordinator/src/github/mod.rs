@@ -11,6 +11,7 @@
 //! over HTTP only (no trait): tests point `github.api_url` at a fake server.
 
 pub mod api;
+pub mod checks;
 pub mod client;
 pub mod handle;
 pub mod limits;
@@ -19,6 +20,7 @@ pub mod progress;
 pub mod reconcile;
 pub mod repo_config;
 pub mod reporter;
+pub mod review;
 pub mod untrusted;
 
 use crate::context::Coordinator;

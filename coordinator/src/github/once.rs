@@ -65,6 +65,14 @@ pub enum Once<'a> {
     /// The one answer to a delivery that starts nothing (a closed issue, a label on a
     /// pull request).
     Answer { delivery: &'a DeliveryId },
+    /// The round that fixes the checks failing on commit `sha` of an agent's branch.
+    CiRound {
+        repo: &'a RepoName,
+        branch: &'a str,
+        sha: &'a str,
+    },
+    /// Telling a pull request that its rounds of fixing checks are used up.
+    CiLimit { repo: &'a RepoName, pull: u64 },
 }
 
 impl Once<'_> {
@@ -100,6 +108,8 @@ impl Once<'_> {
             Once::WorkflowsNotice { task } => format!("workflows-notice:{task}"),
             Once::BotRefused { repo, issue, login } => format!("bot:{repo}#{issue}:{login}"),
             Once::Answer { delivery } => format!("answer:{delivery}"),
+            Once::CiRound { repo, branch, sha } => format!("ci-round:{repo}:{branch}:{sha}"),
+            Once::CiLimit { repo, pull } => format!("ci-limit:{repo}#{pull}"),
         })
     }
 }

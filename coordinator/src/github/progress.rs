@@ -66,7 +66,9 @@ fn step_label(sub: &ao_shared::task::Subtask) -> String {
 pub fn render(task: &Task, pull_request: Option<u64>) -> String {
     let headline = match task.status {
         TaskStatus::Queued => "⏳ queued",
-        TaskStatus::AwaitingApproval => "✋ waiting for `/agent approve`",
+        TaskStatus::AwaitingApproval => {
+            "✋ waiting for `/agent approve` (or `/agent reject <what to change>`)"
+        }
         TaskStatus::Running => "🏃 running",
         TaskStatus::Succeeded => "✅ done",
         TaskStatus::Failed => "❌ failed",
@@ -81,6 +83,12 @@ pub fn render(task: &Task, pull_request: Option<u64>) -> String {
         s.push_str(&format!(" · pull request #{n}"));
     }
     s.push_str("\n\n");
+    if let Some(n) = task.ci_round {
+        s.push_str(&format!(
+            "Fix round {n} for the pull request's failing checks (at most \
+             `pipeline.max_fix_rounds`); the pull request is marked ready once its checks pass.\n\n"
+        ));
+    }
     if let ao_shared::task::TaskSource::Github {
         untrusted_author: Some(author),
         ..
@@ -121,6 +129,10 @@ pub fn render(task: &Task, pull_request: Option<u64>) -> String {
     }
     s.push_str(&format!("\nCost so far: ${:.2}\n", task.cost_usd()));
     if task.status == TaskStatus::AwaitingApproval {
+        if let Some(plan) = plan_to_approve(task) {
+            s.push('\n');
+            s.push_str(&plan);
+        }
         s.push('\n');
         s.push_str(&agent_text(task));
     }
@@ -137,9 +149,51 @@ pub fn render(task: &Task, pull_request: Option<u64>) -> String {
     }
     s.push_str(
         "\n<sub>Commands: `/agent status`, `/agent retry`, `/agent cancel`, `/agent approve`, \
-         `/agent run`</sub>\n",
+         `/agent reject <feedback>`, `/agent run`</sub>\n",
     );
     s
+}
+
+/// Characters of one step's title and instructions shown to the approver at most.
+const MAX_STEP_SHOWN_CHARS: usize = 2000;
+/// Characters of the whole plan shown to the approver at most (a comment holds 65,536).
+const MAX_PLAN_SHOWN_CHARS: usize = 30_000;
+
+/// The steps of the plan a task waits with, as whoever approves must judge them: each
+/// step's id, capability and dependencies (checked plan ids), then its title and
+/// instructions — the planner's text — without hidden characters, in a code fence the
+/// text cannot close, so that it shows as written and never as mentions, links or
+/// images of the App's comment. `None` when the task has no plan steps.
+fn plan_to_approve(task: &Task) -> Option<String> {
+    use ao_shared::task::Step;
+    let mut out = String::new();
+    let mut shown = 0;
+    for sub in &task.subtasks {
+        let Some(Step::Plan { title, .. }) = &sub.step else {
+            continue;
+        };
+        if shown >= MAX_PLAN_SHOWN_CHARS {
+            out.push_str("… the rest of the plan is on the API (`GET /api/v1/tasks/{id}`).\n");
+            break;
+        }
+        let text = format!(
+            "{title}\n\n{}",
+            sub.instructions.as_deref().unwrap_or("").trim()
+        );
+        let mut text: String = text
+            .chars()
+            .filter(|c| *c == '\n' || !crate::github::untrusted::is_hidden_char(*c))
+            .take(MAX_STEP_SHOWN_CHARS)
+            .collect();
+        if text.chars().count() == MAX_STEP_SHOWN_CHARS {
+            text.push_str(" …");
+        }
+        shown += text.len();
+        let _ = writeln!(out, "**{}**{}\n", sub.capability, step_label(sub));
+        out.push_str(&fenced(&text));
+        out.push('\n');
+    }
+    (!out.is_empty()).then(|| format!("**The plan to approve**\n\n{out}"))
 }
 
 /// Exactly the instructions the agent gets, shown to whoever approves, in a code fence
@@ -333,6 +387,51 @@ mod tests {
         );
         task.status = TaskStatus::Running;
         assert!(!render(&task, None).contains("Do it."));
+    }
+
+    #[test]
+    fn the_approver_sees_each_steps_title_and_instructions_as_written() {
+        let mut task: Task = serde_json::from_value(serde_json::json!({
+            "id": "01a22b20-5a5d-76c6-b6eb-b80fb59936d5",
+            "repository": "acme/widgets", "branch": "agent/1-x", "pipeline": "full",
+            "prompt": "x", "title": "x", "status": "awaiting_approval", "version": 1,
+            "created_at": "2026-11-30T06:24:30Z", "updated_at": "2026-11-30T06:24:30Z",
+            "source": { "kind": "api" },
+            "subtasks": [
+                { "id": "01a22b20-5a5d-76c6-b6eb-b8100c0ab72f", "capability": "coder",
+                  "status": "pending", "attempt": 0, "depends_on": [],
+                  "instructions": "Add the parser.\n```\n@acme/admins [x](https://evil.example) ![i](https://evil.example/i.png)\u{202E}",
+                  "step": { "kind": "plan", "id": "api", "title": "Parser <img src=x>",
+                            "branch": "agent/1-x-step-api" } },
+                { "id": "01a22b20-5a5d-76c6-b6eb-b8100c0ab731", "capability": "tester",
+                  "status": "pending", "attempt": 0, "depends_on": [],
+                  "instructions": "Run the tests.",
+                  "step": { "kind": "plan", "id": "check", "title": "Check it", "depends_on": ["api"] } }
+            ]
+        }))
+        .unwrap();
+        let shown = render(&task, None);
+        assert!(shown.contains("**The plan to approve**"), "{shown}");
+        assert!(
+            shown.contains(
+                "**coder** step `api`\n\n````text\nParser <img src=x>\n\nAdd the parser.\n```\n\
+                 @acme/admins [x](https://evil.example) ![i](https://evil.example/i.png)\n````\n"
+            ),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("**tester** step `check` (after `api`)\n\n```text\nCheck it\n\nRun the tests.\n```\n"),
+            "{shown}"
+        );
+        assert!(!shown.contains('\u{202E}'), "hidden characters go: {shown}");
+        assert!(shown.contains("`/agent reject <feedback>`"), "{shown}");
+        // Once approved, only the checklist of ids stays.
+        task.status = TaskStatus::Running;
+        let shown = render(&task, None);
+        assert!(
+            !shown.contains("Add the parser") && !shown.contains("evil"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! deliveries are listed and every one that never reached us (connection failure or a
 //! 5xx from us, and no successful attempt since) is asked for again — the endpoint's
 //! delivery-id dedupe makes a needless redelivery harmless; (2) open issues carrying a
-//! trigger label but no task at all get one, when the user who labelled them may write.
+//! trigger label but no task at all get one, when the user who labelled them may write;
+//! (3) the checks of recent agent pull requests still drafts are read again
+//! ([`handle::sweep_checks`]): a fix round for a failing one, ready when they pass.
 //!
 //! Every list is read to its last page. One installation's or repository's error (a
 //! repository with issues disabled answers 410) is logged and the sweep goes on with
@@ -103,7 +105,9 @@ pub async fn sweep(gh: &Github) -> Result<(), Box<dyn std::error::Error + Send +
             }
         }
     }
-    tracing::info!(redeliveries = asked, "missed-delivery sweep done");
+    // 3. Checks on the agent's draft pull requests, whose webhook may have been missed.
+    let branches = handle::sweep_checks(gh).await?;
+    tracing::info!(redeliveries = asked, branches, "missed-delivery sweep done");
     Ok(())
 }
 

@@ -14,9 +14,10 @@
 //! tried again for that task by this process; every other step is still done. A creating
 //! call that failed without a clear answer is looked up before it is made again.
 
+use super::checks::ChecksVerdict;
 use super::client::GithubError;
 use super::once::Once;
-use super::{api, progress, source};
+use super::{api, progress, review, source};
 use crate::bus::TaskChange;
 use crate::github::Github;
 use crate::orchestrator::{self, ChangeError};
@@ -26,7 +27,8 @@ use ao_shared::ids::{DeliveryId, TaskId};
 use ao_shared::state::TaskQuery;
 use ao_shared::status::{SubtaskStatus, TaskStatus};
 use ao_shared::task::{Applied, FailureCause, Task, TaskSource};
-use std::collections::{HashMap, HashSet};
+use ao_shared::verdict::Verdict;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast::{self, error::RecvError};
@@ -336,14 +338,45 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
             let owed = written.owed_reviews.contains(&key);
             if owed || gh.store.record_delivery(&key).await? {
                 written.owed_reviews.insert(key.clone());
-                let summary = sub
-                    .outcome
-                    .as_ref()
-                    .map(|o| o.summary.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| "The reviewer found nothing to add.".into());
-                let body = format!("**Reviewer agent**\n\n{}", progress::fenced(&summary));
-                let posted = api::create_review(c, inst, &repo, pr, &body).await;
+                let outcome = sub.outcome.as_ref();
+                let summary = outcome.map_or("", |o| o.summary.as_str());
+                let verdict = outcome.and_then(|o| {
+                    let reply = o
+                        .structured
+                        .as_deref()
+                        .cloned()
+                        .or_else(|| ao_shared::plan::extract_json(&o.summary));
+                    Verdict::from_reply(reply.as_ref())
+                });
+                // The lines the diff shows, only when there is a finding to place.
+                let placed = matches!(&verdict, Some(Verdict::RequestChanges { findings })
+                    if findings.iter().any(|f| f.file.is_some() && f.line.is_some()));
+                let mut diff = BTreeMap::new();
+                if placed {
+                    match api::pull_files(c, inst, &repo, pr).await {
+                        Ok(files) => {
+                            for (name, patch) in files {
+                                let lines = patch.as_deref().map(review::diff_lines);
+                                diff.insert(name, lines.unwrap_or_default());
+                            }
+                        }
+                        // No diff to place findings on: all of them go in the body.
+                        Err(e) if e.is_permanent() => {
+                            tracing::warn!(task_id = %id, error = %e,
+                                "cannot read the pull request's files; the findings go in the review's body");
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                let mut r = review::review(summary, verdict.as_ref(), &diff);
+                let mut posted = api::create_review(c, inst, &repo, pr, &r.body, &r.comments).await;
+                // The diff moved since it was read: the findings go in the body.
+                if matches!(&posted, Err(GithubError::Status { status: 422, .. }))
+                    && !r.comments.is_empty()
+                {
+                    r = review::without_line_comments(r);
+                    posted = api::create_review(c, inst, &repo, pr, &r.body, &r.comments).await;
+                }
                 written.settle(id, Step::Review, posted)?;
                 written.owed_reviews.remove(&key);
             }
@@ -384,7 +417,8 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
             if task.status == TaskStatus::AwaitingApproval {
                 body.push_str(
                     "\nNothing is coded until someone with write access comments \
-                     `/agent approve` (or `/agent cancel`).\n",
+                     `/agent approve`, or `/agent reject <what to change>` for a new plan \
+                     (or `/agent cancel`).\n",
                 );
             }
             let posted = api::create_comment(c, inst, &repo, issue, &body).await;
@@ -410,12 +444,39 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
         written.pull_body = Some(body);
     }
 
-    // 3. Ready for review when the task succeeded.
-    if let (Some(pr), TaskStatus::Succeeded, false, true) = (
+    // 3. Ready for review when the task succeeded and, with
+    // `github.ready_waits_for_checks`, the checks on the branch's head passed (a check
+    // that completes notifies the reporter again; one that fails starts a fix round).
+    let checks_pass = match (task.status, written.ready, pull_request) {
+        (TaskStatus::Succeeded, false, Some(_)) if gh.settings.github.ready_waits_for_checks => {
+            match api::checks_of(c, inst, &repo, &task.branch).await {
+                Ok((_, checks)) => {
+                    let verdict = ChecksVerdict::of(&checks, &gh.settings.github.required_checks);
+                    if !verdict.passed() {
+                        tracing::info!(task_id = %id, pending = ?verdict.pending,
+                            failed = verdict.failed.len(), missing = ?verdict.missing,
+                            "the pull request waits for its checks before it is ready");
+                    }
+                    verdict.passed()
+                }
+                // Checks the App may not read (no `checks`/`statuses` permission) hold
+                // nothing up.
+                Err(e) if e.is_permanent() => {
+                    tracing::warn!(task_id = %id, error = %e,
+                        "cannot read the pull request's checks; it is marked ready without them");
+                    true
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        _ => true,
+    };
+    if let (Some(pr), TaskStatus::Succeeded, false, true, true) = (
         pull_request,
         task.status,
         written.ready,
         written.open(Step::Ready),
+        checks_pass,
     ) {
         let current = api::get_pull(c, inst, &repo, pr).await;
         if let Some(current) = written.settle(id, Step::Ready, current)? {

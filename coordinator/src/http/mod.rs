@@ -31,6 +31,7 @@ pub fn router(cx: Arc<Coordinator>, edges: Router) -> Router {
         .route("/tasks/{id}/cancel", post(tasks::cancel))
         .route("/tasks/{id}/retry", post(tasks::retry))
         .route("/tasks/{id}/approve", post(tasks::approve))
+        .route("/tasks/{id}/reject", post(tasks::reject))
         .route("/task-updates", get(dashboard::updates::task_updates))
         .layer(DefaultBodyLimit::max(cx.settings.server.max_body_bytes))
         .route_layer(middleware::from_fn_with_state(

@@ -32,6 +32,7 @@ mod tests {
             "/api/v1/tasks/{id}/cancel",
             "/api/v1/tasks/{id}/retry",
             "/api/v1/tasks/{id}/approve",
+            "/api/v1/tasks/{id}/reject",
         ] {
             assert!(doc["paths"][path].is_object(), "{path} is not described");
         }

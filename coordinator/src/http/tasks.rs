@@ -1,5 +1,5 @@
 //! The REST API for tasks under `/api/v1`: create, list, get, events, cancel, retry,
-//! approve. Input is validated here, at the edge; the rules live in `orchestrator`.
+//! approve, reject. Input is validated here, at the edge; the rules live in `orchestrator`.
 
 use super::error::ApiError;
 use super::extract::{ApiJson, ApiPath, ApiQuery};
@@ -10,7 +10,7 @@ use ao_shared::ids::TaskId;
 use ao_shared::state::TaskQuery;
 use ao_shared::status::TaskStatus;
 use ao_shared::task::AGENT_BRANCH_PREFIX;
-use ao_shared::task::{Applied, Approval, Task, TaskSource};
+use ao_shared::task::{Applied, Approval, Task, TaskSource, MAX_REJECT_FEEDBACK_BYTES};
 use ao_shared::validate;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -170,6 +170,7 @@ pub async fn create(
             source: TaskSource::Api,
             approval: Approval::NotRequired,
             review_round: None,
+            ci_round: None,
             profiles: Default::default(),
             planner: None,
         },
@@ -311,6 +312,41 @@ pub async fn approve(
         }
         task.status = task.status.transition(TaskStatus::Queued)?;
         task.updated_at = now;
+        Ok(Applied::Changed)
+    })
+    .await
+}
+
+/// `POST /api/v1/tasks/{id}/reject`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RejectPlan {
+    /// What to change in the plan: the planner is given it with the rejected plan.
+    pub feedback: String,
+}
+
+/// Rejects the plan a task waits with: the planner makes a new one from the feedback,
+/// which waits for approval in turn. 409 when the task waits for no plan; 422 when the
+/// feedback is empty or too long.
+pub async fn reject(
+    State(cx): State<Arc<Coordinator>>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<RejectPlan>,
+) -> Result<Response, ApiError> {
+    let feedback = body.feedback.trim().to_string();
+    if feedback.is_empty() {
+        return Err(ApiError::unprocessable(
+            "feedback must say what to change in the plan",
+        ));
+    }
+    if feedback.len() > MAX_REJECT_FEEDBACK_BYTES {
+        return Err(ApiError::unprocessable(format!(
+            "feedback is longer than {MAX_REJECT_FEEDBACK_BYTES} bytes"
+        )));
+    }
+    change(&cx, &id, |task, now| {
+        task.reject_plan(&feedback, now)
+            .map_err(|e| ChangeError::Refused(e.to_string()))?;
         Ok(Applied::Changed)
     })
     .await

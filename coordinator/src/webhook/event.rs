@@ -78,6 +78,9 @@ pub enum Command {
     Retry,
     Cancel,
     Approve,
+    /// `/agent reject <feedback>`: the plan waiting for approval goes back to the planner
+    /// with the feedback (the rest of the command's line and every line after it).
+    Reject(String),
     Status,
     /// `/agent <something else>`: answered with the list of commands.
     Unknown(String),
@@ -86,21 +89,33 @@ pub enum Command {
 impl Command {
     /// The first `/agent …` line of a comment, if any.
     pub fn find(body: &str) -> Option<Command> {
-        body.lines().find_map(|line| {
-            let mut words = line.split_whitespace();
-            if words.next()? != "/agent" {
-                return None;
+        let mut lines = body.lines();
+        while let Some(line) = lines.next() {
+            let Some(rest) = line.trim_start().strip_prefix("/agent") else {
+                continue;
+            };
+            // `/agent` as a word of its own, not `/agents`.
+            if !(rest.is_empty() || rest.starts_with(char::is_whitespace)) {
+                continue;
             }
-            let verb = words.next().unwrap_or("").to_ascii_lowercase();
-            Some(match verb.as_str() {
+            let rest = rest.trim_start();
+            let word = rest.split_whitespace().next().unwrap_or("");
+            let verb = word.to_ascii_lowercase();
+            return Some(match verb.as_str() {
                 "run" => Command::Run,
                 "retry" => Command::Retry,
                 "cancel" => Command::Cancel,
                 "approve" => Command::Approve,
+                "reject" => {
+                    let first = &rest[word.len()..];
+                    let feedback: Vec<&str> = std::iter::once(first).chain(lines).collect();
+                    Command::Reject(feedback.join("\n").trim().to_string())
+                }
                 "status" => Command::Status,
                 _ => Command::Unknown(verb.chars().take(40).collect()),
-            })
-        })
+            });
+        }
+        None
     }
 }
 
@@ -163,6 +178,14 @@ pub enum Event {
         body: String,
         path: String,
         line: Option<u64>,
+    },
+    /// A check run or check suite completed, or a commit status was set, on these
+    /// branches: what it means is read back from GitHub (the checks of the branch's
+    /// head), so the event only says where to look. Sent by CI, usually a bot: not
+    /// filtered as a bot's trigger is.
+    ChecksChanged {
+        ctx: Context,
+        branches: Vec<String>,
     },
     Installation {
         installation_id: u64,
@@ -254,6 +277,11 @@ impl Event {
                 cut(&mut pull.author);
                 cut(body);
                 cut(path);
+            }
+            Event::ChecksChanged { ctx, branches } => {
+                ctx_cut(ctx);
+                branches.truncate(MAX_STORED_LIST);
+                branches.iter_mut().for_each(cut);
             }
             Event::Installation {
                 action, account, ..
@@ -435,6 +463,74 @@ struct RawReviewCommentPayload {
 }
 
 #[derive(Deserialize)]
+struct RawPullHead {
+    head: RawRef,
+}
+
+#[derive(Deserialize)]
+struct RawSuite {
+    #[serde(default)]
+    head_branch: Option<String>,
+    #[serde(default)]
+    pull_requests: Vec<RawPullHead>,
+}
+
+#[derive(Deserialize)]
+struct RawCheckRun {
+    #[serde(default)]
+    check_suite: Option<RawSuite>,
+    #[serde(default)]
+    pull_requests: Vec<RawPullHead>,
+}
+
+/// `check_run` and `check_suite` deliveries (GitHub's webhook payloads of those names).
+#[derive(Deserialize)]
+struct RawCheckPayload {
+    action: String,
+    #[serde(default)]
+    check_run: Option<RawCheckRun>,
+    #[serde(default)]
+    check_suite: Option<RawSuite>,
+    repository: RawRepo,
+    sender: RawUser,
+    #[serde(default)]
+    installation: Option<RawInstallationRef>,
+}
+
+#[derive(Deserialize)]
+struct RawBranch {
+    name: String,
+}
+
+/// A `status` delivery.
+#[derive(Deserialize)]
+struct RawStatusPayload {
+    state: String,
+    #[serde(default)]
+    branches: Vec<RawBranch>,
+    repository: RawRepo,
+    sender: RawUser,
+    #[serde(default)]
+    installation: Option<RawInstallationRef>,
+}
+
+/// The branches of a suite: its head branch and its pull requests' heads, each once.
+fn suite_branches(suite: Option<RawSuite>, pulls: Vec<RawPullHead>, out: &mut Vec<String>) {
+    let (head, more) = match suite {
+        Some(s) => (s.head_branch, s.pull_requests),
+        None => (None, Vec::new()),
+    };
+    for b in head
+        .into_iter()
+        .chain(pulls.into_iter().chain(more).map(|p| p.head.name))
+    {
+        if !out.contains(&b) {
+            out.push(b);
+        }
+    }
+}
+
+#[derive(Deserialize)]
 struct RawAccount {
     login: String,
 }
@@ -596,6 +692,35 @@ pub fn parse(event: &str, body: &[u8]) -> Result<Parsed, ParseError> {
                 line: p.comment.line,
             })
         }
+        "check_run" | "check_suite" => {
+            let p: RawCheckPayload = de(event, body)?;
+            if p.action != "completed" {
+                return Ok(Parsed::Ignored("check action not handled"));
+            }
+            let mut branches = Vec::new();
+            if let Some(run) = p.check_run {
+                suite_branches(run.check_suite, run.pull_requests, &mut branches);
+            }
+            suite_branches(p.check_suite, Vec::new(), &mut branches);
+            if branches.is_empty() {
+                return Ok(Parsed::Ignored("check on no branch"));
+            }
+            ev(Event::ChecksChanged {
+                ctx: context(p.repository, p.sender, p.installation),
+                branches,
+            })
+        }
+        "status" => {
+            let p: RawStatusPayload = de(event, body)?;
+            // A pending status changes nothing that was not waited for already.
+            if p.state == "pending" || p.branches.is_empty() {
+                return Ok(Parsed::Ignored("status pending or on no branch"));
+            }
+            ev(Event::ChecksChanged {
+                ctx: context(p.repository, p.sender, p.installation),
+                branches: p.branches.into_iter().map(|b| b.name).collect(),
+            })
+        }
         "installation" => {
             let p: RawInstallationPayload = de(event, body)?;
             ev(Event::Installation {
@@ -708,6 +833,16 @@ mod tests {
         );
         assert_eq!(Command::find("mention /agent run inline"), None);
         assert_eq!(Command::find("/agents run"), None);
+        assert_eq!(
+            Command::find("Not yet.\n/agent Reject  split the parser\nand keep the API.\n"),
+            Some(Command::Reject(
+                "split the parser\nand keep the API.".into()
+            ))
+        );
+        assert_eq!(
+            Command::find("/agent reject"),
+            Some(Command::Reject(String::new()))
+        );
     }
 
     #[test]

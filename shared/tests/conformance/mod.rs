@@ -208,6 +208,7 @@ pub fn sample_task(repository: &str) -> Task {
         subtasks: plan_subtasks(&[Capability::Coder, Capability::Reviewer]),
         approval: Default::default(),
         review_round: None,
+        ci_round: None,
         planning: None,
     }
 }

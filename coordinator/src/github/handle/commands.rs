@@ -131,6 +131,29 @@ pub(super) async fn command_(
             .await;
             answer(r, say, "approved").await
         }
+        Command::Reject(feedback) => {
+            let Some(t) = latest else {
+                return Ok("ignored: no task");
+            };
+            // Only what GitHub shows a reader of the comment reaches the planner.
+            let feedback = crate::github::untrusted::visible(&feedback);
+            if feedback.trim().is_empty() {
+                say(
+                    "Say what to change in the plan: `/agent reject <what to change>`; \
+                     the planner makes a new plan from it."
+                        .into(),
+                )
+                .await?;
+                return Ok("refused: no feedback");
+            }
+            let r = orchestrator::mutate(gh, t.id, |task, now| {
+                task.reject_plan(&feedback, now)
+                    .map_err(|e| ChangeError::Refused(e.to_string()))?;
+                Ok(Applied::Changed)
+            })
+            .await;
+            answer(r, say, "plan rejected").await
+        }
         Command::Status => {
             match latest {
                 Some(t) => {
@@ -159,7 +182,7 @@ pub(super) async fn command_(
         Command::Unknown(verb) => {
             say(format!(
                 "Unknown command `/agent {verb}`. Commands: `/agent run`, `/agent retry`, \
-                 `/agent cancel`, `/agent approve`, `/agent status`."
+                 `/agent cancel`, `/agent approve`, `/agent reject <feedback>`, `/agent status`."
             ))
             .await?;
             Ok("unknown command answered")

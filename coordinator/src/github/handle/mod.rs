@@ -42,6 +42,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
 
+mod ci;
+pub use ci::sweep_checks;
 mod commands;
 mod permissions;
 mod pulls;
@@ -217,6 +219,9 @@ fn event_label(e: &str) -> &'static str {
         "pull_request_review_comment" => "pull_request_review_comment",
         "installation" => "installation",
         "installation_repositories" => "installation_repositories",
+        "check_run" => "check_run",
+        "check_suite" => "check_suite",
+        "status" => "status",
         _ => "other",
     }
 }
@@ -335,7 +340,12 @@ async fn handle(gh: &Github, d: Delivery) -> HandleResult {
             if issue.is_pull_request {
                 return pull_command(gh, &ctx, &issue, command, &d.id).await;
             }
-            if issue.closed && matches!(command, Command::Run | Command::Retry | Command::Approve) {
+            if issue.closed
+                && matches!(
+                    command,
+                    Command::Run | Command::Retry | Command::Approve | Command::Reject(_)
+                )
+            {
                 return closed_issue(gh, &ctx, issue.number, &d.id, "`/agent` commands").await;
             }
             command_(gh, &ctx, &issue, command, issue.number).await
@@ -366,6 +376,12 @@ async fn handle(gh: &Github, d: Delivery) -> HandleResult {
                 None => format!("On `{path}`:\n\n{body}"),
             };
             review_round(gh, &ctx, &pull, &text, &d.id).await
+        }
+        Event::ChecksChanged { ctx, branches } => {
+            if ctx.installation_id.is_none() {
+                return Ok("ignored: not an App delivery (no installation)");
+            }
+            ci::checks_changed(gh, &ctx, &branches).await
         }
         Event::Installation {
             installation_id,

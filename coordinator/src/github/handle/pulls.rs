@@ -43,8 +43,8 @@ fn issue_of(task: &Task, number: u64) -> Issue {
     }
 }
 
-/// An `/agent` command on a pull request's conversation: `status`, `retry`, `cancel`
-/// and `approve` act on the owning task and answer on the pull request; `run` (which
+/// An `/agent` command on a pull request's conversation: `status`, `retry`, `cancel`,
+/// `approve` and `reject` act on the owning task and answer on the pull request; `run` (which
 /// starts work for an issue) and anything on a pull request the agent does not own are
 /// answered with where to comment.
 pub(super) async fn pull_command(
@@ -70,7 +70,7 @@ pub(super) async fn pull_command(
                 let text = format!(
                     "This pull request is the agent's work for issue #{n}: comment \
                      `/agent run` on #{n} to start it again. Here, `/agent status`, \
-                     `/agent retry`, `/agent cancel` and `/agent approve` act on its task."
+                     `/agent retry`, `/agent cancel`, `/agent approve` and `/agent reject` act on its task."
                 );
                 say_once(gh, inst, &ctx.repo, pull.number, &text).await?;
             }

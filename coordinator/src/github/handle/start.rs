@@ -254,6 +254,7 @@ async fn start_inner(
         },
         approval,
         review_round: None,
+        ci_round: None,
         profiles: cfg.profiles.clone(),
         planner: cfg.planner,
     };
