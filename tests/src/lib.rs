@@ -12,6 +12,7 @@ pub mod measure;
 pub mod model_server;
 pub mod moto;
 pub mod scenario;
+pub mod stack;
 
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};

@@ -108,7 +108,9 @@ impl ModelServer {
     }
 
     /// A server for several agents at once: a conversation whose first user message
-    /// contains a route's needle follows that route's script; any other follows `script`.
+    /// contains a route's needle follows that route's script; else one whose system
+    /// prompt contains a route's needle (a capability's prompt) follows that route's;
+    /// any other follows `script`.
     pub async fn start_routed(script: Vec<Turn>, routes: Vec<(String, Vec<Turn>)>) -> Self {
         let inner = Arc::new(Mutex::new(Inner {
             script,
@@ -216,10 +218,17 @@ async fn messages(
             at: std::time::Instant::now(),
         });
         let first = body["messages"][0]["content"].to_string();
+        let system = body["system"].to_string();
         inner
             .routes
             .iter()
             .find(|(needle, _)| first.contains(needle.as_str()))
+            .or_else(|| {
+                inner
+                    .routes
+                    .iter()
+                    .find(|(needle, _)| system.contains(needle.as_str()))
+            })
             .map_or(&inner.script, |(_, script)| script)
             .get(step_index)
             .cloned()
