@@ -507,22 +507,35 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
         });
         if refused && !written.notices.contains(&key) {
             if gh.store.record_delivery(&key).await? {
-                let posted = api::create_comment(
-                    c,
-                    inst,
-                    &repo,
-                    issue,
-                    "GitHub refused the push: the agent's change touches \
-                     `.github/workflows/`, and the token the agent pushes with has no \
-                     **workflows** permission (agents are not given it). Ask for a change that \
-                     leaves the workflow files alone and `/agent retry`, or edit the workflow \
-                     files yourself.",
-                )
-                .await;
+                // The token asks for `workflows: write` whenever the installation grants
+                // it; say which case this is, as the installation shows it now.
+                let granted = matches!(
+                    api::installation_permission(c, inst, "workflows").await,
+                    Ok(Some(level)) if level == "write"
+                );
+                let posted =
+                    api::create_comment(c, inst, &repo, issue, workflows_notice(granted)).await;
                 written.settle(id, Step::Notice, posted)?;
             }
             written.notices.insert(key);
         }
     }
     Ok(task.status.is_terminal())
+}
+
+/// The notice of a push GitHub refused because it touches `.github/workflows/` without
+/// the `workflows` permission. `granted`: whether the installation grants the App
+/// `workflows: write` now (then a retry's token carries it).
+pub fn workflows_notice(granted: bool) -> &'static str {
+    if granted {
+        "GitHub refused the push: the agent's change touches `.github/workflows/`, and the \
+         token it pushed with had no **workflows** permission. The App's installation grants \
+         Workflows now, so `/agent retry` pushes with it."
+    } else {
+        "GitHub refused the push: the agent's change touches `.github/workflows/`, and the \
+         App's installation on this repository lacks the **workflows** permission, so no \
+         token of the App may change workflow files. An owner may grant Workflows (read and \
+         write) in the installation's settings and then `/agent retry`; or ask for a change \
+         that leaves the workflow files alone, or edit them yourself."
+    }
 }
