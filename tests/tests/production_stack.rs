@@ -17,6 +17,9 @@
 //! The test sets moto's dummy AWS credentials in its own environment (to put the secrets
 //! into Secrets Manager), so it has a binary of its own.
 
+// Test helpers may panic: a failed step fails the test.
+#![allow(clippy::unwrap_used)]
+
 use ao_shared::aws::AwsClients;
 use ao_shared::config::AwsSettings;
 use ao_tests::fake_github::Model;
