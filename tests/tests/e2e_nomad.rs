@@ -595,7 +595,7 @@ async fn a_github_task_gets_its_git_token_and_long_prompt_by_the_handover_only()
         401
     );
     assert_eq!(present(&url, "not-a-jwt").await, 401);
-    assert_no_violations(&fake);
+    assert_no_violations(fake);
 }
 
 /// An agent that runs longer than the installation token lives.
@@ -659,5 +659,5 @@ async fn a_nomad_run_longer_than_its_token_pushes_with_a_fresh_one() {
             .iter()
             .any(|(_, b)| b.windows(token.len()).any(|w| w == token.as_bytes())));
     }
-    assert_no_violations(&fake);
+    assert_no_violations(fake);
 }

@@ -622,7 +622,7 @@ async fn a_redelivered_attempt_is_not_handed_over_again_to_the_old_sandbox() {
     let issue = gh.open_issue(REPO, "Add a note", "Please add a note file.", "alice");
     assert_eq!(gh.label_issue(REPO, issue, "agent", "alice").await, 202);
 
-    wait_file("the agent runs", &c, &out.with_extension("code.started")).await;
+    wait_file("the agent runs", c, &out.with_extension("code.started")).await;
     c.workers[first].kill_hard();
     c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
     let f = fake.dispatches();
@@ -643,7 +643,7 @@ async fn a_redelivered_attempt_is_not_handed_over_again_to_the_old_sandbox() {
         d[1].existing
     );
     std::fs::write(dir.join("url"), &d[1].meta["handover_url"]).unwrap();
-    wait_file("the agent's second claim", &c, &out).await;
+    wait_file("the agent's second claim", c, &out).await;
     let code = std::fs::read_to_string(&out).unwrap();
     let body = std::fs::read_to_string(out.with_extension("code.body")).unwrap_or_default();
     let m = gh.model();
