@@ -11,6 +11,9 @@
 //! are killed (SIGKILL) and started again: the task still completes once, with one pull
 //! request. Nothing the fake Nomad stores or serves holds a git token or the model key.
 //!
+//! Every step of a task (webhook delivery, plan, queue, worker, Nomad allocation, result,
+//! pull request) logs with the task's id as its trace id.
+//!
 //! Prints the figures of docs/benchmarks.md ("The production stack"): label → first model
 //! request, label → pull request ready, and the lease takeover time.
 //!
@@ -161,6 +164,88 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
         .any(|w| w == needle.as_bytes())
 }
 
+/// The JSON log lines in `logs` (every daemon's, `AO__LOG__FORMAT=json`) that carry
+/// `task_id` = `id`, as a field of the event or of one of its spans.
+fn traced(logs: &str, id: &str) -> Vec<Value> {
+    logs.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| {
+            v["task_id"] == id
+                || v["spans"]
+                    .as_array()
+                    .is_some_and(|spans| spans.iter().any(|s| s["task_id"] == id))
+        })
+        .collect()
+}
+
+/// Follows task `id` through the logs: each step of its way has a line carrying the id;
+/// the task was created within the span of the webhook delivery that labelled `issue`.
+fn follow_the_trace(logs: &str, id: &str, m: &Model, issue: u64) {
+    let lines = traced(logs, id);
+    let find = |target: &str, message: &str| {
+        lines.iter().find(|l| {
+            l["target"].as_str().is_some_and(|t| t.starts_with(target)) && l["message"] == message
+        })
+    };
+    for (step, target, message) in [
+        (
+            "webhook",
+            "ao_coordinator::github",
+            "task started from GitHub",
+        ),
+        ("plan", "ao_coordinator::orchestrator", "task created"),
+        ("queue", "ao_coordinator::orchestrator", "subtask queued"),
+        ("worker", "worker::job", "subtask received"),
+        ("token", "worker::credentials", "scoped git token minted"),
+        (
+            "nomad dispatch",
+            "worker::sandbox::nomad",
+            "sandbox dispatched",
+        ),
+        (
+            "nomad allocation",
+            "worker::sandbox::nomad",
+            "sandbox placed",
+        ),
+        ("worker result", "worker::job", "subtask succeeded"),
+        ("result", "ao_coordinator::results", "result applied"),
+        (
+            "pull request",
+            "ao_coordinator::github::reporter",
+            "pull request opened",
+        ),
+        (
+            "ready",
+            "ao_coordinator::github::reporter",
+            "pull request ready for review",
+        ),
+    ] {
+        assert!(
+            find(target, message).is_some(),
+            "{step}: no `{message}` line of {target} carries the task id {id}"
+        );
+    }
+    let label = m
+        .deliveries
+        .iter()
+        .find(|d| {
+            d.event == "issues"
+                && d.action.as_deref() == Some("labeled")
+                && d.payload["issue"]["number"] == issue
+        })
+        .unwrap();
+    let created = find("ao_coordinator::orchestrator", "task created").unwrap();
+    assert!(
+        created["spans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["delivery"] == label.guid.as_str()),
+        "the task is not tied to its webhook delivery {}: {created}",
+        label.guid
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_labelled_issue_becomes_a_pull_request_on_the_production_stack() {
     let moto = Moto::start();
@@ -182,6 +267,7 @@ async fn a_labelled_issue_becomes_a_pull_request_on_the_production_stack() {
             ("AO__QUEUE__VISIBILITY_TIMEOUT_SECS", "5".to_string()),
             ("AO__QUEUE__HEARTBEAT_SECS", "1".to_string()),
             ("AO__COORDINATOR__MAX_ATTEMPTS", "3".to_string()),
+            ("AO__LOG__FORMAT", "json".to_string()),
         ]
         .map(|(k, v)| (k.to_string(), v)),
     );
@@ -252,6 +338,19 @@ async fn a_labelled_issue_becomes_a_pull_request_on_the_production_stack() {
         first_request.as_millis(),
         to_ready.as_millis()
     );
+
+    // One trace id, the task's id, through every step: webhook, plan, queue, worker,
+    // Nomad allocation, result, pull request.
+    let (_, list) = a.get_json("/api/v1/tasks").await.unwrap();
+    let task_id = list["tasks"][0]["id"].as_str().unwrap().to_string();
+    follow_the_trace(&logs(&a, &b), &task_id, &m, issue);
+    let dispatched = s
+        .nomad
+        .dispatches()
+        .iter()
+        .filter(|d| d.meta.get("task_id") == Some(&task_id))
+        .count();
+    assert_eq!(dispatched, 2, "each step's Nomad job carries the task id");
 
     // Part 2: a run longer than the token lives; the lease holder and the coder worker
     // are killed during it, and started again.
