@@ -478,10 +478,13 @@ async fn a_labelled_issue_becomes_a_pull_request_on_the_production_stack() {
     assert!(!held.is_empty());
     held.push(MODEL_KEY.to_string());
     held.push(app_key_body);
+    // Nor in any daemon's log.
+    let all_logs = logs(&cs[0], &cs[1]);
     for secret in &held {
         for (where_, bytes) in &stored {
             assert!(!contains(bytes, secret), "a secret is in {where_}");
         }
+        assert!(!all_logs.contains(secret.as_str()), "a secret is in a log");
     }
     let v = s.nomad.violations();
     assert!(v.is_empty(), "requests outside Nomad's API: {v:#?}");
