@@ -9,7 +9,8 @@
 //! cost in the progress comment. Then a second issue whose run outlives the installation
 //! token, during which the coordinator holding the singleton leases and the coder worker
 //! are killed (SIGKILL) and started again: the task still completes once, with one pull
-//! request. Nothing the fake Nomad stores or serves holds a git token or the model key.
+//! request. Nothing the fake Nomad stores or serves, and no daemon log, holds a git
+//! token, the model key or the App key.
 //!
 //! Every step of a task (webhook delivery, plan, queue, worker, Nomad allocation, result,
 //! pull request) logs with the task's id as its trace id.
@@ -148,7 +149,7 @@ async fn holds_recovery(c: &Cluster) -> bool {
     })
 }
 
-/// The ready pull request of `branch_prefix` with `issue` labelled done.
+/// Whether `issue` has a ready pull request of its branch and the label `agent:done`.
 fn ready(m: &Model, issue: u64) -> bool {
     let head = format!("agent/{issue}-");
     m.pulls(REPO)
