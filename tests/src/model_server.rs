@@ -107,10 +107,9 @@ impl ModelServer {
         Self::start_routed(script, Vec::new()).await
     }
 
-    /// A server for several agents at once: a conversation whose first user message
-    /// contains a route's needle follows that route's script; else one whose system
-    /// prompt contains a route's needle (a capability's prompt) follows that route's;
-    /// any other follows `script`.
+    /// A server for several agents at once: a conversation follows the script of the
+    /// first route whose needle is in its first user message or in its system prompt (a
+    /// capability's prompt); any other follows `script`.
     pub async fn start_routed(script: Vec<Turn>, routes: Vec<(String, Vec<Turn>)>) -> Self {
         let inner = Arc::new(Mutex::new(Inner {
             script,
@@ -222,13 +221,7 @@ async fn messages(
         inner
             .routes
             .iter()
-            .find(|(needle, _)| first.contains(needle.as_str()))
-            .or_else(|| {
-                inner
-                    .routes
-                    .iter()
-                    .find(|(needle, _)| system.contains(needle.as_str()))
-            })
+            .find(|(needle, _)| first.contains(needle.as_str()) || system.contains(needle.as_str()))
             .map_or(&inner.script, |(_, script)| script)
             .get(step_index)
             .cloned()

@@ -62,9 +62,12 @@ async fn model() -> ModelServer {
         10_000,
         200,
     )];
+    // In order: the first route that matches answers (a reviewer of the slow issue is
+    // a reviewer first).
     ModelServer::start_routed(
         vec![Turn::new(Step::text("Nothing to do."), 10, 10)],
         vec![
+            ("You are the reviewer step".into(), reviewer),
             ("SLOW-NOTE".into(), {
                 let mut slow = vec![write_turn(
                     "SLOW.md",
@@ -74,7 +77,6 @@ async fn model() -> ModelServer {
                 slow.push(Turn::new(Step::text("Done: wrote SLOW.md."), 1_000, 100));
                 slow
             }),
-            ("You are the reviewer step".into(), reviewer),
             (
                 "You are the coder step".into(),
                 vec![
