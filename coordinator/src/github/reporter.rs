@@ -539,3 +539,21 @@ pub fn workflows_notice(granted: bool) -> &'static str {
          that leaves the workflow files alone, or edit them yourself."
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::workflows_notice;
+
+    #[test]
+    fn the_workflows_notice_says_whether_the_installation_grants_the_permission() {
+        let lacking = workflows_notice(false);
+        assert!(lacking.contains("lacks the **workflows** permission"));
+        assert!(lacking.contains("grant Workflows"));
+        let granted = workflows_notice(true);
+        assert!(granted.contains("grants Workflows now"));
+        assert!(
+            !granted.contains("lacks"),
+            "not 'grant it' when it is granted"
+        );
+    }
+}
