@@ -186,3 +186,112 @@ async fn a_pull_request_becomes_ready_after_the_reporting_coordinator_is_killed(
         "one pull request"
     );
 }
+
+/// Whether the coordinator of `c` holds the `recovery` lease, by its /metrics.
+async fn holds_recovery(c: &Cluster) -> bool {
+    c.metrics().await.is_ok_and(|m| {
+        m.lines()
+            .any(|l| l == r#"ao_lease_held{lease="recovery"} 1"#)
+    })
+}
+
+/// The lease holder is stopped (SIGSTOP) while the coder works, for longer than the lease
+/// lives; the other replica takes over; the stopped one resumes (SIGCONT) and must give
+/// the lease up, not run beside the new owner; the task ends once, with one pull request,
+/// one progress comment and one status label.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_then_resumed_lease_holder_gives_way_and_nothing_is_doubled() {
+    let moto = Moto::start();
+    let model = model().await;
+    let (s, a, b) = stack(&model, &moto).await;
+    let gh = &s.gh;
+    let logs = |a: &Cluster, b: &Cluster| format!("{}\n--- replica ---\n{}", a.logs(), b.logs());
+    let deadline = Instant::now() + LIMIT;
+    let holder_is_a = loop {
+        let (x, y) = (holds_recovery(&a).await, holds_recovery(&b).await);
+        assert!(!(x && y), "both replicas hold the recovery lease");
+        if x ^ y {
+            break x;
+        }
+        assert!(Instant::now() < deadline, "no replica holds the lease");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let cs = [a, b];
+    let (h, v) = if holder_is_a { (0, 1) } else { (1, 0) };
+    gh.set_webhook(
+        &cs[v].url("/webhooks/github"),
+        ao_tests::fake_github::WEBHOOK_SECRET,
+    );
+    let issue = gh.open_issue(REPO, "Add a note", "A NOTE.md, please.", "alice");
+    assert_eq!(gh.label_issue(REPO, issue, "agent", "alice").await, 202);
+    // The coder is under way.
+    while model.agent_requests().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no agent\n{}",
+            logs(&cs[0], &cs[1])
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let holder = cs[h].coordinator.as_ref().unwrap();
+    holder.signal(nix::sys::signal::Signal::SIGSTOP);
+    let stopped = Instant::now();
+    while !holds_recovery(&cs[v]).await {
+        assert!(stopped.elapsed() < LIMIT, "no takeover\n{}", cs[v].logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    holder.signal(nix::sys::signal::Signal::SIGCONT);
+    // The resumed replica gives the lease up (its metrics say so) and the survivor keeps it.
+    let resumed = Instant::now();
+    while holds_recovery(&cs[h]).await {
+        assert!(
+            resumed.elapsed() < Duration::from_millis(LEASE_TTL_MS + LEASE_RENEW_MS + 1000),
+            "the resumed replica still holds the lease\n{}",
+            cs[h].logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(holds_recovery(&cs[v]).await, "the survivor lost the lease");
+
+    let m = gh
+        .wait_for("the ready pull request", LIMIT, |m| ready(m, issue))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&cs[0], &cs[1])))
+        .unwrap();
+    let head = format!("agent/{issue}-");
+    assert_eq!(
+        m.pulls(REPO)
+            .iter()
+            .filter(|p| p.head.starts_with(&head))
+            .count(),
+        1,
+        "one pull request"
+    );
+    let progress = m
+        .comments_on(REPO, issue)
+        .into_iter()
+        .filter(|c| c.body.contains("agent-orchestrator:progress"))
+        .count();
+    assert_eq!(progress, 1, "one progress comment");
+    let labels: Vec<String> = m
+        .issue(REPO, issue)
+        .unwrap()
+        .labels
+        .iter()
+        .filter(|l| l.starts_with("agent:"))
+        .cloned()
+        .collect();
+    assert_eq!(labels, ["agent:done"], "one status label");
+    let (_, list) = cs[v].get_json("/api/v1/tasks").await.unwrap();
+    assert_eq!(
+        list["tasks"].as_array().unwrap().len(),
+        1,
+        "one task: {list:#}"
+    );
+    let id = list["tasks"][0]["id"].as_str().unwrap();
+    assert_eq!(
+        ao_tests::scenario::successes(&cs[v], id).await,
+        2,
+        "each step succeeded once"
+    );
+}
