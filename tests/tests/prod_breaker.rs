@@ -3,10 +3,14 @@
 //! fake Nomad running the real sandbox job file under bubblewrap, the real Claude Code CLI
 //! against the scripted model).
 //!
-//! A coordinator killed (SIGKILL) between the moment its result consumer applied a task's
-//! last result and the moment its GitHub reporter finished reporting it: the pull request
-//! must still become ready and the issue labelled `agent:done`, by the surviving replica
-//! or by the killed one once it is started again.
+//! - A coordinator killed (SIGKILL) between the moment its result consumer applied a
+//!   task's last result and the moment its GitHub reporter finished reporting it: the pull
+//!   request must still become ready and the issue labelled `agent:done`.
+//! - The lease holder stopped (SIGSTOP) past the lease's life while the coder works, then
+//!   resumed: it gives the lease up, and nothing is doubled (pull request, progress
+//!   comment, status label, task, step successes).
+//! - The coder's worker killed the moment it grants the sandbox's push permit: one pull
+//!   request with the agent's commit.
 //!
 //! The test sets moto's dummy AWS credentials in its own environment, so it has a binary
 //! of its own.
@@ -293,5 +297,59 @@ async fn a_stopped_then_resumed_lease_holder_gives_way_and_nothing_is_doubled() 
         ao_tests::scenario::successes(&cs[v], id).await,
         2,
         "each step succeeded once"
+    );
+}
+
+/// The coder's worker is killed (SIGKILL) the moment it grants the sandbox's push permit,
+/// while the runner pushes, and started again: the task still ends once, with one pull
+/// request holding the agent's commit.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_worker_killed_during_the_push_leaves_one_pull_request() {
+    let moto = Moto::start();
+    let model = model().await;
+    let (s, mut a, b) = stack(&model, &moto).await;
+    let gh = &s.gh;
+    let logs = |a: &Cluster, b: &Cluster| format!("{}\n--- replica ---\n{}", a.logs(), b.logs());
+    let issue = gh.open_issue(REPO, "Add a note", "A NOTE.md, please.", "alice");
+    assert_eq!(gh.label_issue(REPO, issue, "agent", "alice").await, 202);
+    let deadline = Instant::now() + LIMIT;
+    // Worker 0 is the coder's (see `stack`).
+    while !a.workers[0].log_text().contains("push permit answered") {
+        assert!(Instant::now() < deadline, "no push\n{}", logs(&a, &b));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    a.workers[0].kill_hard();
+    a.start_worker(&[("AO__WORKER__CAPABILITIES", "coder")]);
+    let m = gh
+        .wait_for("the ready pull request", LIMIT, |m| ready(m, issue))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&a, &b)))
+        .unwrap();
+    let head = format!("agent/{issue}-");
+    let pulls: Vec<_> = m
+        .pulls(REPO)
+        .into_iter()
+        .filter(|p| p.head.starts_with(&head))
+        .collect();
+    assert_eq!(pulls.len(), 1, "one pull request");
+    assert_eq!(
+        ao_tests::git(
+            &gh.repo_path(REPO),
+            &["show", &format!("{}:NOTE.md", pulls[0].head)]
+        ),
+        "a note"
+    );
+    let (_, list) = a.get_json("/api/v1/tasks").await.unwrap();
+    assert_eq!(
+        list["tasks"].as_array().unwrap().len(),
+        1,
+        "one task: {list:#}"
+    );
+    let id = list["tasks"][0]["id"].as_str().unwrap();
+    let done = a.task(id).await.unwrap();
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    eprintln!(
+        "worker killed during the push: the coder succeeded at attempt {}",
+        done["subtasks"][0]["attempt"]
     );
 }
