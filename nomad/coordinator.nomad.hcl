@@ -35,7 +35,7 @@ variable "coordinator_image" {
 variable "coordinator_count" {
   type        = number
   description = "Coordinator replicas. All serve the API and webhooks; the singleton loops (recovery, missed-delivery sweep) run on one at a time through leases in the table (docs/operations.md)."
-  default     = 1
+  default     = 2
 }
 
 variable "coordinator_cpu" {

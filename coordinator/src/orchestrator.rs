@@ -199,6 +199,12 @@ where
         if let Applied::Ignored(_) = applied {
             return Ok((before, applied));
         }
+        // A task that runs again is to be reported again when it ends.
+        if !task.status.is_terminal() {
+            if let TaskSource::Github { reported, .. } = &mut task.source {
+                *reported = false;
+            }
+        }
         let ready = task.queue_ready(now);
         task.updated_at = now;
         let changes = StateChange::between(Some(&before), &task);

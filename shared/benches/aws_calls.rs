@@ -70,6 +70,7 @@ fn new_task() -> Task {
             pull_request: None,
             progress_comment_id: None,
             untrusted_author: None,
+            reported: false,
         },
         created_at: now,
         updated_at: now,

@@ -434,6 +434,11 @@ pub enum TaskSource {
         /// progress comment says so: the task's instructions are theirs).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         untrusted_author: Option<String>,
+        /// Set once the task has ended and GitHub shows all of it (pull request ready,
+        /// progress comment, status label): a replica that did not see the task end
+        /// (the one that did died) reports the ended tasks not yet marked so.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        reported: bool,
     },
 }
 

@@ -178,6 +178,19 @@ def test_coordinator_service_checks_and_metrics_tag():
     assert env["AO__AWS__TABLE"] == m.local("table_name")
 
 
+def test_two_coordinators_run_by_default():
+    """docs/operations.md: replicas share the backend and hold the singleton loops through
+    leases; the job, the module and the job as Nomad reads it without -var run two."""
+    variables = infra.job_variables(infra.load(JOBS["coordinator.nomad.hcl"]))
+    assert variables["coordinator_count"]["default"] == 2
+    assert infra.module_variables()["coordinator_count"]["default"] == 2
+    (group,) = find_blocks(job("coordinator"), "group")
+    assert int(group["coordinator"]["count"]) == 2
+    body = job_body(infra.nomad_job_as_parsed_by_nomad(JOBS["coordinator.nomad.hcl"], {}))
+    (group,) = find_blocks(body, "group")
+    assert int(group["coordinator"]["count"]) == 2
+
+
 def test_worker_scaling_follows_queue_depth_of_its_capability():
     metrics = infra.exported_metrics()
     for c in CAPABILITIES:

@@ -637,6 +637,24 @@ impl FakeGithub {
         );
     }
 
+    /// Sets what the owner of `installation` granted the App on `permission` (`read`,
+    /// `write`; `None` takes it away), as in the installation's settings on GitHub.
+    pub fn grant(&self, installation: u64, permission: &str, level: Option<&str>) {
+        let mut m = self.fake.model.lock();
+        let i = m
+            .installations
+            .get_mut(&installation)
+            .expect("installation");
+        match level {
+            Some(l) => {
+                i.permissions.insert(permission.into(), l.into());
+            }
+            None => {
+                i.permissions.remove(permission);
+            }
+        }
+    }
+
     /// A repository with one commit on `main` holding `files`, reachable by `installation`.
     pub fn add_repo(&self, installation: u64, full_name: &str, files: &[(&str, &str)]) -> PathBuf {
         let (owner, name) = full_name.split_once('/').expect("owner/name");
@@ -1121,6 +1139,7 @@ async fn deliver(
 fn router(fake: Arc<Fake>) -> Router {
     Router::new()
         .route("/app/installations", get(list_installations))
+        .route("/app/installations/{id}", get(get_installation))
         .route("/app/installations/{id}/access_tokens", post(access_token))
         .route("/app/hook/deliveries", get(list_deliveries))
         .route("/app/hook/deliveries/{id}/attempts", post(redeliver))
@@ -1406,6 +1425,26 @@ async fn list_installations(call: Call, Query(q): Query<HashMap<String, String>>
     Ok(paginate(&f, &uri, &q, list, array))
 }
 
+/// `GET /app/installations/{id}` (App JWT): the installation with the permissions its
+/// owner granted the App, as GitHub shows them (`{"contents": "write", …}`).
+async fn get_installation(call: Call, Path(id): Path<u64>) -> ApiResult {
+    let f = call.app()?;
+    let m = f.model.lock();
+    let Some(i) = m.installations.get(&id) else {
+        return Err(err(StatusCode::NOT_FOUND, "Not Found"));
+    };
+    Ok(Json(json!({
+        "id": i.id, "account": { "login": i.account, "type": "Organization" },
+        "app_id": f.app_id, "target_type": "Organization",
+        "repository_selection": "selected", "permissions": i.permissions,
+        "events": ["issues", "issue_comment", "pull_request_review", "pull_request_review_comment"],
+    }))
+    .into_response())
+}
+
+/// `POST /app/installations/{id}/access_tokens`: a token limited to the repositories and
+/// permissions asked, refused (422, as GitHub does) when either is more than the
+/// installation has.
 async fn access_token(call: Call, Path(id): Path<u64>, body: Bytes) -> ApiResult {
     let f = call.app()?;
     let body: Value = if body.is_empty() {

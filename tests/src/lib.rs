@@ -13,6 +13,7 @@ pub mod model_server;
 pub mod moto;
 pub mod relay;
 pub mod scenario;
+pub mod stack;
 
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};

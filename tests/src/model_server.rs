@@ -107,8 +107,9 @@ impl ModelServer {
         Self::start_routed(script, Vec::new()).await
     }
 
-    /// A server for several agents at once: a conversation whose first user message
-    /// contains a route's needle follows that route's script; any other follows `script`.
+    /// A server for several agents at once: a conversation follows the script of the
+    /// first route whose needle is in its first user message or in its system prompt (a
+    /// capability's prompt); any other follows `script`.
     pub async fn start_routed(script: Vec<Turn>, routes: Vec<(String, Vec<Turn>)>) -> Self {
         let inner = Arc::new(Mutex::new(Inner {
             script,
@@ -216,10 +217,11 @@ async fn messages(
             at: std::time::Instant::now(),
         });
         let first = body["messages"][0]["content"].to_string();
+        let system = body["system"].to_string();
         inner
             .routes
             .iter()
-            .find(|(needle, _)| first.contains(needle.as_str()))
+            .find(|(needle, _)| first.contains(needle.as_str()) || system.contains(needle.as_str()))
             .map_or(&inner.script, |(_, script)| script)
             .get(step_index)
             .cloned()

@@ -7,16 +7,14 @@
 // Test helpers may panic: a failed step fails the test.
 #![allow(clippy::unwrap_used)]
 
-use ao_tests::fake_nomad::{jobspec, openapi, FakeNomad, Image, Options};
-use ao_tests::{bare_repo, bin, free_port, git, script, Cluster};
+use ao_tests::fake_nomad::{jobspec, openapi, FakeNomad, Options};
+use ao_tests::stack::{nomad_env, nomad_options, NomadGithub, StackOptions, NOMAD_TOKEN};
+use ao_tests::{bare_repo, free_port, git, script, Cluster};
 use serde_json::json;
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(120);
-const IMAGE: &str = "ghcr.io/agent-orchestrator/sandbox:0.1.0";
-const NOMAD_TOKEN: &str = "nomad-acl-token-5f1c";
 const MODEL_KEY: &str = "sk-from-the-nomad-variable";
 
 /// Writes a file (with the model key it was given) and prints a summary line.
@@ -27,36 +25,17 @@ echo "wrote $AO_CAPABILITY.txt"
 "#;
 
 fn options(c: &Cluster, slots: usize) -> Options {
-    let mut images = HashMap::new();
-    images.insert(
-        IMAGE.to_string(),
-        Image {
-            binds: vec![(bin("worker"), PathBuf::from("/image/bin/worker"))],
-            path: "/image/bin:/usr/local/bin:/usr/bin:/bin".into(),
-        },
-    );
-    Options {
-        slots,
-        token: Some(NOMAD_TOKEN.into()),
-        images,
-        // The test's git remote and agent script live here.
-        volumes: vec![(c.dir.path().to_path_buf(), true)],
-        ..Options::default()
-    }
+    nomad_options(c.dir.path(), slots)
 }
 
-/// A cluster whose worker uses the nomad driver against `addr`.
+/// A cluster whose worker uses the nomad driver against `addr`; `extra` overrides.
 fn cluster(addr: &str, extra: &[(&str, &str)]) -> Cluster {
-    let mut env = vec![
-        ("AO__SANDBOX__DRIVER", "nomad"),
-        ("AO__NOMAD__ADDR", addr),
-        ("AO__NOMAD__TOKEN", "env:AO_TEST_NOMAD_TOKEN"),
-        ("AO_TEST_NOMAD_TOKEN", NOMAD_TOKEN),
-        ("AO__NOMAD__WAIT_SECS", "10"),
-        ("AO__NOMAD__UNREACHABLE_SECS", "5"),
-    ];
-    env.extend_from_slice(extra);
-    Cluster::new(&env)
+    let mut env = nomad_env(addr);
+    env.push(("AO__NOMAD__UNREACHABLE_SECS".into(), "5".into()));
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    // Cluster::new applies them in order: a later one wins.
+    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Cluster::new(&refs)
 }
 
 async fn start_fake(c: &Cluster, port: u16, slots: usize) -> FakeNomad {
@@ -518,26 +497,19 @@ async fn present(url: &str, jwt: &str) -> u16 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_github_task_gets_its_git_token_and_long_prompt_by_the_handover_only() {
-    use ao_tests::fake_github::FakeGithub;
-    const REPO: &str = "acme/widgets";
-    let tmp = tempfile::tempdir().unwrap();
-    let gh = FakeGithub::start(tmp.path(), 4242).await.unwrap();
-    gh.add_installation(7, "acme");
-    gh.add_repo(7, REPO, &[]);
-    gh.set_role(REPO, "alice", "write");
-    let port = free_port();
-    let addr = format!("http://127.0.0.1:{port}");
-    let mut c = gh.cluster(
-        Some("code"),
-        &[
-            ("AO__SANDBOX__DRIVER", "nomad"),
-            ("AO__NOMAD__ADDR", &addr),
-            ("AO__NOMAD__TOKEN", "env:AO_TEST_NOMAD_TOKEN"),
-            ("AO_TEST_NOMAD_TOKEN", NOMAD_TOKEN),
-            ("AO__NOMAD__WAIT_SECS", "10"),
-        ],
+    const REPO: &str = ao_tests::stack::REPO;
+    let mut s = NomadGithub::start(StackOptions {
+        pipeline: Some("code"),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    s.nomad.put_var(
+        "nomad/jobs/ao-sandbox-coder",
+        json!({ "anthropic_api_key": MODEL_KEY }),
     );
-    let fake = start_fake(&c, port, 2).await;
+    let (gh, fake) = (&s.gh, &s.nomad);
+    let c = &mut s.c;
     let agent = script(c.dir.path(), "agent.sh", HANDOVER_AGENT);
     c.start_in_process().await.unwrap();
     c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
@@ -623,7 +595,7 @@ async fn a_github_task_gets_its_git_token_and_long_prompt_by_the_handover_only()
         401
     );
     assert_eq!(present(&url, "not-a-jwt").await, 401);
-    assert_no_violations(&fake);
+    assert_no_violations(fake);
 }
 
 /// An agent that runs longer than the installation token lives.
@@ -635,28 +607,21 @@ echo "wrote coder.txt"
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_nomad_run_longer_than_its_token_pushes_with_a_fresh_one() {
-    use ao_tests::fake_github::FakeGithub;
-    const REPO: &str = "acme/widgets";
-    let tmp = tempfile::tempdir().unwrap();
-    let gh = FakeGithub::start(tmp.path(), 4242).await.unwrap();
-    gh.add_installation(7, "acme");
-    gh.add_repo(7, REPO, &[]);
-    gh.set_role(REPO, "alice", "write");
+    const REPO: &str = ao_tests::stack::REPO;
+    let mut s = NomadGithub::start(StackOptions {
+        pipeline: Some("code"),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
     // Tokens live 4 s; the agent runs 8 s.
-    gh.set_token_ttl(Duration::from_secs(4));
-    let port = free_port();
-    let addr = format!("http://127.0.0.1:{port}");
-    let mut c = gh.cluster(
-        Some("code"),
-        &[
-            ("AO__SANDBOX__DRIVER", "nomad"),
-            ("AO__NOMAD__ADDR", &addr),
-            ("AO__NOMAD__TOKEN", "env:AO_TEST_NOMAD_TOKEN"),
-            ("AO_TEST_NOMAD_TOKEN", NOMAD_TOKEN),
-            ("AO__NOMAD__WAIT_SECS", "10"),
-        ],
+    s.gh.set_token_ttl(Duration::from_secs(4));
+    s.nomad.put_var(
+        "nomad/jobs/ao-sandbox-coder",
+        json!({ "anthropic_api_key": MODEL_KEY }),
     );
-    let fake = start_fake(&c, port, 2).await;
+    let (gh, fake) = (&s.gh, &s.nomad);
+    let c = &mut s.c;
     let agent = script(c.dir.path(), "agent.sh", SLOW_AGENT);
     c.start_in_process().await.unwrap();
     c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
@@ -694,5 +659,5 @@ async fn a_nomad_run_longer_than_its_token_pushes_with_a_fresh_one() {
             .iter()
             .any(|(_, b)| b.windows(token.len()).any(|w| w == token.as_bytes())));
     }
-    assert_no_violations(&fake);
+    assert_no_violations(fake);
 }

@@ -139,12 +139,25 @@ async fn a_push_refused_for_workflows_is_explained_and_not_retried() {
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
         .unwrap();
-    let notices = m
+    let notices: Vec<_> = m
         .comments_on(REPO, issue)
         .into_iter()
         .filter(|c| c.body.contains("**workflows** permission"))
-        .count();
-    assert_eq!(notices, 1);
+        .collect();
+    assert_eq!(notices.len(), 1);
+    // It says what is missing: the installation's grant, not the token's choice.
+    assert!(
+        notices[0]
+            .body
+            .contains("installation on this repository lacks"),
+        "{}",
+        notices[0].body
+    );
+    // The token asked for no more than the installation grants (GitHub would refuse it).
+    assert!(m
+        .token_requests
+        .iter()
+        .all(|t| t.body["permissions"].get("workflows").is_none()));
     assert!(m.pulls(REPO).is_empty(), "nothing was pushed to open one");
     let tasks: serde_json::Value = c
         .http
@@ -162,4 +175,57 @@ async fn a_push_refused_for_workflows_is_explained_and_not_retried() {
         subtask["outcome"]["cause"], "workflows_permission",
         "{tasks:#}"
     );
+}
+
+/// When the installation grants Workflows, a coder's token carries `workflows: write`,
+/// so its change under `.github/workflows/` pushes and becomes a pull request.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_to_workflows_pushes_when_the_installation_grants_workflows() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let fake = FakeGithub::start(tmp.path(), 4242).await.expect("fake");
+    fake.add_installation(7, "acme");
+    fake.grant(7, "workflows", Some("write"));
+    fake.add_repo(7, REPO, &[]);
+    fake.set_role(REPO, "alice", "write");
+    let mut c = fake.cluster(Some("code"), &[]);
+    let agent = script(
+        c.dir.path(),
+        "agent.sh",
+        "mkdir -p .github/workflows\necho 'on: push' > .github/workflows/ci.yml\necho added CI",
+    );
+    c.start_in_process().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+
+    let issue = fake.open_issue(REPO, "Add CI", "Please add a workflow.", "alice");
+    assert_eq!(fake.label_issue(REPO, issue, "agent", "alice").await, 202);
+    let m = fake
+        .wait_for("the pull request", LIMIT, |m| {
+            m.issue(REPO, issue).is_some_and(|i| {
+                i.labels
+                    .iter()
+                    .any(|l| l == "agent:done" || l == "agent:failed")
+            })
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
+        .unwrap();
+    assert!(m.git_refusals.is_empty(), "{:?}", m.git_refusals);
+    let pulls = m.pulls(REPO);
+    assert_eq!(pulls.len(), 1, "{}", c.logs());
+    let ci = ao_tests::git(
+        &fake.repo_path(REPO),
+        &[
+            "show",
+            &format!("{}:.github/workflows/ci.yml", pulls[0].head),
+        ],
+    );
+    assert_eq!(ci, "on: push");
+    assert!(m
+        .token_requests
+        .iter()
+        .any(|t| t.body["permissions"]["workflows"] == "write"));
+    assert!(!m
+        .comments_on(REPO, issue)
+        .iter()
+        .any(|c| c.body.contains("**workflows** permission")));
 }

@@ -8,33 +8,19 @@
 use ao_shared::capability::Capability;
 use ao_shared::status::TaskStatus;
 use ao_shared::task::{Outcome, Planning, Task, TaskSource};
-use ao_tests::fake_nomad::{FakeNomad, Image, Options};
-use ao_tests::{bin, free_port, git, script, Cluster};
+use ao_tests::stack::{NomadGithub, StackOptions, NOMAD_TOKEN};
+use ao_tests::{git, script, Cluster};
 use serde_json::json;
-use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(120);
-const IMAGE: &str = "ghcr.io/agent-orchestrator/sandbox:0.1.0";
-const NOMAD_TOKEN: &str = "nomad-acl-token-5f1c";
 
-fn options(c: &Cluster) -> Options {
-    let mut images = HashMap::new();
-    images.insert(
-        IMAGE.to_string(),
-        Image {
-            binds: vec![(bin("worker"), PathBuf::from("/image/bin/worker"))],
-            path: "/image/bin:/usr/local/bin:/usr/bin:/bin".into(),
-        },
-    );
-    Options {
-        slots: 2,
-        token: Some(NOMAD_TOKEN.into()),
-        images,
-        volumes: vec![(c.dir.path().to_path_buf(), true)],
-        ..Options::default()
-    }
+/// Settings as the stack takes them.
+fn settings(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// The hostile agent: reads the sandbox's workload identity (as the existing hand-over
@@ -75,27 +61,16 @@ async fn present(url: &str, jwt: &str) -> (u16, String) {
 /// sandbox job under bwrap.
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_agent_and_forged_identities_against_the_handover() {
-    use ao_tests::fake_github::FakeGithub;
-    const REPO: &str = "acme/widgets";
-    let tmp = tempfile::tempdir().unwrap();
-    let gh = FakeGithub::start(tmp.path(), 4242).await.unwrap();
-    gh.add_installation(7, "acme");
-    gh.add_repo(7, REPO, &[]);
-    gh.set_role(REPO, "alice", "write");
-    let port = free_port();
-    let addr = format!("http://127.0.0.1:{port}");
-    let mut c = gh.cluster(
-        Some("code"),
-        &[
-            ("AO__SANDBOX__DRIVER", "nomad"),
-            ("AO__NOMAD__ADDR", &addr),
-            ("AO__NOMAD__TOKEN", "env:AO_TEST_NOMAD_TOKEN"),
-            ("AO_TEST_NOMAD_TOKEN", NOMAD_TOKEN),
-            ("AO__NOMAD__WAIT_SECS", "10"),
-        ],
-    );
-    let fake = FakeNomad::start_on(port, options(&c)).await.unwrap();
-    fake.register_sandbox_job("coder").await.unwrap();
+    const REPO: &str = ao_tests::stack::REPO;
+    let mut s = NomadGithub::start(StackOptions {
+        pipeline: Some("code"),
+        env: settings(&[]),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let (gh, fake, addr) = (&s.gh, &s.nomad, s.nomad_addr.clone());
+    let c = &mut s.c;
     let out = c.dir.path().join("stolen.json");
     let agent = script(
         c.dir.path(),
@@ -620,29 +595,19 @@ echo "coder was here" > coder.txt
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "open: the nomad driver's open items in docs/sandbox.md"]
 async fn a_redelivered_attempt_is_not_handed_over_again_to_the_old_sandbox() {
-    use ao_tests::fake_github::FakeGithub;
-    const REPO: &str = "acme/widgets";
-    let tmp = tempfile::tempdir().unwrap();
-    let gh = FakeGithub::start(tmp.path(), 4242).await.unwrap();
-    gh.add_installation(7, "acme");
-    gh.add_repo(7, REPO, &[]);
-    gh.set_role(REPO, "alice", "write");
-    let port = free_port();
-    let addr = format!("http://127.0.0.1:{port}");
-    let mut c = gh.cluster(
-        Some("code"),
-        &[
-            ("AO__SANDBOX__DRIVER", "nomad"),
-            ("AO__NOMAD__ADDR", &addr),
-            ("AO__NOMAD__TOKEN", "env:AO_TEST_NOMAD_TOKEN"),
-            ("AO_TEST_NOMAD_TOKEN", NOMAD_TOKEN),
-            ("AO__NOMAD__WAIT_SECS", "10"),
+    const REPO: &str = ao_tests::stack::REPO;
+    let mut s = NomadGithub::start(StackOptions {
+        pipeline: Some("code"),
+        env: settings(&[
             ("AO__QUEUE__VISIBILITY_TIMEOUT_SECS", "4"),
             ("AO__QUEUE__HEARTBEAT_SECS", "1"),
-        ],
-    );
-    let fake = FakeNomad::start_on(port, options(&c)).await.unwrap();
-    fake.register_sandbox_job("coder").await.unwrap();
+        ]),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let (gh, fake) = (&s.gh, &s.nomad);
+    let c = &mut s.c;
     let dir = c.dir.path().to_path_buf();
     let out = dir.join("second.code");
     let agent = script(
@@ -659,7 +624,7 @@ async fn a_redelivered_attempt_is_not_handed_over_again_to_the_old_sandbox() {
     let issue = gh.open_issue(REPO, "Add a note", "Please add a note file.", "alice");
     assert_eq!(gh.label_issue(REPO, issue, "agent", "alice").await, 202);
 
-    wait_file("the agent runs", &c, &out.with_extension("code.started")).await;
+    wait_file("the agent runs", c, &out.with_extension("code.started")).await;
     c.workers[first].kill_hard();
     c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
     let f = fake.dispatches();
@@ -680,7 +645,7 @@ async fn a_redelivered_attempt_is_not_handed_over_again_to_the_old_sandbox() {
         d[1].existing
     );
     std::fs::write(dir.join("url"), &d[1].meta["handover_url"]).unwrap();
-    wait_file("the agent's second claim", &c, &out).await;
+    wait_file("the agent's second claim", c, &out).await;
     let code = std::fs::read_to_string(&out).unwrap();
     let body = std::fs::read_to_string(out.with_extension("code.body")).unwrap_or_default();
     let m = gh.model();
@@ -736,27 +701,16 @@ async fn a_stray_of_the_agent_cannot_read_the_push_token_nomad() {
 }
 
 async fn stray_reads_the_push_token(driver: &str) {
-    use ao_tests::fake_github::FakeGithub;
-    const REPO: &str = "acme/widgets";
-    let tmp = tempfile::tempdir().unwrap();
-    let gh = FakeGithub::start(tmp.path(), 4242).await.unwrap();
-    gh.add_installation(7, "acme");
-    gh.add_repo(7, REPO, &[]);
-    gh.set_role(REPO, "alice", "write");
-    let port = free_port();
-    let addr = format!("http://127.0.0.1:{port}");
-    let mut c = gh.cluster(
-        Some("code"),
-        &[
-            ("AO__SANDBOX__DRIVER", driver),
-            ("AO__NOMAD__ADDR", &addr),
-            ("AO__NOMAD__TOKEN", "env:AO_TEST_NOMAD_TOKEN"),
-            ("AO_TEST_NOMAD_TOKEN", NOMAD_TOKEN),
-            ("AO__NOMAD__WAIT_SECS", "10"),
-        ],
-    );
-    let fake = FakeNomad::start_on(port, options(&c)).await.unwrap();
-    fake.register_sandbox_job("coder").await.unwrap();
+    const REPO: &str = ao_tests::stack::REPO;
+    let mut s = NomadGithub::start(StackOptions {
+        pipeline: Some("code"),
+        env: settings(&[("AO__SANDBOX__DRIVER", driver)]),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let gh = &s.gh;
+    let c = &mut s.c;
     let out = c.dir.path().join("stray.token");
     let agent = script(
         c.dir.path(),

@@ -2,7 +2,9 @@
 //! holds the App's private key; the sandbox never does) signs an App JWT and asks GitHub
 //! for an installation token limited to the task's one repository and to what the
 //! capability needs: `contents: write` for coder, tester and docs, `contents: read` for
-//! planner and reviewer (the reviewer's review is posted by the coordinator). The token
+//! planner and reviewer (the reviewer's review is posted by the coordinator), and
+//! `workflows: write` for those that push when the installation granted it (read from
+//! `GET /app/installations/{id}` right before). The token
 //! reaches the sandbox only as `AO_GIT_TOKEN` in its environment, where the runner's git
 //! credential helper reads it; it is never in a URL, an argument, a log or an event.
 
@@ -103,7 +105,28 @@ fn jwt(app: &App) -> Result<String, CredentialError> {
         .map_err(|e| CredentialError::Key(format!("cannot sign the App JWT: {e}")))
 }
 
-/// Mints a token for `target`'s one repository with the capability's permissions.
+/// The permissions a token of `capability` asks for, given what the installation
+/// granted the App (`granted`, as `GET /app/installations/{id}` lists them): `contents`
+/// by capability and `metadata: read`; and `workflows: write` for a capability that
+/// pushes code when the installation granted it, so that a change under
+/// `.github/workflows/` pushes (GitHub refuses such a push without it). Never more than
+/// granted: GitHub refuses such a token request (422).
+pub fn token_permissions(
+    capability: Capability,
+    granted: &serde_json::Map<String, serde_json::Value>,
+) -> serde_json::Value {
+    let mut permissions =
+        json!({ "contents": contents_permission(capability), "metadata": "read" });
+    if capability.pushes_code()
+        && granted.get("workflows").and_then(|v| v.as_str()) == Some("write")
+    {
+        permissions["workflows"] = json!("write");
+    }
+    permissions
+}
+
+/// Mints a token for `target`'s one repository with the capability's permissions
+/// ([`token_permissions`], from the installation's grants read just before).
 pub async fn git_token(
     worker: &Worker,
     target: &GithubTarget,
@@ -115,38 +138,61 @@ pub async fn git_token(
         .split_once('/')
         .map(|(_, n)| n)
         .unwrap_or(&target.repo);
-    let body = json!({
-        "repositories": [name],
-        "permissions": { "contents": contents_permission(capability), "metadata": "read" },
-    });
-    let url = format!(
-        "{}/app/installations/{}/access_tokens",
+    let installation = format!(
+        "{}/app/installations/{}",
         app.api_url, target.installation_id
     );
+    let granted = if capability.pushes_code() {
+        let v = call(app, reqwest::Method::GET, &installation, None).await?;
+        v["permissions"].as_object().cloned().unwrap_or_default()
+    } else {
+        serde_json::Map::new()
+    };
+    let body = json!({
+        "repositories": [name],
+        "permissions": token_permissions(capability, &granted),
+    });
+    let v = call(
+        app,
+        reqwest::Method::POST,
+        &format!("{installation}/access_tokens"),
+        Some(&body),
+    )
+    .await?;
+    v["token"]
+        .as_str()
+        .filter(|t| !t.is_empty())
+        .map(|t| SecretString::from(t.to_string()))
+        .ok_or_else(|| CredentialError::Token("the answer has no token".into()))
+}
+
+/// One App-authenticated call to GitHub (a fresh JWT each try), retried with backoff on
+/// 5xx, rate limits and transport errors; returns the JSON answer.
+async fn call(
+    app: &App,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<serde_json::Value, CredentialError> {
     let mut delay = Duration::from_millis(500);
     let mut last = String::new();
     for attempt in 1..=ATTEMPTS {
         let jwt = SecretString::from(jwt(app)?);
-        let sent = app
+        let mut request = app
             .http
-            .post(&url)
+            .request(method.clone(), url)
             .header("accept", "application/vnd.github+json")
             .header("x-github-api-version", "2022-11-28")
-            .bearer_auth(jwt.expose_secret())
-            .json(&body)
-            .send()
-            .await;
-        match sent {
+            .bearer_auth(jwt.expose_secret());
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        match request.send().await {
             Ok(r) if r.status().is_success() => {
-                let v: serde_json::Value = r
+                return r
                     .json()
                     .await
-                    .map_err(|e| CredentialError::Token(e.without_url().to_string()))?;
-                return v["token"]
-                    .as_str()
-                    .filter(|t| !t.is_empty())
-                    .map(|t| SecretString::from(t.to_string()))
-                    .ok_or_else(|| CredentialError::Token("the answer has no token".into()));
+                    .map_err(|e| CredentialError::Token(e.without_url().to_string()));
             }
             Ok(r) => {
                 let status = r.status();
@@ -227,6 +273,40 @@ pub async fn attach(
                 e.to_string(),
                 retryable,
             )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn granted(pairs: &[(&str, &str)]) -> serde_json::Map<String, serde_json::Value> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect()
+    }
+
+    #[test]
+    fn workflows_is_asked_for_by_pushing_capabilities_only_when_granted() {
+        let all = granted(&[("contents", "write"), ("workflows", "write")]);
+        assert_eq!(
+            token_permissions(Capability::Coder, &all),
+            json!({ "contents": "write", "metadata": "read", "workflows": "write" })
+        );
+        assert_eq!(
+            token_permissions(Capability::Reviewer, &all),
+            json!({ "contents": "read", "metadata": "read" })
+        );
+        for without in [
+            granted(&[("contents", "write")]),
+            granted(&[("contents", "write"), ("workflows", "read")]),
+        ] {
+            assert_eq!(
+                token_permissions(Capability::Coder, &without),
+                json!({ "contents": "write", "metadata": "read" })
+            );
         }
     }
 }

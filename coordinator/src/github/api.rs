@@ -482,6 +482,27 @@ pub async fn installations(c: &Client) -> Result<Vec<Installation>, GithubError>
         .collect())
 }
 
+/// What the owner of installation `inst` granted the App on `permission` (`"read"`,
+/// `"write"`; `None` when not granted), from `GET /app/installations/{id}`'s
+/// `permissions`.
+pub async fn installation_permission(
+    c: &Client,
+    inst: u64,
+    permission: &str,
+) -> Result<Option<String>, GithubError> {
+    let r = c
+        .app_call(
+            Method::GET,
+            "/app/installations/{id}",
+            &format!("/app/installations/{inst}"),
+            None,
+        )
+        .await?;
+    Ok(r.body["permissions"][permission]
+        .as_str()
+        .map(str::to_string))
+}
+
 /// Repositories an installation can reach.
 pub async fn installation_repositories(
     c: &Client,

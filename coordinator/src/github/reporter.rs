@@ -9,6 +9,14 @@
 //! in memory (to skip needless edits); the ids that must survive a restart (progress
 //! comment, pull request) are stored in the task's source.
 //!
+//! Every replica runs a reporter, and each learns of the changes made in its own process.
+//! A task whose end was applied by a replica that died before reporting it would be left
+//! half-reported (a draft pull request, the running label) with nobody to notice: so a
+//! fully reported ended task is marked so in its source (`reported`), and every reporter
+//! passes over the ended GitHub tasks not so marked at start-up and every
+//! [`ENDED_SWEEP`] (those that ended at least [`ENDED_SETTLE`] ago, and at most
+//! [`ENDED_LOOKBACK`] ago). A task that runs again is unmarked by the orchestrator.
+//!
 //! A step GitHub refuses for good ([`GithubError::is_permanent`]: a locked conversation
 //! or an archived repository answers 403, issues disabled 410) is logged once and not
 //! tried again for that task by this process; every other step is still done. A creating
@@ -38,6 +46,14 @@ use tokio::time::Instant;
 /// First retry delay of a failed pass; doubled up to [`MAX_RETRY_DELAY`].
 const FIRST_RETRY_DELAY: Duration = Duration::from_secs(1);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+/// How often the reporter looks for ended tasks no replica finished reporting.
+pub const ENDED_SWEEP: Duration = Duration::from_secs(30);
+/// An ended task is left to the replica that ended it this long before another steps in.
+pub const ENDED_SETTLE: Duration = Duration::from_secs(20);
+/// Ended tasks older than this are not looked at (nor are tasks from before `reported`).
+pub const ENDED_LOOKBACK: Duration = Duration::from_secs(24 * 3600);
+/// Tasks read per ended status by one sweep (the newest first).
+const ENDED_SCAN: usize = 100;
 
 /// Ended tasks whose steps refused for good are remembered at most (the oldest are
 /// forgotten first).
@@ -141,6 +157,10 @@ pub async fn run(gh: Arc<Github>, mut changes: broadcast::Receiver<TaskChange>) 
     for task in active_tasks(&gh).await {
         due.insert(task, (Instant::now(), retry_backoff()));
     }
+    let mut sweep = tokio::time::interval(ENDED_SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is at once: at start-up every unreported ended task is due.
+    let mut settle = Duration::ZERO;
     loop {
         let next = due.values().map(|(at, _)| *at).min();
         let sleep = async {
@@ -151,9 +171,15 @@ pub async fn run(gh: Arc<Github>, mut changes: broadcast::Receiver<TaskChange>) 
         };
         tokio::select! {
             _ = gh.shutdown.cancelled() => break,
+            _ = sweep.tick() => {
+                for task in unreported_ended(&gh, settle).await {
+                    due.entry(task).or_insert_with(|| (Instant::now(), retry_backoff()));
+                }
+                settle = ENDED_SETTLE;
+            }
             change = changes.recv() => match change {
                 Ok(change) => {
-                    if change.task().is_some_and(super::is_github) {
+                    if change.task().is_some_and(|t| super::is_github(t) && !ended_and_reported(t)) {
                         due.entry(change.task_id).and_modify(|(at, _)| *at = Instant::now())
                             .or_insert_with(|| (Instant::now(), retry_backoff()));
                     }
@@ -236,6 +262,68 @@ async fn active_tasks(gh: &Github) -> Vec<TaskId> {
         }
     }
     out
+}
+
+/// Whether `task` has ended and was fully reported (by any replica).
+fn ended_and_reported(task: &Task) -> bool {
+    task.status.is_terminal() && matches!(task.source, TaskSource::Github { reported: true, .. })
+}
+
+/// Ended GitHub tasks not marked reported that were last changed between `settle` and
+/// [`ENDED_LOOKBACK`] ago ([`ENDED_SCAN`] newest of each ended status). A store error
+/// is logged; the next sweep tries again.
+async fn unreported_ended(gh: &Github, settle: Duration) -> Vec<TaskId> {
+    let now = ao_shared::timefmt::now();
+    let mut out = Vec::new();
+    for status in [
+        TaskStatus::Succeeded,
+        TaskStatus::Failed,
+        TaskStatus::Cancelled,
+    ] {
+        let query = TaskQuery {
+            status: Some(status),
+            limit: ENDED_SCAN,
+            ..Default::default()
+        };
+        match gh.store.list_tasks(&query).await {
+            Ok(page) => out.extend(
+                page.tasks
+                    .iter()
+                    .filter(|t| {
+                        let age = now - t.updated_at;
+                        matches!(
+                            t.source,
+                            TaskSource::Github {
+                                reported: false,
+                                ..
+                            }
+                        ) && age >= settle
+                            && age <= ENDED_LOOKBACK
+                    })
+                    .map(|t| t.id),
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot list ended tasks to report"),
+        }
+    }
+    out
+}
+
+/// Marks an ended task fully reported (nothing when it runs again meanwhile).
+async fn mark_reported(gh: &Github, id: TaskId) -> Result<(), ChangeError> {
+    orchestrator::mutate(gh, id, |task, _| {
+        let ended = task.status.is_terminal();
+        match &mut task.source {
+            TaskSource::Github { reported, .. } if ended && !*reported => {
+                *reported = true;
+                Ok(Applied::Changed)
+            }
+            _ => Ok(Applied::Ignored(
+                "not an unreported ended GitHub task".into(),
+            )),
+        }
+    })
+    .await?;
+    Ok(())
 }
 
 /// `Ok(true)` when the task has ended and everything about it is reported.
@@ -568,22 +656,57 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
         });
         if refused && !written.notices.contains(&key) {
             if gh.store.record_delivery(&key).await? {
-                let posted = api::create_comment(
-                    c,
-                    inst,
-                    &repo,
-                    issue,
-                    "GitHub refused the push: the agent's change touches \
-                     `.github/workflows/`, and the token the agent pushes with has no \
-                     **workflows** permission (agents are not given it). Ask for a change that \
-                     leaves the workflow files alone and `/agent retry`, or edit the workflow \
-                     files yourself.",
-                )
-                .await;
+                // The token asks for `workflows: write` whenever the installation grants
+                // it; say which case this is, as the installation shows it now.
+                let granted = matches!(
+                    api::installation_permission(c, inst, "workflows").await,
+                    Ok(Some(level)) if level == "write"
+                );
+                let posted =
+                    api::create_comment(c, inst, &repo, issue, workflows_notice(granted)).await;
                 written.settle(id, Step::Notice, posted)?;
             }
             written.notices.insert(key);
         }
     }
-    Ok(task.status.is_terminal())
+    let ended = task.status.is_terminal();
+    if ended && !ended_and_reported(&task) {
+        mark_reported(gh, id).await?;
+    }
+    Ok(ended)
+}
+
+/// The notice of a push GitHub refused because it touches `.github/workflows/` without
+/// the `workflows` permission. `granted`: whether the installation grants the App
+/// `workflows: write` now (then a retry's token carries it).
+pub fn workflows_notice(granted: bool) -> &'static str {
+    if granted {
+        "GitHub refused the push: the agent's change touches `.github/workflows/`, and the \
+         token it pushed with had no **workflows** permission. The App's installation grants \
+         Workflows now, so `/agent retry` pushes with it."
+    } else {
+        "GitHub refused the push: the agent's change touches `.github/workflows/`, and the \
+         App's installation on this repository lacks the **workflows** permission, so no \
+         token of the App may change workflow files. An owner may grant Workflows (read and \
+         write) in the installation's settings and then `/agent retry`; or ask for a change \
+         that leaves the workflow files alone, or edit them yourself."
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::workflows_notice;
+
+    #[test]
+    fn the_workflows_notice_says_whether_the_installation_grants_the_permission() {
+        let lacking = workflows_notice(false);
+        assert!(lacking.contains("lacks the **workflows** permission"));
+        assert!(lacking.contains("grant Workflows"));
+        let granted = workflows_notice(true);
+        assert!(granted.contains("grants Workflows now"));
+        assert!(
+            !granted.contains("lacks"),
+            "not 'grant it' when it is granted"
+        );
+    }
 }

@@ -371,9 +371,9 @@ variable "worker_image" {
 }
 
 variable "coordinator_count" {
-  description = "Coordinator instances."
+  description = "Coordinator replicas; they share the backend and hold the singleton loops through leases (docs/operations.md). Two by default, so one may die."
   type        = number
-  default     = 1
+  default     = 2
 }
 
 variable "coordinator_cpu_limit" {

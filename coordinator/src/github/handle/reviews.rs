@@ -83,6 +83,7 @@ pub(super) async fn review_round(
                 } => untrusted_author.clone(),
                 TaskSource::Api => None,
             },
+            reported: false,
         },
         approval: Approval::NotRequired,
         review_round: Some(rounds + 1),

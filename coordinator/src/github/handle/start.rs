@@ -251,6 +251,7 @@ async fn start_inner(
             // One progress comment per issue: a later task edits the earlier one.
             progress_comment_id: previous.and_then(comment_of),
             untrusted_author,
+            reported: false,
         },
         approval,
         review_round: None,
