@@ -970,14 +970,6 @@ impl FakeGithub {
         self.deliver("issue_comment", Value::Object(p)).await
     }
 
-    /// Grants the App `permission` (`checks`, `statuses`, …) at `level` on an
-    /// installation, as accepting an App's new permissions does.
-    pub fn grant(&self, installation: u64, permission: &str, level: &str) {
-        if let Some(i) = self.fake.model.lock().installations.get_mut(&installation) {
-            i.permissions.insert(permission.into(), level.into());
-        }
-    }
-
     /// CI reports on the head of `branch`: a check run `name` created (`conclusion`
     /// `None`: in progress) or completed, then the `check_run` webhook
     /// (`created`/`completed`) as GitHub delivers it. Returns the delivery's status.

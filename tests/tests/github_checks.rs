@@ -25,8 +25,8 @@ async fn a_failing_check_starts_a_fix_round_and_the_pull_request_waits_for_it() 
     let tmp = tempfile::tempdir().unwrap();
     let fake = FakeGithub::start(tmp.path(), 4242).await.unwrap();
     fake.add_installation(7, "acme");
-    fake.grant(7, "checks", "read");
-    fake.grant(7, "statuses", "read");
+    fake.grant(7, "checks", Some("read"));
+    fake.grant(7, "statuses", Some("read"));
     fake.add_repo(7, REPO, &[]);
     fake.set_role(REPO, "alice", "write");
     let mut c = fake.cluster(
@@ -137,8 +137,8 @@ async fn the_sweep_finds_checks_whose_webhook_was_missed() {
     let tmp = tempfile::tempdir().unwrap();
     let fake = FakeGithub::start(tmp.path(), 4242).await.unwrap();
     fake.add_installation(7, "acme");
-    fake.grant(7, "checks", "read");
-    fake.grant(7, "statuses", "read");
+    fake.grant(7, "checks", Some("read"));
+    fake.grant(7, "statuses", Some("read"));
     fake.add_repo(7, REPO, &[]);
     fake.set_role(REPO, "alice", "write");
     let mut c = fake.cluster(

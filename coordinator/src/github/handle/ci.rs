@@ -169,6 +169,7 @@ async fn on_branch(gh: &Github, ctx: &Context, branch: &str) -> HandleResult {
                 } => untrusted_author.clone(),
                 TaskSource::Api => None,
             },
+            reported: false,
         },
         approval: Approval::NotRequired,
         review_round: None,
