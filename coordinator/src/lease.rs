@@ -23,6 +23,8 @@
 //! process; the metrics poller exports this replica's view (use `max`, not `sum`, across
 //! replicas).
 //!
+//! The loop is polled only while the lease is valid by this replica's clock: a holder that
+//! was not scheduled past the expiry (stopped, stalled) is stopped before its next step.
 //! Store writes made by a singleton loop are not themselves conditioned on the token: task
 //! writes are conditional on the task's version, so a loop that lost its lease while a
 //! write was in flight cannot overwrite a newer holder's change, only lose the race.
@@ -145,9 +147,16 @@ where
         let run = start();
         tokio::pin!(run);
         let ended = loop {
+            // In this order: the lease's expiry is checked before the loop is polled, so a
+            // holder that was not scheduled past it (a SIGSTOP, a stalled host) and may have
+            // been replaced runs no further step when it is scheduled again.
             tokio::select! {
-                () = &mut run => break HeldUntil::LoopEnded,
+                biased;
+                () = tokio::time::sleep_until(valid_until) => {
+                    break HeldUntil::Lost("the lease expired before it was renewed")
+                }
                 () = tokio::time::sleep(renew) => {}
+                () = &mut run => break HeldUntil::LoopEnded,
             }
             if cx.leases.is_abandoned() {
                 break HeldUntil::Abandoned;
@@ -190,6 +199,69 @@ where
                     "lease lost; the loop stopped"
                 );
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ao_shared::state::sqlite::SqliteStore;
+    use std::sync::atomic::AtomicU64;
+
+    /// A holder that was not scheduled past its lease's expiry (a SIGSTOP, a stalled host)
+    /// and that another replica has replaced does not run one more step of its loop when it
+    /// is scheduled again: the lease's expiry is checked before the loop is polled.
+    #[tokio::test]
+    async fn a_holder_resumed_after_a_takeover_runs_no_further_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn StateStore> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let ttl = Duration::from_millis(150);
+        for round in 0..12 {
+            let steps = Arc::new(AtomicU64::new(0));
+            let counted = steps.clone();
+            let cx = LeaseLoop {
+                store: store.clone(),
+                metrics: Metrics::new().unwrap(),
+                ttl,
+                renew: Duration::from_millis(30),
+                shutdown: CancellationToken::new(),
+                leases: Arc::new(Leases::default()),
+            };
+            let name = "test_lease";
+            // Every poll of the loop is one step.
+            let owner = owned(cx.clone(), name, move || {
+                let counted = counted.clone();
+                async move {
+                    loop {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        tokio::task::yield_now().await;
+                    }
+                }
+            });
+            tokio::pin!(owner);
+            // Run until the lease is taken and the loop has stepped.
+            let _ = tokio::time::timeout(Duration::from_millis(60), &mut owner).await;
+            assert!(steps.load(Ordering::SeqCst) > 0, "round {round}: never ran");
+            // Not scheduled past the expiry; another replica takes over meanwhile.
+            let other = format!("other-{round}");
+            let taken = loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if let Some(g) = store.claim_lease(name, &other, ttl, None).await.unwrap() {
+                    break g;
+                }
+            };
+            let before = steps.load(Ordering::SeqCst);
+            // Scheduled again: the first poll must see the lease gone, not step.
+            let _ = tokio::time::timeout(Duration::from_millis(5), &mut owner).await;
+            assert_eq!(
+                steps.load(Ordering::SeqCst),
+                before,
+                "round {round}: the old holder stepped after the lease went to {other}"
+            );
+            cx.shutdown.cancel();
+            let _ = tokio::time::timeout(Duration::from_millis(100), &mut owner).await;
+            store.release_lease(name, &other, taken.token).await.unwrap();
         }
     }
 }
