@@ -261,7 +261,10 @@ mod tests {
             );
             cx.shutdown.cancel();
             let _ = tokio::time::timeout(Duration::from_millis(100), &mut owner).await;
-            store.release_lease(name, &other, taken.token).await.unwrap();
+            store
+                .release_lease(name, &other, taken.token)
+                .await
+                .unwrap();
         }
     }
 }
