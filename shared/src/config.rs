@@ -159,6 +159,11 @@ pub struct GithubSettings {
     /// Checks (check-run names or commit-status contexts) that must have reported and
     /// passed on the pull request's head before it is marked ready, besides none failing.
     pub required_checks: Vec<String>,
+    /// Delay before a stored webhook delivery whose handling failed is tried again, in
+    /// milliseconds; doubled per attempt up to 60 times this. After 6 attempts it is kept
+    /// as failed (`ao_webhook_deliveries_total{result="given_up"}`). The inbox is swept
+    /// for due retries every 2 times this, at most every 10 s.
+    pub delivery_retry_ms: u64,
 }
 
 impl Default for GithubSettings {
@@ -182,6 +187,7 @@ impl Default for GithubSettings {
             allowed_bots: Vec::new(),
             ready_waits_for_checks: true,
             required_checks: Vec::new(),
+            delivery_retry_ms: 5000,
         }
     }
 }

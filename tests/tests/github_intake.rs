@@ -102,3 +102,39 @@ async fn a_command_whose_handling_failed_runs_once_after_a_restart_and_a_duplica
     );
     c.inproc.take().unwrap().stop().await.unwrap();
 }
+
+/// A delivery whose handling fails every time is tried `MAX_DELIVERY_ATTEMPTS` (6) times,
+/// with a growing delay, and then kept as failed, visibly: five failed attempts and one
+/// given up on the metric, and no task.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delivery_that_always_fails_is_given_up_after_its_attempts() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let fake = FakeGithub::start(tmp.path(), 4242).await.expect("fake");
+    fake.add_installation(7, "acme");
+    fake.add_repo(7, REPO, &[]);
+    fake.set_role(REPO, "alice", "write");
+    let mut c = fake.cluster(Some("code"), &[("AO__GITHUB__DELIVERY_RETRY_MS", "40")]);
+    c.start_in_process().await.unwrap();
+
+    let issue = fake.open_issue(REPO, "Add a note", "Please.", "alice");
+    fake.fail(
+        "/collaborators/alice/permission",
+        10_000,
+        Failure::Unprocessable,
+    );
+    assert_eq!(fake.comment(REPO, issue, "/agent run", "alice").await, 202);
+    let given_up = r#"ao_webhook_deliveries_total{event="issue_comment",result="given_up"}"#;
+    wait_until("the delivery given up", &c, || async {
+        c.metric(given_up).await.unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    let failed = r#"ao_webhook_deliveries_total{event="issue_comment",result="failed"}"#;
+    assert_eq!(
+        c.metric(failed).await.unwrap(),
+        5.0,
+        "five attempts retried before the sixth gave up"
+    );
+    assert_eq!(c.metric(given_up).await.unwrap(), 1.0);
+    assert!(tasks(&c).await.is_empty());
+    c.inproc.take().unwrap().stop().await.unwrap();
+}

@@ -99,11 +99,11 @@ pub const MAX_DELIVERY_ATTEMPTS: u32 = 6;
 /// How long a claimed delivery is left to the replica that claimed it before another may
 /// take it (the claimer died while processing it).
 pub const CLAIM_HOLD: Duration = Duration::from_secs(300);
-/// How often the inbox is looked at for pending deliveries (besides at start-up).
+/// Longest interval between two looks at the inbox for pending deliveries (besides at
+/// start-up); shorter when `github.delivery_retry_ms` is, see [`inbox_sweep`].
 pub const INBOX_SWEEP: Duration = Duration::from_secs(10);
-/// Delay before a failed attempt is retried, doubled per attempt up to [`MAX_RETRY_DELAY`].
-const FIRST_RETRY_DELAY: Duration = Duration::from_secs(5);
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+/// How many times the first retry delay (`github.delivery_retry_ms`) the longest is.
+const MAX_RETRY_FACTOR: u32 = 60;
 /// Pending deliveries looked at per sweep.
 const PENDING_BATCH: usize = 100;
 /// Longest error text kept with a delivery.
@@ -114,7 +114,7 @@ const MAX_ERROR_CHARS: usize = 1000;
 /// by a restart, or waiting for its retry).
 pub async fn run(gh: Arc<Github>) {
     let mut rx = gh.inbox.receiver().await;
-    let mut sweep = tokio::time::interval(INBOX_SWEEP);
+    let mut sweep = tokio::time::interval(inbox_sweep(&gh.settings));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -180,7 +180,7 @@ pub async fn process(gh: &Github, id: &DeliveryId) {
                         });
                         InboxOutcome::Failed { error }
                     } else {
-                        let after = retry_delay(stored.attempts);
+                        let after = retry_delay(&gh.settings, stored.attempts);
                         span.in_scope(|| {
                             tracing::warn!(error = %error, retry_in_ms = after.as_millis() as u64,
                                 "delivery failed; it will be processed again")
@@ -207,8 +207,17 @@ pub async fn process(gh: &Github, id: &DeliveryId) {
 }
 
 /// The delay before attempt `attempts + 1`.
-fn retry_delay(attempts: u32) -> Duration {
-    ao_shared::backoff::Backoff::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY).after(attempts)
+/// Delay before a delivery that failed `attempts` times is tried again:
+/// `github.delivery_retry_ms`, doubled per attempt, at most [`MAX_RETRY_FACTOR`] times it.
+fn retry_delay(settings: &Settings, attempts: u32) -> Duration {
+    let first = Duration::from_millis(settings.github.delivery_retry_ms.max(1));
+    ao_shared::backoff::Backoff::new(first, first * MAX_RETRY_FACTOR).after(attempts)
+}
+
+/// How often the inbox is swept for due deliveries: twice per first retry delay, at most
+/// every [`INBOX_SWEEP`].
+fn inbox_sweep(settings: &Settings) -> Duration {
+    (Duration::from_millis(settings.github.delivery_retry_ms.max(1)) * 2).min(INBOX_SWEEP)
 }
 
 fn event_label(e: &str) -> &'static str {
