@@ -547,3 +547,8 @@ async fn fenced_leases() {
 async fn inbox() {
     conformance::inbox(&store().await).await;
 }
+
+#[tokio::test]
+async fn inbox_lists_the_due_deliveries() {
+    conformance::inbox_lists_the_due_deliveries(&store().await).await;
+}

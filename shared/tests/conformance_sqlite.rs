@@ -187,3 +187,9 @@ async fn inbox() {
     let (_d, s) = store();
     conformance::inbox(&s).await;
 }
+
+#[tokio::test]
+async fn inbox_lists_the_due_deliveries() {
+    let (_d, s) = store();
+    conformance::inbox_lists_the_due_deliveries(&s).await;
+}

@@ -10,7 +10,7 @@
 //! | delivery | `DELIVERY#<id>` | `DELIVERY` | `expires_at` |
 //! | lease | `LEASE#<name>` | `LEASE` | `holder`, `lease_expires_ms`, `fence` (token), `expires_at` |
 //! | inbox delivery | `INBOX#<id>` | `INBOX` | `event`, `payload`, `inbox_status`, `attempts`, `due_ms`, `marker`, `error`, `expires_at` (once finished) |
-//! | pending marker | `INBOX_PENDING` | `<received ms, 20 digits>#<id>` | (none: the list of pending deliveries) |
+//! | pending marker | `INBOX_PENDING` | `<received ms, 20 digits>#<id>` | `due_ms` (the sweep lists only due markers) |
 //! | spend | `SPEND#<account>#<month>` | `SPEND` | `micros` (atomic `ADD`) |
 //!
 //! Indexes: `status-index` (`task_status`, `created_at`), `repository-index`
@@ -1249,7 +1249,8 @@ impl StateStore for DynamoStore {
         record.insert(INBOX_ATTEMPTS.into(), n(0));
         record.insert(INBOX_DUE.into(), n(now_ms));
         record.insert(INBOX_MARKER.into(), s(marker.clone()));
-        let pending = key(INBOX_PENDING.to_string(), &marker);
+        let mut pending = key(INBOX_PENDING.to_string(), &marker);
+        pending.insert(INBOX_DUE.into(), n(now_ms));
         for _ in 0..MAX_ATTEMPTS {
             let items = vec![
                 TransactWriteItem::builder()
@@ -1335,7 +1336,9 @@ impl StateStore for DynamoStore {
         let now_ms = unix_ms(now());
         let record_key = key(format!("INBOX#{}", id.as_str()), "INBOX");
         if let InboxOutcome::Retry { after, error } = outcome {
-            self.client
+            let due = n(now_ms + after.as_millis() as i64);
+            let out = self
+                .client
                 .update_item()
                 .table_name(&*self.table)
                 .set_key(Some(record_key))
@@ -1343,11 +1346,28 @@ impl StateStore for DynamoStore {
                 .condition_expression("attribute_exists(pk)")
                 .expression_attribute_names("#due", INBOX_DUE)
                 .expression_attribute_names("#error", INBOX_ERROR)
-                .expression_attribute_values(":due", n(now_ms + after.as_millis() as i64))
+                .expression_attribute_values(":due", due.clone())
                 .expression_attribute_values(":error", s(error.clone()))
+                .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew)
                 .send()
                 .await
                 .map_err(|e| sdk_error("UpdateItem", e))?;
+            // The pending marker carries the due time too, so that the sweep's listing
+            // skips it until then. Not in one transaction with the record: a marker left
+            // early only makes a sweep try a claim that the record's own due time refuses.
+            if let Some(marker) = out.attributes().and_then(|i| get_s(i, INBOX_MARKER)) {
+                self.client
+                    .update_item()
+                    .table_name(&*self.table)
+                    .set_key(Some(key(INBOX_PENDING.to_string(), marker)))
+                    .update_expression("SET #due = :due")
+                    .condition_expression("attribute_exists(pk)")
+                    .expression_attribute_names("#due", INBOX_DUE)
+                    .expression_attribute_values(":due", due)
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error("UpdateItem", e))?;
+            }
             return Ok(());
         }
         let (status, error) = match outcome {
@@ -1418,24 +1438,42 @@ impl StateStore for DynamoStore {
     }
 
     async fn pending_inbox(&self, limit: usize) -> Result<Vec<DeliveryId>, StoreError> {
-        let out = self
-            .client
-            .query()
-            .table_name(&*self.table)
-            .key_condition_expression("#pk = :pk")
-            .expression_attribute_names("#pk", PK)
-            .expression_attribute_values(":pk", s(INBOX_PENDING))
-            .consistent_read(true)
-            .limit(limit.clamp(1, 1000) as i32)
-            .send()
-            .await
-            .map_err(|e| sdk_error("Query", e))?;
-        Ok(out
-            .items()
-            .iter()
-            .filter_map(|i| get_s(i, SK))
-            .filter_map(|sk| sk.split_once('#').map(|(_, id)| DeliveryId::new(id)))
-            .collect())
+        let limit = limit.clamp(1, 1000);
+        let now_ms = unix_ms(now());
+        let mut ids = Vec::new();
+        let mut start = None;
+        // A filtered query pages until it has `limit` due markers or none are left (each
+        // page reads up to 1 MB of markers before the filter, "Query" in the DynamoDB API
+        // reference); markers are a few dozen bytes.
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&*self.table)
+                .key_condition_expression("#pk = :pk")
+                .filter_expression("attribute_not_exists(#due) OR #due <= :now")
+                .expression_attribute_names("#pk", PK)
+                .expression_attribute_names("#due", INBOX_DUE)
+                .expression_attribute_values(":pk", s(INBOX_PENDING))
+                .expression_attribute_values(":now", n(now_ms))
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| sdk_error("Query", e))?;
+            ids.extend(
+                out.items()
+                    .iter()
+                    .filter_map(|i| get_s(i, SK))
+                    .filter_map(|sk| sk.split_once('#').map(|(_, id)| DeliveryId::new(id))),
+            );
+            match out.last_evaluated_key {
+                Some(key) if ids.len() < limit => start = Some(key),
+                _ => break,
+            }
+        }
+        ids.truncate(limit);
+        Ok(ids)
     }
 }
 

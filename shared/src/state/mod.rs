@@ -263,6 +263,7 @@ pub trait StateStore: Send + Sync {
     async fn finish_inbox(&self, id: &DeliveryId, outcome: &InboxOutcome)
         -> Result<(), StoreError>;
 
-    /// Ids of pending deliveries (due or not), oldest first, at most `limit`.
+    /// Ids of pending deliveries that are due (not waiting for a retry), oldest first, at
+    /// most `limit`. A delivery held by a processor may be listed; claiming it then fails.
     async fn pending_inbox(&self, limit: usize) -> Result<Vec<DeliveryId>, StoreError>;
 }

@@ -754,13 +754,15 @@ impl StateStore for SqliteStore {
     async fn pending_inbox(&self, limit: usize) -> Result<Vec<DeliveryId>, StoreError> {
         let limit = limit.clamp(1, 10_000) as i64;
         self.blocking(move |conn| {
+            let now_ms = unix_ms(now());
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT id FROM inbox WHERE status = 'pending' ORDER BY at_ms LIMIT ?",
+                    "SELECT id FROM inbox WHERE status = 'pending' AND due_ms <= ?
+                     ORDER BY at_ms LIMIT ?",
                 )
                 .map_err(backend)?;
             let ids: Vec<String> = stmt
-                .query_map(params![limit], |r| r.get(0))
+                .query_map(params![now_ms, limit], |r| r.get(0))
                 .map_err(backend)?
                 .collect::<Result<_, _>>()
                 .map_err(backend)?;

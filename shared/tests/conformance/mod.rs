@@ -496,6 +496,50 @@ pub async fn fenced_leases(s: &dyn StateStore) {
     assert!(a2.token > b.token);
 }
 
+/// Pending deliveries waiting for a later retry do not hide a due one from the sweep: more
+/// than a sweep's batch of them, stored before it, and it is still listed.
+pub async fn inbox_lists_the_due_deliveries(s: &dyn StateStore) {
+    let hold = Duration::from_secs(60);
+    for i in 0..12 {
+        let id = DeliveryId::new(format!("later-{i}-{}", uuid_like()));
+        let d = InboxDelivery {
+            id: id.clone(),
+            event: "issues".into(),
+            payload: "{}".into(),
+            attempts: 0,
+        };
+        assert!(s.put_inbox(&d).await.unwrap());
+        s.claim_inbox(&id, hold).await.unwrap().unwrap();
+        s.finish_inbox(
+            &id,
+            &InboxOutcome::Retry {
+                after: Duration::from_secs(3600),
+                error: "GitHub said 502".into(),
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let due = DeliveryId::new(format!("due-{}", uuid_like()));
+    let d = InboxDelivery {
+        id: due.clone(),
+        event: "issues".into(),
+        payload: "{}".into(),
+        attempts: 0,
+    };
+    assert!(s.put_inbox(&d).await.unwrap());
+    let listed = s.pending_inbox(10).await.unwrap();
+    assert!(
+        listed.contains(&due),
+        "the due delivery is hidden behind {} waiting ones",
+        listed.len()
+    );
+    assert!(
+        listed.iter().all(|id| !id.as_str().starts_with("later-")),
+        "deliveries waiting for their retry are not listed as due: {listed:?}"
+    );
+}
+
 /// The webhook inbox: stored once, claimed by one processor at a time, retried when due,
 /// finished as done or failed, and listed while pending.
 pub async fn inbox(s: &dyn StateStore) {
