@@ -593,7 +593,6 @@ echo "coder was here" > coder.txt
 /// idempotency token finds the sandbox still running) and opens a hand-over for it. The
 /// old sandbox's agent, which holds the identity of that very job, claims it.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "open: the nomad driver's open items in docs/sandbox.md"]
 async fn a_redelivered_attempt_is_not_handed_over_again_to_the_old_sandbox() {
     const REPO: &str = ao_tests::stack::REPO;
     let mut s = NomadGithub::start(StackOptions {

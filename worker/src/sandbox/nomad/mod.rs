@@ -18,7 +18,8 @@
 //!    never reaches Nomad, and the prompt's length is not bound by the 16 KiB payload
 //!    limit. The idempotency token `<subtask_id>-<attempt>` makes a redelivered
 //!    message (its worker died) find the instance already dispatched for that attempt
-//!    instead of starting a second one.
+//!    instead of starting a second one. Such an instance is followed but never handed
+//!    over to: it takes its spec from the worker that dispatched it.
 //! 2. The dispatch evaluation and then the job's allocations are followed with blocking
 //!    queries (`index` + `wait`), never a tight poll. When the evaluation reports
 //!    `FailedTGAllocs` (no capacity, or no node fits), Nomad keeps a blocked evaluation
@@ -534,7 +535,7 @@ impl SandboxDriver for NomadDriver {
         let parent = self.job_id(spec.capability);
         let token = format!("{}-{}", spec.subtask_id, spec.attempt);
         // Open for the sandbox's claim until this run ends (dropped on every return).
-        let registration = self.handovers.register(&token, spec);
+        let mut registration = Some(self.handovers.register(&token, spec));
         let mut meta = BTreeMap::new();
         meta.insert("task_id", spec.task_id.to_string());
         meta.insert("subtask_id", spec.subtask_id.to_string());
@@ -556,7 +557,20 @@ impl SandboxDriver for NomadDriver {
             Err(e) => return dispatch_failure(&parent, &self.settings.namespace, e),
         };
         let job = dispatched.dispatched_job_id;
-        registration.dispatched(&job);
+        if dispatched.eval_id.is_empty() {
+            // Nomad returned the instance already dispatched for this attempt: its worker
+            // died and the message was redelivered here. That sandbox takes its spec from
+            // the worker that dispatched it, never from this one: its agent holds the
+            // identity of that very job, so a hand-over here would give it the attempt's
+            // secrets a second time. It is followed (its result is read as any other), not
+            // handed over to.
+            drop(registration.take());
+            tracing::info!(job = %job,
+                "a sandbox of this attempt already runs, dispatched by another worker; \
+                 following it without a hand-over");
+        } else if let Some(r) = &registration {
+            r.dispatched(&job);
+        }
         tracing::info!(job = %job, eval = %dispatched.eval_id, "sandbox dispatched");
         let ended = tokio::select! {
             e = self.follow(spec, &job, &dispatched.eval_id, &events) => e,
