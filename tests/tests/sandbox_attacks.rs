@@ -739,7 +739,8 @@ fn attempt_dirs(c: &Cluster) -> Vec<String> {
     std::fs::read_dir(c.dir.path().join("work"))
         .map(|d| {
             d.flatten()
-                .filter(|e| e.file_name() != "bin")
+                // The worker's own: the runner binary and the spend ledger.
+                .filter(|e| e.file_name() != "bin" && e.file_name() != ".spend-ledger")
                 .map(|e| e.path().display().to_string())
                 .collect()
         })

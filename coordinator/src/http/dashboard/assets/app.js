@@ -67,7 +67,7 @@ async function api(method, path, body) {
     body: body === undefined ? undefined : JSON.stringify(body),
   });
   if (r.status === 401) {
-    window.location.assign('/login');
+    toLogin();
     throw new ApiError(401, { error: 'logged out' });
   }
   let json = null;
@@ -170,6 +170,15 @@ function setLive(state) {
   n.className = `live live-${state.replace(/[^a-z]/g, '')}`;
 }
 
+// Once: a request that meets 401 while the logout is under way must not start a second
+// navigation to the login page, which would abort the first.
+let leaving = false;
+function toLogin() {
+  if (leaving) return;
+  leaving = true;
+  window.location.assign('/login');
+}
+
 function setupLogout() {
   const b = document.getElementById('logout');
   if (!b) return;
@@ -177,7 +186,7 @@ function setupLogout() {
     try {
       await fetch('/logout', { method: 'POST', credentials: 'same-origin', headers: { 'X-AO-CSRF': cookie('ao_csrf') } });
     } finally {
-      window.location.assign('/login');
+      toLogin();
     }
   });
 }
