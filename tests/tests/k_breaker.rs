@@ -480,3 +480,71 @@ async fn reports_for_an_unknown_task_are_dropped_not_dead_lettered() {
         "reports for an unknown task dead-lettered: {d:?}"
     );
 }
+
+/// SQS (moto): a worker long-polls two queues for one message; both polls bring one, it
+/// takes the first and then stays busy (its run lasts, it does not receive again). The
+/// other message, held in its backend's inbox, must be made visible again after at most
+/// half its visibility timeout, for another worker to take; before, it was given back
+/// only by the busy worker's next receive, so it stayed hidden for its whole visibility
+/// timeout and its receive was used up for nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_held_by_a_busy_worker_is_given_back_in_time_sqs() {
+    let moto = ao_tests::moto::Moto::shared();
+    let env = moto.env(&ao_tests::moto::unique("held"));
+    let settings = ao_shared::config::Settings::load_from(None, env.clone()).expect("settings");
+    let busy = ao_tests::inproc::open_backends(&settings, &env)
+        .await
+        .expect("backends");
+    let other = ao_tests::inproc::open_backends(&settings, &env)
+        .await
+        .expect("backends");
+    let (coder, docs) = (
+        QueueId::Capability(Capability::Coder),
+        QueueId::Capability(Capability::Docs),
+    );
+    busy.queue.send(coder, "{\"n\":1}").await.expect("send");
+    busy.queue.send(docs, "{\"n\":2}").await.expect("send");
+    let visibility = Duration::from_secs(20);
+    let asked = Instant::now();
+    let mut taken = Vec::new();
+    while taken.is_empty() {
+        assert!(
+            asked.elapsed() < Duration::from_secs(10),
+            "nothing received"
+        );
+        taken = busy
+            .queue
+            .receive(&[coder, docs], 1, Duration::from_secs(2), visibility)
+            .await
+            .expect("receive");
+    }
+    assert_eq!(taken.len(), 1);
+    let left = if taken[0].receipt.queue == coder {
+        docs
+    } else {
+        coder
+    };
+    // The busy worker receives nothing more. Another worker polls the other queue until
+    // it gets the message; it must not have to wait for the visibility timeout.
+    let got = loop {
+        let got = other
+            .queue
+            .receive(&[left], 1, Duration::from_secs(1), Duration::from_secs(60))
+            .await
+            .expect("receive");
+        if let Some(m) = got.into_iter().next() {
+            break m;
+        }
+        assert!(
+            asked.elapsed() < visibility,
+            "the held message was not given back within the visibility timeout"
+        );
+    };
+    let waited = asked.elapsed();
+    assert!(
+        waited < visibility - Duration::from_secs(3),
+        "the held message came back after {waited:?}, only when its visibility ({visibility:?}) \
+         ran out (receive count {})",
+        got.receive_count
+    );
+}

@@ -207,7 +207,15 @@ impl SqsQueue {
                 match result {
                     Ok(messages) => {
                         let until = Instant::now() + hold;
+                        let handles: Vec<String> =
+                            messages.iter().map(|m| m.receipt.handle.clone()).collect();
                         inbox.held.extend(messages.into_iter().map(|m| (until, m)));
+                        if !handles.is_empty() {
+                            // Given back on time even when no receive comes (every slot of
+                            // the worker busy): else the message would stay hidden for its
+                            // whole visibility timeout.
+                            tokio::spawn(give_back_at(until, handles, client, url, shared.clone()));
+                        }
                     }
                     Err(e) => {
                         inbox.errors.insert(queue, e.to_string());
@@ -377,6 +385,33 @@ async fn poll(
         });
     }
     Ok(got)
+}
+
+/// At `until`, makes visible again those of the messages received with `handles` (all of
+/// one queue, at `url`) that are still held in `inbox`, untaken.
+async fn give_back_at(
+    until: Instant,
+    handles: Vec<String>,
+    client: Client,
+    url: String,
+    inbox: Arc<Mutex<Inbox>>,
+) {
+    tokio::time::sleep_until(until.into()).await;
+    let expired: Vec<Received> = {
+        let mut inbox = inbox.lock();
+        let (expired, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut inbox.held)
+            .into_iter()
+            .partition(|(_, m)| handles.contains(&m.receipt.handle));
+        inbox.held = kept;
+        expired.into_iter().map(|(_, m)| m).collect()
+    };
+    if !expired.is_empty() {
+        tracing::debug!(
+            count = expired.len(),
+            "making received messages nobody took visible again"
+        );
+        release_all(&client, &url, &expired).await;
+    }
 }
 
 /// Makes messages visible again at once; failures only delay them until their visibility
