@@ -9,7 +9,7 @@
 //! Every text here is the agent's: it is shown in code blocks it cannot close
 //! ([`fenced`]), never as mentions, links or images of the App's review.
 
-use crate::github::progress::fenced;
+use crate::github::progress::{fenced, fenced_within};
 use ao_shared::verdict::{Finding, Verdict};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,6 +18,10 @@ use std::collections::{BTreeMap, BTreeSet};
 pub const MAX_LINE_COMMENTS: usize = ao_shared::verdict::MAX_FINDINGS;
 /// Characters of one finding's message shown at most.
 const MAX_MESSAGE_CHARS: usize = 2000;
+/// Characters of the review's summary shown at most, code fences included.
+const MAX_SUMMARY_SHOWN_CHARS: usize = 25_000;
+/// Characters of the findings listed in the body shown at most, code fences included.
+const MAX_ELSEWHERE_SHOWN_CHARS: usize = 30_000;
 
 /// The side of the diff a line comment is on: `RIGHT` is the pull request's version
 /// (added and unchanged lines), the only side findings are made on.
@@ -132,11 +136,16 @@ pub fn review(
     } else {
         summary
     };
-    let mut body = format!("**Reviewer agent**\n\n{}", fenced(summary));
+    // Each part within its share of GitHub's limit on a review's body (65,536
+    // characters), fences included: a longer body is refused (422) and no review posted.
+    let mut body = format!(
+        "**Reviewer agent**\n\n{}",
+        fenced_within(summary, MAX_SUMMARY_SHOWN_CHARS).0
+    );
     if !elsewhere.is_empty() {
         body.push_str(&format!(
             "\n**Findings not on a line of this diff**\n\n{}",
-            fenced(elsewhere.trim_end())
+            fenced_within(elsewhere.trim_end(), MAX_ELSEWHERE_SHOWN_CHARS).0
         ));
     }
     Review { body, comments }
@@ -148,14 +157,29 @@ pub fn without_line_comments(mut review: Review) -> Review {
     if review.comments.is_empty() {
         return review;
     }
-    let listed: Vec<String> = review
-        .comments
-        .drain(..)
-        .map(|c| format!("{}:{}:\n{}", c.path, c.line, c.body))
-        .collect();
+    // Within GitHub's limit on a review's body: what does not fit is counted, not shown.
+    const ROOM: usize = crate::github::progress::MAX_COMMENT_CHARS - 200;
+    let mut used = review.body.chars().count();
+    let mut listed = Vec::new();
+    let mut left_out = 0;
+    for c in review.comments.drain(..) {
+        let item = format!("{}:{}:\n{}", c.path, c.line, c.body);
+        let len = item.chars().count() + 1;
+        if left_out == 0 && used + len <= ROOM {
+            used += len;
+            listed.push(item);
+        } else {
+            left_out += 1;
+        }
+    }
     review
         .body
         .push_str(&format!("\n**Findings by line**\n\n{}", listed.join("\n")));
+    if left_out > 0 {
+        review.body.push_str(&format!(
+            "\n… and {left_out} more finding(s), too long for one review.\n"
+        ));
+    }
     review
 }
 
