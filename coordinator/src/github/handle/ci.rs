@@ -127,7 +127,18 @@ async fn on_branch(gh: &Github, ctx: &Context, branch: &str) -> HandleResult {
             let names: Vec<String> = verdict
                 .failed
                 .iter()
-                .map(|c| format!("`{}`", c.name.replace('`', "")))
+                // A check's name is anyone's text: one line, no backtick, in a code
+                // span it cannot leave (a blank line would end it and show the rest
+                // as mentions, links or HTML of the App's comment).
+                .map(|c| {
+                    let name: String = c
+                        .name
+                        .chars()
+                        .filter(|c| !crate::github::untrusted::is_hidden_char(*c))
+                        .map(|c| if c == '`' || c.is_control() { ' ' } else { c })
+                        .collect();
+                    format!("`{}`", name.trim())
+                })
                 .collect();
             api::answer(
                 &gh.client,
