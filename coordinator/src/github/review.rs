@@ -163,7 +163,13 @@ pub fn without_line_comments(mut review: Review) -> Review {
     let mut listed = Vec::new();
     let mut left_out = 0;
     for c in review.comments.drain(..) {
-        let item = format!("{}:{}:\n{}", c.path, c.line, c.body);
+        // The path is the agent's: a file may be named to be a mention or a link.
+        let item = format!(
+            "{}:{}:\n{}",
+            crate::github::untrusted::code_span(&c.path),
+            c.line,
+            c.body
+        );
         let len = item.chars().count() + 1;
         if left_out == 0 && used + len <= ROOM {
             used += len;
@@ -236,9 +242,35 @@ mod tests {
         );
         let folded = without_line_comments(r);
         assert!(folded.comments.is_empty());
-        assert!(folded.body.contains("src/lib.rs:12:") && folded.body.contains("y is wrong"));
+        assert!(folded.body.contains("`src/lib.rs`:12:") && folded.body.contains("y is wrong"));
         // An approval has nothing to place.
         let r = review("", Some(&Verdict::Approve), &diff);
         assert!(r.comments.is_empty() && r.body.contains("nothing to add"));
+    }
+
+    /// A file the agent named to be a mention (a directory `@acme`), a link or HTML: when
+    /// the line comments are folded into the body, its path is in a code span it cannot
+    /// leave.
+    #[test]
+    fn a_folded_path_cannot_mention_link_or_inject_html() {
+        for path in [
+            "@acme/admins.md",
+            "x\n\n@acme/admins <img src=x>.md",
+            "[x](https://evil.example)`.md",
+        ] {
+            let diff = BTreeMap::from([(path.to_string(), diff_lines(PATCH))]);
+            let verdict = Verdict::RequestChanges {
+                findings: vec![Finding {
+                    file: Some(path.into()),
+                    line: Some(2),
+                    message: "wrong".into(),
+                }],
+            };
+            let r = review("s", Some(&verdict), &diff);
+            assert_eq!(r.comments.len(), 1, "{r:#?}");
+            let body = without_line_comments(r).body;
+            let shown = path.replace(['\n', '`'], " ");
+            assert!(body.contains(&format!("`{}`:2:", shown.trim())), "{body}");
+        }
     }
 }

@@ -127,18 +127,8 @@ async fn on_branch(gh: &Github, ctx: &Context, branch: &str) -> HandleResult {
             let names: Vec<String> = verdict
                 .failed
                 .iter()
-                // A check's name is anyone's text: one line, no backtick, in a code
-                // span it cannot leave (a blank line would end it and show the rest
-                // as mentions, links or HTML of the App's comment).
-                .map(|c| {
-                    let name: String = c
-                        .name
-                        .chars()
-                        .filter(|c| !crate::github::untrusted::is_hidden_char(*c))
-                        .map(|c| if c == '`' || c.is_control() { ' ' } else { c })
-                        .collect();
-                    format!("`{}`", name.trim())
-                })
+                // A check's name is anyone's text.
+                .map(|c| crate::github::untrusted::code_span(&c.name))
                 .collect();
             api::answer(
                 &gh.client,
