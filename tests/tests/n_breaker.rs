@@ -395,3 +395,73 @@ async fn hostile_and_flooding_checks_stay_within_the_rounds_and_inert() {
     let (_, list) = c.get_json("/api/v1/tasks").await.unwrap();
     assert_eq!(rounds(&list), 1, "{list:#}");
 }
+
+/// A pull request merged (or closed) by a person is no longer the agent's to fix: a
+/// check that fails on its branch afterwards (a re-run, a late runner) starts no fix
+/// round that would push to it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_check_after_the_pull_request_is_merged_starts_no_round() {
+    const REPO: &str = "acme/widgets";
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = FakeGithub::start(tmp.path(), 4242).await.unwrap();
+    fake.add_installation(7, "acme");
+    fake.grant(7, "checks", Some("read"));
+    fake.grant(7, "statuses", Some("read"));
+    fake.add_repo(7, REPO, &[]);
+    fake.set_role(REPO, "alice", "write");
+    let mut c = fake.cluster(Some("code"), &[]);
+    let agent = script(c.dir.path(), "agent.sh", CI_AGENT);
+    c.start_in_process().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let issue = fake.open_issue(REPO, "Add a note", "Please.", "alice");
+    assert_eq!(fake.label_issue(REPO, issue, "agent", "alice").await, 202);
+    let m = fake
+        .wait_for("the first run done", LIMIT, |m| {
+            m.pulls(REPO).len() == 1
+                && m.issue(REPO, issue)
+                    .is_some_and(|i| i.labels.iter().any(|l| l == "agent:done"))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
+        .unwrap();
+    let pr = m.pulls(REPO)[0].clone();
+    fake.merge_pull(REPO, pr.number);
+    assert_eq!(
+        fake.check_run(REPO, &pr.head, "unit", Some("failure"), "FAIL late")
+            .await,
+        202
+    );
+    // Deliveries are handled in order: once `/agent status` is answered, the check's
+    // delivery was handled before it.
+    let before = fake
+        .model()
+        .comments_on(REPO, issue)
+        .iter()
+        .filter(|c| c.user == BOT_LOGIN)
+        .count();
+    assert_eq!(
+        fake.comment(REPO, issue, "/agent status", "alice").await,
+        202
+    );
+    fake.wait_for("the answer to /agent status", LIMIT, |m| {
+        m.comments_on(REPO, issue)
+            .iter()
+            .filter(|c| c.user == BOT_LOGIN)
+            .count()
+            > before
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
+    .unwrap();
+    let (_, list) = c.get_json("/api/v1/tasks").await.unwrap();
+    let rounds: Vec<&Value> = list["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["ci_round"].is_number())
+        .collect();
+    assert!(
+        rounds.is_empty(),
+        "a fix round for a merged pull request: {rounds:#?}"
+    );
+}
