@@ -548,3 +548,66 @@ async fn a_message_held_by_a_busy_worker_is_given_back_in_time_sqs() {
         got.receive_count
     );
 }
+
+/// SQS (moto): a worker of one slot serving two queues takes one task's message and holds
+/// the other's (its second poll answered too). SIGTERM stops it (the run is cut by the
+/// grace period and put back). The held message must be put back too: a new worker
+/// completes both tasks well before the visibility timeout (120 s) would have returned it.
+/// Before, the held message stayed hidden until then.
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_held_at_shutdown_are_put_back_sqs() {
+    let moto = ao_tests::moto::Moto::shared();
+    let env = moto.env(&ao_tests::moto::unique("held-term"));
+    let mut c = ao_tests::scenario::cluster_with(
+        &env,
+        &[
+            NO_RECOVERY,
+            ("AO__QUEUE__VISIBILITY_TIMEOUT_SECS", "120"),
+            ("AO__QUEUE__HEARTBEAT_SECS", "2"),
+            ("AO__WORKER__CONCURRENCY", "1"),
+            ("AO__WORKER__CAPABILITIES", "coder,docs"),
+            ("AO__WORKER__SHUTDOWN_GRACE_SECS", "1"),
+        ],
+    );
+    let dir = c.dir.path().to_path_buf();
+    let runs = dir.join("runs.log");
+    let agent = script(
+        &dir,
+        "agent.sh",
+        &format!(
+            "echo run >> {runs}\nif [ \"$(wc -l < {runs})\" = 1 ]; then sleep 600; fi\n\
+             echo ok > \"ok-$RANDOM.txt\"",
+            runs = runs.display()
+        ),
+    );
+    let repo = bare_repo(&dir, "project", &[]);
+    c.start_coordinator().await.expect("coordinator");
+    let mut ids = Vec::new();
+    for (pipeline, branch) in [("coder", "agent/held-a"), ("docs", "agent/held-b")] {
+        let (status, task) = c
+            .submit(
+                json!({ "repository": repo.display().to_string(), "prompt": "p",
+                            "pipeline": [pipeline], "branch": branch }),
+            )
+            .await
+            .expect("submit");
+        assert_eq!(status, 202, "{task}");
+        ids.push(task["id"].as_str().expect("id").to_string());
+    }
+    let first = start_agent_worker(&mut c, &agent);
+    wait_for_file(&c, &runs, LIMIT).await;
+    let code = c.workers[first]
+        .terminate(Duration::from_secs(30))
+        .expect("the worker stops");
+    assert_eq!(code, 0, "{}", c.logs());
+    start_agent_worker(&mut c, &agent);
+    let limit = Duration::from_secs(60);
+    for id in &ids {
+        let done = c
+            .wait_for_status(id, &["succeeded", "failed"], limit)
+            .await
+            .expect("both tasks end before the visibility timeout");
+        assert_eq!(done["status"], "succeeded", "{done:#}");
+        assert_eq!(done["subtasks"][0]["attempt"], 1, "{done:#}");
+    }
+}

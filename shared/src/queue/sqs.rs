@@ -579,6 +579,26 @@ impl Queue for SqsQueue {
         self.change_visibility(receipt, Duration::ZERO).await
     }
 
+    async fn take_held(&self) -> Vec<Received> {
+        // A poll ends within its wait plus its attempt timeout.
+        let deadline = Instant::now() + MAX_WAIT + RECEIVE_TIMEOUT_MARGIN + ANSWER_MARGIN;
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            {
+                let mut inbox = self.inbox.lock();
+                if inbox.polling.is_empty() || Instant::now() >= deadline {
+                    return std::mem::take(&mut inbox.held)
+                        .into_iter()
+                        .map(|(_, m)| m)
+                        .collect();
+                }
+            }
+            let _ = tokio::time::timeout_at(deadline.into(), arrived).await;
+        }
+    }
+
     async fn depth(&self, queue: QueueId) -> Result<Depth, QueueError> {
         let (main, dead) = futures::try_join!(
             counts(&self.client, self.url(queue, false)?),
