@@ -465,3 +465,62 @@ async fn a_failing_check_after_the_pull_request_is_merged_starts_no_round() {
         "a fix round for a merged pull request: {rounds:#?}"
     );
 }
+
+const ONE_PLAN: &str = r#"
+if [[ "$AO_CAPABILITY" == planner ]]; then
+  echo '```json'
+  echo '{"version": 1, "summary": "ONE-PLAN", "steps": [{"id": "note", "capability": "coder", "title": "Note", "instructions": "Write NOTE.md."}]}'
+  echo '```'
+else
+  echo note > NOTE.md; echo "wrote NOTE.md"
+fi
+"#;
+
+/// Two rejections of the same plan at the same moment: one is taken, the other is a
+/// conflict (the task no longer waits); the planner plans again once, not twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_rejections_at_once_replan_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = FakeGithub::start(tmp.path(), 4242).await.unwrap();
+    fake.add_installation(7, "acme");
+    let repo = "acme/careful";
+    fake.add_repo(
+        7,
+        repo,
+        &[(
+            ".agent-orchestrator.toml",
+            "default_pipeline = \"plan-code\"\nrequire_approval = true\n\
+             [pipelines]\nplan-code = [\"planner\", \"coder\"]\n",
+        )],
+    );
+    fake.set_role(repo, "alice", "maintain");
+    let mut c = fake.cluster(None, &[]);
+    let agent = script(c.dir.path(), "agent.sh", ONE_PLAN);
+    c.start_in_process().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let issue = fake.open_issue(repo, "Add a note", "Please.", "alice");
+    assert_eq!(fake.label_issue(repo, issue, "agent", "alice").await, 202);
+    let id = loop {
+        let (_, list) = c.get_json("/api/v1/tasks").await.unwrap();
+        if let Some(id) = list["tasks"][0]["id"].as_str() {
+            break id.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    c.wait_for_status(&id, &["awaiting_approval"], LIMIT)
+        .await
+        .unwrap();
+    let body = json!({ "feedback": "smaller" }).to_string();
+    let (a, b) = tokio::join!(
+        reject_raw(&c, &id, "application/json", &body),
+        reject_raw(&c, &id, "application/json", &body)
+    );
+    let mut statuses = [a.0, b.0];
+    statuses.sort();
+    assert_eq!(statuses, [200, 409], "{a:?} {b:?}");
+    let t = c
+        .wait_for_status(&id, &["awaiting_approval"], LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(t["planning"]["rejections"], 1, "{t:#}");
+}
