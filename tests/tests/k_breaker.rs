@@ -10,7 +10,10 @@
 //! - reports delivered late and out of order (a `started` after its `finished`, a stale
 //!   attempt's failure repeated) neither reopen a subtask nor queue another attempt;
 //! - a report for a task the store does not hold is dropped at once, not retried into
-//!   the dead-letter queue.
+//!   the dead-letter queue;
+//! - SQS messages a poll kept for a later receive are given back on time by a busy
+//!   worker and put back by a stopping one;
+//! - event batches at the size limits all encode, none dropped.
 
 use ao_shared::capability::Capability;
 use ao_shared::message::{ResultMessage, SubtaskMessage};
@@ -610,4 +613,54 @@ async fn messages_held_at_shutdown_are_put_back_sqs() {
         assert_eq!(done["status"], "succeeded", "{done:#}");
         assert_eq!(done["subtasks"][0]["attempt"], 1, "{done:#}");
     }
+}
+
+/// Event batches at the limits: events whose data is just under the per-event bound in
+/// JSON made of escapes (`\u0001` takes 6 bytes), whose kind is 64 control characters,
+/// and one far over the bound. Every batch encodes within the message limit, in order,
+/// and no event is dropped.
+#[test]
+fn event_batches_at_the_size_limits_all_encode_and_keep_every_event() {
+    use ao_shared::bounded::MAX_EVENT_DATA_BYTES;
+    use ao_shared::message::{AgentEventRecord, MAX_MESSAGE_BYTES};
+    // `{"i":NN,"text":"…"}` is 19 bytes around the text; each `\u{1}` is 6 bytes of JSON.
+    let near = "\u{1}".repeat((MAX_EVENT_DATA_BYTES - 19) / 6);
+    assert!(json!({ "text": near, "i": 59 }).to_string().len() <= MAX_EVENT_DATA_BYTES);
+    let mut events: Vec<AgentEventRecord> = (0..60)
+        .map(|i| AgentEventRecord {
+            at: timefmt::now(),
+            kind: "\u{1}".repeat(64),
+            data: json!({ "text": near, "i": i }),
+        })
+        .collect();
+    events.push(AgentEventRecord {
+        at: timefmt::now(),
+        kind: "big".into(),
+        data: json!({ "text": "\"".repeat(1 << 20), "i": 60 }),
+    });
+    let task = ao_shared::ids::TaskId::new();
+    let sub = ao_shared::ids::SubtaskId::new();
+    let batches = ResultMessage::event_batches(task, sub, 1, events);
+    assert!(batches.len() > 1);
+    let mut seen = Vec::new();
+    for b in &batches {
+        let text = b.encode().expect("every batch encodes");
+        assert!(text.len() <= MAX_MESSAGE_BYTES, "{} bytes", text.len());
+        let ResultMessage::Events { events, .. } = ResultMessage::decode(&text).expect("decodes")
+        else {
+            panic!("not events")
+        };
+        for e in events {
+            seen.push(e.data["i"].as_i64().or_else(|| {
+                e.data["truncated"]
+                    .as_str()
+                    .and_then(|t| t.contains("\"i\":60").then_some(60))
+            }));
+        }
+    }
+    assert_eq!(seen.len(), 61, "events dropped");
+    assert!(seen[..60]
+        .iter()
+        .enumerate()
+        .all(|(i, s)| *s == Some(i as i64)));
 }
