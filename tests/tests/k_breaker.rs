@@ -5,8 +5,8 @@
 //! - a run that finishes within a worker's shutdown grace period is reported once;
 //! - the coordinator killed while a worker reports: the result is applied once after the
 //!   restart, its spend booked once;
-//! - a worker SIGKILLed mid-run leaves its runner orphaned: the orphan's push is refused,
-//!   one push for the attempt;
+//! - a worker SIGKILLed mid-run: its orphaned run (runner and agent) does not push, one
+//!   push for the attempt;
 //! - reports delivered late and out of order (a `started` after its `finished`, a stale
 //!   attempt's failure repeated) neither reopen a subtask nor queue another attempt;
 //! - a report for a task the store does not hold is dropped at once, not retried into
@@ -214,9 +214,9 @@ fn pid_alive(pid: i32) -> bool {
 }
 
 /// The worker is SIGKILLed while its agent runs; its runner (a child process of the
-/// `process` driver) is left behind and goes on. A second worker completes the attempt.
-/// When the orphaned agent ends, its runner asks for a push permit nobody can give:
-/// refused, so the attempt is pushed once, by the second run.
+/// `process` driver) outlives it. A second worker completes the attempt. Once the
+/// orphaned run (runner and agent) has ended, the attempt was pushed once, by the second
+/// run: the orphan, with nobody to grant its push permit, never pushes.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_orphaned_runner_of_a_killed_worker_does_not_push() {
     let mut c = Cluster::new(&[FAST_REDELIVERY[0], FAST_REDELIVERY[1], NO_RECOVERY]);
