@@ -12,14 +12,37 @@ pub const MAX_FINDINGS: usize = 30;
 /// Bytes of a fix round's instructions at most.
 pub const MAX_FINDINGS_BYTES: usize = 4000;
 
-/// One finding: where, and what is wrong.
+/// One finding: where, and what is wrong. A place the checker wrote that is no place
+/// (a line that is negative, zero, fractional, beyond `u32` or not a number; a file that
+/// is not text) is read as none: the finding, and the verdict, still count.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Finding {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient_file"
+    )]
     pub file: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// 1-based line of the file.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient_line"
+    )]
     pub line: Option<u32>,
     pub message: String,
+}
+
+fn lenient_line<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let v = Option::<serde_json::Value>::deserialize(d)?;
+    Ok(v.and_then(|v| v.as_u64())
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| *n > 0))
+}
+
+fn lenient_file<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let v = Option::<serde_json::Value>::deserialize(d)?;
+    Ok(v.and_then(|v| v.as_str().map(str::to_string)))
 }
 
 /// A checker's verdict.
@@ -109,5 +132,22 @@ mod tests {
             None
         );
         assert_eq!(Verdict::from_reply(None), None);
+    }
+
+    #[test]
+    fn a_finding_whose_place_is_no_place_still_asks_for_changes() {
+        let v = Verdict::from_reply(Some(&serde_json::json!({"verdict": "request_changes",
+        "findings": [
+            {"file": "a.rs", "line": -1, "message": "negative"},
+            {"file": "a.rs", "line": 99_999_999_999u64, "message": "huge"},
+            {"file": 7, "line": "12", "message": "odd types"},
+            {"file": "a.rs", "line": 0, "message": "zero"}
+        ]})))
+        .expect("a verdict");
+        assert!(v.needs_fix());
+        let told = v.instructions();
+        for want in ["a.rs: negative", "a.rs: huge", "- odd types", "a.rs: zero"] {
+            assert!(told.contains(want), "{want} in {told}");
+        }
     }
 }

@@ -104,6 +104,11 @@ pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
         set_slots(&worker, concurrency, &slots);
     }
 
+    // What polls brought that no receive took yet goes back as fresh copies too: left
+    // held, it would stay hidden for a visibility timeout, with a receive used up.
+    for m in worker.queue.take_held().await {
+        worker.requeue(m.receipt.queue, &m.body, &m.receipt).await;
+    }
     tracing::info!(
         running = jobs.len(),
         grace_secs = grace.as_secs(),

@@ -151,13 +151,38 @@ pub fn render(task: &Task, pull_request: Option<u64>) -> String {
         "\n<sub>Commands: `/agent status`, `/agent retry`, `/agent cancel`, `/agent approve`, \
          `/agent reject <feedback>`, `/agent run`</sub>\n",
     );
-    s
+    within_comment_limit(s)
+}
+
+/// Characters of a comment's body GitHub takes at most ("body is too long (maximum is
+/// 65536 characters)", 422 on `POST`/`PATCH` of an issue comment).
+pub const MAX_COMMENT_CHARS: usize = 65_536;
+
+/// `body` cut to [`MAX_COMMENT_CHARS`] with a closing note, when it is longer: each part
+/// of the progress comment is bounded on its own, this only makes sure that no mix of
+/// them makes GitHub refuse the comment. A cut inside a code block leaves the rest of the
+/// comment in it, shown as text.
+fn within_comment_limit(body: String) -> String {
+    const NOTE: &str = "\n\n… cut to GitHub's limit on a comment; the whole task is on the API \
+                        (`GET /api/v1/tasks/{id}`).\n";
+    if body.chars().count() <= MAX_COMMENT_CHARS {
+        return body;
+    }
+    let mut cut: String = body
+        .chars()
+        .take(MAX_COMMENT_CHARS - NOTE.chars().count())
+        .collect();
+    cut.push_str(NOTE);
+    cut
 }
 
 /// Characters of one step's title and instructions shown to the approver at most.
 const MAX_STEP_SHOWN_CHARS: usize = 2000;
-/// Characters of the whole plan shown to the approver at most (a comment holds 65,536).
-const MAX_PLAN_SHOWN_CHARS: usize = 30_000;
+/// Characters of the whole plan shown to the approver at most, code fences included (a
+/// comment holds [`MAX_COMMENT_CHARS`]).
+const MAX_PLAN_SHOWN_CHARS: usize = 24_000;
+/// Characters of the agent's text shown to the approver at most, code fences included.
+const MAX_AGENT_TEXT_SHOWN_CHARS: usize = 16_000;
 
 /// The steps of the plan a task waits with, as whoever approves must judge them: each
 /// step's id, capability and dependencies (checked plan ids), then its title and
@@ -172,10 +197,6 @@ fn plan_to_approve(task: &Task) -> Option<String> {
         let Some(Step::Plan { title, .. }) = &sub.step else {
             continue;
         };
-        if shown >= MAX_PLAN_SHOWN_CHARS {
-            out.push_str("… the rest of the plan is on the API (`GET /api/v1/tasks/{id}`).\n");
-            break;
-        }
         let text = format!(
             "{title}\n\n{}",
             sub.instructions.as_deref().unwrap_or("").trim()
@@ -188,10 +209,19 @@ fn plan_to_approve(task: &Task) -> Option<String> {
         if text.chars().count() == MAX_STEP_SHOWN_CHARS {
             text.push_str(" …");
         }
-        shown += text.len();
-        let _ = writeln!(out, "**{}**{}\n", sub.capability, step_label(sub));
-        out.push_str(&fenced(&text));
-        out.push('\n');
+        let step = format!(
+            "**{}**{}\n\n{}\n",
+            sub.capability,
+            step_label(sub),
+            fenced(&text)
+        );
+        // A fence is as long as the longest run of backticks in the text: counted too.
+        shown += step.chars().count();
+        if shown > MAX_PLAN_SHOWN_CHARS {
+            out.push_str("… the rest of the plan is on the API (`GET /api/v1/tasks/{id}`).\n");
+            break;
+        }
+        out.push_str(&step);
     }
     (!out.is_empty()).then(|| format!("**The plan to approve**\n\n{out}"))
 }
@@ -199,10 +229,33 @@ fn plan_to_approve(task: &Task) -> Option<String> {
 /// Exactly the instructions the agent gets, shown to whoever approves, in a code fence
 /// the text cannot end.
 pub fn agent_text(task: &Task) -> String {
-    format!(
-        "<details><summary>The text the agent gets</summary>\n\n{}</details>\n",
-        fenced(&task.prompt)
-    )
+    let (shown, cut) = fenced_within(&task.prompt, MAX_AGENT_TEXT_SHOWN_CHARS);
+    let cut = if cut {
+        "The text is cut here; the whole of it is on the API (`GET /api/v1/tasks/{id}`).\n"
+    } else {
+        ""
+    };
+    format!("<details><summary>The text the agent gets</summary>\n\n{shown}{cut}</details>\n")
+}
+
+/// [`fenced`] of as much of `text` as fits `max_chars` characters, fences included (a
+/// run of backticks lengthens both fences), and whether the text was cut.
+pub fn fenced_within(text: &str, max_chars: usize) -> (String, bool) {
+    // "text" after the opening fence and three newlines.
+    const OVERHEAD: usize = 7;
+    let mut longest = 0;
+    let mut run = 0;
+    let mut end = text.len();
+    for (count, (at, c)) in text.char_indices().enumerate() {
+        run = if c == '`' { run + 1 } else { 0 };
+        longest = longest.max(run);
+        let fences = 2 * (longest + 1).max(3);
+        if count + 1 + fences + OVERHEAD > max_chars {
+            end = at;
+            break;
+        }
+    }
+    (fenced(&text[..end]), end < text.len())
 }
 
 /// `text` as a code block whose fence is longer than any run of backticks in it, so that

@@ -9,7 +9,7 @@
 //! Every text here is the agent's: it is shown in code blocks it cannot close
 //! ([`fenced`]), never as mentions, links or images of the App's review.
 
-use crate::github::progress::fenced;
+use crate::github::progress::{fenced, fenced_within};
 use ao_shared::verdict::{Finding, Verdict};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,6 +18,10 @@ use std::collections::{BTreeMap, BTreeSet};
 pub const MAX_LINE_COMMENTS: usize = ao_shared::verdict::MAX_FINDINGS;
 /// Characters of one finding's message shown at most.
 const MAX_MESSAGE_CHARS: usize = 2000;
+/// Characters of the review's summary shown at most, code fences included.
+const MAX_SUMMARY_SHOWN_CHARS: usize = 25_000;
+/// Characters of the findings listed in the body shown at most, code fences included.
+const MAX_ELSEWHERE_SHOWN_CHARS: usize = 30_000;
 
 /// The side of the diff a line comment is on: `RIGHT` is the pull request's version
 /// (added and unchanged lines), the only side findings are made on.
@@ -132,11 +136,16 @@ pub fn review(
     } else {
         summary
     };
-    let mut body = format!("**Reviewer agent**\n\n{}", fenced(summary));
+    // Each part within its share of GitHub's limit on a review's body (65,536
+    // characters), fences included: a longer body is refused (422) and no review posted.
+    let mut body = format!(
+        "**Reviewer agent**\n\n{}",
+        fenced_within(summary, MAX_SUMMARY_SHOWN_CHARS).0
+    );
     if !elsewhere.is_empty() {
         body.push_str(&format!(
             "\n**Findings not on a line of this diff**\n\n{}",
-            fenced(elsewhere.trim_end())
+            fenced_within(elsewhere.trim_end(), MAX_ELSEWHERE_SHOWN_CHARS).0
         ));
     }
     Review { body, comments }
@@ -148,14 +157,35 @@ pub fn without_line_comments(mut review: Review) -> Review {
     if review.comments.is_empty() {
         return review;
     }
-    let listed: Vec<String> = review
-        .comments
-        .drain(..)
-        .map(|c| format!("{}:{}:\n{}", c.path, c.line, c.body))
-        .collect();
+    // Within GitHub's limit on a review's body: what does not fit is counted, not shown.
+    const ROOM: usize = crate::github::progress::MAX_COMMENT_CHARS - 200;
+    let mut used = review.body.chars().count();
+    let mut listed = Vec::new();
+    let mut left_out = 0;
+    for c in review.comments.drain(..) {
+        // The path is the agent's: a file may be named to be a mention or a link.
+        let item = format!(
+            "{}:{}:\n{}",
+            crate::github::untrusted::code_span(&c.path),
+            c.line,
+            c.body
+        );
+        let len = item.chars().count() + 1;
+        if left_out == 0 && used + len <= ROOM {
+            used += len;
+            listed.push(item);
+        } else {
+            left_out += 1;
+        }
+    }
     review
         .body
         .push_str(&format!("\n**Findings by line**\n\n{}", listed.join("\n")));
+    if left_out > 0 {
+        review.body.push_str(&format!(
+            "\n… and {left_out} more finding(s), too long for one review.\n"
+        ));
+    }
     review
 }
 
@@ -212,9 +242,35 @@ mod tests {
         );
         let folded = without_line_comments(r);
         assert!(folded.comments.is_empty());
-        assert!(folded.body.contains("src/lib.rs:12:") && folded.body.contains("y is wrong"));
+        assert!(folded.body.contains("`src/lib.rs`:12:") && folded.body.contains("y is wrong"));
         // An approval has nothing to place.
         let r = review("", Some(&Verdict::Approve), &diff);
         assert!(r.comments.is_empty() && r.body.contains("nothing to add"));
+    }
+
+    /// A file the agent named to be a mention (a directory `@acme`), a link or HTML: when
+    /// the line comments are folded into the body, its path is in a code span it cannot
+    /// leave.
+    #[test]
+    fn a_folded_path_cannot_mention_link_or_inject_html() {
+        for path in [
+            "@acme/admins.md",
+            "x\n\n@acme/admins <img src=x>.md",
+            "[x](https://evil.example)`.md",
+        ] {
+            let diff = BTreeMap::from([(path.to_string(), diff_lines(PATCH))]);
+            let verdict = Verdict::RequestChanges {
+                findings: vec![Finding {
+                    file: Some(path.into()),
+                    line: Some(2),
+                    message: "wrong".into(),
+                }],
+            };
+            let r = review("s", Some(&verdict), &diff);
+            assert_eq!(r.comments.len(), 1, "{r:#?}");
+            let body = without_line_comments(r).body;
+            let shown = path.replace(['\n', '`'], " ");
+            assert!(body.contains(&format!("`{}`:2:", shown.trim())), "{body}");
+        }
     }
 }

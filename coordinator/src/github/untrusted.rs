@@ -25,6 +25,18 @@ pub fn is_hidden_char(c: char) -> bool {
         || (c.is_control() && c != '\n' && c != '\t')
 }
 
+/// `text` as an inline code span of one line that it cannot leave: hidden characters
+/// taken out, backticks and line breaks (a blank line would end the span, and the rest
+/// show as mentions, links or HTML) made spaces. For short names: a check's, a file's.
+pub fn code_span(text: &str) -> String {
+    let inner: String = text
+        .chars()
+        .filter(|c| !is_hidden_char(*c))
+        .map(|c| if c == '`' || c.is_control() { ' ' } else { c })
+        .collect();
+    format!("`{}`", inner.trim())
+}
+
 /// Raw HTML with its comments and tags taken out, its text kept.
 fn html_text(raw: &str) -> String {
     let mut out = String::new();

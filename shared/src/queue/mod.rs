@@ -128,4 +128,12 @@ pub trait Queue: Send + Sync {
 
     /// How many messages `queue` and its dead-letter queue hold.
     async fn depth(&self, queue: QueueId) -> Result<Depth, QueueError>;
+
+    /// Messages this backend received but has not handed out (brought by a poll that
+    /// answered after its receive had returned), once every poll under way has ended;
+    /// they are no longer held. A worker that shuts down puts them back. Backends that
+    /// hand out everything they receive return none.
+    async fn take_held(&self) -> Vec<Received> {
+        Vec::new()
+    }
 }

@@ -207,7 +207,15 @@ impl SqsQueue {
                 match result {
                     Ok(messages) => {
                         let until = Instant::now() + hold;
+                        let handles: Vec<String> =
+                            messages.iter().map(|m| m.receipt.handle.clone()).collect();
                         inbox.held.extend(messages.into_iter().map(|m| (until, m)));
+                        if !handles.is_empty() {
+                            // Given back on time even when no receive comes (every slot of
+                            // the worker busy): else the message would stay hidden for its
+                            // whole visibility timeout.
+                            tokio::spawn(give_back_at(until, handles, client, url, shared.clone()));
+                        }
                     }
                     Err(e) => {
                         inbox.errors.insert(queue, e.to_string());
@@ -379,6 +387,33 @@ async fn poll(
     Ok(got)
 }
 
+/// At `until`, makes visible again those of the messages received with `handles` (all of
+/// one queue, at `url`) that are still held in `inbox`, untaken.
+async fn give_back_at(
+    until: Instant,
+    handles: Vec<String>,
+    client: Client,
+    url: String,
+    inbox: Arc<Mutex<Inbox>>,
+) {
+    tokio::time::sleep_until(until.into()).await;
+    let expired: Vec<Received> = {
+        let mut inbox = inbox.lock();
+        let (expired, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut inbox.held)
+            .into_iter()
+            .partition(|(_, m)| handles.contains(&m.receipt.handle));
+        inbox.held = kept;
+        expired.into_iter().map(|(_, m)| m).collect()
+    };
+    if !expired.is_empty() {
+        tracing::debug!(
+            count = expired.len(),
+            "making received messages nobody took visible again"
+        );
+        release_all(&client, &url, &expired).await;
+    }
+}
+
 /// Makes messages visible again at once; failures only delay them until their visibility
 /// timeout ends, so they are logged, not returned.
 async fn release_all(client: &Client, url: &str, messages: &[Received]) {
@@ -542,6 +577,26 @@ impl Queue for SqsQueue {
 
     async fn release(&self, receipt: &Receipt) -> Result<(), QueueError> {
         self.change_visibility(receipt, Duration::ZERO).await
+    }
+
+    async fn take_held(&self) -> Vec<Received> {
+        // A poll ends within its wait plus its attempt timeout.
+        let deadline = Instant::now() + MAX_WAIT + RECEIVE_TIMEOUT_MARGIN + ANSWER_MARGIN;
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            {
+                let mut inbox = self.inbox.lock();
+                if inbox.polling.is_empty() || Instant::now() >= deadline {
+                    return std::mem::take(&mut inbox.held)
+                        .into_iter()
+                        .map(|(_, m)| m)
+                        .collect();
+                }
+            }
+            let _ = tokio::time::timeout_at(deadline.into(), arrived).await;
+        }
     }
 
     async fn depth(&self, queue: QueueId) -> Result<Depth, QueueError> {

@@ -115,6 +115,11 @@ async fn on_branch(gh: &Github, ctx: &Context, branch: &str) -> HandleResult {
             "checks still running"
         });
     }
+    // A pull request a person merged or closed is no longer the agent's to fix: a
+    // check that fails on its branch afterwards (a re-run, a late runner) starts nothing.
+    if !api::get_pull(&gh.client, inst, &ctx.repo, pull).await?.open {
+        return Ok("ignored: the pull request is closed");
+    }
     let rounds = ours.iter().filter(|t| t.ci_round.is_some()).count() as u32;
     let max = gh.settings.pipeline.max_fix_rounds;
     if rounds >= max {
@@ -127,7 +132,8 @@ async fn on_branch(gh: &Github, ctx: &Context, branch: &str) -> HandleResult {
             let names: Vec<String> = verdict
                 .failed
                 .iter()
-                .map(|c| format!("`{}`", c.name.replace('`', "")))
+                // A check's name is anyone's text.
+                .map(|c| crate::github::untrusted::code_span(&c.name))
                 .collect();
             api::answer(
                 &gh.client,
