@@ -37,15 +37,18 @@ impl SpendLedger {
     /// Errors: the directory or its lock cannot be made (a work directory that is not
     /// writable).
     pub fn open(work_root: &Path) -> io::Result<Self> {
-        let dir = work_root.join(LEDGER_DIR).join(format!(
-            "{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::create_dir_all(&dir)?;
-        let lock = File::create(dir.join(LOCK_FILE))?;
+        let name = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        let root = work_root.join(LEDGER_DIR);
+        // Made and locked under a hidden name, then renamed into place: a worker starting
+        // at the same moment on the same work dir (see [`abandoned`], which skips hidden
+        // names) never sees it without its lock, so never takes it for a dead one's.
+        let making = root.join(format!(".{name}"));
+        std::fs::create_dir_all(&making)?;
+        let lock = File::create(making.join(LOCK_FILE))?;
         lock.try_lock()
             .map_err(|e| io::Error::other(e.to_string()))?;
+        let dir = root.join(name);
+        std::fs::rename(&making, &dir)?;
         Ok(Self { dir, _lock: lock })
     }
 
@@ -124,7 +127,17 @@ pub fn abandoned(work_root: &Path) -> Vec<(PathBuf, Vec<PathBuf>)> {
         return Vec::new();
     };
     let mut out = Vec::new();
-    for dir in dirs.flatten().map(|d| d.path()).filter(|p| p.is_dir()) {
+    // A hidden name is a directory still being made (see [`SpendLedger::open`]).
+    let visible = |p: &PathBuf| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| !n.starts_with('.'))
+    };
+    for dir in dirs
+        .flatten()
+        .map(|d| d.path())
+        .filter(|p| p.is_dir() && visible(p))
+    {
         let free = File::options()
             .write(true)
             .open(dir.join(LOCK_FILE))
@@ -222,5 +235,48 @@ mod tests {
         assert_eq!(found[0].1.len(), 1, "{found:?}");
         let report = ResultMessage::decode(&std::fs::read_to_string(&found[0].1[0]).unwrap());
         assert_eq!(report.unwrap(), cut.report(0.25, at));
+    }
+
+    /// Workers starting at once on one work dir, while another's start scans for dead
+    /// ledgers and removes them: no starting worker loses its ledger or fails to lock it.
+    #[test]
+    fn workers_starting_at_once_keep_their_ledgers() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().to_path_buf();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let scanner = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    for (dir, _) in abandoned(&path) {
+                        let _ = std::fs::remove_dir_all(dir);
+                    }
+                }
+            })
+        };
+        let starters: Vec<_> = (0..4)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    (0..100)
+                        .map(|_| SpendLedger::open(&path).map_err(|e| e.to_string()))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut kept = Vec::new();
+        for s in starters {
+            for opened in s.join().unwrap() {
+                kept.push(opened.expect("a starting worker made and locked its ledger"));
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        scanner.join().unwrap();
+        for ledger in &kept {
+            assert!(
+                ledger.dir.join(LOCK_FILE).exists(),
+                "a live ledger was removed"
+            );
+        }
     }
 }
