@@ -258,6 +258,57 @@ impl ResultMessage {
     pub fn encode(&self) -> Result<String, EncodeError> {
         encode(self)
     }
+
+    /// The message made to encode within [`MAX_MESSAGE_BYTES`]: a `Finished` whose
+    /// outcome is too large (agent text is bounded in bytes, but JSON escapes of control
+    /// characters take up to six times as many) has its agent text cut further, step by
+    /// step, each cut marked: summary and error to 2 KiB, then the structured result left
+    /// out, then the refused destinations past the first 5, then summary and error to
+    /// 256 bytes. A result that cannot be sent is run again until dead-lettered, so it is
+    /// cut rather than lost. Other messages are returned as they are.
+    pub fn fitted(mut self) -> Self {
+        for step in 0..4 {
+            if self.encode().is_ok() {
+                break;
+            }
+            let ResultMessage::Finished { outcome, .. } = &mut self else {
+                break;
+            };
+            match step {
+                0 => {
+                    outcome.summary = crate::bounded::truncate_bytes(&outcome.summary, 2048);
+                    outcome.error = outcome
+                        .error
+                        .as_deref()
+                        .map(|e| crate::bounded::truncate_bytes(e, 2048));
+                }
+                1 => {
+                    if outcome.structured.take().is_some() {
+                        outcome.summary.push_str(
+                            "\n[the structured result was left out: too large to report]",
+                        );
+                    }
+                }
+                2 => {
+                    if let Some(n) = outcome.network_refused.as_mut() {
+                        if n.refused.len() > 5 {
+                            n.unlisted += (n.refused.len() - 5) as u64;
+                            n.refused.truncate(5);
+                        }
+                    }
+                }
+                _ => {
+                    outcome.summary = crate::bounded::truncate_bytes(&outcome.summary, 256);
+                    outcome.error = outcome
+                        .error
+                        .as_deref()
+                        .map(|e| crate::bounded::truncate_bytes(e, 256));
+                }
+            }
+        }
+        self
+    }
+
     pub fn decode(text: &str) -> Result<Self, DecodeError> {
         decode(text)
     }
@@ -439,5 +490,47 @@ mod tests {
             SubtaskMessage::decode(&huge),
             Err(DecodeError::TooLarge(_))
         ));
+    }
+
+    /// An outcome at every bound, made of control characters (six bytes each in JSON):
+    /// it did not encode, so the result was never sent; fitted, it does, with every cut
+    /// marked.
+    #[test]
+    fn an_outcome_of_escapes_at_every_bound_is_fitted_into_a_message() {
+        use crate::task::{NetworkRefused, Outcome, RefusedDestination};
+        let ctl = |n: usize| "\u{1}".repeat(n);
+        let mut outcome = Outcome::failed(OutcomeKind::AgentError, ctl(8 * 1024), true);
+        outcome.summary = ctl(8 * 1024);
+        outcome.structured = Some(Box::new(serde_json::Value::String(ctl(60 * 1024))));
+        outcome.network_refused = Some(NetworkRefused {
+            refused: (0..50)
+                .map(|i| RefusedDestination {
+                    host: format!("{i}{}", ctl(250)),
+                    port: 443,
+                    count: 1,
+                    first_at: "2026-01-01T00:00:00Z".into(),
+                    last_at: "2026-01-01T00:00:00Z".into(),
+                })
+                .collect(),
+            total: 50,
+            unlisted: 0,
+        });
+        let m = ResultMessage::Finished {
+            task_id: TaskId::new(),
+            subtask_id: SubtaskId::new(),
+            attempt: 1,
+            worker: "w".into(),
+            outcome,
+            at: timefmt::now(),
+        };
+        assert!(matches!(m.encode(), Err(EncodeError::TooLarge(_))));
+        let fitted = m.fitted();
+        let text = fitted.encode().expect("fits");
+        assert!(text.len() <= MAX_MESSAGE_BYTES);
+        let ResultMessage::Finished { outcome, .. } = fitted else {
+            panic!("still a Finished")
+        };
+        assert!(crate::bounded::is_truncated(&outcome.summary));
+        assert_eq!(outcome.kind, OutcomeKind::AgentError);
     }
 }

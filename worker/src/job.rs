@@ -254,6 +254,8 @@ async fn run(
     // is out, the next start sends the spend under the same marker (booked once).
     let at = timefmt::now();
     ledger.record(outcome.cost_usd.max(streamed_cost), at);
+    // Cut to fit the message limit if its agent text is too large: a result that cannot
+    // be sent would make the attempt run again.
     let finished = ResultMessage::Finished {
         task_id: order.task_id,
         subtask_id: order.subtask_id,
@@ -261,7 +263,8 @@ async fn run(
         worker: worker.id.clone(),
         outcome,
         at,
-    };
+    }
+    .fitted();
     // The message is deleted only once the result is safely sent; otherwise it comes back
     // and the subtask runs again (the coordinator ignores a repeated result). The
     // heartbeat keeps the message hidden while the result is being sent.
