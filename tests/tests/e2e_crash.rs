@@ -16,7 +16,7 @@ async fn a_killed_worker_s_subtask_is_finished_once_by_another() {
         c.dir.path(),
         "agent.sh",
         &format!(
-            "echo \"$AO_ATTEMPT $$\" >> {}\nsleep 3\necho done > out.txt",
+            "echo \"$AO_ATTEMPT $$ $PPID\" >> {}\nsleep 3\necho done > out.txt",
             marker.display()
         ),
     );
@@ -56,8 +56,27 @@ async fn a_killed_worker_s_subtask_is_finished_once_by_another() {
             .count(),
         2
     );
-    // The killed worker's runner did not outlive it (it would have pushed a second commit).
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The killed worker's runner did not outlive it (it would have pushed a second commit):
+    // once it and its agent are gone, the branch still holds one agent commit.
+    let first: Vec<i32> = runs
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|p| p.parse().unwrap())
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while first
+        .iter()
+        .any(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the killed worker's runner or agent still runs: {first:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
         git(&repo, &["log", "--format=%s", "agent/crash"])
             .lines()
