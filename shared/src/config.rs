@@ -325,8 +325,9 @@ pub struct SandboxSettings {
     /// an empty file). The data dir, the work dir, home directories, `/root`, `/run/secrets`,
     /// the shadow files and secret files named in the configuration are always hidden.
     pub hide: Vec<PathBuf>,
-    /// Host paths shown read-only inside the sandbox even under a hidden directory
-    /// (e.g. an agent installed below a home directory).
+    /// Host paths shown read-only inside the `bwrap` sandbox, which otherwise sees only
+    /// the host's system directories (`/usr`, `/bin`, `/lib*`, `/etc`): e.g. a tool
+    /// installed under `/opt`, or an agent below a home directory.
     pub ro_paths: Vec<PathBuf>,
     /// Memory limit of one sandbox in MiB; enforced only through `cgroup_dir`.
     pub memory_mb: Option<u64>,

@@ -1309,3 +1309,63 @@ async fn retries_share_the_budget(who: Worker) {
 for_both_workers!(retries_share_the_budget:
     retries_share_the_budget_root_worker,
     retries_share_the_budget_ordinary_worker);
+
+/// Attack 21: the agent reads files of the host that no setting names: a 0600 key of
+/// the worker's own user under `/opt` (a coordinator's GitHub App key beside it, a
+/// deploy key), a world-readable one under `/srv`, and lists the directories there.
+/// The sandbox is shown the host's system directories only, so neither place exists
+/// inside (before: both keys were read by an ordinary-user worker's agent, the
+/// world-readable one by a root worker's too).
+async fn files_of_the_host_outside_the_system_directories_are_unseen(who: Worker) {
+    use std::os::unix::fs::{chown, PermissionsExt};
+    let Some(mut c) = cluster(who, &[]) else {
+        return;
+    };
+    let tag = format!("ao-attack-{}-{who:?}", std::process::id());
+    let mut dirs = Vec::new();
+    for (root, mode, secret) in [
+        ("/opt", 0o600, "HOST-USER-KEY-7781"),
+        ("/srv", 0o644, "WORLD-READABLE-KEY-7782"),
+    ] {
+        let dir = Path::new(root).join(&tag);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let key = dir.join("app-private-key.pem");
+        std::fs::write(&key, secret).expect("write key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        // Owned by the user an ordinary worker runs as (a root worker's: root).
+        if running_as_root() && matches!(who, Worker::Ordinary) {
+            if let Some((uid, gid)) = test_user() {
+                chown(&key, Some(uid), Some(gid)).expect("chown");
+            }
+        }
+        dirs.push(dir);
+    }
+    let repo = bare_repo(c.dir.path(), "project", &[]);
+    let body = format!(
+        "{{ for d in {} {}; do echo \"read: $(cat $d/app-private-key.pem 2>&1)\"; done; \
+         echo \"ls: $(ls / /opt /srv 2>&1 | tr '\\n' ' ')\"; }} > seen.txt\n",
+        dirs[0].display(),
+        dirs[1].display()
+    );
+    start(&mut c, &body, &[]).await;
+    let id = submit(&c, &repo, "agent/hostfiles").await;
+    let done = finished(&c, &id).await;
+    for dir in &dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let seen = git(&repo, &["show", "agent/hostfiles:seen.txt"]);
+    assert!(seen.contains("read: "), "{seen}");
+    for secret in ["HOST-USER-KEY-7781", "WORLD-READABLE-KEY-7782"] {
+        assert!(!seen.contains(secret), "{secret} read:\n{seen}");
+    }
+    let listing = seen.split("ls: ").nth(1).expect("listing");
+    assert!(
+        !listing.contains(&tag),
+        "the directories are listed:\n{seen}"
+    );
+}
+for_both_workers!(files_of_the_host_outside_the_system_directories_are_unseen:
+    files_of_the_host_outside_the_system_directories_are_unseen_root_worker,
+    files_of_the_host_outside_the_system_directories_are_unseen_ordinary_worker);

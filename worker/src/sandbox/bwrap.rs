@@ -12,14 +12,16 @@
 //!   by the user namespace to an unprivileged host user: the worker's own user, or, for
 //!   a worker running as root, `sandbox.host_uid` (see [`super::host_user`]); root is
 //!   never a sandbox user.
-//! - the host root read-only, a fresh `/proc`, a minimal `/dev`, an empty tmpfs `/tmp` and
-//!   `$HOME`; the worker's private places hidden under empty tmpfs mounts (its data dir with
-//!   the SQLite files, its whole work root, `/root`, `/home`, `/var` (where services and
-//!   users keep sockets and state), the worker's `$HOME`, `/run/secrets`, every `file:`
-//!   secret of the configuration and every one the worker resolved (see
-//!   [`crate::secret_files`]), `sandbox.hide`), read-only, and the shadow files replaced
-//!   by empty ones. A secret under a path shown again inside (a local repository, a
-//!   mirror, `sandbox.ro_paths`) is covered again above it.
+//! - of the host's file system, only the system directories ([`SYSTEM_PATHS`]: `/usr`,
+//!   `/bin`, `/lib*`, `/etc`, ...) and `sandbox.ro_paths`, read-only, on a read-only root;
+//!   a fresh `/proc`, a minimal `/dev`, an empty tmpfs `/tmp` and `$HOME`. Home
+//!   directories, `/opt`, `/srv`, `/var`, the worker's data and work dirs and any other
+//!   file of the worker's user are not there. Inside what is shown, the worker's private
+//!   places are hidden under empty read-only tmpfs mounts (every `file:` secret of the
+//!   configuration and every one the worker resolved (see [`crate::secret_files`]),
+//!   `sandbox.hide`, `/root`, `/home`, `/var`, `/run/secrets`) and the shadow files
+//!   replaced by empty ones. A secret under a path shown again inside (a local
+//!   repository, a mirror) is covered again above it.
 //! - no writable host place: the attempt is a size-limited tmpfs at the neutral
 //!   [`INSIDE_ATTEMPT`] holding the run spec (read-only) and the working copy (a tmpfs of
 //!   its own); the runner is shown at [`INSIDE_RUNNER`], so the sandbox's init names no
@@ -78,6 +80,23 @@ const ALWAYS_HIDDEN: &[&str] = &[
     // `/var/lib`, `/var/spool`): hidden as a whole, so a socket made there after the
     // sandbox started, or bound by a relative path, is out of reach too.
     "/var",
+];
+/// The host's program, library and system configuration directories: all the sandbox is
+/// shown of the host's file system (read-only), besides what a run is given
+/// (`sandbox.ro_paths`, the agent program, a local repository, the mirror, a cached
+/// setup result). The rest of the host (home directories, `/opt`, `/srv`, `/var`, `/mnt`,
+/// data disks, the worker's own files wherever they are) does not exist inside. A
+/// top-level link (`/bin` → `usr/bin` on a merged-`/usr` system) is made as the same link.
+const SYSTEM_PATHS: &[&str] = &[
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/etc",
+    "/nix/store",
 ];
 /// The worker's variables passed in besides `sandbox.env_pass`.
 const ENV_BASE: &[&str] = &["PATH", "LANG", "LC_ALL", "TZ"];
@@ -351,11 +370,23 @@ impl BwrapDriver {
         hidden
     }
 
-    /// Whether `path` is covered inside: hidden, or under the fresh `/tmp` or home.
+    /// Whether the host's `path` is out of the agent's sight before a run's own paths
+    /// are shown: outside the system directories and `sandbox.ro_paths`, hidden, or
+    /// under the fresh `/tmp` or home.
     fn is_hidden(&self, hidden: &[PathBuf], path: &Path) -> bool {
-        path.starts_with("/tmp")
+        !self.shown_roots().any(|root| path.starts_with(root))
+            || path.starts_with("/tmp")
             || path.starts_with(&self.settings.home)
             || hidden.iter().any(|h| path.starts_with(h))
+    }
+
+    /// The host directories every sandbox is shown: [`SYSTEM_PATHS`] and
+    /// `sandbox.ro_paths`.
+    fn shown_roots(&self) -> impl Iterator<Item = &Path> {
+        SYSTEM_PATHS
+            .iter()
+            .map(Path::new)
+            .chain(self.settings.ro_paths.iter().map(PathBuf::as_path))
     }
 
     /// bubblewrap's arguments for one attempt, up to and including the runner's.
@@ -385,7 +416,20 @@ impl BwrapDriver {
         a.flag_val("--uid", s.uid.to_string());
         a.flag_val("--gid", s.gid.to_string());
         a.flag_val("--hostname", "agent-sandbox");
-        a.two("--ro-bind", Path::new("/"), Path::new("/"));
+        // The root is bubblewrap's empty tmpfs (made read-only once everything is
+        // mounted on it), with the system directories shown on it.
+        for path in SYSTEM_PATHS.iter().map(Path::new) {
+            match std::fs::read_link(path) {
+                Ok(target) if target.is_relative() => a.two("--symlink", &target, path),
+                Ok(_) => {
+                    if let Ok(real) = path.canonicalize() {
+                        a.two("--ro-bind", &real, path);
+                    }
+                }
+                Err(_) if path.is_dir() => a.two("--ro-bind", path, path),
+                Err(_) => {}
+            }
+        }
         a.flag_val("--proc", "/proc");
         a.flag_val("--dev", "/dev");
         a.0.extend(limits::sized_tmpfs(s.shm_mb, Path::new("/dev/shm")));
@@ -396,12 +440,18 @@ impl BwrapDriver {
             run.proxy_socket.as_deref(),
             &|p| self.is_hidden(&hidden, p),
         ));
+        // Hidden places are covered: those inside a shown directory (the shadow files
+        // under `/etc`, a secret under `sandbox.ro_paths`), and those not there to begin
+        // with, whose path a mount below them (a mirror in the data dir) would otherwise
+        // make a writable directory.
+        let mut covered: Vec<&PathBuf> = Vec::new();
         for path in &hidden {
             if path.is_dir() {
                 a.flag_val("--tmpfs", path);
             } else {
                 a.two("--ro-bind", Path::new("/dev/null"), path);
             }
+            covered.push(path);
         }
         a.0.extend(limits::sized_tmpfs(s.home_mb, &s.home));
         // The runner at a neutral path; what must stay visible under a hidden directory:
@@ -453,16 +503,21 @@ impl BwrapDriver {
             } else {
                 a.two("--ro-bind", Path::new("/dev/null"), path);
             }
+            covered.push(path);
         }
-        // Hidden directories are read-only too (only after the binds under them are made,
-        // since their mount points are created in them); so is `/run`.
-        for path in hidden.iter().filter(|p| p.is_dir()) {
+        // Covering directories are read-only too (only after the binds under them are
+        // made, since their mount points are created in them); so are `/run`, `/dev` and
+        // the root itself, on which bubblewrap made every mount point.
+        covered.sort();
+        covered.dedup();
+        for path in covered.iter().filter(|p| p.is_dir()) {
             a.flag_val("--remount-ro", path);
         }
         if Path::new("/run").is_dir() {
             a.flag_val("--remount-ro", "/run");
         }
         a.flag_val("--remount-ro", "/dev");
+        a.flag_val("--remount-ro", "/");
         a.flag_val("--chdir", inside);
         a.flags(&["--", INSIDE_RUNNER, "runner", "--spec"]);
         a.0.push(inside.join("spec.json").into());
