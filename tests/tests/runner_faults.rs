@@ -70,18 +70,81 @@ fn make_branch(repo: &Path, branch: &str) {
     git(repo, &["branch", branch, "main"]);
 }
 
-/// Shell lines that commit `file` = `text` onto `branch` of `repo` from a clone of
-/// their own, as a person pushing during the run would (once: a marker remembers).
-fn human_pushes(c: &Cluster, repo: &Path, branch: &str, file: &str, text: &str) -> String {
-    let d = c.dir.path().display();
-    let r = repo.display();
+/// Shell lines that wait (up to 60 s) until `branch` of the bare `repo` is no longer at
+/// `tip`: the agent stays in its run until the person's push ([`push_once_the_agent_runs`])
+/// happened. The loose ref is read as a file, which the `bwrap` sandbox shows read-only.
+fn wait_for_the_branch_to_move(repo: &Path, branch: &str, tip: &str) -> String {
     format!(
-        "if [ ! -e {d}/pushed ]; then touch {d}/pushed; \
-         rm -rf {d}/human && git clone -q -b {branch} {r} {d}/human && \
-         echo {text} > {d}/human/{file} && git -C {d}/human add -A && \
-         git -C {d}/human -c user.name=human -c user.email=h@example.com commit -qm human && \
-         git -C {d}/human push -q origin {branch}; fi"
+        "for i in $(seq 600); do [ \"$(cat {}/refs/heads/{branch})\" != {tip} ] && break; \
+         sleep 0.1; done",
+        repo.display()
     )
+}
+
+/// Once a process running `agent` is seen on the host (the agent of the run, under any
+/// driver), commits `file` = `text` onto `branch` of `repo` from a clone of the test's
+/// own and pushes it, as a person pushing during the run would.
+fn push_once_the_agent_runs(
+    c: &Cluster,
+    agent: &Path,
+    repo: &Path,
+    branch: &str,
+    file: &str,
+    text: &str,
+) -> tokio::task::JoinHandle<()> {
+    let agent = agent.display().to_string();
+    let clone = c.dir.path().join("human");
+    let (repo, branch, file, text) = (
+        repo.to_path_buf(),
+        branch.to_string(),
+        file.to_string(),
+        text.to_string(),
+    );
+    tokio::spawn(async move {
+        let deadline = Instant::now() + LIMIT;
+        while !agent_running(&agent) {
+            assert!(Instant::now() < deadline, "the agent never ran");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let repo = repo.display().to_string();
+        let clone_s = clone.display().to_string();
+        git(
+            Path::new("/"),
+            &["clone", "-q", "-b", &branch, &repo, &clone_s],
+        );
+        std::fs::write(clone.join(&file), &text).expect("write");
+        git(&clone, &["add", "-A"]);
+        git(
+            &clone,
+            &[
+                "-c",
+                "user.name=human",
+                "-c",
+                "user.email=h@example.com",
+                "commit",
+                "-qm",
+                "human",
+            ],
+        );
+        git(&clone, &["push", "-q", "origin", &branch]);
+    })
+}
+
+/// Whether a process running the script `agent` is on the host: its interpreter's
+/// command line names it (bubblewrap's own, which names it in a mount, does not count).
+fn agent_running(agent: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.flatten().any(|entry| {
+                std::fs::read(entry.path().join("cmdline"))
+                    .map(|line| {
+                        let line = String::from_utf8_lossy(&line);
+                        line.contains(agent) && !line.contains("--ro-bind")
+                    })
+                    .unwrap_or(false)
+            })
+        })
+        .unwrap_or(false)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -193,12 +256,25 @@ async fn files_over_the_size_limit_are_left_out_and_named() {
     );
 }
 
+/// The sandbox drivers a moved branch is tried under: the `process` driver pushes from
+/// the runner; `bwrap` shows a local repository read-only and the worker delivers the
+/// runner's bundle.
+const DRIVERS: [&str; 2] = ["process", "bwrap"];
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_branch_that_moved_during_the_run_gets_the_work_on_its_new_tip() {
-    let mut c = Cluster::new(&[]);
+    for driver in DRIVERS {
+        a_branch_that_moved_gets_the_work_on_its_new_tip(driver).await;
+    }
+}
+
+async fn a_branch_that_moved_gets_the_work_on_its_new_tip(driver: &str) {
+    eprintln!("driver {driver}");
+    let mut c = Cluster::new(&[("AO__SANDBOX__DRIVER", driver)]);
     let repo = bare_repo(c.dir.path(), "project", &[]);
     make_branch(&repo, "agent/moved");
-    let push = human_pushes(&c, &repo, "agent/moved", "human.txt", "human");
+    let tip = git(&repo, &["rev-parse", "agent/moved"]);
+    let wait = wait_for_the_branch_to_move(&repo, "agent/moved", &tip);
     // The agent also plants hooks for every step of a rebase and a push, and points
     // core.hooksPath at them: none may run in the runner's git.
     let d = c.dir.path().display();
@@ -207,25 +283,30 @@ async fn a_branch_that_moved_during_the_run_gets_the_work_on_its_new_tip() {
          reference-transaction; do printf '#!/bin/sh\\ntouch {d}/hook-ran-%s\\n' $h \
          > .git/hooks/$h; chmod +x .git/hooks/$h; done; git config core.hooksPath .git/hooks"
     );
-    let (count, agent) = counting_agent(&c, &format!("echo agent > agent.txt\n{hooks}\n{push}"));
+    let (count, agent) = counting_agent(&c, &format!("echo agent > agent.txt\n{hooks}\n{wait}"));
+    let human = push_once_the_agent_runs(&c, &agent, &repo, "agent/moved", "human.txt", "human");
     let task = run_task(
         &mut c,
         &agent,
         json!({ "repository": repo.display().to_string(), "branch": "agent/moved" }),
     )
     .await;
+    human.await.expect("the person's push");
     assert_eq!(task["status"], "succeeded", "{task:#}\n{}", c.logs());
     let subtask = only_subtask(&task);
     assert_eq!(subtask["attempt"], 1, "retried: {task:#}");
-    assert_eq!(runs(&count), 1, "the agent ran again");
+    // The agent's own log is in the sandbox's /tmp under `bwrap`.
+    if driver == "process" {
+        assert_eq!(runs(&count), 1, "the agent ran again");
+    }
     // Both changes are on the branch, the agent's on top of the person's.
     let files = git(&repo, &["ls-tree", "-r", "--name-only", "agent/moved"]);
     assert!(
         files.contains("human.txt") && files.contains("agent.txt"),
         "{files}"
     );
-    let parent_author = git(&repo, &["log", "-1", "--format=%an", "agent/moved^"]);
-    assert_eq!(parent_author, "human");
+    let parent = git(&repo, &["log", "-1", "--format=%s", "agent/moved^"]);
+    assert_eq!(parent, "human");
     assert_eq!(
         subtask["outcome"]["commit"].as_str(),
         Some(git(&repo, &["rev-parse", "agent/moved"]).as_str())
@@ -243,21 +324,33 @@ async fn a_branch_that_moved_during_the_run_gets_the_work_on_its_new_tip() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_branch_that_moved_under_a_conflicting_change_keeps_the_work_aside() {
-    let mut c = Cluster::new(&[]);
+    for driver in DRIVERS {
+        a_branch_that_moved_under_a_conflict_keeps_the_work_aside(driver).await;
+    }
+}
+
+async fn a_branch_that_moved_under_a_conflict_keeps_the_work_aside(driver: &str) {
+    eprintln!("driver {driver}");
+    let mut c = Cluster::new(&[("AO__SANDBOX__DRIVER", driver)]);
     let repo = bare_repo(c.dir.path(), "project", &[("shared.txt", "base\n")]);
     make_branch(&repo, "agent/clash");
-    let push = human_pushes(&c, &repo, "agent/clash", "shared.txt", "human");
-    let (count, agent) = counting_agent(&c, &format!("echo agent > shared.txt\n{push}"));
+    let tip = git(&repo, &["rev-parse", "agent/clash"]);
+    let wait = wait_for_the_branch_to_move(&repo, "agent/clash", &tip);
+    let (count, agent) = counting_agent(&c, &format!("echo agent > shared.txt\n{wait}"));
+    let human = push_once_the_agent_runs(&c, &agent, &repo, "agent/clash", "shared.txt", "human");
     let task = run_task(
         &mut c,
         &agent,
         json!({ "repository": repo.display().to_string(), "branch": "agent/clash" }),
     )
     .await;
+    human.await.expect("the person's push");
     assert_eq!(task["status"], "failed", "{task:#}\n{}", c.logs());
     let subtask = only_subtask(&task);
     assert_eq!(subtask["attempt"], 1, "retried: {task:#}");
-    assert_eq!(runs(&count), 1, "the agent ran again");
+    if driver == "process" {
+        assert_eq!(runs(&count), 1, "the agent ran again");
+    }
     let outcome = &subtask["outcome"];
     assert_eq!(
         (&outcome["retryable"], &outcome["cause"]),

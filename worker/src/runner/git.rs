@@ -703,7 +703,7 @@ pub fn commit_and_push(
 /// The branch the work of a run goes to when its task branch moved under it and the
 /// work conflicts: named after the task branch and the attempt, so a later attempt
 /// never overwrites it.
-fn side_branch(spec: &RunSpec) -> String {
+pub fn side_branch(spec: &RunSpec) -> String {
     let subtask = spec.subtask_id.to_string();
     let short: String = subtask
         .chars()
@@ -947,18 +947,111 @@ pub fn commit_and_bundle(
     start_commit: &str,
     summary: &str,
     out: BundleOut,
-) -> Result<Delivered, String> {
+) -> Result<Delivered, PushError> {
     let committed = commit(spec, repo, start_commit, summary)?;
-    let notes: Vec<String> = committed
+    let mut notes: Vec<String> = committed
         .note(spec.agent.max_file_bytes)
         .into_iter()
         .collect();
-    let Some(head) = committed.head else {
+    let Some(mut head) = committed.head else {
         return Ok(Delivered {
             commit: None,
             notes,
         });
     };
+    // The repository is readable here: a branch that moved during the run gets the
+    // agent's commits on its new tip before they are bundled; when they conflict, the
+    // bundle carries them as they are, for the worker to keep on the side branch.
+    let mut moved = None;
+    if let Some(tip) = moved_tip(spec, repo, start_commit)? {
+        super::log(format!(
+            "{} moved during the run (now at {tip}); putting the agent's commits on top",
+            spec.branch
+        ));
+        match rebase(repo, start_commit, &head, &tip) {
+            Ok(rebased) => {
+                head = rebased;
+                notes.push(format!(
+                    "{} moved during the run; the agent's work was rebased onto its new tip {tip}.",
+                    spec.branch
+                ));
+            }
+            Err(detail) => {
+                moved = Some(PushError::Moved {
+                    branch: spec.branch.clone(),
+                    kept_at: side_branch(spec),
+                    detail,
+                })
+            }
+        }
+    }
+    let delivered = bundle(repo, start_commit, out, head, notes)?;
+    match moved {
+        Some(moved) => Err(moved),
+        None => Ok(delivered),
+    }
+}
+
+/// The tip of the task branch in the run spec's (local) repository, fetched into the
+/// working copy, when it moved since the run started from `start_commit` (it exists, and
+/// is another commit); `None` when it did not.
+fn moved_tip(spec: &RunSpec, repo: &Path, start_commit: &str) -> Result<Option<String>, String> {
+    // As in `prepare`: the repository belongs to another user, and upload-pack honours
+    // `safe.directory` only from global configuration. Every process of the agent is
+    // gone by now; the file is made new (never through a link) and removed after.
+    let dir = repo.parent().unwrap_or(repo);
+    let config = dir.join(format!(".safe-{}.gitconfig", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&config)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"[safe]\n\tdirectory = *\n"))
+        .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
+    let git = || {
+        let mut cmd = git(Some(repo));
+        cmd.env("GIT_CONFIG_GLOBAL", &config);
+        cmd
+    };
+    let target = format!("refs/heads/{}", spec.branch);
+    let moved = (|| {
+        let listed = run(
+            git()
+                .args(["ls-remote", "--"])
+                .arg(&spec.repository)
+                .arg(&target),
+            "git ls-remote",
+        )?;
+        let Some(tip) = listed
+            .iter()
+            .find_map(|l| l.strip_suffix(target.as_str()).map(str::trim))
+        else {
+            return Ok(None);
+        };
+        if tip == start_commit {
+            return Ok(None);
+        }
+        run(
+            git()
+                .args(["fetch", "--quiet", "--no-tags", "--"])
+                .arg(&spec.repository)
+                .arg(format!("+{target}:{REMOTE_HEAD_REF}")),
+            "git fetch",
+        )?;
+        output(repo, &["rev-parse", "--verify", "--quiet", REMOTE_HEAD_REF]).map(Some)
+    })();
+    let _ = std::fs::remove_file(&config);
+    moved
+}
+
+/// Writes the bundle of `start_commit..head` to `out` (the bundle channel, or a file in a
+/// directory).
+fn bundle(
+    repo: &Path,
+    start_commit: &str,
+    out: BundleOut,
+    head: String,
+    notes: Vec<String>,
+) -> Result<Delivered, String> {
     let work = match out {
         BundleOut::Channel(file) => {
             let mut create = git(Some(repo));

@@ -331,7 +331,6 @@ pub fn run(
         Delivery::Push => git::commit_and_push(spec, &repo, &start_commit, &outcome.summary),
         Delivery::Bundle => {
             git::commit_and_bundle(spec, &repo, &start_commit, &outcome.summary, bundle)
-                .map_err(git::PushError::Failed)
         }
     };
     match delivered {

@@ -58,7 +58,7 @@ use crate::secret_files::SecretFiles;
 use crate::spec::{Delivery, RunSpec, RunnerEvent};
 use ao_shared::capability::Capability;
 use ao_shared::config::{SandboxSettings, Settings};
-use ao_shared::task::{Outcome, OutcomeKind};
+use ao_shared::task::{FailureCause, Outcome, OutcomeKind};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -854,27 +854,76 @@ impl SandboxDriver for BwrapDriver {
         if let Some(cgroup) = setup.cgroup {
             cgroup.remove().await;
         }
-        if let (Some(repo), Some(commit), OutcomeKind::Succeeded) =
-            (&local, outcome.commit.clone(), outcome.kind)
-        {
-            let delivered = match &bundle {
-                Ok(file) => local_repo::deliver(file.as_deref(), repo, &spec.branch, &commit)
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.clone()),
-            };
-            if let Err(e) = delivered {
-                let mut failed = Outcome::failed(OutcomeKind::Infrastructure, e, true);
-                failed.cost_usd = outcome.cost_usd;
-                failed.tokens = outcome.tokens;
-                failed.turns = outcome.turns;
-                failed.duration_ms = outcome.duration_ms;
-                outcome = failed;
-            } else {
-                tracing::info!(%commit, branch = %spec.branch, "bundle pushed into the local repository");
-            }
+        if let Some(repo) = &local {
+            let bundle = bundle.as_ref().map(Option::as_deref).map_err(Clone::clone);
+            outcome = deliver_bundle(&spec, repo, bundle, outcome).await;
         }
         outcome
+    }
+}
+
+/// Puts the work of a run on a local repository into it from the runner's `bundle` (see
+/// [`local_repo`]): a succeeded run's commit onto the task branch; the commits of a run
+/// whose branch moved under a conflicting change (cause `branch_moved`) onto its side
+/// branch. A branch that moved after the runner looked gets the work on the side branch
+/// too, and the run fails for good with cause `branch_moved`, as the runner's own push
+/// would: the agent is not run again. Any other failure to deliver is retryable.
+async fn deliver_bundle(
+    spec: &RunSpec,
+    repo: &Path,
+    bundle: Result<Option<&Path>, String>,
+    outcome: Outcome,
+) -> Outcome {
+    let failed = |kind, error: String, retryable| {
+        let mut failed = Outcome::failed(kind, error, retryable);
+        failed.cost_usd = outcome.cost_usd;
+        failed.tokens = outcome.tokens;
+        failed.turns = outcome.turns;
+        failed.duration_ms = outcome.duration_ms;
+        failed
+    };
+    let delivers = outcome.kind == OutcomeKind::Succeeded && outcome.commit.is_some();
+    let keeps = outcome.cause == Some(FailureCause::BranchMoved);
+    let bundle = match bundle {
+        Ok(bundle) => bundle,
+        Err(e) if delivers || keeps => return failed(OutcomeKind::Infrastructure, e, true),
+        Err(_) => return outcome,
+    };
+    let kept_at = crate::runner::git::side_branch(spec);
+    if keeps {
+        return match local_repo::keep_aside(bundle, repo, &kept_at).await {
+            Ok(()) => outcome,
+            Err(e) => failed(
+                OutcomeKind::Infrastructure,
+                format!("the work could not be kept at {kept_at}: {e}"),
+                true,
+            ),
+        };
+    }
+    let (Some(commit), true) = (outcome.commit.clone(), delivers) else {
+        return outcome;
+    };
+    match local_repo::deliver(bundle, repo, &spec.branch, &commit).await {
+        Ok(()) => {
+            tracing::info!(%commit, branch = %spec.branch, "bundle pushed into the local repository");
+            outcome
+        }
+        Err(moved @ local_repo::DeliveryError::Moved { .. }) => {
+            match local_repo::keep_aside(bundle, repo, &kept_at).await {
+                Ok(()) => failed(
+                    OutcomeKind::AgentError,
+                    format!("branch moved, work kept at {kept_at}: {moved}"),
+                    false,
+                )
+                .with_cause(FailureCause::BranchMoved),
+                Err(e) => failed(
+                    OutcomeKind::Infrastructure,
+                    format!("{moved}, and the work could not be kept at {kept_at}: {e}"),
+                    true,
+                ),
+            }
+        }
+        Err(e) => failed(OutcomeKind::Infrastructure, e.to_string(), true),
     }
 }
 
