@@ -147,6 +147,32 @@ try {
   check((await sub.getAttribute('data-status')) === 'succeeded', 'subtask succeeded');
   check((await sub.textContent()).includes('coder'), 'subtask capability shown');
   check((await page.locator('#t-facts').textContent()).includes('$0.04'), 'task cost shown');
+
+  step('the plan is drawn as a graph, and the diff of the step is rendered, escaped');
+  const rowsShown = await page.locator('#subtasks tr').count();
+  await page.waitForSelector('#plan svg g.node', { timeout: WAIT });
+  check(await page.locator('#plan svg g.node').count() === rowsShown, 'one graph node per subtask');
+  check((await page.locator('#plan svg g.node').first().getAttribute('data-status')) === 'succeeded', 'node state');
+  await page.waitForSelector('#diffs details.diff .d2h-file-wrapper', { timeout: WAIT });
+  const diff = await page.locator('#diffs details.diff').first().textContent();
+  check(diff.includes('NOTES.md') && diff.includes('+1 −0'), `diff summary and file: ${diff.slice(0, 200)}`);
+  check(diff.includes('<script>window.__pwned=4</script>'), 'the diff shows hostile lines as text');
+  check(await page.locator('#diffs script, #diffs img').count() === 0, 'no markup from the diff');
+  check(await page.evaluate(() => window.__pwned) === undefined, 'no script of the diff ran');
+  check(await page.locator('#events .ev-diff', { hasText: 'NOTES.md' }).count() === 1, 'the diff event in the activity');
+  const dag = await page.evaluate(() => {
+    const plan = (id, deps, branch) => ({ id, capability: 'coder', status: 'pending', step: { kind: 'plan', id, title: id, depends_on: deps, branch } });
+    const subs = [
+      { id: 'p', capability: 'planner', status: 'succeeded' },
+      plan('a', [], 'b-a'), plan('b', [], 'b-b'),
+      { id: 'm', capability: 'coder', status: 'pending', step: { kind: 'integrate', branches: ['b-a', 'b-b'] } },
+      plan('t', ['a', 'b']),
+    ];
+    const svgNode = planGraph(subs);
+    return { edges: planEdges(subs), nodes: svgNode.querySelectorAll('g.node').length, paths: svgNode.querySelectorAll('path.edge').length };
+  });
+  check(JSON.stringify(dag.edges) === JSON.stringify([[], [0], [0], [1, 2], [1, 2]]), `plan edges: ${JSON.stringify(dag.edges)}`);
+  check(dag.nodes === 5 && dag.paths === 6, `graph of a plan: ${JSON.stringify(dag)}`);
   await page.screenshot({ path: join(ARTIFACTS, 'dashboard-task.png'), fullPage: true });
 
   step('GitHub tasks link their issue and pull request; unknown events show as one line of JSON');

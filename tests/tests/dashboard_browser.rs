@@ -48,7 +48,7 @@ for i in $(seq 1 1200); do [ -e '{gate}' ] && break; sleep 0.1; done
 echo "a plain line from the agent"
 sleep 1.2
 msg 3 '{"type":"tool_use","id":"t2","name":"Write","input":{"file_path":"NOTES.md","content":"secret body"}}'
-echo note > NOTES.md
+printf 'note <img src=x onerror="window.__pwned=3"><script>window.__pwned=4</script>\n' > NOTES.md
 res t2 'File created'
 msg 4 '{"type":"text","text":"<script>window.__pwned=2</script> Wrote <b>NOTES.md</b>."}'
 echo '{"type":"result","subtype":"success","is_error":false,"num_turns":3,"total_cost_usd":0.042,"duration_ms":7000,"result":"Wrote NOTES.md","usage":{"input_tokens":40,"output_tokens":20,"cache_read_input_tokens":0,"cache_creation_input_tokens":0}}'

@@ -1100,9 +1100,110 @@ fn bundle(
     })
 }
 
+/// Most bytes of the patch text a [`DIFF_EVENT`] carries: under the event bound
+/// (`ao_shared::bounded::MAX_EVENT_DATA_BYTES`, 24 KiB) with room for the file list.
+const MAX_PATCH_BYTES: usize = 16 * 1024;
+/// Most files a [`DIFF_EVENT`] lists.
+const MAX_DIFF_FILES: usize = 50;
+/// The runner's event with what a run changed: data `{from, to, files: [{path, added,
+/// deleted}], files_total, patch, patch_bytes, truncated}`. `patch` is git's unified diff
+/// of `from..to`, cut at a file boundary to at most [`MAX_PATCH_BYTES`] (`patch_bytes` is
+/// the whole size); `added`/`deleted` are line counts, `null` for a binary file.
+pub const DIFF_EVENT: &str = "diff";
+
+/// The [`DIFF_EVENT`] data for `from..to` in the working copy (`from` empty: everything
+/// of `to`), or `None` when git cannot tell. External diff drivers and text conversion are
+/// off: nothing the repository names runs.
+pub fn diff_event(repo: &Path, from: &str, to: &str) -> Option<serde_json::Value> {
+    let from = if from.is_empty() {
+        output(repo, &["hash-object", "-t", "tree", "/dev/null"]).ok()?
+    } else {
+        from.to_string()
+    };
+    let range = [from.as_str(), to];
+    let diff = |extra: &[&str]| {
+        let mut args = vec![
+            "diff",
+            "--no-color",
+            "--no-ext-diff",
+            "--no-textconv",
+            "--no-renames",
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&range);
+        output(repo, &args)
+    };
+    let numstat = diff(&["--numstat"]).ok()?;
+    let all: Vec<serde_json::Value> = numstat
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, '\t');
+            let (added, deleted, path) = (parts.next()?, parts.next()?, parts.next()?);
+            Some(serde_json::json!({
+                "path": path,
+                "added": added.parse::<u64>().ok(),
+                "deleted": deleted.parse::<u64>().ok(),
+            }))
+        })
+        .collect();
+    let patch = diff(&[]).ok()?;
+    let files_total = all.len();
+    let files: Vec<serde_json::Value> = all.into_iter().take(MAX_DIFF_FILES).collect();
+    // Escaping grows the text; the patch is halved until the event fits its bound whole.
+    let mut limit = MAX_PATCH_BYTES;
+    loop {
+        let (shown, truncated) = cut_patch(&patch, limit);
+        let data = serde_json::json!({
+            "from": from,
+            "to": to,
+            "files_total": files_total,
+            "files": files,
+            "patch": shown,
+            "patch_bytes": patch.len(),
+            "truncated": truncated,
+        });
+        let fits = serde_json::to_string(&data)
+            .is_ok_and(|t| t.len() <= ao_shared::bounded::MAX_EVENT_DATA_BYTES);
+        if fits || limit == 0 {
+            return fits.then_some(data);
+        }
+        limit /= 2;
+    }
+}
+
+/// `patch` cut to at most `limit` bytes at the start of a file's diff (or, when the
+/// first file alone is larger, at a line end); whether anything was cut.
+fn cut_patch(patch: &str, limit: usize) -> (&str, bool) {
+    if patch.len() <= limit {
+        return (patch, false);
+    }
+    let mut end = limit;
+    while !patch.is_char_boundary(end) {
+        end -= 1;
+    }
+    let head = &patch[..end];
+    let cut = head
+        .rfind("\ndiff --git ")
+        .filter(|&at| at > 0)
+        .or_else(|| head.rfind('\n'))
+        .unwrap_or(0);
+    (&patch[..cut], true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_patch_is_cut_at_a_file_boundary() {
+        let patch = "diff --git a/x b/x\n+1\n+2\ndiff --git a/y b/y\n+3\n";
+        assert_eq!(cut_patch(patch, 100), (patch, false));
+        assert_eq!(cut_patch(patch, 30), ("diff --git a/x b/x\n+1\n+2", true));
+        assert_eq!(cut_patch(patch, 22), ("diff --git a/x b/x\n+1", true));
+        let wide = "diff --git a/é b/é\n+ééééé\n";
+        let (cut, truncated) = cut_patch(wide, 24);
+        assert!(truncated && wide.starts_with(cut));
+    }
 
     fn lines(text: &[&str]) -> Vec<String> {
         text.iter().map(|l| l.to_string()).collect()

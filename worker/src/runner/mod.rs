@@ -353,6 +353,14 @@ pub fn run(
                 }
                 None => log("the agent changed nothing; nothing to push"),
             }
+            if let Some(commit) = &delivered.commit {
+                // Bundled work is rebased (if at all) before this; pushed work may have
+                // been rebased onto a moved branch: either way `commit` is what the
+                // branch holds, and the diff is of the run's own change.
+                if let Some(diff) = git::diff_event(&repo, &start_commit, commit) {
+                    emit(git::DIFF_EVENT, diff);
+                }
+            }
             outcome.commit = delivered.commit;
             if !notes.is_empty() {
                 let said = outcome.summary.trim_end().to_string();

@@ -4,6 +4,12 @@
 //! DOM with `textContent` only, so nothing a user or an agent wrote is ever parsed as
 //! HTML. No inline script or style: the Content-Security-Policy allows only this origin's
 //! assets. Everything is embedded in the binary.
+//!
+//! The one exception to `textContent`: a step's diff (the runner's `diff` event, git's
+//! unified diff of the step's change) is rendered by diff2html (`assets/vendor/`, MIT,
+//! version in `assets/vendor/README.md`), which escapes every line of the diff into its
+//! HTML; the policy above still forbids any script or inline handler that HTML could
+//! carry.
 
 pub mod session;
 pub mod updates;
@@ -24,6 +30,8 @@ const TASK_HTML: &str = include_str!("assets/task.html");
 const LOGIN_HTML: &str = include_str!("assets/login.html");
 const APP_JS: &str = include_str!("assets/app.js");
 const APP_CSS: &str = include_str!("assets/app.css");
+const DIFF2HTML_JS: &str = include_str!("assets/vendor/diff2html.min.js");
+const DIFF2HTML_CSS: &str = include_str!("assets/vendor/diff2html.min.css");
 
 /// Only this origin's script, style and connections; no framing, no plugins, no `<base>`.
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
@@ -41,6 +49,14 @@ pub fn router<S>(auth: Auth) -> Router<S> {
         .route("/logout", post(logout))
         .route("/assets/app.js", get(app_js))
         .route("/assets/app.css", get(app_css))
+        .route(
+            "/assets/vendor/diff2html.min.js",
+            get(|| async { asset("text/javascript; charset=utf-8", DIFF2HTML_JS) }),
+        )
+        .route(
+            "/assets/vendor/diff2html.min.css",
+            get(|| async { asset("text/css; charset=utf-8", DIFF2HTML_CSS) }),
+        )
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .layer(DefaultBodyLimit::max(MAX_FORM_BYTES))
         .with_state(auth)

@@ -339,6 +339,12 @@ function renderEvent(ev, subtasks) {
   switch (kind) {
     case 'log':
       return line('log', el('span', { class: 'ev-body', text: clip(e.message, TEXT_LIMIT) }));
+    case 'diff': {
+      const files = Array.isArray(e.files) ? e.files : [];
+      const total = Number(e.files_total) || files.length;
+      const names = files.slice(0, 3).map((f) => String(f.path)).join(', ');
+      return line('diff', el('span', { class: 'ev-body', text: `changed ${total} file${total === 1 ? '' : 's'}${names ? `: ${names}${total > 3 ? ', …' : ''}` : ''}` }));
+    }
     case 'init': {
       const tools = Array.isArray(e.tools) ? `${e.tools.length} tools` : '';
       return line('init', el('span', { class: 'ev-body', text: ['agent started', e.model, tools].filter(Boolean).join(' · ') }));
@@ -416,6 +422,108 @@ function toolResultText(content) {
   return content == null ? '' : oneLine(content, 2000);
 }
 
+// The plan as a graph: one node per subtask, an edge from each step to the steps that
+// wait for it. A plan step waits for the steps it names (or, naming none, for the
+// planner before it); a merge of step branches waits for those steps; a subtask outside a
+// plan waits for the one before it. Built as SVG nodes with textContent only.
+const SVG_NS = 'http://www.w3.org/2000/svg';
+const NODE_W = 176;
+const NODE_H = 42;
+const GAP_X = 40;
+const GAP_Y = 14;
+
+function svg(tag, attrs, text) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, String(v));
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function planEdges(subs) {
+  const byPlanId = new Map();
+  const deps = subs.map(() => []);
+  subs.forEach((s, i) => {
+    const step = s.step || null;
+    if (step && step.kind === 'plan') {
+      const named = Array.isArray(step.depends_on) ? step.depends_on : [];
+      for (const d of named) if (byPlanId.has(d)) deps[i].push(byPlanId.get(d));
+      if (!named.length) {
+        for (let j = i - 1; j >= 0; j--) {
+          if (!subs[j].step) { deps[i].push(j); break; }
+        }
+      }
+      byPlanId.set(step.id, i);
+    } else if (step && step.kind === 'integrate') {
+      const branches = Array.isArray(step.branches) ? step.branches : [];
+      subs.forEach((o, j) => {
+        if (j < i && o.step && o.step.kind === 'plan' && branches.includes(o.step.branch)) deps[i].push(j);
+      });
+    } else if (i > 0) {
+      deps[i].push(i - 1);
+    }
+  });
+  return deps;
+}
+
+function planGraph(subs) {
+  const deps = planEdges(subs);
+  const layer = [];
+  subs.forEach((_, i) => { layer[i] = deps[i].reduce((m, d) => Math.max(m, layer[d] + 1), 0); });
+  const rows = new Map();
+  const pos = subs.map((_, i) => {
+    const row = rows.get(layer[i]) || 0;
+    rows.set(layer[i], row + 1);
+    return { x: layer[i] * (NODE_W + GAP_X) + 2, y: row * (NODE_H + GAP_Y) + 2 };
+  });
+  const width = Math.max(0, ...layer) * (NODE_W + GAP_X) + NODE_W + 4;
+  const height = Math.max(1, ...rows.values()) * (NODE_H + GAP_Y) + 4;
+  const root = svg('svg', { width, height, viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-label': 'plan' });
+  subs.forEach((_, i) => {
+    for (const d of deps[i]) {
+      const a = pos[d];
+      const b = pos[i];
+      root.append(svg('path', {
+        class: 'edge',
+        'data-from': subs[d].id,
+        'data-to': subs[i].id,
+        d: `M${a.x + NODE_W},${a.y + NODE_H / 2} C${a.x + NODE_W + GAP_X / 2},${a.y + NODE_H / 2} ${b.x - GAP_X / 2},${b.y + NODE_H / 2} ${b.x},${b.y + NODE_H / 2}`,
+      }));
+    }
+  });
+  subs.forEach((s, i) => {
+    const { x, y } = pos[i];
+    const g = svg('g', { class: `node st-${String(s.status)}`, 'data-id': s.id, 'data-status': s.status, transform: `translate(${x},${y})` });
+    g.append(svg('rect', { width: NODE_W, height: NODE_H, rx: 6 }));
+    const step = s.step || null;
+    const label = step && step.kind === 'plan' ? `${s.capability} · ${step.id}` : (step && step.kind === 'integrate' ? 'merge steps' : s.capability);
+    g.append(svg('text', { x: 8, y: 17, class: 'node-title' }, oneLine(label, 26)));
+    g.append(svg('text', { x: 8, y: 33, class: 'node-state' }, `${String(s.status).replace('_', ' ')}${s.attempt > 1 ? ` · attempt ${s.attempt}` : ''}`));
+    g.append(svg('title', {}, step && step.title ? step.title : s.capability));
+    root.append(g);
+  });
+  return root;
+}
+
+// A step's diff (the runner's `diff` event): diff2html's rendering of git's unified diff,
+// which escapes the diff's text; plain text when the library is missing.
+function diffView(sub, diff) {
+  const files = Array.isArray(diff.files) ? diff.files : [];
+  const added = files.reduce((n, f) => n + (Number(f.added) || 0), 0);
+  const deleted = files.reduce((n, f) => n + (Number(f.deleted) || 0), 0);
+  const total = Number(diff.files_total) || files.length;
+  const step = sub && sub.step && sub.step.kind === 'plan' ? ` · ${sub.step.id}` : '';
+  const head = `${sub ? sub.capability : 'step'}${step}: ${total} file${total === 1 ? '' : 's'}, +${added} −${deleted}` +
+    (diff.truncated ? ` (diff cut at ${String(diff.patch || '').length} of ${diff.patch_bytes} bytes)` : '');
+  const body = el('div', { class: 'diff-body' });
+  const patch = typeof diff.patch === 'string' ? diff.patch : '';
+  if (window.Diff2Html && patch) {
+    body.innerHTML = window.Diff2Html.html(patch, { drawFileList: true, matching: 'lines', outputFormat: 'line-by-line' });
+  } else {
+    body.append(el('pre', { class: 'ev-body', text: patch || '(no text diff)' }));
+  }
+  return el('details', { class: 'diff', 'data-subtask': sub ? sub.id : '' }, el('summary', { text: head }), body);
+}
+
 function taskPage() {
   const id = decodeURIComponent(window.location.pathname.split('/').filter(Boolean)[1] || '');
   const base = `/api/v1/tasks/${encodeURIComponent(id)}`;
@@ -426,6 +534,16 @@ function taskPage() {
   let refreshTimer = null;
   let source = null;
   const subtasks = new Map();
+  const diffs = new Map();
+
+  function renderDiffs() {
+    const views = (task ? task.subtasks || [] : [])
+      .filter((s) => diffs.has(s.id))
+      .map((s) => diffView(s, diffs.get(s.id)));
+    if (views.length) views[views.length - 1].open = true;
+    document.getElementById('diffs').replaceChildren(...views);
+    show(document.getElementById('diffs-none'), views.length === 0);
+  }
 
   function fact(dl, name, value) {
     if (value === null || value === undefined || value === '') return;
@@ -475,6 +593,9 @@ function taskPage() {
         el('td', {}, outcome));
     });
     document.getElementById('subtasks').replaceChildren(...rows);
+    const subs = task.subtasks || [];
+    document.getElementById('plan').replaceChildren(...(subs.length ? [planGraph(subs)] : []));
+    renderDiffs();
   }
 
   async function refresh() {
@@ -499,6 +620,11 @@ function taskPage() {
     while (events.childElementCount > MAX_EVENTS_SHOWN) events.firstElementChild.remove();
     if (follow.checked && atBottom) events.scrollTop = events.scrollHeight;
     if (ev.kind === 'state') scheduleRefresh();
+    const data = ev.data || {};
+    if (data.type === 'diff' && ev.subtask_id && data.event && typeof data.event === 'object') {
+      diffs.set(ev.subtask_id, data.event);
+      if (task) renderDiffs();
+    }
   }
 
   async function pollEvents() {
