@@ -154,7 +154,9 @@ try {
   check(await page.locator('#plan svg g.node').count() === rowsShown, 'one graph node per subtask');
   check((await page.locator('#plan svg g.node').first().getAttribute('data-status')) === 'succeeded', 'node state');
   await page.waitForSelector('#diffs details.diff .d2h-file-wrapper', { timeout: WAIT });
-  const diff = await page.locator('#diffs details.diff').first().textContent();
+  const whole = await page.locator('#diffs details.diff-branch').textContent();
+  check(whole.includes('against its base') && whole.includes('NOTES.md'), `the branch against its base: ${whole.slice(0, 200)}`);
+  const diff = await page.locator('#diffs details.diff[data-subtask]:not(.diff-branch)').first().textContent();
   check(diff.includes('NOTES.md') && diff.includes('+1 −0'), `diff summary and file: ${diff.slice(0, 200)}`);
   check(diff.includes('<script>window.__pwned=4</script>'), 'the diff shows hostile lines as text');
   check(await page.locator('#diffs script, #diffs img').count() === 0, 'no markup from the diff');

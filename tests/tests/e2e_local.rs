@@ -238,3 +238,68 @@ async fn both_daemons_stop_cleanly_on_sigterm() {
         .unwrap();
     assert_eq!(code, 0, "{}", c.coordinator_log());
 }
+
+/// The data of the run's one event of `kind` (`diff` or `branch_diff`).
+fn diff_of(events: &[serde_json::Value], kind: &str) -> serde_json::Value {
+    let found: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["data"]["type"] == kind)
+        .collect();
+    assert_eq!(found.len(), 1, "{kind} events: {events:#?}");
+    found[0]["data"]["event"].clone()
+}
+
+fn paths(diff: &serde_json::Value) -> Vec<String> {
+    diff["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .map(|f| f["path"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Each run reports its own change (`diff`) and the task branch's against the base as
+/// cloned (`branch_diff`). The second run on a branch moves the clone's idea of the base
+/// (`origin/main`) onto its own commit and plants a replacement for the base's tip: the
+/// branch's diff still shows both runs' files, taken from the base tip the runner saw
+/// before the agent ran, with git's replacement objects off.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_run_reports_its_diff_and_the_branch_against_its_base() {
+    use ao_tests::scenario::{events, submit_code, wait_succeeded};
+    let mut c = Cluster::new(&[]);
+    let agent = script(
+        c.dir.path(),
+        "agent.sh",
+        r#"
+n=$(find . -maxdepth 1 -name 'run-*.txt' | wc -l | tr -d ' ')
+echo "run $n" > "run-$n.txt"
+if [ "$n" = 1 ]; then
+  git add -A && git -c user.name=a -c user.email=a@example.com commit -qm mine
+  git update-ref refs/remotes/origin/main HEAD
+  git replace -f "$(git rev-parse HEAD~2 2>/dev/null || git rev-parse HEAD~1)" HEAD 2>/dev/null || true
+fi
+"#,
+    );
+    let repo = bare_repo(c.dir.path(), "project", &[("README.md", "base\n")]);
+    c.start_coordinator().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let first = submit_code(&c, &repo, "first", "agent/diffs").await;
+    wait_succeeded(&c, &first, LIMIT).await;
+    let second = submit_code(&c, &repo, "second", "agent/diffs").await;
+    wait_succeeded(&c, &second, LIMIT).await;
+
+    let one = events(&c, &first).await;
+    assert_eq!(paths(&diff_of(&one, "diff")), ["run-0.txt"]);
+    assert_eq!(paths(&diff_of(&one, "branch_diff")), ["run-0.txt"]);
+    let two = events(&c, &second).await;
+    let own = diff_of(&two, "diff");
+    assert_eq!(paths(&own), ["run-1.txt"], "{own:#}");
+    assert!(
+        own["patch"].as_str().unwrap_or_default().contains("+run 1"),
+        "{own:#}"
+    );
+    let branch = diff_of(&two, "branch_diff");
+    assert_eq!(paths(&branch), ["run-0.txt", "run-1.txt"], "{branch:#}");
+    let base = git(&repo, &["rev-parse", "main"]);
+    assert_eq!(branch["from"], base.as_str(), "{branch:#}");
+}

@@ -81,6 +81,9 @@ pub(super) fn git(dir: Option<&Path>) -> Command {
         "safe.directory=*",
     ]);
     cmd.env("GIT_TERMINAL_PROMPT", "0")
+        // Nor the agent's replacement objects (`refs/replace/`), which would change what
+        // the runner's log, diff and merge base see.
+        .env("GIT_NO_REPLACE_OBJECTS", "1")
         .env("GIT_ALLOW_PROTOCOL", "file:http:https:ssh:git")
         .env("GIT_SSH_COMMAND", "ssh -oBatchMode=yes")
         .env("GIT_CONFIG_NOSYSTEM", "1")
@@ -128,6 +131,9 @@ fn output(dir: &Path, args: &[&str]) -> Result<String, String> {
 pub struct Prepared {
     /// The commit work starts from ("" for an empty repository).
     pub start_commit: String,
+    /// The tip of the base branch (or the default branch) as cloned, before anything of
+    /// the agent ran: what the task branch's diff is taken against.
+    pub base_tip: Option<String>,
     /// The repository had no commit at all (no branch): the run's commit is its first.
     pub empty_repository: bool,
 }
@@ -233,6 +239,10 @@ fn prepare_with(spec: &RunSpec, repo: &Path, config: &Path) -> Result<Prepared, 
             run(&mut clone, "git clone")?;
         }
     }
+    // The clone checked out the base (or the default) branch.
+    let base_tip = output(repo, &["rev-parse", "--verify", "--quiet", "HEAD"])
+        .ok()
+        .filter(|tip| !tip.is_empty());
     // A remote branch fetched to `origin/<branch>`, when the remote has it.
     let fetch = |branch: &str| -> Result<Option<String>, String> {
         let remote_ref = format!("refs/heads/{branch}");
@@ -288,6 +298,7 @@ fn prepare_with(spec: &RunSpec, repo: &Path, config: &Path) -> Result<Prepared, 
     }
     Ok(Prepared {
         start_commit,
+        base_tip,
         empty_repository,
     })
 }
@@ -1110,6 +1121,16 @@ const MAX_DIFF_FILES: usize = 50;
 /// of `from..to`, cut at a file boundary to at most [`MAX_PATCH_BYTES`] (`patch_bytes` is
 /// the whole size); `added`/`deleted` are line counts, `null` for a binary file.
 pub const DIFF_EVENT: &str = "diff";
+/// The runner's event with the task branch's change against its base: the data of a
+/// [`DIFF_EVENT`], `from` the fork point of the branch and the base as cloned.
+pub const BRANCH_DIFF_EVENT: &str = "branch_diff";
+
+/// Where `head` forked from `base_tip` (their merge base), if they share history.
+pub fn fork_point(repo: &Path, base_tip: &str, head: &str) -> Option<String> {
+    output(repo, &["merge-base", base_tip, head])
+        .ok()
+        .filter(|fork| !fork.is_empty())
+}
 
 /// The [`DIFF_EVENT`] data for `from..to` in the working copy (`from` empty: everything
 /// of `to`), or `None` when git cannot tell. External diff drivers and text conversion are

@@ -360,6 +360,13 @@ pub fn run(
                 if let Some(diff) = git::diff_event(&repo, &start_commit, commit) {
                     emit(git::DIFF_EVENT, diff);
                 }
+                let fork = prepared
+                    .base_tip
+                    .as_deref()
+                    .and_then(|base| git::fork_point(&repo, base, commit));
+                if let Some(diff) = fork.and_then(|f| git::diff_event(&repo, &f, commit)) {
+                    emit(git::BRANCH_DIFF_EVENT, diff);
+                }
             }
             outcome.commit = delivered.commit;
             if !notes.is_empty() {

@@ -339,11 +339,13 @@ function renderEvent(ev, subtasks) {
   switch (kind) {
     case 'log':
       return line('log', el('span', { class: 'ev-body', text: clip(e.message, TEXT_LIMIT) }));
+    case 'branch_diff':
     case 'diff': {
       const files = Array.isArray(e.files) ? e.files : [];
       const total = Number(e.files_total) || files.length;
       const names = files.slice(0, 3).map((f) => String(f.path)).join(', ');
-      return line('diff', el('span', { class: 'ev-body', text: `changed ${total} file${total === 1 ? '' : 's'}${names ? `: ${names}${total > 3 ? ', …' : ''}` : ''}` }));
+      const what = kind === 'diff' ? 'changed' : 'the branch now differs from its base in';
+      return line(kind, el('span', { class: 'ev-body', text: `${what} ${total} file${total === 1 ? '' : 's'}${names ? `: ${names}${total > 3 ? ', …' : ''}` : ''}` }));
     }
     case 'init': {
       const tools = Array.isArray(e.tools) ? `${e.tools.length} tools` : '';
@@ -506,13 +508,13 @@ function planGraph(subs) {
 
 // A step's diff (the runner's `diff` event): diff2html's rendering of git's unified diff,
 // which escapes the diff's text; plain text when the library is missing.
-function diffView(sub, diff) {
+function diffView(sub, diff, title) {
   const files = Array.isArray(diff.files) ? diff.files : [];
   const added = files.reduce((n, f) => n + (Number(f.added) || 0), 0);
   const deleted = files.reduce((n, f) => n + (Number(f.deleted) || 0), 0);
   const total = Number(diff.files_total) || files.length;
   const step = sub && sub.step && sub.step.kind === 'plan' ? ` · ${sub.step.id}` : '';
-  const head = `${sub ? sub.capability : 'step'}${step}: ${total} file${total === 1 ? '' : 's'}, +${added} −${deleted}` +
+  const head = `${title || (sub ? sub.capability : 'step')}${step}: ${total} file${total === 1 ? '' : 's'}, +${added} −${deleted}` +
     (diff.truncated ? ` (diff cut at ${String(diff.patch || '').length} of ${diff.patch_bytes} bytes)` : '');
   const body = el('div', { class: 'diff-body' });
   const patch = typeof diff.patch === 'string' ? diff.patch : '';
@@ -535,12 +537,18 @@ function taskPage() {
   let source = null;
   const subtasks = new Map();
   const diffs = new Map();
+  let branchDiff = null;
 
   function renderDiffs() {
     const views = (task ? task.subtasks || [] : [])
       .filter((s) => diffs.has(s.id))
       .map((s) => diffView(s, diffs.get(s.id)));
-    if (views.length) views[views.length - 1].open = true;
+    if (branchDiff) {
+      const whole = diffView(null, branchDiff, `${task ? task.branch : 'task branch'} against its base`);
+      whole.classList.add('diff-branch');
+      whole.open = true;
+      views.unshift(whole);
+    } else if (views.length) views[views.length - 1].open = true;
     document.getElementById('diffs').replaceChildren(...views);
     show(document.getElementById('diffs-none'), views.length === 0);
   }
@@ -623,6 +631,10 @@ function taskPage() {
     const data = ev.data || {};
     if (data.type === 'diff' && ev.subtask_id && data.event && typeof data.event === 'object') {
       diffs.set(ev.subtask_id, data.event);
+      if (task) renderDiffs();
+    }
+    if (data.type === 'branch_diff' && data.event && typeof data.event === 'object') {
+      branchDiff = data.event;
       if (task) renderDiffs();
     }
   }
