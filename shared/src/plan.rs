@@ -26,6 +26,8 @@ pub const MAX_INSTRUCTIONS_BYTES: usize = 4000;
 pub const MAX_PATHS: usize = 20;
 /// The longest path or area of a step, in bytes.
 pub const MAX_PATH_BYTES: usize = 200;
+/// Attempts a step may ask for at most (swarm mode, [`PlanStep::attempts`]).
+pub const MAX_ATTEMPTS: u32 = 4;
 
 /// A plan as the planner writes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +58,19 @@ pub struct PlanStep {
     /// The files or areas the step expects to touch.
     #[serde(default)]
     pub paths: Vec<String>,
+    /// Swarm mode: how many independent attempts at the step run (1 to
+    /// [`MAX_ATTEMPTS`], a step that changes code only), each on its own branch; a
+    /// reviewer then compares them and keeps one. 1 (the default): the step runs once.
+    #[serde(default = "one_attempt", skip_serializing_if = "is_one_attempt")]
+    pub attempts: u32,
+}
+
+fn one_attempt() -> u32 {
+    1
+}
+
+fn is_one_attempt(n: &u32) -> bool {
+    *n == 1
 }
 
 /// What a plan may hold: from `planner.*` in the configuration, narrowed by a
@@ -101,6 +116,12 @@ pub enum PlanError {
         step: String,
         capability: Capability,
         allowed: String,
+    },
+    #[error("step {step:?} asks for {attempts} attempts: {why}")]
+    BadAttempts {
+        step: String,
+        attempts: u32,
+        why: &'static str,
     },
     #[error("step {step:?}: {field} is empty or longer than {max} bytes")]
     BadText {
@@ -209,6 +230,22 @@ impl Plan {
                         max,
                     });
                 }
+            }
+            let why = if step.attempts == 0 || step.attempts > MAX_ATTEMPTS {
+                Some("attempts is 1 to 4")
+            } else if step.attempts > 1 && !step.capability.pushes_code() {
+                Some("only a step that changes code can be attempted several times")
+            } else if step.attempts > 1 && !limits.allowed.contains(&Capability::Reviewer) {
+                Some("the reviewer that picks one attempt is not allowed in this task")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                errors.push(PlanError::BadAttempts {
+                    step: step.id.clone(),
+                    attempts: step.attempts,
+                    why,
+                });
             }
             if step.paths.len() > MAX_PATHS || step.paths.iter().any(|p| p.len() > MAX_PATH_BYTES) {
                 errors.push(PlanError::BadText {
@@ -344,17 +381,49 @@ impl Plan {
             } else {
                 integrate(deps, &ids, &mut out)
             };
-            let mut sub = Subtask::new(step.capability, depends_on);
-            sub.instructions = Some(step.instructions.clone());
-            sub.step = Some(Step::Plan {
+            let plan_step = |branch: Option<String>, candidate: Option<u32>| Step::Plan {
                 id: step.id.clone(),
                 title: step.title.clone(),
                 paths: step.paths.clone(),
                 depends_on: step.depends_on.clone(),
-                branch: branch_of(i),
-            });
-            ids.insert(i, sub.id);
-            out.push(sub);
+                branch,
+                candidate,
+            };
+            match branch_of(i).filter(|_| step.attempts > 1) {
+                // Swarm mode: the attempts, each on a branch of its own, then the
+                // reviewer's pick, which stands for the step.
+                Some(branch) => {
+                    let mut candidates = Vec::new();
+                    let mut tries = Vec::new();
+                    for k in 1..=step.attempts {
+                        let mut sub = Subtask::new(step.capability, depends_on.clone());
+                        sub.instructions = Some(step.instructions.clone());
+                        let own = format!("{branch}-try{k}");
+                        sub.step = Some(plan_step(Some(own.clone()), Some(k)));
+                        candidates.push(own);
+                        tries.push(sub.id);
+                        out.push(sub);
+                    }
+                    let mut pick = Subtask::new(Capability::Reviewer, tries);
+                    pick.instructions = Some(step.instructions.clone());
+                    pick.step = Some(Step::Pick {
+                        id: step.id.clone(),
+                        title: step.title.clone(),
+                        candidates,
+                        branch,
+                        picked: None,
+                    });
+                    ids.insert(i, pick.id);
+                    out.push(pick);
+                }
+                None => {
+                    let mut sub = Subtask::new(step.capability, depends_on);
+                    sub.instructions = Some(step.instructions.clone());
+                    sub.step = Some(plan_step(branch_of(i), None));
+                    ids.insert(i, sub.id);
+                    out.push(sub);
+                }
+            }
         }
         let depended: BTreeSet<&str> = self
             .steps

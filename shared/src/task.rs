@@ -355,10 +355,27 @@ pub enum Step {
         /// changes code; a step that does not works on the task branch.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         branch: Option<String>,
+        /// For one of several attempts at the same step (swarm mode, the plan step's
+        /// `attempts`): which one, from 1. A [`Step::Pick`] keeps one of them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        candidate: Option<u32>,
     },
     /// Merges these step branches into the task branch, in this order; a conflict is
     /// resolved by the coder agent, which sees both sides.
     Integrate { branches: Vec<String> },
+    /// Compares the attempts at the plan step `id` (on the branches `candidates`) and
+    /// picks one: a reviewer, who replies `{"pick": <1..n>, "reasons": "…"}`. The pick
+    /// then stands for the step: every merge of the step's branch `branch` merges the
+    /// picked candidate's branch instead.
+    Pick {
+        id: String,
+        title: String,
+        candidates: Vec<String>,
+        branch: String,
+        /// The candidate branch picked, once the reviewer chose.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        picked: Option<String>,
+    },
 }
 
 /// How a task's planner drives it: the limits its plan is held to, and how the plan went.
@@ -613,6 +630,17 @@ impl Task {
                 );
                 out.push_str(sub.instructions.as_deref().unwrap_or("").trim());
                 out.push('\n');
+                if let Some(Step::Plan {
+                    candidate: Some(k), ..
+                }) = &sub.step
+                {
+                    let _ = writeln!(
+                        out,
+                        "\nYou make attempt {k} at this step, on a branch of its own; other \
+                         attempts at the same step are made independently, and a reviewer \
+                         keeps the best one. Take the approach you judge best."
+                    );
+                }
                 if !paths.is_empty() {
                     let _ = writeln!(
                         out,
@@ -649,6 +677,38 @@ impl Task {
                     })
                     .collect()
             }
+            Step::Pick {
+                id,
+                title,
+                candidates,
+                ..
+            } => {
+                let _ = writeln!(
+                    out,
+                    "## Pick one of {} attempts at the step {id}: {title}\n\n\
+                     Each attempt did the step below on its own branch, fetched as \
+                     `origin/<branch>`: compare them (`git diff HEAD origin/<branch>`), judge \
+                     which does the step best (correct, complete, simple, tested), and \
+                     keep that one. Change nothing yourself.\n",
+                    candidates.len()
+                );
+                out.push_str(sub.instructions.as_deref().unwrap_or("").trim());
+                out.push_str("\n\nThe attempts:\n");
+                for (k, branch) in candidates.iter().enumerate() {
+                    let _ = writeln!(out, "{}. `{branch}`", k + 1);
+                }
+                let _ = writeln!(
+                    out,
+                    "\nEnd your reply with your choice as one JSON object in a ```json block: \
+                     {{\"pick\": <the attempt's number, 1 to {}>, \"reasons\": \"<why this \
+                     one, against the others>\"}}",
+                    candidates.len()
+                );
+                sub.depends_on
+                    .iter()
+                    .filter_map(|d| self.subtask(*d))
+                    .collect()
+            }
             Step::Integrate { branches } => {
                 let _ = writeln!(
                     out,
@@ -666,7 +726,9 @@ impl Task {
             let _ = writeln!(out, "\n## What the steps before it reported");
             for s in sources {
                 let (name, title) = match &s.step {
-                    Some(Step::Plan { id, title, .. }) => (id.as_str(), title.as_str()),
+                    Some(Step::Plan { id, title, .. }) | Some(Step::Pick { id, title, .. }) => {
+                        (id.as_str(), title.as_str())
+                    }
                     _ => ("merge", "merge of step branches"),
                 };
                 let report = s.outcome.as_ref().map_or("", |o| o.summary.as_str()).trim();
@@ -809,6 +871,7 @@ impl Task {
         let outcome = outcome.bounded();
         let (outcome, plan) = self.check_plan(subtask, outcome);
         let (outcome, fix) = self.check_verdict(subtask, outcome);
+        let (outcome, picked) = self.check_pick(subtask, outcome);
         let Some(sub) = self.subtask_mut(subtask) else {
             return Ok(Applied::Ignored("unknown subtask".into()));
         };
@@ -853,6 +916,9 @@ impl Task {
             }
             if let (SubtaskStatus::Succeeded, Some(findings)) = (to, fix) {
                 self.add_fix_round(subtask, findings);
+            }
+            if let (SubtaskStatus::Succeeded, Some(picked)) = (to, picked) {
+                self.apply_pick(subtask, picked);
             }
             match to {
                 SubtaskStatus::Failed => {
@@ -980,6 +1046,66 @@ impl Task {
         (failed.bounded(), None)
     }
 
+    /// For a [`Step::Pick`]'s successful outcome: the candidate branch its reply picks
+    /// (`Some`), or the outcome turned into a non-retryable failure saying what a pick
+    /// must look like.
+    fn check_pick(&self, subtask: SubtaskId, outcome: Outcome) -> (Outcome, Option<String>) {
+        let Some(Step::Pick { candidates, .. }) =
+            self.subtask(subtask).and_then(|s| s.step.as_ref())
+        else {
+            return (outcome, None);
+        };
+        if outcome.kind != OutcomeKind::Succeeded {
+            return (outcome, None);
+        }
+        let reply = outcome
+            .structured
+            .as_deref()
+            .cloned()
+            .or_else(|| crate::plan::extract_json(&outcome.summary));
+        let pick = reply
+            .as_ref()
+            .and_then(|r| r.get("pick"))
+            .and_then(serde_json::Value::as_u64)
+            .filter(|k| (1..=candidates.len() as u64).contains(k));
+        if let Some(k) = pick {
+            return (outcome, candidates.get(k as usize - 1).cloned());
+        }
+        let error = format!(
+            "the reviewer picked none of the {} attempts: its reply must end with \
+             {{\"pick\": <1 to {}>, \"reasons\": \"…\"}} in a ```json block",
+            candidates.len(),
+            candidates.len()
+        );
+        let mut failed = Outcome::failed(OutcomeKind::AgentError, error, false);
+        failed.cost_usd = outcome.cost_usd;
+        failed.tokens = outcome.tokens;
+        failed.turns = outcome.turns;
+        failed.duration_ms = outcome.duration_ms;
+        failed.structured = outcome.structured;
+        (failed.bounded(), None)
+    }
+
+    /// Records the pick `picked` of the [`Step::Pick`] `pick`, and makes every merge of
+    /// the step's branch merge the picked candidate's branch.
+    fn apply_pick(&mut self, pick: SubtaskId, picked: String) {
+        let Some(Step::Pick { branch, .. }) = self.subtask(pick).and_then(|s| s.step.clone())
+        else {
+            return;
+        };
+        for s in &mut self.subtasks {
+            match &mut s.step {
+                Some(Step::Pick { picked: p, .. }) if s.id == pick => *p = Some(picked.clone()),
+                Some(Step::Integrate { branches }) => {
+                    for b in branches.iter_mut().filter(|b| **b == branch) {
+                        b.clone_from(&picked);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// A fix round after the checker `checker`: a coder step given the findings, on the
     /// checker's branch, then the same check again; what waited for the checker waits
     /// for the check again instead.
@@ -1007,6 +1133,7 @@ impl Task {
             paths: paths.clone(),
             depends_on: vec![id.clone()],
             branch: branch.clone(),
+            candidate: None,
         });
         let mut again = Subtask::new(check.capability, vec![fix.id]);
         again.instructions = check.instructions.clone();
@@ -1016,6 +1143,7 @@ impl Task {
             paths,
             depends_on: vec![fix_id],
             branch,
+            candidate: None,
         });
         let again_id = again.id;
         for s in &mut self.subtasks {
@@ -1285,7 +1413,130 @@ mod tests {
         match &t.subtask(id).unwrap().step {
             Some(Step::Plan { id, .. }) => id.clone(),
             Some(Step::Integrate { .. }) => "merge".into(),
+            Some(Step::Pick { id, .. }) => format!("{id}-pick"),
             None => t.subtask(id).unwrap().capability.to_string(),
+        }
+    }
+
+    /// Swarm mode: a step asking for 3 attempts becomes 3 coders on branches of their
+    /// own, run at once, then a reviewer's pick; the merge then takes the picked
+    /// attempt's branch, and what came after the step waits for the pick. A pick that
+    /// names no attempt fails the task once, saying what a pick looks like.
+    #[test]
+    fn a_step_with_attempts_runs_them_at_once_and_the_pick_is_merged() {
+        let plan = serde_json::json!({"version": 1, "steps": [
+            {"id": "a", "capability": "coder", "title": "part a", "instructions": "write a.txt",
+             "attempts": 3},
+            {"id": "t", "capability": "tester", "title": "test", "instructions": "check a",
+             "depends_on": ["a"]}]});
+        let reply = format!("```json\n{plan}\n```");
+        for (pick_reply, picked) in [
+            (
+                "b is best\n```json\n{\"pick\": 2, \"reasons\": \"smallest\"}\n```",
+                Some(2),
+            ),
+            ("```json\n{\"pick\": 4}\n```", None),
+        ] {
+            let mut t = planned(4);
+            if let Some(p) = t.planning.as_mut() {
+                p.limits.allowed.push(Capability::Reviewer);
+            }
+            let now = timefmt::now();
+            let planner = t.queue_ready(now)[0];
+            t.apply_outcome(planner, 1, Outcome::succeeded(reply.clone(), None), 3, now)
+                .unwrap();
+            let tries = t.queue_ready(now);
+            assert_eq!(tries.len(), 3, "{:#?}", t.subtasks);
+            let branches: Vec<String> = tries
+                .iter()
+                .map(|i| match &t.subtask(*i).unwrap().step {
+                    Some(Step::Plan {
+                        branch: Some(b),
+                        candidate: Some(_),
+                        ..
+                    }) => b.clone(),
+                    other => panic!("not an attempt: {other:?}"),
+                })
+                .collect();
+            assert_eq!(branches.len(), 3);
+            assert!(branches[1].ends_with("-step-a-try2"), "{branches:?}");
+            assert!(t
+                .instructions_for(tries[0])
+                .unwrap()
+                .contains("You make attempt 1"));
+            for (n, id) in tries.iter().enumerate() {
+                assert!(
+                    t.queue_ready(now).is_empty(),
+                    "the pick waits for every attempt"
+                );
+                t.apply_outcome(
+                    *id,
+                    1,
+                    Outcome::succeeded(format!("try {n}"), Some(format!("c{n}"))),
+                    3,
+                    now,
+                )
+                .unwrap();
+            }
+            let pick = t.queue_ready(now);
+            assert_eq!(pick.len(), 1);
+            assert_eq!(plan_id(&t, pick[0]), "a-pick");
+            let context = t.instructions_for(pick[0]).unwrap();
+            assert!(
+                context.contains(&branches[2]) && context.contains("try 2"),
+                "{context}"
+            );
+            t.apply_outcome(pick[0], 1, Outcome::succeeded(pick_reply, None), 3, now)
+                .unwrap();
+            let Some(k) = picked else {
+                assert_eq!(t.status, TaskStatus::Failed);
+                let error = t.error.clone().unwrap_or_default();
+                assert!(error.contains("picked none of the 3 attempts"), "{error}");
+                continue;
+            };
+            let merge = t.queue_ready(now);
+            assert_eq!(plan_id(&t, merge[0]), "merge");
+            match &t.subtask(merge[0]).unwrap().step {
+                Some(Step::Integrate { branches: merged }) => {
+                    assert_eq!(merged, &vec![branches[k - 1].clone()])
+                }
+                other => panic!("not a merge: {other:?}"),
+            }
+            match &t.subtask(pick[0]).unwrap().step {
+                Some(Step::Pick { picked, .. }) => {
+                    assert_eq!(picked.as_deref(), Some(branches[k - 1].as_str()))
+                }
+                other => panic!("not a pick: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_plan_asks_for_attempts_only_where_they_can_be_picked() {
+        let limits = |allowed: Vec<Capability>| crate::plan::PlanLimits {
+            max_steps: 5,
+            max_parallel: 4,
+            allowed,
+            max_fix_rounds: 1,
+        };
+        let plan = |capability: &str, attempts: u32| {
+            serde_json::json!({"version": 1, "steps": [{"id": "a", "capability": capability,
+                "title": "a", "instructions": "do a", "attempts": attempts}]})
+        };
+        let all = vec![Capability::Coder, Capability::Tester, Capability::Reviewer];
+        let parse = |v: serde_json::Value, l| crate::plan::Plan::parse(Some(&v), &l);
+        assert!(parse(plan("coder", 4), limits(all.clone())).is_ok());
+        for (bad, l) in [
+            (plan("coder", 0), limits(all.clone())),
+            (plan("coder", 5), limits(all.clone())),
+            (plan("reviewer", 2), limits(all.clone())),
+            (plan("coder", 2), limits(vec![Capability::Coder])),
+        ] {
+            let errors = parse(bad, l).unwrap_err();
+            assert!(
+                matches!(errors[..], [crate::plan::PlanError::BadAttempts { .. }]),
+                "{errors:?}"
+            );
         }
     }
 

@@ -175,6 +175,33 @@ try {
   });
   check(JSON.stringify(dag.edges) === JSON.stringify([[], [0], [0], [1, 2], [1, 2]]), `plan edges: ${JSON.stringify(dag.edges)}`);
   check(dag.nodes === 5 && dag.paths === 6, `graph of a plan: ${JSON.stringify(dag)}`);
+  const swarm = await page.evaluate(() => {
+    const tryOf = (k) => ({ id: `a${k}`, capability: 'coder', status: 'succeeded', step: { kind: 'plan', id: 'a', title: 'a', branch: `s-a-try${k}`, candidate: k } });
+    const subs = [
+      { id: 'p', capability: 'planner', status: 'succeeded' },
+      tryOf(1), tryOf(2),
+      { id: 'k', capability: 'reviewer', status: 'pending', step: { kind: 'pick', id: 'a', title: 'a', candidates: ['s-a-try1', 's-a-try2'], branch: 's-a' } },
+      { id: 'm', capability: 'coder', status: 'pending', step: { kind: 'integrate', branches: ['s-a'] } },
+    ];
+    return planEdges(subs);
+  });
+  check(JSON.stringify(swarm) === JSON.stringify([[], [0], [0], [1, 2], [3]]), `swarm edges: ${JSON.stringify(swarm)}`);
+  // On a page of its own: Chromium reports the handlers of the hostile HTML below to the
+  // CSP as the inert document's parser meets them (none runs: checked after), which the
+  // main page would count as problems.
+  const probe = await context.newPage();
+  await probe.goto(page.url());
+  await probe.waitForFunction(() => typeof inertNodes === 'function', null, { timeout: WAIT });
+  const kept = await probe.evaluate(() => {
+    const nodes = inertNodes('<div class="d2h-file" onclick="window.__pwned=5"><img src=x onerror="window.__pwned=6">text<script>window.__pwned=7</script><a href="javascript:alert(1)">l</a><a href="#f">f</a></div>');
+    const box = document.createElement('div');
+    box.append(...nodes);
+    return { html: box.innerHTML, text: box.textContent };
+  });
+  check(!/onclick|onerror|<img|<script|javascript:/.test(kept.html) && kept.html.includes('href="#f"') && kept.text.includes('text'),
+    `diff HTML kept to its allow-list: ${kept.html}`);
+  check(await probe.evaluate(() => window.__pwned) === undefined, 'nothing of the filtered HTML ran');
+  await probe.close();
   await page.screenshot({ path: join(ARTIFACTS, 'dashboard-task.png'), fullPage: true });
 
   step('GitHub tasks link their issue and pull request; unknown events show as one line of JSON');

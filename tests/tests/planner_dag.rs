@@ -433,3 +433,90 @@ async fn a_conflict_between_parallel_steps_is_resolved_by_a_coder_that_sees_both
         assert!(asked.contains(side), "{side:?} missing: {asked}");
     }
 }
+
+/// Swarm mode: a step asks for two attempts. Both run, each on a branch of its own;
+/// a reviewer, shown both branches, picks the second with its reasons; the merge takes
+/// the picked attempt's work into the task branch, and only that one.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_attempts_at_a_step_are_compared_and_the_picked_one_is_merged() {
+    let plan = json!({
+        "version": 1,
+        "steps": [
+            {"id": "alpha", "capability": "coder", "title": "Write a.txt",
+             "instructions": "Create a.txt holding one word.", "attempts": 2}
+        ]
+    });
+    let pick = json!({"pick": 2, "reasons": "the second attempt's word is the one asked for"});
+    let model = ModelServer::start_routed(
+        vec![Turn::new(
+            Step::text(&format!("```json\n{plan}\n```")),
+            500,
+            300,
+        )],
+        vec![
+            (
+                "## Pick one of 2 attempts at the step alpha".into(),
+                vec![Turn::new(
+                    Step::text(&format!(
+                        "Both work; keeping the second.\n```json\n{pick}\n```"
+                    )),
+                    100,
+                    20,
+                )],
+            ),
+            ("You make attempt 1".into(), writer("a.txt", "first")),
+            ("You make attempt 2".into(), writer("a.txt", "second")),
+        ],
+    )
+    .await;
+    let c = cluster(&model, 2).await;
+    let repo = bare_repo(c.dir.path(), "project", &[("README.md", "# project\n")]);
+    let task = run_planned(&c, &repo, "agent/swarm").await;
+
+    let subtasks = task["subtasks"].as_array().expect("subtasks");
+    let tries: Vec<&Value> = subtasks
+        .iter()
+        .filter(|s| s["step"]["kind"] == "plan" && s["step"]["id"] == "alpha")
+        .collect();
+    assert_eq!(tries.len(), 2, "{task:#}");
+    let branches: Vec<String> = tries
+        .iter()
+        .map(|s| s["step"]["branch"].as_str().expect("a branch").to_string())
+        .collect();
+    // Each attempt pushed its own branch.
+    for (branch, word) in branches.iter().zip(["first", "second"]) {
+        let out = clone_branch(&c, &repo, branch, &format!("try-{word}"));
+        assert_eq!(
+            std::fs::read_to_string(out.join("a.txt")).unwrap_or_default(),
+            format!("{word}\n")
+        );
+    }
+    let picked = subtasks
+        .iter()
+        .find(|s| s["step"]["kind"] == "pick")
+        .expect("the pick");
+    assert_eq!(picked["step"]["picked"], branches[1].as_str(), "{picked:#}");
+    assert!(
+        picked["outcome"]["summary"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("the second attempt's word is the one asked for"),
+        "the reasons are kept: {picked:#}"
+    );
+    // The reviewer was shown both branches, fetched for it to compare.
+    let asked = model
+        .agent_requests()
+        .into_iter()
+        .map(|r| r.body["messages"][0]["content"].to_string())
+        .find(|m| m.contains("## Pick one of 2 attempts"))
+        .expect("the pick's conversation");
+    for branch in &branches {
+        assert!(asked.contains(branch.as_str()), "{branch} missing: {asked}");
+    }
+    // The task branch holds the picked attempt's work only.
+    let out = clone_branch(&c, &repo, "agent/swarm", "swarm");
+    assert_eq!(
+        std::fs::read_to_string(out.join("a.txt")).unwrap_or_default(),
+        "second\n"
+    );
+}

@@ -48,8 +48,16 @@ fn step_label(sub: &ao_shared::task::Subtask) -> String {
     use ao_shared::task::Step;
     match &sub.step {
         None => String::new(),
-        Some(Step::Plan { id, depends_on, .. }) => {
+        Some(Step::Plan {
+            id,
+            depends_on,
+            candidate,
+            ..
+        }) => {
             let mut label = format!(" step `{id}`");
+            if let Some(k) = candidate {
+                label.push_str(&format!(" attempt {k}"));
+            }
             if !depends_on.is_empty() {
                 let after: Vec<String> = depends_on.iter().map(|d| format!("`{d}`")).collect();
                 label.push_str(&format!(" (after {})", after.join(", ")));
@@ -58,6 +66,20 @@ fn step_label(sub: &ao_shared::task::Subtask) -> String {
         }
         Some(Step::Integrate { branches }) => {
             format!(" merge of {} step branch(es)", branches.len())
+        }
+        // Which attempt was kept, by number: the branch names are the App's own.
+        Some(Step::Pick {
+            id,
+            candidates,
+            picked,
+            ..
+        }) => {
+            let kept = picked
+                .as_ref()
+                .and_then(|p| candidates.iter().position(|c| c == p))
+                .map(|k| format!(", kept attempt {}", k + 1))
+                .unwrap_or_default();
+            format!(" pick of {} attempts at `{id}`{kept}", candidates.len())
         }
     }
 }

@@ -256,11 +256,18 @@ fn prepare_with(spec: &RunSpec, repo: &Path, config: &Path) -> Result<Prepared, 
         )?;
         Ok(Some(format!("origin/{branch}")))
     };
-    // The step branches a merge takes in.
-    if let Some(ao_shared::task::Step::Integrate { branches }) = &spec.step {
-        for b in branches {
-            fetch(b)?;
+    // The step branches a merge takes in, or the attempts a pick compares.
+    match &spec.step {
+        Some(ao_shared::task::Step::Integrate { branches })
+        | Some(ao_shared::task::Step::Pick {
+            candidates: branches,
+            ..
+        }) => {
+            for b in branches {
+                fetch(b)?;
+            }
         }
+        _ => {}
     }
     let remote_ref = format!("refs/heads/{}", spec.branch);
     let exists = !output(repo, &["ls-remote", "--heads", "origin", &remote_ref])?.is_empty();

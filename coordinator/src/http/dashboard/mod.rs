@@ -8,8 +8,9 @@
 //! The one exception to `textContent`: a step's diff (the runner's `diff` event, git's
 //! unified diff of the step's change) is rendered by diff2html (`assets/vendor/`, MIT,
 //! version in `assets/vendor/README.md`), which escapes every line of the diff into its
-//! HTML; the policy above still forbids any script or inline handler that HTML could
-//! carry.
+//! HTML. That HTML is parsed in an inert document and kept to an allow-list of elements
+//! and attributes before it joins the page; the policy above would still forbid any
+//! script or inline handler.
 
 pub mod session;
 pub mod updates;
@@ -288,6 +289,10 @@ mod tests {
             "the script builds DOM with textContent"
         );
         assert!(!APP_JS.contains("insertAdjacentHTML"));
+        // The one HTML parser: diff2html's output, into an inert document, then kept
+        // to an allow-list (`inertNodes`).
+        assert_eq!(APP_JS.matches("DOMParser").count(), 1);
+        assert!(!APP_JS.contains("document.write"));
         assert!(!APP_JS.contains("outerHTML"));
     }
 }

@@ -455,10 +455,18 @@ function planEdges(subs) {
         }
       }
       byPlanId.set(step.id, i);
+    } else if (step && step.kind === 'pick') {
+      // The attempts it compares; it stands for the step from then on.
+      const candidates = Array.isArray(step.candidates) ? step.candidates : [];
+      subs.forEach((o, j) => {
+        if (j < i && o.step && o.step.kind === 'plan' && candidates.includes(o.step.branch)) deps[i].push(j);
+      });
+      byPlanId.set(step.id, i);
     } else if (step && step.kind === 'integrate') {
       const branches = Array.isArray(step.branches) ? step.branches : [];
       subs.forEach((o, j) => {
-        if (j < i && o.step && o.step.kind === 'plan' && branches.includes(o.step.branch)) deps[i].push(j);
+        const kind = o.step ? o.step.kind : '';
+        if (j < i && (kind === 'plan' || kind === 'pick') && branches.includes(o.step.branch)) deps[i].push(j);
       });
     } else if (i > 0) {
       deps[i].push(i - 1);
@@ -497,13 +505,40 @@ function planGraph(subs) {
     const g = svg('g', { class: `node st-${String(s.status)}`, 'data-id': s.id, 'data-status': s.status, transform: `translate(${x},${y})` });
     g.append(svg('rect', { width: NODE_W, height: NODE_H, rx: 6 }));
     const step = s.step || null;
-    const label = step && step.kind === 'plan' ? `${s.capability} · ${step.id}` : (step && step.kind === 'integrate' ? 'merge steps' : s.capability);
+    const kind = step ? step.kind : '';
+    const label = kind === 'plan' ? `${s.capability} · ${step.id}${step.candidate ? ` #${step.candidate}` : ''}`
+      : kind === 'pick' ? `pick · ${step.id}` : kind === 'integrate' ? 'merge steps' : s.capability;
     g.append(svg('text', { x: 8, y: 17, class: 'node-title' }, oneLine(label, 26)));
     g.append(svg('text', { x: 8, y: 33, class: 'node-state' }, `${String(s.status).replace('_', ' ')}${s.attempt > 1 ? ` · attempt ${s.attempt}` : ''}`));
     g.append(svg('title', {}, step && step.title ? step.title : s.capability));
     root.append(g);
   });
   return root;
+}
+
+// diff2html's HTML as nodes of this page, parsed in an inert document (nothing runs or
+// loads there) and kept to what a diff view is made of: these elements, with only these
+// attributes, and links within the page. Everything else is dropped, its text kept.
+const DIFF_TAGS = new Set(['div', 'span', 'table', 'thead', 'tbody', 'tr', 'td', 'th', 'ins', 'del',
+  'a', 'ol', 'ul', 'li', 'label', 'svg', 'path', 'br', 'p', 'strong', 'em', 'code', 'pre']);
+const DIFF_ATTRS = new Set(['class', 'id', 'd', 'viewbox', 'width', 'height', 'version', 'aria-hidden', 'colspan', 'title']);
+
+function inertNodes(html) {
+  const doc = new DOMParser().parseFromString(`<div>${html}</div>`, 'text/html');
+  const root = doc.body.firstElementChild;
+  if (!root) return [];
+  for (const node of [...root.querySelectorAll('*')].reverse()) {
+    if (!DIFF_TAGS.has(node.localName)) {
+      node.replaceWith(doc.createTextNode(node.textContent));
+      continue;
+    }
+    for (const attr of [...node.attributes]) {
+      const name = attr.name.toLowerCase();
+      const keep = DIFF_ATTRS.has(name) || (name === 'href' && attr.value.startsWith('#'));
+      if (!keep) node.removeAttribute(attr.name);
+    }
+  }
+  return [...root.childNodes].map((n) => document.importNode(n, true));
 }
 
 // A step's diff (the runner's `diff` event): diff2html's rendering of git's unified diff,
@@ -519,7 +554,7 @@ function diffView(sub, diff, title) {
   const body = el('div', { class: 'diff-body' });
   const patch = typeof diff.patch === 'string' ? diff.patch : '';
   if (window.Diff2Html && patch) {
-    body.innerHTML = window.Diff2Html.html(patch, { drawFileList: true, matching: 'lines', outputFormat: 'line-by-line' });
+    body.append(...inertNodes(window.Diff2Html.html(patch, { drawFileList: true, matching: 'lines', outputFormat: 'line-by-line' })));
   } else {
     body.append(el('pre', { class: 'ev-body', text: patch || '(no text diff)' }));
   }
