@@ -130,6 +130,8 @@ pub struct Prepared {
     pub start_commit: String,
     /// The repository had no commit at all (no branch): the run's commit is its first.
     pub empty_repository: bool,
+    /// The working copy was made from the worker's mirror (a warm start).
+    pub from_mirror: bool,
 }
 
 /// Why [`prepare`] could not make the working copy.
@@ -189,12 +191,12 @@ fn prepare_with(spec: &RunSpec, repo: &Path, config: &Path) -> Result<Prepared, 
     let mut empty_repository = false;
     // A warm start borrows the worker's mirror (see `warm.rs`); a cold one, or one whose
     // mirror fails, clones in full.
-    if !spec
+    let from_mirror = spec
         .warm
         .mirror
         .as_deref()
-        .is_some_and(|m| super::warm_clone::from_mirror(spec, m, repo, config))
-    {
+        .is_some_and(|m| super::warm_clone::from_mirror(spec, m, repo, config));
+    if !from_mirror {
         let mut clone = git(None);
         clone.args(["clone", "--no-tags", "--quiet"]);
         if let Some(base) = &spec.base_branch {
@@ -289,6 +291,7 @@ fn prepare_with(spec: &RunSpec, repo: &Path, config: &Path) -> Result<Prepared, 
     Ok(Prepared {
         start_commit,
         empty_repository,
+        from_mirror,
     })
 }
 
