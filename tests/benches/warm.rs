@@ -191,7 +191,8 @@ const PHASES: &[(&str, Option<&str>)] = &[
     ("queue: submit → a worker has the order", None),
     ("mirror fetch and lease (worker)", Some("warm start prepared")),
     ("sandbox and runner start", Some("cloning ")),
-    ("working copy (clone, checkout)", Some("working copy ready")),
+    ("clone from the mirror", Some("cloned from the worker's mirror")),
+    ("checkout of the task branch", Some("working copy ready")),
     ("setup and pre-agent", Some("running the ")),
 ];
 /// The name of the last phase, to the measured end.
@@ -395,12 +396,10 @@ async fn setup_cache() {
     println!("  warm/cold {:.1} % (goal ≤ 10 %)", 100.0 * warm_s / cold_s);
 }
 
-/// The CLI alone: start to its first model request, in seconds.
-async fn cli_alone(cli: &Path, model: &ModelServer, runs: usize) -> Vec<f64> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    git(dir.path(), &["init", "--quiet"]);
-    let home = dir.path().join("home");
-    std::fs::create_dir_all(&home).expect("home");
+/// The CLI alone: start to its first model request, in seconds, `runs` times in `dir`
+/// (a git repository with a `home` directory).
+async fn cli_alone(cli: &Path, model: &ModelServer, dir: &Path, runs: usize) -> Vec<f64> {
+    let home = dir.join("home");
     let mut out = Vec::new();
     for _ in 0..runs {
         let before = model.requests().len();
@@ -415,7 +414,7 @@ async fn cli_alone(cli: &Path, model: &ModelServer, runs: usize) -> Vec<f64> {
                 "--model",
                 MODEL,
             ])
-            .current_dir(dir.path())
+            .current_dir(dir)
             .env("HOME", &home)
             .env("ANTHROPIC_BASE_URL", &model.url)
             .env("ANTHROPIC_API_KEY", "sk-bench-0123456789")
@@ -442,7 +441,11 @@ async fn first_model_request(runs: usize) {
         return;
     };
     let model = ModelServer::start(vec![Turn::new(Step::text("done"), 100, 10)]).await;
-    let alone = median(cli_alone(&cli, &model, runs).await);
+    let alone_dir = tempfile::tempdir().expect("tempdir");
+    git(alone_dir.path(), &["init", "--quiet"]);
+    std::fs::create_dir_all(alone_dir.path().join("home")).expect("home");
+    // One run first, as for the product below: both measured with warm caches.
+    cli_alone(&cli, &model, alone_dir.path(), 1).await;
     let mut c = Cluster::new(&[
         ("AO__SANDBOX__DRIVER", "bwrap"),
         ("AO__AGENT__KIND", "claude"),
@@ -464,9 +467,13 @@ async fn first_model_request(runs: usize) {
     // One run first, so the mirror is there: the product's steady state.
     let id = submit(&c, &repo, "bench/first", json!("code")).await;
     wait_done(&c, &id).await;
+    // The CLI alone and the product in turn, so that a change of the machine's load
+    // during the bench weighs on both alike.
+    let mut alone = Vec::new();
     let mut product = Vec::new();
     let mut breakdowns = Vec::new();
     for i in 0..runs {
+        alone.extend(cli_alone(&cli, &model, alone_dir.path(), 1).await);
         let before = model.requests().len();
         let (t0, t0_wall) = (Instant::now(), now_secs());
         let id = submit(&c, &repo, &format!("bench/model-{i}"), json!("code")).await;
@@ -480,7 +487,7 @@ async fn first_model_request(runs: usize) {
         product.push(took);
         breakdowns.push(phases(&c, &id, t0_wall, t0_wall + took).await);
     }
-    let product = median(product);
+    let (alone, product) = (median(alone), median(product));
     println!("submit→first model request, real Claude Code CLI, bwrap ({runs} runs)");
     println!("  Claude Code CLI alone   median {alone:6.3} s");
     println!("  product                 median {product:6.3} s");

@@ -153,6 +153,9 @@ impl From<String> for PrepareError {
 
 /// Clones the repository into `repo` and checks out the task branch: the existing remote
 /// branch when there is one, else a new branch from the base (or the default branch).
+/// The clone checks nothing out: the working tree is written once, by the checkout of the
+/// task branch (a second checkout right after the first would hash every file again,
+/// all of them written in the same second as the index, "racily clean").
 /// An empty repository (no commit, an unborn default branch) gets the task branch
 /// unborn, so the run's commit is its first; a base branch that does not exist in a
 /// repository that has others is [`PrepareError::Unclonable`].
@@ -198,7 +201,7 @@ fn prepare_with(spec: &RunSpec, repo: &Path, config: &Path) -> Result<Prepared, 
         .is_some_and(|m| super::warm_clone::from_mirror(spec, m, repo, config));
     if !from_mirror {
         let mut clone = git(None);
-        clone.args(["clone", "--no-tags", "--quiet"]);
+        clone.args(["clone", "--no-checkout", "--no-tags", "--quiet"]);
         if let Some(base) = &spec.base_branch {
             clone.args(["--branch", base]);
         }

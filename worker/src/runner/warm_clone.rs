@@ -27,7 +27,8 @@ pub fn from_mirror(spec: &RunSpec, mirror: &Path, repo: &Path, config: &Path) ->
         cmd
     };
     let mut clone = git(None);
-    clone.args(["clone", "--shared", "--no-tags", "--quiet"]);
+    // No checkout: the caller's checkout of the task branch writes the working tree.
+    clone.args(["clone", "--shared", "--no-checkout", "--no-tags", "--quiet"]);
     if let Some(base) = &spec.base_branch {
         clone.args(["--branch", base]);
     }
