@@ -177,11 +177,9 @@ fn wall(v: &Value) -> Option<f64> {
     if let Some(ms) = v.as_f64() {
         return Some(ms / 1000.0);
     }
-    let t = time::OffsetDateTime::parse(
-        v.as_str()?,
-        &time::format_description::well_known::Rfc3339,
-    )
-    .ok()?;
+    let t =
+        time::OffsetDateTime::parse(v.as_str()?, &time::format_description::well_known::Rfc3339)
+            .ok()?;
     Some(t.unix_timestamp_nanos() as f64 / 1e9)
 }
 
@@ -189,9 +187,15 @@ fn wall(v: &Value) -> Option<f64> {
 /// prefix of a runner or worker log line; `None` for the worker taking the order).
 const PHASES: &[(&str, Option<&str>)] = &[
     ("queue: submit → a worker has the order", None),
-    ("mirror fetch and lease (worker)", Some("warm start prepared")),
+    (
+        "mirror fetch and lease (worker)",
+        Some("warm start prepared"),
+    ),
     ("sandbox and runner start", Some("cloning ")),
-    ("clone from the mirror", Some("cloned from the worker's mirror")),
+    (
+        "clone from the mirror",
+        Some("cloned from the worker's mirror"),
+    ),
     ("checkout of the task branch", Some("working copy ready")),
     ("setup and pre-agent", Some("running the ")),
 ];

@@ -93,7 +93,12 @@ impl Warm {
                     None => "none",
                 };
                 let ms = started.elapsed().as_millis() as u64;
-                tracing::info!(mirror = how.as_str(), setup_cache, ms, "warm start prepared");
+                tracing::info!(
+                    mirror = how.as_str(),
+                    setup_cache,
+                    ms,
+                    "warm start prepared"
+                );
                 spec.warm.mirror = Some(lease.path.clone());
                 spec.warm.setup = cache.clone();
                 RunWarm {
