@@ -198,9 +198,15 @@ const PHASES: &[(&str, Option<&str>)] = &[
     ),
     ("checkout of the task branch", Some("working copy ready")),
     ("setup and pre-agent", Some("running the ")),
+    (
+        "agent start to its first line (claude: init)",
+        Some(INIT_MARK),
+    ),
 ];
+/// The mark of Claude Code's `init` event (the first line it prints).
+const INIT_MARK: &str = "type:init";
 /// The name of the last phase, to the measured end.
-const LAST_PHASE: &str = "agent start";
+const LAST_PHASE: &str = "to the measured end (agent line, model request)";
 
 /// Where the time from submit (`t0`, wall clock) to `end` went, phase by phase, in
 /// seconds: from the subtask's start time and the time the worker got each runner
@@ -213,6 +219,10 @@ async fn phases(c: &Cluster, id: &str, t0: f64, end: f64) -> Vec<f64> {
     for (_, mark) in PHASES {
         let at = match mark {
             None => wall(&task["subtasks"][0]["started_at"]),
+            Some(INIT_MARK) => events
+                .iter()
+                .find(|e| e["data"]["type"] == "init")
+                .and_then(|e| wall(&e["at"])),
             Some(prefix) => events.iter().find_map(|e| {
                 let m = e["data"]["event"]["message"].as_str()?;
                 m.starts_with(prefix).then(|| wall(&e["at"]))?
@@ -239,7 +249,7 @@ fn print_phases(title: &str, runs: &[Vec<f64>]) {
     let names = PHASES.iter().map(|(n, _)| *n).chain([LAST_PHASE]);
     for (i, name) in names.enumerate() {
         let m = median(runs.iter().map(|r| r[i]).collect());
-        println!("    {name:<40} {m:6.3} s");
+        println!("    {name:<48} {m:6.3} s");
     }
 }
 
@@ -400,15 +410,16 @@ async fn setup_cache() {
     println!("  warm/cold {:.1} % (goal ≤ 10 %)", 100.0 * warm_s / cold_s);
 }
 
-/// The CLI alone: start to its first model request, in seconds, `runs` times in `dir`
-/// (a git repository with a `home` directory).
-async fn cli_alone(cli: &Path, model: &ModelServer, dir: &Path, runs: usize) -> Vec<f64> {
+/// The CLI alone: start to its first model request and start to its first line (its
+/// `init` event), in seconds, `runs` times in `dir` (a git repository with a `home`
+/// directory).
+async fn cli_alone(cli: &Path, model: &ModelServer, dir: &Path, runs: usize) -> Vec<(f64, f64)> {
     let home = dir.join("home");
     let mut out = Vec::new();
     for _ in 0..runs {
         let before = model.requests().len();
         let t0 = Instant::now();
-        let status = Command::new(cli)
+        let mut child = Command::new(cli)
             .args([
                 "-p",
                 "bench",
@@ -424,17 +435,28 @@ async fn cli_alone(cli: &Path, model: &ModelServer, dir: &Path, runs: usize) -> 
             .env("ANTHROPIC_API_KEY", "sk-bench-0123456789")
             .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
             .env("DISABLE_AUTOUPDATER", "1")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
-            .status()
+            .spawn()
             .expect("claude");
+        let stdout = child.stdout.take().expect("stdout");
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut lines = std::io::BufReader::new(stdout).lines();
+            let _ = lines.next();
+            let first_line = t0.elapsed().as_secs_f64();
+            lines.for_each(drop);
+            first_line
+        });
+        let status = child.wait().expect("claude");
         assert!(status.success());
+        let first_line = reader.join().expect("reader");
         let first = model.requests()[before..]
             .iter()
             .map(|r| r.at)
             .min()
             .expect("a model request");
-        out.push(first.duration_since(t0).as_secs_f64());
+        out.push((first.duration_since(t0).as_secs_f64(), first_line));
     }
     out
 }
@@ -491,9 +513,13 @@ async fn first_model_request(runs: usize) {
         product.push(took);
         breakdowns.push(phases(&c, &id, t0_wall, t0_wall + took).await);
     }
-    let (alone, product) = (median(alone), median(product));
+    let alone_line = median(alone.iter().map(|a| a.1).collect());
+    let alone = median(alone.iter().map(|a| a.0).collect());
+    let product = median(product);
     println!("submit→first model request, real Claude Code CLI, bwrap ({runs} runs)");
-    println!("  Claude Code CLI alone   median {alone:6.3} s");
+    println!(
+        "  Claude Code CLI alone   median {alone:6.3} s (its first line at {alone_line:.3} s)"
+    );
     println!("  product                 median {product:6.3} s");
     println!("  ratio {:.2} (goal ≤ 1.2)", product / alone);
     print_phases("submit→first model request", &breakdowns);
