@@ -65,6 +65,37 @@ async fn long_poll_sees_another_process_writes() {
 }
 
 #[tokio::test]
+async fn a_send_by_another_process_wakes_a_long_poll_at_once() {
+    // Polling once an hour: only a wake-up from the other handle's write can end the
+    // wait before the bound below.
+    let (d, q) = queue(3);
+    let q = q.with_poll_interval(std::time::Duration::from_secs(3600));
+    let other = SqliteQueue::open(d.path(), 3).unwrap();
+    let waiter = tokio::spawn(async move {
+        q.receive(
+            &[ao_shared::queue::QueueId::Results],
+            1,
+            std::time::Duration::from_secs(3600),
+            std::time::Duration::from_secs(30),
+        )
+        .await
+        .unwrap()
+    });
+    // The waiter's first look finds nothing; the send comes after it (or before: then
+    // the first look finds it).
+    tokio::task::yield_now().await;
+    other
+        .send(ao_shared::queue::QueueId::Results, "x")
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+        .await
+        .expect("the long poll was not woken by the other handle's send")
+        .unwrap();
+    assert_eq!(got.len(), 1);
+}
+
+#[tokio::test]
 async fn visibility_expiry() {
     let (_d, q) = queue(3);
     conformance::visibility_expiry(&q).await;

@@ -12,7 +12,10 @@
 //!    (goal: ratio at most 1.2).
 //!
 //! Run with `make bench`, or `cargo build --release --bins && cargo bench -p ao-tests
-//! --bench warm`. `AO_BENCH_WARM_RUNS` sets the runs per median (default 5).
+//! --bench warm`. `AO_BENCH_WARM_RUNS` sets the runs per median (default 5),
+//! `AO_BENCH_WARM_PARTS` the parts to run (`starts,setup,model`, all by default). Each
+//! start is also broken down into phases (queue, mirror, sandbox and runner start,
+//! working copy, setup, agent start), from the times the worker saw each runner line.
 
 use ao_tests::measure::percentile;
 use ao_tests::model_server::{find_claude_cli, ModelServer, Step, Turn, MODEL};
@@ -169,8 +172,89 @@ async fn wait_done(c: &Cluster, id: &str) {
     assert_eq!(task["status"], "succeeded", "{task:#}\n{}", c.logs());
 }
 
-/// Submit to the agent's first line (its clock), in seconds.
-async fn subtask_start(c: &Cluster, repo: &str, branch: &str) -> f64 {
+/// Wall-clock seconds of an RFC 3339 timestamp (or of milliseconds since the epoch).
+fn wall(v: &Value) -> Option<f64> {
+    if let Some(ms) = v.as_f64() {
+        return Some(ms / 1000.0);
+    }
+    let t =
+        time::OffsetDateTime::parse(v.as_str()?, &time::format_description::well_known::Rfc3339)
+            .ok()?;
+    Some(t.unix_timestamp_nanos() as f64 / 1e9)
+}
+
+/// The phases of a subtask's start, in order: name and the event that ends it (a
+/// prefix of a runner or worker log line; `None` for the worker taking the order).
+const PHASES: &[(&str, Option<&str>)] = &[
+    ("queue: submit → a worker has the order", None),
+    (
+        "mirror fetch and lease (worker)",
+        Some("warm start prepared"),
+    ),
+    ("sandbox and runner start", Some("cloning ")),
+    (
+        "clone from the mirror",
+        Some("cloned from the worker's mirror"),
+    ),
+    ("checkout of the task branch", Some("working copy ready")),
+    ("setup and pre-agent", Some("running the ")),
+    (
+        "agent start to its first line (claude: init)",
+        Some(INIT_MARK),
+    ),
+];
+/// The mark of Claude Code's `init` event (the first line it prints).
+const INIT_MARK: &str = "type:init";
+/// The name of the last phase, to the measured end.
+const LAST_PHASE: &str = "to the measured end (agent line, model request)";
+
+/// Where the time from submit (`t0`, wall clock) to `end` went, phase by phase, in
+/// seconds: from the subtask's start time and the time the worker got each runner
+/// line (the event's `at`). A phase whose mark is missing counts in the next one.
+async fn phases(c: &Cluster, id: &str, t0: f64, end: f64) -> Vec<f64> {
+    let task = c.task(id).await.expect("task");
+    let events = events(c, id).await;
+    let mut out = Vec::new();
+    let mut last = t0;
+    for (_, mark) in PHASES {
+        let at = match mark {
+            None => wall(&task["subtasks"][0]["started_at"]),
+            Some(INIT_MARK) => events
+                .iter()
+                .find(|e| e["data"]["type"] == "init")
+                .and_then(|e| wall(&e["at"])),
+            Some(prefix) => events.iter().find_map(|e| {
+                let m = e["data"]["event"]["message"].as_str()?;
+                m.starts_with(prefix).then(|| wall(&e["at"]))?
+            }),
+        };
+        match at {
+            Some(at) => {
+                out.push((at - last).max(0.0));
+                last = at.max(last);
+            }
+            None => out.push(0.0),
+        }
+    }
+    out.push((end - last).max(0.0));
+    out
+}
+
+/// Prints the median of each phase over `runs` breakdowns.
+fn print_phases(title: &str, runs: &[Vec<f64>]) {
+    if runs.is_empty() {
+        return;
+    }
+    println!("  {title}: phases, median of {} runs", runs.len());
+    let names = PHASES.iter().map(|(n, _)| *n).chain([LAST_PHASE]);
+    for (i, name) in names.enumerate() {
+        let m = median(runs.iter().map(|r| r[i]).collect());
+        println!("    {name:<48} {m:6.3} s");
+    }
+}
+
+/// Submit to the agent's first line (its clock), in seconds, and where it went.
+async fn subtask_start(c: &Cluster, repo: &str, branch: &str) -> (f64, Vec<f64>) {
     let t0 = now_secs();
     let id = submit(c, repo, branch, json!("code")).await;
     wait_done(c, &id).await;
@@ -179,7 +263,7 @@ async fn subtask_start(c: &Cluster, repo: &str, branch: &str) -> f64 {
         .iter()
         .find_map(|m| m.strip_prefix("agent-exec ")?.trim().parse::<f64>().ok())
         .expect("agent-exec line");
-    exec - t0
+    (exec - t0, phases(c, &id, t0, exec).await)
 }
 
 async fn clone_and_starts(runs: usize) {
@@ -219,14 +303,18 @@ async fn clone_and_starts(runs: usize) {
     c.start_coordinator().await.expect("coordinator");
     c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().expect("utf-8"))]);
     let mirrors = c.dir.path().join("data").join("mirrors");
-    let mut cold = Vec::new();
-    let mut warm = Vec::new();
+    let (mut cold, mut cold_phases) = (Vec::new(), Vec::new());
+    let (mut warm, mut warm_phases) = (Vec::new(), Vec::new());
     for i in 0..runs {
         // Cold: the worker has never seen the repository.
         let _ = std::fs::remove_dir_all(&mirrors);
-        cold.push(subtask_start(&c, &url, &format!("bench/cold-{i}")).await);
+        let (t, p) = subtask_start(&c, &url, &format!("bench/cold-{i}")).await;
+        cold.push(t);
+        cold_phases.push(p);
         // Warm: the mirror the previous run made is there.
-        warm.push(subtask_start(&c, &url, &format!("bench/warm-{i}")).await);
+        let (t, p) = subtask_start(&c, &url, &format!("bench/warm-{i}")).await;
+        warm.push(t);
+        warm_phases.push(p);
     }
     let (clone, cold, warm) = (median(clones), median(cold), median(warm));
     println!("  plain git clone (file://)          median {clone:6.2} s");
@@ -237,6 +325,8 @@ async fn clone_and_starts(runs: usize) {
         warm / clone,
         cold / clone
     );
+    print_phases("cold start", &cold_phases);
+    print_phases("warm start", &warm_phases);
 }
 
 /// The runner's setup timings of a task, in seconds: `agent-setup.sh done in N ms` and
@@ -320,17 +410,16 @@ async fn setup_cache() {
     println!("  warm/cold {:.1} % (goal ≤ 10 %)", 100.0 * warm_s / cold_s);
 }
 
-/// The CLI alone: start to its first model request, in seconds.
-async fn cli_alone(cli: &Path, model: &ModelServer, runs: usize) -> Vec<f64> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    git(dir.path(), &["init", "--quiet"]);
-    let home = dir.path().join("home");
-    std::fs::create_dir_all(&home).expect("home");
+/// The CLI alone: start to its first model request and start to its first line (its
+/// `init` event), in seconds, `runs` times in `dir` (a git repository with a `home`
+/// directory).
+async fn cli_alone(cli: &Path, model: &ModelServer, dir: &Path, runs: usize) -> Vec<(f64, f64)> {
+    let home = dir.join("home");
     let mut out = Vec::new();
     for _ in 0..runs {
         let before = model.requests().len();
         let t0 = Instant::now();
-        let status = Command::new(cli)
+        let mut child = Command::new(cli)
             .args([
                 "-p",
                 "bench",
@@ -340,23 +429,34 @@ async fn cli_alone(cli: &Path, model: &ModelServer, runs: usize) -> Vec<f64> {
                 "--model",
                 MODEL,
             ])
-            .current_dir(dir.path())
+            .current_dir(dir)
             .env("HOME", &home)
             .env("ANTHROPIC_BASE_URL", &model.url)
             .env("ANTHROPIC_API_KEY", "sk-bench-0123456789")
             .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
             .env("DISABLE_AUTOUPDATER", "1")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
-            .status()
+            .spawn()
             .expect("claude");
+        let stdout = child.stdout.take().expect("stdout");
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut lines = std::io::BufReader::new(stdout).lines();
+            let _ = lines.next();
+            let first_line = t0.elapsed().as_secs_f64();
+            lines.for_each(drop);
+            first_line
+        });
+        let status = child.wait().expect("claude");
         assert!(status.success());
+        let first_line = reader.join().expect("reader");
         let first = model.requests()[before..]
             .iter()
             .map(|r| r.at)
             .min()
             .expect("a model request");
-        out.push(first.duration_since(t0).as_secs_f64());
+        out.push((first.duration_since(t0).as_secs_f64(), first_line));
     }
     out
 }
@@ -367,7 +467,11 @@ async fn first_model_request(runs: usize) {
         return;
     };
     let model = ModelServer::start(vec![Turn::new(Step::text("done"), 100, 10)]).await;
-    let alone = median(cli_alone(&cli, &model, runs).await);
+    let alone_dir = tempfile::tempdir().expect("tempdir");
+    git(alone_dir.path(), &["init", "--quiet"]);
+    std::fs::create_dir_all(alone_dir.path().join("home")).expect("home");
+    // One run first, as for the product below: both measured with warm caches.
+    cli_alone(&cli, &model, alone_dir.path(), 1).await;
     let mut c = Cluster::new(&[
         ("AO__SANDBOX__DRIVER", "bwrap"),
         ("AO__AGENT__KIND", "claude"),
@@ -389,10 +493,15 @@ async fn first_model_request(runs: usize) {
     // One run first, so the mirror is there: the product's steady state.
     let id = submit(&c, &repo, "bench/first", json!("code")).await;
     wait_done(&c, &id).await;
+    // The CLI alone and the product in turn, so that a change of the machine's load
+    // during the bench weighs on both alike.
+    let mut alone = Vec::new();
     let mut product = Vec::new();
+    let mut breakdowns = Vec::new();
     for i in 0..runs {
+        alone.extend(cli_alone(&cli, &model, alone_dir.path(), 1).await);
         let before = model.requests().len();
-        let t0 = Instant::now();
+        let (t0, t0_wall) = (Instant::now(), now_secs());
         let id = submit(&c, &repo, &format!("bench/model-{i}"), json!("code")).await;
         wait_done(&c, &id).await;
         let first = model.requests()[before..]
@@ -400,19 +509,35 @@ async fn first_model_request(runs: usize) {
             .map(|r| r.at)
             .min()
             .expect("a model request");
-        product.push(first.duration_since(t0).as_secs_f64());
+        let took = first.duration_since(t0).as_secs_f64();
+        product.push(took);
+        breakdowns.push(phases(&c, &id, t0_wall, t0_wall + took).await);
     }
+    let alone_line = median(alone.iter().map(|a| a.1).collect());
+    let alone = median(alone.iter().map(|a| a.0).collect());
     let product = median(product);
     println!("submit→first model request, real Claude Code CLI, bwrap ({runs} runs)");
-    println!("  Claude Code CLI alone   median {alone:6.3} s");
+    println!(
+        "  Claude Code CLI alone   median {alone:6.3} s (its first line at {alone_line:.3} s)"
+    );
     println!("  product                 median {product:6.3} s");
     println!("  ratio {:.2} (goal ≤ 1.2)", product / alone);
+    print_phases("submit→first model request", &breakdowns);
 }
 
 #[tokio::main]
 async fn main() {
     let runs = env_usize("AO_BENCH_WARM_RUNS", RUNS);
-    clone_and_starts(runs).await;
-    setup_cache().await;
-    first_model_request(runs).await;
+    // `AO_BENCH_WARM_PARTS`: which parts to run (`starts`, `setup`, `model`), all by default.
+    let parts = std::env::var("AO_BENCH_WARM_PARTS").unwrap_or_default();
+    let wants = |part: &str| parts.is_empty() || parts.split(',').any(|p| p.trim() == part);
+    if wants("starts") {
+        clone_and_starts(runs).await;
+    }
+    if wants("setup") {
+        setup_cache().await;
+    }
+    if wants("model") {
+        first_model_request(runs).await;
+    }
 }

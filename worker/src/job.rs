@@ -148,6 +148,14 @@ async fn run(
         Ok(()) => {
             // Warm start: mirror and setup cache (see `warm.rs`).
             let w = warm.insert(worker.warm.prepare(&mut spec).await);
+            if let Some(summary) = w.summary.take() {
+                let _ = tx
+                    .send(RunnerEvent {
+                        kind: "log".into(),
+                        data: serde_json::json!({ "message": summary }),
+                    })
+                    .await;
+            }
             let tx = w.tap(tx);
             worker.driver.run(&spec, tx, cancel).await
         }

@@ -31,6 +31,8 @@ pub struct RunWarm {
     lease: Option<MirrorLease>,
     setup: Option<SetupCacheSpec>,
     stored: Arc<Mutex<Option<Stored>>>,
+    /// What the preparation did and how long it took, for the run's event stream.
+    pub summary: Option<String>,
 }
 
 const MIB: u64 = 1024 * 1024;
@@ -85,14 +87,16 @@ impl Warm {
         .await;
         match prepared {
             Ok(Ok((lease, how, cache))) => {
+                let setup_cache = match &cache {
+                    Some(c) if c.restore.is_some() => "hit",
+                    Some(_) => "miss",
+                    None => "none",
+                };
+                let ms = started.elapsed().as_millis() as u64;
                 tracing::info!(
                     mirror = how.as_str(),
-                    setup_cache = match &cache {
-                        Some(c) if c.restore.is_some() => "hit",
-                        Some(_) => "miss",
-                        None => "none",
-                    },
-                    ms = started.elapsed().as_millis() as u64,
+                    setup_cache,
+                    ms,
                     "warm start prepared"
                 );
                 spec.warm.mirror = Some(lease.path.clone());
@@ -101,6 +105,10 @@ impl Warm {
                     lease: Some(lease),
                     setup: cache,
                     stored: Arc::default(),
+                    summary: Some(format!(
+                        "warm start prepared in {ms} ms (mirror {}, setup cache {setup_cache})",
+                        how.as_str()
+                    )),
                 }
             }
             Ok(Err(e)) => {

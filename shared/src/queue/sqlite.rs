@@ -1,6 +1,9 @@
 //! The SQLite queue: one table of messages in `<data_dir>/queue.db` (WAL mode), safe for
 //! several processes at once. Receiving claims rows in an immediate transaction; long
-//! polling re-checks every [`POLL_INTERVAL`] and at once when this process sends.
+//! polling re-checks at once when this process sends, when any process writes the
+//! database (an inotify watch on `data_dir` sees `queue.db` or its write-ahead log
+//! change: a worker wakes as soon as the coordinator enqueues), and every
+//! [`POLL_INTERVAL`] whatever happens (where inotify is not available, say).
 
 use super::{Depth, Queue, QueueError, QueueId, Receipt, Received};
 use crate::timefmt::{now, unix_ms};
@@ -21,6 +24,76 @@ pub struct SqliteQueue {
     conn: Arc<Mutex<Connection>>,
     max_receives: u32,
     sent: Arc<Notify>,
+    poll_interval: Duration,
+    /// The watch of other processes' writes; ended with the last clone.
+    _watch: Option<Arc<WriteWatch>>,
+}
+
+/// The files whose change means another process may have sent: the database and its
+/// write-ahead log.
+const WATCHED_NAMES: [&str; 2] = ["queue.db", "queue.db-wal"];
+
+/// A thread waking the queue's long polls when another process writes the database.
+/// Dropped, it removes its watch, which wakes the thread to end.
+struct WriteWatch {
+    inotify: Arc<nix::sys::inotify::Inotify>,
+    watch: nix::sys::inotify::WatchDescriptor,
+}
+
+impl Drop for WriteWatch {
+    fn drop(&mut self) {
+        let _ = self.inotify.rm_watch(self.watch);
+    }
+}
+
+impl WriteWatch {
+    /// Watches `data_dir` and calls `notify_waiters` on `sent` for every change of the
+    /// queue's files. `None` (polling only) when inotify cannot be had.
+    fn start(data_dir: &Path, sent: Arc<Notify>) -> Option<Self> {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let started = Inotify::init(InitFlags::IN_CLOEXEC).and_then(|i| {
+            let flags =
+                AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO;
+            let watch = i.add_watch(data_dir, flags)?;
+            Ok((Arc::new(i), watch))
+        });
+        let (inotify, watch) = match started {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::debug!(error = %e, "no inotify watch of the queue; polling");
+                return None;
+            }
+        };
+        let reader = inotify.clone();
+        let spawned = std::thread::Builder::new()
+            .name("queue-watch".into())
+            .spawn(move || loop {
+                let Ok(events) = reader.read_events() else {
+                    return;
+                };
+                let mut ours = false;
+                for e in &events {
+                    // The watch removed: the queue is gone.
+                    if e.mask.contains(AddWatchFlags::IN_IGNORED) {
+                        return;
+                    }
+                    ours |= e
+                        .name
+                        .as_deref()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| WATCHED_NAMES.contains(&n));
+                }
+                if ours {
+                    sent.notify_waiters();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::debug!(error = %e, "no thread for the queue's watch; polling");
+            let _ = inotify.rm_watch(watch);
+            return None;
+        }
+        Some(Self { inotify, watch })
+    }
 }
 
 fn backend(e: impl std::fmt::Display) -> QueueError {
@@ -61,11 +134,21 @@ impl SqliteQueue {
                  ON messages (queue, dead, visible_at_ms, id);",
         )
         .map_err(backend)?;
+        let sent = Arc::new(Notify::new());
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             max_receives,
-            sent: Arc::new(Notify::new()),
+            _watch: WriteWatch::start(data_dir, sent.clone()).map(Arc::new),
+            sent,
+            poll_interval: POLL_INTERVAL,
         })
+    }
+
+    /// The same queue, its long polls re-checking every `interval` instead of
+    /// [`POLL_INTERVAL`].
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
     }
 
     async fn blocking<T: Send + 'static>(
@@ -204,7 +287,7 @@ impl Queue for SqliteQueue {
             if !got.is_empty() || left.is_zero() {
                 return Ok(got);
             }
-            let _ = tokio::time::timeout(left.min(POLL_INTERVAL), notified).await;
+            let _ = tokio::time::timeout(left.min(self.poll_interval), notified).await;
         }
     }
 

@@ -136,6 +136,8 @@ pub struct Prepared {
     pub base_tip: Option<String>,
     /// The repository had no commit at all (no branch): the run's commit is its first.
     pub empty_repository: bool,
+    /// The working copy was made from the worker's mirror (a warm start).
+    pub from_mirror: bool,
 }
 
 /// Why [`prepare`] could not make the working copy.
@@ -157,6 +159,9 @@ impl From<String> for PrepareError {
 
 /// Clones the repository into `repo` and checks out the task branch: the existing remote
 /// branch when there is one, else a new branch from the base (or the default branch).
+/// The clone checks nothing out: the working tree is written once, by the checkout of the
+/// task branch (a second checkout right after the first would hash every file again,
+/// all of them written in the same second as the index, "racily clean").
 /// An empty repository (no commit, an unborn default branch) gets the task branch
 /// unborn, so the run's commit is its first; a base branch that does not exist in a
 /// repository that has others is [`PrepareError::Unclonable`].
@@ -195,14 +200,14 @@ fn prepare_with(spec: &RunSpec, repo: &Path, config: &Path) -> Result<Prepared, 
     let mut empty_repository = false;
     // A warm start borrows the worker's mirror (see `warm.rs`); a cold one, or one whose
     // mirror fails, clones in full.
-    if !spec
+    let from_mirror = spec
         .warm
         .mirror
         .as_deref()
-        .is_some_and(|m| super::warm_clone::from_mirror(spec, m, repo, config))
-    {
+        .is_some_and(|m| super::warm_clone::from_mirror(spec, m, repo, config));
+    if !from_mirror {
         let mut clone = git(None);
-        clone.args(["clone", "--no-tags", "--quiet"]);
+        clone.args(["clone", "--no-checkout", "--no-tags", "--quiet"]);
         if let Some(base) = &spec.base_branch {
             clone.args(["--branch", base]);
         }
@@ -307,6 +312,7 @@ fn prepare_with(spec: &RunSpec, repo: &Path, config: &Path) -> Result<Prepared, 
         start_commit,
         base_tip,
         empty_repository,
+        from_mirror,
     })
 }
 

@@ -251,8 +251,20 @@ pub fn run(
         "cloning {} (branch {})",
         spec.repository, spec.branch
     ));
+    let cloning = Instant::now();
     let prepared = match git::prepare(spec, &repo) {
-        Ok(p) => p,
+        Ok(p) => {
+            log(format!(
+                "working copy ready in {} ms ({})",
+                cloning.elapsed().as_millis(),
+                if p.from_mirror {
+                    "from the worker's mirror"
+                } else {
+                    "full clone"
+                }
+            ));
+            p
+        }
         Err(git::PrepareError::Transient(e)) => {
             return Outcome::failed(OutcomeKind::Infrastructure, e, true)
         }

@@ -20,6 +20,8 @@ const MAX_LINE_BYTES: usize = 512 * 1024;
 const TAIL_LINES: usize = 30;
 /// How long output is still read after a child exited.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
+/// The longest wait between two looks for the exit of a command whose output is closed.
+const EXIT_POLL_MAX: Duration = Duration::from_millis(20);
 
 /// What a finished child left.
 pub struct Finished {
@@ -203,6 +205,8 @@ pub fn run_streaming(
     let mut failure: Option<RunError> = None;
     // Set once the handler said Finish: the child must be gone by then.
     let mut finish_by: Option<Instant> = None;
+    // Once the output is closed: how long to wait before looking for the exit again.
+    let mut exit_poll: Option<Duration> = None;
     let status = loop {
         match rx.recv_timeout(Duration::from_millis(50)) {
             Ok((is_stdout, line)) => {
@@ -217,7 +221,15 @@ pub fn run_streaming(
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                std::thread::sleep(Duration::from_millis(20));
+                // The output is closed: the process is ending, or goes on without it.
+                // Its exit is looked for at once, then at growing intervals (1 ms up to
+                // EXIT_POLL_MAX), so a short command is not held up by a fixed sleep.
+                if let Some(wait) = exit_poll {
+                    std::thread::sleep(wait);
+                }
+                exit_poll = Some(
+                    exit_poll.map_or(Duration::from_millis(1), |w| (w * 2).min(EXIT_POLL_MAX)),
+                );
             }
         }
         if finish_by.is_some_and(|by| failure.is_none() && Instant::now() >= by) {

@@ -27,11 +27,13 @@ pub fn from_mirror(spec: &RunSpec, mirror: &Path, repo: &Path, config: &Path) ->
         cmd
     };
     let mut clone = git(None);
-    clone.args(["clone", "--shared", "--no-tags", "--quiet"]);
+    // No checkout: the caller's checkout of the task branch writes the working tree.
+    clone.args(["clone", "--shared", "--no-checkout", "--no-tags", "--quiet"]);
     if let Some(base) = &spec.base_branch {
         clone.args(["--branch", base]);
     }
     clone.arg("--").arg(mirror).arg(repo);
+    let started = std::time::Instant::now();
     let cloned = matches!(run_logged(&mut clone, CLONE_TIMEOUT), Ok(f) if f.success)
         && matches!(
             run_logged(
@@ -40,7 +42,12 @@ pub fn from_mirror(spec: &RunSpec, mirror: &Path, repo: &Path, config: &Path) ->
             ),
             Ok(f) if f.success
         );
-    if !cloned {
+    if cloned {
+        super::log(format!(
+            "cloned from the worker's mirror in {} ms",
+            started.elapsed().as_millis()
+        ));
+    } else {
         super::log("cannot make the working copy from the worker's mirror; cloning in full");
         let _ = std::fs::remove_dir_all(repo);
     }
