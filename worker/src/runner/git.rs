@@ -244,7 +244,7 @@ fn prepare_with(spec: &RunSpec, repo: &Path, config: &Path) -> Result<Prepared, 
             run(&mut clone, "git clone")?;
         }
     }
-    // The clone checked out the base (or the default) branch.
+    // The clone's HEAD names the base (or the default) branch, checked out or not.
     let base_tip = output(repo, &["rev-parse", "--verify", "--quiet", "HEAD"])
         .ok()
         .filter(|tip| !tip.is_empty());
