@@ -59,8 +59,9 @@ pub struct NewTask {
     pub approval: Approval,
     /// Which review round this task answers, if it is one.
     pub review_round: Option<u32>,
-    /// Which round of fixing failing checks this task is, if it is one.
-    pub ci_round: Option<u32>,
+    /// For a round of fixing failing checks: every round on the pull request so far,
+    /// this one last (its number is the task's `ci_round`); empty for any other task.
+    pub ci_rounds: Vec<ao_shared::task::CiRound>,
     /// The repository's narrowing of the agent profiles.
     pub profiles: BTreeMap<Capability, RepoProfile>,
     /// The repository's narrowing of the planner's bounds.
@@ -150,7 +151,8 @@ pub async fn create_task(
         subtasks: plan_subtasks(&new.pipeline),
         approval: new.approval,
         review_round: new.review_round,
-        ci_round: new.ci_round,
+        ci_round: new.ci_rounds.last().map(|r| r.round),
+        ci_rounds: new.ci_rounds,
         planning: planning(&new.pipeline, cx.settings.planner.narrowed(new.planner)).map(
             |mut p| {
                 p.limits.max_fix_rounds = cx.settings.pipeline.max_fix_rounds;

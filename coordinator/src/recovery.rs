@@ -411,6 +411,7 @@ mod tests {
             approval: Default::default(),
             review_round: None,
             ci_round: None,
+            ci_rounds: Vec::new(),
             planning: None,
         };
         t.queue_ready(at);

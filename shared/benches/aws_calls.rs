@@ -80,6 +80,7 @@ fn new_task() -> Task {
         approval: Default::default(),
         review_round: None,
         ci_round: None,
+        ci_rounds: Vec::new(),
         planning: None,
     }
 }

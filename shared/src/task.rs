@@ -336,6 +336,40 @@ impl Subtask {
     }
 }
 
+/// One fix round for the failing checks of a task's pull request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CiRound {
+    /// 1, 2, … (at most `pipeline.max_fix_rounds`).
+    pub round: u32,
+    /// The names of the checks whose failure started it (at most [`MAX_CI_ROUND_CHECKS`],
+    /// each at most [`MAX_CHECK_NAME_BYTES`]): anyone's text, shown as code spans.
+    pub failing: Vec<String>,
+    /// How the round's run ended; `None` for the round of the task that holds the list
+    /// (its own status tells).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<crate::status::TaskStatus>,
+}
+
+/// Failing checks a [`CiRound`] names at most.
+pub const MAX_CI_ROUND_CHECKS: usize = 10;
+/// The longest check name a [`CiRound`] keeps, in bytes.
+pub const MAX_CHECK_NAME_BYTES: usize = 100;
+
+impl CiRound {
+    /// Round `round`, started by the failing checks `failing` (bounded here).
+    pub fn new(round: u32, failing: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            round,
+            failing: failing
+                .into_iter()
+                .take(MAX_CI_ROUND_CHECKS)
+                .map(|n| crate::bounded::truncate_bytes(&n, MAX_CHECK_NAME_BYTES))
+                .collect(),
+            ended: None,
+        }
+    }
+}
+
 /// What a subtask of a planned task does beyond its capability.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -577,6 +611,10 @@ pub struct Task {
     /// which round (1, 2, …) it is, at most `pipeline.max_fix_rounds`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ci_round: Option<u32>,
+    /// For a fix round of the checks: every round on the pull request so far, this one
+    /// last, for the progress comment to show each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ci_rounds: Vec<CiRound>,
     /// For a task whose planner's plan becomes its subtasks: the limits and how it went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub planning: Option<Planning>,
@@ -1355,6 +1393,7 @@ mod tests {
             approval: Approval::NotRequired,
             review_round: None,
             ci_round: None,
+            ci_rounds: Vec::new(),
             planning: None,
         }
     }

@@ -99,7 +99,9 @@ async fn a_failing_check_starts_a_fix_round_and_the_pull_request_waits_for_it() 
     let m = fake
         .wait_for("the round on the progress comment", LIMIT, |m| {
             m.comments_on(REPO, issue).iter().any(|c| {
-                c.user == BOT_LOGIN && c.body.contains("ci-round-1") && c.body.contains("✅ done")
+                c.user == BOT_LOGIN
+                    && c.body.contains("ci-round-1")
+                    && c.body.contains("- Round 1: `unit` failed → ✅ done")
             })
         })
         .await

@@ -319,6 +319,7 @@ fn planned_task() -> Task {
         approval: ao_shared::task::Approval::NotRequired,
         review_round: None,
         ci_round: None,
+        ci_rounds: Vec::new(),
         planning: Some(Planning {
             limits: ao_shared::plan::PlanLimits {
                 max_steps: 5,

@@ -84,9 +84,9 @@ fn step_label(sub: &ao_shared::task::Subtask) -> String {
     }
 }
 
-/// The progress comment's body.
-pub fn render(task: &Task, pull_request: Option<u64>) -> String {
-    let headline = match task.status {
+/// The words for a task's state in the progress comment.
+fn headline(status: TaskStatus) -> &'static str {
+    match status {
         TaskStatus::Queued => "⏳ queued",
         TaskStatus::AwaitingApproval => {
             "✋ waiting for `/agent approve` (or `/agent reject <what to change>`)"
@@ -95,8 +95,12 @@ pub fn render(task: &Task, pull_request: Option<u64>) -> String {
         TaskStatus::Succeeded => "✅ done",
         TaskStatus::Failed => "❌ failed",
         TaskStatus::Cancelled => "🚫 cancelled",
-    };
-    let mut s = format!("{}\n### Agent: {headline}\n\n", marker(task));
+    }
+}
+
+/// The progress comment's body.
+pub fn render(task: &Task, pull_request: Option<u64>) -> String {
+    let mut s = format!("{}\n### Agent: {}\n\n", marker(task), headline(task.status));
     s.push_str(&format!(
         "Branch `{}` · pipeline `{}`",
         task.branch, task.pipeline
@@ -110,6 +114,27 @@ pub fn render(task: &Task, pull_request: Option<u64>) -> String {
             "Fix round {n} for the pull request's failing checks (at most \
              `pipeline.max_fix_rounds`); the pull request is marked ready once its checks pass.\n\n"
         ));
+        for r in &task.ci_rounds {
+            let checks: Vec<String> = r
+                .failing
+                .iter()
+                // A check's name is anyone's text.
+                .map(|c| crate::github::untrusted::code_span(c))
+                .collect();
+            s.push_str(&format!(
+                "- Round {}: {} failed → {}\n",
+                r.round,
+                if checks.is_empty() {
+                    "checks".to_string()
+                } else {
+                    checks.join(", ")
+                },
+                headline(r.ended.unwrap_or(task.status))
+            ));
+        }
+        if !task.ci_rounds.is_empty() {
+            s.push('\n');
+        }
     }
     if let ao_shared::task::TaskSource::Github {
         untrusted_author: Some(author),
@@ -422,6 +447,30 @@ mod tests {
         assert!(!shown.contains('@'), "{shown}");
         assert!(!shown.contains("](h"), "{shown}");
         assert!(pull_body(&task, 7).contains("`pypi.org:443`"));
+    }
+
+    #[test]
+    fn each_fix_round_for_the_checks_has_its_line() {
+        let task: Task = serde_json::from_value(serde_json::json!({
+            "id": "01a22b20-5a5d-76c6-b6eb-b80fb59936d5",
+            "repository": "acme/widgets", "branch": "agent/1-x", "pipeline": "ci-round-2",
+            "prompt": "x", "title": "x", "status": "running", "version": 1,
+            "created_at": "2026-11-30T06:24:30Z", "updated_at": "2026-11-30T06:24:30Z",
+            "source": { "kind": "api" }, "subtasks": [], "ci_round": 2,
+            "ci_rounds": [
+                { "round": 1, "failing": ["unit", "lint`@acme/admins"], "ended": "succeeded" },
+                { "round": 2, "failing": ["unit"] }
+            ]
+        }))
+        .unwrap();
+        let shown = render(&task, None);
+        assert!(
+            shown.contains(
+                "- Round 1: `unit`, `lint @acme/admins` failed → ✅ done\n\
+                 - Round 2: `unit` failed → 🏃 running\n"
+            ),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -170,7 +170,7 @@ pub async fn create(
             source: TaskSource::Api,
             approval: Approval::NotRequired,
             review_round: None,
-            ci_round: None,
+            ci_rounds: Vec::new(),
             profiles: Default::default(),
             planner: None,
         },

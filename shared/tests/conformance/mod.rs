@@ -209,6 +209,7 @@ pub fn sample_task(repository: &str) -> Task {
         approval: Default::default(),
         review_round: None,
         ci_round: None,
+        ci_rounds: Vec::new(),
         planning: None,
     }
 }

@@ -151,6 +151,23 @@ async fn on_branch(gh: &Github, ctx: &Context, branch: &str) -> HandleResult {
         return Ok("refused: fix rounds for the checks used up");
     }
     let round = rounds + 1;
+    // The rounds before, as the last one's task holds them, with how it ended; then this.
+    let mut ci_rounds = ours
+        .iter()
+        .filter(|t| t.ci_round.is_some())
+        .max_by_key(|t| t.ci_round)
+        .map(|last| {
+            let mut before = last.ci_rounds.clone();
+            if let Some(r) = before.last_mut().filter(|r| r.ended.is_none()) {
+                r.ended = Some(last.status);
+            }
+            before
+        })
+        .unwrap_or_default();
+    ci_rounds.push(ao_shared::task::CiRound::new(
+        round,
+        verdict.failed.iter().map(|c| c.name.clone()),
+    ));
     let new = NewTask {
         title: first.title.clone(),
         prompt: format!(
@@ -179,7 +196,7 @@ async fn on_branch(gh: &Github, ctx: &Context, branch: &str) -> HandleResult {
         },
         approval: Approval::NotRequired,
         review_round: None,
-        ci_round: Some(round),
+        ci_rounds,
         profiles: first.profiles.clone(),
         planner: None,
     };

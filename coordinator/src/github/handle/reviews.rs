@@ -87,7 +87,7 @@ pub(super) async fn review_round(
         },
         approval: Approval::NotRequired,
         review_round: Some(rounds + 1),
-        ci_round: None,
+        ci_rounds: Vec::new(),
         // The review round works under the same repository settings as the task.
         profiles: first.profiles.clone(),
         planner: None,

@@ -255,7 +255,7 @@ async fn start_inner(
         },
         approval,
         review_round: None,
-        ci_round: None,
+        ci_rounds: Vec::new(),
         profiles: cfg.profiles.clone(),
         planner: cfg.planner,
     };
