@@ -252,15 +252,16 @@ pub fn app_jwt(app_id: u64, key: &EncodingKey) -> Result<String, GithubError> {
         .map_err(|e| GithubError::Jwt(e.to_string()))
 }
 
-/// An octocrab client without credentials based at `base` (an absolute URL).
+/// An octocrab client without credentials based at `base` (an absolute URL). Fails when
+/// `base` is not a URL, or when no TLS root certificate can be loaded from the system.
 fn octocrab_at(base: &str) -> Result<Octocrab, GithubError> {
-    let not_configured =
-        |e: &dyn std::fmt::Display| GithubError::NotConfigured(format!("github.api_url: {e}"));
     Octocrab::builder()
         .base_uri(base)
-        .map_err(|e| not_configured(&e))?
+        .map_err(|e| GithubError::NotConfigured(format!("github.api_url {base:?}: {e}")))?
         .build()
-        .map_err(|e| not_configured(&e))
+        .map_err(|e| {
+            GithubError::NotConfigured(format!("cannot build the HTTP client for {base}: {e}"))
+        })
 }
 
 /// Where GitHub's GraphQL endpoint is, `/graphql` under the returned base:
