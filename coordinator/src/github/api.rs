@@ -4,7 +4,7 @@
 
 use super::client::{Client, GithubError};
 use crate::webhook::event::RepoName;
-use reqwest::Method;
+use http::Method;
 use serde_json::{json, Value};
 
 /// A user's role on a repository, as the permission endpoint reports it.
@@ -93,12 +93,12 @@ pub async fn find_comment(
     issue: u64,
     marker: &str,
 ) -> Result<Option<u64>, GithubError> {
-    let list = c
+    let list: Vec<Value> = c
         .list(
             inst,
             "/repos/{o}/{r}/issues/{n}/comments",
             &format!("/repos/{repo}/issues/{issue}/comments?per_page=100"),
-            array,
+            None,
         )
         .await?;
     Ok(list
@@ -119,12 +119,12 @@ pub async fn checks_of(
 ) -> Result<(String, Vec<super::checks::Check>), GithubError> {
     use super::checks::Check;
     let r = urlencode(git_ref);
-    let runs = c
+    let runs: Vec<Value> = c
         .list(
             inst,
             "/repos/{o}/{r}/commits/{ref}/check-runs",
             &format!("/repos/{repo}/commits/{r}/check-runs?per_page=100"),
-            check_runs,
+            Some("check_runs"),
         )
         .await?;
     let status = c
@@ -166,25 +166,6 @@ pub async fn checks_of(
         .unwrap_or_default()
         .to_string();
     Ok((sha, checks))
-}
-
-/// The check runs of a page of `GET …/check-runs` (`{"total_count", "check_runs"}`).
-fn check_runs(v: Value) -> Vec<Value> {
-    match v {
-        Value::Object(mut o) => match o.remove("check_runs") {
-            Some(Value::Array(a)) => a,
-            _ => Vec::new(),
-        },
-        _ => Vec::new(),
-    }
-}
-
-/// The items of a page that is a bare JSON array.
-fn array(v: Value) -> Vec<Value> {
-    match v {
-        Value::Array(a) => a,
-        _ => Vec::new(),
-    }
 }
 
 pub async fn update_comment(
@@ -402,12 +383,12 @@ pub async fn pull_files(
     repo: &RepoName,
     number: u64,
 ) -> Result<Vec<(String, Option<String>)>, GithubError> {
-    let list = c
+    let list: Vec<Value> = c
         .list(
             inst,
             "/repos/{o}/{r}/pulls/{n}/files",
             &format!("/repos/{repo}/pulls/{number}/files?per_page=100"),
-            array,
+            None,
         )
         .await?;
     Ok(list
@@ -438,7 +419,7 @@ pub async fn open_issues_with_label(
     repo: &RepoName,
     label: &str,
 ) -> Result<Vec<OpenIssue>, GithubError> {
-    let list = c
+    let list: Vec<Value> = c
         .list(
             inst,
             "/repos/{o}/{r}/issues",
@@ -446,7 +427,7 @@ pub async fn open_issues_with_label(
                 "/repos/{repo}/issues?state=open&labels={}&per_page=100",
                 urlencode(label)
             ),
-            array,
+            None,
         )
         .await?;
     Ok(list
@@ -469,12 +450,8 @@ pub struct Installation {
 }
 
 pub async fn installations(c: &Client) -> Result<Vec<Installation>, GithubError> {
-    let list = c
-        .app_list(
-            "/app/installations",
-            "/app/installations?per_page=100",
-            array,
-        )
+    let list: Vec<Value> = c
+        .app_list("/app/installations", "/app/installations?per_page=100")
         .await?;
     Ok(list
         .iter()
@@ -508,12 +485,12 @@ pub async fn installation_repositories(
     c: &Client,
     inst: u64,
 ) -> Result<Vec<(RepoName, Option<String>)>, GithubError> {
-    let list = c
+    let list: Vec<Value> = c
         .list(
             inst,
             "/installation/repositories",
             "/installation/repositories?per_page=100",
-            |mut page| array(page["repositories"].take()),
+            None,
         )
         .await?;
     Ok(list
@@ -533,22 +510,18 @@ pub struct HookDelivery {
     pub status_code: u64,
 }
 
+/// The App's recent webhook deliveries (`GET /app/hook/deliveries`, every page), read
+/// into octocrab's [`octocrab::models::hooks::Delivery`].
 pub async fn hook_deliveries(c: &Client) -> Result<Vec<HookDelivery>, GithubError> {
-    let list = c
-        .app_list(
-            "/app/hook/deliveries",
-            "/app/hook/deliveries?per_page=100",
-            array,
-        )
+    let list: Vec<octocrab::models::hooks::Delivery> = c
+        .app_list("/app/hook/deliveries", "/app/hook/deliveries?per_page=100")
         .await?;
     Ok(list
-        .iter()
-        .filter_map(|d| {
-            Some(HookDelivery {
-                id: d["id"].as_u64()?,
-                guid: d["guid"].as_str()?.to_string(),
-                status_code: d["status_code"].as_u64().unwrap_or(0),
-            })
+        .into_iter()
+        .map(|d| HookDelivery {
+            id: d.id.into_inner(),
+            guid: d.guid,
+            status_code: d.status_code as u64,
         })
         .collect())
 }
@@ -586,12 +559,12 @@ pub async fn last_labeler(
     issue: u64,
     label: &str,
 ) -> Result<Option<(String, bool)>, GithubError> {
-    let events = c
+    let events: Vec<Value> = c
         .list(
             inst,
             "/repos/{o}/{r}/issues/{n}/events",
             &format!("/repos/{repo}/issues/{issue}/events?per_page=100"),
-            array,
+            None,
         )
         .await?;
     Ok(Some(events).and_then(|events| {

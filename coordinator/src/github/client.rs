@@ -3,24 +3,30 @@
 //! backed off on rate limits (`retry-after`, `x-ratelimit-reset`). Creating calls
 //! ([`Client::create`]) are retried only when GitHub certainly refused them (rate limits):
 //! after a 5xx or a lost answer they may have taken effect, so the caller looks up before
-//! creating again. Lists ([`Client::list`], [`Client::app_list`]) follow the `Link`
-//! header's `next` pages to the end.
+//! creating again. Lists ([`Client::list`], [`Client::app_list`]) are read as octocrab
+//! [`Page`]s, following each page's `next` link to the end.
 //!
-//! Built on reqwest rather than octocrab: every call here must see the response's
-//! rate-limit headers and status (for backoff and metrics), and several calls need
-//! request shapes octocrab does not model directly (scoped `access_tokens`, hook
-//! deliveries, GraphQL "ready for review"); octocrab would also bring a second HTTP
-//! stack (hyper, reqwest 0.13) into a workspace that already has reqwest 0.12.
-//! The `api_url` is configurable, so GitHub Enterprise Server and the tests' fake work.
+//! The HTTP goes through octocrab: one [`Octocrab`] holding no credential is built per
+//! client, based at the configured `api_url` (GitHub Enterprise Server and the tests' fake
+//! work), and each call is made by a copy of it that carries the one credential of that
+//! call (an installation token or an App JWT, sent only in the `Authorization` header).
+//! Calls use octocrab's generic requests (`build_request`/`execute`) rather than its
+//! typed handlers, because the handlers hide the response's status and rate-limit headers
+//! that the backoff and `ao_github_api_calls_total` need, and retry nothing per call; the
+//! answers are read into octocrab's models (see [`super::api`]) and its [`Page`]s.
 
 use crate::metrics::Metrics;
 use ao_shared::backoff::Backoff;
 use ao_shared::config::GithubSettings;
 use ao_shared::secret::{SecretRef, SecretResolver};
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode, Uri};
+use http_body_util::BodyExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use octocrab::{FromResponse, Octocrab, Page};
 use parking_lot::Mutex;
-use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -64,6 +70,12 @@ pub enum GithubError {
     /// Still rate-limited after the waits a call allows itself; try again later.
     #[error("GitHub rate-limits {route}: {message}")]
     RateLimited {
+        route: &'static str,
+        message: String,
+    },
+    /// GitHub answered with success, but not with the shape its description gives.
+    #[error("GitHub's answer to {route} cannot be read: {message}")]
+    Decode {
         route: &'static str,
         message: String,
     },
@@ -118,29 +130,69 @@ struct CachedToken {
     expires_at: SystemTime,
 }
 
-/// A successful response.
+/// A successful response: its status and its JSON body (`Null` when empty).
 #[derive(Debug)]
 pub struct Reply {
     pub status: u16,
     pub body: Value,
-    /// The `rel="next"` URL of the `Link` header: the next page of a list.
-    pub next: Option<String>,
 }
 
-/// The `rel="next"` target of a `Link` header (RFC 8288, as GitHub writes it:
-/// `<url>; rel="next", <url>; rel="last"`).
-pub fn next_link(link: &str) -> Option<String> {
-    link.split(',').find_map(|part| {
-        let (target, params) = part.split_once(';')?;
-        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
-        params
-            .split(';')
-            .any(|p| {
-                let p = p.trim();
-                p == "rel=\"next\"" || p == "rel=next"
-            })
-            .then(|| target.to_string())
-    })
+/// A successful response as it came: status, headers and body bytes.
+struct Raw {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Raw {
+    fn json(&self) -> Value {
+        if self.body.iter().all(u8::is_ascii_whitespace) {
+            return Value::Null;
+        }
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&self.body).into_owned()))
+    }
+
+    fn reply(self) -> Reply {
+        Reply {
+            status: self.status.as_u16(),
+            body: self.json(),
+        }
+    }
+
+    /// The response as an octocrab [`Page`] of `T` (its items and its `Link` header's
+    /// `next`). `wrapper` names the field holding the items in a list GitHub wraps in an
+    /// object that octocrab does not know (`check_runs`).
+    async fn page<T: DeserializeOwned>(
+        self,
+        route: &'static str,
+        wrapper: Option<&'static str>,
+    ) -> Result<Page<T>, GithubError> {
+        let decode = |e: &dyn std::fmt::Display| GithubError::Decode {
+            route,
+            message: e.to_string(),
+        };
+        let body = match wrapper {
+            Some(field) => {
+                let mut v: Value = serde_json::from_slice(&self.body).map_err(|e| decode(&e))?;
+                let items = v.get_mut(field).map(Value::take).unwrap_or(Value::Null);
+                Bytes::from(
+                    serde_json::to_vec(&serde_json::json!({ "items": items }))
+                        .map_err(|e| decode(&e))?,
+                )
+            }
+            None => self.body,
+        };
+        let mut response = http::Response::new(
+            http_body_util::Full::new(body)
+                .map_err(|never: std::convert::Infallible| match never {}),
+        );
+        *response.status_mut() = self.status;
+        *response.headers_mut() = self.headers;
+        Page::<T>::from_response(response)
+            .await
+            .map_err(|e| decode(&e))
+    }
 }
 
 /// Whether a call may be made again after a failure that leaves its effect unknown.
@@ -153,9 +205,18 @@ enum Repeat {
     OnlyRefused,
 }
 
+/// The octocrab clients of one [`Client`], built on first use (octocrab's service needs a
+/// running Tokio runtime).
+struct Octo {
+    /// Based at `api_url`; holds no credential.
+    rest: Octocrab,
+    /// Based where the GraphQL endpoint is (`/graphql` under it).
+    graphql: Octocrab,
+}
+
 /// The App's client.
 pub struct Client {
-    http: reqwest::Client,
+    octo: tokio::sync::OnceCell<Octo>,
     api_url: String,
     app_id: Option<u64>,
     key_ref: Option<SecretRef>,
@@ -191,19 +252,36 @@ pub fn app_jwt(app_id: u64, key: &EncodingKey) -> Result<String, GithubError> {
         .map_err(|e| GithubError::Jwt(e.to_string()))
 }
 
+/// An octocrab client without credentials based at `base` (an absolute URL). Fails when
+/// `base` is not a URL, or when no TLS root certificate can be loaded from the system.
+fn octocrab_at(base: &str) -> Result<Octocrab, GithubError> {
+    Octocrab::builder()
+        .base_uri(base)
+        .map_err(|e| GithubError::NotConfigured(format!("github.api_url {base:?}: {e}")))?
+        .build()
+        .map_err(|e| {
+            GithubError::NotConfigured(format!("cannot build the HTTP client for {base}: {e}"))
+        })
+}
+
+/// Where GitHub's GraphQL endpoint is, `/graphql` under the returned base:
+/// `https://HOST/api` for a GitHub Enterprise Server's `https://HOST/api/v3`, else the
+/// API's own URL (`https://api.github.com/graphql`).
+fn graphql_base(api_url: &str) -> String {
+    match api_url.strip_suffix("/api/v3") {
+        Some(host) => format!("{host}/api"),
+        None => api_url.to_string(),
+    }
+}
+
 impl Client {
     pub fn new(
         settings: &GithubSettings,
         secrets: Arc<dyn SecretResolver>,
         metrics: Metrics,
     ) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .user_agent("agent-orchestrator")
-            .build()
-            .unwrap_or_default();
         Self {
-            http,
+            octo: tokio::sync::OnceCell::new(),
             api_url: settings.api_url.trim_end_matches('/').to_string(),
             app_id: settings.app_id,
             key_ref: settings.private_key.clone(),
@@ -217,6 +295,17 @@ impl Client {
     /// Whether the App's id and key are configured (webhooks can be verified without).
     pub fn configured(&self) -> bool {
         self.app_id.is_some() && self.key_ref.is_some()
+    }
+
+    async fn octo(&self) -> Result<&Octo, GithubError> {
+        self.octo
+            .get_or_try_init(|| async {
+                Ok(Octo {
+                    rest: octocrab_at(&self.api_url)?,
+                    graphql: octocrab_at(&graphql_base(&self.api_url))?,
+                })
+            })
+            .await
     }
 
     async fn jwt(&self) -> Result<String, GithubError> {
@@ -244,12 +333,16 @@ impl Client {
     }
 
     /// An installation token with `scope` (the installation's own permissions when empty),
-    /// from the cache when it has more than a few minutes left.
+    /// from the cache when it has more than a few minutes left
+    /// (`POST /app/installations/{installation_id}/access_tokens`, asked with octocrab's
+    /// [`octocrab::models::apps::CreateInstallationAccessToken`] and read into its
+    /// [`octocrab::models::InstallationToken`]).
     pub async fn installation_token(
         &self,
         installation: u64,
         scope: &TokenScope,
     ) -> Result<SecretString, GithubError> {
+        const ROUTE: &str = "/app/installations/{id}/access_tokens";
         let cache_key = (
             installation,
             serde_json::to_string(scope).unwrap_or_default(),
@@ -260,33 +353,46 @@ impl Client {
             }
         }
         let jwt = SecretString::from(self.jwt().await?);
-        let body = serde_json::to_value(scope).unwrap_or(Value::Null);
-        let reply = self
+        let request = octocrab::models::apps::CreateInstallationAccessToken {
+            repositories: scope.repositories.clone(),
+            repository_ids: None,
+            permissions: scope
+                .permissions
+                .as_ref()
+                .map(|p| p.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+        };
+        let body = serde_json::to_value(&request).unwrap_or(Value::Null);
+        let raw = self
             .send(
                 Method::POST,
-                "/app/installations/{id}/access_tokens",
+                ROUTE,
                 &format!("/app/installations/{installation}/access_tokens"),
                 &jwt,
                 Some(&body),
+                Repeat::Safe,
             )
             .await?;
-        let token = reply.body["token"]
-            .as_str()
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| GithubError::Transport {
-                route: "/app/installations/{id}/access_tokens",
+        let answer: octocrab::models::InstallationToken = serde_json::from_slice(&raw.body)
+            .map_err(|e| GithubError::Decode {
+                route: ROUTE,
+                message: e.to_string(),
+            })?;
+        if answer.token.is_empty() {
+            return Err(GithubError::Decode {
+                route: ROUTE,
                 message: "the answer has no token".into(),
-            })?
-            .to_string();
-        let expires_at = reply.body["expires_at"]
-            .as_str()
+            });
+        }
+        let expires_at = answer
+            .expires_at
+            .as_deref()
             .and_then(|s| {
                 time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
             })
             .map(|t| UNIX_EPOCH + Duration::from_secs(t.unix_timestamp().max(0) as u64))
             // Without an expiry, assume the documented hour minus a margin.
             .unwrap_or_else(|| SystemTime::now() + Duration::from_secs(50 * 60));
-        let token = SecretString::from(token);
+        let token = SecretString::from(answer.token);
         self.tokens.lock().insert(
             cache_key,
             CachedToken {
@@ -302,7 +408,7 @@ impl Client {
         self.tokens.lock().retain(|(i, _), _| *i != installation);
     }
 
-    /// A call as the App itself (JWT).
+    /// A call as the App itself (JWT). `path` is the API path and query (`/app/…`).
     pub async fn app_call(
         &self,
         method: Method,
@@ -311,53 +417,56 @@ impl Client {
         body: Option<&Value>,
     ) -> Result<Reply, GithubError> {
         let jwt = SecretString::from(self.jwt().await?);
-        self.send(method, route, path, &jwt, body).await
+        self.send(method, route, path, &jwt, body, Repeat::Safe)
+            .await
+            .map(Raw::reply)
     }
 
-    /// Every item of a list the App itself reads (JWT): `path` and then each `Link`
-    /// `next` page, up to [`MAX_PAGES`]; `items` picks a page's items from its body.
-    pub async fn app_list(
+    /// Every item of a list the App itself reads (JWT): `path` and then each page's
+    /// `next`, up to [`MAX_PAGES`], as octocrab [`Page`]s of `T`.
+    pub async fn app_list<T: DeserializeOwned>(
         &self,
         route: &'static str,
         path: &str,
-        items: fn(Value) -> Vec<Value>,
-    ) -> Result<Vec<Value>, GithubError> {
+    ) -> Result<Vec<T>, GithubError> {
         let jwt = SecretString::from(self.jwt().await?);
-        self.list_with(route, path, items, &jwt).await
+        self.list_with(route, path, None, &jwt).await
     }
 
-    /// Every item of a list read as an installation (see [`Client::app_list`]).
-    pub async fn list(
+    /// Every item of a list read as an installation (see [`Client::app_list`]); a page
+    /// that is an object with its items under `wrapper` (`check_runs`) is read as well.
+    pub async fn list<T: DeserializeOwned>(
         &self,
         installation: u64,
         route: &'static str,
         path: &str,
-        items: fn(Value) -> Vec<Value>,
-    ) -> Result<Vec<Value>, GithubError> {
+        wrapper: Option<&'static str>,
+    ) -> Result<Vec<T>, GithubError> {
         let token = self
             .installation_token(installation, &TokenScope::default())
             .await?;
-        self.list_with(route, path, items, &token).await
+        self.list_with(route, path, wrapper, &token).await
     }
 
-    async fn list_with(
+    async fn list_with<T: DeserializeOwned>(
         &self,
         route: &'static str,
         path: &str,
-        items: fn(Value) -> Vec<Value>,
+        wrapper: Option<&'static str>,
         credential: &SecretString,
-    ) -> Result<Vec<Value>, GithubError> {
+    ) -> Result<Vec<T>, GithubError> {
         let mut out = Vec::new();
-        let mut url = format!("{}{}", self.api_url, path);
+        let mut path = path.to_string();
         for _ in 0..MAX_PAGES {
-            let reply = self
-                .send_url(Method::GET, route, url, credential, None, Repeat::Safe)
+            let raw = self
+                .send(Method::GET, route, &path, credential, None, Repeat::Safe)
                 .await?;
-            out.extend(items(reply.body));
-            match reply.next {
+            let mut page = raw.page::<T>(route, wrapper).await?;
+            out.append(&mut page.take_items());
+            match page.next.as_ref().map(|next| self.api_path(next)) {
+                Some(Some(next)) => path = next,
                 // The credential goes only where the API is.
-                Some(next) if next.starts_with(&format!("{}/", self.api_url)) => url = next,
-                Some(_) => {
+                Some(None) => {
                     tracing::warn!(
                         route,
                         "a list's next page is not on the API's host; not followed"
@@ -375,6 +484,14 @@ impl Client {
         Ok(out)
     }
 
+    /// The path and query of `link` under the API's URL, or `None` when it points
+    /// elsewhere (another host, or outside an Enterprise Server's `/api/v3`).
+    fn api_path(&self, link: &Uri) -> Option<String> {
+        let link = link.to_string();
+        let rest = link.strip_prefix(&self.api_url)?;
+        rest.starts_with('/').then(|| rest.to_string())
+    }
+
     /// A creating call as an installation: not repeated after a failure that may have
     /// taken effect ([`GithubError::is_ambiguous`]); the caller looks up before
     /// creating again.
@@ -388,16 +505,16 @@ impl Client {
         let token = self
             .installation_token(installation, &TokenScope::default())
             .await?;
-        let url = format!("{}{}", self.api_url, path);
-        self.send_url(
+        self.send(
             Method::POST,
             route,
-            url,
+            path,
             &token,
             Some(body),
             Repeat::OnlyRefused,
         )
         .await
+        .map(Raw::reply)
     }
 
     /// A call as an installation (its full token).
@@ -412,17 +529,22 @@ impl Client {
         let token = self
             .installation_token(installation, &TokenScope::default())
             .await?;
-        match self.send(method.clone(), route, path, &token, body).await {
+        match self
+            .send(method.clone(), route, path, &token, body, Repeat::Safe)
+            .await
+        {
             // A token revoked early: forget it and try once with a new one.
             Err(GithubError::Status { status: 401, .. }) => {
                 self.tokens.lock().retain(|(i, _), _| *i != installation);
                 let token = self
                     .installation_token(installation, &TokenScope::default())
                     .await?;
-                self.send(method, route, path, &token, body).await
+                self.send(method, route, path, &token, body, Repeat::Safe)
+                    .await
             }
             other => other,
         }
+        .map(Raw::reply)
     }
 
     /// A GraphQL call as an installation: `<api>/graphql`, or `https://HOST/api/graphql`
@@ -436,21 +558,20 @@ impl Client {
         let token = self
             .installation_token(installation, &TokenScope::default())
             .await?;
-        let url = match self.api_url.strip_suffix("/api/v3") {
-            Some(host) => format!("{host}/api/graphql"),
-            None => format!("{}/graphql", self.api_url),
-        };
         let body = serde_json::json!({ "query": query, "variables": variables });
+        let octo = &self.octo().await?.graphql;
         let reply = self
-            .send_url(
+            .send_with(
+                octo,
                 Method::POST,
                 "/graphql",
-                url,
+                "/graphql",
                 &token,
                 Some(&body),
                 Repeat::Safe,
             )
-            .await?;
+            .await?
+            .reply();
         if let Some(errors) = reply.body.get("errors").filter(|e| !e.is_null()) {
             return Err(GithubError::Status {
                 status: reply.status,
@@ -461,6 +582,8 @@ impl Client {
         Ok(reply)
     }
 
+    /// A REST call: `path` (the API path and query, already percent-encoded) under
+    /// `api_url`.
     async fn send(
         &self,
         method: Method,
@@ -468,55 +591,84 @@ impl Client {
         path: &str,
         credential: &SecretString,
         body: Option<&Value>,
-    ) -> Result<Reply, GithubError> {
-        let url = format!("{}{}", self.api_url, path);
-        self.send_url(method, route, url, credential, body, Repeat::Safe)
+        repeat: Repeat,
+    ) -> Result<Raw, GithubError> {
+        let octo = &self.octo().await?.rest;
+        self.send_with(octo, method, route, path, credential, body, repeat)
             .await
     }
 
-    async fn send_url(
+    /// One attempt of a request through `base` with `credential`: the response, or the
+    /// transport's error (no answer, or none within [`REQUEST_TIMEOUT`]).
+    async fn attempt(
+        base: &Octocrab,
+        request: http::Request<octocrab::OctoBody>,
+        credential: &SecretString,
+    ) -> Result<(http::response::Parts, Bytes), String> {
+        // A copy carrying this call's credential; octocrab puts it in the `Authorization`
+        // header (marked sensitive) of requests to the base's own host only.
+        let octo = base
+            .user_access_token(credential.clone())
+            .map_err(|e| e.to_string())?;
+        let exchange = async {
+            let response = octo.execute(request).await.map_err(|e| e.to_string())?;
+            let (parts, body) = response.into_parts();
+            let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+            Ok((parts, body))
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {REQUEST_TIMEOUT:?}")))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send_with(
         &self,
+        octo: &Octocrab,
         method: Method,
         route: &'static str,
-        url: String,
+        path: &str,
         credential: &SecretString,
         body: Option<&Value>,
         repeat: Repeat,
-    ) -> Result<Reply, GithubError> {
+    ) -> Result<Raw, GithubError> {
+        let uri: Uri = path
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| GithubError::Transport {
+                route,
+                message: format!("not a request path: {e}"),
+            })?;
         let mut backoff = Backoff::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY);
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut req = self
-                .http
-                .request(method.clone(), &url)
-                .header("accept", "application/vnd.github+json")
-                .header("x-github-api-version", "2022-11-28")
-                .bearer_auth(credential.expose_secret());
-            if let Some(b) = body {
-                req = req.json(b);
-            }
-            let resp = match req.send().await {
+            let builder = http::Request::builder()
+                .method(method.clone())
+                .uri(uri.clone())
+                .header(http::header::ACCEPT, "application/vnd.github+json");
+            let request =
+                octo.build_request(builder, body)
+                    .map_err(|e| GithubError::Transport {
+                        route,
+                        message: e.to_string(),
+                    })?;
+            let (parts, bytes) = match Self::attempt(octo, request, credential).await {
                 Ok(r) => r,
-                Err(e) => {
+                Err(message) => {
                     self.count(route, "0", "transport_error");
                     if attempt < MAX_ATTEMPTS && repeat == Repeat::Safe {
                         backoff.wait().await;
                         continue;
                     }
-                    return Err(GithubError::Transport {
-                        route,
-                        message: e.without_url().to_string(),
-                    });
+                    return Err(GithubError::Transport { route, message });
                 }
             };
-            let status = resp.status();
-            let headers = resp.headers().clone();
+            let status = parts.status;
+            let headers = parts.headers;
             let remaining = header_u64(&headers, "x-ratelimit-remaining");
             if let Some(r) = remaining {
                 self.metrics.github_rate_limit_remaining.set(r as i64);
             }
-            let text = resp.text().await.unwrap_or_default();
             let rate_limited = status == StatusCode::TOO_MANY_REQUESTS
                 || (status == StatusCode::FORBIDDEN
                     && (remaining == Some(0) || headers.contains_key("retry-after")));
@@ -531,22 +683,14 @@ impl Client {
             };
             self.count(route, status.as_str(), result);
             if status.is_success() {
-                let body = if text.trim().is_empty() {
-                    Value::Null
-                } else {
-                    serde_json::from_str(&text).unwrap_or(Value::String(text))
-                };
-                let next = headers
-                    .get("link")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(next_link);
-                return Ok(Reply {
-                    status: status.as_u16(),
-                    body,
-                    next,
+                return Ok(Raw {
+                    status,
+                    headers,
+                    body: bytes,
                 });
             }
-            let message = serde_json::from_str::<Value>(&text)
+            let text = String::from_utf8_lossy(&bytes);
+            let message = serde_json::from_slice::<Value>(&bytes)
                 .ok()
                 .and_then(|v| v["message"].as_str().map(str::to_string))
                 .unwrap_or_else(|| text.chars().take(300).collect());
@@ -586,13 +730,13 @@ impl Client {
     }
 }
 
-fn header_u64(headers: &reqwest::header::HeaderMap, name: &str) -> Option<u64> {
+fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
     headers.get(name)?.to_str().ok()?.trim().parse().ok()
 }
 
 /// How long a rate-limited call should wait: `retry-after` seconds, else until
 /// `x-ratelimit-reset` (a Unix time), else unknown.
-fn rate_limit_wait(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+fn rate_limit_wait(headers: &HeaderMap) -> Option<Duration> {
     if let Some(secs) = header_u64(headers, "retry-after") {
         return Some(Duration::from_secs(secs.max(1)));
     }
@@ -602,7 +746,7 @@ fn rate_limit_wait(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
-    use super::{next_link, GithubError};
+    use super::GithubError;
 
     #[test]
     fn refusals_for_good_are_told_from_ones_that_pass() {
@@ -635,17 +779,50 @@ mod tests {
         assert!(status(502, "x").is_ambiguous());
     }
 
-    #[test]
-    fn the_next_page_is_read_from_githubs_link_header() {
+    #[tokio::test]
+    async fn the_next_page_is_read_from_githubs_link_header() {
+        use super::Raw;
+        use octocrab::Page;
+        let settings = ao_shared::config::GithubSettings {
+            api_url: "https://api.github.com/".into(),
+            ..Default::default()
+        };
+        let client = super::Client::new(
+            &settings,
+            std::sync::Arc::new(ao_shared::secret::LocalSecrets),
+            crate::metrics::Metrics::new().expect("metrics"),
+        );
+        let page = |link: &str| {
+            let mut headers = http::HeaderMap::new();
+            if let Ok(v) = link.parse() {
+                headers.insert("link", v);
+            }
+            Raw {
+                status: http::StatusCode::OK,
+                headers,
+                body: bytes::Bytes::from_static(b"[1, 2]"),
+            }
+        };
+        let next = |page: Page<u32>| page.next.and_then(|n| client.api_path(&n));
         let link = "<https://api.github.com/repositories/1/issues?page=2>; rel=\"next\", \
                     <https://api.github.com/repositories/1/issues?page=5>; rel=\"last\"";
+        let first = page(link).page::<u32>("/r", None).await.expect("a page");
+        assert_eq!(first.items, vec![1, 2]);
         assert_eq!(
-            next_link(link).as_deref(),
-            Some("https://api.github.com/repositories/1/issues?page=2")
+            next(first).as_deref(),
+            Some("/repositories/1/issues?page=2")
         );
         let last = "<https://x/a?page=1>; rel=\"first\", <https://x/a?page=4>; rel=\"prev\"";
-        assert_eq!(next_link(last), None);
-        assert_eq!(next_link(""), None);
-        assert_eq!(next_link("garbage; rel=\"next\""), None);
+        let last = page(last).page::<u32>("/r", None).await.expect("a page");
+        assert_eq!(next(last), None);
+        let none = page("").page::<u32>("/r", None).await.expect("a page");
+        assert_eq!(next(none), None);
+        // A next page on another host is not followed (the token would go there).
+        let elsewhere = "<https://api.github.com.evil.example/a?page=2>; rel=\"next\"";
+        let elsewhere = page(elsewhere)
+            .page::<u32>("/r", None)
+            .await
+            .expect("a page");
+        assert_eq!(next(elsewhere), None);
     }
 }

@@ -19,7 +19,7 @@ use crate::webhook::event::RepoName;
 use ao_shared::capability::Capability;
 use ao_shared::profile::RepoProfile;
 use base64::Engine;
-use reqwest::Method;
+use http::Method;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
