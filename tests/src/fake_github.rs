@@ -578,6 +578,11 @@ pub fn sign(secret: &str, body: &[u8]) -> String {
 impl FakeGithub {
     /// Starts the fake with its git repositories under `dir`.
     pub async fn start(dir: &FsPath, app_id: u64) -> Result<Self> {
+        // Read GitHub's description before serving, so no request waits for it.
+        tokio::task::spawn_blocking(|| {
+            openapi::rest();
+        })
+        .await?;
         let (private_key_path, public_pem) = generate_app_key(dir)?;
         let git_root = dir.join("github-git");
         std::fs::create_dir_all(&git_root)?;
