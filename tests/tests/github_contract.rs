@@ -298,7 +298,7 @@ fn example(all: &[Value], event: &str, action: &str) -> Value {
         .unwrap_or_else(|| panic!("no examples of {event}"));
     let mut e = group["examples"]
         .as_array()
-        .unwrap()
+        .expect("examples are a list")
         .iter()
         .find(|e| e["action"].as_str().unwrap_or("-") == want)
         .unwrap_or_else(|| panic!("no example of {event}.{want}"))
