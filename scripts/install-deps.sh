@@ -60,14 +60,21 @@ if [[ $what == test && ! -d $browser_tests/node_modules/playwright-core ]]; then
   npm ci --prefix "$browser_tests" --silent --no-audit --no-fund >/dev/null
 fi
 
-# GitHub's webhook payload examples for tests/tests/github_examples.rs, as locked in
-# tests/github-examples.
+# GitHub's webhook payload examples (tests/tests/github_examples.rs), REST description and
+# webhook schemas (the fake GitHub's contract check, tests/src/fake_github/openapi.rs), as
+# locked in tests/github-examples.
 github_examples="$(cd "$(dirname "$0")/.." && pwd)/tests/github-examples"
-if [[ $what == test && ! -d $github_examples/node_modules/@octokit/webhooks-examples ]]; then
+github_packages_ok() {
+  local p
+  for p in webhooks-examples openapi openapi-webhooks; do
+    [[ -d $github_examples/node_modules/@octokit/$p ]] || return 1
+  done
+}
+if [[ $what == test ]] && ! github_packages_ok; then
   if ! command -v npm >/dev/null; then
-    echo "npm is missing: install Node.js and npm, then retry (needed for the webhook examples)" >&2
+    echo "npm is missing: install Node.js and npm, then retry (needed for GitHub's descriptions)" >&2
     exit 1
   fi
-  echo "installing GitHub's webhook examples (tests/github-examples)"
+  echo "installing GitHub's webhook examples, REST description and webhook schemas (tests/github-examples)"
   npm ci --prefix "$github_examples" --silent --no-audit --no-fund >/dev/null
 fi

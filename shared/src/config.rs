@@ -153,6 +153,10 @@ pub struct GithubSettings {
     /// has write access like a person would need; any other bot's trigger is answered
     /// with one comment saying why nothing runs. This App's own events are never acted on.
     pub allowed_bots: Vec<String>,
+    /// The App's slug (`https://github.com/apps/<slug>`): its own bot, `<slug>[bot]`, is
+    /// told apart from other bots, so that its own comments and labels trigger nothing
+    /// and are not answered. Unset: the App's own events are refused as any other bot's.
+    pub app_slug: Option<String>,
     /// Whether the agent's pull request is marked ready for review only once the checks
     /// on its head pass: no check run or commit status failing or still running.
     pub ready_waits_for_checks: bool,
@@ -185,6 +189,7 @@ impl Default for GithubSettings {
             max_active_per_installation: 10,
             monthly_budget_usd: 0.0,
             allowed_bots: Vec::new(),
+            app_slug: None,
             ready_waits_for_checks: true,
             required_checks: Vec::new(),
             delivery_retry_ms: 5000,

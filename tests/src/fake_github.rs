@@ -9,8 +9,14 @@
 //!
 //! Shapes follow GitHub's REST docs; only the fields the coordinator reads are filled,
 //! plus the identifying ones (`id`, `node_id`, `number`, `html_url`).
+//!
+//! Every REST request and every JSON answer is checked against GitHub's own REST
+//! description ([`openapi`]); what does not match is recorded in
+//! [`FakeGithub::violations`], a request that does not match is answered 422 as GitHub
+//! does, and a fake dropped with violations fails the test.
 
 mod git_http;
+pub mod openapi;
 pub use git_http::{MAX_FILE_BYTES_FILE, PROTECTED_BRANCHES_FILE};
 
 use anyhow::{bail, Context, Result};
@@ -327,6 +333,8 @@ pub struct Fake {
     webhook: Mutex<Option<(String, String)>>,
     base_url: String,
     http: reqwest::Client,
+    /// Requests and answers that do not match GitHub's REST description.
+    violations: Mutex<Vec<String>>,
 }
 
 type ApiResult = Result<Response, (StatusCode, Json<Value>)>;
@@ -518,6 +526,21 @@ pub struct FakeGithub {
 impl Drop for FakeGithub {
     fn drop(&mut self) {
         self.server.abort();
+        openapi::save_called();
+        let v = self.violations();
+        if v.is_empty() {
+            return;
+        }
+        if std::thread::panicking() {
+            eprintln!("the fake GitHub's contract violations:\n{}", v.join("\n"));
+        } else {
+            panic!(
+                "the fake GitHub saw {} request(s) or answer(s) not matching GitHub's REST \
+                 description:\n{}",
+                v.len(),
+                v.join("\n")
+            );
+        }
     }
 }
 
@@ -555,6 +578,11 @@ pub fn sign(secret: &str, body: &[u8]) -> String {
 impl FakeGithub {
     /// Starts the fake with its git repositories under `dir`.
     pub async fn start(dir: &FsPath, app_id: u64) -> Result<Self> {
+        // Read GitHub's description before serving, so no request waits for it.
+        tokio::task::spawn_blocking(|| {
+            openapi::rest();
+        })
+        .await?;
         let (private_key_path, public_pem) = generate_app_key(dir)?;
         let git_root = dir.join("github-git");
         std::fs::create_dir_all(&git_root)?;
@@ -572,6 +600,7 @@ impl FakeGithub {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(15))
                 .build()?,
+            violations: Mutex::new(Vec::new()),
         });
         let app = router(fake.clone());
         let server = tokio::spawn(async move {
@@ -593,6 +622,12 @@ impl FakeGithub {
             times,
             failure,
         });
+    }
+
+    /// Requests the project made and answers the fake gave that do not match GitHub's
+    /// REST description (empty when the description is not installed).
+    pub fn violations(&self) -> Vec<String> {
+        self.fake.violations.lock().clone()
     }
 
     /// Drops every injected failure not yet used up.
@@ -1171,7 +1206,101 @@ fn router(fake: Arc<Fake>) -> Router {
             fake.clone(),
             faults_and_limits,
         ))
+        .layer(axum::middleware::from_fn_with_state(fake.clone(), contract))
         .with_state(fake)
+}
+
+/// The largest body the contract check reads.
+const CONTRACT_BODY_LIMIT: usize = 64 * 1024 * 1024;
+
+/// Checks a REST request, and the fake's JSON answer to it, against GitHub's REST
+/// description ([`openapi`]). Git over HTTP and GraphQL are not REST and pass unchecked.
+async fn contract(
+    State(f): S,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path().to_string();
+    let Some(api) = openapi::rest() else {
+        return next.run(request).await;
+    };
+    if path.contains(".git/") || path == "/graphql" {
+        return next.run(request).await;
+    }
+    let method = request.method().clone();
+    let what = format!("{method} {path}");
+    let Some((op, _)) = api.find(method.as_str(), &path) else {
+        f.violations.lock().push(format!(
+            "{what}: no such operation in GitHub's REST description"
+        ));
+        return err(StatusCode::NOT_FOUND, format!("Not Found: {what}")).into_response();
+    };
+    let query: Vec<(String, String)> = request
+        .uri()
+        .query()
+        .and_then(|q| reqwest::Url::parse(&format!("http://fake/?{q}")).ok())
+        .map(|u| u.query_pairs().into_owned().collect())
+        .unwrap_or_default();
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, CONTRACT_BODY_LIMIT).await else {
+        return err(StatusCode::PAYLOAD_TOO_LARGE, "body too large").into_response();
+    };
+    let json_body: Option<Value> = if bytes.is_empty() {
+        None
+    } else {
+        match serde_json::from_slice(&bytes) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                f.violations
+                    .lock()
+                    .push(format!("{what}: the body is not JSON: {e}"));
+                return err(StatusCode::BAD_REQUEST, "Problems parsing JSON").into_response();
+            }
+        }
+    };
+    openapi::note_called(op);
+    let errors = api.check_request(op, &query, json_body.as_ref());
+    if !errors.is_empty() {
+        let message = errors.join("; ");
+        f.violations.lock().push(format!("{what}: {message}"));
+        return err(StatusCode::UNPROCESSABLE_ENTITY, message).into_response();
+    }
+    let request = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+    let response = next.run(request).await;
+    let is_json = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !is_json {
+        return response;
+    }
+    let status = response.status().as_u16();
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, CONTRACT_BODY_LIMIT).await else {
+        f.violations
+            .lock()
+            .push(format!("{what}: the answer is too large to check"));
+        return (StatusCode::INTERNAL_SERVER_ERROR, "answer too large").into_response();
+    };
+    let Ok(mut answer) = serde_json::from_slice::<Value>(&bytes) else {
+        f.violations
+            .lock()
+            .push(format!("{what}: the answer ({status}) is not JSON"));
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    };
+    api.complete(op, status, &mut answer);
+    let errors = api.check_response(op, status, &answer);
+    if !errors.is_empty() {
+        f.violations.lock().extend(
+            errors
+                .into_iter()
+                .map(|e| format!("{what}: the fake's answer: {e}")),
+        );
+    }
+    parts.headers.remove("content-length");
+    let body = serde_json::to_vec(&answer).unwrap_or_else(|_| bytes.to_vec());
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 /// Answers injected failures, and puts GitHub's rate-limit headers on every API answer.
@@ -1346,14 +1475,47 @@ fn paginate(
     items: Vec<Value>,
     wrap: impl FnOnce(Vec<Value>, usize) -> Value,
 ) -> Response {
+    paginate_as(f, uri, q, items, wrap, Pages::Numbered)
+}
+
+/// How a list names its pages.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pages {
+    /// `page=N`, with `next`, `last`, `prev` and `first` links.
+    Numbered,
+    /// An opaque `cursor=…` (the App's webhook deliveries), with `next` and `prev`
+    /// links only.
+    Cursor,
+}
+
+/// The cursor of page `n` (GitHub's are opaque strings).
+fn cursor_of(n: usize) -> String {
+    format!("v1_{n}")
+}
+
+/// [`paginate`], with the pages named as `pages` says.
+fn paginate_as(
+    f: &Fake,
+    uri: &Uri,
+    q: &HashMap<String, String>,
+    items: Vec<Value>,
+    wrap: impl FnOnce(Vec<Value>, usize) -> Value,
+    pages: Pages,
+) -> Response {
     let per_page = q
         .get("per_page")
         .and_then(|p| p.parse::<usize>().ok())
         .filter(|p| *p > 0)
         .unwrap_or(DEFAULT_PER_PAGE)
         .min(MAX_PER_PAGE);
-    let page = q
-        .get("page")
+    let page = match pages {
+        Pages::Numbered => q.get("page").cloned(),
+        Pages::Cursor => q
+            .get("cursor")
+            .and_then(|c| c.strip_prefix("v1_"))
+            .map(str::to_string),
+    };
+    let page = page
         .and_then(|p| p.parse::<usize>().ok())
         .filter(|p| *p > 0)
         .unwrap_or(1);
@@ -1366,25 +1528,32 @@ fn paginate(
             let mut pairs = u.query_pairs_mut();
             let mut keys: Vec<_> = q
                 .iter()
-                .filter(|(k, _)| *k != "page" && *k != "per_page")
+                .filter(|(k, _)| *k != "page" && *k != "cursor" && *k != "per_page")
                 .collect();
             keys.sort();
             for (k, v) in keys {
                 pairs.append_pair(k, v);
             }
             pairs.append_pair("per_page", &per_page.to_string());
-            pairs.append_pair("page", &n.to_string());
+            match pages {
+                Pages::Numbered => pairs.append_pair("page", &n.to_string()),
+                Pages::Cursor => pairs.append_pair("cursor", &cursor_of(n)),
+            };
         }
         u.to_string()
     };
     let mut links = Vec::new();
     if page < last {
         links.push(format!("<{}>; rel=\"next\"", at(page + 1)));
-        links.push(format!("<{}>; rel=\"last\"", at(last)));
+        if pages == Pages::Numbered {
+            links.push(format!("<{}>; rel=\"last\"", at(last)));
+        }
     }
     if page > 1 {
         links.push(format!("<{}>; rel=\"prev\"", at(page - 1)));
-        links.push(format!("<{}>; rel=\"first\"", at(1)));
+        if pages == Pages::Numbered {
+            links.push(format!("<{}>; rel=\"first\"", at(1)));
+        }
     }
     let chunk: Vec<Value> = items
         .into_iter()
@@ -1537,7 +1706,7 @@ async fn list_deliveries(call: Call, Query(q): Query<HashMap<String, String>>) -
                     "repository_id": 1 })
         })
         .collect();
-    Ok(paginate(&f, &uri, &q, list, array))
+    Ok(paginate_as(&f, &uri, &q, list, array, Pages::Cursor))
 }
 
 async fn redeliver(call: Call, Path(id): Path<u64>) -> ApiResult {

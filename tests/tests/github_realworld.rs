@@ -461,3 +461,39 @@ async fn a_run_after_the_pull_request_was_merged_opens_a_new_one_from_the_defaul
         .unwrap();
     assert_eq!(ours(&m, issue).len(), 1, "{:#?}", ours(&m, issue));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_apps_own_bot_triggers_nothing_and_is_not_told_bots_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = fake(&tmp).await;
+    fake.add_repo(7, REPO, &[]);
+    fake.set_role(REPO, "alice", "write");
+    let slug = BOT_LOGIN.trim_end_matches("[bot]");
+    let mut c = fake.cluster(Some("code"), &[("AO__GITHUB__APP_SLUG", slug)]);
+    c.start_in_process().await.unwrap();
+    let issue = fake.open_issue(REPO, "Add a note", "Please.", "alice");
+    // The App's own comment and label, as GitHub delivers them back to it.
+    assert_eq!(
+        fake.comment(REPO, issue, "/agent run", BOT_LOGIN).await,
+        202
+    );
+    assert_eq!(fake.label_issue(REPO, issue, "agent", BOT_LOGIN).await, 202);
+    // Deliveries are handled in order: once alice's command is answered, the App's own
+    // events before it have been handled.
+    assert_eq!(
+        fake.comment(REPO, issue, "/agent status", "alice").await,
+        202
+    );
+    let m = fake
+        .wait_for("alice's status is answered", LIMIT, |m| {
+            !ours(m, issue).is_empty()
+        })
+        .await
+        .unwrap();
+    let said = ours(&m, issue);
+    assert!(
+        said.iter().all(|s| !s.contains("allowed_bots")),
+        "the App answered its own events: {said:#?}"
+    );
+    assert!(tasks_of(&c, issue).await.is_empty());
+}

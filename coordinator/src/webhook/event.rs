@@ -619,11 +619,10 @@ pub fn parse(event: &str, body: &[u8]) -> Result<Parsed, ParseError> {
             let (issue, labels) = issue(p.issue);
             match p.action.as_str() {
                 "labeled" | "unlabeled" => {
+                    // GitHub's schema lets `label` be absent (a label deleted as it
+                    // was applied): nothing to act on, but not a malformed delivery.
                     let Some(label) = p.label else {
-                        return Err(ParseError {
-                            event: event.into(),
-                            message: format!("action {} without a label", p.action),
-                        });
+                        return Ok(Parsed::Ignored("a label event without its label"));
                     };
                     if p.action == "labeled" {
                         ev(Event::IssueLabeled {

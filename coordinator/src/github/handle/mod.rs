@@ -236,6 +236,15 @@ fn event_label(e: &str) -> &'static str {
 }
 
 /// Whether a bot login is one whose triggers are acted on (`github.allowed_bots`).
+/// Whether `login` is this App's own bot (`<github.app_slug>[bot]`).
+fn own_bot(settings: &Settings, login: &str) -> bool {
+    settings
+        .github
+        .app_slug
+        .as_deref()
+        .is_some_and(|slug| login.strip_suffix("[bot]") == Some(slug))
+}
+
 fn allowed_bot(settings: &Settings, login: &str) -> bool {
     settings.github.allowed_bots.iter().any(|b| b == login)
 }
@@ -292,6 +301,9 @@ async fn handle(gh: &Github, d: Delivery) -> HandleResult {
         return Ok("ignored: the App is not configured");
     }
     if let Some(ctx) = d.event.context() {
+        if ctx.sender.is_bot && own_bot(&gh.settings, &ctx.sender.login) {
+            return Ok("ignored: the App's own event");
+        }
         if ctx.sender.is_bot && !allowed_bot(&gh.settings, &ctx.sender.login) {
             return refuse_bot(gh, &d.event).await;
         }
