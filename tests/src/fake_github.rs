@@ -151,6 +151,18 @@ pub struct CheckRun {
     pub output_summary: String,
 }
 
+/// A commit status (GitHub's older statuses API: one state per `context` and commit).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommitStatus {
+    pub id: u64,
+    pub repo: String,
+    pub sha: String,
+    pub context: String,
+    /// `pending`, `success`, `failure` or `error`.
+    pub state: String,
+    pub description: String,
+}
+
 /// A line comment of a review.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReviewComment {
@@ -254,6 +266,8 @@ pub struct Model {
     pub reviews: Vec<Review>,
     /// Check runs, in the order created.
     pub check_runs: Vec<CheckRun>,
+    /// Commit statuses, in the order created (the newest of a context counts).
+    pub statuses: Vec<CommitStatus>,
     pub tokens: HashMap<String, Token>,
     /// Lifetime of the installation tokens issued from now on (GitHub's: one hour).
     pub token_ttl: Option<Duration>,
@@ -1076,6 +1090,63 @@ impl FakeGithub {
             .retain(|c| !(c.repo == run.repo && c.head_sha == run.head_sha && c.name == run.name));
         m.check_runs.push(run.clone());
         run
+    }
+
+    /// CI reports a commit status `context` = `state` (`pending`, `success`, `failure`,
+    /// `error`) on the head of `branch`, then the `status` webhook as GitHub delivers it
+    /// (with the branches whose head is that commit). Returns the delivery's status.
+    pub async fn commit_status(
+        &self,
+        repo: &str,
+        branch: &str,
+        context: &str,
+        state: &str,
+        description: &str,
+    ) -> u16 {
+        let inst = self.installation_of(repo);
+        let sha = resolve(&self.fake, repo, branch).expect("the branch exists");
+        let status = {
+            let mut m = self.fake.model.lock();
+            let status = CommitStatus {
+                id: m.id(),
+                repo: repo.into(),
+                sha: sha.clone(),
+                context: context.into(),
+                state: state.into(),
+                description: description.into(),
+            };
+            m.statuses.push(status.clone());
+            status
+        };
+        let mut p = self.base_payload(repo, inst, "ci-bot[bot]");
+        let at = "2026-11-30T00:00:00Z";
+        let commit_url = format!("{}/repos/{repo}/commits/{sha}", self.url);
+        p.insert("id".into(), json!(status.id));
+        p.insert("sha".into(), json!(sha));
+        p.insert("name".into(), json!(repo));
+        p.insert("context".into(), json!(context));
+        p.insert("state".into(), json!(state));
+        p.insert("description".into(), json!(description));
+        p.insert("target_url".into(), Value::Null);
+        p.insert("avatar_url".into(), Value::Null);
+        p.insert("created_at".into(), json!(at));
+        p.insert("updated_at".into(), json!(at));
+        p.insert(
+            "branches".into(),
+            json!([{ "name": branch, "protected": false,
+                     "commit": { "sha": sha, "url": commit_url } }]),
+        );
+        p.insert(
+            "commit".into(),
+            json!({ "sha": sha, "node_id": format!("C_{sha}"), "url": commit_url,
+                    "html_url": commit_url, "comments_url": format!("{commit_url}/comments"),
+                    "author": null, "committer": null, "parents": [],
+                    "commit": { "message": "", "url": commit_url, "comment_count": 0,
+                                "author": { "name": "a", "email": "a@example.com", "date": at },
+                                "committer": { "name": "a", "email": "a@example.com", "date": at },
+                                "tree": { "sha": sha, "url": commit_url } } }),
+        );
+        self.deliver("status", Value::Object(p)).await
     }
 
     /// Submits a review on a pull request and delivers `pull_request_review.submitted`.
@@ -2214,8 +2285,10 @@ async fn list_check_runs(
     Ok(Json(json!({ "total_count": runs.len(), "check_runs": runs })).into_response())
 }
 
-/// `GET /repos/{owner}/{repo}/commits/{ref}/status` (permission `statuses: read`): no
-/// commit statuses in this fake, so `pending` with none, as GitHub answers then.
+/// `GET /repos/{owner}/{repo}/commits/{ref}/status` (permission `statuses: read`): the
+/// newest status of each context on the commit, and the combined state as GitHub
+/// documents it: `failure` if any is `error` or `failure`, `pending` if there are none or
+/// any is `pending`, else `success`.
 async fn combined_status(
     call: Call,
     Path((o, r, git_ref)): Path<(String, String, String)>,
@@ -2224,10 +2297,41 @@ async fn combined_status(
     let Some(sha) = resolve(&f, &repo, &git_ref) else {
         return Err(err(StatusCode::NOT_FOUND, "No commit found for SHA"));
     };
-    Ok(
-        Json(json!({ "state": "pending", "sha": sha, "total_count": 0, "statuses": [] }))
-            .into_response(),
+    let m = f.model.lock();
+    let mut latest: Vec<&CommitStatus> = Vec::new();
+    for s in m
+        .statuses
+        .iter()
+        .rev()
+        .filter(|s| s.repo == repo && s.sha == sha)
+    {
+        if !latest.iter().any(|l| l.context == s.context) {
+            latest.push(s);
+        }
+    }
+    let states: Vec<&str> = latest.iter().map(|s| s.state.as_str()).collect();
+    let state = if states.iter().any(|s| *s == "failure" || *s == "error") {
+        "failure"
+    } else if states.is_empty() || states.contains(&"pending") {
+        "pending"
+    } else {
+        "success"
+    };
+    let url = format!("{}/repos/{repo}/commits/{sha}/status", f.base_url);
+    let statuses: Vec<Value> = latest
+        .iter()
+        .map(|s| {
+            json!({ "id": s.id, "node_id": format!("SC_{}", s.id), "context": s.context,
+                    "state": s.state, "description": s.description, "target_url": null,
+                    "avatar_url": null, "url": url,
+                    "created_at": "2026-11-30T00:00:00Z", "updated_at": "2026-11-30T00:00:00Z" })
+        })
+        .collect();
+    Ok(Json(
+        json!({ "state": state, "sha": sha, "total_count": statuses.len(),
+                    "statuses": statuses, "commit_url": url, "url": url }),
     )
+    .into_response())
 }
 
 /// `GET /repos/{owner}/{repo}/pulls/{pull_number}/files`: each changed file with its

@@ -1,7 +1,7 @@
-//! CI as a check on the agent's pull request, through the fake GitHub's check runs: a
-//! failing check run on the pull request's head starts a fix round (a coder run given
-//! the check's name and output), and the pull request is marked ready only once the
-//! required check passes on its head.
+//! CI as a check on the agent's pull request, through the fake GitHub's check runs and
+//! commit statuses: a failing check run (or status) on the pull request's head starts a
+//! fix round (a coder run given the check's name and output), and the pull request is
+//! marked ready only once the required check passes on its head.
 
 use ao_tests::fake_github::{FakeGithub, BOT_LOGIN};
 use ao_tests::script;
@@ -11,7 +11,7 @@ const LIMIT: Duration = Duration::from_secs(120);
 const REPO: &str = "acme/widgets";
 
 const AGENT: &str = r#"
-if [[ "$AO_PROMPT" == *"Failing check: unit"* ]]; then
+if [[ "$AO_PROMPT" == *"Failing check: unit"* || "$AO_PROMPT" == *"ci/legacy"* ]]; then
   echo "two" >> note.txt
   echo "fixed the unit check"
 else
@@ -187,6 +187,95 @@ async fn the_sweep_finds_checks_whose_webhook_was_missed() {
         .unwrap();
     assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
     fake.check_run_undelivered(REPO, &pr.head, "unit", Some("success"), "all pass");
+    fake.wait_for("the pull request ready", LIMIT, |m| {
+        m.pulls(REPO).iter().any(|p| !p.draft)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
+    .unwrap();
+}
+
+/// The same with GitHub's older commit statuses (a CI that reports `status`, not check
+/// runs): a failing required status starts a fix round given its context and
+/// description; the pull request is marked ready once the status passes on the fixed head.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_commit_status_starts_a_fix_round_and_its_success_makes_the_pull_request_ready() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = FakeGithub::start(tmp.path(), 4242).await.unwrap();
+    fake.add_installation(7, "acme");
+    fake.grant(7, "checks", Some("read"));
+    fake.grant(7, "statuses", Some("read"));
+    fake.add_repo(7, REPO, &[]);
+    fake.set_role(REPO, "alice", "write");
+    let mut c = fake.cluster(
+        Some("code"),
+        &[
+            ("AO__GITHUB__REQUIRED_CHECKS", "ci/legacy"),
+            ("AO__PIPELINE__MAX_FIX_ROUNDS", "2"),
+        ],
+    );
+    let agent = script(c.dir.path(), "agent.sh", AGENT);
+    c.start_in_process().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+
+    let issue = fake.open_issue(REPO, "Add a note", "Please.", "alice");
+    assert_eq!(fake.label_issue(REPO, issue, "agent", "alice").await, 202);
+    let m = fake
+        .wait_for("the first run done", LIMIT, |m| {
+            m.pulls(REPO).len() == 1
+                && m.issue(REPO, issue)
+                    .is_some_and(|i| i.labels.iter().any(|l| l == "agent:done"))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
+        .unwrap();
+    let pr = m.pulls(REPO)[0].clone();
+    assert!(pr.draft, "ready before the status reported: {pr:?}");
+
+    assert_eq!(
+        fake.commit_status(REPO, &pr.head, "ci/legacy", "failure", "2 of 40 tests fail")
+            .await,
+        202
+    );
+    let round = loop {
+        let (_, list) = c.get_json("/api/v1/tasks").await.unwrap();
+        let found = list["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["ci_round"] == 1)
+            .cloned();
+        if let Some(t) = found {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let prompt = round["prompt"].as_str().unwrap();
+    assert!(
+        prompt.contains("ci/legacy") && prompt.contains("2 of 40 tests fail"),
+        "{prompt}"
+    );
+    let id = round["id"].as_str().unwrap().to_string();
+    let done = c
+        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let m = fake
+        .wait_for("the round on the progress comment", LIMIT, |m| {
+            m.comments_on(REPO, issue).iter().any(|c| {
+                c.user == BOT_LOGIN && c.body.contains("- Round 1: `ci/legacy` failed → ✅ done")
+            })
+        })
+        .await
+        .unwrap();
+    assert!(m.pulls(REPO)[0].draft, "{:?}", m.pulls(REPO));
+
+    assert_eq!(
+        fake.commit_status(REPO, &pr.head, "ci/legacy", "success", "40 tests pass")
+            .await,
+        202
+    );
     fake.wait_for("the pull request ready", LIMIT, |m| {
         m.pulls(REPO).iter().any(|p| !p.draft)
     })

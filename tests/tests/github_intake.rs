@@ -94,12 +94,13 @@ async fn a_command_whose_handling_failed_runs_once_after_a_restart_and_a_duplica
     let after = tasks(&c).await;
     assert_eq!(after.len(), 1, "{after:#?}");
     assert_eq!(after[0]["id"], first[0]["id"]);
-    assert_eq!(
-        c.metric(r#"ao_webhook_deliveries_total{event="issue_comment",result="handled"}"#)
-            .await
-            .unwrap(),
-        1.0
-    );
+    // The delivery is counted once handled, just after its task is stored.
+    let handled = r#"ao_webhook_deliveries_total{event="issue_comment",result="handled"}"#;
+    wait_until("the delivery counted as handled", &c, || async {
+        c.metric(handled).await.unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    assert_eq!(c.metric(handled).await.unwrap(), 1.0);
     c.inproc.take().unwrap().stop().await.unwrap();
 }
 

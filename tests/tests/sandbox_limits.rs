@@ -347,7 +347,18 @@ async fn the_agent_is_held_to_its_event_limit() {
     c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().expect("utf-8"))]);
     let (id, done) = run_code_task(&c, &repo, "agent/events").await;
     assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
-    let events = all_events(&c, &id).await;
+    // The run's last batch of events (the kept tail and the marker) may be stored just
+    // after its result: wait for the marker, which comes with the tail.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let events = loop {
+        let events = all_events(&c, &id).await;
+        if events.iter().any(|e| e["data"]["type"] == "events_dropped")
+            || std::time::Instant::now() > deadline
+        {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let agent: Vec<&Value> = events.iter().filter(|e| e["kind"] == "agent").collect();
     let text = |e: &Value| e["data"]["event"].to_string();
     assert!(
