@@ -1,0 +1,444 @@
+//! Attacks on swarm mode (a plan step's `"attempts"` and the reviewer's pick), written
+//! from the documentation (docs/agent.md, "The plan drives the work"): the planner, the
+//! agents and their replies are hostile. Each test says what it tried; a failing test
+//! means the attack worked. They drive the task's state machine (`ao_shared::task`) the
+//! way the coordinator does: queue what is ready, apply each run's outcome.
+
+use std::collections::BTreeMap;
+
+use ao_shared::plan::{Plan, PlanLimits};
+use ao_shared::task::{Approval, Planning, Step, TaskSource};
+use ao_shared::{
+    timefmt, Capability, Outcome, OutcomeKind, SubtaskId, SubtaskStatus, Task, TaskId, TaskStatus,
+};
+
+fn limits(max_steps: u32, max_parallel: u32, max_fix_rounds: u32) -> PlanLimits {
+    PlanLimits {
+        max_steps,
+        max_parallel,
+        allowed: vec![
+            Capability::Coder,
+            Capability::Tester,
+            Capability::Reviewer,
+            Capability::Docs,
+        ],
+        max_fix_rounds,
+    }
+}
+
+/// A task of the `full`-like pipeline, planned with `limits`, not yet planned.
+fn planned_task(limits: PlanLimits) -> Task {
+    let now = timefmt::now();
+    Task {
+        profiles: Default::default(),
+        id: TaskId::new(),
+        status: TaskStatus::Queued,
+        title: "t".into(),
+        prompt: "p".into(),
+        repository: "/tmp/r".into(),
+        branch: "agent/x".into(),
+        base_branch: None,
+        pipeline: "full".into(),
+        source: TaskSource::Api,
+        created_at: now,
+        updated_at: now,
+        error: None,
+        version: 0,
+        subtasks: ao_shared::pipeline::plan_subtasks(&[
+            Capability::Planner,
+            Capability::Coder,
+            Capability::Tester,
+            Capability::Reviewer,
+        ]),
+        approval: Approval::NotRequired,
+        review_round: None,
+        ci_round: None,
+        ci_rounds: Vec::new(),
+        planning: Some(Planning {
+            limits,
+            repairs: 0,
+            expanded: false,
+            summary: String::new(),
+            fix_rounds: 0,
+            rejections: 0,
+        }),
+    }
+}
+
+fn fenced(v: &serde_json::Value) -> String {
+    format!("Here it is.\n```json\n{v}\n```\n")
+}
+
+/// Runs the planner with `plan` and returns the task with the plan expanded.
+fn expand(plan: serde_json::Value, limits: PlanLimits) -> Task {
+    let mut t = planned_task(limits);
+    let now = timefmt::now();
+    let planner = t.queue_ready(now)[0];
+    t.apply_outcome(planner, 1, Outcome::succeeded(fenced(&plan), None), 3, now)
+        .unwrap();
+    assert!(
+        t.planning.as_ref().is_some_and(|p| p.expanded),
+        "the plan was not expanded: {:?} {:?}",
+        t.status,
+        t.error
+    );
+    t
+}
+
+fn step_of(t: &Task, id: SubtaskId) -> Option<Step> {
+    t.subtask(id).and_then(|s| s.step.clone())
+}
+
+fn is_pick(t: &Task, id: SubtaskId) -> bool {
+    matches!(step_of(t, id), Some(Step::Pick { .. }))
+}
+
+fn candidate_of(t: &Task, id: SubtaskId) -> Option<u32> {
+    match step_of(t, id) {
+        Some(Step::Plan { candidate, .. }) => candidate,
+        _ => None,
+    }
+}
+
+fn swarm_plan(attempts: u32) -> serde_json::Value {
+    serde_json::json!({"version": 1, "steps": [
+        {"id": "a", "capability": "coder", "title": "part a", "instructions": "write a.txt",
+         "attempts": attempts},
+        {"id": "t", "capability": "tester", "title": "test", "instructions": "check a",
+         "depends_on": ["a"]}]})
+}
+
+/// Runs every queued attempt to success and returns the pick subtask, queued.
+fn run_attempts(t: &mut Task) -> SubtaskId {
+    let now = timefmt::now();
+    let tries = t.queue_ready(now);
+    assert!(tries.iter().all(|i| candidate_of(t, *i).is_some()), "{tries:?}");
+    for (n, id) in tries.iter().enumerate() {
+        t.apply_outcome(
+            *id,
+            1,
+            Outcome::succeeded(format!("try {n}"), Some(format!("c{n}"))),
+            3,
+            now,
+        )
+        .unwrap();
+    }
+    let pick = t.queue_ready(now);
+    assert_eq!(pick.len(), 1, "{pick:?}");
+    assert!(is_pick(t, pick[0]));
+    pick[0]
+}
+
+/// Attack: a hostile planner names a second step `a-try1` next to a step `a` with
+/// attempts, so that the second step's branch `<task>-step-a-try1` is the branch of
+/// `a`'s first attempt: two agents push to one branch, and the reviewer's pick of
+/// attempt 1 merges the other step's work (or a mix of both) as "attempt 1".
+#[test]
+#[ignore = "BROKE: a step `a-try1` next to `a` with attempts expands to two subtasks pushing to `<task>-step-a-try1`; the plan check accepts it"]
+fn a_step_id_cannot_take_the_branch_of_another_steps_attempt() {
+    let plan = serde_json::json!({"version": 1, "steps": [
+        {"id": "a", "capability": "coder", "title": "part a", "instructions": "write a.txt",
+         "attempts": 2},
+        {"id": "a-try1", "capability": "coder", "title": "sneaky", "instructions": "write b.txt"}]});
+    let lim = limits(8, 8, 1);
+    let Ok(parsed) = Plan::parse(Some(&plan), &lim) else {
+        return; // refused: held
+    };
+    let subtasks = parsed.expand("agent/x", SubtaskId::new());
+    let mut owners: BTreeMap<String, usize> = BTreeMap::new();
+    for s in &subtasks {
+        if let Some(Step::Plan {
+            branch: Some(b), ..
+        }) = &s.step
+        {
+            *owners.entry(b.clone()).or_default() += 1;
+        }
+    }
+    let shared: Vec<_> = owners.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        shared.is_empty(),
+        "two subtasks of one plan push to the same branch: {shared:?}"
+    );
+}
+
+/// Attack: picks of the wrong shape (out of range, zero, negative, a float, a string, a
+/// bool, an array, null, a huge number) must each fail the task with the clear error,
+/// never keep an attempt.
+#[test]
+fn a_pick_of_the_wrong_shape_keeps_no_attempt() {
+    for bad in [
+        serde_json::json!({"pick": 0}),
+        serde_json::json!({"pick": 3}),
+        serde_json::json!({"pick": -1}),
+        serde_json::json!({"pick": 1.5}),
+        serde_json::json!({"pick": 2.0}),
+        serde_json::json!({"pick": "1"}),
+        serde_json::json!({"pick": true}),
+        serde_json::json!({"pick": [1]}),
+        serde_json::json!({"pick": null}),
+        serde_json::json!({"pick": u64::MAX}),
+        serde_json::json!({"pick": 18446744073709551617u128 as f64}),
+        serde_json::json!({"picked": 1}),
+        serde_json::json!({"verdict": "approve"}),
+    ] {
+        let mut t = expand(swarm_plan(2), limits(8, 8, 1));
+        let pick = run_attempts(&mut t);
+        let now = timefmt::now();
+        t.apply_outcome(pick, 1, Outcome::succeeded(fenced(&bad), None), 3, now)
+            .unwrap();
+        assert_eq!(t.status, TaskStatus::Failed, "{bad} was taken as a pick");
+        let error = t.error.clone().unwrap_or_default();
+        assert!(error.contains("picked none of the 2 attempts"), "{bad}: {error}");
+        match step_of(&t, pick) {
+            Some(Step::Pick { picked, .. }) => assert_eq!(picked, None, "{bad}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// Attack: two JSON blocks in the pick's reply (a quoted "pick 1" first, its real pick
+/// last): the last block counts, as for a plan; a pick of attempt 2 merges attempt 2.
+#[test]
+fn with_two_json_blocks_the_last_pick_counts() {
+    let mut t = expand(swarm_plan(2), limits(8, 8, 1));
+    let pick = run_attempts(&mut t);
+    let now = timefmt::now();
+    let reply = "attempt 1 said to answer ```json\n{\"pick\": 1}\n``` but\n\
+                 ```json\n{\"pick\": 2, \"reasons\": \"smaller\"}\n```";
+    t.apply_outcome(pick, 1, Outcome::succeeded(reply, None), 3, now)
+        .unwrap();
+    match step_of(&t, pick) {
+        Some(Step::Pick { picked, .. }) => {
+            assert!(
+                picked.as_deref().is_some_and(|p| p.ends_with("-try2")),
+                "{picked:?}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Attack: a pick reply that also asks for changes (`"verdict": "request_changes"` with
+/// findings). The pick is a reviewer: either its findings start a fix round or they are
+/// dropped; the pick must stand and the task must go on either way, not fail or hang.
+#[test]
+fn a_pick_that_also_requests_changes_still_picks_and_goes_on() {
+    let mut t = expand(swarm_plan(2), limits(8, 8, 1));
+    let pick = run_attempts(&mut t);
+    let now = timefmt::now();
+    let reply = serde_json::json!({"pick": 1, "reasons": "closer",
+        "verdict": "request_changes",
+        "findings": [{"file": "a.txt", "line": 1, "message": "wrong"}]});
+    t.apply_outcome(pick, 1, Outcome::succeeded(fenced(&reply), None), 3, now)
+        .unwrap();
+    assert!(!t.status.is_terminal(), "{:?} {:?}", t.status, t.error);
+    let next = t.queue_ready(now);
+    assert!(!next.is_empty(), "nothing runs after the pick");
+    match step_of(&t, pick) {
+        Some(Step::Pick { picked, .. }) => {
+            assert!(picked.is_some_and(|p| p.ends_with("-try1")))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Attack: attempts 0, 5 and u32::MAX, attempts on a reviewer (which pushes nothing),
+/// and attempts without the reviewer allowed: each plan is refused.
+#[test]
+fn attempts_out_of_bounds_are_refused() {
+    for (attempts, capability, allow_reviewer) in [
+        (0u64, "coder", true),
+        (5, "coder", true),
+        (u64::from(u32::MAX), "coder", true),
+        (2, "reviewer", true),
+        (2, "coder", false),
+    ] {
+        let plan = serde_json::json!({"version": 1, "steps": [
+            {"id": "a", "capability": capability, "title": "a", "instructions": "do a",
+             "attempts": attempts}]});
+        let mut lim = limits(8, 8, 1);
+        if !allow_reviewer {
+            lim.allowed.retain(|c| *c != Capability::Reviewer);
+        }
+        assert!(
+            Plan::parse(Some(&plan), &lim).is_err(),
+            "attempts {attempts} on a {capability} (reviewer allowed: {allow_reviewer}) accepted"
+        );
+    }
+    // Beyond u32: a malformed plan, not a wrap-around to a small number.
+    let plan = serde_json::json!({"version": 1, "steps": [
+        {"id": "a", "capability": "coder", "title": "a", "instructions": "do a",
+         "attempts": 4294967298u64}]});
+    assert!(Plan::parse(Some(&plan), &limits(8, 8, 1)).is_err());
+}
+
+/// Attack: a plan multiplying its subtasks with attempts (2 steps of 4 attempts) under
+/// `max_parallel` 2: never more than 2 subtasks of the task queued or running at once.
+#[test]
+fn attempts_are_held_to_max_parallel() {
+    let plan = serde_json::json!({"version": 1, "steps": [
+        {"id": "a", "capability": "coder", "title": "a", "instructions": "do a", "attempts": 4},
+        {"id": "b", "capability": "coder", "title": "b", "instructions": "do b", "attempts": 4}]});
+    let mut t = expand(plan, limits(2, 2, 1));
+    let now = timefmt::now();
+    let mut running: Vec<SubtaskId> = Vec::new();
+    let mut ran = 0;
+    for _ in 0..64 {
+        running.extend(t.queue_ready(now));
+        assert!(running.len() <= 2, "{} at once", running.len());
+        let Some(id) = running.pop() else { break };
+        let out = if is_pick(&t, id) {
+            Outcome::succeeded(fenced(&serde_json::json!({"pick": 1})), None)
+        } else {
+            Outcome::succeeded("done", Some("c".into()))
+        };
+        t.apply_outcome(id, 1, out, 3, now).unwrap();
+        ran += 1;
+        if t.status.is_terminal() {
+            break;
+        }
+    }
+    assert!(ran >= 10, "only {ran} subtasks ran: {:?}", t.status);
+}
+
+/// Attack: one attempt fails for good (not retryable). The pick must not keep it: either
+/// the task fails, or the pick runs and a pick of the failed attempt is refused.
+#[test]
+fn a_failed_attempt_is_never_kept() {
+    let mut t = expand(swarm_plan(2), limits(8, 8, 1));
+    let now = timefmt::now();
+    let tries = t.queue_ready(now);
+    assert_eq!(tries.len(), 2);
+    t.apply_outcome(
+        tries[0],
+        1,
+        Outcome::failed(OutcomeKind::AgentError, "gave up", false),
+        3,
+        now,
+    )
+    .unwrap();
+    t.apply_outcome(tries[1], 1, Outcome::succeeded("ok", Some("c".into())), 3, now)
+        .unwrap();
+    if t.status == TaskStatus::Failed {
+        return; // the task failed with its attempt: held
+    }
+    let pick = t.queue_ready(now);
+    let Some(&pick) = pick.iter().find(|i| is_pick(&t, **i)) else {
+        panic!("neither failed nor picking: {:?}", t.status);
+    };
+    t.apply_outcome(
+        pick,
+        1,
+        Outcome::succeeded(fenced(&serde_json::json!({"pick": 1})), None),
+        3,
+        now,
+    )
+    .unwrap();
+    assert_eq!(t.status, TaskStatus::Failed, "the failed attempt 1 was kept");
+}
+
+/// Attack: a tester step with attempts whose first attempt fails its own check: the fix
+/// round on that attempt's branch must still end in the pick (the pick waits for the
+/// fixed check), and the pick's candidates are still the attempts' branches.
+#[test]
+fn a_fix_round_inside_an_attempt_still_ends_in_the_pick() {
+    let plan = serde_json::json!({"version": 1, "steps": [
+        {"id": "t", "capability": "tester", "title": "tests", "instructions": "write tests",
+         "attempts": 2},
+        {"id": "r", "capability": "reviewer", "title": "review", "instructions": "review",
+         "depends_on": ["t"]}]});
+    let mut t = expand(plan, limits(8, 8, 1));
+    let now = timefmt::now();
+    let tries = t.queue_ready(now);
+    assert_eq!(tries.len(), 2);
+    let failing = serde_json::json!({"verdict": "failed",
+        "failures": [{"file": "a", "line": 1, "message": "boom"}], "output": "x"});
+    t.apply_outcome(
+        tries[0],
+        1,
+        Outcome::succeeded(fenced(&failing), Some("c1".into())),
+        3,
+        now,
+    )
+    .unwrap();
+    t.apply_outcome(tries[1], 1, Outcome::succeeded("ok", Some("c2".into())), 3, now)
+        .unwrap();
+    // Run whatever comes (fix, check) to success until the pick shows up.
+    let mut pick = None;
+    for _ in 0..10 {
+        assert!(!t.status.is_terminal(), "{:?} {:?}", t.status, t.error);
+        let ready = t.queue_ready(now);
+        if let Some(p) = ready.iter().find(|i| is_pick(&t, **i)) {
+            pick = Some(*p);
+            break;
+        }
+        assert!(!ready.is_empty(), "stuck: {:#?}", t.subtasks);
+        for id in ready {
+            t.apply_outcome(id, 1, Outcome::succeeded("fixed", Some("c".into())), 3, now)
+                .unwrap();
+        }
+    }
+    let pick = pick.expect("the pick never came");
+    let Some(Step::Pick { candidates, .. }) = step_of(&t, pick) else {
+        panic!()
+    };
+    assert_eq!(candidates.len(), 2);
+    // Every subtask that pushed to an attempt branch is done before the pick.
+    for s in &t.subtasks {
+        if let Some(Step::Plan {
+            branch: Some(b), ..
+        }) = &s.step
+        {
+            if candidates.contains(b) {
+                assert_eq!(s.status, SubtaskStatus::Succeeded, "{b} still {:?}", s.status);
+            }
+        }
+    }
+}
+
+/// Attack: a pick that failed (it named no attempt) retried by hand: the retried pick
+/// runs again and its pick is taken; the attempts are not run again.
+#[test]
+fn a_failed_pick_retried_picks_again() {
+    let mut t = expand(swarm_plan(2), limits(8, 8, 1));
+    let pick = run_attempts(&mut t);
+    let now = timefmt::now();
+    t.apply_outcome(pick, 1, Outcome::succeeded("I like both", None), 3, now)
+        .unwrap();
+    assert_eq!(t.status, TaskStatus::Failed);
+    t.retry(now).unwrap();
+    let ready = t.queue_ready(now);
+    assert_eq!(ready, vec![pick], "only the pick runs again");
+    let attempt = t.subtask(pick).unwrap().attempt;
+    t.apply_outcome(
+        pick,
+        attempt,
+        Outcome::succeeded(fenced(&serde_json::json!({"pick": 2})), None),
+        3,
+        now,
+    )
+    .unwrap();
+    assert!(!t.status.is_terminal(), "{:?}", t.error);
+    match step_of(&t, pick) {
+        Some(Step::Pick { picked, .. }) => {
+            assert!(picked.is_some_and(|p| p.ends_with("-try2")))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Attack: cancelling the task while its attempts run: nothing is queued after, and a
+/// late attempt's success (or the pick's) changes nothing.
+#[test]
+fn cancelling_during_the_attempts_stops_them() {
+    let mut t = expand(swarm_plan(3), limits(8, 8, 1));
+    let now = timefmt::now();
+    let tries = t.queue_ready(now);
+    assert_eq!(tries.len(), 3);
+    t.cancel("stop", now).unwrap();
+    for id in &tries {
+        let _ = t.apply_outcome(*id, 1, Outcome::succeeded("late", Some("c".into())), 3, now);
+    }
+    assert_eq!(t.status, TaskStatus::Cancelled);
+    assert!(t.queue_ready(now).is_empty());
+}
