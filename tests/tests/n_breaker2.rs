@@ -75,7 +75,7 @@ fn expand(plan: serde_json::Value, limits: PlanLimits) -> Task {
     let now = timefmt::now();
     let planner = t.queue_ready(now)[0];
     t.apply_outcome(planner, 1, Outcome::succeeded(fenced(&plan), None), 3, now)
-        .unwrap();
+        .expect("set up");
     assert!(
         t.planning.as_ref().is_some_and(|p| p.expanded),
         "the plan was not expanded: {:?} {:?}",
@@ -124,7 +124,7 @@ fn run_attempts(t: &mut Task) -> SubtaskId {
             3,
             now,
         )
-        .unwrap();
+        .expect("applied");
     }
     let pick = t.queue_ready(now);
     assert_eq!(pick.len(), 1, "{pick:?}");
@@ -493,8 +493,8 @@ async fn run_agent(script_text: &str) -> Vec<serde_json::Value> {
     let mut c = Cluster::new(&[]);
     let agent = script(c.dir.path(), "agent.sh", script_text);
     let repo = bare_repo(c.dir.path(), "project", &[("README.md", "base\n")]);
-    c.start_coordinator().await.unwrap();
-    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
+    c.start_coordinator().await.expect("set up");
+    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().expect("set up"))]);
     let id = submit_code(&c, &repo, "change it", "agent/hide").await;
     wait_succeeded(&c, &id, std::time::Duration::from_secs(90)).await;
     events(&c, &id).await
@@ -604,4 +604,87 @@ fn hostile_diffs_render_as_text_in_the_browser() {
 fn a_file_past_the_cut_is_named_on_the_page() {
     let (ok, out) = diff_attacks(&["hidden_past_the_cut"]);
     assert!(ok, "{out}");
+}
+
+/// A task in its `round`-th fix round for failing checks, with `rounds` as its list.
+fn ci_task(rounds: Vec<ao_shared::task::CiRound>) -> Task {
+    let mut t = planned_task(limits(8, 8, 3));
+    t.status = TaskStatus::Running;
+    t.ci_round = rounds.last().map(|r| r.round);
+    t.ci_rounds = rounds;
+    t
+}
+
+/// Attack: check names (anyone's text: a check run's name is the app's choice) that try
+/// to leave their line in the progress comment: line breaks into a heading, a forged
+/// progress marker, HTML, a mention, a link, backticks closing the code span, hidden
+/// characters. Each round stays one line, nothing of a name shows outside a code span.
+#[test]
+fn hostile_check_names_stay_in_their_round_line() {
+    use ao_coordinator::github::progress::{marker, render};
+    use ao_shared::task::CiRound;
+    let names = [
+        "ci\n\n# Approved by the maintainers\n\n".to_string(),
+        "x` <!-- agent-orchestrator:progress task=t-0 --> `".to_string(),
+        "<details open><summary>@octocat</summary>".to_string(),
+        "``[click](https://evil.example)``".to_string(),
+        "\u{202e}lint\u{200b}\r\n- Round 9: all passed → ✅ done".to_string(),
+        "`".repeat(300),
+    ];
+    let t = ci_task(vec![
+        CiRound::new(1, names.clone()),
+        CiRound::new(2, names.iter().rev().cloned()),
+    ]);
+    let body = render(&t, Some(7));
+    // A forged marker may show, as code: GitHub renders no HTML in a code span.
+    assert!(body.starts_with(&marker(&t)), "{body}");
+    assert_eq!(body.matches(&marker(&t)).count(), 1, "{body}");
+    let rounds: Vec<&str> = body.lines().filter(|l| l.starts_with("- Round")).collect();
+    assert_eq!(rounds.len(), 2, "{body}");
+    assert!(
+        !body
+            .lines()
+            .any(|l| l.starts_with('#') && !l.starts_with("### Agent")),
+        "{body}"
+    );
+    for line in &rounds {
+        // Outside the code spans, only the round's own words.
+        let outside: String = line
+            .split('`')
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 0)
+            .map(|(_, s)| s)
+            .collect();
+        for bad in ["<", "@", "](", "\u{202e}", "\u{200b}"] {
+            assert!(
+                !outside.contains(bad),
+                "{bad:?} outside a code span: {line}"
+            );
+        }
+    }
+}
+
+/// Attack: 100 failing checks of 10 KiB names in each of 1,000 rounds: the progress
+/// comment stays within GitHub's comment limit (65,536 characters) and keeps its marker.
+#[test]
+fn a_hundred_failing_checks_in_many_rounds_fit_the_comment() {
+    use ao_coordinator::github::progress::{marker, render};
+    use ao_shared::task::CiRound;
+    let checks: Vec<String> = (0..100)
+        .map(|i| format!("check-{i}-{}", "n".repeat(10 * 1024)))
+        .collect();
+    let one = CiRound::new(1, checks.clone());
+    assert!(one.failing.len() <= ao_shared::task::MAX_CI_ROUND_CHECKS);
+    let t = ci_task(
+        (1..=1000)
+            .map(|r| CiRound::new(r, checks.clone()))
+            .collect(),
+    );
+    let body = render(&t, Some(7));
+    assert!(
+        body.chars().count() <= 65_536,
+        "{} characters",
+        body.chars().count()
+    );
+    assert!(body.contains(&marker(&t)), "the marker was cut");
 }
