@@ -278,33 +278,46 @@ fn attempts_out_of_bounds_are_refused() {
     assert!(Plan::parse(Some(&plan), &limits(8, 8, 1)).is_err());
 }
 
-/// Attack: a plan multiplying its subtasks with attempts (2 steps of 4 attempts) under
-/// `max_parallel` 2: never more than 2 subtasks of the task queued or running at once.
+/// Attack: a plan multiplying its subtasks with attempts (2 steps of 4 attempts, under
+/// `max_steps` 2) under `max_parallel` 1 and 2: never more subtasks of the task queued or
+/// running at once, and the task still ends (no deadlock of attempts waiting on a slot).
 #[test]
 fn attempts_are_held_to_max_parallel() {
-    let plan = serde_json::json!({"version": 1, "steps": [
-        {"id": "a", "capability": "coder", "title": "a", "instructions": "do a", "attempts": 4},
-        {"id": "b", "capability": "coder", "title": "b", "instructions": "do b", "attempts": 4}]});
-    let mut t = expand(plan, limits(2, 2, 1));
-    let now = timefmt::now();
-    let mut running: Vec<SubtaskId> = Vec::new();
-    let mut ran = 0;
-    for _ in 0..64 {
-        running.extend(t.queue_ready(now));
-        assert!(running.len() <= 2, "{} at once", running.len());
-        let Some(id) = running.pop() else { break };
-        let out = if is_pick(&t, id) {
-            Outcome::succeeded(fenced(&serde_json::json!({"pick": 1})), None)
-        } else {
-            Outcome::succeeded("done", Some("c".into()))
-        };
-        t.apply_outcome(id, 1, out, 3, now).unwrap();
-        ran += 1;
-        if t.status.is_terminal() {
-            break;
+    for max_parallel in [1u32, 2] {
+        let plan = serde_json::json!({"version": 1, "steps": [
+            {"id": "a", "capability": "coder", "title": "a", "instructions": "do a", "attempts": 4},
+            {"id": "b", "capability": "coder", "title": "b", "instructions": "do b", "attempts": 4}]});
+        let mut t = expand(plan, limits(2, max_parallel, 1));
+        let now = timefmt::now();
+        let mut running: Vec<SubtaskId> = Vec::new();
+        let mut ran = 0;
+        for _ in 0..64 {
+            running.extend(t.queue_ready(now));
+            assert!(
+                running.len() <= max_parallel as usize,
+                "{} at once",
+                running.len()
+            );
+            let Some(id) = running.pop() else { break };
+            let out = if is_pick(&t, id) {
+                Outcome::succeeded(fenced(&serde_json::json!({"pick": 1})), None)
+            } else {
+                Outcome::succeeded("done", Some("c".into()))
+            };
+            t.apply_outcome(id, 1, out, 3, now).unwrap();
+            ran += 1;
+            if t.status.is_terminal() {
+                break;
+            }
         }
+        // 8 attempts, 2 picks, the last merge: all ran, none left waiting.
+        assert_eq!(
+            t.status,
+            TaskStatus::Succeeded,
+            "max_parallel {max_parallel}: {ran} ran"
+        );
+        assert!(ran >= 11, "only {ran} subtasks ran");
     }
-    assert!(ran >= 10, "only {ran} subtasks ran: {:?}", t.status);
 }
 
 /// Attack: one attempt fails for good (not retryable). The pick must not keep it: either
