@@ -164,6 +164,10 @@ pub struct Outcome {
     /// it gave one; at most [`MAX_STRUCTURED_BYTES`] encoded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub structured: Option<Box<serde_json::Value>>,
+    /// The repository had no commit (an unborn default branch) and `commit` is its first,
+    /// on the task branch: there is no base branch to open a pull request against.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub first_commit: bool,
 }
 
 /// The largest structured reply an outcome carries, in bytes of JSON: a plan of
@@ -241,6 +245,7 @@ impl Outcome {
             cause: None,
             network_refused: None,
             structured: None,
+            first_commit: false,
         }
     }
 

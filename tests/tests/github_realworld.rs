@@ -497,3 +497,46 @@ async fn the_apps_own_bot_triggers_nothing_and_is_not_told_bots_are_refused() {
     );
     assert!(tasks_of(&c, issue).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_empty_repository_gets_its_first_commit_and_no_pull_request_is_tried() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = fake(&tmp).await;
+    let bare = fake.add_repo(7, REPO, &[]);
+    // No commit at all: the default branch is unborn.
+    git(&bare, &["update-ref", "-d", "refs/heads/main"]);
+    fake.set_role(REPO, "alice", "write");
+    let c = with_worker(&fake).await;
+    let issue = fake.open_issue(REPO, "Start it", "Please add a first file.", "alice");
+    assert_eq!(fake.label_issue(REPO, issue, "agent", "alice").await, 202);
+    let m = fake
+        .wait_for(
+            "the issue is done and says why there is no pull request",
+            LIMIT,
+            |m| {
+                let done = m
+                    .issue(REPO, issue)
+                    .is_some_and(|i| i.labels.iter().any(|l| l == "agent:done"));
+                done && ours(m, issue)
+                    .iter()
+                    .any(|b| b.contains("nothing to open a pull request against"))
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let pulls = format!("POST /repos/{REPO}/pulls");
+    assert!(
+        !m.calls.contains(&pulls),
+        "a pull request was tried against a base that does not exist: {:#?}",
+        m.calls
+    );
+    assert!(m.pulls(REPO).is_empty());
+    // The work is on the task branch, as the repository's first commit.
+    let branch = git(
+        &bare,
+        &["for-each-ref", "--format=%(refname:short)", "refs/heads/"],
+    );
+    assert!(branch.starts_with("agent/"), "{branch}");
+    let log = git(&bare, &["rev-list", "--count", &branch]);
+    assert_eq!(log, "1");
+}

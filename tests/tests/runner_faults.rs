@@ -389,6 +389,8 @@ async fn an_empty_repository_gets_its_first_commit_on_the_task_branch() {
     assert_eq!(runs(&count), 1);
     let files = git(&repo, &["ls-tree", "-r", "--name-only", "agent/first"]);
     assert_eq!(files, "first.txt");
+    // The outcome says so in a typed field the reporter acts on.
+    assert_eq!(subtask["outcome"]["first_commit"], true, "{task:#}");
     let summary = subtask["outcome"]["summary"].as_str().unwrap_or_default();
     assert!(
         summary.contains("The repository was empty")

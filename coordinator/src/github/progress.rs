@@ -25,6 +25,17 @@ pub fn status_label(status: TaskStatus) -> Option<&'static str> {
     }
 }
 
+/// Whether a run made the repository's first commit on the task branch (the repository
+/// was empty): there is no base branch, so no pull request is opened.
+pub fn first_commit(task: &Task) -> bool {
+    task.subtasks.iter().any(|s| {
+        s.works_on_task_branch()
+            && s.outcome
+                .as_ref()
+                .is_some_and(|o| o.first_commit && o.commit.is_some())
+    })
+}
+
 /// A marker that identifies the progress comment of a task.
 pub fn marker(task: &Task) -> String {
     format!("<!-- agent-orchestrator:progress task={} -->", task.id)
@@ -109,6 +120,13 @@ pub fn render(task: &Task, pull_request: Option<u64>) -> String {
         s.push_str(&format!(" · pull request #{n}"));
     }
     s.push_str("\n\n");
+    if first_commit(task) {
+        s.push_str(&format!(
+            "The repository was empty: the agent's commit is its first, on `{}`. There is \
+             nothing to open a pull request against; the work is on that branch as it is.\n\n",
+            task.branch
+        ));
+    }
     if let Some(n) = task.ci_round {
         s.push_str(&format!(
             "Fix round {n} for the pull request's failing checks (at most \

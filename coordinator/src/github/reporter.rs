@@ -381,6 +381,9 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
     let pushed = task.subtasks.iter().any(|s| {
         s.works_on_task_branch() && s.outcome.as_ref().is_some_and(|o| o.commit.is_some())
     });
+    // A repository's first commit has no base branch to ask for: the progress comment
+    // says so, and no pull request is tried.
+    let pushed = pushed && !progress::first_commit(&task);
     if pull_request.is_none() && pushed && written.open(Step::PullRequest) {
         let found = api::find_pull(c, inst, &repo, &task.branch).await;
         let pr = match written.settle(id, Step::PullRequest, found)? {

@@ -380,6 +380,7 @@ pub fn run(
                     emit(git::BRANCH_DIFF_EVENT, diff);
                 }
             }
+            outcome.first_commit = prepared.empty_repository && delivered.commit.is_some();
             outcome.commit = delivered.commit;
             if !notes.is_empty() {
                 let said = outcome.summary.trim_end().to_string();
