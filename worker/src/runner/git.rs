@@ -1127,12 +1127,18 @@ fn bundle(
 /// Most bytes of the patch text a [`DIFF_EVENT`] carries: under the event bound
 /// (`ao_shared::bounded::MAX_EVENT_DATA_BYTES`, 24 KiB) with room for the file list.
 const MAX_PATCH_BYTES: usize = 16 * 1024;
-/// Most files a [`DIFF_EVENT`] lists.
-const MAX_DIFF_FILES: usize = 50;
+/// Most files a [`DIFF_EVENT`] lists (fewer when their paths do not fit the bound).
+const MAX_DIFF_FILES: usize = 300;
+/// The longest path a [`DIFF_EVENT`] lists whole, in bytes; a longer one keeps its end
+/// (where the file's name is), marked with `…`.
+const MAX_LISTED_PATH_BYTES: usize = 120;
 /// The runner's event with what a run changed: data `{from, to, files: [{path, added,
 /// deleted}], files_total, patch, patch_bytes, truncated}`. `patch` is git's unified diff
-/// of `from..to`, cut at a file boundary to at most [`MAX_PATCH_BYTES`] (`patch_bytes` is
-/// the whole size); `added`/`deleted` are line counts, `null` for a binary file.
+/// of `from..to`, cut at a file boundary (`patch_bytes` is the whole size); `added` /
+/// `deleted` are line counts, `null` for a binary file. The file list comes first: the
+/// patch gives way to it, so every changed file is named (up to [`MAX_DIFF_FILES`],
+/// `files_total` counting all), whatever the patch shows; the event always fits the
+/// event bound.
 pub const DIFF_EVENT: &str = "diff";
 /// The runner's event with the task branch's change against its base: the data of a
 /// [`DIFF_EVENT`], `from` the fork point of the branch and the base as cloned.
@@ -1143,6 +1149,18 @@ pub fn fork_point(repo: &Path, base_tip: &str, head: &str) -> Option<String> {
     output(repo, &["merge-base", base_tip, head])
         .ok()
         .filter(|fork| !fork.is_empty())
+}
+
+/// `path` as listed: whole, or its last [`MAX_LISTED_PATH_BYTES`] bytes after `…`.
+fn listed_path(path: &str) -> String {
+    if path.len() <= MAX_LISTED_PATH_BYTES {
+        return path.to_string();
+    }
+    let mut start = path.len() - MAX_LISTED_PATH_BYTES;
+    while !path.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("…{}", &path[start..])
 }
 
 /// The [`DIFF_EVENT`] data for `from..to` in the working copy (`from` empty: everything
@@ -1174,7 +1192,7 @@ pub fn diff_event(repo: &Path, from: &str, to: &str) -> Option<serde_json::Value
             let mut parts = l.splitn(3, '\t');
             let (added, deleted, path) = (parts.next()?, parts.next()?, parts.next()?);
             Some(serde_json::json!({
-                "path": path,
+                "path": listed_path(path),
                 "added": added.parse::<u64>().ok(),
                 "deleted": deleted.parse::<u64>().ok(),
             }))
@@ -1182,26 +1200,33 @@ pub fn diff_event(repo: &Path, from: &str, to: &str) -> Option<serde_json::Value
         .collect();
     let patch = diff(&[]).ok()?;
     let files_total = all.len();
-    let files: Vec<serde_json::Value> = all.into_iter().take(MAX_DIFF_FILES).collect();
-    // Escaping grows the text; the patch is halved until the event fits its bound whole.
+    let mut listed = all.len().min(MAX_DIFF_FILES);
     let mut limit = MAX_PATCH_BYTES;
+    // Escaping grows the text: the patch is halved until the event fits its bound whole,
+    // then, with no patch left, the file list.
     loop {
         let (shown, truncated) = cut_patch(&patch, limit);
         let data = serde_json::json!({
             "from": from,
             "to": to,
             "files_total": files_total,
-            "files": files,
+            "files": all[..listed],
             "patch": shown,
             "patch_bytes": patch.len(),
             "truncated": truncated,
         });
         let fits = serde_json::to_string(&data)
             .is_ok_and(|t| t.len() <= ao_shared::bounded::MAX_EVENT_DATA_BYTES);
-        if fits || limit == 0 {
-            return fits.then_some(data);
+        if fits {
+            return Some(data);
         }
-        limit /= 2;
+        if limit > 0 {
+            limit /= 2;
+        } else if listed > 0 {
+            listed /= 2;
+        } else {
+            return None;
+        }
     }
 }
 

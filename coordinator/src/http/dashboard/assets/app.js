@@ -552,9 +552,16 @@ function diffView(sub, diff, title) {
   const head = `${title || (sub ? sub.capability : 'step')}${step}: ${total} file${total === 1 ? '' : 's'}, +${added} −${deleted}` +
     (diff.truncated ? ` (diff cut at ${String(diff.patch || '').length} of ${diff.patch_bytes} bytes)` : '');
   const body = el('div', { class: 'diff-body' });
+  // Every file the event names, whatever the patch below shows: a change past the cut
+  // of the patch is still named here.
+  const list = el('ul', { class: 'diff-files' }, ...files.map((f) => el('li', {},
+    el('code', { text: String(f.path) }),
+    el('span', { class: 'muted', text: f.added == null ? ' binary' : ` +${Number(f.added) || 0} −${Number(f.deleted) || 0}` }))));
+  if (total > files.length) list.append(el('li', { class: 'error', text: `… and ${total - files.length} more files, not listed` }));
+  body.append(list);
   const patch = typeof diff.patch === 'string' ? diff.patch : '';
   if (window.Diff2Html && patch) {
-    body.append(...inertNodes(window.Diff2Html.html(patch, { drawFileList: true, matching: 'lines', outputFormat: 'line-by-line' })));
+    body.append(...inertNodes(window.Diff2Html.html(patch, { drawFileList: false, matching: 'lines', outputFormat: 'line-by-line' })));
   } else {
     body.append(el('pre', { class: 'ev-body', text: patch || '(no text diff)' }));
   }
