@@ -462,8 +462,18 @@ async fn nomad_being_down_is_a_retryable_failure_and_the_task_is_not_lost() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(c.logs().contains("unreachable"), "{}", c.logs());
-    // Nomad comes back: a later attempt runs.
-    let fake = start_fake(&c, port, 2).await;
+    // Nomad comes back with the jobs and variables it had: a later attempt runs.
+    let fake = FakeNomad::start_with(
+        port,
+        options(&c, 2),
+        &["coder"],
+        &[(
+            "nomad/jobs/ao-sandbox-coder",
+            json!({ "anthropic_api_key": MODEL_KEY }),
+        )],
+    )
+    .await
+    .unwrap();
     let done = c
         .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
         .await

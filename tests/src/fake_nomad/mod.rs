@@ -304,6 +304,17 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// Sets a variable (as `nomad var put` would).
+    fn put_var(&self, path: &str, items: Value) {
+        let mut inner = self.inner.lock();
+        let idx = inner.touch("vars");
+        inner.vars.insert(
+            path.to_string(),
+            json!({ "Namespace": "default", "Path": path, "Items": items,
+                    "CreateIndex": idx, "ModifyIndex": idx }),
+        );
+    }
+
     /// Wakes blocking queries after a change.
     pub fn notify(&self) {
         let index = self.inner.lock().index;
@@ -334,6 +345,19 @@ impl FakeNomad {
 
     /// Starts on `port` (0: any free one).
     pub async fn start_on(port: u16, opts: Options) -> anyhow::Result<Self> {
+        Self::start_with(port, opts, &[], &[]).await
+    }
+
+    /// Starts on `port` already holding the sandbox jobs of `capabilities` (from
+    /// `nomad/sandbox.nomad.hcl`) and the variables `vars` (path, items), as a Nomad
+    /// that restarts keeps its registered jobs and variables: its first answer already
+    /// knows them.
+    pub async fn start_with(
+        port: u16,
+        opts: Options,
+        capabilities: &[&str],
+        vars: &[(&str, Value)],
+    ) -> anyhow::Result<Self> {
         let api = OpenApi::load_or_routes()?;
         let root = tempfile::Builder::new().prefix("fake-nomad-").tempdir()?;
         let (changed, _) = watch::channel(0);
@@ -350,6 +374,12 @@ impl FakeNomad {
             jwks_reads: Default::default(),
             root: root.path().to_path_buf(),
         });
+        for capability in capabilities {
+            register(&state, json!({ "Job": sandbox_job(capability)? }));
+        }
+        for (path, items) in vars {
+            state.put_var(path, items.clone());
+        }
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         let addr = listener.local_addr()?;
         let app = axum::Router::new()
@@ -395,21 +425,14 @@ impl FakeNomad {
 
     /// Registers the sandbox job of `capability` from `nomad/sandbox.nomad.hcl`.
     pub async fn register_sandbox_job(&self, capability: &str) -> anyhow::Result<Value> {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../nomad/sandbox.nomad.hcl");
-        let job = jobspec::load(&path, &[("capability", capability)])?;
+        let job = sandbox_job(capability)?;
         self.register(job.clone()).await?;
         Ok(job)
     }
 
     /// Sets a variable directly (as an operator would with `nomad var put`).
     pub fn put_var(&self, path: &str, items: Value) {
-        let mut inner = self.state.inner.lock();
-        let idx = inner.touch("vars");
-        inner.vars.insert(
-            path.to_string(),
-            json!({ "Namespace": "default", "Path": path, "Items": items,
-                    "CreateIndex": idx, "ModifyIndex": idx }),
-        );
+        self.state.put_var(path, items);
     }
 
     /// Changes the capacity; frees blocked evaluations when it grows.
@@ -870,6 +893,12 @@ async fn handle(
     );
     h.insert("X-Nomad-LastContact", 0.into());
     resp
+}
+
+/// The sandbox job of `capability`, from `nomad/sandbox.nomad.hcl`.
+fn sandbox_job(capability: &str) -> anyhow::Result<Value> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../nomad/sandbox.nomad.hcl");
+    jobspec::load(&path, &[("capability", capability)])
 }
 
 fn register(state: &State, body: Value) -> (StatusCode, &'static str, Value) {
