@@ -506,6 +506,69 @@ async fn replicas_write_in_turn_with_stale_counters() {
     assert_eq!(now.status, TaskStatus::Running, "the loser changed nothing");
 }
 
+/// A task's event counter behind its stored events (what a table restored from a backup,
+/// or moto's restore of a whole-table snapshot when a concurrent transaction's condition
+/// fails, can leave): every later append took a number already taken, and failed for good
+/// ("gave up after 8 attempts"), wedging the task. The store now writes after the newest
+/// stored event.
+#[tokio::test]
+async fn a_counter_behind_the_stored_events_is_moved_past_them() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let c = clients().await;
+    let table = unique("t");
+    let store = DynamoStore::open(c.dynamodb.clone(), &store_options(&table))
+        .await
+        .unwrap();
+    let task = conformance::sample_task("/srv/behind.git");
+    store
+        .create_task(&task, None, &[event("created")])
+        .await
+        .unwrap();
+    store.append_events(task.id, &[event("a")]).await.unwrap();
+    // Put the counter back by one, as a lost counter write would have left it.
+    let pk = format!("TASK#{}", task.id);
+    c.dynamodb
+        .update_item()
+        .table_name(&table)
+        .key("pk", AttributeValue::S(pk))
+        .key("sk", AttributeValue::S("SEQ".into()))
+        .update_expression("SET last_seq = :one")
+        .expression_attribute_values(":one", AttributeValue::N("1".into()))
+        .send()
+        .await
+        .unwrap();
+    // A replica that never wrote this task (no cached counter) appends.
+    let other = DynamoStore::open(c.dynamodb.clone(), &store_options(&table))
+        .await
+        .unwrap();
+    other.append_events(task.id, &[event("b")]).await.unwrap();
+    other
+        .update_task(&task_as_stored(&other, task.id).await, &[event("c")])
+        .await
+        .unwrap();
+    let texts: Vec<String> = other
+        .events(task.id, None, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| {
+            e.event.data["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        ["created", "a", "b", "c"],
+        "every event kept, once, in order"
+    );
+}
+
+async fn task_as_stored(store: &DynamoStore, id: ao_shared::ids::TaskId) -> ao_shared::task::Task {
+    store.get_task(id).await.unwrap().unwrap()
+}
+
 /// `Backends::open_aws` wires the three AWS seams from settings.
 #[tokio::test]
 async fn backends_open_from_settings() {

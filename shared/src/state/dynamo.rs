@@ -443,13 +443,12 @@ impl DynamoStore {
             .update_expression("SET #last = :hi")
             .expression_attribute_names("#last", LAST_SEQ)
             .expression_attribute_values(":hi", n(hi));
-        update = if prev == 0 {
-            update.condition_expression("attribute_not_exists(pk)")
-        } else {
-            update
-                .condition_expression("#last = :prev")
-                .expression_attribute_values(":prev", n(prev))
-        };
+        // `<=`, not `=`: a counter found behind the stored events is moved past them
+        // (see `write_with_events`); it never moves back. The events' own conditions
+        // keep two writers from taking one number.
+        update = update
+            .condition_expression("attribute_not_exists(pk) OR #last <= :prev")
+            .expression_attribute_values(":prev", n(prev));
         Ok(TransactWriteItem::builder()
             .update(update.build().map_err(backend)?)
             .build())
@@ -472,6 +471,30 @@ impl DynamoStore {
                 n(epoch_secs_after(self.event_retention)),
             ),
         ]))
+    }
+
+    /// The number of the newest event stored for a task (0 when it has none).
+    async fn last_event_seq(&self, task: TaskId) -> Result<u64, StoreError> {
+        let out = self
+            .client
+            .query()
+            .table_name(&*self.table)
+            .key_condition_expression("pk = :pk AND sk BETWEEN :lo AND :hi")
+            .expression_attribute_values(":pk", s(task_pk(task)))
+            .expression_attribute_values(":lo", s(event_sk(1)))
+            .expression_attribute_values(":hi", s(event_sk(u64::MAX)))
+            .scan_index_forward(false)
+            .limit(1)
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| sdk_error("Query", e))?;
+        Ok(out
+            .items
+            .unwrap_or_default()
+            .first()
+            .and_then(|i| get_n(i, SEQ))
+            .unwrap_or(0))
     }
 
     /// The event counter of a task as stored (0 when it has none).
@@ -588,9 +611,26 @@ impl DynamoStore {
         extra: Vec<(TransactWriteItem, Role)>,
         events: &[NewEvent],
     ) -> Result<Option<(Role, bool)>, StoreError> {
+        // Set when an event number the counter called free was taken: the counter is
+        // behind the stored events (a write that stored events but not the counter, as
+        // a restored table or a store without isolated transactions can leave), and
+        // the next attempt starts after the newest event, which would otherwise fail
+        // the same way for good.
+        let mut behind = false;
         for attempt in 0..MAX_ATTEMPTS {
             let prev = match self.hint(task) {
                 Some(h) if attempt == 0 => h,
+                _ if behind => {
+                    let (counter, last) = (
+                        self.read_counter(task).await?,
+                        self.last_event_seq(task).await?,
+                    );
+                    if last > counter {
+                        tracing::warn!(task_id = %task, counter, last_event = last,
+                            "the event counter is behind the stored events; writing after them");
+                    }
+                    counter.max(last)
+                }
                 _ => self.read_counter(task).await?,
             };
             let hi = prev + events.len() as u64;
@@ -617,8 +657,12 @@ impl DynamoStore {
                     self.set_hint(task, Some(hi));
                     return Ok(None);
                 }
-                Err(TxFailure::Condition(Role::Counter | Role::Event, _)) => {
+                Err(TxFailure::Condition(Role::Counter, _)) => {
                     self.set_hint(task, None);
+                }
+                Err(TxFailure::Condition(Role::Event, _)) => {
+                    self.set_hint(task, None);
+                    behind = true;
                 }
                 Err(TxFailure::Condition(role, has_item)) => {
                     return Ok(Some((role, has_item)));
