@@ -126,6 +126,7 @@ pub struct Pull {
 
 #[derive(Clone, Debug)]
 pub struct Review {
+    pub id: u64,
     pub repo: String,
     pub pull: u64,
     pub user: String,
@@ -325,12 +326,17 @@ pub enum Failure {
     /// The request is carried out, but the answer is lost: 502 (a gateway that timed out
     /// after GitHub acted).
     LostAnswer,
+    /// The request is carried out and answered, this many milliseconds late (a slow
+    /// GitHub: a second caller may act meanwhile).
+    Slow { ms: u64 },
 }
 
-/// An injected failure: the next `times` requests whose `METHOD path` contains `matches`.
+/// An injected failure: the next `times` requests whose `METHOD path` contains `matches`
+/// (and, when `body` is set, whose body contains it).
 #[derive(Clone, Debug)]
 pub struct Fault {
     pub matches: String,
+    pub body: Option<String>,
     pub times: u32,
     pub failure: Failure,
 }
@@ -633,6 +639,17 @@ impl FakeGithub {
     pub fn fail(&self, matches: &str, times: u32, failure: Failure) {
         self.fake.faults.lock().push(Fault {
             matches: matches.into(),
+            body: None,
+            times,
+            failure,
+        });
+    }
+
+    /// Like [`FakeGithub::fail`], only for requests whose body contains `body` too.
+    pub fn fail_with_body(&self, matches: &str, body: &str, times: u32, failure: Failure) {
+        self.fake.faults.lock().push(Fault {
+            matches: matches.into(),
+            body: Some(body.into()),
             times,
             failure,
         });
@@ -1166,7 +1183,9 @@ impl FakeGithub {
                 .get(&pull)
                 .cloned()
                 .expect("pull request");
+            let id = m.id();
             m.reviews.push(Review {
+                id,
                 repo: repo.into(),
                 pull,
                 user: sender.into(),
@@ -1260,7 +1279,10 @@ fn router(fake: Arc<Fake>) -> Router {
         .route("/repos/{o}/{r}/issues/{n}/events", get(issue_events))
         .route("/repos/{o}/{r}/pulls", post(create_pull).get(list_pulls))
         .route("/repos/{o}/{r}/pulls/{n}", get(get_pull).patch(update_pull))
-        .route("/repos/{o}/{r}/pulls/{n}/reviews", post(create_review))
+        .route(
+            "/repos/{o}/{r}/pulls/{n}/reviews",
+            post(create_review).get(list_reviews),
+        )
         .route("/repos/{o}/{r}/pulls/{n}/files", get(pull_files))
         .route(
             "/repos/{o}/{r}/commits/{git_ref}/check-runs",
@@ -1383,16 +1405,42 @@ async fn faults_and_limits(
     use std::sync::atomic::Ordering;
     let what = format!("{} {}", request.method(), request.uri().path());
     let reset = (time::OffsetDateTime::now_utc().unix_timestamp() + 3600).to_string();
+    // The body is read only when a fault looks at it.
+    let wants_body = f
+        .faults
+        .lock()
+        .iter()
+        .any(|x| x.times > 0 && x.body.is_some() && what.contains(&x.matches));
+    let (request, body) = if wants_body {
+        let (parts, body) = request.into_parts();
+        let bytes = axum::body::to_bytes(body, 64 << 20)
+            .await
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        (
+            axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes)),
+            text,
+        )
+    } else {
+        (request, String::new())
+    };
     let failure = {
         let mut faults = f.faults.lock();
-        let hit = faults
-            .iter_mut()
-            .find(|x| x.times > 0 && what.contains(&x.matches));
+        let hit = faults.iter_mut().find(|x| {
+            x.times > 0
+                && what.contains(&x.matches)
+                && x.body.as_deref().is_none_or(|b| body.contains(b))
+        });
         hit.map(|x| {
             x.times -= 1;
             x.failure.clone()
         })
     };
+    if let Some(Failure::Slow { ms }) = failure {
+        f.model.lock().calls.push(format!("{what} (slow, begun)"));
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        return next.run(request).await;
+    }
     if let Some(Failure::LostAnswer) = failure {
         let _ = next.run(request).await;
         f.model.lock().calls.push(format!("{what} (answer lost)"));
@@ -1428,7 +1476,9 @@ async fn faults_and_limits(
                 Json(json!({ "message": "Repository was archived so is read-only." })),
             )
                 .into_response(),
-            Failure::LostAnswer => (StatusCode::BAD_GATEWAY, "upstream timed out").into_response(),
+            Failure::LostAnswer | Failure::Slow { .. } => {
+                (StatusCode::BAD_GATEWAY, "upstream timed out").into_response()
+            }
             Failure::Gone => (
                 StatusCode::GONE,
                 Json(json!({ "message": "Issues are disabled for this repo" })),
@@ -1969,6 +2019,43 @@ async fn create_comment(
         .into_response())
 }
 
+/// A `simple-user` of a login: a `Bot` when it is an App's (`<slug>[bot]`).
+fn user_json(login: &str) -> Value {
+    let kind = if login.ends_with("[bot]") {
+        "Bot"
+    } else {
+        "User"
+    };
+    json!({ "login": login, "type": kind })
+}
+
+/// `GET /repos/{owner}/{repo}/pulls/{pull_number}/reviews`, oldest first, paged.
+async fn list_reviews(
+    call: Call,
+    Path((o, r, n)): Path<(String, String, u64)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let uri = call.uri.clone();
+    let (f, repo) = call.repo(&o, &r, "pull_requests", Perm::Read)?;
+    let m = f.model.lock();
+    let list: Vec<Value> = m
+        .reviews
+        .iter()
+        .filter(|x| x.repo == repo && x.pull == n)
+        .map(|x| {
+            let state = if x.event == "COMMENT" { "COMMENTED" } else { &x.event };
+            json!({ "id": x.id, "node_id": format!("PRR_{}", x.id), "body": x.body,
+                    "state": state, "user": user_json(&x.user),
+                    "html_url": format!("https://github.com/{repo}/pull/{n}#pullrequestreview-{}", x.id),
+                    "pull_request_url": format!("https://api.github.com/repos/{repo}/pulls/{n}"),
+                    "author_association": "NONE", "commit_id": null,
+                    "_links": { "html": { "href": format!("https://github.com/{repo}/pull/{n}") },
+                                "pull_request": { "href": format!("https://api.github.com/repos/{repo}/pulls/{n}") } } })
+        })
+        .collect();
+    Ok(paginate(&f, &uri, &q, list, array))
+}
+
 async fn list_comments(
     call: Call,
     Path((o, r, n)): Path<(String, String, u64)>,
@@ -1980,7 +2067,7 @@ async fn list_comments(
     let list: Vec<Value> = m
         .comments_on(&repo, n)
         .iter()
-        .map(|c| json!({ "id": c.id, "body": c.body, "user": { "login": c.user } }))
+        .map(|c| json!({ "id": c.id, "body": c.body, "user": user_json(&c.user) }))
         .collect();
     Ok(paginate(&f, &uri, &q, list, array))
 }
@@ -2229,6 +2316,7 @@ async fn create_review(
     let mut m = f.model.lock();
     let id = m.id();
     m.reviews.push(Review {
+        id,
         repo,
         pull: n,
         user: BOT_LOGIN.into(),

@@ -84,14 +84,25 @@ pub async fn answer(
     }
 }
 
+/// Whether `user` (a `simple-user` of GitHub's REST description) is this App's bot: of
+/// `type` `Bot`, and `<app_slug>[bot]` when the slug is configured. A person quoting
+/// the App's comment (markers included) is never taken for the App.
+fn by_the_app(user: &Value, app_slug: Option<&str>) -> bool {
+    let login = user["login"].as_str().unwrap_or_default();
+    user["type"] == "Bot" && app_slug.is_none_or(|slug| login.strip_suffix("[bot]") == Some(slug))
+}
+
 /// The id of the App's comment on an issue whose body contains `marker`, if any (to
-/// find a comment whose creation failed without an answer instead of making a second).
+/// find a comment whose creation failed without an answer, or was made by a replica
+/// that died before storing its id, instead of making a second). Reads every page of
+/// `GET /repos/{owner}/{repo}/issues/{issue_number}/comments`.
 pub async fn find_comment(
     c: &Client,
     inst: u64,
     repo: &RepoName,
     issue: u64,
     marker: &str,
+    app_slug: Option<&str>,
 ) -> Result<Option<u64>, GithubError> {
     let list: Vec<Value> = c
         .list(
@@ -103,8 +114,35 @@ pub async fn find_comment(
         .await?;
     Ok(list
         .iter()
-        .find(|x| x["body"].as_str().is_some_and(|b| b.contains(marker)))
+        .find(|x| {
+            by_the_app(&x["user"], app_slug)
+                && x["body"].as_str().is_some_and(|b| b.contains(marker))
+        })
         .and_then(|x| x["id"].as_u64()))
+}
+
+/// Whether the App already posted a review on pull request `number` whose body contains
+/// `marker` (one whose creation failed without an answer). Reads every page of `GET
+/// /repos/{owner}/{repo}/pulls/{pull_number}/reviews`.
+pub async fn has_review(
+    c: &Client,
+    inst: u64,
+    repo: &RepoName,
+    number: u64,
+    marker: &str,
+    app_slug: Option<&str>,
+) -> Result<bool, GithubError> {
+    let list: Vec<Value> = c
+        .list(
+            inst,
+            "/repos/{o}/{r}/pulls/{n}/reviews",
+            &format!("/repos/{repo}/pulls/{number}/reviews?per_page=100"),
+            None,
+        )
+        .await?;
+    Ok(list.iter().any(|x| {
+        by_the_app(&x["user"], app_slug) && x["body"].as_str().is_some_and(|b| b.contains(marker))
+    }))
 }
 
 /// The checks on the head of `git_ref` (a branch): its check runs (`GET

@@ -41,6 +41,12 @@ pub fn marker(task: &Task) -> String {
     format!("<!-- agent-orchestrator:progress task={} -->", task.id)
 }
 
+/// The hidden marker of a comment or review posted once under run-once `key` (a plan,
+/// a review): how a post whose answer was lost is found before it is made again.
+pub fn once_marker(key: &ao_shared::ids::DeliveryId) -> String {
+    format!("<!-- agent-orchestrator:once {key} -->")
+}
+
 fn duration(sub: &ao_shared::task::Subtask) -> Option<String> {
     let start = sub.started_at?;
     let end = sub.finished_at?;

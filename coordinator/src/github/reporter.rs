@@ -59,6 +59,32 @@ const ENDED_SCAN: usize = 100;
 /// forgotten first).
 const MAX_ENDED_REFUSED: usize = 10_000;
 
+/// How long one replica's claim to make a task's progress comment lasts: longer than a
+/// GitHub call takes, short enough that a replica that died holding it holds nothing up
+/// for long.
+const COMMENT_CLAIM_TTL: Duration = Duration::from_secs(30);
+
+/// The lease that lets one replica at a time make a task's progress comment.
+fn comment_claim(task: TaskId) -> String {
+    format!("progress_comment/{task}")
+}
+
+/// Another replica holds the claim to make the task's progress comment: the pass is
+/// tried again shortly, and then finds the comment's id stored.
+#[derive(Debug, thiserror::Error)]
+#[error("another replica is making the progress comment")]
+struct CommentClaimed;
+
+/// The task changed while a pass wrote what it showed: the pass runs again shortly.
+#[derive(Debug, thiserror::Error)]
+#[error("the task changed during the pass")]
+struct Outdated;
+
+/// The App's slug, to know its own comments and reviews (`github.app_slug`).
+fn app_slug(gh: &Github) -> Option<&str> {
+    gh.settings.github.app_slug.as_deref()
+}
+
 /// The delays between failed passes over one task.
 fn retry_backoff() -> Backoff {
     Backoff::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY)
@@ -100,8 +126,6 @@ struct Written {
     notices: HashSet<DeliveryId>,
     /// Steps GitHub refused for good; skipped from then on.
     refused: HashSet<Step>,
-    /// Creating the progress comment failed without a clear answer: look for it first.
-    comment_unsure: bool,
 }
 
 /// A step of a pass, as far as GitHub may refuse it for good.
@@ -223,6 +247,13 @@ pub async fn run(gh: Arc<Github>, mut changes: broadcast::Receiver<TaskChange>) 
                                     written.insert(id, Written { refused, ..Default::default() });
                                 }
                             }
+                        }
+                        // Another replica makes the progress comment, or the task moved
+                        // on during the pass: look again soon.
+                        Err(e) if e.is::<CommentClaimed>() || e.is::<Outdated>() => {
+                            tracing::debug!(task_id = %id, reason = %e, "the task is passed over again");
+                            let backoff = due.remove(&id).map(|(_, b)| b).unwrap_or_else(retry_backoff);
+                            due.insert(id, (Instant::now() + FIRST_RETRY_DELAY, backoff));
                         }
                         Err(e) => {
                             let mut backoff = due.remove(&id).map(|(_, b)| b).unwrap_or_else(retry_backoff);
@@ -460,6 +491,17 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
                     }
                 }
                 let mut r = review::review(summary, verdict.as_ref(), &diff);
+                let marker = progress::once_marker(&key);
+                r.body.push_str(&format!("\n\n{marker}\n"));
+                // A post tried before may have been made without an answer: look first.
+                if owed {
+                    let found = api::has_review(c, inst, &repo, pr, &marker, app_slug(gh)).await;
+                    if written.settle(id, Step::Review, found)? == Some(true) {
+                        written.owed_reviews.remove(&key);
+                        written.reviews.insert(key);
+                        continue;
+                    }
+                }
                 let mut posted = api::create_review(c, inst, &repo, pr, &r.body, &r.comments).await;
                 // The diff moved since it was read: the findings go in the body.
                 if matches!(&posted, Err(GithubError::Status { status: 422, .. }))
@@ -512,8 +554,19 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
                      (or `/agent cancel`).\n",
                 );
             }
-            let posted = api::create_comment(c, inst, &repo, issue, &body).await;
-            written.settle(id, Step::Plan, posted)?;
+            let marker = progress::once_marker(&key);
+            body.push_str(&format!("\n{marker}\n"));
+            // A post tried before may have been made without an answer: look first.
+            let found = if owed {
+                let found = api::find_comment(c, inst, &repo, issue, &marker, app_slug(gh)).await;
+                written.settle(id, Step::Plan, found)?.flatten()
+            } else {
+                None
+            };
+            if found.is_none() {
+                let posted = api::create_comment(c, inst, &repo, issue, &body).await;
+                written.settle(id, Step::Plan, posted)?;
+            }
             written.owed_reviews.remove(&key);
         }
         written.reviews.insert(key);
@@ -586,10 +639,31 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
     if written.open(Step::Comment) {
         match comment_id {
             None => {
-                let found = if written.comment_unsure {
-                    api::find_comment(c, inst, &repo, issue, &progress::marker(&task)).await?
-                } else {
-                    None
+                // One replica makes it: the holder of the task's comment claim, which
+                // first looks for one with the task's marker (made by a process that
+                // died, or whose answer was lost, before its id was stored).
+                let claim = comment_claim(id);
+                let holder = gh.leases.holder.as_str();
+                let Some(grant) = gh
+                    .store
+                    .claim_lease(&claim, holder, COMMENT_CLAIM_TTL, None)
+                    .await?
+                else {
+                    return Err(Box::new(CommentClaimed));
+                };
+                let stored = gh.store.get_task(id).await?.and_then(|t| match t.source {
+                    TaskSource::Github {
+                        progress_comment_id,
+                        ..
+                    } => progress_comment_id,
+                    TaskSource::Api => None,
+                });
+                let found = match stored {
+                    Some(cid) => Some(cid),
+                    None => {
+                        let marker = progress::marker(&task);
+                        api::find_comment(c, inst, &repo, issue, &marker, app_slug(gh)).await?
+                    }
                 };
                 let made = match found {
                     Some(cid) => api::update_comment(c, inst, &repo, cid, &body)
@@ -597,13 +671,15 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
                         .map(|()| cid),
                     None => api::create_comment(c, inst, &repo, issue, &body).await,
                 };
-                if made.as_ref().is_err_and(GithubError::is_ambiguous) {
-                    written.comment_unsure = true;
-                }
                 if let Some(new_id) = written.settle(id, Step::Comment, made)? {
-                    set_source(gh, id, move |_, cid| *cid = Some(new_id)).await?;
-                    written.comment_body = Some(body);
-                    written.comment_unsure = false;
+                    if stored.is_none() {
+                        set_source(gh, id, move |_, cid| *cid = Some(new_id)).await?;
+                    }
+                    written.comment_body = Some(body.clone());
+                }
+                if let Err(e) = gh.store.release_lease(&claim, holder, grant.token).await {
+                    tracing::debug!(task_id = %id, error = %e,
+                        "cannot release the progress comment's claim; it expires");
                 }
             }
             Some(cid) if written.comment_body.as_deref() != Some(body.as_str()) => {
@@ -611,19 +687,19 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
                     // Someone deleted the progress comment: a new one takes its place.
                     Err(GithubError::Status { status: 404, .. }) => {
                         let made = api::create_comment(c, inst, &repo, issue, &body).await;
+                        // Made or not, no answer: the next pass looks for it by marker.
                         if made.as_ref().is_err_and(GithubError::is_ambiguous) {
-                            written.comment_unsure = true;
                             set_source(gh, id, |_, cid| *cid = None).await?;
                         }
                         if let Some(new_id) = written.settle(id, Step::Comment, made)? {
                             set_source(gh, id, move |_, cid| *cid = Some(new_id)).await?;
                             tracing::info!(task_id = %id, "the progress comment was deleted; a new one is made");
-                            written.comment_body = Some(body);
+                            written.comment_body = Some(body.clone());
                         }
                     }
                     edited => {
                         if written.settle(id, Step::Comment, edited)?.is_some() {
-                            written.comment_body = Some(body);
+                            written.comment_body = Some(body.clone());
                         }
                     }
                 }
@@ -670,6 +746,16 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
                 written.settle(id, Step::Notice, posted)?;
             }
             written.notices.insert(key);
+        }
+    }
+    // What this pass showed is checked against the task as stored now: a replica held
+    // up mid-pass (a stop, a slow call) may have written after another replica's newer
+    // pass, and would leave GitHub showing an older state for good. Then it passes again.
+    if let Some(now) = gh.store.get_task(id).await? {
+        if progress::status_label(now.status) != want
+            || progress::render(&now, pull_request) != body
+        {
+            return Err(Box::new(Outdated));
         }
     }
     let ended = task.status.is_terminal();

@@ -235,7 +235,6 @@ fn event_label(e: &str) -> &'static str {
     }
 }
 
-/// Whether a bot login is one whose triggers are acted on (`github.allowed_bots`).
 /// Whether `login` is this App's own bot (`<github.app_slug>[bot]`).
 fn own_bot(settings: &Settings, login: &str) -> bool {
     settings
@@ -245,6 +244,7 @@ fn own_bot(settings: &Settings, login: &str) -> bool {
         .is_some_and(|slug| login.strip_suffix("[bot]") == Some(slug))
 }
 
+/// Whether a bot login is one whose triggers are acted on (`github.allowed_bots`).
 fn allowed_bot(settings: &Settings, login: &str) -> bool {
     settings.github.allowed_bots.iter().any(|b| b == login)
 }
