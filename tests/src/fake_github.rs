@@ -475,7 +475,7 @@ impl Fake {
             "id": i.number * 1000, "node_id": format!("I_{}", i.number), "number": i.number,
             "title": i.title, "body": i.body, "state": i.state,
             "html_url": format!("{}/{repo}/issues/{}", self.base_url, i.number),
-            "user": { "login": i.user, "type": "User" },
+            "user": user_json(&i.user),
             "labels": i.labels.iter().map(|l| json!({ "name": l })).collect::<Vec<_>>(),
         })
     }
@@ -496,7 +496,7 @@ impl Fake {
             "id": p.number * 1000, "node_id": format!("I_{}", p.number), "number": p.number,
             "title": p.title, "body": p.body, "state": p.state,
             "html_url": format!("{}/{repo}/pull/{}", self.base_url, p.number),
-            "user": { "login": p.user, "type": "Bot" },
+            "user": user_json(&p.user),
             "labels": labels.iter().map(|l| json!({ "name": l })).collect::<Vec<_>>(),
             "pull_request": {
                 "url": format!("{}/repos/{repo}/pulls/{}", self.base_url, p.number),
@@ -522,13 +522,17 @@ impl Fake {
     }
 
     fn pull_json(&self, repo: &str, p: &Pull) -> Value {
+        let owner = repo.split('/').next().unwrap_or("");
+        let sha = |r: &str| resolve(self, repo, r).unwrap_or_else(|| "0".repeat(40));
         json!({
             "id": p.number * 1000, "node_id": p.node_id, "number": p.number, "title": p.title,
             "body": p.body, "draft": p.draft, "state": p.state, "merged": p.merged,
+            "locked": false,
+            "url": format!("{}/repos/{repo}/pulls/{}", self.base_url, p.number),
             "html_url": format!("{}/{repo}/pull/{}", self.base_url, p.number),
-            "head": { "ref": p.head, "label": format!("{}:{}", repo.split('/').next().unwrap_or(""), p.head) },
-            "base": { "ref": p.base },
-            "user": { "login": p.user, "type": "Bot" },
+            "head": { "ref": p.head, "sha": sha(&p.head), "label": format!("{owner}:{}", p.head) },
+            "base": { "ref": p.base, "sha": sha(&p.base), "label": format!("{owner}:{}", p.base) },
+            "user": user_json(&p.user),
         })
     }
 }
@@ -1902,7 +1906,7 @@ async fn permission(call: Call, Path((o, r, u)): Path<(String, String, String)>)
         _ => "none",
     };
     Ok(Json(json!({ "permission": permission, "role_name": role,
-                    "user": { "login": u, "type": "User" } }))
+                    "user": user_json(&u) }))
     .into_response())
 }
 
@@ -2001,32 +2005,63 @@ async fn create_comment(
         ));
     }
     let id = m.id();
-    m.comments.insert(
+    let comment = Comment {
         id,
-        Comment {
-            id,
-            repo: repo.clone(),
-            issue: n,
-            user: BOT_LOGIN.into(),
-            body: text.clone(),
-            edits: 0,
-        },
-    );
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({ "id": id, "body": text, "user": { "login": BOT_LOGIN, "type": "Bot" } })),
-    )
-        .into_response())
+        repo: repo.clone(),
+        issue: n,
+        user: BOT_LOGIN.into(),
+        body: text,
+        edits: 0,
+    };
+    let answer = comment_json(&f.base_url, &comment);
+    m.comments.insert(id, comment);
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
 }
 
 /// A `simple-user` of a login: a `Bot` when it is an App's (`<slug>[bot]`).
+/// Every field of the description's `simple-user` is given (octocrab's `Author` model
+/// requires them), with an id derived from the login.
 fn user_json(login: &str) -> Value {
     let kind = if login.ends_with("[bot]") {
         "Bot"
     } else {
         "User"
     };
-    json!({ "login": login, "type": kind })
+    let id = login
+        .bytes()
+        .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
+        % 1_000_000_000;
+    // As GitHub writes a bot's URLs: `agent-orchestrator%5Bbot%5D`.
+    let path = login.replace('[', "%5B").replace(']', "%5D");
+    let api = format!("https://api.github.com/users/{path}");
+    json!({
+        "login": login, "id": id, "node_id": format!("U_{id}"), "type": kind,
+        "avatar_url": format!("https://avatars.githubusercontent.com/u/{id}"),
+        "gravatar_id": "", "url": api, "html_url": format!("https://github.com/{path}"),
+        "followers_url": format!("{api}/followers"),
+        "following_url": format!("{api}/following{{/other_user}}"),
+        "gists_url": format!("{api}/gists{{/gist_id}}"),
+        "starred_url": format!("{api}/starred{{/owner}}{{/repo}}"),
+        "subscriptions_url": format!("{api}/subscriptions"),
+        "organizations_url": format!("{api}/orgs"),
+        "repos_url": format!("{api}/repos"),
+        "events_url": format!("{api}/events{{/privacy}}"),
+        "received_events_url": format!("{api}/received_events"),
+        "site_admin": false,
+    })
+}
+
+/// An `issue-comment` of the description, every required field given.
+fn comment_json(base_url: &str, c: &Comment) -> Value {
+    let at = "2026-01-01T00:00:00Z";
+    json!({
+        "id": c.id, "node_id": format!("IC_{}", c.id), "body": c.body,
+        "url": format!("{base_url}/repos/{}/issues/comments/{}", c.repo, c.id),
+        "html_url": format!("{base_url}/{}/issues/{}#issuecomment-{}", c.repo, c.issue, c.id),
+        "issue_url": format!("{base_url}/repos/{}/issues/{}", c.repo, c.issue),
+        "user": user_json(&c.user), "created_at": at, "updated_at": at,
+        "author_association": "NONE",
+    })
 }
 
 /// `GET /repos/{owner}/{repo}/pulls/{pull_number}/reviews`, oldest first, paged.
@@ -2067,7 +2102,7 @@ async fn list_comments(
     let list: Vec<Value> = m
         .comments_on(&repo, n)
         .iter()
-        .map(|c| json!({ "id": c.id, "body": c.body, "user": user_json(&c.user) }))
+        .map(|c| comment_json(&f.base_url, c))
         .collect();
     Ok(paginate(&f, &uri, &q, list, array))
 }
@@ -2091,9 +2126,10 @@ async fn edit_comment(
             "an App may edit only its own comments",
         ));
     }
-    c.body = text.clone();
+    c.body = text;
     c.edits += 1;
-    Ok(Json(json!({ "id": id, "body": text })).into_response())
+    let answer = comment_json(&f.base_url, c);
+    Ok(Json(answer).into_response())
 }
 
 async fn add_labels(

@@ -5,6 +5,9 @@
 use super::client::{Client, GithubError};
 use crate::webhook::event::RepoName;
 use http::Method;
+use octocrab::models::issues::Comment;
+use octocrab::models::pulls::Review;
+use octocrab::models::Author;
 use serde_json::{json, Value};
 
 /// A user's role on a repository, as the permission endpoint reports it.
@@ -56,10 +59,9 @@ pub async fn create_comment(
             &json!({ "body": body }),
         )
         .await?;
-    r.body["id"].as_u64().ok_or_else(|| GithubError::Transport {
-        route: "/repos/{o}/{r}/issues/{n}/comments",
-        message: "the new comment has no id".into(),
-    })
+    let route = "/repos/{o}/{r}/issues/{n}/comments";
+    let comment: Comment = serde_json::from_value(r.body).map_err(|e| decode(route, e))?;
+    Ok(comment.id.into_inner())
 }
 
 /// Posts an answer on an issue or pull request. A conversation that refuses comments for
@@ -87,9 +89,9 @@ pub async fn answer(
 /// Whether `user` (a `simple-user` of GitHub's REST description) is this App's bot: of
 /// `type` `Bot`, and `<app_slug>[bot]` when the slug is configured. A person quoting
 /// the App's comment (markers included) is never taken for the App.
-fn by_the_app(user: &Value, app_slug: Option<&str>) -> bool {
-    let login = user["login"].as_str().unwrap_or_default();
-    user["type"] == "Bot" && app_slug.is_none_or(|slug| login.strip_suffix("[bot]") == Some(slug))
+fn by_the_app(user: &Author, app_slug: Option<&str>) -> bool {
+    user.r#type == "Bot"
+        && app_slug.is_none_or(|slug| user.login.strip_suffix("[bot]") == Some(slug))
 }
 
 /// The id of the App's comment on an issue whose body contains `marker`, if any (to
@@ -104,7 +106,7 @@ pub async fn find_comment(
     marker: &str,
     app_slug: Option<&str>,
 ) -> Result<Option<u64>, GithubError> {
-    let list: Vec<Value> = c
+    let list: Vec<Comment> = c
         .list(
             inst,
             "/repos/{o}/{r}/issues/{n}/comments",
@@ -115,10 +117,9 @@ pub async fn find_comment(
     Ok(list
         .iter()
         .find(|x| {
-            by_the_app(&x["user"], app_slug)
-                && x["body"].as_str().is_some_and(|b| b.contains(marker))
+            by_the_app(&x.user, app_slug) && x.body.as_deref().is_some_and(|b| b.contains(marker))
         })
-        .and_then(|x| x["id"].as_u64()))
+        .map(|x| x.id.into_inner()))
 }
 
 /// Whether the App already posted a review on pull request `number` whose body contains
@@ -132,7 +133,7 @@ pub async fn has_review(
     marker: &str,
     app_slug: Option<&str>,
 ) -> Result<bool, GithubError> {
-    let list: Vec<Value> = c
+    let list: Vec<Review> = c
         .list(
             inst,
             "/repos/{o}/{r}/pulls/{n}/reviews",
@@ -141,7 +142,8 @@ pub async fn has_review(
         )
         .await?;
     Ok(list.iter().any(|x| {
-        by_the_app(&x["user"], app_slug) && x["body"].as_str().is_some_and(|b| b.contains(marker))
+        x.user.as_ref().is_some_and(|u| by_the_app(u, app_slug))
+            && x.body.as_deref().is_some_and(|b| b.contains(marker))
     }))
 }
 
@@ -285,12 +287,25 @@ pub struct Pull {
     pub open: bool,
 }
 
-fn pull(v: &Value) -> Pull {
-    Pull {
-        number: v["number"].as_u64().unwrap_or(0),
+/// Reads a `pull-request` of GitHub's REST description. Not octocrab's `PullRequest`:
+/// it requires fields the description lets be `null` (a head's `user.gravatar_id`).
+fn pull(route: &'static str, v: Value) -> Result<Pull, GithubError> {
+    let number = v["number"]
+        .as_u64()
+        .ok_or_else(|| decode(route, "a pull request without a number"))?;
+    Ok(Pull {
+        number,
         node_id: v["node_id"].as_str().unwrap_or("").to_string(),
         draft: v["draft"].as_bool().unwrap_or(false),
         open: v["state"].as_str().is_none_or(|s| s == "open"),
+    })
+}
+
+/// An answer of `route` that does not have the shape GitHub's description gives.
+fn decode(route: &'static str, e: impl std::fmt::Display) -> GithubError {
+    GithubError::Decode {
+        route,
+        message: e.to_string(),
     }
 }
 
@@ -312,7 +327,7 @@ pub async fn create_pull(
                       "draft": true, "maintainer_can_modify": true }),
         )
         .await?;
-    Ok(pull(&r.body))
+    pull("/repos/{o}/{r}/pulls", r.body)
 }
 
 /// The open pull request whose head is `branch`, if any (to adopt one made before a
@@ -336,7 +351,10 @@ pub async fn find_pull(
             None,
         )
         .await?;
-    Ok(r.body.as_array().and_then(|a| a.first()).map(pull))
+    match r.body.as_array().and_then(|a| a.first()) {
+        Some(first) => pull("/repos/{o}/{r}/pulls", first.clone()).map(Some),
+        None => Ok(None),
+    }
 }
 
 pub async fn get_pull(
@@ -354,7 +372,7 @@ pub async fn get_pull(
             None,
         )
         .await?;
-    Ok(pull(&r.body))
+    pull("/repos/{o}/{r}/pulls/{n}", r.body)
 }
 
 /// Replaces a pull request's body (`PATCH /repos/{owner}/{repo}/pulls/{pull_number}`).

@@ -327,10 +327,15 @@ fn complete_with(root: &Value, schema: &Value, value: &mut Value, depth: u32) {
             {
                 let Some(name) = name.as_str() else { continue };
                 if !map.contains_key(name) {
-                    let v = props
+                    let mut v = props
                         .and_then(|p| p.get(name))
                         .map(|p| placeholder(root, p, depth + 1))
                         .unwrap_or(Value::Null);
+                    // GitHub's URL templates (`review_comment_url`) and links (`href`)
+                    // carry no `format`, yet clients read them as URLs.
+                    if (name.ends_with("url") || name == "href") && v == json!("") {
+                        v = json!("https://github.com/");
+                    }
                     map.insert(name.to_string(), v);
                 }
             }
