@@ -41,10 +41,11 @@
 //!   [`super::network`] and `crate::proxy`.
 //! - a seccomp filter ([`super::seccomp`]) and `--disable-userns`: no nested namespaces,
 //!   no ptrace, no mounts, keyrings, bpf, perf, kexec, modules.
-//! - limits ([`super::limits`]): a cgroup per attempt (`pids.max`, memory), `prlimit`
-//!   (util-linux) for RLIMIT_NPROC and RLIMIT_NOFILE, and a size bound on every writable
-//!   place: the working copy, `/tmp`, `$HOME` and `/dev/shm` are size-limited tmpfs mounts,
-//!   and the rest of `/dev` is read-only.
+//! - limits ([`super::limits`]): a cgroup per attempt (`pids.max`, memory, CPU; a run
+//!   killed for its memory limit fails as such), `prlimit` (util-linux) for RLIMIT_NOFILE
+//!   (and RLIMIT_NPROC where no cgroup holds the process limit), and a size bound on every
+//!   writable place: the working copy, `/tmp`, `$HOME` and `/dev/shm` are size-limited
+//!   tmpfs mounts, and the rest of `/dev` is read-only.
 
 use super::host_user::{HostUser, HostUserError};
 use super::limits::{self, AttemptCgroup, Cgroups, Limits};

@@ -679,6 +679,107 @@ mod tests {
     }
 
     #[test]
+    fn default_limits_share_the_host_between_concurrent_sandboxes() {
+        // 24 GiB, two at once: 9 GiB each, capped at 4 GiB.
+        assert_eq!(default_memory_mb(24 * 1024, 2), 4096);
+        // 2 GiB, two at once: 768 MiB each.
+        assert_eq!(default_memory_mb(2048, 2), 768);
+        // 1 GiB, eight at once: the floor of 512 MiB.
+        assert_eq!(default_memory_mb(1024, 8), 512);
+        assert_eq!(default_cpus(8, 2), 4.0);
+        assert_eq!(default_cpus(2, 4), 1.0);
+        assert_eq!(default_cpus(0, 0), 1.0);
+    }
+
+    #[test]
+    fn a_directory_off_the_cgroup_file_systems_is_refused_for_what_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let sandbox = |v2: bool| SandboxSettings {
+            cgroup_dir: v2.then(|| dir.path().to_path_buf()),
+            cgroup_v1_dirs: if v2 {
+                Vec::new()
+            } else {
+                vec![dir.path().to_path_buf()]
+            },
+            ..SandboxSettings::default()
+        };
+        for v2 in [true, false] {
+            let err = Cgroups::detect(&sandbox(v2), 2, false)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("is not on a cgroup file system"), "{err}");
+            let setting = if v2 {
+                "sandbox.cgroup_dir"
+            } else {
+                "sandbox.cgroup_v1_dirs"
+            };
+            assert!(err.starts_with(setting), "{err}");
+        }
+    }
+
+    #[test]
+    fn limits_set_without_a_cgroup_to_hold_them_are_refused() {
+        for (memory_mb, cpus, named) in [
+            (Some(512), None, "sandbox.memory_mb"),
+            (None, Some(1.0), "sandbox.cpus"),
+        ] {
+            let sandbox = SandboxSettings {
+                memory_mb,
+                cpus,
+                ..SandboxSettings::default()
+            };
+            let err = Cgroups::detect(&sandbox, 2, false).unwrap_err().to_string();
+            assert!(err.starts_with(named), "{err}");
+            assert!(err.contains("sandbox.cgroup_v1_dirs"), "{err}");
+        }
+        // Nothing set: the worker starts, without a cgroup or a memory or CPU limit.
+        let (cgroups, limits) = Cgroups::detect(&SandboxSettings::default(), 2, false).unwrap();
+        assert_eq!(cgroups, None);
+        assert_eq!((limits.memory_mb, limits.cpus), (None, None));
+    }
+
+    #[test]
+    fn each_limit_goes_to_its_v1_hierarchy() {
+        let dir = tempfile::tempdir().unwrap();
+        let [pids, memory, cpu] = ["pids", "memory", "cpu"].map(|h| dir.path().join(h));
+        let cgroups = Cgroups::V1 {
+            pids: pids.clone(),
+            memory: Some(memory.clone()),
+            cpu: Some(cpu.clone()),
+        };
+        for d in [&pids, &memory, &cpu] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let limits = Limits {
+            max_processes: 40,
+            memory_mb: Some(128),
+            cpus: Some(0.5),
+        };
+        let made = cgroups.make("a-1", &limits).unwrap();
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+        assert_eq!(read(pids.join("ao-a-1/pids.max")), "40");
+        assert_eq!(
+            read(memory.join("ao-a-1/memory.limit_in_bytes")),
+            (128u64 << 20).to_string()
+        );
+        assert_eq!(read(cpu.join("ao-a-1/cpu.cfs_quota_us")), "50000");
+        assert_eq!(read(cpu.join("ao-a-1/cpu.cfs_period_us")), "100000");
+        assert_eq!(made.oom_kills(), None);
+        std::fs::write(
+            memory.join("ao-a-1/memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
+        )
+        .unwrap();
+        assert_eq!(
+            made.oom_kills(),
+            Some(OomKills {
+                count: 3,
+                limit_mb: 128
+            })
+        );
+    }
+
+    #[test]
     fn tmpfs_sizes_are_in_bytes() {
         let args = sized_tmpfs(2, Path::new("/tmp"));
         assert_eq!(args[1], "2097152");
