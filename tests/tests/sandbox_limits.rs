@@ -90,6 +90,7 @@ fn unix_service(listener: std::os::unix::net::UnixListener, answer: String) -> A
 /// of: no secret of the worker or the run, and no host service, is reachable.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_reaches_no_host_service_socket_or_secret() {
+    let _shared = TEST_USER_PROCESSES.read().await;
     let mark = marker();
     let model_key = format!("sk-ant-model-key-{mark}");
     let worker_secret = format!("worker-env-secret-{mark}");
@@ -231,6 +232,7 @@ touch found.txt
 /// forks past its process limit, makes a user namespace, and prints a 256 MiB line.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_is_held_to_its_disk_process_and_output_limits() {
+    let _shared = TEST_USER_PROCESSES.read().await;
     let mut c = cluster(&[
         ("AO__SANDBOX__TMP_MB", "8"),
         ("AO__SANDBOX__HOME_MB", "8"),
@@ -336,6 +338,7 @@ async fn all_events(c: &Cluster, id: &str) -> Vec<Value> {
 /// them.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_is_held_to_its_event_limit() {
+    let _shared = TEST_USER_PROCESSES.read().await;
     let mut c = cluster(&[]);
     let root = c.dir.path().to_path_buf();
     let repo = bare_repo(&root, "project", &[]);
@@ -386,6 +389,61 @@ async fn the_agent_is_held_to_its_event_limit() {
         dropped >= 1900,
         "the marker counts what was left out: {marker:#}"
     );
+}
+
+/// Serialises the test that counts every process of [`TEST_USER`] (its RLIMIT_NPROC)
+/// against the others, whose sandboxes run as that user too.
+static TEST_USER_PROCESSES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// The agent of the starvation tests: on `agent/hog` it forks 100 sleepers (stopping at
+/// its limit), says how many, and holds them; on any other branch it forks 10 processes
+/// and commits that it could.
+const HOG_OR_OTHER: &str = r#"
+set +e
+if [ "$AO_BRANCH" = agent/hog ]; then
+  perl -e '$| = 1; my $n = 0; for (1..100) { my $p = fork(); last unless defined $p;
+    if ($p == 0) { sleep 120; exit 0 } $n++ }
+    print "hog-forked=$n\n"; sleep 120;'
+else
+  perl -e 'my @k; for (1..10) { my $p = fork(); die "fork: $!" unless defined $p;
+    if ($p == 0) { exit 0 } push @k, $p } waitpid($_, 0) for @k; print "other-forked=10\n";' > other.txt 2>&1
+fi
+"#;
+
+/// Submits the hog's task on `repo`; its id.
+async fn start_hog(c: &Cluster, repo: &Path) -> String {
+    let (status, task) = c
+        .submit(json!({
+            "repository": repo.display().to_string(),
+            "prompt": "fork to the limit",
+            "pipeline": "code",
+            "branch": "agent/hog",
+        }))
+        .await
+        .expect("submit");
+    assert_eq!(status, 202, "{task}");
+    task["id"].as_str().expect("id").to_string()
+}
+
+/// Waits until the hog says how many processes it made and holds; that count.
+async fn forked_by_hog(c: &Cluster, hog_id: &str) -> u32 {
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let text = serde_json::to_string(&events(c, hog_id).await).expect("encode");
+        if let Some(at) = text.find("hog-forked=") {
+            let n: String = text[at + 11..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            return n.parse().expect("a count");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hog never forked\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Starts the cluster's coordinator and one worker whose agent is `body`.
@@ -443,6 +501,7 @@ async fn running_attempt(c: &Cluster, limit: Duration) -> String {
 /// retried (before: a bare `killed by signal 9`).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_past_its_memory_limit_is_killed_and_the_outcome_says_so() {
+    let _shared = TEST_USER_PROCESSES.read().await;
     if !cgroups_available() {
         return;
     }
@@ -480,6 +539,7 @@ print("allocated", 16 * len(held), "MiB")
 /// together they get about 0.2 s of CPU (before: no quota, each as much as the host gave).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_is_held_to_its_cpu_limit() {
+    let _shared = TEST_USER_PROCESSES.read().await;
     if !cgroups_available() {
         return;
     }
@@ -532,6 +592,7 @@ print("cpu=%.3f" % (t.children_user + t.children_system))
 /// `worker.concurrency`, at least one). Before: no memory limit, no CPU quota.
 #[tokio::test(flavor = "multi_thread")]
 async fn each_sandbox_gets_default_memory_and_cpu_limits() {
+    let _shared = TEST_USER_PROCESSES.read().await;
     if !cgroups_available() {
         return;
     }
@@ -676,6 +737,7 @@ fn ordinary_cluster(extra: &[(&str, &str)]) -> (Cluster, Option<(u32, u32)>) {
 /// by every process of the user, and the second run could not start.
 #[tokio::test(flavor = "multi_thread")]
 async fn one_run_cannot_starve_a_concurrent_one_with_a_delegated_v1_cgroup() {
+    let _shared = TEST_USER_PROCESSES.read().await;
     let (mut c, user) = ordinary_cluster(&[
         ("AO__SANDBOX__MAX_PROCESSES", "40"),
         ("AO__WORKER__CONCURRENCY", "2"),
@@ -693,54 +755,14 @@ async fn one_run_cannot_starve_a_concurrent_one_with_a_delegated_v1_cgroup() {
     let root = c.dir.path().to_path_buf();
     let hog = bare_repo(&root, "hog", &[]);
     let other = bare_repo(&root, "other", &[]);
-    let body = r#"
-set +e
-if [ "$AO_BRANCH" = agent/hog ]; then
-  perl -e '$| = 1; my $n = 0; for (1..100) { my $p = fork(); last unless defined $p;
-    if ($p == 0) { sleep 120; exit 0 } $n++ }
-    print "hog-forked=$n\n"; sleep 120;'
-else
-  perl -e 'my @k; for (1..10) { my $p = fork(); die "fork: $!" unless defined $p;
-    if ($p == 0) { exit 0 } push @k, $p } waitpid($_, 0) for @k; print "other-forked=10\n";' > other.txt 2>&1
-fi
-"#;
     start(
         &mut c,
-        body,
+        HOG_OR_OTHER,
         &[("AO__SANDBOX__CGROUP_V1_DIRS", setting.as_str())],
     )
     .await;
-    let hog_id = {
-        let (status, task) = c
-            .submit(json!({
-                "repository": hog.display().to_string(),
-                "prompt": "fork to the limit",
-                "pipeline": "code",
-                "branch": "agent/hog",
-            }))
-            .await
-            .expect("submit");
-        assert_eq!(status, 202, "{task}");
-        task["id"].as_str().expect("id").to_string()
-    };
-    // The hog holds its processes once it has said how many it made.
-    let deadline = std::time::Instant::now() + LIMIT;
-    let forked = loop {
-        let text = serde_json::to_string(&events(&c, &hog_id).await).expect("encode");
-        if let Some(at) = text.find("hog-forked=") {
-            let n: String = text[at + 11..]
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
-            break n.parse::<u32>().expect("a count");
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the hog never forked\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let hog_id = start_hog(&c, &hog).await;
+    let forked = forked_by_hog(&c, &hog_id).await;
     assert!(forked < 40, "{forked} processes under a limit of 40");
     let (_, done) = run_code_task(&c, &other, "agent/other").await;
     assert_eq!(
@@ -767,27 +789,47 @@ fi
 }
 
 /// Without a cgroup, an ordinary-user worker still starts, and says at start that its
-/// process limit is RLIMIT_NPROC shared by every process of its user (so a run can starve
-/// a concurrent one) and which settings give each sandbox its own.
+/// process limit is RLIMIT_NPROC shared by every process of its user and which settings
+/// give each sandbox its own. The starvation attack then gets through, and the starved
+/// run's outcome says why and what to set (before: a bare `bwrap: Creating new namespace
+/// failed: Resource temporarily unavailable`).
 #[tokio::test(flavor = "multi_thread")]
 async fn without_a_cgroup_the_worker_says_the_process_limit_is_shared() {
-    let (mut c, _) = ordinary_cluster(&[]);
-    let repo = bare_repo(c.dir.path(), "project", &[]);
-    start(&mut c, "echo change > change.txt\n", &[]).await;
+    // Every other test's sandboxes run as the same user and count against its limit.
+    let _alone = TEST_USER_PROCESSES.write().await;
+    let (mut c, _) = ordinary_cluster(&[
+        ("AO__SANDBOX__MAX_PROCESSES", "40"),
+        ("AO__WORKER__CONCURRENCY", "2"),
+    ]);
+    let root = c.dir.path().to_path_buf();
+    let hog = bare_repo(&root, "hog", &[]);
+    let other = bare_repo(&root, "other", &[]);
+    start(&mut c, HOG_OR_OTHER, &[]).await;
+    let log = c.workers[0].log_text();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let log = c.workers[0].log_text();
-        if log.contains("no cgroup for the sandboxes") {
-            assert!(
-                log.contains("starve") && log.contains("sandbox.cgroup_v1_dirs"),
-                "{log}"
-            );
-            break;
-        }
+    let mut log = log;
+    while !log.contains("no cgroup for the sandboxes") {
         assert!(std::time::Instant::now() < deadline, "no warning:\n{log}");
         tokio::time::sleep(Duration::from_millis(100)).await;
+        log = c.workers[0].log_text();
     }
-    // And it runs sandboxes.
-    let (_, done) = run_code_task(&c, &repo, "agent/plain").await;
-    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    assert!(
+        log.contains("starve") && log.contains("sandbox.cgroup_v1_dirs"),
+        "{log}"
+    );
+    let hog_id = start_hog(&c, &hog).await;
+    forked_by_hog(&c, &hog_id).await;
+    let (_, done) = run_code_task(&c, &other, "agent/other").await;
+    let _ = c.post_json(&format!("/api/v1/tasks/{hog_id}/cancel")).await;
+    let _ = c
+        .wait_for_status(&hog_id, &["cancelled", "failed", "succeeded"], LIMIT)
+        .await;
+    assert_eq!(done["status"], "failed", "not starved: {done:#}");
+    let error = done["subtasks"][0]["outcome"]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        error.contains("RLIMIT_NPROC") && error.contains("sandbox.cgroup_v1_dirs"),
+        "the starved run does not say why: {done:#}"
+    );
 }

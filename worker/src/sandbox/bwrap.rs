@@ -635,6 +635,34 @@ fn out_of_memory(outcome: Outcome, killed: limits::OomKills) -> Outcome {
     oom
 }
 
+/// How a process start refused for the process limit reads (EAGAIN from `fork` or
+/// `clone`, as bubblewrap, the shell and git report it).
+const PROCESS_LIMIT_REFUSAL: &str = "Resource temporarily unavailable";
+
+/// Without a cgroup the process limit is RLIMIT_NPROC, which counts every process of the
+/// host user: a run that failed because a process could not be started says so, and
+/// what gives each sandbox a limit of its own.
+fn explain_shared_process_limit(outcome: &mut Outcome, max_processes: u64) {
+    if outcome.kind == OutcomeKind::Succeeded
+        || !outcome
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains(PROCESS_LIMIT_REFUSAL))
+    {
+        return;
+    }
+    let why = format!(
+        " (a process could not be started: without a cgroup the sandbox's process limit is \
+         RLIMIT_NPROC = sandbox.max_processes = {max_processes}, which counts every process \
+         of the worker's host user, a concurrent run's too; give the worker a cgroup with \
+         sandbox.cgroup_dir or sandbox.cgroup_v1_dirs, see docs/sandbox-network.md#limits)"
+    );
+    if let Some(error) = outcome.error.as_mut() {
+        error.push_str(&why);
+    }
+    outcome.summary.push_str(&why);
+}
+
 /// Puts the proxy's metering into the outcome: its cost and tokens are the run's (the
 /// agent's own report could be forged), and a call refused for the budget makes the
 /// outcome `budget_exceeded`.
@@ -873,6 +901,9 @@ impl SandboxDriver for BwrapDriver {
         let mut outcome = supervise(cmd, &attempt, limit, events, cancel, seccomp, channels).await;
         if let Some(killed) = setup.cgroup.as_ref().and_then(AttemptCgroup::oom_kills) {
             outcome = out_of_memory(outcome, killed);
+        }
+        if self.cgroups.is_none() {
+            explain_shared_process_limit(&mut outcome, self.limits.max_processes);
         }
         let bundle = match setup.bundle.take() {
             Some(channel) => channel.finish().await.map_err(|e| e.to_string()),
