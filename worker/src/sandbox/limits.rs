@@ -61,6 +61,11 @@ pub enum LimitError {
         controller: &'static str,
         hint: &'static str,
     },
+    #[error(
+        "sandbox.cgroup_v1_dirs: none of {dirs} is in the cgroup v1 pids hierarchy, which \
+         holds sandbox.max_processes (e.g. /sys/fs/cgroup/pids/ao-worker)"
+    )]
+    NoV1Pids { dirs: String },
 }
 
 /// The limits each sandbox is held to, defaults filled in; `None`: not limited (the
@@ -303,12 +308,12 @@ impl Cgroups {
             }
         }
         let [pids, memory, cpu] = found;
-        let pids = pids.ok_or_else(|| LimitError::Cgroup {
-            setting: "sandbox.cgroup_v1_dirs",
-            path: PathBuf::new(),
-            detail: "none of the directories is in the pids hierarchy (needed for \
-                     sandbox.max_processes)"
-                .into(),
+        let pids = pids.ok_or_else(|| LimitError::NoV1Pids {
+            dirs: dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
         })?;
         Ok(Self::V1 { pids, memory, cpu })
     }
@@ -715,6 +720,30 @@ mod tests {
             };
             assert!(err.starts_with(setting), "{err}");
         }
+    }
+
+    #[test]
+    fn v1_directories_are_told_apart_from_v2_ones_and_need_pids() {
+        let memory = Path::new("/sys/fs/cgroup/memory");
+        if filesystem(memory).ok() != Some(Fs::CgroupV1) {
+            eprintln!("skipped: no cgroup v1 memory hierarchy on this host");
+            return;
+        }
+        let as_v2 = SandboxSettings {
+            cgroup_dir: Some(memory.to_path_buf()),
+            ..SandboxSettings::default()
+        };
+        let err = Cgroups::detect(&as_v2, 2, false).unwrap_err().to_string();
+        assert!(err.contains("cgroup v1 directory"), "{err}");
+        assert!(err.contains("sandbox.cgroup_v1_dirs"), "{err}");
+        let without_pids = SandboxSettings {
+            cgroup_v1_dirs: vec![memory.to_path_buf()],
+            ..SandboxSettings::default()
+        };
+        let err = Cgroups::detect(&without_pids, 2, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pids hierarchy"), "{err}");
     }
 
     #[test]
