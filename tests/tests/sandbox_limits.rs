@@ -650,6 +650,8 @@ async fn each_sandbox_gets_default_memory_and_cpu_limits() {
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
         let expected = (cpus / 2).max(1) as u64 * 100_000;
         assert_eq!(quota, expected, "CPU quota of {name}");
+    } else {
+        eprintln!("the CPU quota is not checked: no cgroup v1 cpu hierarchy on this host");
     }
     let id = task["id"].as_str().expect("id");
     let done = c
