@@ -706,16 +706,24 @@ impl DelegatedV1 {
 }
 
 impl Drop for DelegatedV1 {
+    /// Removes the directories, with the attempt cgroups a killed worker left in them,
+    /// once the processes still dying there are gone (a few seconds at most).
     fn drop(&mut self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         for dir in &self.dirs {
-            if let Ok(children) = std::fs::read_dir(dir) {
-                for child in children.flatten() {
-                    if child.path().is_dir() {
-                        let _ = std::fs::remove_dir(child.path());
+            loop {
+                if let Ok(children) = std::fs::read_dir(dir) {
+                    for child in children.flatten() {
+                        if child.path().is_dir() {
+                            let _ = std::fs::remove_dir(child.path());
+                        }
                     }
                 }
+                if std::fs::remove_dir(dir).is_ok() || std::time::Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
-            let _ = std::fs::remove_dir(dir);
         }
     }
 }
