@@ -334,16 +334,32 @@ pub struct SandboxSettings {
     /// the host's system directories (`/usr`, `/bin`, `/lib*`, `/etc`): e.g. a tool
     /// installed under `/opt`, or an agent below a home directory.
     pub ro_paths: Vec<PathBuf>,
-    /// Memory limit of one sandbox in MiB; enforced only through `cgroup_dir`.
+    /// Memory limit of one sandbox in MiB (no swap), held by its cgroup. When absent and
+    /// the worker has a memory cgroup, three quarters of the host's RAM shared by
+    /// `worker.concurrency` sandboxes, between 512 and 4096 MiB. Set while the worker has
+    /// no memory cgroup, the worker refuses to start.
     pub memory_mb: Option<u64>,
-    /// Processes limit (RLIMIT_NPROC of the sandbox, and `pids.max` with `cgroup_dir`).
+    /// CPU limit of one sandbox, in CPUs (`1.5` = one and a half CPUs of time per wall
+    /// second), held by its cgroup (`cpu.max`, or `cpu.cfs_quota_us` on cgroup v1). When
+    /// absent and the worker has a cpu cgroup, the host's CPUs shared by
+    /// `worker.concurrency` sandboxes, at least one. Set while the worker has no cpu
+    /// cgroup, the worker refuses to start.
+    pub cpus: Option<f64>,
+    /// Processes limit: `pids.max` of each sandbox's cgroup; without a cgroup, RLIMIT_NPROC
+    /// (which counts every process of the host user, so concurrent sandboxes share it).
     pub max_processes: u64,
     /// Open files limit of each process in the sandbox (RLIMIT_NOFILE).
     pub max_open_files: u64,
-    /// A cgroup v2 directory delegated to the worker (writable, with the `memory` and
-    /// `pids` controllers enabled in its `cgroup.subtree_control`). Each sandbox then runs
-    /// in a child cgroup with `memory.max` and `pids.max`. Without it, memory is not limited.
+    /// A cgroup v2 directory delegated to the worker (writable, with the `pids`, `memory`
+    /// and, for `cpus`, `cpu` controllers enabled in its `cgroup.subtree_control`). Each
+    /// sandbox then runs in a child cgroup with `pids.max`, `memory.max` and `cpu.max`.
     pub cgroup_dir: Option<PathBuf>,
+    /// On a cgroup v1 or hybrid host: directories in the v1 `pids`, `memory` and `cpu`
+    /// hierarchies delegated to the worker (owned by its user, e.g.
+    /// `/sys/fs/cgroup/pids/ao-worker`); each is recognised by its file system and its
+    /// control files. The `pids` one is required; each sandbox runs in a child of each.
+    /// Not together with `cgroup_dir`.
+    pub cgroup_v1_dirs: Vec<PathBuf>,
     /// Size bound of the sandbox's working copy (a tmpfs), in MiB.
     pub workspace_mb: u64,
     /// Size bound of `/tmp` inside the sandbox, in MiB.
@@ -381,9 +397,11 @@ impl Default for SandboxSettings {
             hide: Vec::new(),
             ro_paths: Vec::new(),
             memory_mb: None,
+            cpus: None,
             max_processes: 1024,
             max_open_files: 8192,
             cgroup_dir: None,
+            cgroup_v1_dirs: Vec::new(),
             workspace_mb: 4096,
             tmp_mb: 1024,
             home_mb: 1024,
@@ -783,6 +801,7 @@ impl Settings {
                 .with_list_parse_key("sandbox.allow_hosts")
                 .with_list_parse_key("sandbox.hide")
                 .with_list_parse_key("sandbox.ro_paths")
+                .with_list_parse_key("sandbox.cgroup_v1_dirs")
                 .with_list_parse_key("github.webhook_secrets")
                 .with_list_parse_key("github.allowed_bots")
                 .with_list_parse_key("github.required_checks")
@@ -808,6 +827,22 @@ impl Settings {
         }
         if self.worker.capabilities.is_empty() {
             return bad("worker.capabilities must name at least one capability".into());
+        }
+        let sb = &self.sandbox;
+        if let Some(cpus) = sb.cpus {
+            if !(cpus.is_finite() && cpus >= 0.01) {
+                return bad(format!("sandbox.cpus must be at least 0.01 (got {cpus})"));
+            }
+        }
+        if sb.memory_mb == Some(0) || sb.max_processes == 0 {
+            return bad("sandbox.memory_mb and sandbox.max_processes must be at least 1".into());
+        }
+        if sb.cgroup_dir.is_some() && !sb.cgroup_v1_dirs.is_empty() {
+            return bad(
+                "set sandbox.cgroup_dir (cgroup v2) or sandbox.cgroup_v1_dirs (cgroup v1), \
+                 not both"
+                    .into(),
+            );
         }
         let q = &self.queue;
         if q.heartbeat_secs == 0 || q.heartbeat_secs * 2 > q.visibility_timeout_secs {

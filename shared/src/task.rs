@@ -54,6 +54,10 @@ pub enum FailureCause {
     /// The repository cannot be cloned as asked, the same way every time (its base
     /// branch does not exist).
     Unclonable,
+    /// The kernel killed processes of the sandbox for its memory limit
+    /// (`sandbox.memory_mb`); the error says the limit. Not retried: the same work would
+    /// reach it again.
+    OutOfMemory,
 }
 
 /// Destinations listed in a [`NetworkRefused`] at most (the rest are counted), so that

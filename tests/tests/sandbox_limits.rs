@@ -3,10 +3,11 @@
 //! make namespaces, flood the worker with output) and commit what they saw, so the test
 //! reads it from the pushed branch. Each test says what was tried; each attack must fail.
 
-use ao_tests::{bare_repo, free_port, git, script, Cluster};
+use ao_tests::scenario::events;
+use ao_tests::{bare_repo, free_port, git, running_as_root, script, test_user, Cluster, TEST_USER};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,6 +90,7 @@ fn unix_service(listener: std::os::unix::net::UnixListener, answer: String) -> A
 /// of: no secret of the worker or the run, and no host service, is reachable.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_reaches_no_host_service_socket_or_secret() {
+    let _shared = TEST_USER_PROCESSES.read().await;
     let mark = marker();
     let model_key = format!("sk-ant-model-key-{mark}");
     let worker_secret = format!("worker-env-secret-{mark}");
@@ -230,6 +232,7 @@ touch found.txt
 /// forks past its process limit, makes a user namespace, and prints a 256 MiB line.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_is_held_to_its_disk_process_and_output_limits() {
+    let _shared = TEST_USER_PROCESSES.read().await;
     let mut c = cluster(&[
         ("AO__SANDBOX__TMP_MB", "8"),
         ("AO__SANDBOX__HOME_MB", "8"),
@@ -335,6 +338,7 @@ async fn all_events(c: &Cluster, id: &str) -> Vec<Value> {
 /// them.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_is_held_to_its_event_limit() {
+    let _shared = TEST_USER_PROCESSES.read().await;
     let mut c = cluster(&[]);
     let root = c.dir.path().to_path_buf();
     let repo = bare_repo(&root, "project", &[]);
@@ -384,5 +388,460 @@ async fn the_agent_is_held_to_its_event_limit() {
     assert!(
         dropped >= 1900,
         "the marker counts what was left out: {marker:#}"
+    );
+}
+
+/// Serialises the test that counts every process of [`TEST_USER`] (its RLIMIT_NPROC)
+/// against the others, whose sandboxes run as that user too.
+static TEST_USER_PROCESSES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// The agent of the starvation tests: on `agent/hog` it forks 100 sleepers (stopping at
+/// its limit), says how many, and holds them; on any other branch it forks 10 processes
+/// and commits that it could.
+const HOG_OR_OTHER: &str = r#"
+set +e
+if [ "$AO_BRANCH" = agent/hog ]; then
+  perl -e '$| = 1; my $n = 0; for (1..100) { my $p = fork(); last unless defined $p;
+    if ($p == 0) { sleep 120; exit 0 } $n++ }
+    print "hog-forked=$n\n"; sleep 120;'
+else
+  perl -e 'my @k; for (1..10) { my $p = fork(); die "fork: $!" unless defined $p;
+    if ($p == 0) { exit 0 } push @k, $p } waitpid($_, 0) for @k; print "other-forked=10\n";' > other.txt 2>&1
+fi
+"#;
+
+/// Submits the hog's task on `repo`; its id.
+async fn start_hog(c: &Cluster, repo: &Path) -> String {
+    let (status, task) = c
+        .submit(json!({
+            "repository": repo.display().to_string(),
+            "prompt": "fork to the limit",
+            "pipeline": "code",
+            "branch": "agent/hog",
+        }))
+        .await
+        .expect("submit");
+    assert_eq!(status, 202, "{task}");
+    task["id"].as_str().expect("id").to_string()
+}
+
+/// Waits until the hog says how many processes it made and holds; that count.
+async fn forked_by_hog(c: &Cluster, hog_id: &str) -> u32 {
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let text = serde_json::to_string(&events(c, hog_id).await).expect("encode");
+        if let Some(at) = text.find("hog-forked=") {
+            let n: String = text[at + 11..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            return n.parse().expect("a count");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hog never forked\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Starts the cluster's coordinator and one worker whose agent is `body`.
+async fn start(c: &mut Cluster, body: &str, extra: &[(&str, &str)]) {
+    let agent = script(c.dir.path(), "agent.sh", body);
+    c.start_coordinator().await.expect("coordinator");
+    let mut settings = vec![("AO__AGENT__COMMAND", agent.to_str().expect("utf-8"))];
+    settings.extend_from_slice(extra);
+    c.start_worker(&settings);
+}
+
+/// Whether the worker can get cgroups here: it runs as root (the tests do) on a host with
+/// a cgroup hierarchy. Says why not, for the test to skip.
+fn cgroups_available() -> bool {
+    if !running_as_root() {
+        eprintln!("skipped: the worker needs root to make its own cgroups, and the tests do not run as root");
+        return false;
+    }
+    let v1 = Path::new("/sys/fs/cgroup/pids/cgroup.procs").exists()
+        && Path::new("/sys/fs/cgroup/memory/cgroup.procs").exists();
+    let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+        .is_ok_and(|c| c.contains("pids") && c.contains("memory"));
+    if !(v1 || v2) {
+        eprintln!("skipped: this host has no pids and memory cgroup hierarchy");
+        return false;
+    }
+    true
+}
+
+/// The `ao-<attempt>` cgroup name of the attempt now running in the cluster's work
+/// directory (attempt directories are named after the subtask and attempt).
+async fn running_attempt(c: &Cluster, limit: Duration) -> String {
+    let work = c.dir.path().join("work");
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Ok(entries) = std::fs::read_dir(&work) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().to_string();
+                if entry.path().join("spec.json").exists() {
+                    return format!("ao-{name}");
+                }
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no attempt started\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Memory: the agent allocates 512 MiB under `sandbox.memory_mb = 128`. The kernel kills
+/// it, and the outcome says so: out of memory at 128 MiB, cause `out_of_memory`, not
+/// retried (before: a bare `killed by signal 9`).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_past_its_memory_limit_is_killed_and_the_outcome_says_so() {
+    let _shared = TEST_USER_PROCESSES.read().await;
+    if !cgroups_available() {
+        return;
+    }
+    let mut c = cluster(&[("AO__SANDBOX__MEMORY_MB", "128")]);
+    let root = c.dir.path().to_path_buf();
+    let repo = bare_repo(&root, "project", &[]);
+    let body = r#"
+echo change > change.txt
+python3 -c '
+held = []
+for i in range(32):
+    held.append(b"\x01" * (16 << 20))
+print("allocated", 16 * len(held), "MiB")
+'
+"#;
+    start(&mut c, body, &[]).await;
+    let (_, done) = run_code_task(&c, &repo, "agent/memory").await;
+    assert_eq!(done["status"], "failed", "{done:#}\n{}", c.logs());
+    let outcome = &done["subtasks"][0]["outcome"];
+    let error = outcome["error"].as_str().unwrap_or_default();
+    assert_eq!(outcome["cause"], "out_of_memory", "{outcome:#}");
+    assert!(
+        error.contains("out of memory") && error.contains("128 MiB"),
+        "the outcome does not say the memory limit was reached: {outcome:#}"
+    );
+    assert_eq!(outcome["retryable"], false, "{outcome:#}");
+    assert_eq!(
+        done["subtasks"][0]["attempt"].as_u64(),
+        Some(1),
+        "retried: {done:#}"
+    );
+}
+
+/// CPU: four processes of the agent spin for 2 s of wall time under `sandbox.cpus =
+/// 0.05`; together they get about 0.1 s of CPU (before: no quota; on this 2-CPU host,
+/// busy with builds, two such processes got 0.7 s outside any sandbox).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_is_held_to_its_cpu_limit() {
+    let _shared = TEST_USER_PROCESSES.read().await;
+    if !cgroups_available() {
+        return;
+    }
+    if !Path::new("/sys/fs/cgroup/cpu/cgroup.procs").exists()
+        && !std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+            .is_ok_and(|c| c.split_whitespace().any(|w| w == "cpu"))
+    {
+        eprintln!("skipped: this host has no cpu cgroup controller");
+        return;
+    }
+    let mut c = cluster(&[("AO__SANDBOX__CPUS", "0.05")]);
+    let root = c.dir.path().to_path_buf();
+    let repo = bare_repo(&root, "project", &[]);
+    let body = r#"
+python3 -c '
+import os, time
+kids = []
+for _ in range(4):
+    pid = os.fork()
+    if pid == 0:
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            pass
+        os._exit(0)
+    kids.append(pid)
+for pid in kids:
+    os.waitpid(pid, 0)
+t = os.times()
+print("cpu=%.3f" % (t.children_user + t.children_system))
+' > cpu.txt
+"#;
+    start(&mut c, body, &[]).await;
+    let (_, done) = run_code_task(&c, &repo, "agent/cpu").await;
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let report = git(&repo, &["show", "agent/cpu:cpu.txt"]);
+    let cpu: f64 = report
+        .trim()
+        .strip_prefix("cpu=")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no CPU time: {report}"));
+    eprintln!("CPU time of 4 processes spinning 2 s under 0.05 CPU: {cpu} s");
+    assert!(
+        cpu < 0.4,
+        "the agent used {cpu} s of CPU in 2 s under a limit of 0.05 CPU"
+    );
+}
+
+/// Defaults: with neither `sandbox.memory_mb` nor `sandbox.cpus` set, each sandbox's
+/// cgroup holds a memory limit (three quarters of the host's RAM over
+/// `worker.concurrency`, 512–4096 MiB) and a CPU quota (the host's CPUs over
+/// `worker.concurrency`, at least one). Before: no memory limit, no CPU quota.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_sandbox_gets_default_memory_and_cpu_limits() {
+    let _shared = TEST_USER_PROCESSES.read().await;
+    if !cgroups_available() {
+        return;
+    }
+    if !Path::new("/sys/fs/cgroup/pids/cgroup.procs").exists() {
+        eprintln!("skipped: the cgroup files read here are those of a cgroup v1 host");
+        return;
+    }
+    let mut c = cluster(&[("AO__WORKER__CONCURRENCY", "2")]);
+    let root = c.dir.path().to_path_buf();
+    let repo = bare_repo(&root, "project", &[]);
+    // Long enough for the test to read the cgroup; the run ends by itself.
+    start(&mut c, "echo change > change.txt\nsleep 8\n", &[]).await;
+    let (status, task) = c
+        .submit(json!({
+            "repository": repo.display().to_string(),
+            "prompt": "hold",
+            "pipeline": "code",
+            "branch": "agent/defaults",
+        }))
+        .await
+        .expect("submit");
+    assert_eq!(status, 202, "{task}");
+    let name = running_attempt(&c, LIMIT).await;
+    let read = |path: String| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(v) = std::fs::read_to_string(&path) {
+                break v.trim().to_string();
+            }
+            assert!(std::time::Instant::now() < deadline, "no {path}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let memory: u64 = read(format!(
+        "/sys/fs/cgroup/memory/agent-orchestrator/{name}/memory.limit_in_bytes"
+    ))
+    .parse()
+    .expect("a number");
+    let ram_kb: u64 = std::fs::read_to_string("/proc/meminfo")
+        .expect("meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("MemTotal");
+    let expected_mb = ((ram_kb >> 10) * 3 / 4 / 2).clamp(512, 4096);
+    assert_eq!(memory, expected_mb << 20, "memory limit of {name}");
+    if Path::new("/sys/fs/cgroup/cpu/cgroup.procs").exists() {
+        let quota: u64 = read(format!(
+            "/sys/fs/cgroup/cpu/agent-orchestrator/{name}/cpu.cfs_quota_us"
+        ))
+        .parse()
+        .expect("a number");
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let expected = (cpus / 2).max(1) as u64 * 100_000;
+        assert_eq!(quota, expected, "CPU quota of {name}");
+    } else {
+        eprintln!("the CPU quota is not checked: no cgroup v1 cpu hierarchy on this host");
+    }
+    let id = task["id"].as_str().expect("id");
+    let done = c
+        .wait_for_status(id, &["succeeded", "failed"], LIMIT)
+        .await
+        .expect("the task ends");
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+}
+
+/// Directories in the cgroup v1 `pids`, `memory` and `cpu` hierarchies made for one test
+/// and given to a user, as an operator delegates them; removed (with what is left in
+/// them) when dropped.
+struct DelegatedV1 {
+    dirs: Vec<PathBuf>,
+}
+
+impl DelegatedV1 {
+    /// `None`, saying why, where the host has no v1 hierarchy or the tests cannot make
+    /// directories in it.
+    fn make(uid: u32, gid: u32) -> Option<Self> {
+        if !running_as_root() {
+            eprintln!("skipped: delegating a cgroup needs the tests to run as root");
+            return None;
+        }
+        let mut dirs = Vec::new();
+        for hierarchy in ["pids", "memory", "cpu"] {
+            let base = Path::new("/sys/fs/cgroup").join(hierarchy);
+            if !base.join("cgroup.procs").exists() {
+                if hierarchy == "cpu" {
+                    continue;
+                }
+                eprintln!("skipped: no cgroup v1 {hierarchy} hierarchy on this host");
+                return None;
+            }
+            let dir = base.join(format!("ao-test-{}-{}", std::process::id(), marker()));
+            std::fs::create_dir(&dir).expect("make the delegated cgroup");
+            for path in [dir.clone(), dir.join("cgroup.procs"), dir.join("tasks")] {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).expect("chown the cgroup");
+            }
+            dirs.push(dir);
+        }
+        Some(Self { dirs })
+    }
+
+    fn setting(&self) -> String {
+        self.dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl Drop for DelegatedV1 {
+    /// Removes the directories, with the attempt cgroups a killed worker left in them,
+    /// once the processes still dying there are gone (a few seconds at most).
+    fn drop(&mut self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for dir in &self.dirs {
+            loop {
+                if let Ok(children) = std::fs::read_dir(dir) {
+                    for child in children.flatten() {
+                        if child.path().is_dir() {
+                            let _ = std::fs::remove_dir(child.path());
+                        }
+                    }
+                }
+                if std::fs::remove_dir(dir).is_ok() || std::time::Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// The ordinary-user worker of these tests: [`TEST_USER`] under root, the tests' own
+/// user otherwise.
+fn ordinary_cluster(extra: &[(&str, &str)]) -> (Cluster, Option<(u32, u32)>) {
+    let mut c = cluster(extra);
+    if !running_as_root() {
+        return (c, None);
+    }
+    let (uid, gid) = test_user().unwrap_or_else(|| {
+        panic!("user {TEST_USER} is missing: run scripts/install-deps.sh test (as root)")
+    });
+    c.run_as(uid, gid);
+    (c, Some((uid, gid)))
+}
+
+/// Starvation: on an ordinary-user worker (two runs at once) with cgroup v1 directories
+/// delegated to its user (`sandbox.cgroup_v1_dirs`), one run forks up to
+/// `sandbox.max_processes` and holds its processes; a concurrent run of the same worker
+/// still starts, forks and succeeds. Before: the process limit was RLIMIT_NPROC, shared
+/// by every process of the user, and the second run could not start.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_run_cannot_starve_a_concurrent_one_with_a_delegated_v1_cgroup() {
+    let _shared = TEST_USER_PROCESSES.read().await;
+    let (mut c, user) = ordinary_cluster(&[
+        ("AO__SANDBOX__MAX_PROCESSES", "40"),
+        ("AO__WORKER__CONCURRENCY", "2"),
+    ]);
+    let Some((uid, gid)) = user else {
+        eprintln!(
+            "skipped: delegating a cgroup to the worker's user needs the tests to run as root"
+        );
+        return;
+    };
+    let Some(delegated) = DelegatedV1::make(uid, gid) else {
+        return;
+    };
+    let setting = delegated.setting();
+    let root = c.dir.path().to_path_buf();
+    let hog = bare_repo(&root, "hog", &[]);
+    let other = bare_repo(&root, "other", &[]);
+    start(
+        &mut c,
+        HOG_OR_OTHER,
+        &[("AO__SANDBOX__CGROUP_V1_DIRS", setting.as_str())],
+    )
+    .await;
+    let hog_id = start_hog(&c, &hog).await;
+    let forked = forked_by_hog(&c, &hog_id).await;
+    assert!(forked < 40, "{forked} processes under a limit of 40");
+    let (_, done) = run_code_task(&c, &other, "agent/other").await;
+    assert_eq!(
+        done["status"],
+        "succeeded",
+        "the concurrent run was starved: {done:#}\n{}",
+        c.logs()
+    );
+    assert_eq!(
+        git(&other, &["show", "agent/other:other.txt"]),
+        "other-forked=10"
+    );
+    let hog_now = c.task(&hog_id).await.expect("hog task");
+    assert_eq!(
+        hog_now["status"], "running",
+        "the runs did not overlap: {hog_now:#}"
+    );
+    let _ = c.post_json(&format!("/api/v1/tasks/{hog_id}/cancel")).await;
+    let _ = c
+        .wait_for_status(&hog_id, &["cancelled", "failed", "succeeded"], LIMIT)
+        .await;
+    drop(c);
+    drop(delegated);
+}
+
+/// Without a cgroup, an ordinary-user worker still starts, and says at start that its
+/// process limit is RLIMIT_NPROC shared by every process of its user and which settings
+/// give each sandbox its own. The starvation attack then gets through, and the starved
+/// run's outcome says why and what to set (before: a bare `bwrap: Creating new namespace
+/// failed: Resource temporarily unavailable`).
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_cgroup_the_worker_says_the_process_limit_is_shared() {
+    // Every other test's sandboxes run as the same user and count against its limit.
+    let _alone = TEST_USER_PROCESSES.write().await;
+    let (mut c, _) = ordinary_cluster(&[
+        ("AO__SANDBOX__MAX_PROCESSES", "40"),
+        ("AO__WORKER__CONCURRENCY", "2"),
+    ]);
+    let root = c.dir.path().to_path_buf();
+    let hog = bare_repo(&root, "hog", &[]);
+    let other = bare_repo(&root, "other", &[]);
+    start(&mut c, HOG_OR_OTHER, &[]).await;
+    let log = c.workers[0].log_text();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut log = log;
+    while !log.contains("no cgroup for the sandboxes") {
+        assert!(std::time::Instant::now() < deadline, "no warning:\n{log}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        log = c.workers[0].log_text();
+    }
+    assert!(
+        log.contains("starve") && log.contains("sandbox.cgroup_v1_dirs"),
+        "{log}"
+    );
+    let hog_id = start_hog(&c, &hog).await;
+    forked_by_hog(&c, &hog_id).await;
+    let (_, done) = run_code_task(&c, &other, "agent/other").await;
+    let _ = c.post_json(&format!("/api/v1/tasks/{hog_id}/cancel")).await;
+    let _ = c
+        .wait_for_status(&hog_id, &["cancelled", "failed", "succeeded"], LIMIT)
+        .await;
+    assert_eq!(done["status"], "failed", "not starved: {done:#}");
+    let error = done["subtasks"][0]["outcome"]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        error.contains("RLIMIT_NPROC") && error.contains("sandbox.cgroup_v1_dirs"),
+        "the starved run does not say why: {done:#}"
     );
 }

@@ -41,13 +41,14 @@
 //!   [`super::network`] and `crate::proxy`.
 //! - a seccomp filter ([`super::seccomp`]) and `--disable-userns`: no nested namespaces,
 //!   no ptrace, no mounts, keyrings, bpf, perf, kexec, modules.
-//! - limits ([`super::limits`]): a cgroup per attempt (`pids.max`, memory), `prlimit`
-//!   (util-linux) for RLIMIT_NPROC and RLIMIT_NOFILE, and a size bound on every writable
-//!   place: the working copy, `/tmp`, `$HOME` and `/dev/shm` are size-limited tmpfs mounts,
-//!   and the rest of `/dev` is read-only.
+//! - limits ([`super::limits`]): a cgroup per attempt (`pids.max`, memory, CPU; a run
+//!   killed for its memory limit fails as such), `prlimit` (util-linux) for RLIMIT_NOFILE
+//!   (and RLIMIT_NPROC where no cgroup holds the process limit), and a size bound on every
+//!   writable place: the working copy, `/tmp`, `$HOME` and `/dev/shm` are size-limited
+//!   tmpfs mounts, and the rest of `/dev` is read-only.
 
 use super::host_user::{HostUser, HostUserError};
-use super::limits::{self, AttemptCgroup, Cgroups};
+use super::limits::{self, AttemptCgroup, Cgroups, Limits};
 use super::local_repo::{self, local_repository};
 use super::network::{self, NetworkMode};
 use super::process::{infra, supervise, Attempt, RUNNER_MARGIN};
@@ -181,6 +182,8 @@ pub struct BwrapDriver {
     hidden: Vec<PathBuf>,
     /// Where per-attempt cgroups are made, if anywhere.
     cgroups: Option<Cgroups>,
+    /// What each sandbox is held to, defaults filled in.
+    limits: Limits,
     /// The whole configuration, for the model proxy's options.
     all: Settings,
     /// Secret files, more of which become known as the worker resolves them.
@@ -230,9 +233,9 @@ impl BwrapDriver {
                 }
                 let hidden = hidden_paths(settings, &work_root);
                 network::check_allow_hosts(&sandbox).map_err(BwrapError::Config)?;
-                let cgroups = Cgroups::detect(
-                    sandbox.cgroup_dir.as_deref(),
-                    sandbox.memory_mb,
+                let (cgroups, limits) = Cgroups::detect(
+                    &sandbox,
+                    settings.worker.concurrency,
                     nix::unistd::geteuid().is_root(),
                 )?;
                 let driver = Self {
@@ -241,6 +244,7 @@ impl BwrapDriver {
                     settings: sandbox,
                     hidden,
                     cgroups,
+                    limits,
                     all: settings.clone(),
                     secret_files,
                     host,
@@ -539,9 +543,13 @@ impl BwrapDriver {
         let s = &self.settings;
         let mut prlimit: Vec<std::ffi::OsString> = vec![
             "prlimit".into(),
-            format!("--nproc={n}:{n}", n = s.max_processes).into(),
             format!("--nofile={n}:{n}", n = s.max_open_files).into(),
         ];
+        if run.cgroup.is_none() {
+            // RLIMIT_NPROC counts every process of the host user: only where no cgroup
+            // gives the sandbox a bound of its own.
+            prlimit.push(format!("--nproc={n}:{n}", n = s.max_processes).into());
+        }
         if let Some(host) = &self.host {
             prlimit.extend(host.setpriv());
         }
@@ -596,6 +604,63 @@ struct RunSetup {
     bundle: Option<BundleChannel>,
     /// The setup-result channel (a run that may store its setup in the cache).
     setup: Option<FileChannel>,
+}
+
+/// A failed run some of whose processes the kernel killed for the memory limit fails
+/// for that reason, not retried (the same work would reach the same limit), with what
+/// the run reported after it. A run that succeeded all the same keeps its outcome.
+fn out_of_memory(outcome: Outcome, killed: limits::OomKills) -> Outcome {
+    tracing::warn!(
+        killed = killed.count,
+        limit_mb = killed.limit_mb,
+        "sandbox processes killed for the memory limit"
+    );
+    if matches!(
+        outcome.kind,
+        OutcomeKind::Succeeded | OutcomeKind::Cancelled
+    ) {
+        return outcome;
+    }
+    let mut oom = Outcome::failed(
+        OutcomeKind::AgentError,
+        killed.explain(outcome.error.as_deref()),
+        false,
+    );
+    oom.cause = Some(FailureCause::OutOfMemory);
+    oom.cost_usd = outcome.cost_usd;
+    oom.tokens = outcome.tokens;
+    oom.turns = outcome.turns;
+    oom.duration_ms = outcome.duration_ms;
+    oom.network_refused = outcome.network_refused;
+    oom
+}
+
+/// How a process start refused for the process limit reads (EAGAIN from `fork` or
+/// `clone`, as bubblewrap, the shell and git report it).
+const PROCESS_LIMIT_REFUSAL: &str = "Resource temporarily unavailable";
+
+/// Without a cgroup the process limit is RLIMIT_NPROC, which counts every process of the
+/// host user: a run that failed because a process could not be started says so, and
+/// what gives each sandbox a limit of its own.
+fn explain_shared_process_limit(outcome: &mut Outcome, max_processes: u64) {
+    if outcome.kind == OutcomeKind::Succeeded
+        || !outcome
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains(PROCESS_LIMIT_REFUSAL))
+    {
+        return;
+    }
+    let why = format!(
+        " (a process could not be started: without a cgroup the sandbox's process limit is \
+         RLIMIT_NPROC = sandbox.max_processes = {max_processes}, which counts every process \
+         of the worker's host user, a concurrent run's too; give the worker a cgroup with \
+         sandbox.cgroup_dir or sandbox.cgroup_v1_dirs, see docs/sandbox-network.md#limits)"
+    );
+    if let Some(error) = outcome.error.as_mut() {
+        error.push_str(&why);
+    }
+    outcome.summary.push_str(&why);
 }
 
 /// Puts the proxy's metering into the outcome: its cost and tokens are the run's (the
@@ -762,7 +827,7 @@ impl SandboxDriver for BwrapDriver {
                     .file_name()
                     .map(|n| n.to_string_lossy().to_string())
                     .unwrap_or_else(|| "attempt".into());
-                match c.make(&name, self.settings.max_processes, self.settings.memory_mb) {
+                match c.make(&name, &self.limits) {
                     Ok(c) => Some(c),
                     Err(e) => return infra(format!("cannot set up the sandbox cgroup: {e}"), true),
                 }
@@ -834,6 +899,12 @@ impl SandboxDriver for BwrapDriver {
         let cmd = self.command(&spec, &attempt, &setup);
         let limit = Duration::from_secs(spec.agent.timeout_secs) + RUNNER_MARGIN;
         let mut outcome = supervise(cmd, &attempt, limit, events, cancel, seccomp, channels).await;
+        if let Some(killed) = setup.cgroup.as_ref().and_then(AttemptCgroup::oom_kills) {
+            outcome = out_of_memory(outcome, killed);
+        }
+        if self.cgroups.is_none() {
+            explain_shared_process_limit(&mut outcome, self.limits.max_processes);
+        }
         let bundle = match setup.bundle.take() {
             Some(channel) => channel.finish().await.map_err(|e| e.to_string()),
             None => Ok(None),

@@ -1,20 +1,27 @@
-//! Resource limits of a bwrap sandbox: its cgroup (processes and memory), the size of
+//! Resource limits of a bwrap sandbox: its cgroup (processes, memory, CPU), the size of
 //! every place it can write, and the bound on one line of its output.
 //!
 //! Cgroups: each attempt runs in a cgroup of its own with `pids.max`
-//! (`sandbox.max_processes`) and, when `sandbox.memory_mb` is set, a memory limit without
-//! swap. Where the cgroups come from, first match wins:
+//! (`sandbox.max_processes`), a memory limit without swap (`sandbox.memory_mb`, by default
+//! [`default_memory_mb`]) and a CPU quota (`sandbox.cpus`, by default [`default_cpus`]).
+//! Where the cgroups come from, first match wins:
 //! - `sandbox.cgroup_dir`: a cgroup v2 directory delegated to the worker;
+//! - `sandbox.cgroup_v1_dirs`: directories of the cgroup v1 `pids`, `memory` and `cpu`
+//!   hierarchies delegated to the worker (a v1 or hybrid host), each recognised by its
+//!   file system type and control files;
 //! - a worker running as root on a cgroup v2 host: `/sys/fs/cgroup/agent-orchestrator`,
-//!   with the `pids` and `memory` controllers enabled for it;
-//! - a worker running as root on a cgroup v1 host: `agent-orchestrator` in the `pids` and
-//!   `memory` hierarchies.
+//!   with the `pids`, `memory` (and `cpu` where the host has it) controllers enabled;
+//! - a worker running as root on a cgroup v1 host: `agent-orchestrator` in the `pids`,
+//!   `memory` (and `cpu`) hierarchies.
 //!
 //! Without one, the driver refuses to start where a configured limit cannot be held: a
-//! root worker (RLIMIT_NPROC does not apply to root), or `sandbox.memory_mb` set. An
-//! unprivileged worker without a cgroup keeps RLIMIT_NPROC, which counts every process of
-//! the worker's host user, so concurrent sandboxes share it (a warning says so).
+//! root worker (RLIMIT_NPROC does not apply to root), or `sandbox.memory_mb` /
+//! `sandbox.cpus` set. An unprivileged worker without a cgroup keeps RLIMIT_NPROC, which
+//! counts every process of the worker's host user, so concurrent sandboxes share it (a
+//! warning says so and what to set). With a `pids` cgroup no RLIMIT_NPROC is set: the
+//! cgroup is the sandbox's own bound, and a shared one would let one run starve another.
 
+use ao_shared::config::SandboxSettings;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
@@ -25,6 +32,10 @@ const CGROUP_RMDIR_TRIES: u32 = 50;
 const CGROUP2_ROOT: &str = "/sys/fs/cgroup";
 /// Name of the worker's cgroup under a hierarchy it manages itself.
 const OWN_CGROUP: &str = "agent-orchestrator";
+/// CFS period of the CPU quota, in microseconds (the kernel's default).
+const CPU_PERIOD_US: u64 = 100_000;
+/// Bounds of the default memory limit, in MiB.
+const DEFAULT_MEMORY_MB: (u64, u64) = (512, 4096);
 /// Longest line of a sandbox's output the worker keeps (longer lines are dropped and
 /// reported), so that no output makes the worker's memory grow past a few MiB.
 pub const MAX_LINE_BYTES: usize = 1024 * 1024;
@@ -32,97 +43,332 @@ pub const MAX_LINE_BYTES: usize = 1024 * 1024;
 /// Why the sandbox's limits cannot be held.
 #[derive(Debug, thiserror::Error)]
 pub enum LimitError {
-    #[error("sandbox.cgroup_dir {path}: {detail}")]
-    Cgroup { path: PathBuf, detail: String },
+    #[error("{setting} {path}: {detail}")]
+    Cgroup {
+        setting: &'static str,
+        path: PathBuf,
+        detail: String,
+    },
     #[error(
-        "{what} is configured but this host gives the worker no cgroup to enforce it: set \
-         sandbox.cgroup_dir to a cgroup v2 directory delegated to the worker (with the pids \
-         and memory controllers in its cgroup.subtree_control){hint}"
+        "{what} is configured but this host gives the worker no {controller} cgroup to enforce \
+         it: set sandbox.cgroup_dir to a cgroup v2 directory delegated to the worker (with the \
+         {controller} controller in its cgroup.subtree_control), or, on a cgroup v1 host, \
+         sandbox.cgroup_v1_dirs to directories of the v1 hierarchies owned by the worker's \
+         user (e.g. /sys/fs/cgroup/{controller}/ao-worker){hint}"
     )]
-    NoCgroup { what: String, hint: &'static str },
+    NoCgroup {
+        what: String,
+        controller: &'static str,
+        hint: &'static str,
+    },
+    #[error(
+        "sandbox.cgroup_v1_dirs: none of {dirs} is in the cgroup v1 pids hierarchy, which \
+         holds sandbox.max_processes (e.g. /sys/fs/cgroup/pids/ao-worker)"
+    )]
+    NoV1Pids { dirs: String },
+}
+
+/// The limits each sandbox is held to, defaults filled in; `None`: not limited (the
+/// worker has no cgroup for it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limits {
+    /// `pids.max` (threads count), or RLIMIT_NPROC without a cgroup.
+    pub max_processes: u64,
+    /// Memory without swap, in MiB.
+    pub memory_mb: Option<u64>,
+    /// CPU time per wall time, in CPUs.
+    pub cpus: Option<f64>,
+}
+
+/// The default memory limit of one sandbox, in MiB: three quarters of the host's RAM
+/// (`ram_mb`) shared by `concurrency` sandboxes, kept between 512 and 4096 MiB.
+pub fn default_memory_mb(ram_mb: u64, concurrency: usize) -> u64 {
+    let share = ram_mb.saturating_mul(3) / 4 / concurrency.max(1) as u64;
+    share.clamp(DEFAULT_MEMORY_MB.0, DEFAULT_MEMORY_MB.1)
+}
+
+/// The default CPU limit of one sandbox: the host's CPUs (`host_cpus`) shared by
+/// `concurrency` sandboxes, at least one CPU.
+pub fn default_cpus(host_cpus: usize, concurrency: usize) -> f64 {
+    (host_cpus / concurrency.max(1)).max(1) as f64
+}
+
+/// The host's RAM in MiB (`MemTotal` of `/proc/meminfo`, in kB), if known.
+fn host_ram_mb() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb >> 10)
+}
+
+/// A cgroup v1 controller the sandboxes use.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Controller {
+    Pids,
+    Memory,
+    Cpu,
+}
+
+impl Controller {
+    const ALL: [Self; 3] = [Self::Pids, Self::Memory, Self::Cpu];
+
+    /// The control file that shows a v1 hierarchy has this controller.
+    fn marker(self) -> &'static str {
+        match self {
+            Self::Pids => "pids.max",
+            Self::Memory => "memory.limit_in_bytes",
+            Self::Cpu => "cpu.cfs_quota_us",
+        }
+    }
 }
 
 /// Where per-attempt cgroups are made.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Cgroups {
-    /// One cgroup v2 directory holds both limits.
-    V2 { parent: PathBuf },
-    /// Separate cgroup v1 hierarchies.
-    V1 { pids: PathBuf, memory: PathBuf },
+    /// One cgroup v2 directory holds every limit; `cpu`: its `cpu` controller is enabled.
+    V2 { parent: PathBuf, cpu: bool },
+    /// Separate cgroup v1 hierarchies; `pids` is always there.
+    V1 {
+        pids: PathBuf,
+        memory: Option<PathBuf>,
+        cpu: Option<PathBuf>,
+    },
 }
 
 impl Cgroups {
-    /// Finds where per-attempt cgroups can be made, and checks that one can be.
-    /// `None` when the host gives none and none is required.
+    /// Finds where per-attempt cgroups can be made, checks that one can be, and fills in
+    /// the default limits it can hold. No cgroups (`None`) when the host gives none and
+    /// none is required.
     pub fn detect(
-        configured: Option<&Path>,
-        memory_mb: Option<u64>,
+        sandbox: &SandboxSettings,
+        concurrency: usize,
         is_root: bool,
-    ) -> Result<Option<Self>, LimitError> {
-        let found = match configured {
-            Some(dir) => Some(Self::V2 {
-                parent: dir.to_path_buf(),
-            }),
-            None if is_root => Self::own_v2().or_else(Self::own_v1),
-            None => None,
+    ) -> Result<(Option<Self>, Limits), LimitError> {
+        let found = if let Some(dir) = &sandbox.cgroup_dir {
+            Some(Self::delegated_v2(dir)?)
+        } else if !sandbox.cgroup_v1_dirs.is_empty() {
+            Some(Self::delegated_v1(&sandbox.cgroup_v1_dirs)?)
+        } else if is_root {
+            Self::own_v2().or_else(Self::own_v1)
+        } else {
+            None
         };
-        let Some(cgroups) = found else {
-            if is_root {
-                return Err(LimitError::NoCgroup {
-                    what: "sandbox.max_processes".into(),
-                    hint: " (RLIMIT_NPROC does not limit a worker running as root)",
-                });
-            }
-            if memory_mb.is_some() {
+        if let Some(cgroups) = &found {
+            cgroups.probe()?;
+        } else if is_root {
+            return Err(LimitError::NoCgroup {
+                what: "sandbox.max_processes".into(),
+                controller: "pids",
+                hint: " (RLIMIT_NPROC does not limit a worker running as root)",
+            });
+        }
+        let (has_memory, has_cpu) = match &found {
+            None => (false, false),
+            Some(Self::V2 { cpu, .. }) => (true, *cpu),
+            Some(Self::V1 { memory, cpu, .. }) => (memory.is_some(), cpu.is_some()),
+        };
+        let memory_mb = match sandbox.memory_mb {
+            Some(_) if !has_memory => {
                 return Err(LimitError::NoCgroup {
                     what: "sandbox.memory_mb".into(),
+                    controller: "memory",
                     hint: "",
-                });
+                })
             }
-            tracing::warn!(
-                "no cgroup for the sandboxes (sandbox.cgroup_dir): sandbox.max_processes is \
-                 enforced as RLIMIT_NPROC, shared by every process of this host user, and \
-                 memory is not limited"
-            );
-            return Ok(None);
+            Some(mb) => Some(mb),
+            None if has_memory => Some(default_memory_mb(
+                host_ram_mb().unwrap_or(DEFAULT_MEMORY_MB.1),
+                concurrency,
+            )),
+            None => None,
         };
-        cgroups.probe()?;
-        Ok(Some(cgroups))
+        let cpus = match sandbox.cpus {
+            Some(_) if !has_cpu => {
+                return Err(LimitError::NoCgroup {
+                    what: "sandbox.cpus".into(),
+                    controller: "cpu",
+                    hint: "",
+                })
+            }
+            Some(cpus) => Some(cpus),
+            None if has_cpu => Some(default_cpus(
+                std::thread::available_parallelism().map_or(1, usize::from),
+                concurrency,
+            )),
+            None => None,
+        };
+        let limits = Limits {
+            max_processes: sandbox.max_processes,
+            memory_mb,
+            cpus,
+        };
+        match &found {
+            None => tracing::warn!(
+                max_processes = limits.max_processes,
+                "no cgroup for the sandboxes: sandbox.max_processes is enforced as \
+                 RLIMIT_NPROC, which counts every process of this host user, so one run can \
+                 fork up to it and starve a concurrent one; memory and CPU are not limited. \
+                 Set sandbox.cgroup_dir (cgroup v2) or sandbox.cgroup_v1_dirs (cgroup v1: \
+                 directories in /sys/fs/cgroup/pids, memory and cpu owned by this user), see \
+                 docs/sandbox-network.md#limits"
+            ),
+            Some(c) => {
+                tracing::info!(
+                    cgroups = ?c,
+                    max_processes = limits.max_processes,
+                    memory_mb = ?limits.memory_mb,
+                    cpus = ?limits.cpus,
+                    "sandbox limits"
+                );
+                if memory_mb.is_none() || cpus.is_none() {
+                    tracing::warn!(
+                        memory_limited = memory_mb.is_some(),
+                        cpu_limited = cpus.is_some(),
+                        "the sandboxes' cgroup has no memory or no cpu controller: that \
+                         resource is not limited"
+                    );
+                }
+            }
+        }
+        Ok((found, limits))
+    }
+
+    /// `sandbox.cgroup_dir`: must be on a cgroup v2 file system.
+    fn delegated_v2(dir: &Path) -> Result<Self, LimitError> {
+        let err = |detail: String| LimitError::Cgroup {
+            setting: "sandbox.cgroup_dir",
+            path: dir.to_path_buf(),
+            detail,
+        };
+        match filesystem(dir).map_err(|e| err(e.to_string()))? {
+            Fs::CgroupV2 => {}
+            Fs::CgroupV1 => {
+                return Err(err(
+                    "is a cgroup v1 directory: list the v1 directories (pids, memory, cpu) in \
+                     sandbox.cgroup_v1_dirs instead"
+                        .into(),
+                ))
+            }
+            Fs::Other => return Err(err("is not on a cgroup file system".into())),
+        }
+        let subtree = std::fs::read_to_string(dir.join("cgroup.subtree_control"))
+            .map_err(|e| err(format!("cannot read cgroup.subtree_control: {e}")))?;
+        let enabled: Vec<&str> = subtree.split_whitespace().collect();
+        for needed in ["pids", "memory"] {
+            if !enabled.contains(&needed) {
+                return Err(err(format!(
+                    "the {needed} controller is not enabled in its cgroup.subtree_control"
+                )));
+            }
+        }
+        Ok(Self::V2 {
+            parent: dir.to_path_buf(),
+            cpu: enabled.contains(&"cpu"),
+        })
+    }
+
+    /// `sandbox.cgroup_v1_dirs`: each on a cgroup v1 file system, each controller once,
+    /// `pids` among them.
+    fn delegated_v1(dirs: &[PathBuf]) -> Result<Self, LimitError> {
+        let mut found: [Option<PathBuf>; 3] = [None, None, None];
+        for dir in dirs {
+            let err = |detail: String| LimitError::Cgroup {
+                setting: "sandbox.cgroup_v1_dirs",
+                path: dir.clone(),
+                detail,
+            };
+            match filesystem(dir).map_err(|e| err(e.to_string()))? {
+                Fs::CgroupV1 => {}
+                Fs::CgroupV2 => {
+                    return Err(err(
+                        "is a cgroup v2 directory: set it as sandbox.cgroup_dir instead".into(),
+                    ))
+                }
+                Fs::Other => return Err(err("is not on a cgroup file system".into())),
+            }
+            let mut any = false;
+            for (i, c) in Controller::ALL.iter().enumerate() {
+                if dir.join(c.marker()).exists() {
+                    any = true;
+                    if found[i].replace(dir.clone()).is_some() {
+                        return Err(err(format!("a second directory for {c:?}")));
+                    }
+                }
+            }
+            if !any {
+                return Err(err(
+                    "is in none of the pids, memory and cpu hierarchies".into()
+                ));
+            }
+        }
+        let [pids, memory, cpu] = found;
+        let pids = pids.ok_or_else(|| LimitError::NoV1Pids {
+            dirs: dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+        Ok(Self::V1 { pids, memory, cpu })
     }
 
     /// The worker's own cgroup at the root of a cgroup v2 hierarchy (root only).
     fn own_v2() -> Option<Self> {
         let root = Path::new(CGROUP2_ROOT);
         let controllers = std::fs::read_to_string(root.join("cgroup.controllers")).ok()?;
-        if !(controllers.contains("pids") && controllers.contains("memory")) {
+        let controllers: Vec<&str> = controllers.split_whitespace().collect();
+        if !(controllers.contains(&"pids") && controllers.contains(&"memory")) {
             return None;
         }
-        let _ = std::fs::write(root.join("cgroup.subtree_control"), "+pids +memory");
+        let cpu = controllers.contains(&"cpu");
+        let wanted = if cpu {
+            "+pids +memory +cpu"
+        } else {
+            "+pids +memory"
+        };
+        let _ = std::fs::write(root.join("cgroup.subtree_control"), wanted);
         let parent = root.join(OWN_CGROUP);
         std::fs::create_dir_all(&parent).ok()?;
         std::fs::write(parent.join("cgroup.subtree_control"), "+pids +memory").ok()?;
-        Some(Self::V2 { parent })
+        let cpu = cpu && std::fs::write(parent.join("cgroup.subtree_control"), "+cpu").is_ok();
+        Some(Self::V2 { parent, cpu })
     }
 
-    /// The worker's own cgroups in the v1 `pids` and `memory` hierarchies (root only).
+    /// The worker's own cgroups in the v1 `pids`, `memory` and (where mounted) `cpu`
+    /// hierarchies (root only).
     fn own_v1() -> Option<Self> {
         let base = Path::new(CGROUP2_ROOT);
-        let pids = base.join("pids");
-        let memory = base.join("memory");
-        if !pids.join("cgroup.procs").exists() || !memory.join("cgroup.procs").exists() {
-            return None;
-        }
-        let pids = pids.join(OWN_CGROUP);
-        let memory = memory.join(OWN_CGROUP);
-        std::fs::create_dir_all(&pids).ok()?;
-        std::fs::create_dir_all(&memory).ok()?;
-        Some(Self::V1 { pids, memory })
+        let own = |name: &str| -> Option<PathBuf> {
+            let hierarchy = base.join(name);
+            if !hierarchy.join("cgroup.procs").exists() {
+                return None;
+            }
+            let dir = hierarchy.join(OWN_CGROUP);
+            std::fs::create_dir_all(&dir).ok()?;
+            Some(dir)
+        };
+        let pids = own("pids")?;
+        let memory = own("memory")?;
+        Some(Self::V1 {
+            pids,
+            memory: Some(memory),
+            cpu: own("cpu"),
+        })
     }
 
     fn parents(&self) -> Vec<&Path> {
         match self {
-            Self::V2 { parent } => vec![parent],
-            Self::V1 { pids, memory } => vec![pids, memory],
+            Self::V2 { parent, .. } => vec![parent],
+            Self::V1 { pids, memory, cpu } => std::iter::once(pids.as_path())
+                .chain(memory.as_deref())
+                .chain(cpu.as_deref())
+                .collect(),
         }
     }
 
@@ -137,6 +383,7 @@ impl Cgroups {
             std::fs::create_dir(&probe)
                 .and_then(|_| std::fs::remove_dir(&probe))
                 .map_err(|e| LimitError::Cgroup {
+                    setting: "sandbox cgroup",
                     path: parent.to_path_buf(),
                     detail: format!("cannot make a child cgroup: {e}"),
                 })?;
@@ -146,51 +393,74 @@ impl Cgroups {
 
     /// Makes the cgroup(s) of one attempt with its limits. Returns the directories every
     /// process of the sandbox must join.
-    pub fn make(
-        &self,
-        name: &str,
-        max_processes: u64,
-        memory_mb: Option<u64>,
-    ) -> std::io::Result<AttemptCgroup> {
+    pub fn make(&self, name: &str, limits: &Limits) -> std::io::Result<AttemptCgroup> {
         let name = format!("ao-{name}");
-        let mut limits: Vec<(PathBuf, &str, String)> = Vec::new();
-        let dirs = match self {
-            Self::V2 { parent } => {
+        let quota = limits
+            .cpus
+            .map(|cpus| ((cpus * CPU_PERIOD_US as f64).round() as u64).max(1000));
+        let mut writes: Vec<(PathBuf, &str, String)> = Vec::new();
+        let (dirs, memory_events) = match self {
+            Self::V2 { parent, .. } => {
                 let dir = parent.join(&name);
-                limits.push((dir.clone(), "pids.max", max_processes.to_string()));
-                if let Some(mb) = memory_mb {
-                    limits.push((dir.clone(), "memory.max", (mb << 20).to_string()));
-                    limits.push((dir.clone(), "memory.swap.max", "0".into()));
+                writes.push((dir.clone(), "pids.max", limits.max_processes.to_string()));
+                if let Some(mb) = limits.memory_mb {
+                    writes.push((dir.clone(), "memory.max", (mb << 20).to_string()));
+                    writes.push((dir.clone(), "memory.swap.max", "0".into()));
                 }
-                vec![dir]
+                if let Some(quota) = quota {
+                    writes.push((dir.clone(), "cpu.max", format!("{quota} {CPU_PERIOD_US}")));
+                }
+                let events = dir.join("memory.events");
+                (vec![dir], Some(events))
             }
-            Self::V1 { pids, memory } => {
+            Self::V1 { pids, memory, cpu } => {
                 let p = pids.join(&name);
-                let m = memory.join(&name);
-                limits.push((p.clone(), "pids.max", max_processes.to_string()));
-                if let Some(mb) = memory_mb {
-                    limits.push((m.clone(), "memory.limit_in_bytes", (mb << 20).to_string()));
-                    limits.push((
-                        m.clone(),
-                        "memory.memsw.limit_in_bytes",
-                        (mb << 20).to_string(),
-                    ));
+                writes.push((p.clone(), "pids.max", limits.max_processes.to_string()));
+                let mut dirs = vec![p];
+                let mut events = None;
+                if let Some(memory) = memory {
+                    let m = memory.join(&name);
+                    if let Some(mb) = limits.memory_mb {
+                        let bytes = (mb << 20).to_string();
+                        writes.push((m.clone(), "memory.limit_in_bytes", bytes.clone()));
+                        writes.push((m.clone(), "memory.memsw.limit_in_bytes", bytes));
+                    }
+                    events = Some(m.join("memory.oom_control"));
+                    dirs.push(m);
                 }
-                vec![p, m]
+                if let (Some(cpu), Some(quota)) = (cpu, quota) {
+                    let c = cpu.join(&name);
+                    writes.push((c.clone(), "cpu.cfs_period_us", CPU_PERIOD_US.to_string()));
+                    writes.push((c.clone(), "cpu.cfs_quota_us", quota.to_string()));
+                    dirs.push(c);
+                }
+                (dirs, events)
             }
         };
-        let cgroup = AttemptCgroup { dirs };
-        for dir in &cgroup.dirs {
-            std::fs::create_dir(dir)?;
+        let cgroup = AttemptCgroup {
+            dirs,
+            memory_events,
+            memory_mb: limits.memory_mb,
+        };
+        for (i, dir) in cgroup.dirs.iter().enumerate() {
+            if let Err(e) = std::fs::create_dir(dir) {
+                for made in &cgroup.dirs[..i] {
+                    let _ = std::fs::remove_dir(made);
+                }
+                return Err(e);
+            }
         }
-        for (dir, file, value) in limits {
+        for (dir, file, value) in writes {
             if let Err(e) = std::fs::write(dir.join(file), &value) {
                 // Swap accounting may be off (no swap.max / memsw file); the rest must work.
                 if !file.contains("swap") && !file.contains("memsw") {
                     for dir in &cgroup.dirs {
                         let _ = std::fs::remove_dir(dir);
                     }
-                    return Err(e);
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("{}: {e}", dir.join(file).display()),
+                    ));
                 }
             }
         }
@@ -198,10 +468,62 @@ impl Cgroups {
     }
 }
 
+/// What kind of file system a path is on.
+#[derive(Debug, PartialEq)]
+enum Fs {
+    CgroupV1,
+    CgroupV2,
+    Other,
+}
+
+/// The file system type of `path` (`statfs`'s magic number).
+fn filesystem(path: &Path) -> nix::Result<Fs> {
+    use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC, CGROUP_SUPER_MAGIC};
+    let kind = statfs(path)?.filesystem_type();
+    Ok(if kind == CGROUP2_SUPER_MAGIC {
+        Fs::CgroupV2
+    } else if kind == CGROUP_SUPER_MAGIC {
+        Fs::CgroupV1
+    } else {
+        Fs::Other
+    })
+}
+
 /// The cgroup directories of one attempt.
 #[derive(Debug)]
 pub struct AttemptCgroup {
     pub dirs: Vec<PathBuf>,
+    /// The file counting the memory cgroup's OOM kills (`oom_kill N`): `memory.events`
+    /// on v2, `memory.oom_control` on v1.
+    memory_events: Option<PathBuf>,
+    /// The memory limit set, in MiB.
+    memory_mb: Option<u64>,
+}
+
+/// Processes of a sandbox the kernel killed for its memory limit.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OomKills {
+    /// How many processes were killed.
+    pub count: u64,
+    /// The limit they reached, in MiB.
+    pub limit_mb: u64,
+}
+
+impl OomKills {
+    /// The outcome's error for a run whose processes were killed, followed by `what`
+    /// the run reported itself.
+    pub fn explain(&self, what: Option<&str>) -> String {
+        let mut text = format!(
+            "out of memory: the sandbox reached its memory limit of {} MiB \
+             (sandbox.memory_mb) and the kernel killed {} of its processes",
+            self.limit_mb, self.count
+        );
+        if let Some(what) = what.filter(|w| !w.is_empty()) {
+            text.push_str("; ");
+            text.push_str(what);
+        }
+        text
+    }
 }
 
 impl AttemptCgroup {
@@ -219,6 +541,20 @@ impl AttemptCgroup {
             .arg("--")
             .args(command);
         c
+    }
+
+    /// The processes the kernel killed for the memory limit so far; `None` when none
+    /// was (or the count cannot be read).
+    pub fn oom_kills(&self) -> Option<OomKills> {
+        let text = std::fs::read_to_string(self.memory_events.as_ref()?).ok()?;
+        let count: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|n| n.trim().parse().ok())?;
+        (count > 0).then_some(OomKills {
+            count,
+            limit_mb: self.memory_mb?,
+        })
     }
 
     /// Removes the cgroups once their processes are gone.
@@ -334,6 +670,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cgroups = Cgroups::V2 {
             parent: dir.path().to_path_buf(),
+            cpu: false,
         };
         // Another worker's probe in progress, and one left by a killed worker of this
         // process id.
@@ -343,6 +680,131 @@ mod tests {
         assert!(
             dir.path().join("ao-probe").exists(),
             "another's probe is left alone"
+        );
+    }
+
+    #[test]
+    fn default_limits_share_the_host_between_concurrent_sandboxes() {
+        // 24 GiB, two at once: 9 GiB each, capped at 4 GiB.
+        assert_eq!(default_memory_mb(24 * 1024, 2), 4096);
+        // 2 GiB, two at once: 768 MiB each.
+        assert_eq!(default_memory_mb(2048, 2), 768);
+        // 1 GiB, eight at once: the floor of 512 MiB.
+        assert_eq!(default_memory_mb(1024, 8), 512);
+        assert_eq!(default_cpus(8, 2), 4.0);
+        assert_eq!(default_cpus(2, 4), 1.0);
+        assert_eq!(default_cpus(0, 0), 1.0);
+    }
+
+    #[test]
+    fn a_directory_off_the_cgroup_file_systems_is_refused_for_what_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let sandbox = |v2: bool| SandboxSettings {
+            cgroup_dir: v2.then(|| dir.path().to_path_buf()),
+            cgroup_v1_dirs: if v2 {
+                Vec::new()
+            } else {
+                vec![dir.path().to_path_buf()]
+            },
+            ..SandboxSettings::default()
+        };
+        for v2 in [true, false] {
+            let err = Cgroups::detect(&sandbox(v2), 2, false)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("is not on a cgroup file system"), "{err}");
+            let setting = if v2 {
+                "sandbox.cgroup_dir"
+            } else {
+                "sandbox.cgroup_v1_dirs"
+            };
+            assert!(err.starts_with(setting), "{err}");
+        }
+    }
+
+    #[test]
+    fn v1_directories_are_told_apart_from_v2_ones_and_need_pids() {
+        let memory = Path::new("/sys/fs/cgroup/memory");
+        if filesystem(memory).ok() != Some(Fs::CgroupV1) {
+            eprintln!("skipped: no cgroup v1 memory hierarchy on this host");
+            return;
+        }
+        let as_v2 = SandboxSettings {
+            cgroup_dir: Some(memory.to_path_buf()),
+            ..SandboxSettings::default()
+        };
+        let err = Cgroups::detect(&as_v2, 2, false).unwrap_err().to_string();
+        assert!(err.contains("cgroup v1 directory"), "{err}");
+        assert!(err.contains("sandbox.cgroup_v1_dirs"), "{err}");
+        let without_pids = SandboxSettings {
+            cgroup_v1_dirs: vec![memory.to_path_buf()],
+            ..SandboxSettings::default()
+        };
+        let err = Cgroups::detect(&without_pids, 2, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pids hierarchy"), "{err}");
+    }
+
+    #[test]
+    fn limits_set_without_a_cgroup_to_hold_them_are_refused() {
+        for (memory_mb, cpus, named) in [
+            (Some(512), None, "sandbox.memory_mb"),
+            (None, Some(1.0), "sandbox.cpus"),
+        ] {
+            let sandbox = SandboxSettings {
+                memory_mb,
+                cpus,
+                ..SandboxSettings::default()
+            };
+            let err = Cgroups::detect(&sandbox, 2, false).unwrap_err().to_string();
+            assert!(err.starts_with(named), "{err}");
+            assert!(err.contains("sandbox.cgroup_v1_dirs"), "{err}");
+        }
+        // Nothing set: the worker starts, without a cgroup or a memory or CPU limit.
+        let (cgroups, limits) = Cgroups::detect(&SandboxSettings::default(), 2, false).unwrap();
+        assert_eq!(cgroups, None);
+        assert_eq!((limits.memory_mb, limits.cpus), (None, None));
+    }
+
+    #[test]
+    fn each_limit_goes_to_its_v1_hierarchy() {
+        let dir = tempfile::tempdir().unwrap();
+        let [pids, memory, cpu] = ["pids", "memory", "cpu"].map(|h| dir.path().join(h));
+        let cgroups = Cgroups::V1 {
+            pids: pids.clone(),
+            memory: Some(memory.clone()),
+            cpu: Some(cpu.clone()),
+        };
+        for d in [&pids, &memory, &cpu] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let limits = Limits {
+            max_processes: 40,
+            memory_mb: Some(128),
+            cpus: Some(0.5),
+        };
+        let made = cgroups.make("a-1", &limits).unwrap();
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+        assert_eq!(read(pids.join("ao-a-1/pids.max")), "40");
+        assert_eq!(
+            read(memory.join("ao-a-1/memory.limit_in_bytes")),
+            (128u64 << 20).to_string()
+        );
+        assert_eq!(read(cpu.join("ao-a-1/cpu.cfs_quota_us")), "50000");
+        assert_eq!(read(cpu.join("ao-a-1/cpu.cfs_period_us")), "100000");
+        assert_eq!(made.oom_kills(), None);
+        std::fs::write(
+            memory.join("ao-a-1/memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
+        )
+        .unwrap();
+        assert_eq!(
+            made.oom_kills(),
+            Some(OomKills {
+                count: 3,
+                limit_mb: 128
+            })
         );
     }
 
