@@ -535,6 +535,11 @@ async fn first_model_request(runs: usize) {
         .iter()
         .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
     let ratio = median(ratios);
+    let pairs: Vec<String> = product
+        .iter()
+        .zip(&alone)
+        .map(|(p, (a, _))| format!("{a:.2}/{p:.2}"))
+        .collect();
     let alone_line = median(alone.iter().map(|a| a.1).collect());
     let alone = median(alone.iter().map(|a| a.0).collect());
     let product = median(product);
@@ -548,6 +553,7 @@ async fn first_model_request(runs: usize) {
          {highest:.2}); ratio of the medians {:.2}",
         product / alone
     );
+    println!("  pairs, alone/product (s): {}", pairs.join(" "));
     print_phases("submit→first model request", &breakdowns);
 }
 
