@@ -179,8 +179,24 @@ impl SetupCache {
     }
 
     /// Removes least recently used entries, any repository, until all fit the bound.
+    /// Archives waiting in `incoming/` count too and go the same way, oldest first: one
+    /// left by a run whose worker was killed before it was taken in would otherwise stay
+    /// for good, outside the bound (a run whose archive goes this way only misses being
+    /// stored).
     pub fn evict(&self) -> Vec<PathBuf> {
         let mut entries: Vec<(std::time::SystemTime, PathBuf, u64)> = Vec::new();
+        let add = |e: std::fs::DirEntry, entries: &mut Vec<_>| {
+            let path = e.path();
+            if path.extension().is_some_and(|x| x == "tar") {
+                // Not followed: an archive is a plain file, never a link.
+                if let Ok(m) = std::fs::symlink_metadata(&path) {
+                    if m.is_file() {
+                        let used = m.modified().unwrap_or(std::time::UNIX_EPOCH);
+                        entries.push((used, path, m.len()));
+                    }
+                }
+            }
+        };
         for repo in std::fs::read_dir(&self.root)
             .into_iter()
             .flatten()
@@ -191,12 +207,19 @@ impl SetupCache {
                 .flatten()
                 .flatten()
             {
-                let path = e.path();
-                if path.extension().is_some_and(|x| x == "tar") {
-                    if let Ok(m) = e.metadata() {
-                        let used = m.modified().unwrap_or(std::time::UNIX_EPOCH);
-                        entries.push((used, path, m.len()));
-                    }
+                add(e, &mut entries);
+            }
+            for run in std::fs::read_dir(repo.path().join("incoming"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                for e in std::fs::read_dir(run.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    add(e, &mut entries);
                 }
             }
         }

@@ -68,7 +68,8 @@ impl Warm {
             .get(crate::credentials::GIT_TOKEN_ENV)
             .cloned();
         let rev_candidates = start_revs(spec);
-        let run_id = format!("{}-{}", spec.subtask_id.short(), spec.attempt);
+        // The whole id: its first digits are a time, shared by subtasks started together.
+        let run_id = format!("{}-{}", spec.subtask_id, spec.attempt);
         let started = Instant::now();
         let prepared = tokio::task::spawn_blocking(move || {
             let (lease, how) = mirrors.prepare(&repository, token.as_ref())?;
