@@ -278,6 +278,9 @@ pub struct Model {
     pub git_refusals: Vec<String>,
     /// Every API request: `METHOD path`.
     pub calls: Vec<String>,
+    /// The `user` a comment or review list shows for a login instead of a whole
+    /// `simple-user` (a deleted account's `null`, a user without a `gravatar_id`).
+    pub user_shapes: HashMap<String, Value>,
     next_id: u64,
 }
 
@@ -792,6 +795,16 @@ impl FakeGithub {
             },
         );
         n
+    }
+
+    /// Makes comment and review lists show `user` for `login` instead of a whole
+    /// `simple-user` (e.g. `null` for a deleted account).
+    pub fn set_user_shape(&self, login: &str, user: Value) {
+        self.fake
+            .model
+            .lock()
+            .user_shapes
+            .insert(login.into(), user);
     }
 
     /// Deletes a comment, as a person with write access may (no webhook).
@@ -2080,7 +2093,7 @@ async fn list_reviews(
         .map(|x| {
             let state = if x.event == "COMMENT" { "COMMENTED" } else { &x.event };
             json!({ "id": x.id, "node_id": format!("PRR_{}", x.id), "body": x.body,
-                    "state": state, "user": user_json(&x.user),
+                    "state": state, "user": m.user_shapes.get(&x.user).cloned().unwrap_or_else(|| user_json(&x.user)),
                     "html_url": format!("https://github.com/{repo}/pull/{n}#pullrequestreview-{}", x.id),
                     "pull_request_url": format!("https://api.github.com/repos/{repo}/pulls/{n}"),
                     "author_association": "NONE", "commit_id": null,
@@ -2102,7 +2115,13 @@ async fn list_comments(
     let list: Vec<Value> = m
         .comments_on(&repo, n)
         .iter()
-        .map(|c| comment_json(&f.base_url, c))
+        .map(|c| {
+            let mut v = comment_json(&f.base_url, c);
+            if let Some(u) = m.user_shapes.get(&c.user) {
+                v["user"] = u.clone();
+            }
+            v
+        })
         .collect();
     Ok(paginate(&f, &uri, &q, list, array))
 }

@@ -86,6 +86,15 @@ pub async fn answer(
     }
 }
 
+/// The items of a list read with octocrab's model `T`, leaving out those it cannot read:
+/// GitHub's description lets others' comments and reviews have a `null` user (a deleted
+/// account) or a `null` `gravatar_id`, which octocrab's `Author` does not take, and such
+/// an item is never the App's own.
+fn read_each<T: serde::de::DeserializeOwned>(list: Vec<Value>) -> impl Iterator<Item = T> {
+    list.into_iter()
+        .filter_map(|v| serde_json::from_value(v).ok())
+}
+
 /// Whether `user` (a `simple-user` of GitHub's REST description) is this App's bot: of
 /// `type` `Bot`, and `<app_slug>[bot]` when the slug is configured. A person quoting
 /// the App's comment (markers included) is never taken for the App.
@@ -106,7 +115,7 @@ pub async fn find_comment(
     marker: &str,
     app_slug: Option<&str>,
 ) -> Result<Option<u64>, GithubError> {
-    let list: Vec<Comment> = c
+    let list: Vec<Value> = c
         .list(
             inst,
             "/repos/{o}/{r}/issues/{n}/comments",
@@ -114,8 +123,7 @@ pub async fn find_comment(
             None,
         )
         .await?;
-    Ok(list
-        .iter()
+    Ok(read_each::<Comment>(list)
         .find(|x| {
             by_the_app(&x.user, app_slug) && x.body.as_deref().is_some_and(|b| b.contains(marker))
         })
@@ -133,7 +141,7 @@ pub async fn has_review(
     marker: &str,
     app_slug: Option<&str>,
 ) -> Result<bool, GithubError> {
-    let list: Vec<Review> = c
+    let list: Vec<Value> = c
         .list(
             inst,
             "/repos/{o}/{r}/pulls/{n}/reviews",
@@ -141,7 +149,7 @@ pub async fn has_review(
             None,
         )
         .await?;
-    Ok(list.iter().any(|x| {
+    Ok(read_each::<Review>(list).any(|x| {
         x.user.as_ref().is_some_and(|u| by_the_app(u, app_slug))
             && x.body.as_deref().is_some_and(|b| b.contains(marker))
     }))
