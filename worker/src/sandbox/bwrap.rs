@@ -43,7 +43,8 @@
 //!   no ptrace, no mounts, keyrings, bpf, perf, kexec, modules.
 //! - limits ([`super::limits`]): a cgroup per attempt (`pids.max`, memory, CPU; a run
 //!   killed for its memory limit fails as such), `prlimit` (util-linux) for RLIMIT_NOFILE
-//!   (and RLIMIT_NPROC where no cgroup holds the process limit), and a size bound on every
+//!   (and, inside the sandbox's user namespace, RLIMIT_NPROC where no cgroup holds the
+//!   process limit: counted per user namespace, so per sandbox), and a size bound on every
 //!   writable place: the working copy, `/tmp`, `$HOME` and `/dev/shm` are size-limited
 //!   tmpfs mounts, and the rest of `/dev` is read-only.
 
@@ -523,7 +524,21 @@ impl BwrapDriver {
         a.flag_val("--remount-ro", "/dev");
         a.flag_val("--remount-ro", "/");
         a.flag_val("--chdir", inside);
-        a.flags(&["--", INSIDE_RUNNER, "runner", "--spec"]);
+        a.flags(&["--"]);
+        if run.cgroup.is_none() {
+            // No cgroup holds the process limit: RLIMIT_NPROC, set inside the sandbox's
+            // user namespace, after bubblewrap made it. The kernel counts the limit per
+            // user namespace (since Linux 5.14): the processes of this sandbox only. Set
+            // on bubblewrap instead, it would count every process of the host user, and
+            // one run could starve a concurrent one. `prlimit` sets it on itself, then
+            // becomes the runner (pid 1 stays the runner).
+            a.flags(&[
+                "prlimit",
+                &format!("--nproc={n}:{n}", n = self.settings.max_processes),
+                "--",
+            ]);
+        }
+        a.flags(&[INSIDE_RUNNER, "runner", "--spec"]);
         a.0.push(inside.join("spec.json").into());
         a.flags(&["--result-fd", &RESULT_FD.to_string()]);
         if run.bundle.is_some() {
@@ -545,11 +560,6 @@ impl BwrapDriver {
             "prlimit".into(),
             format!("--nofile={n}:{n}", n = s.max_open_files).into(),
         ];
-        if run.cgroup.is_none() {
-            // RLIMIT_NPROC counts every process of the host user: only where no cgroup
-            // gives the sandbox a bound of its own.
-            prlimit.push(format!("--nproc={n}:{n}", n = s.max_processes).into());
-        }
         if let Some(host) = &self.host {
             prlimit.extend(host.setpriv());
         }
@@ -639,9 +649,9 @@ fn out_of_memory(outcome: Outcome, killed: limits::OomKills) -> Outcome {
 /// `clone`, as bubblewrap, the shell and git report it).
 const PROCESS_LIMIT_REFUSAL: &str = "Resource temporarily unavailable";
 
-/// Without a cgroup the process limit is RLIMIT_NPROC, which counts every process of the
-/// host user: a run that failed because a process could not be started says so, and
-/// what gives each sandbox a limit of its own.
+/// Without a cgroup, on a kernel before 5.14, the process limit is RLIMIT_NPROC, which
+/// counts every process of the host user: a run that failed because a process could not
+/// be started says so, and what gives each sandbox a limit of its own.
 fn explain_shared_process_limit(outcome: &mut Outcome, max_processes: u64) {
     if outcome.kind == OutcomeKind::Succeeded
         || !outcome
@@ -902,7 +912,7 @@ impl SandboxDriver for BwrapDriver {
         if let Some(killed) = setup.cgroup.as_ref().and_then(AttemptCgroup::oom_kills) {
             outcome = out_of_memory(outcome, killed);
         }
-        if self.cgroups.is_none() {
+        if self.cgroups.is_none() && !limits::nproc_per_user_namespace() {
             explain_shared_process_limit(&mut outcome, self.limits.max_processes);
         }
         let bundle = match setup.bundle.take() {

@@ -16,10 +16,12 @@
 //!
 //! Without one, the driver refuses to start where a configured limit cannot be held: a
 //! root worker (RLIMIT_NPROC does not apply to root), or `sandbox.memory_mb` /
-//! `sandbox.cpus` set. An unprivileged worker without a cgroup keeps RLIMIT_NPROC, which
-//! counts every process of the worker's host user, so concurrent sandboxes share it (a
-//! warning says so and what to set). With a `pids` cgroup no RLIMIT_NPROC is set: the
-//! cgroup is the sandbox's own bound, and a shared one would let one run starve another.
+//! `sandbox.cpus` set. An unprivileged worker without a cgroup sets RLIMIT_NPROC inside
+//! each sandbox's user namespace, where the kernel counts it per namespace (Linux 5.14 and
+//! later, [`nproc_per_user_namespace`]): each sandbox's own bound; memory and CPU are then
+//! not limited (a warning says so and what to set). On older kernels RLIMIT_NPROC counts
+//! every process of the worker's host user, so concurrent sandboxes share it. With a
+//! `pids` cgroup no RLIMIT_NPROC is set: the cgroup is the sandbox's own bound.
 
 use ao_shared::config::SandboxSettings;
 use std::path::{Path, PathBuf};
@@ -91,6 +93,27 @@ pub fn default_memory_mb(ram_mb: u64, concurrency: usize) -> u64 {
 /// `concurrency` sandboxes, at least one CPU.
 pub fn default_cpus(host_cpus: usize, concurrency: usize) -> f64 {
     (host_cpus / concurrency.max(1)).max(1) as f64
+}
+
+/// Whether the running kernel counts RLIMIT_NPROC per user namespace: Linux 5.14 and
+/// later ("ucounts: Move RLIMIT_NPROC into ucounts"). There a limit set inside a
+/// sandbox's own user namespace counts that sandbox's processes only, while the host
+/// user's processes as a whole stay under the limit the namespace was made with (the
+/// worker's own). Before 5.14 RLIMIT_NPROC counts every process of the host user,
+/// whichever namespace it is in. `false` where `/proc/sys/kernel/osrelease` cannot be read.
+pub fn nproc_per_user_namespace() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .and_then(|release| kernel_version(&release))
+        .is_some_and(|version| version >= (5, 14))
+}
+
+/// `(major, minor)` of a kernel release string (`6.18.44-fc-v657`, `5.14.0-70.el9`).
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
 }
 
 /// The host's RAM in MiB (`MemTotal` of `/proc/meminfo`, in kB), if known.
@@ -209,13 +232,22 @@ impl Cgroups {
             cpus,
         };
         match &found {
-            None => tracing::warn!(
+            None if nproc_per_user_namespace() => tracing::warn!(
                 max_processes = limits.max_processes,
                 "no cgroup for the sandboxes: sandbox.max_processes is enforced as \
-                 RLIMIT_NPROC, which counts every process of this host user, so one run can \
-                 fork up to it and starve a concurrent one; memory and CPU are not limited. \
-                 Set sandbox.cgroup_dir (cgroup v2) or sandbox.cgroup_v1_dirs (cgroup v1: \
-                 directories in /sys/fs/cgroup/pids, memory and cpu owned by this user), see \
+                 RLIMIT_NPROC inside each sandbox's user namespace (its processes only); \
+                 memory and CPU are not limited. Set sandbox.cgroup_dir (cgroup v2) or \
+                 sandbox.cgroup_v1_dirs (cgroup v1: directories in /sys/fs/cgroup/pids, \
+                 memory and cpu owned by this user), see docs/sandbox-network.md#limits"
+            ),
+            None => tracing::warn!(
+                max_processes = limits.max_processes,
+                "no cgroup for the sandboxes, and a kernel older than 5.14: \
+                 sandbox.max_processes is enforced as RLIMIT_NPROC, which counts every \
+                 process of this host user, so one run can fork up to it and starve a \
+                 concurrent one; memory and CPU are not limited. Set sandbox.cgroup_dir \
+                 (cgroup v2) or sandbox.cgroup_v1_dirs (cgroup v1: directories in \
+                 /sys/fs/cgroup/pids, memory and cpu owned by this user), see \
                  docs/sandbox-network.md#limits"
             ),
             Some(c) => {
@@ -642,6 +674,16 @@ pub async fn read_bounded_line<R: AsyncBufRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_versions_are_read_from_release_strings() {
+        assert_eq!(kernel_version("6.18.44-fc-v657\n"), Some((6, 18)));
+        assert_eq!(kernel_version("5.14.0-70.el9.x86_64"), Some((5, 14)));
+        assert_eq!(kernel_version("4.19"), Some((4, 19)));
+        assert_eq!(kernel_version("5.4.0-generic"), Some((5, 4)));
+        assert!((5, 4) < (5, 14));
+        assert_eq!(kernel_version("garbage"), None);
+    }
 
     #[tokio::test]
     async fn long_lines_are_dropped_without_being_held() {
