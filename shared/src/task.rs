@@ -58,6 +58,10 @@ pub enum FailureCause {
     /// (`sandbox.memory_mb`); the error says the limit. Not retried: the same work would
     /// reach it again.
     OutOfMemory,
+    /// A cause this version does not know, sent by a newer worker: the outcome is kept
+    /// and acted on by its kind and `retryable` alone. Never sent.
+    #[serde(other)]
+    Unknown,
 }
 
 /// Destinations listed in a [`NetworkRefused`] at most (the rest are counted), so that
@@ -1380,6 +1384,21 @@ mod tests {
     use super::*;
     use crate::pipeline::plan_subtasks;
     use crate::timefmt;
+
+    /// A worker newer than this coordinator may send a failure cause this version does
+    /// not know: the outcome still decodes (its cause read as `Unknown`), instead of the
+    /// whole result being refused and lost. Before: `unknown variant`.
+    #[test]
+    fn an_unknown_failure_cause_still_decodes() {
+        let mut outcome =
+            serde_json::to_value(Outcome::failed(OutcomeKind::AgentError, "boom", false))
+                .expect("encode");
+        outcome["cause"] = serde_json::json!("a_cause_of_a_later_version");
+        let decoded: Outcome = serde_json::from_value(outcome).expect("decodes");
+        assert_eq!(decoded.cause, Some(FailureCause::Unknown));
+        assert_eq!(decoded.kind, OutcomeKind::AgentError);
+        assert_eq!(decoded.error.as_deref(), Some("boom"));
+    }
 
     fn task(caps: &[Capability]) -> Task {
         let now = timefmt::now();
