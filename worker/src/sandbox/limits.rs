@@ -547,7 +547,9 @@ impl OomKills {
     pub fn explain(&self, what: Option<&str>) -> String {
         let mut text = format!(
             "out of memory: the sandbox reached its memory limit of {} MiB \
-             (sandbox.memory_mb) and the kernel killed {} of its processes",
+             (sandbox.memory_mb; the files it wrote in its working copy, /tmp, $HOME and \
+             /dev/shm count against it, since they are memory) and the kernel killed {} of \
+             its processes",
             self.limit_mb, self.count
         );
         if let Some(what) = what.filter(|w| !w.is_empty()) {
