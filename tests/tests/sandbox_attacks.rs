@@ -1369,3 +1369,75 @@ async fn files_of_the_host_outside_the_system_directories_are_unseen(who: Worker
 for_both_workers!(files_of_the_host_outside_the_system_directories_are_unseen:
     files_of_the_host_outside_the_system_directories_are_unseen_root_worker,
     files_of_the_host_outside_the_system_directories_are_unseen_ordinary_worker);
+
+/// Attack 22: the agent reads files of its own host user inside the system directories
+/// the sandbox is shown: a 0600 key owned by that user under `/etc`, a 0640 one of its
+/// group, and a file in a 0700 directory of that user under `/usr/local`. The sandbox
+/// runs as that user (an ordinary worker's own, a root worker's `sandbox.host_uid`), so
+/// the permissions let it. Only what every user of the host may read is shown: each is
+/// covered, while world-readable files (`/etc/passwd`, the tag's own `public.txt`) stay
+/// (before: all three keys were read).
+async fn files_of_the_sandbox_user_in_system_directories_are_unseen(who: Worker) {
+    use std::os::unix::fs::{chown, PermissionsExt};
+    if !running_as_root() {
+        eprintln!("skipped: placing files under /etc needs the tests to run as root");
+        return;
+    }
+    let Some(mut c) = cluster(who, &[]) else {
+        return;
+    };
+    let (uid, gid) = test_user().expect("test user");
+    let tag = format!("ao-attack-{}-{who:?}", std::process::id());
+    let etc = Path::new("/etc").join(&tag);
+    let usr = Path::new("/usr/local").join(&tag);
+    let mode = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        chown(path, Some(uid), Some(gid)).expect("chown");
+    };
+    std::fs::create_dir_all(&etc).expect("mkdir");
+    std::fs::create_dir_all(&usr).expect("mkdir");
+    mode(&etc, 0o755);
+    std::fs::write(etc.join("owner.key"), "OWNER-ONLY-KEY-8811").expect("write");
+    mode(&etc.join("owner.key"), 0o600);
+    std::fs::write(etc.join("group.key"), "GROUP-KEY-8812").expect("write");
+    mode(&etc.join("group.key"), 0o640);
+    chown(etc.join("group.key"), Some(0), Some(gid)).expect("chown");
+    std::fs::write(etc.join("public.txt"), "PUBLIC-8814").expect("write");
+    mode(&etc.join("public.txt"), 0o644);
+    mode(&usr, 0o700);
+    std::fs::write(usr.join("token"), "PRIVATE-DIR-KEY-8813").expect("write");
+    mode(&usr.join("token"), 0o644);
+    let repo = bare_repo(c.dir.path(), "project", &[]);
+    let body = format!(
+        "{{ for f in {e}/owner.key {e}/group.key {u}/token {e}/public.txt; do \
+         echo \"read $f: $(cat $f 2>&1)\"; done; \
+         echo \"passwd: $(head -c 5 /etc/passwd)\"; }} > seen.txt\n",
+        e = etc.display(),
+        u = usr.display()
+    );
+    start(&mut c, &body, &[]).await;
+    let id = submit(&c, &repo, "agent/sysfiles").await;
+    let done = finished(&c, &id).await;
+    let _ = std::fs::remove_dir_all(&etc);
+    let _ = std::fs::remove_dir_all(&usr);
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let seen = git(&repo, &["show", "agent/sysfiles:seen.txt"]);
+    for secret in [
+        "OWNER-ONLY-KEY-8811",
+        "GROUP-KEY-8812",
+        "PRIVATE-DIR-KEY-8813",
+    ] {
+        assert!(!seen.contains(secret), "{secret} read:\n{seen}");
+    }
+    assert!(
+        seen.contains("PUBLIC-8814"),
+        "world-readable hidden:\n{seen}"
+    );
+    assert!(
+        seen.contains("passwd: root:"),
+        "/etc/passwd hidden:\n{seen}"
+    );
+}
+for_both_workers!(files_of_the_sandbox_user_in_system_directories_are_unseen:
+    files_of_the_sandbox_user_in_system_directories_are_unseen_root_worker,
+    files_of_the_sandbox_user_in_system_directories_are_unseen_ordinary_worker);

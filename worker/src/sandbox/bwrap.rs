@@ -722,6 +722,7 @@ fn hidden_paths(settings: &Settings, work_root: &Path) -> Vec<PathBuf> {
         }
     }
     paths.extend(settings.sandbox.hide.iter().cloned());
+    paths.extend(private_system_paths(SYSTEM_PATHS));
     let mut real: Vec<PathBuf> = paths
         .into_iter()
         .filter_map(|p| p.canonicalize().ok())
@@ -730,6 +731,49 @@ fn hidden_paths(settings: &Settings, work_root: &Path) -> Vec<PathBuf> {
     real.sort_by_key(|p| (p.components().count(), p.clone()));
     real.dedup();
     real
+}
+
+/// What of the system directories `roots` not every user of the host may read: each
+/// regular file without read permission for others, and each directory without read or
+/// search permission for others (not entered). The sandbox runs as a host user (the
+/// worker's own, or a root worker's `sandbox.host_uid`) whose own files there, or its
+/// group's, its permissions would otherwise open; covering them shows the agent only
+/// what any local user sees. Symbolic links are not followed, nor walked as roots (`/bin`
+/// on a merged-`/usr` host is walked as `/usr/bin`); entries that cannot be read are left
+/// out (the walker reads as the worker, who sees at least what the sandbox does).
+/// Taken once, at the worker's start: a file placed there later is not covered.
+fn private_system_paths(roots: &[&str]) -> Vec<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let private = |meta: &std::fs::Metadata| {
+        let mode = meta.permissions().mode();
+        if meta.is_dir() {
+            mode & 0o005 != 0o005
+        } else {
+            meta.is_file() && mode & 0o004 == 0
+        }
+    };
+    let mut found = Vec::new();
+    for root in roots {
+        if std::fs::symlink_metadata(root).map_or(true, |m| m.file_type().is_symlink()) {
+            continue;
+        }
+        let mut walk = walkdir::WalkDir::new(root)
+            .follow_links(false)
+            .min_depth(1)
+            .into_iter();
+        while let Some(entry) = walk.next() {
+            let Ok(entry) = entry else { continue };
+            let Ok(meta) = entry.metadata() else { continue };
+            if private(&meta) {
+                if meta.is_dir() {
+                    // Covered as a whole: nothing under it is walked.
+                    walk.skip_current_dir();
+                }
+                found.push(entry.into_path());
+            }
+        }
+    }
+    found
 }
 
 /// Where a root worker keeps the copy of its executable that its sandboxes run, under
