@@ -1272,6 +1272,7 @@ async fn deliver(
 
 fn router(fake: Arc<Fake>) -> Router {
     Router::new()
+        .route("/app", get(get_app))
         .route("/app/installations", get(list_installations))
         .route("/app/installations/{id}", get(get_installation))
         .route("/app/installations/{id}/access_tokens", post(access_token))
@@ -1722,6 +1723,25 @@ async fn list_installations(call: Call, Query(q): Query<HashMap<String, String>>
         .map(|i| json!({ "id": i.id, "account": { "login": i.account }, "permissions": i.permissions }))
         .collect();
     Ok(paginate(&f, &uri, &q, list, array))
+}
+
+/// `GET /app` (App JWT): the App itself (`integration`), its slug the bot login's.
+async fn get_app(call: Call) -> ApiResult {
+    let f = call.app()?;
+    let slug = BOT_LOGIN.trim_end_matches("[bot]");
+    Ok(Json(json!({
+        "id": f.app_id, "slug": slug, "node_id": format!("A_{}", f.app_id),
+        "client_id": format!("Iv1.{}", f.app_id),
+        "owner": user_json("acme"), "name": "Agent Orchestrator",
+        "description": "Plans, codes, tests and reviews labelled issues.",
+        "external_url": "https://example.com/agent-orchestrator",
+        "html_url": format!("https://github.com/apps/{slug}"),
+        "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z",
+        "permissions": { "issues": "write", "contents": "write", "pull_requests": "write",
+                         "checks": "read", "metadata": "read" },
+        "events": ["issues", "issue_comment", "pull_request_review", "pull_request_review_comment"],
+    }))
+    .into_response())
 }
 
 /// `GET /app/installations/{id}` (App JWT): the installation with the permissions its

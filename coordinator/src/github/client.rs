@@ -224,6 +224,10 @@ pub struct Client {
     key: tokio::sync::OnceCell<EncodingKey>,
     tokens: Mutex<HashMap<(u64, String), CachedToken>>,
     metrics: Metrics,
+    /// `github.app_slug` as configured.
+    slug_setting: Option<String>,
+    /// The slug GitHub gave for the App (`GET /app`), once read.
+    slug: tokio::sync::OnceCell<String>,
 }
 
 fn unix_now() -> u64 {
@@ -289,6 +293,48 @@ impl Client {
             key: tokio::sync::OnceCell::new(),
             tokens: Mutex::new(HashMap::new()),
             metrics,
+            slug_setting: settings.app_slug.clone().filter(|s| !s.is_empty()),
+            slug: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The App's slug (its bot is `<slug>[bot]`): `github.app_slug` when set, else the
+    /// `slug` of GitHub's answer to `GET /app` (App JWT; "Get the authenticated app" in
+    /// GitHub's REST description), read once and kept. `None`, with a warning, while
+    /// GitHub cannot say (not configured, unreachable): the caller then knows the App's
+    /// own posts by their `Bot` type alone, and a later call asks again.
+    ///
+    /// The answer is read for its `slug` only, not as octocrab's `models::App`, whose
+    /// `owner` requires user fields GitHub's description lets be `null`.
+    pub async fn app_slug(&self) -> Option<&str> {
+        #[derive(serde::Deserialize)]
+        struct AppSlug {
+            slug: Option<String>,
+        }
+        if let Some(slug) = &self.slug_setting {
+            return Some(slug);
+        }
+        let read = self
+            .slug
+            .get_or_try_init(|| async {
+                let reply = self.app_call(Method::GET, "/app", "/app", None).await?;
+                serde_json::from_value::<AppSlug>(reply.body)
+                    .ok()
+                    .and_then(|app| app.slug)
+                    .filter(|slug| !slug.is_empty())
+                    .ok_or_else(|| GithubError::NotConfigured("GET /app answered no slug".into()))
+            })
+            .await;
+        match read {
+            Ok(slug) => Some(slug),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "the App's slug is not known (set github.app_slug): its own comments \
+                     are told apart by their Bot type only"
+                );
+                None
+            }
         }
     }
 

@@ -80,9 +80,10 @@ struct CommentClaimed;
 #[error("the task changed during the pass")]
 struct Outdated;
 
-/// The App's slug, to know its own comments and reviews (`github.app_slug`).
-fn app_slug(gh: &Github) -> Option<&str> {
-    gh.settings.github.app_slug.as_deref()
+/// The App's slug, to know its own comments and reviews (`github.app_slug`, else
+/// GitHub's, see [`super::client::Client::app_slug`]).
+async fn app_slug(gh: &Github) -> Option<&str> {
+    gh.client.app_slug().await
 }
 
 /// The delays between failed passes over one task.
@@ -495,7 +496,8 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
                 r.body.push_str(&format!("\n\n{marker}\n"));
                 // A post tried before may have been made without an answer: look first.
                 if owed {
-                    let found = api::has_review(c, inst, &repo, pr, &marker, app_slug(gh)).await;
+                    let found =
+                        api::has_review(c, inst, &repo, pr, &marker, app_slug(gh).await).await;
                     if written.settle(id, Step::Review, found)? == Some(true) {
                         written.owed_reviews.remove(&key);
                         written.reviews.insert(key);
@@ -558,7 +560,8 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
             body.push_str(&format!("\n{marker}\n"));
             // A post tried before may have been made without an answer: look first.
             let found = if owed {
-                let found = api::find_comment(c, inst, &repo, issue, &marker, app_slug(gh)).await;
+                let found =
+                    api::find_comment(c, inst, &repo, issue, &marker, app_slug(gh).await).await;
                 written.settle(id, Step::Plan, found)?.flatten()
             } else {
                 None
@@ -662,7 +665,8 @@ async fn pass(gh: &Github, id: TaskId, written: &mut Written) -> PassResult {
                     Some(cid) => Some(cid),
                     None => {
                         let marker = progress::marker(&task);
-                        api::find_comment(c, inst, &repo, issue, &marker, app_slug(gh)).await?
+                        api::find_comment(c, inst, &repo, issue, &marker, app_slug(gh).await)
+                            .await?
                     }
                 };
                 let made = match found {

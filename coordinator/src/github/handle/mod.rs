@@ -235,12 +235,12 @@ fn event_label(e: &str) -> &'static str {
     }
 }
 
-/// Whether `login` is this App's own bot (`<github.app_slug>[bot]`).
-fn own_bot(settings: &Settings, login: &str) -> bool {
-    settings
-        .github
-        .app_slug
-        .as_deref()
+/// Whether `login` is this App's own bot (`<slug>[bot]`, the slug configured or read
+/// from GitHub, see [`crate::github::client::Client::app_slug`]).
+async fn own_bot(gh: &Github, login: &str) -> bool {
+    gh.client
+        .app_slug()
+        .await
         .is_some_and(|slug| login.strip_suffix("[bot]") == Some(slug))
 }
 
@@ -301,7 +301,7 @@ async fn handle(gh: &Github, d: Delivery) -> HandleResult {
         return Ok("ignored: the App is not configured");
     }
     if let Some(ctx) = d.event.context() {
-        if ctx.sender.is_bot && own_bot(&gh.settings, &ctx.sender.login) {
+        if ctx.sender.is_bot && own_bot(gh, &ctx.sender.login).await {
             return Ok("ignored: the App's own event");
         }
         if ctx.sender.is_bot && !allowed_bot(&gh.settings, &ctx.sender.login) {
