@@ -30,7 +30,8 @@
 //! unreachable) the run goes on without a mirror, and a runner whose clone from the
 //! mirror fails clones in full.
 //!
-//! Size: past `warm.mirror_max_mb` the least recently used mirrors not in use are removed.
+//! Size: past `warm.mirror_max_mb` the least recently used mirrors not in use are removed;
+//! what an interrupted clone left (`<id>.partial`) is removed at every eviction.
 
 use sha2::{Digest, Sha256};
 use std::fs::File;
@@ -210,6 +211,7 @@ impl Mirrors {
     /// Removes least recently used mirrors, never `keep` nor one in use or being
     /// updated, until all together fit in the bound. Returns the ids removed.
     pub fn evict(&self, keep: &str) -> Vec<String> {
+        self.remove_leftovers();
         let Ok(entries) = std::fs::read_dir(&self.root) else {
             return Vec::new();
         };
@@ -252,6 +254,31 @@ impl Mirrors {
             }
         }
         removed
+    }
+
+    /// Removes what clones killed partway left (`<id>.partial`), whatever the bound: each
+    /// one whose repository's update lock is free (a clone writes under it).
+    fn remove_leftovers(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".partial")) else {
+                continue;
+            };
+            let Ok(Some(_update)) = try_lock(
+                &self.lock_path(id, "update"),
+                FlockArg::LockExclusiveNonblock,
+            ) else {
+                continue;
+            };
+            let size = dir_size(&entry.path());
+            if std::fs::remove_dir_all(entry.path()).is_ok() {
+                tracing::info!(leftover = %entry.path().display(), bytes = size,
+                    "the leftover of an interrupted mirror clone removed");
+            }
+        }
     }
 }
 
@@ -563,6 +590,32 @@ mod tests {
             .exists());
         let (_, how) = mirrors.prepare(&repo, None).unwrap();
         assert_eq!(how, Readiness::Rebuilt);
+    }
+
+    /// A clone killed partway leaves `<id>.partial`; the next eviction removes it, unless
+    /// a clone is still writing it (under the repository's update lock). Before: it
+    /// stayed until that repository's next clone, outside the size bound.
+    #[test]
+    fn a_killed_clone_s_leftover_is_removed_at_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("mirrors");
+        let mirrors = Mirrors::new(root.clone(), u64::MAX);
+        let left = root.join("0123abcd.partial");
+        std::fs::create_dir_all(left.join("objects")).unwrap();
+        std::fs::write(left.join("objects").join("pack"), vec![7u8; 4096]).unwrap();
+        let busy = root.join("4567ef01.partial");
+        std::fs::create_dir_all(&busy).unwrap();
+        let update = lock(
+            &mirrors.lock_path("4567ef01", "update"),
+            FlockArg::LockExclusive,
+        )
+        .unwrap();
+        mirrors.evict("other");
+        assert!(!left.exists(), "the leftover stays");
+        assert!(busy.exists(), "a clone in progress lost its directory");
+        drop(update);
+        mirrors.evict("other");
+        assert!(!busy.exists());
     }
 
     #[test]
