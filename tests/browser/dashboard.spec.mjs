@@ -220,6 +220,19 @@ try {
   check(unknown.cls.includes('ev-unknown') && unknown.text.includes('{"type":"mystery","a":"<b>x</b>"}') && unknown.markup === 0,
     `unknown event: ${JSON.stringify(unknown)}`);
 
+  step('refused network destinations show as such, their host as text');
+  const refusals = await page.evaluate(() => {
+    const at = new Date().toISOString();
+    const one = renderEvent({ seq: 2, kind: 'agent', at, data: { type: 'network_denied', event: { host: '<b>evil</b>.example', port: 443, method: 'CONNECT', at } } }, new Map());
+    const all = renderEvent({ seq: 3, kind: 'agent', at, data: { type: 'network_refused', event: { total: 4, unlisted: 0, refused: [
+      { host: 'evil.example', port: 443, count: 3, first_at: at, last_at: at }, { host: '169.254.169.254', port: 80, count: 1, first_at: at, last_at: at }] } } }, new Map());
+    return [one, all].map((e) => ({ cls: e.className, text: e.textContent, markup: e.querySelectorAll('b').length }));
+  });
+  check(refusals[0].cls.includes('ev-network_denied') && refusals[0].text.includes('network refused: CONNECT <b>evil</b>.example:443') && refusals[0].markup === 0,
+    `a refused destination: ${JSON.stringify(refusals[0])}`);
+  check(refusals[1].cls.includes('ev-network_refused') && refusals[1].text.includes('network refused 4 requests to 2 destinations: evil.example:443 (3×), 169.254.169.254:80 (1×)'),
+    `the run's refused destinations: ${JSON.stringify(refusals[1])}`);
+
   step('the cancel button stops a running task (a cookie-authenticated change with the CSRF header)');
   await page.goto(`${BASE}/`);
   await page.waitForSelector('#live.live-live', { timeout: WAIT });

@@ -393,6 +393,17 @@ function renderEvent(ev, subtasks) {
         e.error != null ? oneLine(e.error, 200) : null].filter(Boolean).join(' · ');
       return line('system', el('span', { class: 'ev-body', text: `${e.subtype || 'system'}${detail ? `: ${detail}` : ''}` }));
     }
+    case 'network_denied':
+      // The sandbox's network proxy refused a destination off the run's allow-list.
+      return line('network_denied', el('span', { class: 'error', text: `network refused: ${oneLine(e.method || 'CONNECT', 20)} ${oneLine(e.host, 260)}:${Number(e.port) || '?'}` }));
+    case 'network_refused': {
+      // Every destination the proxy refused in the run, with its count (sent at its end).
+      const refused = Array.isArray(e.refused) ? e.refused : [];
+      const total = Number(e.total) || refused.reduce((n, r) => n + (Number(r.count) || 0), 0);
+      const listed = refused.slice(0, 10).map((r) => `${oneLine(r.host, 260)}:${Number(r.port) || '?'} (${Number(r.count) || 1}×)`).join(', ');
+      const more = refused.length - Math.min(refused.length, 10) + (Number(e.unlisted) || 0);
+      return line('network_refused', el('span', { class: 'error', text: `network refused ${total} request${total === 1 ? '' : 's'} to ${refused.length + (Number(e.unlisted) || 0)} destination${refused.length === 1 && !e.unlisted ? '' : 's'}${listed ? `: ${listed}` : ''}${more > 0 ? `, and ${more} more` : ''}` }));
+    }
     default:
       return line('unknown', el('code', { class: 'ev-body', text: oneLine(kind ? { type: kind, ...e } : data, 500) }));
   }
