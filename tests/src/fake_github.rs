@@ -2054,7 +2054,7 @@ async fn create_comment(
 /// A `simple-user` of a login: a `Bot` when it is an App's (`<slug>[bot]`).
 /// Every field of the description's `simple-user` is given (octocrab's `Author` model
 /// requires them), with an id derived from the login.
-fn user_json(login: &str) -> Value {
+pub fn user_json(login: &str) -> Value {
     let kind = if login.ends_with("[bot]") {
         "Bot"
     } else {

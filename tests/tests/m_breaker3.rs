@@ -6,9 +6,9 @@
 // Test helpers may panic: a failed step fails the test.
 #![allow(clippy::unwrap_used)]
 
-use ao_tests::fake_github::{Failure, FakeGithub, BOT_LOGIN};
+use ao_tests::fake_github::{user_json, Failure, FakeGithub, BOT_LOGIN};
 use ao_tests::script;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::time::Duration;
 
 const REPO: &str = "acme/widgets";
@@ -39,22 +39,9 @@ fn ours(m: &ao_tests::fake_github::Model, n: u64) -> Vec<ao_tests::fake_github::
 /// A whole `simple-user` of GitHub's description for `login`, with `gravatar_id` null
 /// (the description marks it nullable).
 fn user_without_gravatar(login: &str) -> Value {
-    let api = format!("https://api.github.com/users/{login}");
-    json!({
-        "login": login, "id": 4711, "node_id": "U_4711", "type": "User",
-        "avatar_url": "https://avatars.githubusercontent.com/u/4711",
-        "gravatar_id": null, "url": api, "html_url": format!("https://github.com/{login}"),
-        "followers_url": format!("{api}/followers"),
-        "following_url": format!("{api}/following{{/other_user}}"),
-        "gists_url": format!("{api}/gists{{/gist_id}}"),
-        "starred_url": format!("{api}/starred{{/owner}}{{/repo}}"),
-        "subscriptions_url": format!("{api}/subscriptions"),
-        "organizations_url": format!("{api}/orgs"),
-        "repos_url": format!("{api}/repos"),
-        "events_url": format!("{api}/events{{/privacy}}"),
-        "received_events_url": format!("{api}/received_events"),
-        "site_admin": false,
-    })
+    let mut user = user_json(login);
+    user["gravatar_id"] = Value::Null;
+    user
 }
 
 /// Labels an issue that already has a comment by `login` (listed with `shape` as its user)
