@@ -3,8 +3,12 @@
 //! fix round (a coder run given the check's name and output), and the pull request is
 //! marked ready only once the required check passes on its head.
 
-use ao_tests::fake_github::{FakeGithub, BOT_LOGIN};
-use ao_tests::script;
+// Test helpers may panic: a failed step fails the test.
+#![allow(clippy::unwrap_used)]
+
+use ao_tests::fake_github::{FakeGithub, Pull, BOT_LOGIN};
+use ao_tests::{script, Cluster};
+use serde_json::Value;
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -20,8 +24,20 @@ else
 fi
 "#;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_failing_check_starts_a_fix_round_and_the_pull_request_waits_for_it() {
+/// A labelled issue whose first run is done, with the cluster that ran it.
+struct FirstRun {
+    _tmp: tempfile::TempDir,
+    fake: FakeGithub,
+    c: Cluster,
+    issue: u64,
+    /// The agent's pull request, still a draft.
+    pr: Pull,
+}
+
+/// Labels an issue of [`REPO`] on a cluster with `settings` (the required checks) and
+/// waits for its first run to be done. The task is done (the label says the reporter's
+/// pass ran), but no required check has reported: the pull request must still be a draft.
+async fn first_run(settings: &[(&str, &str)]) -> FirstRun {
     let tmp = tempfile::tempdir().unwrap();
     let fake = FakeGithub::start(tmp.path(), 4242).await.unwrap();
     fake.add_installation(7, "acme");
@@ -29,21 +45,12 @@ async fn a_failing_check_starts_a_fix_round_and_the_pull_request_waits_for_it() 
     fake.grant(7, "statuses", Some("read"));
     fake.add_repo(7, REPO, &[]);
     fake.set_role(REPO, "alice", "write");
-    let mut c = fake.cluster(
-        Some("code"),
-        &[
-            ("AO__GITHUB__REQUIRED_CHECKS", "unit"),
-            ("AO__PIPELINE__MAX_FIX_ROUNDS", "2"),
-        ],
-    );
+    let mut c = fake.cluster(Some("code"), settings);
     let agent = script(c.dir.path(), "agent.sh", AGENT);
     c.start_in_process().await.unwrap();
     c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
-
     let issue = fake.open_issue(REPO, "Add a note", "Please.", "alice");
     assert_eq!(fake.label_issue(REPO, issue, "agent", "alice").await, 202);
-    // The task is done (the label says the reporter's pass ran), but the required check
-    // has not reported: the pull request stays a draft.
     let m = fake
         .wait_for("the first run done", LIMIT, |m| {
             m.pulls(REPO).len() == 1
@@ -55,6 +62,51 @@ async fn a_failing_check_starts_a_fix_round_and_the_pull_request_waits_for_it() 
         .unwrap();
     let pr = m.pulls(REPO)[0].clone();
     assert!(pr.draft, "ready before any check reported: {pr:?}");
+    FirstRun {
+        _tmp: tmp,
+        fake,
+        c,
+        issue,
+        pr,
+    }
+}
+
+/// The task of the first fix round, once the coordinator has made it.
+async fn first_round(c: &Cluster) -> Value {
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let (_, list) = c.get_json("/api/v1/tasks").await.unwrap();
+        let found = list["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["ci_round"] == 1)
+            .cloned();
+        if let Some(t) = found {
+            return t;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no fix round: {list:#}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_check_starts_a_fix_round_and_the_pull_request_waits_for_it() {
+    let FirstRun {
+        _tmp,
+        fake,
+        c,
+        issue,
+        pr,
+    } = first_run(&[
+        ("AO__GITHUB__REQUIRED_CHECKS", "unit"),
+        ("AO__PIPELINE__MAX_FIX_ROUNDS", "2"),
+    ])
+    .await;
 
     // CI fails on the head: a fix round, given the check's name and output.
     assert_eq!(
@@ -68,19 +120,7 @@ async fn a_failing_check_starts_a_fix_round_and_the_pull_request_waits_for_it() 
         .await,
         202
     );
-    let round = loop {
-        let (_, list) = c.get_json("/api/v1/tasks").await.unwrap();
-        let found = list["tasks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["ci_round"] == 1)
-            .cloned();
-        if let Some(t) = found {
-            break t;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let round = first_round(&c).await;
     let prompt = round["prompt"].as_str().unwrap();
     assert!(
         prompt.contains("Failing check: unit")
@@ -136,51 +176,16 @@ async fn a_failing_check_starts_a_fix_round_and_the_pull_request_waits_for_it() 
 /// failing one starts the fix round, a passing one makes the pull request ready.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_sweep_finds_checks_whose_webhook_was_missed() {
-    let tmp = tempfile::tempdir().unwrap();
-    let fake = FakeGithub::start(tmp.path(), 4242).await.unwrap();
-    fake.add_installation(7, "acme");
-    fake.grant(7, "checks", Some("read"));
-    fake.grant(7, "statuses", Some("read"));
-    fake.add_repo(7, REPO, &[]);
-    fake.set_role(REPO, "alice", "write");
-    let mut c = fake.cluster(
-        Some("code"),
-        &[
-            ("AO__GITHUB__REQUIRED_CHECKS", "unit"),
-            ("AO__GITHUB__RECONCILE_SECS", "1"),
-        ],
-    );
-    let agent = script(c.dir.path(), "agent.sh", AGENT);
-    c.start_in_process().await.unwrap();
-    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
-
-    let issue = fake.open_issue(REPO, "Add a note", "Please.", "alice");
-    assert_eq!(fake.label_issue(REPO, issue, "agent", "alice").await, 202);
-    let m = fake
-        .wait_for("the first run done", LIMIT, |m| {
-            m.pulls(REPO).len() == 1
-                && m.issue(REPO, issue)
-                    .is_some_and(|i| i.labels.iter().any(|l| l == "agent:done"))
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
-        .unwrap();
-    let pr = m.pulls(REPO)[0].clone();
-    assert!(pr.draft, "{pr:?}");
+    let FirstRun {
+        _tmp, fake, c, pr, ..
+    } = first_run(&[
+        ("AO__GITHUB__REQUIRED_CHECKS", "unit"),
+        ("AO__GITHUB__RECONCILE_SECS", "1"),
+    ])
+    .await;
     fake.check_run_undelivered(REPO, &pr.head, "unit", Some("failure"), "FAIL test_note");
-    let id = loop {
-        let (_, list) = c.get_json("/api/v1/tasks").await.unwrap();
-        let found = list["tasks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["ci_round"] == 1)
-            .and_then(|t| t["id"].as_str().map(str::to_string));
-        if let Some(id) = found {
-            break id;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let round = first_round(&c).await;
+    let id = round["id"].as_str().unwrap().to_string();
     let done = c
         .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
         .await
@@ -200,56 +205,24 @@ async fn the_sweep_finds_checks_whose_webhook_was_missed() {
 /// description; the pull request is marked ready once the status passes on the fixed head.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_commit_status_starts_a_fix_round_and_its_success_makes_the_pull_request_ready() {
-    let tmp = tempfile::tempdir().unwrap();
-    let fake = FakeGithub::start(tmp.path(), 4242).await.unwrap();
-    fake.add_installation(7, "acme");
-    fake.grant(7, "checks", Some("read"));
-    fake.grant(7, "statuses", Some("read"));
-    fake.add_repo(7, REPO, &[]);
-    fake.set_role(REPO, "alice", "write");
-    let mut c = fake.cluster(
-        Some("code"),
-        &[
-            ("AO__GITHUB__REQUIRED_CHECKS", "ci/legacy"),
-            ("AO__PIPELINE__MAX_FIX_ROUNDS", "2"),
-        ],
-    );
-    let agent = script(c.dir.path(), "agent.sh", AGENT);
-    c.start_in_process().await.unwrap();
-    c.start_worker(&[("AO__AGENT__COMMAND", agent.to_str().unwrap())]);
-
-    let issue = fake.open_issue(REPO, "Add a note", "Please.", "alice");
-    assert_eq!(fake.label_issue(REPO, issue, "agent", "alice").await, 202);
-    let m = fake
-        .wait_for("the first run done", LIMIT, |m| {
-            m.pulls(REPO).len() == 1
-                && m.issue(REPO, issue)
-                    .is_some_and(|i| i.labels.iter().any(|l| l == "agent:done"))
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.logs()))
-        .unwrap();
-    let pr = m.pulls(REPO)[0].clone();
-    assert!(pr.draft, "ready before the status reported: {pr:?}");
+    let FirstRun {
+        _tmp,
+        fake,
+        c,
+        issue,
+        pr,
+    } = first_run(&[
+        ("AO__GITHUB__REQUIRED_CHECKS", "ci/legacy"),
+        ("AO__PIPELINE__MAX_FIX_ROUNDS", "2"),
+    ])
+    .await;
 
     assert_eq!(
         fake.commit_status(REPO, &pr.head, "ci/legacy", "failure", "2 of 40 tests fail")
             .await,
         202
     );
-    let round = loop {
-        let (_, list) = c.get_json("/api/v1/tasks").await.unwrap();
-        let found = list["tasks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["ci_round"] == 1)
-            .cloned();
-        if let Some(t) = found {
-            break t;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let round = first_round(&c).await;
     let prompt = round["prompt"].as_str().unwrap();
     assert!(
         prompt.contains("ci/legacy") && prompt.contains("2 of 40 tests fail"),
