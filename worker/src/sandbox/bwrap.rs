@@ -754,7 +754,11 @@ fn private_system_paths(roots: &[&str]) -> Vec<PathBuf> {
     };
     let mut found = Vec::new();
     for root in roots {
-        if std::fs::symlink_metadata(root).map_or(true, |m| m.file_type().is_symlink()) {
+        // The Nix store is world-readable by construction (Nix canonicalises every store
+        // path to 0444/0555, owned by root), and can hold millions of files.
+        if *root == "/nix/store"
+            || std::fs::symlink_metadata(root).map_or(true, |m| m.file_type().is_symlink())
+        {
             continue;
         }
         let mut walk = walkdir::WalkDir::new(root)
