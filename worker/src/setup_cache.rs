@@ -158,8 +158,15 @@ impl SetupCache {
         }
         let dir = self.repo_dir(repository);
         let entry = dir.join(format!("{}.tar", run.key));
-        // A copy, not a rename: the archive's inode was writable inside the sandbox.
-        let partial = dir.join(format!("{}.partial", run.key));
+        // A copy, not a rename: the archive's inode was writable inside the sandbox. Named
+        // after the run's own incoming directory, so that runs of other workers on this
+        // data dir taking in the same key at once each copy to their own file; the last
+        // rename wins, whole.
+        let run_name = store
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let partial = dir.join(format!("{}.{run_name}.partial", run.key));
         std::fs::copy(&archive, &partial)?;
         let copied = Sha256::digest(std::fs::read(&partial)?);
         if hex::encode(copied) != reported.sha256 {
@@ -179,7 +186,8 @@ impl SetupCache {
     }
 
     /// Removes least recently used entries, any repository, until all fit the bound.
-    /// Archives waiting in `incoming/` count too and go the same way, oldest first: one
+    /// Archives waiting in `incoming/` and copies being taken in (`.partial`) count too and
+    /// go the same way, oldest first: one
     /// left by a run whose worker was killed before it was taken in would otherwise stay
     /// for good, outside the bound (a run whose archive goes this way only misses being
     /// stored).
@@ -187,7 +195,11 @@ impl SetupCache {
         let mut entries: Vec<(std::time::SystemTime, PathBuf, u64)> = Vec::new();
         let add = |e: std::fs::DirEntry, entries: &mut Vec<_>| {
             let path = e.path();
-            if path.extension().is_some_and(|x| x == "tar") {
+            // A `.partial` copy counts too: one a killed worker left would stay for good.
+            if path
+                .extension()
+                .is_some_and(|x| x == "tar" || x == "partial")
+            {
                 // Not followed: an archive is a plain file, never a link.
                 if let Ok(m) = std::fs::symlink_metadata(&path) {
                     if m.is_file() {
@@ -295,6 +307,75 @@ mod tests {
                 bytes: content.len() as u64,
             },
         )
+    }
+
+    /// Two workers on one data dir take in results of the same key at once, each from its
+    /// own run's incoming directory: one of them is stored whole. Before, both copied to
+    /// the one `<key>.partial`, each found the other's bytes there, and neither was
+    /// stored (seen under load in `p_breaker`).
+    #[test]
+    fn concurrent_results_of_one_key_leave_one_whole_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache =
+            std::sync::Arc::new(SetupCache::new(dir.path().to_path_buf(), 1 << 30, 1 << 30));
+        for round in 0..20 {
+            let key = format!("k{round}");
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+            let runs: Vec<_> = (0..2u8)
+                .map(|n| {
+                    let incoming = cache.repo_dir("r").join("incoming").join(format!("run{n}"));
+                    std::fs::create_dir_all(&incoming).unwrap();
+                    let content = vec![n; 4 << 20];
+                    std::fs::write(incoming.join(format!("{key}.tar")), &content).unwrap();
+                    let sha256 = hex::encode(Sha256::digest(&content));
+                    let (cache, barrier, key) = (cache.clone(), barrier.clone(), key.clone());
+                    std::thread::spawn(move || {
+                        let run = SetupCacheSpec {
+                            key: key.clone(),
+                            restore: None,
+                            store: Some(incoming),
+                        };
+                        let stored = Stored {
+                            key,
+                            sha256,
+                            bytes: 4 << 20,
+                        };
+                        barrier.wait();
+                        cache.accept("r", &run, &stored).map(|()| n)
+                    })
+                })
+                .collect();
+            let results: Vec<_> = runs.into_iter().map(|t| t.join().unwrap()).collect();
+            let entry = cache.repo_dir("r").join(format!("{key}.tar"));
+            let bytes = std::fs::read(&entry)
+                .unwrap_or_else(|e| panic!("round {round}: no entry ({e}); {results:?}"));
+            assert!(
+                bytes.len() == 4 << 20
+                    && (bytes.iter().all(|b| *b == 0) || bytes.iter().all(|b| *b == 1)),
+                "round {round}: the entry mixes both results"
+            );
+        }
+    }
+
+    /// A copy a killed worker left while taking a result in counts in the bound and goes
+    /// first when it is the oldest. Before, `.partial` files stayed for good, uncounted.
+    #[test]
+    fn a_killed_worker_s_partial_copy_counts_in_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = SetupCache::new(dir.path().to_path_buf(), 150, 1000);
+        let left = cache.repo_dir("a").join("k1.run0.partial");
+        std::fs::create_dir_all(left.parent().unwrap()).unwrap();
+        std::fs::write(&left, vec![0u8; 100]).unwrap();
+        let t = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&left)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+        let kept = entry(&cache, "a", "k2", 100);
+        assert_eq!(cache.evict(), vec![left.clone()]);
+        assert!(!left.exists() && kept.exists());
     }
 
     #[test]
