@@ -402,6 +402,32 @@ impl Cluster {
         Ok((status, r.json().await.unwrap_or(Value::Null)))
     }
 
+    /// Submits a task of the `code` pipeline on the repository at `repo` for `branch`;
+    /// its id. An answer other than 202 is an error.
+    pub async fn submit_code(&self, repo: &Path, branch: &str, prompt: &str) -> Result<String> {
+        let (status, task) = self
+            .submit(serde_json::json!({
+                "repository": repo.display().to_string(),
+                "prompt": prompt,
+                "pipeline": "code",
+                "branch": branch,
+            }))
+            .await?;
+        if status != 202 {
+            bail!("POST task: {status} {task}");
+        }
+        match task["id"].as_str() {
+            Some(id) => Ok(id.to_string()),
+            None => bail!("POST task: no id in {task}"),
+        }
+    }
+
+    /// Waits until the task ends (`succeeded` or `failed`); returns it.
+    pub async fn wait_ended(&self, id: &str, limit: Duration) -> Result<Value> {
+        self.wait_for_status(id, &["succeeded", "failed"], limit)
+            .await
+    }
+
     pub async fn get_json(&self, path: &str) -> Result<(u16, Value)> {
         let r = self
             .http

@@ -5,7 +5,6 @@
 //! and two workers sharing one data dir on one repository at once.
 
 use ao_tests::{bare_repo, git, script, Cluster};
-use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -65,24 +64,11 @@ fn setup_repo(dir: &Path, name: &str, mb: u32) -> PathBuf {
 }
 
 async fn submit(c: &Cluster, repo: &Path, branch: &str) -> String {
-    let (status, task) = c
-        .submit(json!({
-            "repository": repo.display().to_string(),
-            "prompt": "probe",
-            "pipeline": "code",
-            "branch": branch,
-        }))
-        .await
-        .expect("submit");
-    assert_eq!(status, 202, "{task}");
-    task["id"].as_str().expect("id").to_string()
+    c.submit_code(repo, branch, "probe").await.expect("submit")
 }
 
 async fn finish(c: &Cluster, id: &str) {
-    let task = c
-        .wait_for_status(id, &["succeeded", "failed"], LIMIT)
-        .await
-        .expect("task ends");
+    let task = c.wait_ended(id, LIMIT).await.expect("task ends");
     assert_eq!(task["status"], "succeeded", "{task:#}\n{}", c.logs());
 }
 

@@ -69,23 +69,13 @@ fn marker() -> String {
 }
 
 async fn submit(c: &Cluster, repo: &Path, branch: &str) -> String {
-    let (status, task) = c
-        .submit(json!({
-            "repository": repo.display().to_string(),
-            "prompt": "attack the sandbox",
-            "pipeline": "code",
-            "branch": branch,
-        }))
+    c.submit_code(repo, branch, "attack the sandbox")
         .await
-        .expect("submit");
-    assert_eq!(status, 202, "{task}");
-    task["id"].as_str().expect("task id").to_string()
+        .expect("submit")
 }
 
 async fn finished(c: &Cluster, id: &str) -> Value {
-    c.wait_for_status(id, &["succeeded", "failed"], LIMIT)
-        .await
-        .expect("the task ends")
+    c.wait_ended(id, LIMIT).await.expect("the task ends")
 }
 
 /// Every event of a task as one text, for searching.

@@ -32,21 +32,11 @@ fn cluster(extra: &[(&str, &str)]) -> Cluster {
 }
 
 async fn run_code_task(c: &Cluster, repo: &Path, branch: &str) -> (String, Value) {
-    let (status, task) = c
-        .submit(json!({
-            "repository": repo.display().to_string(),
-            "prompt": "attack the sandbox",
-            "pipeline": "code",
-            "branch": branch,
-        }))
+    let id = c
+        .submit_code(repo, branch, "attack the sandbox")
         .await
         .expect("submit");
-    assert_eq!(status, 202, "{task}");
-    let id = task["id"].as_str().expect("task id").to_string();
-    let done = c
-        .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
-        .await
-        .expect("task ends");
+    let done = c.wait_ended(&id, LIMIT).await.expect("task ends");
     (id, done)
 }
 
@@ -412,17 +402,9 @@ fi
 
 /// Submits the hog's task on `repo`; its id.
 async fn start_hog(c: &Cluster, repo: &Path) -> String {
-    let (status, task) = c
-        .submit(json!({
-            "repository": repo.display().to_string(),
-            "prompt": "fork to the limit",
-            "pipeline": "code",
-            "branch": "agent/hog",
-        }))
+    c.submit_code(repo, "agent/hog", "fork to the limit")
         .await
-        .expect("submit");
-    assert_eq!(status, 202, "{task}");
-    task["id"].as_str().expect("id").to_string()
+        .expect("submit")
 }
 
 /// Waits until the hog says how many processes it made and holds; that count.
