@@ -254,15 +254,12 @@ async fn system_files_reached_another_way_are_unseen_ordinary_worker() {
 /// /usr/local/<dir>`, as `/lib64 -> /usr/lib64` is on some hosts) is bound at its own
 /// path from its target: a 0600 key of the sandbox user there, covered under `/usr`,
 /// must not be read through it.
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "fault: an absolutely linked system root is bound again at its own path, where nothing of it is covered"]
-async fn a_private_file_under_an_absolutely_linked_system_root_is_unseen_ordinary_worker() {
-    let _alone = TEST_USER_PROCESSES.write().await;
+async fn a_private_file_under_an_absolutely_linked_system_root_is_unseen(who: Worker) {
     if Path::new("/libx32").exists() || std::fs::symlink_metadata("/libx32").is_ok() {
         eprintln!("skipped: /libx32 exists on this host");
         return;
     }
-    let Some(mut c) = cluster(Worker::Ordinary, &[]) else {
+    let Some(mut c) = cluster(who, &[]) else {
         return;
     };
     let usr = Path::new("/usr/local").join(tag("lib"));
@@ -282,18 +279,29 @@ async fn a_private_file_under_an_absolutely_linked_system_root_is_unseen_ordinar
     assert!(!seen.contains("B2-LINKED-ROOT-7201"), "read:\n{seen}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "fault: an absolutely linked system root is bound again at its own path, where nothing of it is covered"]
+async fn a_private_file_under_an_absolutely_linked_system_root_is_unseen_root_worker() {
+    let _alone = TEST_USER_PROCESSES.write().await;
+    a_private_file_under_an_absolutely_linked_system_root_is_unseen(Worker::Root).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "fault: an absolutely linked system root is bound again at its own path, where nothing of it is covered"]
+async fn a_private_file_under_an_absolutely_linked_system_root_is_unseen_ordinary_worker() {
+    let _alone = TEST_USER_PROCESSES.write().await;
+    a_private_file_under_an_absolutely_linked_system_root_is_unseen(Worker::Ordinary).await
+}
+
 /// `sandbox.ro_paths` naming a symbolic link into the system directories (`/opt/<x> ->
 /// /usr/local/<dir>`): the 0600 key of the sandbox user in the target, covered under
 /// `/usr`, must not be read at the link's path.
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "fault: a ro_path that is a link into the system directories is bound without covering what is private there"]
-async fn a_linked_ro_path_shows_no_private_system_file_ordinary_worker() {
-    let _alone = TEST_USER_PROCESSES.write().await;
+async fn a_linked_ro_path_shows_no_private_system_file(who: Worker) {
     let t = tag("ro");
     let usr = Path::new("/usr/local").join(&t);
     let link = Path::new("/opt").join(&t);
     let link_text = link.display().to_string();
-    let Some(mut c) = cluster(Worker::Ordinary, &[("AO__SANDBOX__RO_PATHS", &link_text)]) else {
+    let Some(mut c) = cluster(who, &[("AO__SANDBOX__RO_PATHS", &link_text)]) else {
         return;
     };
     let _placed = Placed(vec![usr.clone(), link.clone()]);
@@ -310,6 +318,20 @@ async fn a_linked_ro_path_shows_no_private_system_file_ordinary_worker() {
     start(&mut c, &reader(&paths), &[]).await;
     let seen = read_with(&c, &repo, "agent/linked-ro").await;
     assert!(!seen.contains("B2-LINKED-RO-PATH-7301"), "read:\n{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "fault: a ro_path that is a link into the system directories is bound without covering what is private there"]
+async fn a_linked_ro_path_shows_no_private_system_file_root_worker() {
+    let _alone = TEST_USER_PROCESSES.write().await;
+    a_linked_ro_path_shows_no_private_system_file(Worker::Root).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "fault: a ro_path that is a link into the system directories is bound without covering what is private there"]
+async fn a_linked_ro_path_shows_no_private_system_file_ordinary_worker() {
+    let _alone = TEST_USER_PROCESSES.write().await;
+    a_linked_ro_path_shows_no_private_system_file(Worker::Ordinary).await
 }
 
 /// A private file of the sandbox user placed under `/etc` after the worker started (a
@@ -687,4 +709,35 @@ exit 0
         "the agent's own doing classed as infrastructure: {done:#}"
     );
     assert_eq!(subtask["attempt"], 1, "retried: {done:#}");
+}
+
+/// Covering must not break normal runs of a root worker: a directory under `/etc`
+/// that others may search but the sandbox's host user may not (its group, the host
+/// user's, has no `x`: mode 0705), holding a root-only file the worker covers. The
+/// host user cannot reach that file, so nothing needs covering there; the run still
+/// starts and succeeds.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "fault: can_reach counts o+x as searchable even for a member of the directory's group without g+x; bwrap then fails every run"]
+async fn a_directory_shut_to_the_host_user_by_its_group_breaks_no_run_root_worker() {
+    let _alone = TEST_USER_PROCESSES.write().await;
+    let Some(mut c) = cluster(Worker::Root, &[]) else {
+        return;
+    };
+    let (_, gid) = test_user().unwrap();
+    let etc = Path::new("/etc").join(tag("groupshut"));
+    let _placed = Placed(vec![etc.clone()]);
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(etc.join("root.key"), "B2-ROOT-ONLY-7601").unwrap();
+    std::fs::set_permissions(etc.join("root.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o705)).unwrap();
+    chown(&etc, Some(0), Some(gid)).unwrap();
+    let repo = bare_repo(c.dir.path(), "project", &[]);
+    start(
+        &mut c,
+        &reader(&[etc.join("root.key").display().to_string()]),
+        &[],
+    )
+    .await;
+    let seen = read_with(&c, &repo, "agent/group-shut").await;
+    assert!(!seen.contains("B2-ROOT-ONLY-7601"), "read:\n{seen}");
 }
