@@ -741,3 +741,37 @@ async fn a_directory_shut_to_the_host_user_by_its_group_breaks_no_run_root_worke
     let seen = read_with(&c, &repo, "agent/group-shut").await;
     assert!(!seen.contains("B2-ROOT-ONLY-7601"), "read:\n{seen}");
 }
+
+/// `sandbox.ro_paths` naming a real tool directory outside the system directories
+/// (`/opt/<tool>`, as the docs advise for tools installed there) that holds a 0600 key
+/// of the sandbox's host user beside a world-readable file: the key must not be read
+/// (the same reasoning as for the system directories: the sandbox runs as that user).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "fault: only the system directories are walked; what others may not read under sandbox.ro_paths is shown"]
+async fn a_private_file_under_a_ro_path_is_unseen_ordinary_worker() {
+    let _alone = TEST_USER_PROCESSES.write().await;
+    let tool = Path::new("/opt").join(tag("tool"));
+    let tool_text = tool.display().to_string();
+    let Some(mut c) = cluster(Worker::Ordinary, &[("AO__SANDBOX__RO_PATHS", &tool_text)]) else {
+        return;
+    };
+    let _placed = Placed(vec![tool.clone()]);
+    std::fs::create_dir_all(&tool).unwrap();
+    own(&tool, 0o755);
+    std::fs::write(tool.join("token"), "B2-RO-PATH-TOKEN-7701").unwrap();
+    own(&tool.join("token"), 0o600);
+    std::fs::write(tool.join("README"), "B2-RO-PATH-PUBLIC-7700").unwrap();
+    own(&tool.join("README"), 0o644);
+    let repo = bare_repo(c.dir.path(), "project", &[]);
+    let paths = vec![
+        tool.join("token").display().to_string(),
+        tool.join("README").display().to_string(),
+    ];
+    start(&mut c, &reader(&paths), &[]).await;
+    let seen = read_with(&c, &repo, "agent/ro-path").await;
+    assert!(
+        seen.contains("B2-RO-PATH-PUBLIC-7700"),
+        "the tool is not shown:\n{seen}"
+    );
+    assert!(!seen.contains("B2-RO-PATH-TOKEN-7701"), "read:\n{seen}");
+}
