@@ -444,6 +444,10 @@ done
     let done = finished(&c, &id).await;
     assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
     let seen = git(&repo, &["show", "agent/nproc:seen.txt"]);
+    assert!(
+        seen.contains("limit 40 hard 40"),
+        "RLIMIT_NPROC inside:\n{seen}"
+    );
     for raised in [
         "raised-by-ulimit",
         "raised-soft",
