@@ -866,3 +866,97 @@ async fn a_hog_cannot_take_every_inotify_instance_of_the_host_user_ordinary_work
     let _alone = TEST_USER_PROCESSES.write().await;
     a_hog_cannot_take_every_inotify_instance_of_the_host_user(Worker::Ordinary).await
 }
+
+/// The agent of the message-queue starvation test: on `agent/hog` it makes POSIX
+/// message queues (10 messages of 8 KiB each) until refused, says how many, and holds
+/// them; on any other branch it makes one and commits whether it could.
+const MQUEUE_HOG_OR_OTHER: &str = r#"
+set +e
+cat > /tmp/mq.py <<'PY'
+import ctypes, os, sys, time
+rt = ctypes.CDLL("librt.so.1", use_errno=True)
+class Attr(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_long), ("maxmsg", ctypes.c_long),
+                ("msgsize", ctypes.c_long), ("cur", ctypes.c_long), ("pad", ctypes.c_long * 4)]
+rt.mq_open.restype = ctypes.c_int
+rt.mq_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.POINTER(Attr)]
+attr = Attr(0, 10, 8192, 0)
+def make(n):
+    return rt.mq_open(("/q%d" % n).encode(), os.O_CREAT | os.O_RDWR, 0o600, ctypes.byref(attr))
+if sys.argv[1] == "hog":
+    n = 0
+    while n < 1000 and make(n) >= 0:
+        n += 1
+    print("hog-queues=%d" % n); sys.stdout.flush()
+    time.sleep(120)
+else:
+    fd = make(0)
+    print("other-mqueue=%s" % ("ok" if fd >= 0 else os.strerror(ctypes.get_errno())))
+PY
+if [ "$AO_BRANCH" = agent/hog ]; then
+  python3 /tmp/mq.py hog
+else
+  python3 /tmp/mq.py other > other.txt 2>&1
+fi
+"#;
+
+/// Starvation through RLIMIT_MSGQUEUE, which since Linux 5.14 is counted per user
+/// namespace like RLIMIT_NPROC, but whose limit the worker leaves as inherited: every
+/// sandbox's queues also count against the host user's 800 KiB. Two runs at once; the
+/// hog makes message queues until refused and holds them; a concurrent run must still
+/// get one.
+async fn a_hog_cannot_take_every_message_queue_byte_of_the_host_user(who: Worker) {
+    let Some(mut c) = cluster(who, &[("AO__WORKER__CONCURRENCY", "2")]) else {
+        return;
+    };
+    let root = c.dir.path().to_path_buf();
+    let hog = bare_repo(&root, "hog", &[]);
+    let other = bare_repo(&root, "other", &[]);
+    start(&mut c, MQUEUE_HOG_OR_OTHER, &[]).await;
+    let hog_id = submit(&c, &hog, "agent/hog").await;
+    let deadline = std::time::Instant::now() + LIMIT;
+    let made: u32 = loop {
+        let text = serde_json::to_string(&events(&c, &hog_id).await).unwrap();
+        if let Some(at) = text.find("hog-queues=") {
+            break text[at + 11..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hog never said\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let other_id = submit(&c, &other, "agent/other").await;
+    let done = finished(&c, &other_id).await;
+    let _ = c.post_json(&format!("/api/v1/tasks/{hog_id}/cancel")).await;
+    let _ = c
+        .wait_for_status(&hog_id, &["cancelled", "failed", "succeeded"], LIMIT)
+        .await;
+    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
+    let seen = git(&other, &["show", "agent/other:other.txt"]);
+    assert_eq!(
+        seen.trim(),
+        "other-mqueue=ok",
+        "the hog held {made} message queues"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "fault: RLIMIT_MSGQUEUE is left as inherited, so the host user's one allowance is shared by all sandboxes"]
+async fn a_hog_cannot_take_every_message_queue_byte_of_the_host_user_root_worker() {
+    let _alone = TEST_USER_PROCESSES.write().await;
+    a_hog_cannot_take_every_message_queue_byte_of_the_host_user(Worker::Root).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "fault: RLIMIT_MSGQUEUE is left as inherited, so the host user's one allowance is shared by all sandboxes"]
+async fn a_hog_cannot_take_every_message_queue_byte_of_the_host_user_ordinary_worker() {
+    let _alone = TEST_USER_PROCESSES.write().await;
+    a_hog_cannot_take_every_message_queue_byte_of_the_host_user(Worker::Ordinary).await
+}
