@@ -52,6 +52,7 @@ use super::host_user::{HostUser, HostUserError};
 use super::limits::{self, AttemptCgroup, Cgroups, Limits};
 use super::local_repo::{self, local_repository};
 use super::network::{self, NetworkMode};
+use super::private_paths::{self, Shown, Viewer};
 use super::process::{infra, supervise, Attempt, RUNNER_MARGIN};
 use super::result_channel::{BundleChannel, FileChannel, BUNDLE_FD, RESULT_FD, SETUP_FD};
 use super::SandboxDriver;
@@ -181,6 +182,9 @@ pub struct BwrapDriver {
     settings: SandboxSettings,
     /// Host paths covered inside, parents first.
     hidden: Vec<PathBuf>,
+    /// What of the shown host directories the sandbox user must not see, where it is
+    /// inside the sandbox (see [`super::private_paths`]).
+    private: Vec<PathBuf>,
     /// Where per-attempt cgroups are made, if anywhere.
     cgroups: Option<Cgroups>,
     /// What each sandbox is held to, defaults filled in.
@@ -233,6 +237,7 @@ impl BwrapDriver {
                     }
                 }
                 let hidden = hidden_paths(settings, &work_root);
+                let private = private_paths(settings, host.as_ref());
                 network::check_allow_hosts(&sandbox).map_err(BwrapError::Config)?;
                 let (cgroups, limits) = Cgroups::detect(
                     &sandbox,
@@ -244,6 +249,7 @@ impl BwrapDriver {
                     runner_exe,
                     settings: sandbox,
                     hidden,
+                    private,
                     cgroups,
                     limits,
                     all: settings.clone(),
@@ -510,6 +516,16 @@ impl BwrapDriver {
             }
             covered.push(path);
         }
+        // What of the shown directories only the sandbox's user (or its group) may see,
+        // once every shown directory is bound.
+        for path in private_paths::present(&self.private) {
+            if path.is_dir() {
+                a.flag_val("--tmpfs", path);
+            } else {
+                a.two("--ro-bind", Path::new("/dev/null"), path);
+            }
+            covered.push(path);
+        }
         // Covering directories are read-only too (only after the binds under them are
         // made, since their mount points are created in them); so are `/run`, `/dev` and
         // the root itself, on which bubblewrap made every mount point.
@@ -722,7 +738,6 @@ fn hidden_paths(settings: &Settings, work_root: &Path) -> Vec<PathBuf> {
         }
     }
     paths.extend(settings.sandbox.hide.iter().cloned());
-    paths.extend(private_system_paths(SYSTEM_PATHS));
     let mut real: Vec<PathBuf> = paths
         .into_iter()
         .filter_map(|p| p.canonicalize().ok())
@@ -733,51 +748,30 @@ fn hidden_paths(settings: &Settings, work_root: &Path) -> Vec<PathBuf> {
     real
 }
 
-/// What of the system directories `roots` not every user of the host may read: each
-/// regular file without read permission for others, and each directory without read or
-/// search permission for others (not entered). The sandbox runs as a host user (the
-/// worker's own, or a root worker's `sandbox.host_uid`) whose own files there, or its
-/// group's, its permissions would otherwise open; covering them shows the agent only
-/// what any local user sees. Symbolic links are not followed, nor walked as roots (`/bin`
-/// on a merged-`/usr` host is walked as `/usr/bin`); entries that cannot be read are left
-/// out (the walker reads as the worker, who sees at least what the sandbox does).
-/// Taken once, at the worker's start: a file placed there later is not covered.
-fn private_system_paths(roots: &[&str]) -> Vec<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let private = |meta: &std::fs::Metadata| {
-        let mode = meta.permissions().mode();
-        if meta.is_dir() {
-            mode & 0o005 != 0o005
-        } else {
-            meta.is_file() && mode & 0o004 == 0
-        }
-    };
-    let mut found = Vec::new();
-    for root in roots {
-        // The Nix store is world-readable by construction (Nix canonicalises every store
-        // path to 0444/0555, owned by root), and can hold millions of files.
-        if *root == "/nix/store"
-            || std::fs::symlink_metadata(root).map_or(true, |m| m.file_type().is_symlink())
-        {
-            continue;
-        }
-        let mut walk = walkdir::WalkDir::new(root)
-            .follow_links(false)
-            .min_depth(1)
-            .into_iter();
-        while let Some(entry) = walk.next() {
-            let Ok(entry) = entry else { continue };
-            let Ok(meta) = entry.metadata() else { continue };
-            if private(&meta) {
-                if meta.is_dir() {
-                    // Covered as a whole: nothing under it is walked.
-                    walk.skip_current_dir();
-                }
-                found.push(entry.into_path());
-            }
-        }
-    }
-    found
+/// What of the system directories and `sandbox.ro_paths` the sandbox's host user must
+/// not see (see [`super::private_paths`]); never the agent program. Walked once, here at
+/// the start.
+fn private_paths(settings: &Settings, host: Option<&HostUser>) -> Vec<PathBuf> {
+    // The Nix store is world-readable by construction (Nix canonicalises every store
+    // path to 0444/0555, owned by root), and can hold millions of files.
+    let shown: Vec<Shown> = SYSTEM_PATHS
+        .iter()
+        .filter(|p| **p != "/nix/store")
+        .map(Path::new)
+        .chain(settings.sandbox.ro_paths.iter().map(PathBuf::as_path))
+        .filter_map(Shown::of)
+        .collect();
+    let keep: Vec<PathBuf> = resolve_program(&settings.agent.command)
+        .map(|(found, real)| vec![found, real])
+        .unwrap_or_default();
+    let started = std::time::Instant::now();
+    let private = private_paths::walk(&shown, &Viewer::of(host), &keep);
+    tracing::debug!(
+        covered = private.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "private files of the shown directories found"
+    );
+    private
 }
 
 /// Where a root worker keeps the copy of its executable that its sandboxes run, under

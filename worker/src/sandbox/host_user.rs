@@ -94,14 +94,21 @@ impl HostUser {
     }
 
     /// Whether this user may reach `path`: every directory above it searchable by it.
-    /// Counted as searchable when the owner is this user with `u+x`, or `g+x` (whatever
-    /// the group: ACL entries show in the group bits), or `o+x`; so a path is judged
+    /// The bits that apply to it are judged: `u+x` when it owns the directory, `g+x` when
+    /// the directory's group is its own (an ACL's mask shows there too), and otherwise
+    /// `g+x` or `o+x` (an ACL entry for it shows in the group bits); so a path is judged
     /// unreachable only when some directory above it certainly shuts this user out.
     pub fn can_reach(&self, path: &Path) -> bool {
         path.ancestors().skip(1).all(|dir| match dir.metadata() {
             Ok(m) => {
                 let mode = m.mode();
-                (m.uid() == self.uid && mode & 0o100 != 0) || mode & 0o011 != 0
+                if m.uid() == self.uid {
+                    mode & 0o100 != 0
+                } else if m.gid() == self.gid {
+                    mode & 0o010 != 0
+                } else {
+                    mode & 0o011 != 0
+                }
             }
             Err(_) => true,
         })
@@ -152,5 +159,26 @@ mod tests {
             .unwrap();
         assert!(user.can_reach(&dir.path().join("a")));
         assert!(!user.can_reach(&inner));
+    }
+
+    /// A directory open to others but shut to its group shuts out a member of that group:
+    /// for it the group bits apply, not the others'. Before, `o+x` counted for it.
+    #[test]
+    fn a_directory_shut_to_its_group_is_shut_to_a_member() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let inner = dir.path().join("a/b");
+        std::fs::create_dir_all(&inner).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(dir.path().join("a"), std::fs::Permissions::from_mode(0o705))
+            .unwrap();
+        let gid = std::fs::metadata(dir.path().join("a")).unwrap().gid();
+        let member = HostUser { uid: 4242, gid };
+        let stranger = HostUser {
+            uid: 4242,
+            gid: gid.wrapping_add(1),
+        };
+        assert!(!member.can_reach(&inner));
+        assert!(stranger.can_reach(&inner));
     }
 }

@@ -8,6 +8,7 @@ pub mod limits;
 pub mod local_repo;
 pub mod network;
 pub mod nomad;
+mod private_paths;
 pub mod process;
 mod result_channel;
 pub mod seccomp;

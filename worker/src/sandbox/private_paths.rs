@@ -1,0 +1,225 @@
+//! What of the host directories a `bwrap` sandbox is shown it must still not see.
+//!
+//! The sandbox runs as a host user (an ordinary worker's own, a root worker's
+//! `sandbox.host_uid`), so within the directories it is shown read-only (the system
+//! directories, `sandbox.ro_paths`) that user's permissions would open its own files and
+//! its groups' to the agent. The rule: the sandbox sees there only what every user of the
+//! host may see. At the worker's start each shown directory is walked once, and these are
+//! covered in every sandbox (an empty file or an empty tmpfs at the same place):
+//! - a directory others may not read and enter, or that the sandbox user may not (its
+//!   owner, group or other bits, whichever apply to it): covered whole, not walked into;
+//!   so no mount point ever has to be made where the user cannot reach;
+//! - a file, FIFO or device others may not read (whatever the owner: an ACL may open it);
+//! - every socket (a service listening under a name `/proc/net/unix` no longer shows,
+//!   renamed or linked after its `bind`).
+//!
+//! A shown directory reached by an absolute link (`/lib64 -> /usr/lib64`, a
+//! `sandbox.ro_paths` entry linking elsewhere) is bound again at its own path, so what is
+//! found under its target is covered at that path. Symbolic links inside are not followed.
+//! A path removed since the walk is passed over (see [`present`]); a file made private
+//! after the start is not covered until the worker restarts.
+
+use super::host_user::HostUser;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+/// The host user the sandboxes run as, whose permissions the walk judges by.
+#[derive(Clone, Debug)]
+pub struct Viewer {
+    uid: u32,
+    /// Its primary group and, for an ordinary worker, its supplementary groups (a root
+    /// worker's sandboxes run with none: `setpriv --clear-groups`).
+    gids: Vec<u32>,
+}
+
+impl Viewer {
+    /// A root worker's `host` user, or the worker's own user.
+    pub fn of(host: Option<&HostUser>) -> Self {
+        match host {
+            Some(h) => Self {
+                uid: h.uid,
+                gids: vec![h.gid],
+            },
+            None => {
+                let mut gids: Vec<u32> = nix::unistd::getgroups()
+                    .map(|g| g.iter().map(|g| g.as_raw()).collect())
+                    .unwrap_or_default();
+                gids.push(nix::unistd::getegid().as_raw());
+                Self {
+                    uid: nix::unistd::geteuid().as_raw(),
+                    gids,
+                }
+            }
+        }
+    }
+
+    /// The `rwx` bits of `meta` that apply to this user: its owner's, else its group's,
+    /// else the others'.
+    fn bits(&self, meta: &std::fs::Metadata) -> u32 {
+        let mode = meta.mode();
+        if meta.uid() == self.uid {
+            (mode >> 6) & 0o7
+        } else if self.gids.contains(&meta.gid()) {
+            (mode >> 3) & 0o7
+        } else {
+            mode & 0o7
+        }
+    }
+
+    /// Whether an entry of a shown directory is covered (see the module documentation).
+    fn hides(&self, meta: &std::fs::Metadata) -> bool {
+        let kind = meta.file_type();
+        let others = meta.mode() & 0o7;
+        if kind.is_symlink() {
+            false
+        } else if kind.is_dir() {
+            others & 0o5 != 0o5 || self.bits(meta) & 0o5 != 0o5
+        } else if kind.is_socket() {
+            true
+        } else {
+            others & 0o4 == 0
+        }
+    }
+}
+
+/// A host directory shown in the sandbox: `real` on the host, bound at `inside`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Shown {
+    pub real: PathBuf,
+    pub inside: PathBuf,
+}
+
+impl Shown {
+    /// How `path` (a system directory, or a `sandbox.ro_paths` entry) is shown: `None`
+    /// for a relative link (made as the same link inside, its target walked as part of
+    /// another root) or a path that is not there.
+    pub fn of(path: &Path) -> Option<Self> {
+        let meta = std::fs::symlink_metadata(path).ok()?;
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(path).ok()?;
+            if target.is_relative() && path.parent() == Some(Path::new("/")) {
+                return None;
+            }
+        }
+        Some(Self {
+            real: path.canonicalize().ok()?,
+            inside: path.to_path_buf(),
+        })
+    }
+}
+
+/// The paths inside the sandbox to cover under each of `shown` (walked on the host at
+/// its `real` path), never `keep` nor a directory holding it (the agent program, which
+/// must stay runnable), nor a shown root itself (which the operator asked for).
+/// Blocking: walks whole directory trees.
+pub fn walk(shown: &[Shown], viewer: &Viewer, keep: &[PathBuf]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for root in shown {
+        if !root.real.is_dir() {
+            continue;
+        }
+        let mut walk = walkdir::WalkDir::new(&root.real)
+            .follow_links(false)
+            .min_depth(1)
+            .into_iter();
+        while let Some(entry) = walk.next() {
+            let Ok(entry) = entry else { continue };
+            let Ok(meta) = entry.metadata() else { continue };
+            if !viewer.hides(&meta) || keep.iter().any(|k| k.starts_with(entry.path())) {
+                continue;
+            }
+            if meta.is_dir() {
+                // Covered whole: nothing under it is walked.
+                walk.skip_current_dir();
+            }
+            if let Ok(below) = entry.path().strip_prefix(&root.real) {
+                found.push(root.inside.join(below));
+            }
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// Those of `paths` still on the host: covering one removed since the walk would make
+/// bubblewrap fail to make its mount point in a read-only directory, and with it every
+/// run.
+pub fn present(paths: &[PathBuf]) -> impl Iterator<Item = &PathBuf> {
+    paths
+        .iter()
+        .filter(|p| std::fs::symlink_metadata(p).is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn chmod(path: &Path, mode: u32) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn what_others_may_not_read_is_found_under_the_inside_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let private_dir = root.join("private");
+        std::fs::create_dir_all(&private_dir).unwrap();
+        std::fs::write(private_dir.join("inner"), "x").unwrap();
+        chmod(&private_dir, 0o700);
+        std::fs::write(root.join("key"), "x").unwrap();
+        chmod(&root.join("key"), 0o600);
+        std::fs::write(root.join("public"), "x").unwrap();
+        chmod(&root.join("public"), 0o644);
+        let agent = root.join("agent");
+        std::fs::create_dir_all(&agent).unwrap();
+        std::fs::write(agent.join("run"), "x").unwrap();
+        chmod(&agent, 0o700);
+        let viewer = Viewer {
+            uid: 4242,
+            gids: vec![4242],
+        };
+        let shown = [Shown {
+            real: root.clone(),
+            inside: PathBuf::from("/lib64"),
+        }];
+        let found = walk(&shown, &viewer, &[agent.join("run")]);
+        assert_eq!(
+            found,
+            vec![PathBuf::from("/lib64/key"), PathBuf::from("/lib64/private")]
+        );
+    }
+
+    #[test]
+    fn a_directory_shut_to_the_viewer_by_its_group_is_covered_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let shut = dir.path().join("shut");
+        std::fs::create_dir_all(&shut).unwrap();
+        chmod(&shut, 0o705);
+        let gid = std::fs::metadata(&shut).unwrap().gid();
+        let member = Viewer {
+            uid: 4242,
+            gids: vec![gid],
+        };
+        let stranger = Viewer {
+            uid: 4242,
+            gids: vec![gid.wrapping_add(1)],
+        };
+        let shown = [Shown {
+            real: dir.path().to_path_buf(),
+            inside: dir.path().to_path_buf(),
+        }];
+        assert_eq!(walk(&shown, &member, &[]), vec![shut.clone()]);
+        assert!(walk(&shown, &stranger, &[]).is_empty());
+    }
+
+    #[test]
+    fn paths_removed_since_the_walk_are_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let there = dir.path().join("there");
+        std::fs::write(&there, "x").unwrap();
+        let paths = vec![there.clone(), dir.path().join("gone")];
+        assert_eq!(present(&paths).collect::<Vec<_>>(), vec![&there]);
+    }
+}
