@@ -126,6 +126,12 @@ variable "github_private_key_ref" {
   default     = "file:/secrets/github-app.pem"
 }
 
+variable "agent_api_key_ref" {
+  type        = string
+  description = "Secret ref of the model API key (file:, env: or aws-sm:). Only the worker holds it: its per-attempt proxy adds it to the sandbox's model calls."
+  default     = "file:/secrets/anthropic-api-key"
+}
+
 variable "nomad_scheme" {
   type        = string
   description = "Scheme of the local Nomad agent's HTTP API (http or https)."
@@ -275,6 +281,7 @@ job "ao-worker" {
         AO__GITHUB__APP_ID          = "${var.github_app_id}"
         AO__GITHUB__API_URL         = "${var.github_api_url}"
         AO__GITHUB__PRIVATE_KEY     = "${var.github_private_key_ref}"
+        AO__AGENT__API_KEY          = "${var.agent_api_key_ref}"
         AO__LOG__FORMAT             = "json"
         AWS_REGION                  = "${var.aws_region}"
         AWS_ROLE_ARN                = "${var.aws_role_arn}"
@@ -291,6 +298,21 @@ job "ao-worker" {
           {{- range nomadVarList (printf "nomad/jobs/%s" (env "NOMAD_JOB_ID")) -}}
           {{- if eq .Path (printf "nomad/jobs/%s" (env "NOMAD_JOB_ID")) -}}
           {{- with nomadVar .Path }}{{ with .github_private_key }}{{ . }}{{ end }}{{ end -}}
+          {{- end -}}
+          {{- end }}
+        EOT
+      }
+
+      # The model key, when its ref is file:/secrets/anthropic-api-key, likewise
+      # (key anthropic_api_key). The sandbox job never gets it.
+      template {
+        destination = "secrets/anthropic-api-key"
+        perms       = "0400"
+        change_mode = "restart"
+        data        = <<-EOT
+          {{- range nomadVarList (printf "nomad/jobs/%s" (env "NOMAD_JOB_ID")) -}}
+          {{- if eq .Path (printf "nomad/jobs/%s" (env "NOMAD_JOB_ID")) -}}
+          {{- with nomadVar .Path }}{{ with .anthropic_api_key }}{{ . }}{{ end }}{{ end -}}
           {{- end -}}
           {{- end }}
         EOT
