@@ -189,10 +189,11 @@ job "ao-worker" {
       }
     }
 
+    # Host networking: each attempt's network proxy listens on an ephemeral port
+    # of the host address (nomad.proxy_listen), which the sandbox allocations must
+    # reach; a bridge network would map only the http port.
     network {
-      port "http" {
-        to = 9090
-      }
+      port "http" {}
     }
 
     service {
@@ -233,7 +234,7 @@ job "ao-worker" {
 
       config {
         image           = "${var.worker_image}"
-        ports           = ["http"]
+        network_mode    = "host"
         readonly_rootfs = true
         cap_drop        = ["ALL"]
         security_opt    = ["no-new-privileges"]
@@ -268,7 +269,7 @@ job "ao-worker" {
         AO__AWS__REGION             = "${var.aws_region}"
         AO__AWS__QUEUE_PREFIX       = "${var.queue_prefix}"
         AO__AWS__TABLE              = "${var.table_name}"
-        AO__WORKER__LISTEN          = "0.0.0.0:9090"
+        AO__WORKER__LISTEN          = "$${NOMAD_ADDR_http}"
         AO__WORKER__CAPABILITIES    = "${var.capabilities}"
         AO__WORKER__CONCURRENCY     = "${var.concurrency}"
         AO__SANDBOX__DRIVER         = "nomad"
@@ -278,6 +279,9 @@ job "ao-worker" {
         AO__NOMAD__JOB_PREFIX       = "${var.job_prefix}"
         # Where the sandboxes present their identity for the run spec and secrets.
         AO__NOMAD__HANDOVER_URL     = "http://$${NOMAD_ADDR_http}"
+        # Where each attempt's proxy listens (an ephemeral port): the model
+        # endpoint, which adds the model key, and the sandbox's only way out.
+        AO__NOMAD__PROXY_LISTEN     = "$${NOMAD_IP_http}"
         AO__GITHUB__APP_ID          = "${var.github_app_id}"
         AO__GITHUB__API_URL         = "${var.github_api_url}"
         AO__GITHUB__PRIVATE_KEY     = "${var.github_private_key_ref}"
