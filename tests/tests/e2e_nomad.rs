@@ -50,8 +50,13 @@ async fn start_fake(c: &Cluster, port: u16, slots: usize) -> FakeNomad {
 /// The model key the agent had, as its file says: the attempt's proxy token, neither the
 /// worker's model key nor nothing.
 fn assert_agent_key_is_a_proxy_token(file: &str) {
-    let key = file.strip_prefix("key=").unwrap_or_else(|| panic!("{file}"));
-    assert!(key != MODEL_KEY && key != "none" && !key.is_empty(), "{file}");
+    let key = file
+        .strip_prefix("key=")
+        .unwrap_or_else(|| panic!("{file}"));
+    assert!(
+        key != MODEL_KEY && key != "none" && !key.is_empty(),
+        "{file}"
+    );
 }
 
 async fn submit(c: &Cluster, repo: &std::path::Path) -> String {
@@ -462,14 +467,9 @@ async fn nomad_being_down_is_a_retryable_failure_and_the_task_is_not_lost() {
     }
     assert!(c.logs().contains("unreachable"), "{}", c.logs());
     // Nomad comes back with the jobs and variables it had: a later attempt runs.
-    let fake = FakeNomad::start_with(
-        port,
-        options(&c, 2),
-        &["coder"],
-        &[],
-    )
-    .await
-    .unwrap();
+    let fake = FakeNomad::start_with(port, options(&c, 2), &["coder"], &[])
+        .await
+        .unwrap();
     let done = c
         .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
         .await

@@ -141,7 +141,9 @@ async fn the_model_key_stays_with_the_workers_proxy_which_meters_and_limits_the_
     // Nothing the fake Nomad holds or served has the key.
     for (where_, bytes) in fake.stored_bytes() {
         assert!(
-            !bytes.windows(MODEL_KEY.len()).any(|w| w == MODEL_KEY.as_bytes()),
+            !bytes
+                .windows(MODEL_KEY.len())
+                .any(|w| w == MODEL_KEY.as_bytes()),
             "the model key is in {where_}"
         );
     }

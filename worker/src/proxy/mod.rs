@@ -349,14 +349,16 @@ impl RunProxy {
                 addr: bind.to_string(),
                 source,
             })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| ProxyError::Listen {
-                addr: bind.to_string(),
-                source,
-            })?;
+        let addr = listener.local_addr().map_err(|source| ProxyError::Listen {
+            addr: bind.to_string(),
+            source,
+        })?;
         options.inside_port = addr.port();
-        options.advertised_host = Some(advertised_host.trim_matches(['[', ']']).to_ascii_lowercase());
+        options.advertised_host = Some(
+            advertised_host
+                .trim_matches(['[', ']'])
+                .to_ascii_lowercase(),
+        );
         let (ctx, server) = Self::serve_on(Listener::Tcp(listener), options, events)?;
         Ok(Self {
             dir: None,
@@ -593,8 +595,7 @@ fn proxy_auth_required() -> Response<Body> {
 
 /// Whether `given` is `token`, in constant time.
 fn same_token(given: &str, token: &SecretString) -> bool {
-    subtle::ConstantTimeEq::ct_eq(given.trim().as_bytes(), token.expose_secret().as_bytes())
-        .into()
+    subtle::ConstantTimeEq::ct_eq(given.trim().as_bytes(), token.expose_secret().as_bytes()).into()
 }
 
 /// The token in a credentials header: `Bearer <token>`, or `Basic` of `user:<token>`
@@ -1050,6 +1051,98 @@ mod tests {
         }
         let peak = proxy.peak_connections();
         assert!(peak <= MAX_CONNECTIONS, "{peak} connections served at once");
+        proxy.stop().await;
+    }
+
+    /// The first 12 bytes (`HTTP/1.1 NNN`) of the answer to `request` at `addr`.
+    async fn status_of(addr: std::net::SocketAddr, request: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(request.as_bytes()).await.unwrap();
+        let mut head = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(30), c.read_exact(&mut head))
+            .await
+            .expect("answered")
+            .unwrap();
+        String::from_utf8_lossy(&head).to_string()
+    }
+
+    /// A proxy on TCP (a Nomad sandbox's) answers only requests with the attempt's
+    /// token: as proxy credentials, or as the key on the model endpoint. Without it, or
+    /// with another, 407 (401 on the model endpoint), whatever the destination.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_tcp_proxy_serves_only_requests_with_the_attempts_token() {
+        use base64::Engine;
+        let (events, _rx) = mpsc::channel(16);
+        let options = ProxyOptions {
+            allow: Vec::new(),
+            inside_port: 1,
+            model: None,
+            token: Some("tok-0123".to_string().into()),
+            advertised_host: None,
+        };
+        let proxy = RunProxy::start_tcp("127.0.0.1:0", "127.0.0.1", options, events)
+            .await
+            .unwrap();
+        let addr = proxy.local_addr().unwrap();
+        let basic = |cred: &str| {
+            format!(
+                "Proxy-Authorization: Basic {}\r\n",
+                base64::engine::general_purpose::STANDARD.encode(cred)
+            )
+        };
+        let connect = |auth: &str| {
+            format!("CONNECT off.invalid:443 HTTP/1.1\r\nHost: off.invalid:443\r\n{auth}\r\n")
+        };
+        let plain = |auth: &str| {
+            format!("GET http://off.invalid/ HTTP/1.1\r\nHost: off.invalid\r\n{auth}\r\n")
+        };
+        let model = |auth: &str| {
+            format!(
+                "POST /v1/messages HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 2\r\n\r\n{{}}"
+            )
+        };
+        for refused in [
+            connect(""),
+            connect(&basic("ao:wrong")),
+            plain(""),
+            plain("Proxy-Authorization: Bearer wrong\r\n"),
+            // The model key header is no proxy credential.
+            plain("x-api-key: tok-0123\r\n"),
+        ] {
+            assert_eq!(status_of(addr, &refused).await, "HTTP/1.1 407", "{refused}");
+        }
+        for unauthorized in [model(""), model("x-api-key: wrong\r\n")] {
+            assert_eq!(
+                status_of(addr, &unauthorized).await,
+                "HTTP/1.1 401",
+                "{unauthorized}"
+            );
+        }
+        // With the token, the request is judged on its destination: off the allow-list.
+        for authorized in [
+            connect(&basic("ao:tok-0123")),
+            plain(&basic("anyone:tok-0123")),
+            plain("Proxy-Authorization: Bearer tok-0123\r\n"),
+        ] {
+            assert_eq!(
+                status_of(addr, &authorized).await,
+                "HTTP/1.1 403",
+                "{authorized}"
+            );
+        }
+        // And on the model endpoint (this run has none).
+        for authorized in [
+            model("x-api-key: tok-0123\r\n"),
+            model("Authorization: Bearer tok-0123\r\n"),
+            model(&basic("ao:tok-0123")),
+        ] {
+            assert_eq!(
+                status_of(addr, &authorized).await,
+                "HTTP/1.1 404",
+                "{authorized}"
+            );
+        }
         proxy.stop().await;
     }
 

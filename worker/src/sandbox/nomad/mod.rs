@@ -595,8 +595,13 @@ impl SandboxDriver for NomadDriver {
                 let secret = uuid::Uuid::new_v4().simple().to_string();
                 let mut options = network::proxy_options(&self.all, &spec, key);
                 options.token = Some(secret.clone().into());
-                match RunProxy::start_tcp(&self.proxy_bind, &self.proxy_host, options, events.clone())
-                    .await
+                match RunProxy::start_tcp(
+                    &self.proxy_bind,
+                    &self.proxy_host,
+                    options,
+                    events.clone(),
+                )
+                .await
                 {
                     Ok(p) => {
                         let port = p.local_addr().map(|a| a.port()).unwrap_or_default();
@@ -606,9 +611,7 @@ impl SandboxDriver for NomadDriver {
                         });
                         proxy = Some(p);
                     }
-                    Err(e) => {
-                        return infra(format!("cannot start the sandbox's proxy: {e}"), true)
-                    }
+                    Err(e) => return infra(format!("cannot start the sandbox's proxy: {e}"), true),
                 }
             }
             NetworkMode::Open => {
