@@ -7,6 +7,10 @@
 //! - `open` (`sandbox.network_open`): the host's network, and the model key in the
 //!   sandbox's environment, as before the proxy existed.
 //!
+//! The nomad driver uses the same proxy, options and ending ([`proxy_options`],
+//! [`client_env`], [`finish_proxy`]) with the proxy on a TCP port of the worker (see
+//! `nomad/mod.rs`).
+//!
 //! In every mode the host's unix sockets are out of reach: abstract ones live in the
 //! host's network namespace (not shared but in `open`), and path sockets are files,
 //! which the sandbox does not see where they live: all of `/run` is an empty tmpfs, and
