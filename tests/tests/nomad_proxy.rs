@@ -3,7 +3,7 @@
 //! `worker runner` with the real Claude Code CLI, and the scripted model server: the
 //! worker's per-attempt proxy adds the key, meters the model's answers (the booked
 //! cost), refuses calls past the budget, refuses destinations off the allow-list and
-//! requests without the attempt's token.
+//! requests without the attempt's token, and stops with the attempt.
 
 // Test helpers may panic: a failed step fails the test.
 #![allow(clippy::unwrap_used)]
@@ -182,6 +182,21 @@ async fn the_model_key_stays_with_the_workers_proxy_which_meters_and_limits_the_
         })
         .count();
     assert_eq!(costly, 1, "{}", logs());
+    // The token died with the attempt: its proxy is gone.
+    let token = agent_env
+        .lines()
+        .find_map(|l| l.strip_prefix("ANTHROPIC_API_KEY="))
+        .unwrap();
+    let after = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("{base}/v1/messages"))
+        .header("x-api-key", token)
+        .body("{}")
+        .send()
+        .await;
+    assert!(after.is_err(), "the proxy still answers: {after:?}");
     let v = fake.violations();
     assert!(v.is_empty(), "requests outside Nomad's API: {v:#?}");
 }
