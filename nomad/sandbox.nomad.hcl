@@ -3,7 +3,9 @@
 # carries no payload and nothing secret: its meta names the attempt and the
 # dispatching worker's hand-over address; the runner presents the task's
 # workload identity (identity "ao_handover") there and receives the run spec and
-# the attempt's secrets once (docs/sandbox.md). It clones the repository, runs
+# the attempt's secrets once (docs/sandbox.md), the model key not among them:
+# the agent's model calls and every other way out go through the worker's
+# per-attempt proxy (docs/sandbox-network.md, "Nomad"). It clones the repository, runs
 # the agent, commits, pushes and writes the result JSON into the allocation
 # directory, where the worker reads it.
 #
@@ -109,7 +111,7 @@ variable "extra_env" {
 
 variable "network_mode" {
   type        = string
-  description = "Docker network mode of the sandbox; the agent needs egress to git and the model API."
+  description = "Docker network mode of the sandbox. It needs to reach the worker (hand-over and proxy port) only; close the rest with the cluster's network policy (docs/sandbox-network.md)."
   default     = "bridge"
 }
 
@@ -228,16 +230,10 @@ job "ao-sandbox" {
         DISABLE_AUTOUPDATER                      = "1"
       }
 
-      # The model API key comes from the Nomad Variable of this job, readable
-      # by this job only; it is never written into the job itself.
-      template {
-        destination = "secrets/agent.env"
-        env         = true
-        change_mode = "noop"
-        data        = <<-EOT
-          {{ with nomadVar "nomad/jobs/${var.job_prefix}-sandbox-${var.capability}" }}ANTHROPIC_API_KEY={{ .anthropic_api_key }}{{ end }}
-        EOT
-      }
+      # No model key here: it stays with the worker (agent.api_key). The runner
+      # receives, by the hand-over, the address of the worker's per-attempt proxy
+      # and a token for it; the proxy adds the key to the agent's model calls,
+      # meters them and allows only the run's destinations (docs/sandbox-network.md).
 
       # Plain, non-secret extra environment of this agent type.
       template {

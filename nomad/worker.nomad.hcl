@@ -126,6 +126,12 @@ variable "github_private_key_ref" {
   default     = "file:/secrets/github-app.pem"
 }
 
+variable "agent_api_key_ref" {
+  type        = string
+  description = "Secret ref of the model API key (file:, env: or aws-sm:). Only the worker holds it: its per-attempt proxy adds it to the sandbox's model calls."
+  default     = "file:/secrets/anthropic-api-key"
+}
+
 variable "nomad_scheme" {
   type        = string
   description = "Scheme of the local Nomad agent's HTTP API (http or https)."
@@ -183,10 +189,11 @@ job "ao-worker" {
       }
     }
 
+    # Host networking: each attempt's network proxy listens on an ephemeral port
+    # of the host address (nomad.proxy_listen), which the sandbox allocations must
+    # reach; a bridge network would map only the http port.
     network {
-      port "http" {
-        to = 9090
-      }
+      port "http" {}
     }
 
     service {
@@ -227,7 +234,7 @@ job "ao-worker" {
 
       config {
         image           = "${var.worker_image}"
-        ports           = ["http"]
+        network_mode    = "host"
         readonly_rootfs = true
         cap_drop        = ["ALL"]
         security_opt    = ["no-new-privileges"]
@@ -262,7 +269,7 @@ job "ao-worker" {
         AO__AWS__REGION             = "${var.aws_region}"
         AO__AWS__QUEUE_PREFIX       = "${var.queue_prefix}"
         AO__AWS__TABLE              = "${var.table_name}"
-        AO__WORKER__LISTEN          = "0.0.0.0:9090"
+        AO__WORKER__LISTEN          = "$${NOMAD_ADDR_http}"
         AO__WORKER__CAPABILITIES    = "${var.capabilities}"
         AO__WORKER__CONCURRENCY     = "${var.concurrency}"
         AO__SANDBOX__DRIVER         = "nomad"
@@ -272,9 +279,13 @@ job "ao-worker" {
         AO__NOMAD__JOB_PREFIX       = "${var.job_prefix}"
         # Where the sandboxes present their identity for the run spec and secrets.
         AO__NOMAD__HANDOVER_URL     = "http://$${NOMAD_ADDR_http}"
+        # Where each attempt's proxy listens (an ephemeral port): the model
+        # endpoint, which adds the model key, and the sandbox's only way out.
+        AO__NOMAD__PROXY_LISTEN     = "$${NOMAD_IP_http}"
         AO__GITHUB__APP_ID          = "${var.github_app_id}"
         AO__GITHUB__API_URL         = "${var.github_api_url}"
         AO__GITHUB__PRIVATE_KEY     = "${var.github_private_key_ref}"
+        AO__AGENT__API_KEY          = "${var.agent_api_key_ref}"
         AO__LOG__FORMAT             = "json"
         AWS_REGION                  = "${var.aws_region}"
         AWS_ROLE_ARN                = "${var.aws_role_arn}"
@@ -291,6 +302,21 @@ job "ao-worker" {
           {{- range nomadVarList (printf "nomad/jobs/%s" (env "NOMAD_JOB_ID")) -}}
           {{- if eq .Path (printf "nomad/jobs/%s" (env "NOMAD_JOB_ID")) -}}
           {{- with nomadVar .Path }}{{ with .github_private_key }}{{ . }}{{ end }}{{ end -}}
+          {{- end -}}
+          {{- end }}
+        EOT
+      }
+
+      # The model key, when its ref is file:/secrets/anthropic-api-key, likewise
+      # (key anthropic_api_key). The sandbox job never gets it.
+      template {
+        destination = "secrets/anthropic-api-key"
+        perms       = "0400"
+        change_mode = "restart"
+        data        = <<-EOT
+          {{- range nomadVarList (printf "nomad/jobs/%s" (env "NOMAD_JOB_ID")) -}}
+          {{- if eq .Path (printf "nomad/jobs/%s" (env "NOMAD_JOB_ID")) -}}
+          {{- with nomadVar .Path }}{{ with .anthropic_api_key }}{{ . }}{{ end }}{{ end -}}
           {{- end -}}
           {{- end }}
         EOT

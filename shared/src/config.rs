@@ -449,6 +449,10 @@ pub struct NomadSettings {
     /// presents its Nomad workload identity there to receive its run spec and secrets.
     /// Default: `http://` + `worker.listen`, which suits one machine only.
     pub handover_url: Option<String>,
+    /// Where the worker listens for the network proxy of each Nomad sandbox (an IP
+    /// address, or `address:port`; port 0 or none: an ephemeral port per attempt). The
+    /// sandbox reaches it by the host of the hand-over address. Default: that host.
+    pub proxy_listen: Option<String>,
 }
 
 impl Default for NomadSettings {
@@ -468,6 +472,7 @@ impl Default for NomadSettings {
             unreachable_secs: 120,
             timeout_margin_secs: 1200,
             handover_url: None,
+            proxy_listen: None,
         }
     }
 }

@@ -15,7 +15,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(120);
-const MODEL_KEY: &str = "sk-from-the-nomad-variable";
+/// The model key: the worker's `agent.api_key` only; the sandbox never gets it.
+const MODEL_KEY: &str = "sk-held-by-the-worker-only";
 
 /// Writes a file (with the model key it was given) and prints a summary line.
 const WRITING_AGENT: &str = r#"
@@ -32,6 +33,8 @@ fn options(c: &Cluster, slots: usize) -> Options {
 fn cluster(addr: &str, extra: &[(&str, &str)]) -> Cluster {
     let mut env = nomad_env(addr);
     env.push(("AO__NOMAD__UNREACHABLE_SECS".into(), "5".into()));
+    env.push(("AO_TEST_MODEL_KEY".into(), MODEL_KEY.into()));
+    env.push(("AO__AGENT__API_KEY".into(), "env:AO_TEST_MODEL_KEY".into()));
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     // Cluster::new applies them in order: a later one wins.
     let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -41,11 +44,19 @@ fn cluster(addr: &str, extra: &[(&str, &str)]) -> Cluster {
 async fn start_fake(c: &Cluster, port: u16, slots: usize) -> FakeNomad {
     let fake = FakeNomad::start_on(port, options(c, slots)).await.unwrap();
     fake.register_sandbox_job("coder").await.unwrap();
-    fake.put_var(
-        "nomad/jobs/ao-sandbox-coder",
-        json!({ "anthropic_api_key": MODEL_KEY }),
-    );
     fake
+}
+
+/// The model key the agent had, as its file says: the attempt's proxy token, neither the
+/// worker's model key nor nothing.
+fn assert_agent_key_is_a_proxy_token(file: &str) {
+    let key = file
+        .strip_prefix("key=")
+        .unwrap_or_else(|| panic!("{file}"));
+    assert!(
+        key != MODEL_KEY && key != "none" && !key.is_empty(),
+        "{file}"
+    );
 }
 
 async fn submit(c: &Cluster, repo: &std::path::Path) -> String {
@@ -148,18 +159,17 @@ fn the_sandbox_job_file_is_a_valid_nomad_job_the_driver_can_use() {
         ]
     );
     assert_eq!(task["KillTimeout"], 20_000_000_000i64);
-    // No secret in the plain environment; the model key comes from a template.
+    // No model key in the job at all: not in the environment, not from a variable (it
+    // stays with the worker's proxy).
     let env = task["Env"].as_object().unwrap();
     assert!(!env.contains_key("ANTHROPIC_API_KEY"));
-    assert!(task["Templates"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|t| t["Envvars"] == true
-            && t["EmbeddedTmpl"]
-                .as_str()
-                .unwrap()
-                .contains("nomadVar \"nomad/jobs/ao-sandbox-tester\"")));
+    for t in task["Templates"].as_array().into_iter().flatten() {
+        let text = t["EmbeddedTmpl"].as_str().unwrap_or_default();
+        assert!(
+            !text.contains("nomadVar") && !text.contains("ANTHROPIC"),
+            "{text}"
+        );
+    }
     // And a mistake is caught (by the contract check, when Nomad's description is here).
     if api.checks_contract() {
         let mut bad = job.clone();
@@ -189,14 +199,11 @@ async fn a_task_runs_in_a_dispatched_nomad_sandbox() {
     assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
     let sub = &done["subtasks"][0];
     assert_eq!(sub["attempt"], 1);
-    // The push is in the bare repository; the agent got the key from the Nomad Variable
-    // (the worker itself has no ANTHROPIC_API_KEY).
+    // The push is in the bare repository; the agent got a key for its proxy, not the
+    // worker's model key.
     let log = git(&repo, &["log", "--format=%s", "agent/note"]);
     assert_eq!(log.lines().next(), Some("coder: Add a note"));
-    assert_eq!(
-        git(&repo, &["show", "agent/note:coder.txt"]),
-        format!("key={MODEL_KEY}")
-    );
+    assert_agent_key_is_a_proxy_token(&git(&repo, &["show", "agent/note:coder.txt"]));
     assert_eq!(
         sub["outcome"]["commit"].as_str(),
         Some(git(&repo, &["rev-parse", "agent/note"]).as_str())
@@ -294,10 +301,7 @@ async fn without_capacity_the_subtask_waits_without_using_attempts() {
         .unwrap();
     assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
     assert_eq!(done["subtasks"][0]["attempt"], 1);
-    assert_eq!(
-        git(&repo, &["show", "agent/note:coder.txt"]),
-        format!("key={MODEL_KEY}")
-    );
+    assert_agent_key_is_a_proxy_token(&git(&repo, &["show", "agent/note:coder.txt"]));
     assert_no_violations(&fake);
 }
 
@@ -463,17 +467,9 @@ async fn nomad_being_down_is_a_retryable_failure_and_the_task_is_not_lost() {
     }
     assert!(c.logs().contains("unreachable"), "{}", c.logs());
     // Nomad comes back with the jobs and variables it had: a later attempt runs.
-    let fake = FakeNomad::start_with(
-        port,
-        options(&c, 2),
-        &["coder"],
-        &[(
-            "nomad/jobs/ao-sandbox-coder",
-            json!({ "anthropic_api_key": MODEL_KEY }),
-        )],
-    )
-    .await
-    .unwrap();
+    let fake = FakeNomad::start_with(port, options(&c, 2), &["coder"], &[])
+        .await
+        .unwrap();
     let done = c
         .wait_for_status(&id, &["succeeded", "failed"], LIMIT)
         .await
@@ -489,7 +485,7 @@ async fn nomad_being_down_is_a_retryable_failure_and_the_task_is_not_lost() {
 const HANDOVER_AGENT: &str = r#"
 echo "coder was here" > coder.txt
 jwt=$(cat "$NOMAD_SECRETS_DIR/nomad_ao_handover.jwt")
-code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -H "Authorization: Bearer $jwt" "$AO_HANDOVER_URL")
+code=$(curl -s -o /dev/null -w '%{http_code}' --noproxy '*' -X POST -H "Authorization: Bearer $jwt" "$AO_HANDOVER_URL")
 echo "prompt_bytes=${#AO_PROMPT} second=$code git_token=${AO_GIT_TOKEN:-none}" > handover.txt
 echo "wrote coder.txt"
 "#;
@@ -514,10 +510,6 @@ async fn a_github_task_gets_its_git_token_and_long_prompt_by_the_handover_only()
     })
     .await
     .unwrap();
-    s.nomad.put_var(
-        "nomad/jobs/ao-sandbox-coder",
-        json!({ "anthropic_api_key": MODEL_KEY }),
-    );
     let (gh, fake) = (&s.gh, &s.nomad);
     let c = &mut s.c;
     let agent = script(c.dir.path(), "agent.sh", HANDOVER_AGENT);
@@ -626,10 +618,6 @@ async fn a_nomad_run_longer_than_its_token_pushes_with_a_fresh_one() {
     .unwrap();
     // Tokens live 4 s; the agent runs 8 s.
     s.gh.set_token_ttl(Duration::from_secs(4));
-    s.nomad.put_var(
-        "nomad/jobs/ao-sandbox-coder",
-        json!({ "anthropic_api_key": MODEL_KEY }),
-    );
     let (gh, fake) = (&s.gh, &s.nomad);
     let c = &mut s.c;
     let agent = script(c.dir.path(), "agent.sh", SLOW_AGENT);

@@ -26,11 +26,13 @@ fn settings(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 /// The hostile agent: reads the sandbox's workload identity (as the existing hand-over
 /// test shows it can), asks the push permit itself before the runner does, keeps the
 /// answer where the test can read it, and tries to push to `main` with what it got.
+/// It goes to the worker straight (`--noproxy`), as the allocation's network lets it: the
+/// proxy of its environment would refuse the worker's address.
 const THIEF_AGENT: &str = r#"
 jwt=$(cat "$NOMAD_SECRETS_DIR/nomad_ao_handover.jwt")
 base="${AO_HANDOVER_URL%/sandbox/v1/handover}"
-curl -s -o "$OUT.metrics" -w '%{http_code}' "$base/metrics" > "$OUT.metrics.code"
-curl -s -X POST -H "Authorization: Bearer $jwt" "$AO_HANDOVER_URL/push" > "$OUT.tmp"
+curl -s -o "$OUT.metrics" -w '%{http_code}' --noproxy '*' "$base/metrics" > "$OUT.metrics.code"
+curl -s --noproxy '*' -X POST -H "Authorization: Bearer $jwt" "$AO_HANDOVER_URL/push" > "$OUT.tmp"
 mv "$OUT.tmp" "$OUT"
 tok=$(sed -n 's/.*"git_token":"\([^"]*\)".*/\1/p' "$OUT")
 url=$(git remote get-url origin 2>/dev/null)
@@ -578,13 +580,14 @@ fn a_hostile_checker_cannot_put_markup_in_the_progress_comment() {
 
 /// The agent of attempt 1 waits for its worker to die and the message to be redelivered,
 /// then presents its (still valid) workload identity to the new worker's hand-over.
+/// Straight (`--noproxy`): its proxy died with its worker.
 const REDELIVERY_AGENT: &str = r#"
 jwt=$(cat "$NOMAD_SECRETS_DIR/nomad_ao_handover.jwt")
 echo started > "$OUT.started"
 i=0
 while [ ! -f "$DIR/url" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
 url=$(cat "$DIR/url")
-curl -s -o "$OUT.body" -w '%{http_code}' -X POST -H "Authorization: Bearer $jwt" "$url" > "$OUT.tmp"
+curl -s -o "$OUT.body" -w '%{http_code}' --noproxy '*' -X POST -H "Authorization: Bearer $jwt" "$url" > "$OUT.tmp"
 mv "$OUT.tmp" "$OUT"
 echo "coder was here" > coder.txt
 "#;

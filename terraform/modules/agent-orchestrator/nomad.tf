@@ -34,6 +34,7 @@ locals {
     for k, t in var.agent_types : k => merge(local.nomad_common_vars, {
       capability              = k
       capabilities            = join(",", local.worker_capabilities[k])
+      agent_api_key_ref       = "aws-sm:${aws_secretsmanager_secret.anthropic_api_key.arn}"
       worker_image            = var.worker_image
       worker_cpu              = var.worker_cpu_limit
       worker_memory           = var.worker_memory_limit

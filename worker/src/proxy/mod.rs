@@ -29,6 +29,15 @@
 //! when the proxy stops, one [`REFUSED_EVENT`] lists every refused destination with its
 //! count and first and last time ([`NetworkRefused`]), so the refusals can be shown with
 //! the run's result.
+//!
+//! Two ways in: a unix socket bound into a bwrap sandbox ([`RunProxy::start`]), or a TCP
+//! port the allocations of a Nomad sandbox reach across the network
+//! ([`RunProxy::start_tcp`]). A TCP proxy is reachable by more than its sandbox, so it
+//! takes only requests that carry the attempt's proxy token ([`ProxyOptions::token`]):
+//! as the proxy credentials (`Proxy-Authorization: Basic`, any user name and the token as
+//! the password, or `Bearer`), or, on the model endpoint, as the model key (`x-api-key`,
+//! `Authorization: Bearer`). Anything else is refused (407, or 401 on the model
+//! endpoint) and never forwarded; the token itself is never sent on.
 
 pub mod meter;
 mod server_tools;
@@ -49,7 +58,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpStream, UnixListener};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -157,6 +166,12 @@ pub struct ProxyOptions {
     /// addressed there are the model endpoint's.
     pub inside_port: u16,
     pub model: Option<ModelRoute>,
+    /// The attempt's proxy token, required on every request when set (see the module
+    /// documentation); `None` for a unix socket only the sandbox reaches.
+    pub token: Option<SecretString>,
+    /// The host name the sandbox reaches a TCP proxy by (set by [`RunProxy::start_tcp`]):
+    /// requests addressed to it and `inside_port` are the model endpoint's too.
+    pub advertised_host: Option<String>,
 }
 
 /// A refused destination, as reported to the run's events.
@@ -240,7 +255,10 @@ struct Ctx {
 
 /// One run's proxy; stops when [`RunProxy::stop`] is called or it is dropped.
 pub struct RunProxy {
-    dir: tempfile::TempDir,
+    /// The socket's directory (a proxy on a unix socket).
+    dir: Option<tempfile::TempDir>,
+    /// The bound address (a proxy on TCP).
+    addr: Option<std::net::SocketAddr>,
     ctx: Arc<Ctx>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -255,6 +273,32 @@ pub enum ProxyError {
     },
     #[error("cannot make the proxy's HTTP client: {0}")]
     Client(String),
+    #[error("cannot listen on {addr} for the proxy: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// The accepting end of a proxy: a unix socket or a TCP port.
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+type Stream = tokio_util::either::Either<tokio::net::UnixStream, TcpStream>;
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<Stream> {
+        use tokio_util::either::Either;
+        match self {
+            Listener::Unix(l) => l.accept().await.map(|(s, _)| Either::Left(s)),
+            Listener::Tcp(l) => l.accept().await.map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                Either::Right(s)
+            }),
+        }
+    }
 }
 
 impl RunProxy {
@@ -280,6 +324,55 @@ impl RunProxy {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))
             .map_err(socket_err)?;
+        let (ctx, server) = Self::serve_on(Listener::Unix(listener), options, events)?;
+        Ok(Self {
+            dir: Some(dir),
+            addr: None,
+            ctx,
+            server: Some(server),
+        })
+    }
+
+    /// Starts a proxy listening on TCP at `bind` (port 0: an ephemeral one), reached by
+    /// the sandbox as `advertised_host` and the bound port: requests addressed there are
+    /// the model endpoint's (`options.inside_port` is replaced by the bound port).
+    /// `options.token` should be set: anything that reaches the port could use it.
+    pub async fn start_tcp(
+        bind: &str,
+        advertised_host: &str,
+        mut options: ProxyOptions,
+        events: mpsc::Sender<RunnerEvent>,
+    ) -> Result<Self, ProxyError> {
+        let listener = TcpListener::bind(bind)
+            .await
+            .map_err(|source| ProxyError::Listen {
+                addr: bind.to_string(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| ProxyError::Listen {
+            addr: bind.to_string(),
+            source,
+        })?;
+        options.inside_port = addr.port();
+        options.advertised_host = Some(
+            advertised_host
+                .trim_matches(['[', ']'])
+                .to_ascii_lowercase(),
+        );
+        let (ctx, server) = Self::serve_on(Listener::Tcp(listener), options, events)?;
+        Ok(Self {
+            dir: None,
+            addr: Some(addr),
+            ctx,
+            server: Some(server),
+        })
+    }
+
+    fn serve_on(
+        listener: Listener,
+        options: ProxyOptions,
+        events: mpsc::Sender<RunnerEvent>,
+    ) -> Result<(Arc<Ctx>, tokio::task::JoinHandle<()>), ProxyError> {
         let http = reqwest::Client::builder()
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
@@ -301,11 +394,7 @@ impl RunProxy {
             stop: CancellationToken::new(),
         });
         let server = tokio::spawn(serve(listener, ctx.clone()));
-        Ok(Self {
-            dir,
-            ctx,
-            server: Some(server),
-        })
+        Ok((ctx, server))
     }
 
     /// The most connections served at once so far (at most [`MAX_CONNECTIONS`]).
@@ -314,9 +403,17 @@ impl RunProxy {
         self.ctx.peak.load(Ordering::SeqCst)
     }
 
-    /// The socket to bind into the sandbox.
+    /// The socket to bind into the sandbox (empty for a proxy on TCP).
     pub fn socket(&self) -> PathBuf {
-        self.dir.path().join(SOCKET_NAME)
+        self.dir
+            .as_ref()
+            .map(|d| d.path().join(SOCKET_NAME))
+            .unwrap_or_default()
+    }
+
+    /// The bound address of a proxy on TCP.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.addr
     }
 
     /// Stops serving, ends every open tunnel, sends the [`REFUSED_EVENT`] when anything
@@ -371,7 +468,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// does not spin.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
-async fn serve(listener: UnixListener, ctx: Arc<Ctx>) {
+async fn serve(listener: Listener, ctx: Arc<Ctx>) {
     let mut connections = tokio::task::JoinSet::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -387,7 +484,7 @@ async fn serve(listener: UnixListener, ctx: Arc<Ctx>) {
             a = listener.accept() => a,
         };
         let stream = match accepted {
-            Ok((stream, _)) => stream,
+            Ok(stream) => stream,
             Err(e) => {
                 tracing::warn!(error = %e, "the sandbox's proxy cannot accept a connection");
                 tokio::select! {
@@ -474,17 +571,87 @@ async fn handle(req: Request<Incoming>, ctx: Arc<Ctx>) -> Result<Response<Body>,
             "only http:// is proxied in absolute form; use CONNECT",
         ));
     }
+    if !ctx.authorized(req.headers(), false) {
+        return Ok(proxy_auth_required());
+    }
     if !ctx.allowed(&dest) {
         return Ok(ctx.deny(dest, req.method().as_str()));
     }
     Ok(forward_plain(req, ctx).await)
 }
 
+/// The answer to a proxy request without the attempt's token.
+fn proxy_auth_required() -> Response<Body> {
+    let mut r = text(
+        StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+        "this proxy takes only requests with the attempt's proxy token",
+    );
+    r.headers_mut().insert(
+        header::PROXY_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"agent-orchestrator\""),
+    );
+    r
+}
+
+/// Whether `given` is `token`, in constant time.
+fn same_token(given: &str, token: &SecretString) -> bool {
+    subtle::ConstantTimeEq::ct_eq(given.trim().as_bytes(), token.expose_secret().as_bytes()).into()
+}
+
+/// The token in a credentials header: `Bearer <token>`, or `Basic` of `user:<token>`
+/// (or of the token alone).
+fn credential_token(value: &HeaderValue) -> Option<String> {
+    use base64::Engine;
+    let value = value.to_str().ok()?.trim();
+    let (scheme, rest) = value.split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(rest.trim().to_string());
+    }
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim())
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    Some(match decoded.split_once(':') {
+        Some((_, password)) => password.to_string(),
+        None => decoded,
+    })
+}
+
 impl Ctx {
-    /// Whether `dest` is the proxy's own address inside the sandbox.
+    /// Whether `dest` is the proxy's own address as the sandbox reaches it.
     fn is_self(&self, dest: &Destination) -> bool {
         dest.port == self.options.inside_port
-            && matches!(dest.host.as_str(), "127.0.0.1" | "localhost")
+            && (matches!(dest.host.as_str(), "127.0.0.1" | "localhost")
+                || self.options.advertised_host.as_deref() == Some(dest.host.as_str()))
+    }
+
+    /// Whether a request carries the attempt's token (always, when no token is set): as
+    /// proxy credentials, or on the model endpoint (`model`) as its key.
+    fn authorized(&self, headers: &HeaderMap, model: bool) -> bool {
+        let Some(token) = &self.options.token else {
+            return true;
+        };
+        let proxy = headers
+            .get_all(header::PROXY_AUTHORIZATION)
+            .iter()
+            .filter_map(credential_token)
+            .any(|t| same_token(&t, token));
+        if proxy || !model {
+            return proxy;
+        }
+        let key = headers
+            .get_all("x-api-key")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|t| same_token(t, token));
+        key || headers
+            .get_all(header::AUTHORIZATION)
+            .iter()
+            .filter_map(credential_token)
+            .any(|t| same_token(&t, token))
     }
 
     fn allowed(&self, dest: &Destination) -> bool {
@@ -540,6 +707,9 @@ async fn connect(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
             }
         });
         return Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
+    }
+    if !ctx.authorized(req.headers(), false) {
+        return proxy_auth_required();
     }
     if !ctx.allowed(&dest) {
         return ctx.deny(dest, "CONNECT");
@@ -693,6 +863,14 @@ async fn model_only(req: Request<Incoming>, ctx: Arc<Ctx>) -> Result<Response<Bo
 }
 
 async fn model(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
+    if !ctx.authorized(req.headers(), true) {
+        tracing::info!("model call refused: without the attempt's proxy token");
+        return api_error(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "the model endpoint takes only calls with the attempt's proxy token as the key",
+        );
+    }
     let Some(route) = &ctx.options.model else {
         return text(StatusCode::NOT_FOUND, "this run has no model endpoint");
     };
@@ -848,6 +1026,8 @@ mod tests {
             allow: Vec::new(),
             inside_port: 1,
             model: None,
+            token: None,
+            advertised_host: None,
         };
         let proxy = RunProxy::start(dir.path(), options, events).unwrap();
         let socket = proxy.socket();
@@ -871,6 +1051,98 @@ mod tests {
         }
         let peak = proxy.peak_connections();
         assert!(peak <= MAX_CONNECTIONS, "{peak} connections served at once");
+        proxy.stop().await;
+    }
+
+    /// The first 12 bytes (`HTTP/1.1 NNN`) of the answer to `request` at `addr`.
+    async fn status_of(addr: std::net::SocketAddr, request: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(request.as_bytes()).await.unwrap();
+        let mut head = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(30), c.read_exact(&mut head))
+            .await
+            .expect("answered")
+            .unwrap();
+        String::from_utf8_lossy(&head).to_string()
+    }
+
+    /// A proxy on TCP (a Nomad sandbox's) answers only requests with the attempt's
+    /// token: as proxy credentials, or as the key on the model endpoint. Without it, or
+    /// with another, 407 (401 on the model endpoint), whatever the destination.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_tcp_proxy_serves_only_requests_with_the_attempts_token() {
+        use base64::Engine;
+        let (events, _rx) = mpsc::channel(16);
+        let options = ProxyOptions {
+            allow: Vec::new(),
+            inside_port: 1,
+            model: None,
+            token: Some("tok-0123".to_string().into()),
+            advertised_host: None,
+        };
+        let proxy = RunProxy::start_tcp("127.0.0.1:0", "127.0.0.1", options, events)
+            .await
+            .unwrap();
+        let addr = proxy.local_addr().unwrap();
+        let basic = |cred: &str| {
+            format!(
+                "Proxy-Authorization: Basic {}\r\n",
+                base64::engine::general_purpose::STANDARD.encode(cred)
+            )
+        };
+        let connect = |auth: &str| {
+            format!("CONNECT off.invalid:443 HTTP/1.1\r\nHost: off.invalid:443\r\n{auth}\r\n")
+        };
+        let plain = |auth: &str| {
+            format!("GET http://off.invalid/ HTTP/1.1\r\nHost: off.invalid\r\n{auth}\r\n")
+        };
+        let model = |auth: &str| {
+            format!(
+                "POST /v1/messages HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 2\r\n\r\n{{}}"
+            )
+        };
+        for refused in [
+            connect(""),
+            connect(&basic("ao:wrong")),
+            plain(""),
+            plain("Proxy-Authorization: Bearer wrong\r\n"),
+            // The model key header is no proxy credential.
+            plain("x-api-key: tok-0123\r\n"),
+        ] {
+            assert_eq!(status_of(addr, &refused).await, "HTTP/1.1 407", "{refused}");
+        }
+        for unauthorized in [model(""), model("x-api-key: wrong\r\n")] {
+            assert_eq!(
+                status_of(addr, &unauthorized).await,
+                "HTTP/1.1 401",
+                "{unauthorized}"
+            );
+        }
+        // With the token, the request is judged on its destination: off the allow-list.
+        for authorized in [
+            connect(&basic("ao:tok-0123")),
+            plain(&basic("anyone:tok-0123")),
+            plain("Proxy-Authorization: Bearer tok-0123\r\n"),
+        ] {
+            assert_eq!(
+                status_of(addr, &authorized).await,
+                "HTTP/1.1 403",
+                "{authorized}"
+            );
+        }
+        // And on the model endpoint (this run has none).
+        for authorized in [
+            model("x-api-key: tok-0123\r\n"),
+            model("Authorization: Bearer tok-0123\r\n"),
+            model(&basic("ao:tok-0123")),
+        ] {
+            assert_eq!(
+                status_of(addr, &authorized).await,
+                "HTTP/1.1 404",
+                "{authorized}"
+            );
+        }
         proxy.stop().await;
     }
 

@@ -132,11 +132,27 @@ fn load_spec(source: &SpecSource) -> Result<RunSpec, String> {
             .map_err(|e| format!("cannot read run spec {}: {e}", path.display())),
         SpecSource::Handover => {
             let handed = crate::sandbox::nomad::handover::fetch()?;
-            let names: Vec<&str> = handed.env.keys().map(String::as_str).collect();
-            std::env::set_var(crate::spec::SECRET_NAMES_VAR, names.join(","));
+            let mut names: Vec<&str> = handed.env.keys().map(String::as_str).collect();
             for (name, value) in &handed.env {
                 std::env::set_var(name, value);
             }
+            // The attempt's proxy: the way out for the runner's git and the agent, and the
+            // agent's model endpoint, with the proxy token as its key (a secret of the
+            // run, redacted as one; the model key itself never comes here).
+            if let Some(proxy) = &handed.proxy {
+                let env = crate::sandbox::network::client_env(
+                    &proxy.with_credentials(),
+                    &proxy.url,
+                    &proxy.token,
+                );
+                for (name, value) in env {
+                    std::env::set_var(name, value);
+                }
+                names.push(crate::sandbox::network::MODEL_KEY_ENV);
+            }
+            names.sort_unstable();
+            names.dedup();
+            std::env::set_var(crate::spec::SECRET_NAMES_VAR, names.join(","));
             Ok(handed.spec)
         }
     }

@@ -689,25 +689,6 @@ fn explain_shared_process_limit(outcome: &mut Outcome, max_processes: u64) {
     outcome.summary.push_str(&why);
 }
 
-/// Puts the proxy's metering into the outcome: its cost and tokens are the run's (the
-/// agent's own report could be forged), and a call refused for the budget makes the
-/// outcome `budget_exceeded`.
-fn apply_metering(outcome: &mut Outcome, metered: crate::proxy::meter::Metered) {
-    outcome.cost_usd = metered.cost_usd;
-    outcome.tokens = metered.tokens;
-    if let Some(why) = metered.budget_refusal {
-        if outcome.kind != OutcomeKind::Cancelled {
-            let mut over = Outcome::failed(OutcomeKind::BudgetExceeded, why, false);
-            over.cost_usd = outcome.cost_usd;
-            over.tokens = outcome.tokens;
-            over.turns = outcome.turns;
-            over.duration_ms = outcome.duration_ms;
-            over.commit = outcome.commit.take();
-            *outcome = over;
-        }
-    }
-}
-
 /// bubblewrap's argument list.
 #[derive(Default)]
 struct Args(Vec<std::ffi::OsString>);
@@ -968,11 +949,7 @@ impl SandboxDriver for BwrapDriver {
             }
         }
         if let Some(proxy) = proxy {
-            let (metered, refused) = proxy.stop().await;
-            apply_metering(&mut outcome, metered);
-            if refused.total > 0 {
-                outcome.network_refused = Some(refused);
-            }
+            network::finish_proxy(proxy, &mut outcome).await;
         }
         if let Some(cgroup) = setup.cgroup {
             cgroup.remove().await;

@@ -7,6 +7,10 @@
 //! - `open` (`sandbox.network_open`): the host's network, and the model key in the
 //!   sandbox's environment, as before the proxy existed.
 //!
+//! The nomad driver uses the same proxy, options and ending ([`proxy_options`],
+//! [`client_env`], [`finish_proxy`]) with the proxy on a TCP port of the worker (see
+//! `nomad/mod.rs`).
+//!
 //! In every mode the host's unix sockets are out of reach: abstract ones live in the
 //! host's network namespace (not shared but in `open`), and path sockets are files,
 //! which the sandbox does not see where they live: all of `/run` is an empty tmpfs, and
@@ -19,6 +23,7 @@
 use crate::proxy::{Destination, ModelRoute, ProxyOptions};
 use crate::spec::RunSpec;
 use ao_shared::config::{SandboxSettings, Settings};
+use ao_shared::task::{Outcome, OutcomeKind};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
@@ -111,6 +116,38 @@ pub fn proxy_options(
             key,
             budget_usd: spec.agent.profile.as_ref().and_then(|p| p.max_cost_usd),
         }),
+        token: None,
+        advertised_host: None,
+    }
+}
+
+/// Ends a run's proxy and puts what it saw into the run's outcome: its metering
+/// ([`apply_metering`]) and the destinations it refused (`network_refused`). The one
+/// ending of every driver's proxy.
+pub async fn finish_proxy(proxy: crate::proxy::RunProxy, outcome: &mut Outcome) {
+    let (metered, refused) = proxy.stop().await;
+    apply_metering(outcome, metered);
+    if refused.total > 0 {
+        outcome.network_refused = Some(refused);
+    }
+}
+
+/// Puts the proxy's metering into the outcome: its cost and tokens are the run's (the
+/// agent's own report could be forged), and a call refused for the budget makes the
+/// outcome `budget_exceeded`.
+pub fn apply_metering(outcome: &mut Outcome, metered: crate::proxy::meter::Metered) {
+    outcome.cost_usd = metered.cost_usd;
+    outcome.tokens = metered.tokens;
+    if let Some(why) = metered.budget_refusal {
+        if outcome.kind != OutcomeKind::Cancelled {
+            let mut over = Outcome::failed(OutcomeKind::BudgetExceeded, why, false);
+            over.cost_usd = outcome.cost_usd;
+            over.tokens = outcome.tokens;
+            over.turns = outcome.turns;
+            over.duration_ms = outcome.duration_ms;
+            over.commit = outcome.commit.take();
+            *outcome = over;
+        }
     }
 }
 
@@ -152,6 +189,20 @@ pub fn bwrap_args(
 /// Code's model endpoint.
 pub fn proxy_env(inside_port: u16) -> Vec<(&'static str, String)> {
     let proxy = format!("http://127.0.0.1:{inside_port}");
+    let mut env = client_env(&proxy, &proxy, PLACEHOLDER_KEY);
+    env.push((crate::runner::relay::SOCKET_ENV, INSIDE_SOCKET.into()));
+    env.push((
+        crate::runner::relay::LISTEN_ENV,
+        format!("127.0.0.1:{inside_port}"),
+    ));
+    env
+}
+
+/// The environment that sends every common client through a proxy: `proxy` (the proxy's
+/// URL as clients use it, with credentials if it wants them) for HTTP(S), and Claude
+/// Code's model endpoint `model_url` with `model_key` as its key (the proxy adds the
+/// real one).
+pub fn client_env(proxy: &str, model_url: &str, model_key: &str) -> Vec<(&'static str, String)> {
     let mut env: Vec<(&'static str, String)> = [
         "HTTP_PROXY",
         "HTTPS_PROXY",
@@ -161,17 +212,12 @@ pub fn proxy_env(inside_port: u16) -> Vec<(&'static str, String)> {
         "all_proxy",
     ]
     .into_iter()
-    .map(|k| (k, proxy.clone()))
+    .map(|k| (k, proxy.to_string()))
     .collect();
     env.push(("NO_PROXY", String::new()));
     env.push(("no_proxy", String::new()));
-    env.push(("ANTHROPIC_BASE_URL", proxy));
-    env.push((MODEL_KEY_ENV, PLACEHOLDER_KEY.into()));
-    env.push((crate::runner::relay::SOCKET_ENV, INSIDE_SOCKET.into()));
-    env.push((
-        crate::runner::relay::LISTEN_ENV,
-        format!("127.0.0.1:{inside_port}"),
-    ));
+    env.push(("ANTHROPIC_BASE_URL", model_url.to_string()));
+    env.push((MODEL_KEY_ENV, model_key.to_string()));
     env
 }
 

@@ -1,6 +1,8 @@
 //! The hand-over: how a Nomad sandbox receives its run spec and the attempt's secrets
-//! (a repository-scoped git token, the model key) without either ever passing through
-//! Nomad — no dispatch payload, meta, job, variable, allocation or log holds them.
+//! (a repository-scoped git token, the address and token of the attempt's network proxy)
+//! without either ever passing through Nomad — no dispatch payload, meta, job, variable,
+//! allocation or log holds them. The model key is not among them: it stays with the
+//! worker's proxy, which adds it to the agent's model calls (see [`ProxyGrant`]).
 //!
 //! The mechanism, by Nomad workload identity:
 //! 1. Before dispatching an attempt, the driver [registers](Handovers::register) it here;
@@ -82,6 +84,37 @@ pub struct Handed {
     /// The workload identity alone does not buy a push permit, since anything in the
     /// allocation that reads the identity file could present it.
     pub push_key: String,
+    /// The attempt's network proxy on the worker, when the capability's network is the
+    /// allow-list proxy (the default).
+    #[serde(default)]
+    pub proxy: Option<ProxyGrant>,
+}
+
+/// The attempt's network proxy as the sandbox reaches it (`crate::proxy`, on TCP): the
+/// way out for HTTP(S) and the model endpoint, which adds the model key. Deliberately
+/// not `Debug`.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct ProxyGrant {
+    /// `http://host:port`, without credentials.
+    pub url: String,
+    /// The attempt's proxy token: random, required on every request to the proxy, and
+    /// useless once the attempt ends (its proxy stops with it).
+    pub token: String,
+}
+
+impl ProxyGrant {
+    /// The proxy's URL with the token as its credentials (`http://ao:<token>@host:port`),
+    /// as HTTP clients take it from `HTTPS_PROXY`.
+    pub fn with_credentials(&self) -> String {
+        match reqwest::Url::parse(&self.url) {
+            Ok(mut u) => {
+                let _ = u.set_username("ao");
+                let _ = u.set_password(Some(&self.token));
+                u.to_string().trim_end_matches('/').to_string()
+            }
+            Err(_) => self.url.clone(),
+        }
+    }
 }
 
 /// The header of the push permit request that carries the attempt's push key.
@@ -105,6 +138,8 @@ struct Entry {
     pushed: bool,
     /// Made at the hand-over; required by the push permit.
     push_key: Option<String>,
+    /// The attempt's proxy, handed over with the spec.
+    proxy: Option<ProxyGrant>,
 }
 
 /// The attempts of this worker's Nomad driver that a sandbox may claim.
@@ -190,8 +225,13 @@ impl Handovers {
         })
     }
 
-    /// Opens the hand-over of one attempt (`key`: unique per attempt).
-    pub fn register(self: &Arc<Self>, key: &str, spec: &RunSpec) -> Registration {
+    /// Opens the hand-over of one attempt (`key`: unique per attempt), with its proxy.
+    pub fn register(
+        self: &Arc<Self>,
+        key: &str,
+        spec: &RunSpec,
+        proxy: Option<ProxyGrant>,
+    ) -> Registration {
         self.entries.lock().insert(
             key.to_string(),
             Entry {
@@ -200,6 +240,7 @@ impl Handovers {
                 handed: false,
                 pushed: false,
                 push_key: None,
+                proxy,
             },
         );
         Registration {
@@ -387,6 +428,7 @@ impl Handovers {
             spec: entry.spec.clone(),
             env,
             push_key,
+            proxy: entry.proxy.clone(),
         })
     }
 }
@@ -534,7 +576,10 @@ fn post<T: serde::de::DeserializeOwned>(
         .build()
         .map_err(|e| format!("cannot start the hand-over client: {e}"))?;
     rt.block_on(async move {
+        // Straight to the worker: the proxy variables the runner sets are for the agent
+        // and git, and the hand-over is on no allow-list.
         let http = reqwest::Client::builder()
+            .no_proxy()
             .timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| format!("cannot build the hand-over client: {e}"))?;
@@ -678,7 +723,7 @@ mod tests {
     #[tokio::test]
     async fn an_attempt_is_claimable_only_while_it_runs_and_by_its_own_job() {
         let h = handovers();
-        let reg = h.register("s-1", &spec());
+        let reg = h.register("s-1", &spec(), None);
         reg.dispatched("ao-sandbox-coder/dispatch-1");
         assert_eq!(
             h.attempt_of("ao-sandbox-coder/dispatch-1").await.as_deref(),
@@ -695,7 +740,7 @@ mod tests {
     #[tokio::test]
     async fn a_presentation_waits_for_the_dispatch_answer() {
         let h = handovers();
-        let reg = h.register("s-1", &spec());
+        let reg = h.register("s-1", &spec(), None);
         let waiting = tokio::spawn({
             let h = h.clone();
             async move { h.attempt_of("ao-sandbox-coder/dispatch-1").await }

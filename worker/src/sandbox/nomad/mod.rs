@@ -3,8 +3,7 @@
 //! (`nomad/sandbox.nomad.hcl`), followed over Nomad's HTTP API.
 //!
 //! Why dispatch rather than register a job per subtask: the sandbox's definition (image,
-//! user, hardening, resources, the templates that bring the model key from a Nomad
-//! Variable) is written once, reviewed and registered by the operator; a worker can only
+//! user, hardening, resources) is written once, reviewed and registered by the operator; a worker can only
 //! fill in the payload and the declared meta, so it needs the `dispatch-job` capability
 //! and not `submit-job` (a compromised worker cannot run arbitrary jobs). Dispatch also
 //! gives an idempotency token and Nomad's 16 KiB payload file for free, and keeps the
@@ -41,6 +40,20 @@
 //!    exponential backoff for up to `nomad.unreachable_secs`, then the attempt ends as a
 //!    retryable infrastructure failure.
 //!
+//! The network: for a capability in the allow-list mode (the default, see
+//! [`super::network`]) the driver starts the attempt's proxy (`crate::proxy`) on a TCP
+//! port of this worker (`nomad.proxy_listen`, by default the host of the hand-over
+//! address, an ephemeral port) before the dispatch, and hands its address and a random
+//! per-attempt token to the runner with the spec ([`handover::ProxyGrant`]). The model key
+//! (`agent.api_key`) stays in the worker: the proxy adds it to the agent's model calls,
+//! meters them (the run's cost and tokens are the proxy's, a call past the budget is
+//! refused and the run is `budget_exceeded`), and refuses destinations off the run's
+//! allow-list (reported as events and in the outcome's `network_refused`). The proxy
+//! stops when the attempt ends, and its token with it. The allocation's direct egress
+//! must be closed by the cluster (docs/sandbox-network.md, "Nomad"): the job cannot.
+//! `sandbox.network_open` hands the model key over instead, as before the proxy;
+//! `sandbox.network_off` neither.
+//!
 //! Nomad's own restarts and reschedules are off in the job (`attempts = 0`): retries are
 //! the queue's alone, one dispatch per attempt. The driver checks the registered jobs at
 //! start and warns when they differ.
@@ -50,8 +63,10 @@ mod client;
 pub mod handover;
 mod logs;
 
+use super::network::{self, NetworkMode};
 use super::process::infra;
 use super::SandboxDriver;
+use crate::proxy::RunProxy;
 use crate::spec::{RunSpec, RunnerEvent};
 use ao_shared::capability::Capability;
 use ao_shared::config::{NomadSettings, Settings};
@@ -90,6 +105,11 @@ pub struct NomadDriver {
     handovers: Arc<handover::Handovers>,
     /// The hand-over endpoint as the allocations reach it.
     handover_url: String,
+    /// Where the attempts' proxies listen, and the host the allocations reach them by.
+    proxy_bind: String,
+    proxy_host: String,
+    /// The whole configuration, for the proxy's options.
+    all: Arc<Settings>,
 }
 
 /// How following an instance ended.
@@ -106,11 +126,16 @@ impl NomadDriver {
     pub fn new(settings: &Settings, secrets: Arc<dyn SecretResolver>) -> Result<Self, NomadError> {
         let client = NomadClient::new(&settings.nomad, secrets)?;
         let handover_url = handover_url(settings)?;
+        network::check_allow_hosts(&settings.sandbox).map_err(NomadError::Config)?;
+        let (proxy_bind, proxy_host) = proxy_address(settings, &handover_url)?;
         let driver = Self {
             handovers: handover::Handovers::new(client.clone(), settings.nomad.namespace.clone()),
             client,
             settings: settings.nomad.clone(),
             handover_url,
+            proxy_bind,
+            proxy_host,
+            all: Arc::new(settings.clone()),
         };
         let jobs: Vec<String> = settings
             .worker
@@ -470,6 +495,32 @@ fn handover_url(settings: &Settings) -> Result<String, NomadError> {
     Ok(format!("{base}{}", handover::START_PATH))
 }
 
+/// Where the attempts' proxies listen (`nomad.proxy_listen`, port 0 when it names none)
+/// and the host the allocations reach them by (the hand-over address's).
+fn proxy_address(settings: &Settings, handover_url: &str) -> Result<(String, String), NomadError> {
+    let host = reqwest::Url::parse(handover_url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .ok_or_else(|| {
+            NomadError::Config(format!(
+                "nomad.handover_url {handover_url:?} names no host for the sandboxes' proxy"
+            ))
+        })?;
+    let bind = match settings.nomad.proxy_listen.as_deref().map(str::trim) {
+        None | Some("") => format!("{host}:0"),
+        Some(listen) if listen.parse::<std::net::SocketAddr>().is_ok() => listen.to_string(),
+        Some(listen) => match listen.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+            Ok(ip) => std::net::SocketAddr::new(ip, 0).to_string(),
+            Err(_) => {
+                return Err(NomadError::Config(format!(
+                    "nomad.proxy_listen {listen:?} is not an IP address or address:port"
+                )))
+            }
+        },
+    };
+    Ok((bind, host))
+}
+
 /// Why a dispatch failed for good, as an outcome.
 fn dispatch_failure(job: &str, namespace: &str, e: NomadError) -> Outcome {
     match e.status() {
@@ -534,8 +585,45 @@ impl SandboxDriver for NomadDriver {
         let started = std::time::Instant::now();
         let parent = self.job_id(spec.capability);
         let token = format!("{}-{}", spec.subtask_id, spec.attempt);
+        // The model key stays here, with the attempt's proxy (see the module docs).
+        let mut spec = spec.clone();
+        let key = spec.secret_env.take(network::MODEL_KEY_ENV);
+        let mut proxy = None;
+        let mut grant = None;
+        match NetworkMode::of(&self.all.sandbox, spec.capability) {
+            NetworkMode::Proxy => {
+                let secret = uuid::Uuid::new_v4().simple().to_string();
+                let mut options = network::proxy_options(&self.all, &spec, key);
+                options.token = Some(secret.clone().into());
+                match RunProxy::start_tcp(
+                    &self.proxy_bind,
+                    &self.proxy_host,
+                    options,
+                    events.clone(),
+                )
+                .await
+                {
+                    Ok(p) => {
+                        let port = p.local_addr().map(|a| a.port()).unwrap_or_default();
+                        grant = Some(handover::ProxyGrant {
+                            url: format!("http://{}:{port}", self.proxy_host),
+                            token: secret,
+                        });
+                        proxy = Some(p);
+                    }
+                    Err(e) => return infra(format!("cannot start the sandbox's proxy: {e}"), true),
+                }
+            }
+            NetworkMode::Open => {
+                if let Some(key) = key {
+                    spec.secret_env.set(network::MODEL_KEY_ENV, key);
+                }
+            }
+            NetworkMode::Off => {}
+        }
+        let spec = &spec;
         // Open for the sandbox's claim until this run ends (dropped on every return).
-        let mut registration = Some(self.handovers.register(&token, spec));
+        let mut registration = Some(self.handovers.register(&token, spec, grant));
         let mut meta = BTreeMap::new();
         meta.insert("task_id", spec.task_id.to_string());
         meta.insert("subtask_id", spec.subtask_id.to_string());
@@ -585,6 +673,15 @@ impl SandboxDriver for NomadDriver {
                 outcome
             }
         };
+        match proxy {
+            // The sandbox is gone: what the proxy metered and refused is the run's.
+            Some(proxy) if registration.is_some() => {
+                network::finish_proxy(proxy, &mut outcome).await;
+            }
+            // A sandbox of another worker's dispatch uses that worker's proxy.
+            Some(proxy) => drop(proxy),
+            None => {}
+        }
         if outcome.duration_ms == 0 {
             outcome.duration_ms = started.elapsed().as_millis() as u64;
         }
