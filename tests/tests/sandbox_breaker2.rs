@@ -541,7 +541,6 @@ fi
 /// made with. A hog forks to its limit and holds; a concurrent run must still start,
 /// fork 10 and succeed (the worker's checks or its error should hold it, not the hog).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fault: the worker's own RLIMIT_NPROC is shared by all its sandboxes; nothing checks it against concurrency x max_processes"]
 async fn a_hog_cannot_starve_a_concurrent_run_under_the_workers_own_process_limit() {
     let _alone = TEST_USER_PROCESSES.write().await;
     let Some(mut c) = cluster(
@@ -941,14 +940,12 @@ async fn a_hog_cannot_take_every_message_queue_byte_of_the_host_user(who: Worker
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fault: RLIMIT_MSGQUEUE is left as inherited, so the host user's one allowance is shared by all sandboxes"]
 async fn a_hog_cannot_take_every_message_queue_byte_of_the_host_user_root_worker() {
     let _alone = TEST_USER_PROCESSES.write().await;
     a_hog_cannot_take_every_message_queue_byte_of_the_host_user(Worker::Root).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fault: RLIMIT_MSGQUEUE is left as inherited, so the host user's one allowance is shared by all sandboxes"]
 async fn a_hog_cannot_take_every_message_queue_byte_of_the_host_user_ordinary_worker() {
     let _alone = TEST_USER_PROCESSES.write().await;
     a_hog_cannot_take_every_message_queue_byte_of_the_host_user(Worker::Ordinary).await

@@ -49,7 +49,7 @@
 //!   tmpfs mounts, and the rest of `/dev` is read-only.
 
 use super::host_user::{HostUser, HostUserError};
-use super::limits::{self, AttemptCgroup, Cgroups, Limits};
+use super::limits::{self, AttemptCgroup, Cgroups, Limits, UserShares};
 use super::local_repo::{self, local_repository};
 use super::network::{self, NetworkMode};
 use super::private_paths::{self, Shown, Viewer};
@@ -185,6 +185,9 @@ pub struct BwrapDriver {
     /// What of the shown host directories the sandbox user must not see, where it is
     /// inside the sandbox (see [`super::private_paths`]).
     private: Vec<PathBuf>,
+    /// Each sandbox's share of the host user's message-queue and pending-signal
+    /// allowances, where the kernel can hold it.
+    shares: Option<UserShares>,
     /// Where per-attempt cgroups are made, if anywhere.
     cgroups: Option<Cgroups>,
     /// What each sandbox is held to, defaults filled in.
@@ -250,6 +253,7 @@ impl BwrapDriver {
                     settings: sandbox,
                     hidden,
                     private,
+                    shares: UserShares::claim(settings.worker.concurrency),
                     cgroups,
                     limits,
                     all: settings.clone(),
@@ -541,18 +545,23 @@ impl BwrapDriver {
         a.flag_val("--remount-ro", "/");
         a.flag_val("--chdir", inside);
         a.flags(&["--"]);
+        // Limits set inside the sandbox's user namespace, after bubblewrap made it: the
+        // kernel counts these per user namespace (since Linux 5.14), so each bounds this
+        // sandbox alone. Set on bubblewrap instead, each would count everything of the
+        // host user, and one run could starve a concurrent one. `prlimit` sets them on
+        // itself, then becomes the runner (pid 1 stays the runner).
+        let mut inside_limits: Vec<String> = Vec::new();
         if run.cgroup.is_none() {
-            // No cgroup holds the process limit: RLIMIT_NPROC, set inside the sandbox's
-            // user namespace, after bubblewrap made it. The kernel counts the limit per
-            // user namespace (since Linux 5.14): the processes of this sandbox only. Set
-            // on bubblewrap instead, it would count every process of the host user, and
-            // one run could starve a concurrent one. `prlimit` sets it on itself, then
-            // becomes the runner (pid 1 stays the runner).
-            a.flags(&[
-                "prlimit",
-                &format!("--nproc={n}:{n}", n = self.settings.max_processes),
-                "--",
-            ]);
+            // No cgroup holds the process limit: RLIMIT_NPROC.
+            inside_limits.push(format!("--nproc={n}:{n}", n = self.settings.max_processes));
+        }
+        if let Some(shares) = &self.shares {
+            inside_limits.extend(shares.prlimit_args());
+        }
+        if !inside_limits.is_empty() {
+            a.flags(&["prlimit"]);
+            a.0.extend(inside_limits.into_iter().map(Into::into));
+            a.flags(&["--"]);
         }
         a.flags(&[INSIDE_RUNNER, "runner", "--spec"]);
         a.0.push(inside.join("spec.json").into());

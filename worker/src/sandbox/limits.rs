@@ -68,6 +68,99 @@ pub enum LimitError {
          holds sandbox.max_processes (e.g. /sys/fs/cgroup/pids/ao-worker)"
     )]
     NoV1Pids { dirs: String },
+    #[error(
+        "the worker's RLIMIT_NPROC ({limit}) leaves no room for worker.concurrency = \
+         {concurrency} sandboxes of sandbox.max_processes = {max_processes} and the worker's \
+         own {own} tasks ({needed} in all): without a cgroup every sandbox counts against \
+         it, so one run could starve another. Raise the limit (LimitNPROC= in the worker's \
+         unit, or limits.conf), lower those settings, or give the worker a cgroup \
+         (sandbox.cgroup_dir or sandbox.cgroup_v1_dirs)"
+    )]
+    UserProcesses {
+        limit: u64,
+        concurrency: usize,
+        max_processes: u64,
+        own: u64,
+        needed: u64,
+    },
+}
+
+/// Room the worker keeps under its host user's RLIMIT_NPROC for its own threads and its
+/// git and bubblewrap processes, besides its sandboxes'.
+const WORKER_OWN_TASKS: u64 = 256;
+
+/// Raises the worker's soft limit of `resource` to its hard limit (any process may), so
+/// that the user namespaces it makes are bounded by the most it may have; the limit now.
+fn raise_soft(resource: nix::sys::resource::Resource) -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit};
+    match getrlimit(resource) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(resource, hard, hard) {
+            Ok(()) => hard,
+            Err(_) => soft,
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => nix::sys::resource::RLIM_INFINITY,
+    }
+}
+
+/// For an ordinary-user worker without a cgroup: every sandbox's processes count against
+/// the worker's own RLIMIT_NPROC (the bound of the user namespaces it makes, beside each
+/// sandbox's own `max_processes`). Raises it to its hard limit and checks that
+/// `concurrency` sandboxes of `max_processes` each fit in it with the worker's own
+/// tasks; else one run could starve another. Processes of the same user outside the
+/// worker count too, which no check here can see.
+pub fn claim_process_limit(max_processes: u64, concurrency: usize) -> Result<(), LimitError> {
+    let limit = raise_soft(nix::sys::resource::Resource::RLIMIT_NPROC);
+    let needed = max_processes
+        .saturating_mul(concurrency as u64)
+        .saturating_add(WORKER_OWN_TASKS);
+    if limit != nix::sys::resource::RLIM_INFINITY && limit < needed {
+        return Err(LimitError::UserProcesses {
+            limit,
+            concurrency,
+            max_processes,
+            own: WORKER_OWN_TASKS,
+            needed,
+        });
+    }
+    Ok(())
+}
+
+/// Each sandbox's share of allowances the kernel counts per host user but also per user
+/// namespace (Linux 5.14 and later): set inside a sandbox's namespace, a share bounds
+/// that sandbox, so that one run cannot take the whole of the user's allowance from a
+/// concurrent one. Each is the worker's limit (raised to its hard limit) over
+/// `worker.concurrency`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UserShares {
+    /// RLIMIT_MSGQUEUE: bytes of POSIX message queues.
+    pub msgqueue_bytes: u64,
+    /// RLIMIT_SIGPENDING: signals queued at once.
+    pub pending_signals: u64,
+}
+
+impl UserShares {
+    /// The shares for `concurrency` sandboxes; `None` on a kernel that counts these per
+    /// host user only, where a share set inside would bound nothing of its own.
+    pub fn claim(concurrency: usize) -> Option<Self> {
+        use nix::sys::resource::Resource;
+        if !nproc_per_user_namespace() {
+            return None;
+        }
+        let share = |limit: u64| (limit / concurrency.max(1) as u64).max(1);
+        Some(Self {
+            msgqueue_bytes: share(raise_soft(Resource::RLIMIT_MSGQUEUE)),
+            pending_signals: share(raise_soft(Resource::RLIMIT_SIGPENDING)),
+        })
+    }
+
+    /// `prlimit` options setting the shares on itself (run inside the sandbox).
+    pub fn prlimit_args(&self) -> [String; 2] {
+        [
+            format!("--msgqueue={n}:{n}", n = self.msgqueue_bytes),
+            format!("--sigpending={n}:{n}", n = self.pending_signals),
+        ]
+    }
 }
 
 /// The limits each sandbox is held to, defaults filled in; `None`: not limited (the
@@ -190,6 +283,8 @@ impl Cgroups {
                 controller: "pids",
                 hint: " (RLIMIT_NPROC does not limit a worker running as root)",
             });
+        } else {
+            claim_process_limit(sandbox.max_processes, concurrency)?;
         }
         let (has_memory, has_cpu) = match &found {
             None => (false, false),
