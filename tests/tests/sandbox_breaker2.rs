@@ -685,7 +685,6 @@ exit 0
 /// not be recorded as `infrastructure` and retried (each attempt runs the agent, and
 /// spends its model budget, again).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fault: the runner's git failing for the agent's leftover processes is classed infrastructure and retried"]
 async fn an_agent_filling_its_process_limit_is_not_retried_as_infrastructure_ordinary_worker() {
     let _shared = TEST_USER_PROCESSES.read().await;
     let Some(mut c) = cluster(Worker::Ordinary, &[("AO__SANDBOX__MAX_PROCESSES", "40")]) else {

@@ -347,6 +347,10 @@ pub fn read_bounded_line(
 pub fn kill_strays() {
     if std::process::id() == 1 {
         let _ = nix::sys::signal::kill(Pid::from_raw(-1), Signal::SIGKILL);
+        // Every orphan of the namespace is the init's child: reaped here, or each stays a
+        // zombie that still counts against the sandbox's process limit, and an agent
+        // that filled it would leave the runner's git unable to start.
+        reap_all(STRAYS_REAPED_WITHIN);
         return;
     }
     // Killing a process re-parents its children to the runner: go round until none is
@@ -364,6 +368,30 @@ pub fn kill_strays() {
         // so that the next round does not count zombies; no other child is touched.
         for &pid in &pids {
             let _ = nix::sys::wait::waitpid(pid, None);
+        }
+    }
+}
+
+/// How long [`kill_strays`] waits, as the namespace's init, for the killed processes to
+/// be gone (a process in an uninterruptible wait dies only when it returns).
+const STRAYS_REAPED_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reaps every child of this process (the init's: every process left in the namespace)
+/// until none is left or `within` has passed. Only called once every other process was
+/// killed, so no child another part of the runner waits for is taken.
+fn reap_all(within: std::time::Duration) {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {
+                if std::time::Instant::now() > deadline {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return, // ECHILD: none left.
         }
     }
 }
