@@ -27,6 +27,10 @@ const MODEL_KEY: &str = "sk-ant-nomad-breaker-0123456789abcdef";
 /// those this run selects are done.
 const TESTS: &[(&str, bool)] = &[
     (
+        "another_attempts_proxy_refuses_this_attempts_token_and_is_not_reachable_through_it",
+        false,
+    ),
+    (
         "the_workers_coordinators_nomads_and_models_ports_are_refused_through_the_proxy",
         false,
     ),
@@ -109,7 +113,11 @@ struct Fixture {
     /// An allow-listed destination (`sandbox.allow_hosts`) and every byte it received.
     echo_port: u16,
     echo_seen: Arc<Mutex<Vec<u8>>>,
-    task_id: String,
+    /// The attacked attempt's task, then the concurrent one's.
+    task_ids: Vec<String>,
+    /// A concurrent attempt of another task on the same worker: its proxy and token.
+    other_proxy: String,
+    other_token: String,
     model: ModelServer,
     fake: FakeNomad,
     cluster: Mutex<Cluster>,
@@ -198,12 +206,17 @@ async fn run_fixture(ready: std::sync::mpsc::Sender<&'static Fixture>) {
         .await
         .unwrap();
     fake.register_sandbox_job("coder").await.unwrap();
-    let env_file = c.dir.path().join("agent-env.txt");
+    let env_dir = c.dir.path().join("agent-envs");
+    std::fs::create_dir_all(&env_dir).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&env_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
     let go = c.dir.path().join("attacks-done");
     let wait = format!(
-        "env > {env}; for i in $(seq 1 2400); do [ -f {go} ] && break; sleep 0.1; done; \
+        "env > $(mktemp {env}/env-XXXXXX); for i in $(seq 1 2400); do [ -f {go} ] && break; sleep 0.1; done; \
          echo waited",
-        env = env_file.display(),
+        env = env_dir.display(),
         go = go.display()
     );
     let model = ModelServer::start(vec![
@@ -245,45 +258,58 @@ async fn run_fixture(ready: std::sync::mpsc::Sender<&'static Fixture>) {
         ("AO__AGENT__PROFILES__CODER__MAX_COST_USD", "0.5"),
         ("AO__COORDINATOR__MAX_ATTEMPTS", "1"),
         ("AO__SANDBOX__ALLOW_HOSTS", allow.as_str()),
+        ("AO__WORKER__CONCURRENCY", "2"),
     ]);
-    let (status, task) = c
-        .submit(json!({
-            "repository": repo.display().to_string(),
-            "prompt": "Add a note",
-            "pipeline": ["coder"],
-            "branch": "agent/breaker"
-        }))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{task}");
-    let task_id = task["id"].as_str().unwrap().to_string();
+    let mut task_ids = Vec::new();
+    for branch in ["agent/breaker", "agent/other"] {
+        let (status, task) = c
+            .submit(json!({
+                "repository": repo.display().to_string(),
+                "prompt": "Add a note",
+                "pipeline": ["coder"],
+                "branch": branch
+            }))
+            .await
+            .unwrap();
+        assert_eq!(status, 202, "{task}");
+        task_ids.push(task["id"].as_str().unwrap().to_string());
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(150);
-    let agent_env = loop {
-        if let Ok(t) = std::fs::read_to_string(&env_file) {
-            if t.contains("ANTHROPIC_API_KEY=") && t.contains("HTTPS_PROXY=") {
-                break t;
-            }
+    // The proxy and token of each attempt, from its agent's environment.
+    let mut attempts: Vec<(String, String)> = loop {
+        let found: Vec<(String, String)> = std::fs::read_dir(&env_dir)
+            .unwrap()
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+            .filter_map(|t| {
+                let token = t
+                    .lines()
+                    .find_map(|l| l.strip_prefix("ANTHROPIC_API_KEY="))?;
+                let base = t
+                    .lines()
+                    .find_map(|l| l.strip_prefix("ANTHROPIC_BASE_URL="))?;
+                t.contains("HTTPS_PROXY=").then(|| {
+                    (
+                        base.trim_start_matches("http://")
+                            .trim_end_matches('/')
+                            .to_string(),
+                        token.to_string(),
+                    )
+                })
+            })
+            .collect();
+        if found.len() == 2 {
+            break found;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the agent never ran:\n{}",
+            "the agents never ran:\n{}",
             c.logs()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let token = agent_env
-        .lines()
-        .find_map(|l| l.strip_prefix("ANTHROPIC_API_KEY="))
-        .unwrap()
-        .to_string();
-    let base = agent_env
-        .lines()
-        .find_map(|l| l.strip_prefix("ANTHROPIC_BASE_URL="))
-        .unwrap();
-    let proxy = base
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
+    let (other_proxy, other_token) = attempts.pop().unwrap();
+    let (proxy, token) = attempts.pop().unwrap();
+    assert_ne!(proxy, other_proxy);
     let (finish_tx, finish_rx) = std::sync::mpsc::channel();
     let (finished_tx, finished_rx) = std::sync::mpsc::channel();
     let coordinator_port = c.port;
@@ -299,7 +325,9 @@ async fn run_fixture(ready: std::sync::mpsc::Sender<&'static Fixture>) {
         model_url,
         echo_port,
         echo_seen,
-        task_id,
+        task_ids,
+        other_proxy,
+        other_token,
         model,
         fake,
         cluster: Mutex::new(c),
@@ -309,42 +337,41 @@ async fn run_fixture(ready: std::sync::mpsc::Sender<&'static Fixture>) {
     ready.send(f).unwrap();
     let _ = tokio::task::spawn_blocking(move || finish_rx.recv()).await;
     std::fs::write(&go, "go").unwrap();
-    let (http, url) = {
-        let c = f.cluster.lock().unwrap();
-        (
-            c.http.clone(),
-            c.url(&format!("/api/v1/tasks/{}", f.task_id)),
-        )
-    };
-    let end = tokio::time::Instant::now() + Duration::from_secs(60);
-    while tokio::time::Instant::now() < end {
-        let done = http
-            .get(&url)
-            .bearer_auth(ao_tests::TOKEN)
-            .send()
-            .await
-            .ok()
-            .map(|r| r.status().is_success())
-            .unwrap_or(false);
-        let status = if done {
-            http.get(&url)
+    for id in &f.task_ids {
+        let (http, url) = {
+            let c = f.cluster.lock().unwrap();
+            (c.http.clone(), c.url(&format!("/api/v1/tasks/{id}")))
+        };
+        let end = tokio::time::Instant::now() + Duration::from_secs(60);
+        while tokio::time::Instant::now() < end {
+            let done = http
+                .get(&url)
                 .bearer_auth(ao_tests::TOKEN)
                 .send()
                 .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap_or_default()["status"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string()
-        } else {
-            String::new()
-        };
-        if matches!(status.as_str(), "succeeded" | "failed") {
-            break;
+                .ok()
+                .map(|r| r.status().is_success())
+                .unwrap_or(false);
+            let status = if done {
+                http.get(&url)
+                    .bearer_auth(ao_tests::TOKEN)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json::<Value>()
+                    .await
+                    .unwrap_or_default()["status"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            } else {
+                String::new()
+            };
+            if matches!(status.as_str(), "succeeded" | "failed") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Stop the daemons before the test process exits.
     let mut c = f.cluster.lock().unwrap();
@@ -638,34 +665,37 @@ async fn the_token_stays_out_of_nomad_logs_and_events() {
     let u = fixture();
     let _flood = FLOOD.read().await;
     let f = u.0;
-    let (http, url) = {
-        let c = f.cluster.lock().unwrap();
-        (
-            c.http.clone(),
-            c.url(&format!("/api/v1/tasks/{}/events", f.task_id)),
-        )
-    };
-    // The agent's first command printed the token; wait for its event.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let events = loop {
-        let text = http
-            .get(&url)
-            .bearer_auth(ao_tests::TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if text.contains("leak-probe") && text.contains("key=") {
-            break text;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no probe: {text}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    assert!(!events.contains(&f.token), "the token is in the events");
+    for id in &f.task_ids {
+        let (http, url) = {
+            let c = f.cluster.lock().unwrap();
+            (c.http.clone(), c.url(&format!("/api/v1/tasks/{id}/events")))
+        };
+        // The agent's first command printed the token; wait for its event.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let events = loop {
+            let text = http
+                .get(&url)
+                .bearer_auth(ao_tests::TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            if text.contains("leak-probe") && text.contains("key=") {
+                break text;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no probe: {text}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert!(!events.contains(&f.token), "the token is in the events");
+        assert!(
+            !events.contains(&f.other_token),
+            "the token is in the events"
+        );
+    }
     for (where_, bytes) in f.fake.stored_bytes() {
-        for secret in [f.token.as_str(), MODEL_KEY] {
+        for secret in [f.token.as_str(), f.other_token.as_str(), MODEL_KEY] {
             assert!(
                 !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
                 "{secret} is in Nomad's {where_}"
@@ -677,6 +707,57 @@ async fn the_token_stays_out_of_nomad_logs_and_events() {
         !logs.contains(&f.token),
         "the token is in the daemons' logs"
     );
+    assert!(
+        !logs.contains(&f.other_token),
+        "the token is in the daemons' logs"
+    );
+}
+
+/// A concurrent attempt's proxy takes nothing with this attempt's token (as proxy
+/// credentials or as the model key), and this attempt's proxy does not lead to it.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_attempts_proxy_refuses_this_attempts_token_and_is_not_reachable_through_it() {
+    let u = fixture();
+    let _flood = FLOOD.read().await;
+    let f = u.0;
+    let dest = format!("127.0.0.1:{}", f.echo_port);
+    let a = raw_at(
+        &f.other_proxy,
+        &connect_req(f, &dest),
+        false,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(status(&a), 407, "CONNECT through the other proxy: {a}");
+    let a = raw_at(
+        &f.other_proxy,
+        &get_req(f, &format!("http://{dest}/other")),
+        false,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(status(&a), 407, "GET through the other proxy: {a}");
+    let req = messages_req(f, "/v1/messages", &costly_body("other"));
+    let a = raw_at(&f.other_proxy, &req, false, Duration::from_secs(10)).await;
+    assert_eq!(status(&a), 401, "a model call on the other proxy: {a}");
+    // Through this attempt's proxy to the other one, with this attempt's token.
+    let a = raw(f, &connect_req(f, &f.other_proxy)).await;
+    assert_eq!(status(&a), 403, "CONNECT to the other proxy: {a}");
+    let abs = String::from_utf8(req)
+        .unwrap()
+        .replacen(
+            "/v1/messages",
+            &format!("http://{}/v1/messages", f.other_proxy),
+            1,
+        )
+        .replacen(
+            "\r\n",
+            &format!("\r\nProxy-Authorization: {}\r\n", basic(&f.token)),
+            1,
+        );
+    let a = raw(f, abs.as_bytes()).await;
+    assert_eq!(status(&a), 403, "absolute-form to the other proxy: {a}");
+    assert_eq!(calls_tagged(f, "other"), 0);
 }
 
 // ---------------------------------------------------------------------------------
