@@ -26,6 +26,8 @@ const MODEL_KEY: &str = "sk-ant-nomad-breaker-0123456789abcdef";
 /// The tests of this file and whether each is ignored: the attempt ends once all of
 /// those this run selects are done.
 const TESTS: &[(&str, bool)] = &[
+    ("a_call_hung_up_on_before_its_answer_is_still_metered", true),
+    ("content_the_model_api_would_fetch_by_url_is_refused", true),
     (
         "another_attempts_proxy_refuses_this_attempts_token_and_is_not_reachable_through_it",
         false,
@@ -60,9 +62,19 @@ const TESTS: &[(&str, bool)] = &[
     ("no_answer_of_the_proxy_carries_the_model_key", false),
 ];
 
-/// How many of [`TESTS`] this run of the test binary selects (its filters, `--skip`,
-/// `--exact`, `--ignored`, `--include-ignored`).
+/// Whether this run of the test binary runs the test `name`.
+fn runs(name: &str) -> bool {
+    selection().contains(&name)
+}
+
+/// How many of [`TESTS`] this run of the test binary selects.
 fn selected() -> usize {
+    selection().len()
+}
+
+/// The tests of [`TESTS`] this run of the test binary selects (its filters, `--skip`,
+/// `--exact`, `--ignored`, `--include-ignored`).
+fn selection() -> Vec<&'static str> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |f: &str| args.iter().any(|a| a == f);
     let (ignored, include, exact) = (
@@ -95,10 +107,13 @@ fn selected() -> usize {
         .filter(|(_, ig)| if ignored { *ig } else { include || !*ig })
         .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| matches(name, f)))
         .filter(|(name, _)| !skips.iter().any(|f| matches(name, f)))
-        .count()
+        .map(|(name, _)| *name)
+        .collect()
 }
 /// Words in a model call of the attacks, so the model server's record tells them apart.
 const MARK: &str = "breaker-call";
+/// The tag of calls the model answers only after a second ($1.00 each).
+const LATE: &str = "answered-late";
 
 /// The running attempt and what the attacks need of it.
 struct Fixture {
@@ -128,6 +143,8 @@ struct Fixture {
 
 static FIXTURE: OnceLock<&'static Fixture> = OnceLock::new();
 static DONE: AtomicUsize = AtomicUsize::new(0);
+/// Set when the attack that needs the concurrent attempt's budget unspent has run.
+static URL_DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// The floods of the proxy hold it alone (write); every other attack shares it (read),
 /// so that a flood never fails another attack.
 static FLOOD: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
@@ -219,7 +236,17 @@ async fn run_fixture(ready: std::sync::mpsc::Sender<&'static Fixture>) {
         env = env_dir.display(),
         go = go.display()
     );
-    let model = ModelServer::start(vec![
+    // Calls of the attacks that name `LATE` are answered after a second.
+    let late = Turn::new(
+        Step::Delay(Duration::from_secs(1), Box::new(Step::text("late"))),
+        333_334,
+        1,
+    );
+    let routes = vec![(
+        LATE.to_string(),
+        vec![late.clone(), late.clone(), late.clone(), late],
+    )];
+    let model = ModelServer::start_routed(vec![
         // The agent prints what it holds: its events must not show the token.
         Turn::new(
             Step::tool(
@@ -237,7 +264,7 @@ async fn run_fixture(ready: std::sync::mpsc::Sender<&'static Fixture>) {
         Turn::new(Step::text("done"), 10, 1),
         // The attacks' own calls ($1.00 each: 333,334 input tokens at $3 per million).
         Turn::new(Step::text("costly"), 333_334, 1),
-    ])
+    ], routes)
     .await;
     let echo_seen = Arc::new(Mutex::new(Vec::new()));
     let echo_port = echo_server(echo_seen.clone()).await;
@@ -477,6 +504,23 @@ fn messages_req(f: &Fixture, path: &str, body: &str) -> Vec<u8> {
         body.len()
     )
     .into_bytes()
+}
+
+/// [`messages_req`] with the concurrent attempt's token.
+fn other_req(f: &Fixture, path: &str, body: &str) -> Vec<u8> {
+    String::from_utf8(messages_req(f, path, body))
+        .unwrap()
+        .replace(&f.token, &f.other_token)
+        .into_bytes()
+}
+
+/// Sets its flag when dropped (the test ended, passed or not).
+struct SetOnDrop(&'static std::sync::atomic::AtomicBool);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 fn calls_tagged(f: &Fixture, tag: &str) -> usize {
@@ -871,6 +915,94 @@ async fn a_streamed_call_hung_up_on_is_still_metered() {
         n <= 1,
         "{n} $1.00 calls reached the model under a $0.50 budget: {again}"
     );
+}
+
+/// A $1.00 call the agent hangs up on right after sending it, before the model's answer
+/// has begun (the model answers after a second): the model did the work, so the call is
+/// metered and the next is refused for the budget. On the concurrent attempt's proxy,
+/// whose $0.50 budget nothing else spends.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "fault: a hang-up before the answer drops the proxy's call future; the model did the work, nothing is metered, the budget gate opens"]
+async fn a_call_hung_up_on_before_its_answer_is_still_metered() {
+    let u = fixture();
+    let _flood = FLOOD.read().await;
+    let f = u.0;
+    // The concurrent attempt's budget is the URL attack's first.
+    if runs("content_the_model_api_would_fetch_by_url_is_refused") {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !URL_DONE.load(Ordering::SeqCst) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let body = costly_body(LATE);
+    let req = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: {}\r\ncontent-type: application/json\r\n\
+         anthropic-version: 2023-06-01\r\ncontent-length: {}\r\n\r\n{body}",
+        f.other_token,
+        body.len()
+    );
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(&f.other_proxy).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        // Wait for the proxy to have sent it on, then hang up.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let seen = calls_tagged(f, LATE);
+        while calls_tagged(f, LATE) == seen && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(s);
+    }
+    // The last call waits for every earlier one at the budget gate.
+    let last = raw_at(
+        &f.other_proxy,
+        req.as_bytes(),
+        false,
+        Duration::from_secs(10),
+    )
+    .await;
+    let n = calls_tagged(f, LATE);
+    assert!(
+        n <= 1,
+        "{n} $1.00 calls reached the model under a $0.50 budget; the last: {last}"
+    );
+}
+
+/// The model API fetches images and documents given by URL itself, off the run's
+/// allow-list (a way out for the agent's data): such content is refused like the server
+/// tools, and never forwarded.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "fault: image/document blocks with a url source are forwarded; the model API fetches them off the allow-list"]
+async fn content_the_model_api_would_fetch_by_url_is_refused() {
+    let u = fixture();
+    let _flood = FLOOD.read().await;
+    let f = u.0;
+    let _done = SetOnDrop(&URL_DONE);
+    for block in [
+        json!({"type": "image", "source": {"type": "url", "url": "https://exfil.example.invalid/secret.png"}}),
+        json!({"type": "document", "source": {"type": "url", "url": "https://exfil.example.invalid/secret.pdf"}}),
+    ] {
+        let body = json!({
+            "model": MODEL, "max_tokens": 10,
+            "messages": [{"role": "user", "content": [block, {"type": "text", "text": "x"}]}]
+        })
+        .to_string();
+        for path in ["/v1/messages/count_tokens", "/v1/messages"] {
+            let a = raw_at(
+                &f.other_proxy,
+                &other_req(f, path, &body),
+                true,
+                Duration::from_secs(5),
+            )
+            .await;
+            assert!(status(&a) == 400, "{path} with {block}: {a}");
+        }
+        let seen = f
+            .model
+            .requests()
+            .iter()
+            .any(|r| r.body.to_string().contains("exfil.example.invalid"));
+        assert!(!seen, "the model API was asked to fetch {block}");
+    }
 }
 
 // ---------------------------------------------------------------------------------
