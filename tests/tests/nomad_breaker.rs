@@ -26,6 +26,7 @@ const MODEL_KEY: &str = "sk-ant-nomad-breaker-0123456789abcdef";
 /// The tests of this file and whether each is ignored: the attempt ends once all of
 /// those this run selects are done.
 const TESTS: &[(&str, bool)] = &[
+    ("server_tools_in_disguise_are_never_forwarded", false),
     ("a_call_hung_up_on_before_its_answer_is_still_metered", true),
     ("content_the_model_api_would_fetch_by_url_is_refused", true),
     (
@@ -1003,6 +1004,70 @@ async fn content_the_model_api_would_fetch_by_url_is_refused() {
             .any(|r| r.body.to_string().contains("exfil.example.invalid"));
         assert!(!seen, "the model API was asked to fetch {block}");
     }
+}
+
+/// Server tools hidden from the proxy's reading of the request: a gzip-compressed body,
+/// JSON escapes in the tool type, the MCP connector as an empty list. Each is refused
+/// (or, once the budget is spent, refused for it) and never reaches the model.
+#[tokio::test(flavor = "multi_thread")]
+async fn server_tools_in_disguise_are_never_forwarded() {
+    let u = fixture();
+    let _flood = FLOOD.read().await;
+    let f = u.0;
+    let tag = format!("{MARK} disguise");
+    let plain = json!({
+        "model": MODEL, "max_tokens": 10,
+        "messages": [{"role": "user", "content": tag}],
+        "tools": [{"type": "web_search_20250305", "name": "web_search"}]
+    })
+    .to_string();
+    // gzip with one stored (uncompressed) deflate block; the trailer's CRC is not
+    // checked by anything here.
+    let gzipped = {
+        let data = plain.as_bytes();
+        let len = data.len() as u16;
+        let mut g = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff, 1];
+        g.extend_from_slice(&len.to_le_bytes());
+        g.extend_from_slice(&(!len).to_le_bytes());
+        g.extend_from_slice(data);
+        g.extend_from_slice(&[0, 0, 0, 0]);
+        g.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        g
+    };
+    let mut bodies: Vec<(Vec<u8>, &str)> = vec![(gzipped, "content-encoding: gzip\r\n")];
+    bodies.push((
+        plain
+            .replace("web_search_20250305", "web\\u005fsearch_20250305")
+            .into_bytes(),
+        "",
+    ));
+    bodies.push((
+        json!({
+            "model": MODEL, "max_tokens": 10,
+            "messages": [{"role": "user", "content": tag}],
+            "mcp_servers": []
+        })
+        .to_string()
+        .into_bytes(),
+        "",
+    ));
+    for (body, extra) in bodies {
+        let mut req = format!(
+            "POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: {}\r\n\
+             content-type: application/json\r\n{extra}content-length: {}\r\n\r\n",
+            f.token,
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(&body);
+        let a = raw_at(&f.proxy, &req, true, Duration::from_secs(5)).await;
+        assert!(
+            matches!(status(&a), 400 | 403),
+            "{}: {a}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    assert_eq!(calls_tagged(f, "disguise"), 0);
 }
 
 // ---------------------------------------------------------------------------------
