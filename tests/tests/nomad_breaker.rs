@@ -26,6 +26,10 @@ const MODEL_KEY: &str = "sk-ant-nomad-breaker-0123456789abcdef";
 /// The tests of this file and whether each is ignored: the attempt ends once all of
 /// those this run selects are done.
 const TESTS: &[(&str, bool)] = &[
+    (
+        "tunnels_without_the_token_do_not_starve_another_attempt",
+        true,
+    ),
     ("server_tools_in_disguise_are_never_forwarded", false),
     ("a_call_hung_up_on_before_its_answer_is_still_metered", true),
     ("content_the_model_api_would_fetch_by_url_is_refused", true),
@@ -1104,6 +1108,77 @@ async fn tunnels_to_the_proxy_itself_stay_within_the_connection_bound() {
         peak.saturating_sub(before) <= 128 + 16,
         "the worker holds {} more descriptors for one proxy ({before} → {peak})",
         peak.saturating_sub(before)
+    );
+}
+
+/// The soft limit of open files of process `pid` (`/proc/<pid>/limits`).
+fn nofile_limit(pid: &str) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .unwrap()
+}
+
+/// Anyone who reaches one attempt's proxy port, without its token, opens tunnels to the
+/// proxy itself until the worker is out of file descriptors: the concurrent attempt's
+/// own call to its own proxy must still be answered (the worker at the usual service
+/// limit of 1024 open files).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "fault: unbounded token-less tunnels exhaust the worker's descriptors; the other attempt's proxy stops answering"]
+async fn tunnels_without_the_token_do_not_starve_another_attempt() {
+    let u = fixture();
+    let _flood = FLOOD.write().await;
+    let f = u.0;
+    // A worker run as a systemd service has a soft limit of 1024 open files unless told
+    // otherwise; this worker gets that limit (its hard limit unchanged).
+    let set = std::process::Command::new("prlimit")
+        .args(["--pid", &f.worker_pid.to_string(), "--nofile=1024:"])
+        .status()
+        .unwrap();
+    assert!(set.success(), "prlimit failed");
+    let worker_limit = nofile_limit(&f.worker_pid.to_string());
+    let own_limit = nofile_limit("self");
+    let want = worker_limit.saturating_sub(open_fds(f.worker_pid)) + 16;
+    assert!(
+        want + 64 < own_limit,
+        "this test needs more open files ({want}) than its limit {own_limit}"
+    );
+    let req = format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", f.proxy);
+    let mut held = Vec::new();
+    for _ in 0..want {
+        let Ok(Ok(mut s)) =
+            tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(&f.proxy)).await
+        else {
+            break;
+        };
+        if s.write_all(req.as_bytes()).await.is_err() {
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => held.push(s),
+            _ => break,
+        }
+    }
+    let tunnels = held.len();
+    let get = format!(
+        "GET /v1/models HTTP/1.1\r\nHost: x\r\nx-api-key: {}\r\n\r\n",
+        f.other_token
+    );
+    let a = raw_at(
+        &f.other_proxy,
+        get.as_bytes(),
+        false,
+        Duration::from_secs(5),
+    )
+    .await;
+    drop(held);
+    assert_eq!(
+        status(&a),
+        404,
+        "after {tunnels} tunnels (worker limit {worker_limit}), the other attempt's call: {a:?}"
     );
 }
 
