@@ -26,6 +26,7 @@ const MODEL_KEY: &str = "sk-ant-nomad-breaker-0123456789abcdef";
 /// The tests of this file and whether each is ignored: the attempt ends once all of
 /// those this run selects are done.
 const TESTS: &[(&str, bool)] = &[
+    ("the_token_is_checked_per_request_not_per_connection", false),
     (
         "tunnels_without_the_token_do_not_starve_another_attempt",
         true,
@@ -688,6 +689,41 @@ async fn near_misses_of_the_token_are_refused() {
             "{w:?} on the model endpoint: {a}"
         );
     }
+}
+
+/// A connection that once carried the token carries no right: pipelined requests
+/// without it after one with it, and requests without it inside a tunnel to the proxy
+/// itself opened with it, are refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_token_is_checked_per_request_not_per_connection() {
+    let u = fixture();
+    let _flood = FLOOD.read().await;
+    let f = u.0;
+    let dest = format!("127.0.0.1:{}", f.echo_port);
+    let first = format!(
+        "GET /v1/models HTTP/1.1\r\nHost: x\r\nx-api-key: {}\r\n\r\n",
+        f.token
+    );
+    let bare_get = format!("GET http://{dest}/pipelined HTTP/1.1\r\nHost: {dest}\r\n\r\n");
+    let bare_model = "POST /v1/messages/count_tokens HTTP/1.1\r\nHost: x\r\n\
+                      content-length: 2\r\nConnection: close\r\n\r\n{}";
+    let all = [first.as_str(), bare_get.as_str(), bare_model].concat();
+    let a = raw_at(&f.proxy, all.as_bytes(), true, Duration::from_secs(5)).await;
+    let codes: Vec<u16> = a
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| status(&a[i..]))
+        .collect();
+    assert_eq!(codes, vec![404, 407, 401], "{a}");
+    // Inside a tunnel to the proxy itself, opened with the token.
+    let tunnel = [connect_req(f, &f.proxy), bare_model.as_bytes().to_vec()].concat();
+    let a = raw_at(&f.proxy, &tunnel, true, Duration::from_secs(5)).await;
+    let codes: Vec<u16> = a
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| status(&a[i..]))
+        .collect();
+    assert_eq!(codes, vec![200, 401], "{a}");
+    let seen = String::from_utf8_lossy(&f.echo_seen.lock().unwrap()).into_owned();
+    assert!(!seen.contains("/pipelined"), "{seen}");
 }
 
 /// Anyone on the cluster can reach the proxy's port: a `CONNECT` to the proxy itself
