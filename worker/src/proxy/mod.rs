@@ -495,12 +495,15 @@ async fn serve(listener: Listener, ctx: Arc<Ctx>) {
         };
         let ctx = ctx.clone();
         connections.spawn(async move {
-            let _slot = slot;
+            // Held by the connection and by any tunnel it becomes, until both end: a
+            // tunnel is a connection too, and counts in the bound.
+            let slot = Arc::new(slot);
             let open = ctx.open.fetch_add(1, Ordering::SeqCst) + 1;
             ctx.peak.fetch_max(open, Ordering::SeqCst);
             let stop = ctx.stop.clone();
             let served = ctx.clone();
-            let service = hyper::service::service_fn(move |req| handle(req, served.clone()));
+            let service =
+                hyper::service::service_fn(move |req| handle(req, served.clone(), slot.clone()));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
@@ -547,9 +550,16 @@ fn api_error(status: StatusCode, kind: &str, message: &str) -> Response<Body> {
     r
 }
 
-async fn handle(req: Request<Incoming>, ctx: Arc<Ctx>) -> Result<Response<Body>, Infallible> {
+/// A connection's place in the bound of [`MAX_CONNECTIONS`].
+type Slot = Arc<tokio::sync::OwnedSemaphorePermit>;
+
+async fn handle(
+    req: Request<Incoming>,
+    ctx: Arc<Ctx>,
+    slot: Slot,
+) -> Result<Response<Body>, Infallible> {
     if req.method() == Method::CONNECT {
-        return Ok(connect(req, ctx).await);
+        return Ok(connect(req, ctx, slot).await);
     }
     let uri = req.uri();
     let Some(scheme) = uri.scheme_str() else {
@@ -682,7 +692,7 @@ impl Ctx {
     }
 }
 
-async fn connect(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
+async fn connect(req: Request<Incoming>, ctx: Arc<Ctx>, slot: Slot) -> Response<Body> {
     let Some(dest) = req
         .uri()
         .authority()
@@ -690,26 +700,31 @@ async fn connect(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
     else {
         return text(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
     };
+    // Before anything is opened, even a tunnel to the proxy itself: a tunnel holds a
+    // connection's place for its whole life.
+    if !ctx.authorized(req.headers(), false) {
+        return proxy_auth_required();
+    }
     if ctx.is_self(&dest) {
         // A client that tunnels even plain HTTP (Node's proxy agents do) asks for the
         // proxy itself: the tunnel is served as the model endpoint.
         let stop = ctx.stop.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let Ok(upgraded) = hyper::upgrade::on(req).await else {
                 return;
             };
             let service = hyper::service::service_fn(move |req| model_only(req, ctx.clone()));
-            let conn =
-                hyper::server::conn::http1::Builder::new().serve_connection(upgraded, service);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(upgraded, service);
             tokio::select! {
                 _ = conn => {}
                 _ = stop.cancelled() => {}
             }
         });
         return Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
-    }
-    if !ctx.authorized(req.headers(), false) {
-        return proxy_auth_required();
     }
     if !ctx.allowed(&dest) {
         return ctx.deny(dest, "CONNECT");
@@ -726,6 +741,7 @@ async fn connect(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
     };
     let stop = ctx.stop.clone();
     tokio::spawn(async move {
+        let _slot = slot;
         let Ok(upgraded) = hyper::upgrade::on(req).await else {
             return;
         };
@@ -966,33 +982,54 @@ async fn model(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
         }
     }
     let url = format!("{}{}", route.upstream.trim_end_matches('/'), path);
-    let sent = ctx
+    let request = ctx
         .http
         .request(parts.method, url)
         .headers(headers)
-        .body(body)
-        .send()
-        .await;
-    let answer = match sent {
-        Ok(a) => a,
-        Err(e) => {
-            return api_error(
-                StatusCode::BAD_GATEWAY,
-                "api_error",
-                &format!("the model API is unreachable: {}", e.without_url()),
-            )
-        }
-    };
-    let streamed = answer
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| t.starts_with("text/event-stream"));
-    let mut call = Metering {
-        call: CallMeter::new(ctx.meter.clone(), streamed, String::new()),
-        _permit: permit,
-    };
-    relay_metered_answer(answer, move |bytes| call.feed(bytes), &ctx)
+        .body(body);
+    // Once sent, the call is the model API's to bill: it is seen through (its answer read
+    // and metered, its budget permit held until then) on a task of its own. Were it this
+    // handler's, an agent hanging up before the answer began would drop it, and the meter
+    // with it: a free call past the budget. A call still unanswered when the run ends is
+    // dropped then (a silent model would otherwise hold the run's end); one whose answer
+    // has begun is read to its end for the meter, as any answer.
+    let relay_ctx = ctx.clone();
+    let call = ctx.drains.spawn(async move {
+        let sent = tokio::select! {
+            sent = request.send() => sent,
+            () = relay_ctx.stop.cancelled() => {
+                return api_error(StatusCode::SERVICE_UNAVAILABLE, "api_error", "the run ended");
+            }
+        };
+        let answer = match sent {
+            Ok(a) => a,
+            Err(e) => {
+                return api_error(
+                    StatusCode::BAD_GATEWAY,
+                    "api_error",
+                    &format!("the model API is unreachable: {}", e.without_url()),
+                )
+            }
+        };
+        let streamed = answer
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.starts_with("text/event-stream"));
+        let mut call = Metering {
+            call: CallMeter::new(relay_ctx.meter.clone(), streamed, String::new()),
+            _permit: permit,
+        };
+        relay_metered_answer(answer, move |bytes| call.feed(bytes), &relay_ctx)
+    });
+    match call.await {
+        Ok(answer) => answer,
+        Err(_) => api_error(
+            StatusCode::BAD_GATEWAY,
+            "api_error",
+            "the model call was stopped",
+        ),
+    }
 }
 
 /// One answer's meter and the budget permit of its call: the call is recorded (the

@@ -56,6 +56,13 @@ pub fn refusal(body: &[u8]) -> Option<String> {
             }
         }
     }
+    let fetched = url_sources(&request);
+    if fetched > 0 {
+        asked.push(format!(
+            "{fetched} content block{} the model API would fetch by URL",
+            if fetched == 1 { "" } else { "s" }
+        ));
+    }
     if asked.is_empty() {
         return None;
     }
@@ -64,6 +71,24 @@ pub fn refusal(body: &[u8]) -> Option<String> {
          reach the network past this run's allow-list and cost beyond its metered tokens",
         asked.join(", ")
     ))
+}
+
+/// Content blocks anywhere in the request whose `source` is `{"type": "url", …}`: an
+/// image or document the model API downloads itself (Messages API, "Vision" and "PDF
+/// support": URL sources), off the allow-list, with a URL that can carry the run's data.
+fn url_sources(value: &Value) -> usize {
+    match value {
+        Value::Object(fields) => {
+            let here = fields
+                .get("source")
+                .and_then(|s| s.get("type"))
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.eq_ignore_ascii_case("url"));
+            usize::from(here) + fields.values().map(url_sources).sum::<usize>()
+        }
+        Value::Array(items) => items.iter().map(url_sources).sum(),
+        _ => 0,
+    }
 }
 
 fn is_client_tool(kind: &str) -> bool {
@@ -77,7 +102,10 @@ pub fn client_betas(value: &str) -> Option<String> {
         .split(',')
         .map(str::trim)
         .filter(|b| !b.is_empty())
-        .filter(|b| !SERVER_BETA_PREFIXES.iter().any(|p| b.starts_with(p)))
+        .filter(|b| {
+            let b = b.to_ascii_lowercase();
+            !SERVER_BETA_PREFIXES.iter().any(|p| b.starts_with(p))
+        })
         .collect();
     (!kept.is_empty()).then(|| kept.join(","))
 }
@@ -85,6 +113,25 @@ pub fn client_betas(value: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An image or document by URL is fetched by the model API itself: refused, as is
+    /// a server-side beta flag in any case. Before, both passed.
+    #[test]
+    fn content_fetched_by_url_and_upper_case_betas_are_refused() {
+        let by_url = br#"{"messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "url", "url": "https://x.example/?d=secret"}},
+            {"type": "document", "source": {"type": "URL", "url": "https://x.example/a.pdf"}},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]}"#;
+        let why = refusal(by_url).expect("refused");
+        assert!(why.contains("2 content blocks"), "{why}");
+        let inline = br#"{"messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]}"#;
+        assert_eq!(refusal(inline), None);
+        assert_eq!(
+            client_betas("Web-Fetch-2025-09-10, MCP-CLIENT-2025-04-04"),
+            None
+        );
+    }
 
     #[test]
     fn client_tools_pass_and_server_tools_are_named() {
