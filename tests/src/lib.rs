@@ -556,3 +556,18 @@ pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     path
 }
+
+/// The agent of the process-starvation tests: on `agent/hog` it forks up to 100 sleepers
+/// (stopping at its limit), says `hog-forked=N`, and holds them; on any other branch it
+/// forks 10 processes and commits `other-forked=10` in `other.txt` if it could.
+pub const HOG_OR_OTHER: &str = r#"
+set +e
+if [ "$AO_BRANCH" = agent/hog ]; then
+  perl -e '$| = 1; my $n = 0; for (1..100) { my $p = fork(); last unless defined $p;
+    if ($p == 0) { sleep 120; exit 0 } $n++ }
+    print "hog-forked=$n\n"; sleep 120;'
+else
+  perl -e 'my @k; for (1..10) { my $p = fork(); die "fork: $!" unless defined $p;
+    if ($p == 0) { exit 0 } push @k, $p } waitpid($_, 0) for @k; print "other-forked=10\n";' > other.txt 2>&1
+fi
+"#;

@@ -12,7 +12,9 @@
 #![allow(clippy::unwrap_used)]
 
 use ao_tests::scenario::events;
-use ao_tests::{bare_repo, git, running_as_root, script, test_user, Cluster, TEST_USER};
+use ao_tests::{
+    bare_repo, git, running_as_root, script, test_user, Cluster, HOG_OR_OTHER, TEST_USER,
+};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use serde_json::{json, Value};
 use std::os::unix::fs::{chown, PermissionsExt};
@@ -519,20 +521,6 @@ fn tasks_of(uid: u32) -> u64 {
     n
 }
 
-/// The agent of the starvation test: on `agent/hog` it forks to its limit and holds;
-/// on any other branch it forks 10 processes and commits that it could.
-const HOG_OR_OTHER: &str = r#"
-set +e
-if [ "$AO_BRANCH" = agent/hog ]; then
-  perl -e '$| = 1; my $n = 0; for (1..100) { my $p = fork(); last unless defined $p;
-    if ($p == 0) { sleep 120; exit 0 } $n++ }
-    print "hog-forked=$n\n"; sleep 120;'
-else
-  perl -e 'my @k; for (1..10) { my $p = fork(); die "fork: $!" unless defined $p;
-    if ($p == 0) { exit 0 } push @k, $p } waitpid($_, 0) for @k; print "other-forked=10\n";' > other.txt 2>&1
-fi
-"#;
-
 /// Starvation through the worker's own RLIMIT_NPROC: an ordinary-user worker without a
 /// cgroup, two runs at once, `max_processes = 40`, whose own limit (as an operator's
 /// `LimitNPROC=` or `limits.conf` sets it) leaves room for 60 more tasks than the
@@ -803,19 +791,32 @@ fi
 /// refused and holds them; a concurrent run (file watchers: editors' and build tools'
 /// watch modes, `tail -f`) must still get one.
 async fn a_hog_cannot_take_every_inotify_instance_of_the_host_user(who: Worker) {
+    hog_and_other(
+        who,
+        INOTIFY_HOG_OR_OTHER,
+        "hog-instances=",
+        "other-inotify=ok",
+    )
+    .await
+}
+
+/// Two runs at once on a worker of `who`: the hog (`agent` script `body` on branch
+/// `agent/hog`) takes a per-user allowance until refused, says `<said>N`, and holds it; a
+/// concurrent run must still get its share, committing `other.txt` = `expected`.
+async fn hog_and_other(who: Worker, body: &str, said: &str, expected: &str) {
     let Some(mut c) = cluster(who, &[("AO__WORKER__CONCURRENCY", "2")]) else {
         return;
     };
     let root = c.dir.path().to_path_buf();
     let hog = bare_repo(&root, "hog", &[]);
     let other = bare_repo(&root, "other", &[]);
-    start(&mut c, INOTIFY_HOG_OR_OTHER, &[]).await;
+    start(&mut c, body, &[]).await;
     let hog_id = submit(&c, &hog, "agent/hog").await;
     let deadline = std::time::Instant::now() + LIMIT;
     let made: u32 = loop {
         let text = serde_json::to_string(&events(&c, &hog_id).await).unwrap();
-        if let Some(at) = text.find("hog-instances=") {
-            break text[at + 14..]
+        if let Some(at) = text.find(said) {
+            break text[at + said.len()..]
                 .chars()
                 .take_while(char::is_ascii_digit)
                 .collect::<String>()
@@ -837,11 +838,7 @@ async fn a_hog_cannot_take_every_inotify_instance_of_the_host_user(who: Worker) 
         .await;
     assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
     let seen = git(&other, &["show", "agent/other:other.txt"]);
-    assert_eq!(
-        seen.trim(),
-        "other-inotify=ok",
-        "the hog held {made} inotify instances"
-    );
+    assert_eq!(seen.trim(), expected, "the hog held {made}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -897,45 +894,7 @@ fi
 /// hog makes message queues until refused and holds them; a concurrent run must still
 /// get one.
 async fn a_hog_cannot_take_every_message_queue_byte_of_the_host_user(who: Worker) {
-    let Some(mut c) = cluster(who, &[("AO__WORKER__CONCURRENCY", "2")]) else {
-        return;
-    };
-    let root = c.dir.path().to_path_buf();
-    let hog = bare_repo(&root, "hog", &[]);
-    let other = bare_repo(&root, "other", &[]);
-    start(&mut c, MQUEUE_HOG_OR_OTHER, &[]).await;
-    let hog_id = submit(&c, &hog, "agent/hog").await;
-    let deadline = std::time::Instant::now() + LIMIT;
-    let made: u32 = loop {
-        let text = serde_json::to_string(&events(&c, &hog_id).await).unwrap();
-        if let Some(at) = text.find("hog-queues=") {
-            break text[at + 11..]
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect::<String>()
-                .parse()
-                .unwrap();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the hog never said\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let other_id = submit(&c, &other, "agent/other").await;
-    let done = finished(&c, &other_id).await;
-    let _ = c.post_json(&format!("/api/v1/tasks/{hog_id}/cancel")).await;
-    let _ = c
-        .wait_for_status(&hog_id, &["cancelled", "failed", "succeeded"], LIMIT)
-        .await;
-    assert_eq!(done["status"], "succeeded", "{done:#}\n{}", c.logs());
-    let seen = git(&other, &["show", "agent/other:other.txt"]);
-    assert_eq!(
-        seen.trim(),
-        "other-mqueue=ok",
-        "the hog held {made} message queues"
-    );
+    hog_and_other(who, MQUEUE_HOG_OR_OTHER, "hog-queues=", "other-mqueue=ok").await
 }
 
 #[tokio::test(flavor = "multi_thread")]

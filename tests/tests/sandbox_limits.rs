@@ -4,7 +4,9 @@
 //! reads it from the pushed branch. Each test says what was tried; each attack must fail.
 
 use ao_tests::scenario::events;
-use ao_tests::{bare_repo, free_port, git, running_as_root, script, test_user, Cluster, TEST_USER};
+use ao_tests::{
+    bare_repo, free_port, git, running_as_root, script, test_user, Cluster, HOG_OR_OTHER, TEST_USER,
+};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -384,21 +386,6 @@ async fn the_agent_is_held_to_its_event_limit() {
 /// Serialises the test that counts every process of [`TEST_USER`] (its RLIMIT_NPROC)
 /// against the others, whose sandboxes run as that user too.
 static TEST_USER_PROCESSES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
-
-/// The agent of the starvation tests: on `agent/hog` it forks 100 sleepers (stopping at
-/// its limit), says how many, and holds them; on any other branch it forks 10 processes
-/// and commits that it could.
-const HOG_OR_OTHER: &str = r#"
-set +e
-if [ "$AO_BRANCH" = agent/hog ]; then
-  perl -e '$| = 1; my $n = 0; for (1..100) { my $p = fork(); last unless defined $p;
-    if ($p == 0) { sleep 120; exit 0 } $n++ }
-    print "hog-forked=$n\n"; sleep 120;'
-else
-  perl -e 'my @k; for (1..10) { my $p = fork(); die "fork: $!" unless defined $p;
-    if ($p == 0) { exit 0 } push @k, $p } waitpid($_, 0) for @k; print "other-forked=10\n";' > other.txt 2>&1
-fi
-"#;
 
 /// Submits the hog's task on `repo`; its id.
 async fn start_hog(c: &Cluster, repo: &Path) -> String {
