@@ -41,6 +41,12 @@ pub fn refusal(body: &[u8]) -> Option<String> {
         Ok(v @ Value::Object(_)) => v,
         _ => return Some("the request body is not a JSON object".to_string()),
     };
+    if let Err(e) = serde_json::from_slice::<UniqueKeys>(body) {
+        return Some(format!(
+            "the request body cannot be vouched for: {e} (read here one way, it could be \
+             read another by the model API)"
+        ));
+    }
     let mut asked: Vec<String> = SERVER_FIELDS
         .iter()
         .filter(|f| request.get(**f).is_some_and(|v| !v.is_null()))
@@ -71,6 +77,61 @@ pub fn refusal(body: &[u8]) -> Option<String> {
          reach the network past this run's allow-list and cost beyond its metered tokens",
         asked.join(", ")
     ))
+}
+
+/// A JSON document none of whose objects names a key twice. JSON leaves the meaning of
+/// duplicate keys to the reader (RFC 8259, section 4: "the names within an object SHOULD be
+/// unique"); `serde_json` keeps the last, another parser may keep the first, so a body
+/// with one would be checked here as other than what the model API acts on.
+struct UniqueKeys;
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueKeysVisitor)
+    }
+}
+
+struct UniqueKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeysVisitor {
+    type Value = UniqueKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+    fn visit_unit<E>(self) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<UniqueKeys, A::Error> {
+        while seq.next_element::<UniqueKeys>()?.is_some() {}
+        Ok(UniqueKeys)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<UniqueKeys, A::Error> {
+        use serde::de::Error;
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(A::Error::custom(format!("the key {key:?} is given twice")));
+            }
+            map.next_value::<UniqueKeys>()?;
+        }
+        Ok(UniqueKeys)
+    }
 }
 
 /// Content blocks anywhere in the request whose `source` is `{"type": "url", …}`: an
@@ -113,6 +174,20 @@ pub fn client_betas(value: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key given twice (`tools` once with a server tool, once empty) could be read one
+    /// way here and the other by the model API: refused. Before, the last was checked.
+    #[test]
+    fn a_key_given_twice_is_refused() {
+        let twice = br#"{"model":"m","messages":[],
+            "tools":[{"type":"web_fetch_20250910","name":"web_fetch"}],"tools":[]}"#;
+        let why = refusal(twice).expect("refused");
+        assert!(why.contains("twice"), "{why}");
+        let nested = br#"{"messages":[{"role":"user","content":"a","content":"b"}]}"#;
+        assert!(refusal(nested).is_some());
+        let fine = br#"{"messages":[{"role":"user","content":"a"},{"role":"user","content":"b"}]}"#;
+        assert_eq!(refusal(fine), None);
+    }
 
     /// An image or document by URL is fetched by the model API itself: refused, as is
     /// a server-side beta flag in any case. Before, both passed.
