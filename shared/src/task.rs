@@ -194,6 +194,23 @@ impl Outcome {
         outcome
     }
 
+    /// A failure of `kind` in place of this outcome that keeps what the run measured: its
+    /// cost, tokens, turns and duration (a run that failed after the agent ran still
+    /// spent them).
+    pub fn failed_after(
+        &self,
+        kind: OutcomeKind,
+        error: impl Into<String>,
+        retryable: bool,
+    ) -> Self {
+        let mut failed = Self::failed(kind, error, retryable);
+        failed.cost_usd = self.cost_usd;
+        failed.tokens = self.tokens;
+        failed.turns = self.turns;
+        failed.duration_ms = self.duration_ms;
+        failed
+    }
+
     /// The outcome with every field that carries agent text cut to
     /// [`crate::bounded::MAX_AGENT_TEXT_BYTES`] (with a visible marker), so that a result
     /// carrying it always fits one message. A commit id is at most 64 bytes.
@@ -1044,11 +1061,7 @@ impl Task {
                     planning.repairs,
                     crate::plan::describe(&errors)
                 );
-                let mut failed = Outcome::failed(OutcomeKind::AgentError, error, false);
-                failed.cost_usd = outcome.cost_usd;
-                failed.tokens = outcome.tokens;
-                failed.turns = outcome.turns;
-                failed.duration_ms = outcome.duration_ms;
+                let mut failed = outcome.failed_after(OutcomeKind::AgentError, error, false);
                 failed.structured = outcome.structured.take();
                 (failed.bounded(), None)
             }
@@ -1088,11 +1101,7 @@ impl Task {
             planning.fix_rounds,
             verdict.instructions()
         );
-        let mut failed = Outcome::failed(OutcomeKind::AgentError, error, false);
-        failed.cost_usd = outcome.cost_usd;
-        failed.tokens = outcome.tokens;
-        failed.turns = outcome.turns;
-        failed.duration_ms = outcome.duration_ms;
+        let mut failed = outcome.failed_after(OutcomeKind::AgentError, error, false);
         failed.structured = outcome.structured;
         (failed.bounded(), None)
     }
@@ -1128,11 +1137,7 @@ impl Task {
             candidates.len(),
             candidates.len()
         );
-        let mut failed = Outcome::failed(OutcomeKind::AgentError, error, false);
-        failed.cost_usd = outcome.cost_usd;
-        failed.tokens = outcome.tokens;
-        failed.turns = outcome.turns;
-        failed.duration_ms = outcome.duration_ms;
+        let mut failed = outcome.failed_after(OutcomeKind::AgentError, error, false);
         failed.structured = outcome.structured;
         (failed.bounded(), None)
     }

@@ -656,16 +656,12 @@ fn out_of_memory(outcome: Outcome, killed: limits::OomKills) -> Outcome {
     ) {
         return outcome;
     }
-    let mut oom = Outcome::failed(
+    let mut oom = outcome.failed_after(
         OutcomeKind::AgentError,
         killed.explain(outcome.error.as_deref()),
         false,
     );
     oom.cause = Some(FailureCause::OutOfMemory);
-    oom.cost_usd = outcome.cost_usd;
-    oom.tokens = outcome.tokens;
-    oom.turns = outcome.turns;
-    oom.duration_ms = outcome.duration_ms;
     oom.network_refused = outcome.network_refused;
     oom
 }
@@ -983,14 +979,7 @@ async fn deliver_bundle(
     bundle: Result<Option<&Path>, String>,
     outcome: Outcome,
 ) -> Outcome {
-    let failed = |kind, error: String, retryable| {
-        let mut failed = Outcome::failed(kind, error, retryable);
-        failed.cost_usd = outcome.cost_usd;
-        failed.tokens = outcome.tokens;
-        failed.turns = outcome.turns;
-        failed.duration_ms = outcome.duration_ms;
-        failed
-    };
+    let failed = |kind, error: String, retryable| outcome.failed_after(kind, error, retryable);
     let delivers = outcome.kind == OutcomeKind::Succeeded && outcome.commit.is_some();
     let keeps = outcome.cause == Some(FailureCause::BranchMoved);
     let bundle = match bundle {

@@ -140,11 +140,7 @@ pub fn apply_metering(outcome: &mut Outcome, metered: crate::proxy::meter::Meter
     outcome.tokens = metered.tokens;
     if let Some(why) = metered.budget_refusal {
         if outcome.kind != OutcomeKind::Cancelled {
-            let mut over = Outcome::failed(OutcomeKind::BudgetExceeded, why, false);
-            over.cost_usd = outcome.cost_usd;
-            over.tokens = outcome.tokens;
-            over.turns = outcome.turns;
-            over.duration_ms = outcome.duration_ms;
+            let mut over = outcome.failed_after(OutcomeKind::BudgetExceeded, why, false);
             over.commit = outcome.commit.take();
             *outcome = over;
         }

@@ -3,9 +3,10 @@
 //! (`nomad/sandbox.nomad.hcl`), followed over Nomad's HTTP API.
 //!
 //! Why dispatch rather than register a job per subtask: the sandbox's definition (image,
-//! user, hardening, resources) is written once, reviewed and registered by the operator; a worker can only
-//! fill in the payload and the declared meta, so it needs the `dispatch-job` capability
-//! and not `submit-job` (a compromised worker cannot run arbitrary jobs). Dispatch also
+//! user, hardening, resources) is written once, reviewed and registered by the operator;
+//! a worker can only fill in the payload and the declared meta, so it needs the
+//! `dispatch-job` capability and not `submit-job` (a compromised worker cannot run
+//! arbitrary jobs). Dispatch also
 //! gives an idempotency token and Nomad's 16 KiB payload file for free, and keeps the
 //! job list readable (children under their parent).
 //!
