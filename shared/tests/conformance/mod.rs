@@ -412,39 +412,44 @@ pub async fn spend_once(s: std::sync::Arc<dyn StateStore>) {
 }
 
 /// A lease is held by one holder until it expires.
+///
+/// The leases the checks rely on are held for a minute, so a slow store under load cannot
+/// let one expire between two checks; the expiry the test waits for is set by a renewal
+/// for a millisecond.
 pub async fn leases(s: &dyn StateStore) {
     let name = format!("lease-{}", uuid_like());
-    assert!(s
-        .acquire_lease(&name, "a", Duration::from_secs(1))
-        .await
-        .unwrap());
-    assert!(!s
-        .acquire_lease(&name, "b", Duration::from_secs(1))
-        .await
-        .unwrap());
+    let hold = Duration::from_secs(60);
+    assert!(s.acquire_lease(&name, "a", hold).await.unwrap());
+    assert!(!s.acquire_lease(&name, "b", hold).await.unwrap());
+    assert!(s.acquire_lease(&name, "a", hold).await.unwrap(), "renewal");
     assert!(
-        s.acquire_lease(&name, "a", Duration::from_secs(1))
+        s.acquire_lease(&name, "a", Duration::from_millis(1))
             .await
             .unwrap(),
-        "renewal"
+        "a renewal may shorten the lease"
     );
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    assert!(s
-        .acquire_lease(&name, "b", Duration::from_secs(5))
-        .await
-        .unwrap());
-    assert!(!s
-        .acquire_lease(&name, "a", Duration::from_secs(5))
-        .await
-        .unwrap());
+    // Wait for the expiry by its effect: another holder can take the lease.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !s.acquire_lease(&name, "b", hold).await.unwrap() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!s.acquire_lease(&name, "a", hold).await.unwrap());
 }
 
 /// A fenced lease: one holder at a time; renewal keeps the token and needs the token;
 /// a takeover after expiry increments it and refuses the old holder's renewal; a release
 /// frees it at once.
+///
+/// Every lease the checks rely on is held for a minute, so a slow store under load cannot
+/// let one expire between two checks; the one expiry the test waits for is set by a
+/// renewal for a millisecond.
 pub async fn fenced_leases(s: &dyn StateStore) {
     let name = format!("fenced-{}", uuid_like());
-    let ttl = Duration::from_millis(800);
+    let ttl = Duration::from_secs(60);
     let a = s.claim_lease(&name, "a", ttl, None).await.unwrap().unwrap();
     assert!(s
         .claim_lease(&name, "b", ttl, None)
@@ -460,6 +465,11 @@ pub async fn fenced_leases(s: &dyn StateStore) {
             .is_none(),
         "a renewal with another token is refused"
     );
+    let shortened = s
+        .claim_lease(&name, "a", Duration::from_millis(1), Some(a.token))
+        .await
+        .unwrap();
+    assert_eq!(shortened, Some(a), "a renewal may shorten the lease");
     // Wait for the expiry by its effect: another holder can take the lease.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let b = loop {
