@@ -39,10 +39,14 @@
 //! `Authorization: Bearer`). Anything else is refused (407, or 401 on the model
 //! endpoint) and never forwarded; the token itself is never sent on.
 
+mod admission;
 pub mod meter;
 mod server_tools;
 
 use crate::spec::RunnerEvent;
+#[cfg(test)]
+use admission::MAX_CONNECTIONS;
+use admission::{Admission, Slot};
 use ao_shared::task::{NetworkRefused, RefusedDestination};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -248,9 +252,8 @@ struct Ctx {
     /// Model answers being read to their end for the meter, and what ends those reads.
     drains: tokio_util::task::TaskTracker,
     drain_stop: CancellationToken,
-    /// Connections served now, and the most at once (bounded by [`MAX_CONNECTIONS`]).
-    open: AtomicUsize,
-    peak: AtomicUsize,
+    /// Which connections are served, and how many at once.
+    admission: Arc<Admission>,
 }
 
 /// One run's proxy; stops when [`RunProxy::stop`] is called or it is dropped.
@@ -385,8 +388,7 @@ impl RunProxy {
             meter: Arc::new(Meter::default()),
             events,
             denials: AtomicUsize::new(0),
-            open: AtomicUsize::new(0),
-            peak: AtomicUsize::new(0),
+            admission: Arc::new(Admission::default()),
             refused: parking_lot::Mutex::new(NetworkRefused::default()),
             budget_gate: Arc::new(tokio::sync::Semaphore::new(1)),
             drains: tokio_util::task::TaskTracker::new(),
@@ -400,7 +402,7 @@ impl RunProxy {
     /// The most connections served at once so far (at most [`MAX_CONNECTIONS`]).
     #[cfg(test)]
     pub fn peak_connections(&self) -> usize {
-        self.ctx.peak.load(Ordering::SeqCst)
+        self.ctx.admission.peak()
     }
 
     /// The socket to bind into the sandbox (empty for a proxy on TCP).
@@ -433,7 +435,7 @@ impl RunProxy {
             self.ctx.drain_stop.cancel();
         }
         tracing::debug!(
-            peak = self.ctx.peak.load(Ordering::SeqCst),
+            peak = self.ctx.admission.peak(),
             "the sandbox's proxy stopped; most connections served at once"
         );
         let refused = std::mem::take(&mut *self.ctx.refused.lock());
@@ -458,10 +460,6 @@ impl Drop for RunProxy {
     }
 }
 
-/// Connections one run's proxy serves at once; more wait in the socket's backlog until
-/// one ends. Bounds the worker's file descriptors per run: an agent opening thousands
-/// of connections would otherwise exhaust them and hang the worker.
-pub const MAX_CONNECTIONS: usize = 128;
 /// How long a connection may take to send its request head before it is closed.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause after a failed accept (the worker out of descriptors, say), so that the loop
@@ -470,15 +468,7 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 async fn serve(listener: Listener, ctx: Arc<Ctx>) {
     let mut connections = tokio::task::JoinSet::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let slot = tokio::select! {
-            _ = ctx.stop.cancelled() => break,
-            s = slots.clone().acquire_owned() => match s {
-                Ok(s) => s,
-                Err(_) => break,
-            },
-        };
         let accepted = tokio::select! {
             _ = ctx.stop.cancelled() => break,
             a = listener.accept() => a,
@@ -493,17 +483,16 @@ async fn serve(listener: Listener, ctx: Arc<Ctx>) {
                 }
             }
         };
+        // Unproven until a request carries the token (see `admission`).
+        let connection = Arc::new(ctx.admission.accept());
         let ctx = ctx.clone();
         connections.spawn(async move {
-            // Held by the connection and by any tunnel it becomes, until both end: a
-            // tunnel is a connection too, and counts in the bound.
-            let slot = Arc::new(slot);
-            let open = ctx.open.fetch_add(1, Ordering::SeqCst) + 1;
-            ctx.peak.fetch_max(open, Ordering::SeqCst);
             let stop = ctx.stop.clone();
+            let evicted = connection.evicted().clone();
             let served = ctx.clone();
-            let service =
-                hyper::service::service_fn(move |req| handle(req, served.clone(), slot.clone()));
+            let service = hyper::service::service_fn(move |req| {
+                handle(req, served.clone(), connection.clone())
+            });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
@@ -512,8 +501,8 @@ async fn serve(listener: Listener, ctx: Arc<Ctx>) {
             tokio::select! {
                 _ = conn => {}
                 _ = stop.cancelled() => {}
+                _ = evicted.cancelled() => {}
             }
-            ctx.open.fetch_sub(1, Ordering::SeqCst);
         });
         // Reap finished connections as we go.
         while connections.try_join_next().is_some() {}
@@ -550,14 +539,22 @@ fn api_error(status: StatusCode, kind: &str, message: &str) -> Response<Body> {
     r
 }
 
-/// A connection's place in the bound of [`MAX_CONNECTIONS`].
-type Slot = Arc<tokio::sync::OwnedSemaphorePermit>;
-
 async fn handle(
     req: Request<Incoming>,
     ctx: Arc<Ctx>,
-    slot: Slot,
+    connection: Arc<admission::Connection>,
 ) -> Result<Response<Body>, Infallible> {
+    // A request with the token proves its connection, which then takes its place in the
+    // bound (waiting for one when all are taken); one without stays unproven and is
+    // refused below, whatever it asks for.
+    let slot = if ctx.authorized(req.headers(), true) {
+        match connection.prove().await {
+            Ok(slot) => Some(slot),
+            Err(busy) => return Ok(text(StatusCode::SERVICE_UNAVAILABLE, &busy.to_string())),
+        }
+    } else {
+        None
+    };
     if req.method() == Method::CONNECT {
         return Ok(connect(req, ctx, slot).await);
     }
@@ -692,7 +689,7 @@ impl Ctx {
     }
 }
 
-async fn connect(req: Request<Incoming>, ctx: Arc<Ctx>, slot: Slot) -> Response<Body> {
+async fn connect(req: Request<Incoming>, ctx: Arc<Ctx>, slot: Option<Slot>) -> Response<Body> {
     let Some(dest) = req
         .uri()
         .authority()
@@ -702,9 +699,9 @@ async fn connect(req: Request<Incoming>, ctx: Arc<Ctx>, slot: Slot) -> Response<
     };
     // Before anything is opened, even a tunnel to the proxy itself: a tunnel holds a
     // connection's place for its whole life.
-    if !ctx.authorized(req.headers(), false) {
+    let (true, Some(slot)) = (ctx.authorized(req.headers(), false), slot) else {
         return proxy_auth_required();
-    }
+    };
     if ctx.is_self(&dest) {
         // A client that tunnels even plain HTTP (Node's proxy agents do) asks for the
         // proxy itself: the tunnel is served as the model endpoint.
