@@ -336,7 +336,6 @@ async fn a_linked_ro_path_shows_no_private_system_file_ordinary_worker() {
 /// new key, or a world-readable file made 0600 by `chmod` after it was written, as
 /// `install -m` or an editor's save does): it must not be read.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fault: the walk is taken once at the worker's start; files made private later are shown (documented limit)"]
 async fn files_made_private_after_the_worker_started_are_unseen_ordinary_worker() {
     let _alone = TEST_USER_PROCESSES.write().await;
     let Some(mut c) = cluster(Worker::Ordinary, &[]) else {

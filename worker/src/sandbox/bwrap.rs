@@ -52,7 +52,7 @@ use super::host_user::{HostUser, HostUserError};
 use super::limits::{self, AttemptCgroup, Cgroups, Limits, UserShares};
 use super::local_repo::{self, local_repository};
 use super::network::{self, NetworkMode};
-use super::private_paths::{self, Shown, Viewer};
+use super::private_paths::{self, Viewer};
 use super::process::{infra, supervise, Attempt, RUNNER_MARGIN};
 use super::result_channel::{BundleChannel, FileChannel, BUNDLE_FD, RESULT_FD, SETUP_FD};
 use super::SandboxDriver;
@@ -64,6 +64,7 @@ use ao_shared::config::{SandboxSettings, Settings};
 use ao_shared::task::{FailureCause, Outcome, OutcomeKind};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::process::Command;
 use tokio::sync::mpsc;
@@ -182,9 +183,9 @@ pub struct BwrapDriver {
     settings: SandboxSettings,
     /// Host paths covered inside, parents first.
     hidden: Vec<PathBuf>,
-    /// What of the shown host directories the sandbox user must not see, where it is
-    /// inside the sandbox (see [`super::private_paths`]).
-    private: Vec<PathBuf>,
+    /// How to find what of the shown host directories the sandbox user must not see,
+    /// walked before each sandbox (see [`super::private_paths`]).
+    private: Arc<private_paths::Plan>,
     /// Each sandbox's share of the host user's message-queue and pending-signal
     /// allowances, where the kernel can hold it.
     shares: Option<UserShares>,
@@ -240,7 +241,7 @@ impl BwrapDriver {
                     }
                 }
                 let hidden = hidden_paths(settings, &work_root);
-                let private = private_paths(settings, host.as_ref());
+                let private = Arc::new(private_paths(settings, host.as_ref()));
                 network::check_allow_hosts(&sandbox).map_err(BwrapError::Config)?;
                 let (cgroups, limits) = Cgroups::detect(
                     &sandbox,
@@ -522,7 +523,7 @@ impl BwrapDriver {
         }
         // What of the shown directories only the sandbox's user (or its group) may see,
         // once every shown directory is bound.
-        for path in private_paths::present(&self.private) {
+        for path in private_paths::present(&run.private) {
             if path.is_dir() {
                 a.flag_val("--tmpfs", path);
             } else {
@@ -639,6 +640,8 @@ struct RunSetup {
     bundle: Option<BundleChannel>,
     /// The setup-result channel (a run that may store its setup in the cache).
     setup: Option<FileChannel>,
+    /// What of the shown host directories to cover, found for this sandbox.
+    private: Vec<PathBuf>,
 }
 
 /// A failed run some of whose processes the kernel killed for the memory limit fails
@@ -734,30 +737,25 @@ fn hidden_paths(settings: &Settings, work_root: &Path) -> Vec<PathBuf> {
     real
 }
 
-/// What of the system directories and `sandbox.ro_paths` the sandbox's host user must
-/// not see (see [`super::private_paths`]); never the agent program. Walked once, here at
-/// the start.
-fn private_paths(settings: &Settings, host: Option<&HostUser>) -> Vec<PathBuf> {
+/// How to find what of the system directories and `sandbox.ro_paths` the sandbox's host
+/// user must not see (see [`super::private_paths`]); never the agent program.
+fn private_paths(settings: &Settings, host: Option<&HostUser>) -> private_paths::Plan {
     // The Nix store is world-readable by construction (Nix canonicalises every store
     // path to 0444/0555, owned by root), and can hold millions of files.
-    let shown: Vec<Shown> = SYSTEM_PATHS
+    let roots = SYSTEM_PATHS
         .iter()
         .filter(|p| **p != "/nix/store")
-        .map(Path::new)
-        .chain(settings.sandbox.ro_paths.iter().map(PathBuf::as_path))
-        .filter_map(Shown::of)
+        .map(PathBuf::from)
+        .chain(settings.sandbox.ro_paths.iter().cloned())
         .collect();
     let keep: Vec<PathBuf> = resolve_program(&settings.agent.command)
         .map(|(found, real)| vec![found, real])
         .unwrap_or_default();
-    let started = std::time::Instant::now();
-    let private = private_paths::walk(&shown, &Viewer::of(host), &keep);
-    tracing::debug!(
-        covered = private.len(),
-        ms = started.elapsed().as_millis() as u64,
-        "private files of the shown directories found"
-    );
-    private
+    private_paths::Plan {
+        roots,
+        viewer: Viewer::of(host),
+        keep,
+    }
 }
 
 /// Where a root worker keeps the copy of its executable that its sandboxes run, under
@@ -922,6 +920,19 @@ impl SandboxDriver for BwrapDriver {
             }
             None => None,
         };
+        // Walked now, not at the worker's start: files installed or made private since
+        // are covered too.
+        let plan = self.private.clone();
+        let started = std::time::Instant::now();
+        let private = match tokio::task::spawn_blocking(move || plan.walk()).await {
+            Ok(private) => private,
+            Err(e) => return infra(format!("cannot walk the shown directories: {e}"), true),
+        };
+        tracing::debug!(
+            covered = private.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "private files of the shown directories found"
+        );
         let mut setup = RunSetup {
             network,
             proxy_socket: proxy.as_ref().map(RunProxy::socket),
@@ -933,6 +944,7 @@ impl SandboxDriver for BwrapDriver {
                 .collect(),
             bundle,
             setup: stored,
+            private,
         };
         let cmd = self.command(&spec, &attempt, &setup);
         let limit = Duration::from_secs(spec.agent.timeout_secs) + RUNNER_MARGIN;

@@ -4,8 +4,8 @@
 //! `sandbox.host_uid`), so within the directories it is shown read-only (the system
 //! directories, `sandbox.ro_paths`) that user's permissions would open its own files and
 //! its groups' to the agent. The rule: the sandbox sees there only what every user of the
-//! host may see. At the worker's start each shown directory is walked once, and these are
-//! covered in every sandbox (an empty file or an empty tmpfs at the same place):
+//! host may see. Before each sandbox starts, each shown directory is walked ([`Plan`]),
+//! and these are covered in it (an empty file or an empty tmpfs at the same place):
 //! - a directory others may not read and enter, or that the sandbox user may not (its
 //!   owner, group or other bits, whichever apply to it): covered whole, not walked into;
 //!   so no mount point ever has to be made where the user cannot reach;
@@ -16,8 +16,9 @@
 //! A shown directory reached by an absolute link (`/lib64 -> /usr/lib64`, a
 //! `sandbox.ro_paths` entry linking elsewhere) is bound again at its own path, so what is
 //! found under its target is covered at that path. Symbolic links inside are not followed.
-//! A path removed since the walk is passed over (see [`present`]); a file made private
-//! after the start is not covered until the worker restarts.
+//! A path removed since the walk is passed over (see [`present`]). The walk is taken per
+//! sandbox, not once at the worker's start, so a file installed, or made private, while
+//! the worker runs is covered from the next sandbox on.
 
 use super::host_user::HostUser;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -105,6 +106,26 @@ impl Shown {
             real: path.canonicalize().ok()?,
             inside: path.to_path_buf(),
         })
+    }
+}
+
+/// What a walk covers, fixed at the worker's start: the directories shown (the system
+/// directories and `sandbox.ro_paths`, each as given), whose permissions judge them, and
+/// the paths never to cover.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub roots: Vec<PathBuf>,
+    pub viewer: Viewer,
+    pub keep: Vec<PathBuf>,
+}
+
+impl Plan {
+    /// The paths to cover in a sandbox starting now (see [`walk`]); the roots are
+    /// resolved again, so a link among them changed since the start is followed as it is
+    /// now. Blocking: walks whole directory trees (about 0.4 s for a usual `/usr`).
+    pub fn walk(&self) -> Vec<PathBuf> {
+        let shown: Vec<Shown> = self.roots.iter().filter_map(|r| Shown::of(r)).collect();
+        walk(&shown, &self.viewer, &self.keep)
     }
 }
 
