@@ -841,14 +841,12 @@ async fn hog_and_other(who: Worker, body: &str, said: &str, expected: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fault: inotify instances are counted per host user (max_user_instances) across all sandboxes; nothing bounds one run's share"]
 async fn a_hog_cannot_take_every_inotify_instance_of_the_host_user_root_worker() {
     let _alone = TEST_USER_PROCESSES.write().await;
     a_hog_cannot_take_every_inotify_instance_of_the_host_user(Worker::Root).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fault: inotify instances are counted per host user (max_user_instances) across all sandboxes; nothing bounds one run's share"]
 async fn a_hog_cannot_take_every_inotify_instance_of_the_host_user_ordinary_worker() {
     let _alone = TEST_USER_PROCESSES.write().await;
     a_hog_cannot_take_every_inotify_instance_of_the_host_user(Worker::Ordinary).await

@@ -88,6 +88,16 @@ enum Command {
         #[arg(long)]
         setup_fd: Option<i32>,
     },
+    /// Write a sandbox's shares of the host user's inotify allowances into its user
+    /// namespace (started by the bwrap driver, not by hand).
+    #[command(name = "share-ucounts", hide = true)]
+    ShareUcounts {
+        /// A process of the sandbox.
+        #[arg(long)]
+        pid: i32,
+        /// `setting=value` under /proc/sys/user.
+        sets: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -115,6 +125,12 @@ fn main() -> anyhow::Result<()> {
                 (None, false) => anyhow::bail!("--spec or --handover is required"),
             };
             std::process::exit(runner::main(source, sink, workspace, bundle_fd, setup_fd));
+        }
+        // Before any thread is started: a process must be single-threaded to enter a
+        // user namespace.
+        Command::ShareUcounts { pid, sets } => {
+            sandbox::ucounts::enter_and_write(pid, &sets)?;
+            Ok(())
         }
         Command::Serve => {
             let settings =

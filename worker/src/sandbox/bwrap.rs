@@ -55,6 +55,7 @@ use super::network::{self, NetworkMode};
 use super::private_paths::{self, Viewer};
 use super::process::{infra, supervise, Attempt, RUNNER_MARGIN};
 use super::result_channel::{BundleChannel, FileChannel, BUNDLE_FD, RESULT_FD, SETUP_FD};
+use super::ucounts::{StartGate, UcountShares, BLOCK_FD, INFO_FD};
 use super::SandboxDriver;
 use crate::proxy::RunProxy;
 use crate::secret_files::SecretFiles;
@@ -189,6 +190,10 @@ pub struct BwrapDriver {
     /// Each sandbox's share of the host user's message-queue and pending-signal
     /// allowances, where the kernel can hold it.
     shares: Option<UserShares>,
+    /// Each sandbox's share of the host user's inotify instances and watches, written
+    /// into its user namespace before it starts; `None` where the probe at the start
+    /// could not.
+    ucounts: Option<UcountShares>,
     /// Where per-attempt cgroups are made, if anywhere.
     cgroups: Option<Cgroups>,
     /// What each sandbox is held to, defaults filled in.
@@ -248,13 +253,14 @@ impl BwrapDriver {
                     settings.worker.concurrency,
                     nix::unistd::geteuid().is_root(),
                 )?;
-                let driver = Self {
+                let mut driver = Self {
                     work_root,
                     runner_exe,
                     settings: sandbox,
                     hidden,
                     private,
                     shares: UserShares::claim(settings.worker.concurrency),
+                    ucounts: None,
                     cgroups,
                     limits,
                     all: settings.clone(),
@@ -262,6 +268,7 @@ impl BwrapDriver {
                     host,
                 };
                 driver.probe()?;
+                driver.ucounts = driver.probe_ucounts(settings.worker.concurrency);
                 Ok(driver)
             })
     }
@@ -317,9 +324,68 @@ impl BwrapDriver {
         Ok(())
     }
 
+    /// Each sandbox's share of the host user's inotify allowances, when a probe sandbox
+    /// shows they can be written into its user namespace (see [`super::ucounts`]);
+    /// otherwise `None`, with a warning saying what that leaves open.
+    fn probe_ucounts(&self, concurrency: usize) -> Option<UcountShares> {
+        use command_fds::CommandFdExt;
+        use std::os::unix::process::CommandExt;
+        let shares = UcountShares::claim(concurrency)?;
+        let tried = (|| {
+            let (gate, mappings) = StartGate::open(&shares).map_err(|e| e.to_string())?;
+            let mut probe = self.probe_command(&[], false);
+            probe
+                .args(["--info-fd", &INFO_FD.to_string()])
+                .args(["--block-fd", &BLOCK_FD.to_string()])
+                .arg("true")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .process_group(0)
+                .fd_mappings(mappings.into())
+                .map_err(|e| e.to_string())?;
+            let child = probe.spawn().map_err(|e| e.to_string())?;
+            // The command holds the info pipe's write end: dropped, the info can end.
+            drop(probe);
+            let released = gate.release(child.id() as i32);
+            let out = child.wait_with_output().map_err(|e| e.to_string())?;
+            released.map_err(|e| e.to_string())?;
+            if !out.status.success() {
+                return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+            }
+            Ok(())
+        })();
+        match tried {
+            Ok(()) => Some(shares),
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    "each sandbox's share of the host user's inotify instances and watches \
+                     cannot be set; one run can take them all from a concurrent one \
+                     (raise fs.inotify.max_user_instances, or run one sandbox per host user)"
+                );
+                None
+            }
+        }
+    }
+
     /// Runs `true` in a minimal sandbox (with a network namespace when `unshare_net`);
     /// bubblewrap's complaint when it fails.
     fn probe_with(&self, seccomp: &[std::fs::File], unshare_net: bool) -> Result<(), String> {
+        let out = self
+            .probe_command(seccomp, unshare_net)
+            .arg("true")
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        Ok(())
+    }
+
+    /// A minimal sandbox's bubblewrap command (with a network namespace when
+    /// `unshare_net`), up to the program it is to run.
+    fn probe_command(&self, seccomp: &[std::fs::File], unshare_net: bool) -> std::process::Command {
         let s = &self.settings;
         let mut probe = self.as_host_user(s.bwrap.as_os_str());
         probe.args(["--unshare-user", "--unshare-pid", "--disable-userns"]);
@@ -331,27 +397,13 @@ impl BwrapDriver {
             probe.args(["--add-seccomp-fd", &file.as_raw_fd().to_string()]);
         }
         probe.args(limits::sized_tmpfs(1, Path::new("/tmp")));
-        let out = probe
+        probe
             .arg("--uid")
             .arg(s.uid.to_string())
             .arg("--gid")
             .arg(s.gid.to_string())
-            .args([
-                "--ro-bind",
-                "/",
-                "/",
-                "--proc",
-                "/proc",
-                "--dev",
-                "/dev",
-                "true",
-            ])
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
-        }
-        Ok(())
+            .args(["--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev"]);
+        probe
     }
 
     /// `program` run as the sandbox's host user (itself for an ordinary worker).
@@ -429,6 +481,10 @@ impl BwrapDriver {
         // whose /proc/1/environ (the run's secrets) the agent could read. The runner makes
         // itself non-dumpable; its end still ends every process in the namespace.
         a.flags(&["--die-with-parent", "--new-session", "--as-pid-1"]);
+        if run.gated {
+            a.flags(&["--info-fd", &INFO_FD.to_string()]);
+            a.flags(&["--block-fd", &BLOCK_FD.to_string()]);
+        }
         a.flag_val("--uid", s.uid.to_string());
         a.flag_val("--gid", s.gid.to_string());
         a.flag_val("--hostname", "agent-sandbox");
@@ -642,6 +698,8 @@ struct RunSetup {
     setup: Option<FileChannel>,
     /// What of the shown host directories to cover, found for this sandbox.
     private: Vec<PathBuf>,
+    /// Whether bubblewrap reports its pid and waits at a [`StartGate`].
+    gated: bool,
 }
 
 /// A failed run some of whose processes the kernel killed for the memory limit fails
@@ -875,6 +933,16 @@ impl SandboxDriver for BwrapDriver {
             Err(e) => return infra(e.to_string(), false),
         };
         let mut channels = Vec::new();
+        let gate = match &self.ucounts {
+            Some(shares) => match StartGate::open(shares) {
+                Ok((gate, mappings)) => {
+                    channels.extend(mappings);
+                    Some(gate)
+                }
+                Err(e) => return infra(e.to_string(), true),
+            },
+            None => None,
+        };
         let bundle = match local {
             Some(_) => match BundleChannel::open(&self.work_root) {
                 Ok((bundle, mapping)) => {
@@ -945,10 +1013,14 @@ impl SandboxDriver for BwrapDriver {
             bundle,
             setup: stored,
             private,
+            gated: gate.is_some(),
         };
         let cmd = self.command(&spec, &attempt, &setup);
         let limit = Duration::from_secs(spec.agent.timeout_secs) + RUNNER_MARGIN;
-        let mut outcome = supervise(cmd, &attempt, limit, events, cancel, seccomp, channels).await;
+        let mut outcome = supervise(
+            cmd, &attempt, limit, events, cancel, seccomp, channels, gate,
+        )
+        .await;
         if let Some(killed) = setup.cgroup.as_ref().and_then(AttemptCgroup::oom_kills) {
             outcome = out_of_memory(outcome, killed);
         }

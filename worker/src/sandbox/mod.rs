@@ -12,6 +12,7 @@ mod private_paths;
 pub mod process;
 mod result_channel;
 pub mod seccomp;
+pub mod ucounts;
 
 use crate::spec::{RunSpec, RunnerEvent};
 use ao_shared::task::{FailureCause, Outcome, OutcomeKind};

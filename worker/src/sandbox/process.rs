@@ -144,7 +144,9 @@ pub(super) fn runner_args(attempt: &Attempt) -> Vec<std::ffi::OsString> {
 /// process group: forwards its standard output lines as events, kills the whole group on
 /// cancel or after `limit`, and turns what came over the result channel into the outcome.
 /// `inherited` are files the command must inherit, closed here as soon as it has started;
-/// `channels` more descriptors mapped into it (a bundle channel's). Never panics.
+/// `channels` more descriptors mapped into it (a bundle channel's); `gate` holds a
+/// bubblewrap sandbox until its user namespace's shares are written. Never panics.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn supervise(
     mut cmd: Command,
     attempt: &Attempt,
@@ -153,6 +155,7 @@ pub(super) async fn supervise(
     cancel: CancellationToken,
     inherited: Vec<std::fs::File>,
     channels: Vec<command_fds::FdMapping>,
+    gate: Option<super::ucounts::StartGate>,
 ) -> Outcome {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -176,6 +179,29 @@ pub(super) async fn supervise(
         Err(e) => return infra(format!("cannot start the runner: {e}"), true),
     };
     let pgid = child.id().unwrap_or(0) as i32;
+    if let Some(gate) = gate {
+        let released = tokio::time::timeout(
+            super::ucounts::GATE_TIMEOUT,
+            tokio::task::spawn_blocking(move || gate.release(pgid)),
+        )
+        .await;
+        let error = match released {
+            Ok(Ok(Ok(()))) => None,
+            Ok(Ok(Err(e))) => Some(e.to_string()),
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!(
+                "the sandbox did not report its pid within {} s",
+                super::ucounts::GATE_TIMEOUT.as_secs()
+            )),
+        };
+        if let Some(error) = error {
+            if pgid > 0 {
+                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            }
+            let _ = child.wait().await;
+            return infra(error, true);
+        }
+    }
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     // Permit requests leave the event stream here and are answered on the runner's stdin.
@@ -377,7 +403,17 @@ impl SandboxDriver for ProcessDriver {
         );
         spec.secret_env.apply(&mut cmd);
         let limit = Duration::from_secs(spec.agent.timeout_secs) + RUNNER_MARGIN;
-        supervise(cmd, &attempt, limit, events, cancel, Vec::new(), Vec::new()).await
+        supervise(
+            cmd,
+            &attempt,
+            limit,
+            events,
+            cancel,
+            Vec::new(),
+            Vec::new(),
+            None,
+        )
+        .await
     }
 }
 
@@ -446,6 +482,7 @@ mod tests {
                     cancel,
                     Vec::new(),
                     Vec::new(),
+                    None,
                 )
                 .await
             }
