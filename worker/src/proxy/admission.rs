@@ -13,7 +13,8 @@
 //! request waits for one, with at most [`MAX_WAITING`] others. Only the holder of the
 //! token (the run's own agent) makes proven connections, so a request beyond those is
 //! refused at once ([`Busy`]) rather than queued without bound: every connection holds
-//! one of the worker's file descriptors.
+//! one of the worker's file descriptors. A connection refused so stays unproven, one of
+//! the [`MAX_UNPROVEN`], and is closed in its turn.
 
 use parking_lot::Mutex;
 use std::collections::VecDeque;
@@ -118,17 +119,17 @@ impl Connection {
 
     /// Proves the connection (its request carried the token): it is no longer evicted,
     /// and takes a place, waiting for one when all are taken. The same place on every
-    /// later call. [`Busy`] when [`MAX_WAITING`] others are waiting already (a later
-    /// request on the connection may try again).
+    /// later call. [`Busy`] when [`MAX_WAITING`] others are waiting already: the
+    /// connection then stays unproven (a later request on it may try again).
     pub async fn prove(&self) -> Result<Slot, Busy> {
         if let Some(slot) = self.slot.get() {
             return Ok(slot.clone());
         }
-        self.admission.forget(self.id);
         let admission = &self.admission;
         self.slot
             .get_or_try_init(|| async {
                 let _waiting = admission.waiting.try_acquire().map_err(|_| Busy)?;
+                admission.forget(self.id);
                 // Never closed: the semaphore lives as long as the admission.
                 let permit = admission
                     .slots
@@ -203,6 +204,13 @@ mod tests {
         }
         let late = admission.accept();
         assert!(late.prove().await.is_err(), "busy beyond the waiting ones");
+        let newer: Vec<_> = (0..MAX_UNPROVEN).map(|_| admission.accept()).collect();
+        assert!(
+            late.evicted().is_cancelled(),
+            "a busy connection stays unproven and is closed in its turn"
+        );
+        drop(newer);
+        let late = admission.accept();
         drop(served);
         for w in waiters {
             assert!(w.await.unwrap(), "each waiting one gets a freed place");

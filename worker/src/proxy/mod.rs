@@ -506,6 +506,10 @@ async fn serve(listener: Listener, ctx: Arc<Ctx>) {
         });
         // Reap finished connections as we go.
         while connections.try_join_next().is_some() {}
+        // Let the connection just spawned read its request head before the next accept:
+        // in a burst of accepted connections, one whose request has arrived is proven
+        // before newer ones can push it out of the unproven.
+        tokio::task::yield_now().await;
     }
     connections.shutdown().await;
 }

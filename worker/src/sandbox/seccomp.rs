@@ -9,8 +9,10 @@
 //! `perf_event_open`, `userfaultfd`, kernel modules, `kexec`, `reboot`, swap, clocks,
 //! `acct`, `quotactl`, file handles (`open_by_handle_at`), raw I/O ports, `syslog`,
 //! `personality` changes, `io_uring` (a large kernel attack surface that Docker's and
-//! Kubernetes' default profiles deny; programs fall back to ordinary I/O) and
-//! `ioctl(TIOCSTI)` (typing into a terminal). `clone3` fails
+//! Kubernetes' default profiles deny; programs fall back to ordinary I/O), Linux AIO
+//! (`io_setup` and the calls on its contexts: the contexts are counted host-wide against
+//! `fs.aio-max-nr`, so one sandbox could take every one of the host's; the C library's
+//! POSIX AIO uses threads, not these) and `ioctl(TIOCSTI)` (typing into a terminal). `clone3` fails
 //! with `ENOSYS`, as on an older kernel, so that the C library falls back to `clone`,
 //! whose flags the filter can see (`clone3` passes them in memory).
 //!
@@ -76,6 +78,11 @@ const DENIED: &[i64] = &[
     libc::SYS_io_uring_setup,
     libc::SYS_io_uring_enter,
     libc::SYS_io_uring_register,
+    libc::SYS_io_setup,
+    libc::SYS_io_destroy,
+    libc::SYS_io_submit,
+    libc::SYS_io_cancel,
+    libc::SYS_io_getevents,
     #[cfg(target_arch = "x86_64")]
     libc::SYS_iopl,
     #[cfg(target_arch = "x86_64")]
