@@ -490,16 +490,15 @@ impl BwrapDriver {
         a.flag_val("--hostname", "agent-sandbox");
         // The root is bubblewrap's empty tmpfs (made read-only once everything is
         // mounted on it), with the system directories shown on it.
+        // Each is bound from the directory the private-file walk saw (`run.walked`).
         for path in SYSTEM_PATHS.iter().map(Path::new) {
             match std::fs::read_link(path) {
                 Ok(target) if target.is_relative() => a.two("--symlink", &target, path),
-                Ok(_) => {
-                    if let Ok(real) = path.canonicalize() {
-                        a.two("--ro-bind", &real, path);
+                _ => {
+                    if let Some(real) = run.walked.real(path) {
+                        a.two("--ro-bind", real, path);
                     }
                 }
-                Err(_) if path.is_dir() => a.two("--ro-bind", path, path),
-                Err(_) => {}
             }
         }
         a.flag_val("--proc", "/proc");
@@ -538,8 +537,8 @@ impl BwrapDriver {
             }
         }
         for path in &s.ro_paths {
-            if let Ok(real) = path.canonicalize() {
-                a.two("--ro-bind", &real, path);
+            if let Some(real) = run.walked.real(path) {
+                a.two("--ro-bind", real, path);
                 shown.push(path.clone());
             }
         }
@@ -579,7 +578,7 @@ impl BwrapDriver {
         }
         // What of the shown directories only the sandbox's user (or its group) may see,
         // once every shown directory is bound.
-        for path in private_paths::present(&run.private) {
+        for path in private_paths::present(&run.walked.private) {
             if path.is_dir() {
                 a.flag_val("--tmpfs", path);
             } else {
@@ -696,8 +695,8 @@ struct RunSetup {
     bundle: Option<BundleChannel>,
     /// The setup-result channel (a run that may store its setup in the cache).
     setup: Option<FileChannel>,
-    /// What of the shown host directories to cover, found for this sandbox.
-    private: Vec<PathBuf>,
+    /// The shown host directories as walked for this sandbox, and what of them to cover.
+    walked: private_paths::Walked,
     /// Whether bubblewrap reports its pid and waits at a [`StartGate`].
     gated: bool,
 }
@@ -798,11 +797,8 @@ fn hidden_paths(settings: &Settings, work_root: &Path) -> Vec<PathBuf> {
 /// How to find what of the system directories and `sandbox.ro_paths` the sandbox's host
 /// user must not see (see [`super::private_paths`]); never the agent program.
 fn private_paths(settings: &Settings, host: Option<&HostUser>) -> private_paths::Plan {
-    // The Nix store is world-readable by construction (Nix canonicalises every store
-    // path to 0444/0555, owned by root), and can hold millions of files.
     let roots = SYSTEM_PATHS
         .iter()
-        .filter(|p| **p != "/nix/store")
         .map(PathBuf::from)
         .chain(settings.sandbox.ro_paths.iter().cloned())
         .collect();
@@ -811,6 +807,9 @@ fn private_paths(settings: &Settings, host: Option<&HostUser>) -> private_paths:
         .unwrap_or_default();
     private_paths::Plan {
         roots,
+        // The Nix store is world-readable by construction (Nix canonicalises every store
+        // path to 0444/0555, owned by root), and can hold millions of files.
+        unwalked: vec![PathBuf::from("/nix/store")],
         viewer: Viewer::of(host),
         keep,
     }
@@ -992,12 +991,12 @@ impl SandboxDriver for BwrapDriver {
         // are covered too.
         let plan = self.private.clone();
         let started = std::time::Instant::now();
-        let private = match tokio::task::spawn_blocking(move || plan.walk()).await {
-            Ok(private) => private,
+        let walked = match tokio::task::spawn_blocking(move || plan.walk()).await {
+            Ok(walked) => walked,
             Err(e) => return infra(format!("cannot walk the shown directories: {e}"), true),
         };
         tracing::debug!(
-            covered = private.len(),
+            covered = walked.private.len(),
             ms = started.elapsed().as_millis() as u64,
             "private files of the shown directories found"
         );
@@ -1012,7 +1011,7 @@ impl SandboxDriver for BwrapDriver {
                 .collect(),
             bundle,
             setup: stored,
-            private,
+            walked,
             gated: gate.is_some(),
         };
         let cmd = self.command(&spec, &attempt, &setup);

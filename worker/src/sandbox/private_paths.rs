@@ -115,17 +115,46 @@ impl Shown {
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub roots: Vec<PathBuf>,
+    /// Roots shown but not walked (each as given among `roots`).
+    pub unwalked: Vec<PathBuf>,
     pub viewer: Viewer,
     pub keep: Vec<PathBuf>,
 }
 
+/// One sandbox's walk: the roots as resolved for it, and what to cover under them.
+#[derive(Clone, Debug, Default)]
+pub struct Walked {
+    /// Each root present now, with the real directory that was walked: the sandbox must
+    /// bind that one, not resolve the root again (a link switched after the walk would
+    /// show a directory nobody walked).
+    pub shown: Vec<Shown>,
+    /// The paths inside the sandbox to cover.
+    pub private: Vec<PathBuf>,
+}
+
+impl Walked {
+    /// The real directory walked for the root `inside`, if it was there.
+    pub fn real(&self, inside: &Path) -> Option<&Path> {
+        self.shown
+            .iter()
+            .find(|s| s.inside == inside)
+            .map(|s| s.real.as_path())
+    }
+}
+
 impl Plan {
-    /// The paths to cover in a sandbox starting now (see [`walk`]); the roots are
-    /// resolved again, so a link among them changed since the start is followed as it is
-    /// now. Blocking: walks whole directory trees (about 0.4 s for a usual `/usr`).
-    pub fn walk(&self) -> Vec<PathBuf> {
+    /// The roots as they resolve now and the paths to cover under them, for a sandbox
+    /// starting now (see [`walk`]). Blocking: walks whole directory trees (about 0.4 s
+    /// for a usual `/usr`).
+    pub fn walk(&self) -> Walked {
         let shown: Vec<Shown> = self.roots.iter().filter_map(|r| Shown::of(r)).collect();
-        walk(&shown, &self.viewer, &self.keep)
+        let walked: Vec<Shown> = shown
+            .iter()
+            .filter(|s| !self.unwalked.contains(&s.inside))
+            .cloned()
+            .collect();
+        let private = walk(&walked, &self.viewer, &self.keep);
+        Walked { shown, private }
     }
 }
 
