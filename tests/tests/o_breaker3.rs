@@ -629,7 +629,6 @@ exit 0
 /// is covered by a mount of its own, on bubblewrap's command line. A run must still
 /// start and succeed (covering the directory, or failing clearly, not every run).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fault: one cover mount per private file on bubblewrap's argv: 40,000 private files fail every run (argument list too long)"]
 async fn many_private_files_under_a_system_directory_break_no_run_ordinary_worker() {
     let _alone = TEST_USER_PROCESSES.write().await;
     let Some(mut c) = cluster(Worker::Ordinary, &[("AO__COORDINATOR__MAX_ATTEMPTS", "1")]) else {

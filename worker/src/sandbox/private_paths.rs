@@ -16,6 +16,10 @@
 //! A shown directory reached by an absolute link (`/lib64 -> /usr/lib64`, a
 //! `sandbox.ro_paths` entry linking elsewhere) is bound again at its own path, so what is
 //! found under its target is covered at that path. Symbolic links inside are not followed.
+//! Each covered path is a mount and arguments of bubblewrap's, which takes a bounded
+//! number: a directory with many private entries is covered whole instead (see
+//! [`MAX_PRIVATE_PER_DIR`], [`MAX_COVERED`]).
+//!
 //! A path removed since the walk is passed over (see [`present`]). The walk is taken per
 //! sandbox, not once at the worker's start, so a file installed, or made private, while
 //! the worker runs is covered from the next sandbox on.
@@ -189,7 +193,61 @@ pub fn walk(shown: &[Shown], viewer: &Viewer, keep: &[PathBuf]) -> Vec<PathBuf> 
     }
     found.sort();
     found.dedup();
-    found
+    let roots: Vec<&Path> = shown.iter().map(|s| s.inside.as_path()).collect();
+    collapse(found, &roots, keep)
+}
+
+/// Private entries of one directory beyond which the directory is covered whole.
+pub const MAX_PRIVATE_PER_DIR: usize = 64;
+/// Paths covered in one sandbox at most, where directories can be covered instead:
+/// each is a mount and three of bubblewrap's arguments, and bubblewrap takes at most
+/// 9,000 arguments (its `MAX_ARGS`), the kernel about 2 MiB of them (`ARG_MAX`).
+pub const MAX_COVERED: usize = 1000;
+
+/// Covers a directory whole instead of its private entries where they are many: any
+/// directory with more than [`MAX_PRIVATE_PER_DIR`], then the fullest ones until at
+/// most [`MAX_COVERED`] paths are left. Never a shown root (which the operator asked
+/// for) nor a directory holding `keep`. What is covered only grows: the sandbox then
+/// also loses the public files of such a directory.
+fn collapse(mut found: Vec<PathBuf>, roots: &[&Path], keep: &[PathBuf]) -> Vec<PathBuf> {
+    use std::collections::BTreeMap;
+    let coverable = |dir: &Path| {
+        !roots.contains(&dir)
+            && roots.iter().any(|r| dir.starts_with(r))
+            && !keep.iter().any(|k| k.starts_with(dir))
+    };
+    loop {
+        let mut per_dir: BTreeMap<&Path, usize> = BTreeMap::new();
+        for path in &found {
+            if let Some(parent) = path.parent().filter(|p| coverable(p)) {
+                *per_dir.entry(parent).or_default() += 1;
+            }
+        }
+        let mut full: Vec<PathBuf> = per_dir
+            .iter()
+            .filter(|(_, n)| **n > MAX_PRIVATE_PER_DIR)
+            .map(|(d, _)| d.to_path_buf())
+            .collect();
+        if full.is_empty() && found.len() > MAX_COVERED {
+            full.extend(
+                per_dir
+                    .iter()
+                    .filter(|(_, n)| **n > 1)
+                    .max_by_key(|(_, n)| **n)
+                    .map(|(d, _)| d.to_path_buf()),
+            );
+        }
+        if full.is_empty() {
+            return found;
+        }
+        found.retain(|p| !full.iter().any(|d| p.starts_with(d)));
+        found.extend(full);
+        found.sort();
+        found.dedup();
+        // A covered directory hides what is under it.
+        let covered = found.clone();
+        found.retain(|p| !covered.iter().any(|d| p != d && p.starts_with(d)));
+    }
 }
 
 /// Those of `paths` still on the host: covering one removed since the walk would make
@@ -208,6 +266,34 @@ mod tests {
 
     fn chmod(path: &Path, mode: u32) {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn a_directory_of_many_private_files_is_covered_whole_never_a_root() {
+        let root = Path::new("/etc");
+        let many: Vec<PathBuf> = (0..=MAX_PRIVATE_PER_DIR)
+            .map(|i| root.join("spool").join(format!("f{i}")))
+            .chain([root.join("spool/sub/deep"), root.join("ssl/private")])
+            .chain((0..=MAX_PRIVATE_PER_DIR).map(|i| root.join(format!("k{i}"))))
+            .collect();
+        let mut found = collapse(many, &[root], &[]);
+        found.sort();
+        assert_eq!(found.len(), 2 + MAX_PRIVATE_PER_DIR + 1, "{found:?}");
+        assert!(found.contains(&root.join("spool")));
+        assert!(found.contains(&root.join("ssl/private")));
+        assert!(!found.iter().any(|p| p.starts_with(root.join("spool/sub"))));
+        let kept = collapse(
+            (0..=MAX_PRIVATE_PER_DIR)
+                .map(|i| root.join("tools").join(format!("f{i}")))
+                .collect(),
+            &[root],
+            &[root.join("tools/agent")],
+        );
+        assert_eq!(
+            kept.len(),
+            MAX_PRIVATE_PER_DIR + 1,
+            "the agent's directory stays"
+        );
     }
 
     #[test]
