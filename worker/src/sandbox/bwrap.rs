@@ -248,6 +248,7 @@ impl BwrapDriver {
                 let hidden = hidden_paths(settings, &work_root);
                 let private = Arc::new(private_paths(settings, host.as_ref()));
                 network::check_allow_hosts(&sandbox).map_err(BwrapError::Config)?;
+                check_ro_paths(&sandbox.ro_paths).map_err(BwrapError::Config)?;
                 let (cgroups, limits) = Cgroups::detect(
                     &sandbox,
                     settings.worker.concurrency,
@@ -313,7 +314,9 @@ impl BwrapDriver {
             })?;
         }
         let ok = std::process::Command::new("prlimit")
-            .args(["--nofile", "true"])
+            .arg("--nofile")
+            .arg(&self.runner_exe)
+            .arg("--version")
             .output()
             .map_err(|e| BwrapError::Prlimit(e.to_string()))?;
         if !ok.status.success() {
@@ -337,19 +340,29 @@ impl BwrapDriver {
             probe
                 .args(["--info-fd", &INFO_FD.to_string()])
                 .args(["--block-fd", &BLOCK_FD.to_string()])
-                .arg("true")
+                .arg(&self.runner_exe)
+                .arg("--version")
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::piped())
                 .process_group(0)
                 .fd_mappings(mappings.into())
                 .map_err(|e| e.to_string())?;
-            let child = probe.spawn().map_err(|e| e.to_string())?;
+            let mut child = probe.spawn().map_err(|e| e.to_string())?;
             // The command holds the info pipe's write end: dropped, the info can end.
             drop(probe);
-            let released = gate.release(child.id() as i32);
+            let mut gate = gate;
+            if let Err(e) = gate.release() {
+                // The whole group, before the gate opens as it is dropped.
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(child.id() as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = child.wait();
+                return Err(e.to_string());
+            }
+            drop(gate);
             let out = child.wait_with_output().map_err(|e| e.to_string())?;
-            released.map_err(|e| e.to_string())?;
             if !out.status.success() {
                 return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
             }
@@ -369,12 +382,14 @@ impl BwrapDriver {
         }
     }
 
-    /// Runs `true` in a minimal sandbox (with a network namespace when `unshare_net`);
+    /// Runs the worker's own program (`--version`: found whatever the `PATH`) in a
+    /// minimal sandbox (with a network namespace when `unshare_net`);
     /// bubblewrap's complaint when it fails.
     fn probe_with(&self, seccomp: &[std::fs::File], unshare_net: bool) -> Result<(), String> {
         let out = self
             .probe_command(seccomp, unshare_net)
-            .arg("true")
+            .arg(&self.runner_exe)
+            .arg("--version")
             .output()
             .map_err(|e| e.to_string())?;
         if !out.status.success() {
@@ -615,7 +630,12 @@ impl BwrapDriver {
             inside_limits.extend(shares.prlimit_args());
         }
         if !inside_limits.is_empty() {
-            a.flags(&["prlimit"]);
+            // By its real path: the worker's PATH may name directories the sandbox
+            // does not show.
+            let prlimit = resolve_program("prlimit")
+                .map(|(_, real)| real)
+                .unwrap_or_else(|| PathBuf::from("prlimit"));
+            a.0.push(prlimit.into());
             a.0.extend(inside_limits.into_iter().map(Into::into));
             a.flags(&["--"]);
         }
@@ -792,6 +812,25 @@ fn hidden_paths(settings: &Settings, work_root: &Path) -> Vec<PathBuf> {
     real.sort_by_key(|p| (p.components().count(), p.clone()));
     real.dedup();
     real
+}
+
+/// Refuses `sandbox.ro_paths` under `/proc`, `/sys` or `/dev`: the sandbox has its own
+/// (`--proc`, `--dev`; no `/sys`), and binding the host's would show its processes and
+/// devices, with thousands of private entries no sandbox can cover one by one.
+fn check_ro_paths(ro_paths: &[PathBuf]) -> Result<(), String> {
+    for path in ro_paths {
+        let real = path.canonicalize().unwrap_or_else(|_| path.clone());
+        for pseudo in ["/proc", "/sys", "/dev"] {
+            if path.starts_with(pseudo) || real.starts_with(pseudo) {
+                return Err(format!(
+                    "sandbox.ro_paths names {}, under {pseudo}: the sandbox has its own \
+                     {pseudo} or none, and the host's may not be shown; remove it",
+                    path.display()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// How to find what of the system directories and `sandbox.ro_paths` the sandbox's host
@@ -995,6 +1034,19 @@ impl SandboxDriver for BwrapDriver {
             Ok(walked) => walked,
             Err(e) => return infra(format!("cannot walk the shown directories: {e}"), true),
         };
+        if walked.private.len() > private_paths::MAX_COVERED {
+            return infra(
+                format!(
+                    "{} private files and directories lie directly in the shown directories, \
+                     more than the {} a sandbox can cover one by one: make them readable to \
+                     all users, move them into a directory of their own, or drop that \
+                     directory from sandbox.ro_paths",
+                    walked.private.len(),
+                    private_paths::MAX_COVERED
+                ),
+                false,
+            );
+        }
         tracing::debug!(
             covered = walked.private.len(),
             ms = started.elapsed().as_millis() as u64,

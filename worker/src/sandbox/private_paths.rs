@@ -209,44 +209,54 @@ pub const MAX_COVERED: usize = 1000;
 /// most [`MAX_COVERED`] paths are left. Never a shown root (which the operator asked
 /// for) nor a directory holding `keep`. What is covered only grows: the sandbox then
 /// also loses the public files of such a directory.
-fn collapse(mut found: Vec<PathBuf>, roots: &[&Path], keep: &[PathBuf]) -> Vec<PathBuf> {
-    use std::collections::BTreeMap;
+fn collapse(found: Vec<PathBuf>, roots: &[&Path], keep: &[PathBuf]) -> Vec<PathBuf> {
+    use std::collections::{BTreeMap, BTreeSet};
     let coverable = |dir: &Path| {
         !roots.contains(&dir)
             && roots.iter().any(|r| dir.starts_with(r))
             && !keep.iter().any(|k| k.starts_with(dir))
     };
+    let mut found: BTreeSet<PathBuf> = found.into_iter().collect();
+    // Each pass folds entries into their parents, one level up at most: as many passes
+    // as the tree is deep, each O(n log n).
     loop {
-        let mut per_dir: BTreeMap<&Path, usize> = BTreeMap::new();
+        let mut per_dir: BTreeMap<PathBuf, usize> = BTreeMap::new();
         for path in &found {
             if let Some(parent) = path.parent().filter(|p| coverable(p)) {
-                *per_dir.entry(parent).or_default() += 1;
+                *per_dir.entry(parent.to_path_buf()).or_default() += 1;
             }
         }
         let mut full: Vec<PathBuf> = per_dir
             .iter()
             .filter(|(_, n)| **n > MAX_PRIVATE_PER_DIR)
-            .map(|(d, _)| d.to_path_buf())
+            .map(|(d, _)| d.clone())
             .collect();
-        if full.is_empty() && found.len() > MAX_COVERED {
-            full.extend(
-                per_dir
-                    .iter()
-                    .filter(|(_, n)| **n > 1)
-                    .max_by_key(|(_, n)| **n)
-                    .map(|(d, _)| d.to_path_buf()),
-            );
+        // Still too many: the fullest directories, until the count would fit.
+        let mut left = found.len() - full.iter().map(|d| per_dir[d] - 1).sum::<usize>();
+        if left > MAX_COVERED {
+            let mut by_count: Vec<(&PathBuf, &usize)> = per_dir
+                .iter()
+                .filter(|(_, n)| **n > 1 && **n <= MAX_PRIVATE_PER_DIR)
+                .collect();
+            by_count.sort_by(|a, b| b.1.cmp(a.1));
+            for (dir, n) in by_count {
+                if left <= MAX_COVERED {
+                    break;
+                }
+                full.push(dir.clone());
+                left -= n - 1;
+            }
         }
         if full.is_empty() {
-            return found;
+            return found.into_iter().collect();
         }
-        found.retain(|p| !full.iter().any(|d| p.starts_with(d)));
+        let full: BTreeSet<PathBuf> = full.into_iter().collect();
+        found.retain(|p| !p.parent().is_some_and(|d| full.contains(d)));
         found.extend(full);
-        found.sort();
-        found.dedup();
-        // A covered directory hides what is under it.
-        let covered = found.clone();
-        found.retain(|p| !covered.iter().any(|d| p != d && p.starts_with(d)));
+        // A covered directory hides what is under it: drop whatever has a covered
+        // ancestor (checked by ancestors, as deep as the path).
+        let snapshot = found.clone();
+        found.retain(|p| !p.ancestors().skip(1).any(|a| snapshot.contains(a)));
     }
 }
 
@@ -294,6 +304,21 @@ mod tests {
             MAX_PRIVATE_PER_DIR + 1,
             "the agent's directory stays"
         );
+    }
+
+    #[test]
+    fn thousands_of_small_private_directories_are_folded_to_the_bound_quickly() {
+        let root = Path::new("/opt/tools");
+        let many: Vec<PathBuf> = (0..50)
+            .flat_map(|g| (0..100).map(move |d| (g, d)))
+            .flat_map(|(g, d)| (0..3).map(move |f| root.join(format!("g{g}/d{d}/f{f}"))))
+            .collect();
+        let found = collapse(many, &[root], &[]);
+        assert_eq!(found.len(), 50, "each group covered whole");
+        assert!(found.iter().all(|p| p.starts_with(root) && p != root));
+        // Directly under a root nothing folds: more than the bound stays more.
+        let flat: Vec<PathBuf> = (0..5000).map(|d| root.join(format!("d{d}"))).collect();
+        assert_eq!(collapse(flat, &[root], &[]).len(), 5000);
     }
 
     #[test]

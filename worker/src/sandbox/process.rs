@@ -179,28 +179,53 @@ pub(super) async fn supervise(
         Err(e) => return infra(format!("cannot start the runner: {e}"), true),
     };
     let pgid = child.id().unwrap_or(0) as i32;
-    if let Some(gate) = gate {
+    if let Some(mut gate) = gate {
+        // The gate comes back with the result: on an error it is dropped (and so opened)
+        // only after the sandbox is killed. Past the timeout it stays with its thread,
+        // which ends once the killed sandbox closes the info pipe.
         let released = tokio::time::timeout(
             super::ucounts::GATE_TIMEOUT,
-            tokio::task::spawn_blocking(move || gate.release(pgid)),
+            tokio::task::spawn_blocking(move || {
+                let result = gate.release();
+                (gate, result)
+            }),
         )
         .await;
-        let error = match released {
-            Ok(Ok(Ok(()))) => None,
-            Ok(Ok(Err(e))) => Some(e.to_string()),
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some(format!(
-                "the sandbox did not report its pid within {} s",
-                super::ucounts::GATE_TIMEOUT.as_secs()
-            )),
+        let (gate, error) = match released {
+            Ok(Ok((gate, Ok(())))) => (Some(gate), None),
+            Ok(Ok((gate, Err(e)))) => (Some(gate), Some(e.to_string())),
+            Ok(Err(e)) => (None, Some(e.to_string())),
+            Err(_) => (
+                None,
+                Some(format!(
+                    "the sandbox did not report its pid within {} s",
+                    super::ucounts::GATE_TIMEOUT.as_secs()
+                )),
+            ),
         };
         if let Some(error) = error {
             if pgid > 0 {
                 let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
             }
             let _ = child.wait().await;
-            return infra(error, true);
+            drop(gate);
+            // What bubblewrap said, if it failed on its own.
+            let mut said = String::new();
+            if let Some(stderr) = child.stderr.take() {
+                use tokio::io::AsyncReadExt;
+                let _ = stderr.take(4096).read_to_string(&mut said).await;
+            }
+            let said = said.trim();
+            return infra(
+                if said.is_empty() {
+                    error
+                } else {
+                    format!("{error} (bubblewrap: {said})")
+                },
+                true,
+            );
         }
+        drop(gate);
     }
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();

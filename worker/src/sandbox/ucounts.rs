@@ -211,24 +211,11 @@ impl StartGate {
     }
 
     /// Reads the sandbox's pid, writes its shares and lets its command start. Blocking;
-    /// call once the command (process group `pgid`) is spawned and the worker's copies
-    /// of the mapped descriptors are closed (else the info never ends). On an error the
-    /// process group is killed before the gate closes, since a closed gate lets the
-    /// sandbox start.
-    pub fn release(self, pgid: i32) -> Result<(), GateError> {
-        let mut gate = self;
-        let result = gate.release_inner();
-        if result.is_err() && pgid > 0 {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pgid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        drop(gate);
-        result
-    }
-
-    fn release_inner(&mut self) -> Result<(), GateError> {
+    /// call once the command is spawned and the worker's copies of the mapped
+    /// descriptors are closed (else the info never ends). On an error the gate is still
+    /// shut: the caller must kill the sandbox before dropping it, since a dropped gate
+    /// lets the sandbox start.
+    pub fn release(&mut self) -> Result<(), GateError> {
         #[derive(serde::Deserialize)]
         struct Info {
             #[serde(rename = "child-pid")]
