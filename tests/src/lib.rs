@@ -6,6 +6,7 @@
 pub mod fake_github;
 pub mod fake_nomad;
 pub mod faulty_store;
+pub mod hostile;
 pub mod inproc;
 pub mod leases;
 pub mod measure;

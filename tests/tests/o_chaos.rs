@@ -13,61 +13,15 @@
 // Test helpers unwrap: a failed setup step is a failed test, with the panic saying where.
 #![allow(clippy::unwrap_used)]
 
-use ao_tests::scenario::events;
-use ao_tests::{bare_repo, bin, git, running_as_root, script, test_user, Cluster, TEST_USER};
+use ao_tests::hostile::{self, cluster, said, submit, Worker, LIMIT};
+use ao_tests::{bare_repo, bin, git, running_as_root, script, Cluster};
 use nix::sys::signal::Signal;
-use serde_json::{json, Value};
-use std::path::Path;
+use serde_json::Value;
 use std::time::{Duration, Instant};
 
-const LIMIT: Duration = Duration::from_secs(120);
-
-/// Who runs the worker.
-#[derive(Clone, Copy, Debug)]
-enum Worker {
-    Root,
-    Ordinary,
-}
-
-/// A `bwrap` cluster whose worker runs as `who`; `None` (skipped) when not root.
-fn cluster(who: Worker, extra: &[(&str, &str)]) -> Option<Cluster> {
-    if !running_as_root() {
-        eprintln!("skipped: these attacks run the worker as root and as {TEST_USER}");
-        return None;
-    }
-    let (uid, gid) = test_user().unwrap_or_else(|| {
-        panic!("user {TEST_USER} is missing: run scripts/install-deps.sh test (as root)")
-    });
-    let mut settings = vec![("AO__SANDBOX__DRIVER", "bwrap")];
-    settings.extend_from_slice(extra);
-    let mut c = Cluster::new(&settings);
-    if let Worker::Ordinary = who {
-        c.run_as(uid, gid);
-    }
-    Some(c)
-}
-
-/// Starts the coordinator and one worker whose agent is `body`.
+/// Starts the coordinator and one worker whose agent is `body` (see [`agent`]).
 async fn start(c: &mut Cluster, body: &str, extra: &[(&str, &str)]) {
-    let agent = script(c.dir.path(), "agent.sh", &agent(body));
-    c.start_coordinator().await.unwrap();
-    let mut settings = vec![("AO__AGENT__COMMAND", agent.to_str().unwrap())];
-    settings.extend_from_slice(extra);
-    c.start_worker(&settings);
-}
-
-async fn submit(c: &Cluster, repo: &Path, branch: &str) -> String {
-    let (status, task) = c
-        .submit(json!({
-            "repository": repo.display().to_string(),
-            "prompt": "chaos",
-            "pipeline": "code",
-            "branch": branch,
-        }))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{task}");
-    task["id"].as_str().unwrap().to_string()
+    hostile::start(c, &agent(body), extra).await
 }
 
 async fn ended(c: &Cluster, id: &str, limit: Duration) -> Value {
@@ -77,23 +31,6 @@ async fn ended(c: &Cluster, id: &str, limit: Duration) -> Value {
     {
         Ok(t) => t,
         Err(e) => panic!("task {id} did not end within {limit:?}: {e}\n{}", c.logs()),
-    }
-}
-
-/// Waits until the events of task `id` hold `said`; the text of the events then.
-async fn said(c: &Cluster, id: &str, said: &str) -> String {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let text = serde_json::to_string(&events(c, id).await).unwrap();
-        if text.contains(said) {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent never said {said}\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -11,86 +11,15 @@
 // Test helpers unwrap: a failed setup step is a failed test, with the panic saying where.
 #![allow(clippy::unwrap_used)]
 
-use ao_tests::scenario::events;
-use ao_tests::{
-    bare_repo, git, running_as_root, script, test_user, Cluster, HOG_OR_OTHER, TEST_USER,
+use ao_tests::hostile::{
+    cluster, finished, own, start, submit, tag, Placed, Worker, LIMIT, TEST_USER_PROCESSES,
 };
+use ao_tests::scenario::events;
+use ao_tests::{bare_repo, git, script, test_user, Cluster, HOG_OR_OTHER};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
-use serde_json::{json, Value};
 use std::os::unix::fs::{chown, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-const LIMIT: Duration = Duration::from_secs(120);
-
-/// Who runs the worker.
-#[derive(Clone, Copy, Debug)]
-enum Worker {
-    /// The worker runs as root; its sandboxes as `sandbox.host_uid`.
-    Root,
-    /// The worker runs as [`TEST_USER`]; its sandboxes as that user.
-    Ordinary,
-}
-
-/// A `bwrap` cluster whose worker runs as `who`; `None` (skipped, saying why) when the
-/// tests do not run as root.
-fn cluster(who: Worker, extra: &[(&str, &str)]) -> Option<Cluster> {
-    if !running_as_root() {
-        eprintln!("skipped: these attacks place files as root and run the worker as {TEST_USER}");
-        return None;
-    }
-    let (uid, gid) = test_user().unwrap_or_else(|| {
-        panic!("user {TEST_USER} is missing: run scripts/install-deps.sh test (as root)")
-    });
-    let mut settings = vec![("AO__SANDBOX__DRIVER", "bwrap")];
-    settings.extend_from_slice(extra);
-    let mut c = Cluster::new(&settings);
-    if let Worker::Ordinary = who {
-        c.run_as(uid, gid);
-    }
-    Some(c)
-}
-
-/// A tag unique to this test process and call.
-fn tag(what: &str) -> String {
-    format!(
-        "ao-b2-{what}-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos()
-    )
-}
-
-async fn submit(c: &Cluster, repo: &Path, branch: &str) -> String {
-    let (status, task) = c
-        .submit(json!({
-            "repository": repo.display().to_string(),
-            "prompt": "attack the sandbox",
-            "pipeline": "code",
-            "branch": branch,
-        }))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{task}");
-    task["id"].as_str().unwrap().to_string()
-}
-
-async fn finished(c: &Cluster, id: &str) -> Value {
-    c.wait_for_status(id, &["succeeded", "failed"], LIMIT)
-        .await
-        .unwrap()
-}
-
-/// Starts the coordinator and one worker whose agent is `body`.
-async fn start(c: &mut Cluster, body: &str, extra: &[(&str, &str)]) {
-    let agent = script(c.dir.path(), "agent.sh", body);
-    c.start_coordinator().await.unwrap();
-    let mut settings = vec![("AO__AGENT__COMMAND", agent.to_str().unwrap())];
-    settings.extend_from_slice(extra);
-    c.start_worker(&settings);
-}
 
 /// Waits until the worker logs `worker started` (its walk of the system directories is
 /// done by then).
@@ -103,34 +32,6 @@ async fn worker_started(c: &Cluster) {
             c.logs()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Every scenario's processes run as [`TEST_USER`]: the starvation test runs alone
-/// (write). So does each test placing files under the system directories: a worker
-/// started while they exist covers them, and fails every run once they are removed
-/// (see `a_private_system_file_removed_after_the_start_breaks_no_run_ordinary_worker`).
-static TEST_USER_PROCESSES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
-
-/// Sets `mode` and gives `path` to the test user.
-fn own(path: &Path, mode: u32) {
-    let (uid, gid) = test_user().unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-    chown(path, Some(uid), Some(gid)).unwrap();
-}
-
-/// Removes what a test placed on the host when dropped.
-struct Placed(Vec<PathBuf>);
-
-impl Drop for Placed {
-    fn drop(&mut self) {
-        for path in &self.0 {
-            if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
-                let _ = std::fs::remove_dir_all(path);
-            } else {
-                let _ = std::fs::remove_file(path);
-            }
-        }
     }
 }
 
