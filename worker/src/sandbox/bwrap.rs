@@ -181,6 +181,9 @@ pub struct BwrapDriver {
     work_root: PathBuf,
     /// The worker executable, which contains the runner (canonical).
     runner_exe: PathBuf,
+    /// `prlimit` by its real path, for use inside the sandbox: the worker's `PATH` may
+    /// name directories the sandbox does not show.
+    prlimit: PathBuf,
     settings: SandboxSettings,
     /// Host paths covered inside, parents first.
     hidden: Vec<PathBuf>,
@@ -257,6 +260,9 @@ impl BwrapDriver {
                 let mut driver = Self {
                     work_root,
                     runner_exe,
+                    prlimit: resolve_program("prlimit")
+                        .map(|(_, real)| real)
+                        .unwrap_or_else(|| PathBuf::from("prlimit")),
                     settings: sandbox,
                     hidden,
                     private,
@@ -630,12 +636,7 @@ impl BwrapDriver {
             inside_limits.extend(shares.prlimit_args());
         }
         if !inside_limits.is_empty() {
-            // By its real path: the worker's PATH may name directories the sandbox
-            // does not show.
-            let prlimit = resolve_program("prlimit")
-                .map(|(_, real)| real)
-                .unwrap_or_else(|| PathBuf::from("prlimit"));
-            a.0.push(prlimit.into());
+            a.0.push(self.prlimit.clone().into());
             a.0.extend(inside_limits.into_iter().map(Into::into));
             a.flags(&["--"]);
         }
