@@ -6,7 +6,10 @@
 //! reaches a TCP proxy's port can open them, so they must not take the places of the
 //! attempt's own connections, and holding them idle must not lock the attempt out: a
 //! flood only ever closes older unproven connections, and a client that sends its
-//! request head at once is proven long before that many newer ones arrive.
+//! request head at once is usually proven before that many newer ones arrive. Not
+//! always: under load, a connection unproven for a round trip (a client answering the
+//! proxy's challenge) can still be closed by a fast enough flood; the client sees a
+//! closed connection and retries.
 //!
 //! A proven connection takes a place in the bound of [`MAX_CONNECTIONS`], which it
 //! holds (and any tunnel it becomes holds) until both end; when every place is taken, its
